@@ -1,0 +1,223 @@
+//! Batch systems behind one small trait: submit a pilot job, ask the state of
+//! many jobs at once, cancel one.
+//!
+//! One module per flavour (`local`, `slurm`, `gridengine`, `torque`,
+//! `pbspro`); the shared parts (running a command with a timeout and keeping
+//! its raw output for errors) live in [`command`]. This crate knows nothing of
+//! workspaces or VMs: it runs a pilot command on N nodes for a walltime.
+
+pub mod command;
+pub mod gridengine;
+pub mod local;
+pub mod pbspro;
+pub mod slurm;
+pub mod torque;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use command::{CommandError, CommandOutput};
+
+/// A batch job id as the LRM prints it (`1234`, `1234.server`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub String);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One pilot job: run `pilot_argv` once on each of `nodes` nodes.
+///
+/// The pilot expands `%n` in its own arguments to its node name, so the same
+/// argv serves every node. Adapters quote every argument; nothing here is
+/// ever passed through a shell unquoted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlotJob {
+    /// Job name, `wsp-<slot id>`: how orphans are recognised in the LRM.
+    pub name: String,
+    pub nodes: u32,
+    pub cores_per_node: u32,
+    pub memory_mb_per_node: u64,
+    /// Walltime asked of the LRM (slot duration + margin).
+    pub walltime: Duration,
+    /// Program and arguments of the pilot.
+    pub pilot_argv: Vec<String>,
+    /// Where the adapter writes the job script and the job's output files.
+    pub workdir: PathBuf,
+}
+
+/// State of a job as the LRM reports it, mapped to one enum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Held,
+    Running,
+    Suspended,
+    /// Ending: processes being killed, epilogue running.
+    Completing,
+    Completed,
+    Failed(String),
+    Cancelled,
+    Timeout,
+    NodeFail,
+    Preempted,
+    /// An LRM error state (Grid Engine `Eqw`): the job will not run without help.
+    Error(String),
+    /// A state this adapter does not know; the raw text is kept.
+    Unknown(String),
+}
+
+impl JobState {
+    /// True when the job will never run again.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            JobState::Completed
+                | JobState::Failed(_)
+                | JobState::Cancelled
+                | JobState::Timeout
+                | JobState::NodeFail
+                | JobState::Preempted
+        )
+    }
+}
+
+/// The answer for one job of a batched status query.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Known(JobState),
+    /// The LRM no longer lists the job (finished and purged, or never existed).
+    NotFound,
+}
+
+/// The signal an LRM sends before it kills a job, and how long it waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Warning {
+    /// `"SIGTERM"` or `"SIGUSR2"`.
+    pub signal: &'static str,
+    /// Time between the warning signal and SIGKILL.
+    pub grace: Duration,
+}
+
+/// The size of the nodes an LRM hands out (for checking that a request fits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub nodes: u32,
+    pub cores_per_node: u32,
+    pub memory_mb_per_node: u64,
+}
+
+/// Errors of every adapter. Messages name the command and keep its output.
+#[derive(Debug, thiserror::Error)]
+pub enum LrmError {
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    #[error("{command} printed no job id we could read: {output:?}")]
+    UnparsableJobId { command: String, output: String },
+    #[error("{command}: could not read status output: {reason}; output: {output:?}")]
+    UnparsableStatus { command: String, reason: String, output: String },
+    #[error("job {job} is unknown to the {lrm} adapter")]
+    UnknownJob { lrm: &'static str, job: JobId },
+    #[error("job asks for {asked}, but the {lrm} cluster has {has}")]
+    DoesNotFit { lrm: &'static str, asked: String, has: String },
+    #[error("{lrm} configuration: {message}")]
+    Config { lrm: &'static str, message: String },
+    #[error("writing job script {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A batch system. Three calls, like HyperQueue's autoalloc.
+#[async_trait]
+pub trait Lrm: Send + Sync {
+    /// `"local"`, `"slurm"`, ...
+    fn kind(&self) -> &'static str;
+    /// What the LRM sends before SIGKILL; the pilot's grace period follows it.
+    fn warning(&self) -> Warning;
+    /// Node sizes, when the adapter knows them (the coordinator's config
+    /// `[cluster]` is used otherwise).
+    fn capacity(&self) -> Option<Capacity> {
+        None
+    }
+    /// The job script this adapter would submit for `job` (for tests and `--dry-run`).
+    fn render_script(&self, job: &SlotJob) -> String;
+    /// Submits the job; returns its id.
+    async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError>;
+    /// State of many jobs in one LRM query. Every id asked for is in the answer.
+    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError>;
+    /// Cancels a job (the LRM's warning signal, then SIGKILL after its grace).
+    /// Cancelling a job that already ended is not an error.
+    async fn cancel(&self, id: &JobId) -> Result<(), LrmError>;
+}
+
+/// Every adapter's settings, as sections of the coordinator's config file
+/// (`[local]`, `[slurm]`, ...). Only the section of the chosen `lrm` is used.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LrmSettings {
+    pub local: local::LocalConfig,
+    pub slurm: slurm::SlurmConfig,
+    pub gridengine: gridengine::GridEngineConfig,
+    pub torque: torque::TorqueConfig,
+    pub pbspro: pbspro::PbsProConfig,
+}
+
+/// The batch systems we can drive (`lrm = "..."` in the coordinator's config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrmKind {
+    Local,
+    Slurm,
+    Gridengine,
+    Torque,
+    Pbspro,
+}
+
+/// Builds the adapter chosen by the config.
+pub fn build(kind: LrmKind, settings: &LrmSettings) -> Result<Arc<dyn Lrm>, LrmError> {
+    Ok(match kind {
+        LrmKind::Local => Arc::new(local::LocalLrm::new(settings.local.clone())?),
+        LrmKind::Slurm => Arc::new(slurm::Slurm::new(settings.slurm.clone())?),
+        LrmKind::Gridengine => Arc::new(gridengine::GridEngine::new(settings.gridengine.clone())?),
+        LrmKind::Torque => Arc::new(torque::Torque::new(settings.torque.clone())?),
+        LrmKind::Pbspro => Arc::new(pbspro::PbsPro::new(settings.pbspro.clone())?),
+    })
+}
+
+/// Quotes one word for a POSIX shell (`'...'` with `'\''` for quotes).
+pub fn shell_quote(word: &str) -> String {
+    if !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,%@+".contains(&b))
+    {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+/// Quotes a whole argv for a POSIX shell.
+pub fn shell_join(argv: &[String]) -> String {
+    argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_quote_leaves_plain_words_and_quotes_the_rest() {
+        assert_eq!(shell_quote("--slot=sl-1"), "--slot=sl-1");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("$(rm -rf /)"), "'$(rm -rf /)'");
+    }
+}

@@ -1,0 +1,202 @@
+//! What pilots and the coordinator say to each other.
+//!
+//! Pilot -> coordinator: `POST /pilot/v1/events` with a [`PilotEvent`] body,
+//! and `POST /pilot/v1/poll` with a [`PollRequest`] body (a long-poll for
+//! [`Command`]s). Both bodies are signed with the slot key (see [`crate::auth`]).
+//! The coordinator stores an event before it acknowledges it. A pilot numbers
+//! its events 1, 2, 3… per pilot instance; a sequence number the coordinator
+//! already stored is answered `409` with [`EventAck::duplicate`] set, which the
+//! pilot treats as acknowledged (it means an earlier try got through).
+
+use crate::ids::{PilotId, SlotId, VmId};
+use serde::{Deserialize, Serialize};
+
+/// HTTP path for pilot events.
+pub const EVENTS_PATH: &str = "/pilot/v1/events";
+/// HTTP path for the command long-poll.
+pub const POLL_PATH: &str = "/pilot/v1/poll";
+
+/// One event from one pilot instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PilotEvent {
+    pub slot_id: SlotId,
+    pub pilot_id: PilotId,
+    /// Node name as the pilot sees it (batch system node name).
+    pub node: String,
+    /// 1, 2, 3… per pilot instance.
+    pub seq: u64,
+    /// Milliseconds since the epoch (UTC) when the pilot made the event.
+    pub ts_ms: u64,
+    pub kind: EventKind,
+}
+
+/// Why a slot was given back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// The coordinator sent `release`.
+    Commanded,
+    /// The pilot's own deadline (slot duration minus safety margin).
+    Deadline,
+    /// The batch system's warning signal (SIGTERM, SIGUSR2) or SIGINT.
+    Preempted,
+    /// The pilot failed and cleaned up what it could.
+    Failed,
+}
+
+/// The event payload. Serialized as `{"type": "...", ...}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The pilot process is up on its node.
+    Started {
+        pid: u32,
+        hypervisor: String,
+        /// Batch job id as the pilot sees it in its environment, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        job_id: Option<String>,
+    },
+    /// dom0 (or the host) gave up the slot's memory; VMs may start.
+    Reserved {
+        dom0_before_mb: u64,
+        dom0_after_mb: u64,
+        reserved_mb: u64,
+        /// Time the balloon took to reach its target, measured by the pilot.
+        balloon_ms: u64,
+    },
+    /// The node could not be adapted; nothing is left reserved.
+    ReserveFailed { reason: String },
+    VmStarted { vm_id: VmId, name: String, create_ms: u64 },
+    VmFailed { vm_id: VmId, reason: String },
+    VmDestroyed { vm_id: VmId, destroy_ms: u64 },
+    /// The batch system asked the pilot to stop. The pilot waits up to
+    /// `coordinator_wait_ms` for the coordinator's commands, then cleans up
+    /// itself; it will be gone by `cleanup_deadline_ms` (epoch ms).
+    Preempting {
+        signal: String,
+        coordinator_wait_ms: u64,
+        cleanup_deadline_ms: u64,
+    },
+    /// The slot is given back: no VM of this slot left, memory restored.
+    Released {
+        reason: ReleaseReason,
+        vms_destroyed: Vec<VmId>,
+        dom0_restored_mb: u64,
+        restore_ms: u64,
+        /// False when something could not be undone (an admin should run kill-all).
+        clean: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        problems: Vec<String>,
+    },
+}
+
+impl EventKind {
+    /// Short name of the event type, as used in logs and timelines.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Started { .. } => "started",
+            EventKind::Reserved { .. } => "reserved",
+            EventKind::ReserveFailed { .. } => "reserve_failed",
+            EventKind::VmStarted { .. } => "vm_started",
+            EventKind::VmFailed { .. } => "vm_failed",
+            EventKind::VmDestroyed { .. } => "vm_destroyed",
+            EventKind::Preempting { .. } => "preempting",
+            EventKind::Released { .. } => "released",
+        }
+    }
+}
+
+/// Answer to an event POST.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventAck {
+    pub seq: u64,
+    /// True when this (pilot, seq) was already stored: nothing changed.
+    #[serde(default)]
+    pub duplicate: bool,
+}
+
+/// A VM the pilot is told to start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmLaunch {
+    pub vm_id: VmId,
+    /// Hypervisor name (`wsp-<slot>-<vm>`), see [`crate::VmName`].
+    pub name: String,
+    pub memory_mb: u64,
+    pub cpus: u32,
+    pub image: String,
+}
+
+/// What the coordinator tells a pilot to do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum CommandKind {
+    StartVm(VmLaunch),
+    DestroyVm { vm_id: VmId },
+    /// Destroy every VM of the slot, restore memory, report, exit.
+    Release,
+}
+
+/// A command with its per-pilot-node sequence number (1, 2, 3…).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: u64,
+    pub kind: CommandKind,
+}
+
+/// Long-poll for commands after `after` (the last command id the pilot has
+/// executed). Signed like events; `ts_ms` bounds replay.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollRequest {
+    pub slot_id: SlotId,
+    pub pilot_id: PilotId,
+    pub node: String,
+    pub after: u64,
+    /// How long the coordinator may hold the request open.
+    pub wait_ms: u64,
+    pub ts_ms: u64,
+}
+
+/// Commands for the polling pilot, oldest first (possibly none on timeout).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PollResponse {
+    pub commands: Vec<Command>,
+}
+
+/// Error body of every non-2xx answer from the coordinator (clients and pilots).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_is_tagged_by_type() {
+        let e = PilotEvent {
+            slot_id: SlotId::parse("sl-0000abcd").unwrap(),
+            pilot_id: PilotId::generate(),
+            node: "node1".into(),
+            seq: 1,
+            ts_ms: 5,
+            kind: EventKind::Preempting {
+                signal: "SIGTERM".into(),
+                coordinator_wait_ms: 100,
+                cleanup_deadline_ms: 200,
+            },
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["kind"]["type"], "preempting");
+        let back: PilotEvent = serde_json::from_value(j).unwrap();
+        assert_eq!(back, e);
+    }
+
+    #[test]
+    fn command_json_round_trip() {
+        let c = Command { id: 3, kind: CommandKind::Release };
+        let s = serde_json::to_string(&c).unwrap();
+        assert_eq!(s, r#"{"id":3,"kind":{"type":"release"}}"#);
+        assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c);
+    }
+}

@@ -1,0 +1,275 @@
+//! What clients read: workspace, slot and VM states, the timeline.
+//!
+//! These are the JSON shapes of the client API (`workspace status --json`,
+//! `workspace list --json`, the event stream). Field names are stable:
+//! scripts depend on them.
+
+use crate::ids::{SlotId, VmId, WorkspaceId};
+use crate::spec::WorkspaceSpec;
+use serde::{Deserialize, Serialize};
+
+/// Life of a workspace. Terminal: destroyed, preempted, expired, failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceState {
+    /// Pilot jobs submitted; waiting for every slot to be reserved.
+    Pending,
+    /// Every slot reserved; VMs are being started.
+    Starting,
+    /// Every VM runs.
+    Running,
+    /// The client asked for destroy; VMs and slots are being given back.
+    Destroying,
+    Destroyed,
+    /// A pilot job was preempted by the batch system: the lease ended early.
+    Preempted,
+    /// The lease duration ran out.
+    Expired,
+    /// Something failed (a slot could not be reserved, a VM did not start).
+    Failed,
+}
+
+impl WorkspaceState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Destroyed | Self::Preempted | Self::Expired | Self::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+            Self::Preempted => "preempted",
+            Self::Expired => "expired",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+impl std::fmt::Display for WorkspaceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Life of one VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Pending,
+    Starting,
+    Running,
+    Destroying,
+    Destroyed,
+    Preempted,
+    Failed,
+}
+
+impl VmState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Destroyed | Self::Preempted | Self::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Destroying => "destroying",
+            Self::Destroyed => "destroyed",
+            Self::Preempted => "preempted",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+/// Life of a slot (one pilot job, one pilot per node).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// Submitted to the batch system; no pilot has reported yet.
+    Submitted,
+    /// At least one pilot started; not all have reserved.
+    Reserving,
+    /// Every pilot reserved its node.
+    Reserved,
+    /// Release sent (or preempted); waiting for pilots and the job to end.
+    Releasing,
+    /// Every pilot released (or the job ended) and the batch job is gone.
+    Released,
+    /// The slot could not be had (submit or reservation failed).
+    Failed,
+}
+
+impl SlotState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Released | Self::Failed)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Submitted => "submitted",
+            Self::Reserving => "reserving",
+            Self::Reserved => "reserved",
+            Self::Releasing => "releasing",
+            Self::Released => "released",
+            Self::Failed => "failed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub id: VmId,
+    /// Hypervisor name, `wsp-<slot>-<vm>`.
+    pub name: String,
+    pub group: String,
+    pub node: Option<String>,
+    pub slot_id: SlotId,
+    pub job_id: Option<String>,
+    pub state: VmState,
+    pub memory_mb: u64,
+    pub cpus: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PilotView {
+    pub node: String,
+    pub pilot_id: String,
+    /// Last event type seen from this pilot (`reserved`, `released`, ...).
+    pub last_event: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotView {
+    pub id: SlotId,
+    pub group: String,
+    pub job_id: Option<String>,
+    pub nodes: u32,
+    pub cores_per_node: u32,
+    pub memory_mb_per_node: u64,
+    pub state: SlotState,
+    pub pilots: Vec<PilotView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceView {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub owner: String,
+    pub state: WorkspaceState,
+    /// Why the workspace ended or failed, in words.
+    pub reason: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    /// When the lease ends (set once the workspace runs).
+    pub expires_ms: Option<u64>,
+    /// True once the state is terminal and every slot is released or failed:
+    /// nothing of this workspace is left on any node or in the batch system.
+    pub settled: bool,
+    pub vms: Vec<VmView>,
+    pub slots: Vec<SlotView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkspaceList {
+    pub workspaces: Vec<WorkspaceView>,
+}
+
+/// One step in a workspace's life, for the timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Requested,
+    SlotSubmitted,
+    PilotStarted,
+    MemoryReserved,
+    ReserveFailed,
+    VmStartSent,
+    VmStarted,
+    VmFailed,
+    Running,
+    DestroyRequested,
+    LeaseExpired,
+    Preempting,
+    VmDestroyed,
+    MemoryRestored,
+    SlotReleased,
+    JobEnded,
+    Ended,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::SlotSubmitted => "slot_submitted",
+            Self::PilotStarted => "pilot_started",
+            Self::MemoryReserved => "memory_reserved",
+            Self::ReserveFailed => "reserve_failed",
+            Self::VmStartSent => "vm_start_sent",
+            Self::VmStarted => "vm_started",
+            Self::VmFailed => "vm_failed",
+            Self::Running => "running",
+            Self::DestroyRequested => "destroy_requested",
+            Self::LeaseExpired => "lease_expired",
+            Self::Preempting => "preempting",
+            Self::VmDestroyed => "vm_destroyed",
+            Self::MemoryRestored => "memory_restored",
+            Self::SlotReleased => "slot_released",
+            Self::JobEnded => "job_ended",
+            Self::Ended => "ended",
+        }
+    }
+}
+
+/// One timeline entry. `ts_ms` is when it happened where it happened (the
+/// pilot's clock for pilot events); `recorded_ms` is the coordinator's clock
+/// when it stored the entry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// 1, 2, 3… per workspace: the cursor of the event stream.
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub recorded_ms: u64,
+    pub phase: Phase,
+    pub slot_id: Option<SlotId>,
+    pub node: Option<String>,
+    pub vm_id: Option<VmId>,
+    pub detail: String,
+}
+
+/// A page of the event stream (`GET /api/v1/workspaces/{id}/events?after=N`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventsPage {
+    pub events: Vec<TimelineEntry>,
+    pub state: WorkspaceState,
+    pub settled: bool,
+}
+
+/// Body of `POST /api/v1/workspaces` is a [`WorkspaceSpec`]; the answer is the view.
+pub type CreateRequest = WorkspaceSpec;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_through_strings() {
+        for s in [WorkspaceState::Pending, WorkspaceState::Preempted, WorkspaceState::Failed] {
+            assert_eq!(WorkspaceState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(SlotState::parse("releasing"), Some(SlotState::Releasing));
+        assert_eq!(VmState::parse("nope"), None);
+        assert_eq!(Phase::MemoryRestored.as_str(), "memory_restored");
+        assert_eq!(serde_json::to_string(&Phase::VmStartSent).unwrap(), "\"vm_start_sent\"");
+    }
+}
