@@ -155,6 +155,9 @@ pub trait Lrm: Send + Sync {
     /// Cancels a job (the LRM's warning signal, then SIGKILL after its grace).
     /// Cancelling a job that already ended is not an error.
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError>;
+    /// Called once when the coordinator stops. Adapters whose jobs cannot
+    /// outlive the coordinator (`local`) end them here; real LRMs keep theirs.
+    async fn shutdown(&self) {}
 }
 
 /// Every adapter's settings, as sections of the coordinator's config file
