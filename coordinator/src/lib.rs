@@ -1,1 +1,19 @@
-//! placeholder
+//! The workspace coordinator: the head-node server that turns client requests
+//! for VM clusters into pilot jobs, follows the pilots' signed events, and
+//! tells them which VMs to run; plus the client library behind `workspace`.
+//!
+//! Not here: batch system specifics (`lrm-adapters`), anything that runs on a
+//! node (`pilot`). Start reading at [`engine`]; the rules of a workspace's
+//! life are in [`lifecycle`], sizing and mapping in [`policy`].
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod engine;
+pub mod lifecycle;
+pub mod metrics;
+pub mod policy;
+pub mod server;
+pub mod store;
+pub mod timeline;

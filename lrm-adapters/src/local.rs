@@ -1,41 +1,1312 @@
-//! STUB: the local adapter (being written).
+//! The embedded batch system: runs pilot jobs as local processes on N virtual
+//! nodes with a real LRM's semantics (FIFO queue, cores and memory per node,
+//! walltime -> SIGTERM -> grace -> SIGKILL, cancel, batched status). It is
+//! what `demo` and most tests run on, so they exercise the production code.
+//! It lives in the caller's tokio runtime: `new` spawns nothing, `submit`
+//! spawns one task per started job; `shutdown` (or drop) ends every process.
 
-use crate::{JobId, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{shell_join, Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, VecDeque};
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+use tracing::{debug, error, info, warn};
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+const LRM: &str = "local";
+
+/// `[local]` in the coordinator's config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
-pub struct LocalConfig {}
+pub struct LocalConfig {
+    /// Number of virtual nodes.
+    pub nodes: u32,
+    pub cores_per_node: u32,
+    pub memory_mb_per_node: u64,
+    /// Nodes are named `<node_prefix>1` .. `<node_prefix>N`.
+    pub node_prefix: String,
+    /// Seconds between SIGTERM and SIGKILL (walltime, cancel, shutdown).
+    pub kill_grace_s: u64,
+    /// The shell that runs job scripts (`<shell> <script>`).
+    pub shell: String,
+}
 
-pub struct LocalLrm;
+impl Default for LocalConfig {
+    fn default() -> Self {
+        LocalConfig {
+            nodes: 4,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+            node_prefix: "node".into(),
+            kill_grace_s: 5,
+            shell: "/bin/bash".into(),
+        }
+    }
+}
+
+/// The local batch system. See the module doc.
+pub struct LocalLrm {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: LocalConfig,
+    grace: Duration,
+    state: Mutex<State>,
+}
+
+struct Node {
+    name: String,
+    free_cores: u32,
+    free_memory_mb: u64,
+}
+
+/// Why a running job is being ended by us (not by its own exit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    Cancel,
+    Timeout,
+}
+
+/// One process of a job: the leader of its own process group.
+struct Proc {
+    node: String,
+    pid: u32,
+}
+
+struct Job {
+    spec: SlotJob,
+    script: PathBuf,
+    /// Queued, Running, Completing (being killed) or a final state.
+    state: JobState,
+    ending: Option<Ending>,
+    /// Indices into `State::nodes` while the job holds them.
+    alloc: Vec<usize>,
+    procs: Vec<Proc>,
+    /// A node whose process could not be started: the job fails with this.
+    start_error: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    last_id: u64,
+    nodes: Vec<Node>,
+    jobs: HashMap<JobId, Job>,
+    queue: VecDeque<JobId>,
+    shut_down: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not stop us from killing processes.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 impl LocalLrm {
-    pub fn new(_c: LocalConfig) -> Result<Self, LrmError> {
-        Err(LrmError::Config { lrm: "local", message: "not implemented yet".into() })
+    /// Checks the config and sets up the nodes. Spawns nothing (may be called
+    /// inside or outside a tokio runtime); `submit` must run inside one.
+    pub fn new(config: LocalConfig) -> Result<Self, LrmError> {
+        let bad = |message: String| Err(LrmError::Config { lrm: LRM, message });
+        if config.nodes == 0 {
+            return bad("nodes must be at least 1".into());
+        }
+        if config.cores_per_node == 0 {
+            return bad("cores_per_node must be at least 1".into());
+        }
+        if config.memory_mb_per_node == 0 {
+            return bad("memory_mb_per_node must be at least 1".into());
+        }
+        if config.node_prefix.is_empty() || config.node_prefix.contains(['/', '\0']) {
+            return bad(format!(
+                "node_prefix {:?} must be a non-empty plain name",
+                config.node_prefix
+            ));
+        }
+        if config.shell.is_empty()
+            || (config.shell.contains('/') && !Path::new(&config.shell).is_file())
+        {
+            return bad(format!("shell {:?} does not exist", config.shell));
+        }
+        let nodes = (1..=config.nodes)
+            .map(|i| Node {
+                name: format!("{}{i}", config.node_prefix),
+                free_cores: config.cores_per_node,
+                free_memory_mb: config.memory_mb_per_node,
+            })
+            .collect();
+        let grace = Duration::from_secs(config.kill_grace_s);
+        Ok(LocalLrm {
+            shared: Arc::new(Shared {
+                config,
+                grace,
+                state: Mutex::new(State {
+                    nodes,
+                    ..State::default()
+                }),
+            }),
+        })
+    }
+
+    /// Node names, `node1` .. `nodeN`.
+    pub fn nodes(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// (node, pid) of each process of a running (or ending) job; each pid
+    /// leads its own process group. Empty for queued, finished or unknown jobs.
+    pub fn job_pids(&self, id: &JobId) -> Vec<(String, u32)> {
+        let st = self.shared.lock();
+        st.jobs
+            .get(id)
+            .map(|j| j.procs.iter().map(|p| (p.node.clone(), p.pid)).collect())
+            .unwrap_or_default()
+    }
+
+    fn check_fits(&self, job: &SlotJob) -> Result<(), LrmError> {
+        let c = &self.shared.config;
+        let refuse = |asked: String, has: String| {
+            Err(LrmError::DoesNotFit {
+                lrm: LRM,
+                asked,
+                has,
+            })
+        };
+        if job.nodes == 0 || job.nodes > c.nodes {
+            return refuse(format!("{} nodes", job.nodes), format!("{} nodes", c.nodes));
+        }
+        if job.cores_per_node > c.cores_per_node {
+            return refuse(
+                format!("{} cores per node", job.cores_per_node),
+                format!("{} cores per node", c.cores_per_node),
+            );
+        }
+        if job.memory_mb_per_node > c.memory_mb_per_node {
+            return refuse(
+                format!("{} MB per node", job.memory_mb_per_node),
+                format!("{} MB per node", c.memory_mb_per_node),
+            );
+        }
+        Ok(())
+    }
+
+    /// Writes `<workdir>/<name>.sh` with mode 0700.
+    fn write_script(&self, job: &SlotJob) -> Result<PathBuf, LrmError> {
+        let invalid = |path: PathBuf, what: String| LrmError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+        };
+        let name = &job.name;
+        if name.is_empty()
+            || name == "."
+            || name == ".."
+            || name.contains('/')
+            || name.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                job.workdir.clone(),
+                format!("job name {name:?} is not a plain file name"),
+            ));
+        }
+        let path = job.workdir.join(format!("{name}.sh"));
+        if job.pilot_argv.is_empty() {
+            return Err(invalid(
+                path,
+                "the pilot command (pilot_argv) is empty".into(),
+            ));
+        }
+        let io = |source| LrmError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&job.workdir).map_err(io)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o700)
+            .open(&path)
+            .map_err(io)?;
+        file.write_all(self.render_script(job).as_bytes())
+            .map_err(io)?;
+        // `mode` only applies when the file is created; a resubmission reuses it.
+        file.set_permissions(std::fs::Permissions::from_mode(0o700))
+            .map_err(io)?;
+        Ok(path)
+    }
+}
+
+/// Starts queued jobs, in order, while the head of the queue fits (strict FIFO).
+fn schedule(shared: &Arc<Shared>, st: &mut State) {
+    if st.shut_down {
+        return;
+    }
+    while let Some(id) = st.queue.front().cloned() {
+        let Some(job) = st.jobs.get(&id) else {
+            st.queue.pop_front();
+            continue;
+        };
+        let Some(alloc) = allocate(&st.nodes, &job.spec) else {
+            break;
+        };
+        st.queue.pop_front();
+        start(shared, st, id, alloc);
+    }
+}
+
+/// The first `spec.nodes` nodes with enough free cores and memory.
+fn allocate(nodes: &[Node], spec: &SlotJob) -> Option<Vec<usize>> {
+    let picked: Vec<usize> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.free_cores >= spec.cores_per_node && n.free_memory_mb >= spec.memory_mb_per_node
+        })
+        .map(|(i, _)| i)
+        .take(spec.nodes as usize)
+        .collect();
+    (picked.len() == spec.nodes as usize).then_some(picked)
+}
+
+/// Takes the nodes, starts one process per node and its supervising task.
+fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
+    let State { nodes, jobs, .. } = st;
+    let Some(job) = jobs.get_mut(&id) else { return };
+    for &i in &alloc {
+        nodes[i].free_cores -= job.spec.cores_per_node;
+        nodes[i].free_memory_mb -= job.spec.memory_mb_per_node;
+    }
+    job.alloc = alloc;
+    job.state = JobState::Running;
+    let mut children = Vec::new();
+    for &i in &job.alloc {
+        let node = nodes[i].name.clone();
+        match spawn_on_node(&shared.config, job, &id, &node) {
+            Ok(child) => match child.id() {
+                Some(pid) => {
+                    info!(job_id = %id, node = %node, pid, "job process started");
+                    job.procs.push(Proc {
+                        node: node.clone(),
+                        pid,
+                    });
+                    children.push((node, child));
+                }
+                // Already reaped: nothing to signal, only to wait for.
+                None => children.push((node, child)),
+            },
+            Err(e) => {
+                error!(job_id = %id, node = %node, error = %e, "could not start job process");
+                job.start_error = Some(format!("could not start the job on {node}: {e}"));
+                break;
+            }
+        }
+    }
+    if job.start_error.is_some() {
+        for p in &job.procs {
+            signal_group(&id, p, Signal::SIGKILL);
+        }
+    }
+    tokio::spawn(supervise(shared.clone(), id, children, job.spec.walltime));
+}
+
+/// `<shell> <script>` on `node`, in its own process group, output appended to
+/// `<workdir>/<name>.<node>.log`.
+fn spawn_on_node(config: &LocalConfig, job: &Job, id: &JobId, node: &str) -> Result<Child, String> {
+    let log_path = job
+        .spec
+        .workdir
+        .join(format!("{}.{node}.log", job.spec.name));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    Command::new(&config.shell)
+        .arg(&job.script)
+        .env("WSP_NODE", node)
+        .env("WSP_JOB_ID", &id.0)
+        .env("WSP_JOB_NAME", &job.spec.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("{} {}: {e}", config.shell, job.script.display()))
+}
+
+/// Waits for every process of a job, ending them at the walltime.
+async fn supervise(
+    shared: Arc<Shared>,
+    id: JobId,
+    children: Vec<(String, Child)>,
+    walltime: Duration,
+) {
+    // One waiter per process, so each is reaped as soon as it exits.
+    let waiters: Vec<_> = children
+        .into_iter()
+        .map(|(node, mut child)| (node, tokio::spawn(async move { child.wait().await })))
+        .collect();
+    let all = async move {
+        let mut results = Vec::new();
+        for (node, waiter) in waiters {
+            let result = waiter
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            results.push((node, result));
+        }
+        results
+    };
+    tokio::pin!(all);
+    let results = tokio::select! {
+        results = &mut all => results,
+        () = tokio::time::sleep(walltime) => {
+            info!(job_id = %id, ?walltime, "walltime reached");
+            terminate(&shared, &mut shared.lock(), &id, Ending::Timeout);
+            all.await
+        }
+    };
+    finish(&shared, &id, results);
+}
+
+/// SIGTERM to every process group of a running job, SIGKILL after the grace.
+/// Does nothing if the job is not running or is already being ended.
+fn terminate(shared: &Arc<Shared>, st: &mut State, id: &JobId, ending: Ending) {
+    let Some(job) = st.jobs.get_mut(id) else {
+        return;
+    };
+    if job.state != JobState::Running || job.ending.is_some() {
+        return;
+    }
+    info!(job_id = %id, ?ending, grace = ?shared.grace, "ending job: SIGTERM");
+    job.ending = Some(ending);
+    job.state = JobState::Completing;
+    for p in &job.procs {
+        signal_group(id, p, Signal::SIGTERM);
+    }
+    let shared = shared.clone();
+    let id = id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(shared.grace).await;
+        let st = shared.lock();
+        if let Some(job) = st.jobs.get(&id).filter(|j| !j.state.is_finished()) {
+            for p in &job.procs {
+                if signal_group(&id, p, Signal::SIGKILL) {
+                    warn!(job_id = %id, node = %p.node, pid = p.pid, "still alive after the grace: SIGKILL");
+                }
+            }
+        }
+    });
+}
+
+/// Sends `signal` to the process group led by `p`. True if the group existed.
+fn signal_group(id: &JobId, p: &Proc, signal: Signal) -> bool {
+    let Ok(pgid) = i32::try_from(p.pid) else {
+        return false;
+    };
+    if pgid <= 1 {
+        return false; // never signal our own group or every process
+    }
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) => true,
+        Err(Errno::ESRCH) => false,
+        Err(e) => {
+            warn!(job_id = %id, node = %p.node, pid = p.pid, %signal, error = %e, "could not signal the job's processes");
+            false
+        }
+    }
+}
+
+/// All processes have exited: free the nodes, set the final state, schedule.
+fn finish(shared: &Arc<Shared>, id: &JobId, results: Vec<(String, std::io::Result<ExitStatus>)>) {
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    let Some(job) = st.jobs.get_mut(id) else {
+        return;
+    };
+    // Like an LRM's epilogue: nothing the job started outlives it.
+    for p in &job.procs {
+        if signal_group(id, p, Signal::SIGKILL) {
+            debug!(job_id = %id, node = %p.node, "killed processes left behind by the job");
+        }
+    }
+    let failures: Vec<String> = results
+        .iter()
+        .filter_map(|(node, r)| failure(node, r))
+        .collect();
+    let state = match (&job.start_error, job.ending) {
+        (Some(e), _) => JobState::Failed(e.clone()),
+        (None, Some(Ending::Cancel)) => JobState::Cancelled,
+        (None, Some(Ending::Timeout)) => JobState::Timeout,
+        (None, None) if failures.is_empty() => JobState::Completed,
+        (None, None) => JobState::Failed(failures.join("; ")),
+    };
+    for &i in &job.alloc {
+        st.nodes[i].free_cores += job.spec.cores_per_node;
+        st.nodes[i].free_memory_mb += job.spec.memory_mb_per_node;
+    }
+    job.alloc.clear();
+    job.procs.clear();
+    info!(job_id = %id, ?state, "job finished");
+    job.state = state;
+    schedule(shared, st);
+}
+
+/// How a node's process failed, or None if it exited 0.
+fn failure(node: &str, result: &std::io::Result<ExitStatus>) -> Option<String> {
+    match result {
+        Ok(status) if status.success() => None,
+        Ok(status) => Some(match (status.code(), status.signal()) {
+            (Some(code), _) => format!("{node}: exit code {code}"),
+            (None, Some(sig)) => match Signal::try_from(sig) {
+                Ok(s) => format!("{node}: killed by signal {s}"),
+                Err(_) => format!("{node}: killed by signal {sig}"),
+            },
+            (None, None) => format!("{node}: {status}"),
+        }),
+        Err(e) => Some(format!("{node}: waiting for the process failed: {e}")),
     }
 }
 
 #[async_trait]
 impl Lrm for LocalLrm {
     fn kind(&self) -> &'static str {
-        "local"
+        LRM
     }
+
     fn warning(&self) -> Warning {
-        Warning { signal: "SIGTERM", grace: Duration::from_secs(5) }
+        Warning {
+            signal: "SIGTERM",
+            grace: self.shared.grace,
+        }
     }
-    fn render_script(&self, _job: &SlotJob) -> String {
-        String::new()
+
+    fn capacity(&self) -> Option<Capacity> {
+        let c = &self.shared.config;
+        Some(Capacity {
+            nodes: c.nodes,
+            cores_per_node: c.cores_per_node,
+            memory_mb_per_node: c.memory_mb_per_node,
+        })
     }
-    async fn submit(&self, _job: &SlotJob) -> Result<JobId, LrmError> {
-        Err(LrmError::Config { lrm: "local", message: "not implemented yet".into() })
+
+    fn render_script(&self, job: &SlotJob) -> String {
+        format!(
+            "#!{shell}\n\
+             # wsp pilot job {name:?} (local adapter): {nodes} node(s), {cores} core(s) and {mem} MB per node, walltime {wall}s.\n\
+             # Run once per node with WSP_NODE, WSP_JOB_ID and WSP_JOB_NAME set; exec so the pilot gets the signals.\n\
+             exec {argv}\n",
+            shell = self.shared.config.shell,
+            name = job.name,
+            nodes = job.nodes,
+            cores = job.cores_per_node,
+            mem = job.memory_mb_per_node,
+            wall = job.walltime.as_secs(),
+            argv = shell_join(&job.pilot_argv),
+        )
     }
-    async fn status(&self, _ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        Err(LrmError::Config { lrm: "local", message: "not implemented yet".into() })
+
+    async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        self.check_fits(job)?;
+        if self.shared.lock().shut_down {
+            return Err(LrmError::Config {
+                lrm: LRM,
+                message: "the local batch system has been shut down".into(),
+            });
+        }
+        let script = self.write_script(job)?;
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        st.last_id += 1;
+        let id = JobId(st.last_id.to_string());
+        info!(job_id = %id, name = %job.name, nodes = job.nodes, script = %script.display(), "job queued");
+        st.jobs.insert(
+            id.clone(),
+            Job {
+                spec: job.clone(),
+                script,
+                state: JobState::Queued,
+                ending: None,
+                alloc: Vec::new(),
+                procs: Vec::new(),
+                start_error: None,
+            },
+        );
+        st.queue.push_back(id.clone());
+        schedule(&self.shared, st);
+        Ok(id)
     }
-    async fn cancel(&self, _id: &JobId) -> Result<(), LrmError> {
-        Err(LrmError::Config { lrm: "local", message: "not implemented yet".into() })
+
+    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        let st = self.shared.lock();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let status = st
+                    .jobs
+                    .get(id)
+                    .map_or(JobStatus::NotFound, |j| JobStatus::Known(j.state.clone()));
+                (id.clone(), status)
+            })
+            .collect())
+    }
+
+    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        let Some(job) = st.jobs.get_mut(id) else {
+            return Err(LrmError::UnknownJob {
+                lrm: LRM,
+                job: id.clone(),
+            });
+        };
+        match job.state {
+            JobState::Queued => {
+                info!(job_id = %id, "queued job cancelled");
+                job.state = JobState::Cancelled;
+                st.queue.retain(|q| q != id);
+                schedule(&self.shared, st);
+            }
+            JobState::Running => terminate(&self.shared, st, id, Ending::Cancel),
+            // Being ended already, or finished: nothing to do.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        {
+            let mut guard = self.shared.lock();
+            let st = &mut *guard;
+            st.shut_down = true;
+            for id in std::mem::take(&mut st.queue) {
+                if let Some(job) = st.jobs.get_mut(&id) {
+                    job.state = JobState::Cancelled;
+                }
+            }
+            let running: Vec<JobId> = st
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.state == JobState::Running)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &running {
+                terminate(&self.shared, st, id, Ending::Cancel);
+            }
+        }
+        let deadline = Instant::now() + self.shared.grace + Duration::from_secs(2);
+        loop {
+            {
+                let st = self.shared.lock();
+                let mut alive = st
+                    .jobs
+                    .iter()
+                    .filter(|(_, j)| !j.state.is_finished())
+                    .peekable();
+                if alive.peek().is_none() {
+                    info!("local batch system shut down: no job process left");
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    for (id, job) in alive {
+                        for p in &job.procs {
+                            warn!(job_id = %id, node = %p.node, pid = p.pid, "still alive at shutdown: SIGKILL");
+                            signal_group(id, p, Signal::SIGKILL);
+                        }
+                    }
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for LocalLrm {
+    /// Last resort when `shutdown` was not called: SIGKILL whatever still runs.
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.shut_down = true;
+        for (id, job) in st.jobs.iter().filter(|(_, j)| !j.state.is_finished()) {
+            for p in &job.procs {
+                if signal_group(id, p, Signal::SIGKILL) {
+                    warn!(job_id = %id, node = %p.node, pid = p.pid, "adapter dropped without shutdown: SIGKILL");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shell_quote;
+    use std::collections::HashSet;
+
+    fn config(nodes: u32, cores_per_node: u32, kill_grace_s: u64) -> LocalConfig {
+        LocalConfig {
+            nodes,
+            cores_per_node,
+            kill_grace_s,
+            ..LocalConfig::default()
+        }
+    }
+
+    fn job(dir: &Path, name: &str, nodes: u32, script: &str) -> SlotJob {
+        SlotJob {
+            name: name.into(),
+            nodes,
+            cores_per_node: 1,
+            memory_mb_per_node: 100,
+            walltime: Duration::from_secs(60),
+            pilot_argv: vec!["sh".into(), "-c".into(), script.into()],
+            workdir: dir.join("jobs"),
+        }
+    }
+
+    fn q(path: &Path) -> String {
+        shell_quote(&path.display().to_string())
+    }
+
+    /// A script that waits for `stop` to exist (after writing `started` if given).
+    fn wait_for_file(stop: &Path) -> String {
+        format!("while [ ! -e {} ]; do sleep 0.02; done", q(stop))
+    }
+
+    async fn state(lrm: &LocalLrm, id: &JobId) -> JobStatus {
+        lrm.status(std::slice::from_ref(id))
+            .await
+            .unwrap()
+            .remove(id)
+            .unwrap()
+    }
+
+    async fn wait_state(
+        lrm: &LocalLrm,
+        id: &JobId,
+        want: impl Fn(&JobState) -> bool,
+        timeout: Duration,
+    ) -> JobState {
+        let t = Instant::now();
+        loop {
+            let s = state(lrm, id).await;
+            if let JobStatus::Known(s) = &s {
+                if want(s) {
+                    return s.clone();
+                }
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "job {id} still {s:?} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_file(path: &Path, timeout: Duration) -> String {
+        let t = Instant::now();
+        loop {
+            if let Ok(s) = std::fs::read_to_string(path) {
+                if !s.is_empty() {
+                    return s;
+                }
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "{} not written after {timeout:?}",
+                path.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Alive and not a zombie (an orphan's reaper may be slow in a container).
+    fn is_alive(pid: u32) -> bool {
+        if nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_err() {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+            Err(_) => false,
+        }
+    }
+
+    fn touch(path: &Path) {
+        std::fs::write(path, "").unwrap();
+    }
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[test]
+    fn local_config_defaults_fill_missing_keys() {
+        let c: LocalConfig = serde_json::from_str(r#"{"nodes": 8}"#).unwrap();
+        assert_eq!(
+            c,
+            LocalConfig {
+                nodes: 8,
+                ..LocalConfig::default()
+            }
+        );
+        let d = LocalConfig::default();
+        assert_eq!(
+            (d.nodes, d.cores_per_node, d.memory_mb_per_node),
+            (4, 2, 4096)
+        );
+        assert_eq!(
+            (d.node_prefix.as_str(), d.kill_grace_s, d.shell.as_str()),
+            ("node", 5, "/bin/bash")
+        );
+        let lrm = LocalLrm::new(d).unwrap();
+        assert_eq!(lrm.nodes(), ["node1", "node2", "node3", "node4"]);
+        assert_eq!(
+            lrm.capacity(),
+            Some(Capacity {
+                nodes: 4,
+                cores_per_node: 2,
+                memory_mb_per_node: 4096
+            })
+        );
+        assert_eq!(
+            lrm.warning(),
+            Warning {
+                signal: "SIGTERM",
+                grace: Duration::from_secs(5)
+            }
+        );
+        assert!(LocalLrm::new(LocalConfig {
+            nodes: 0,
+            ..LocalConfig::default()
+        })
+        .is_err());
+        assert!(LocalLrm::new(LocalConfig {
+            shell: "/nonexistent/sh".into(),
+            ..LocalConfig::default()
+        })
+        .is_err());
+    }
+
+    #[tokio::test]
+    async fn two_node_job_runs_one_process_per_node_then_completes() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let (out, stop) = (dir.path().join("out"), dir.path().join("stop"));
+        let script = format!(
+            "echo \"$WSP_NODE $WSP_JOB_ID $WSP_JOB_NAME\" >> {}; echo hello-from-$WSP_NODE; {}",
+            q(&out),
+            wait_for_file(&stop)
+        );
+        let spec = job(dir.path(), "wsp-sl-1", 2, &script);
+        let id = lrm.submit(&spec).await.unwrap();
+        assert_eq!(id, JobId("1".into()));
+        wait_state(&lrm, &id, |s| *s == JobState::Running, LONG).await;
+        let pids = lrm.job_pids(&id);
+        assert_eq!(pids.len(), 2, "{pids:?}");
+        let t = Instant::now();
+        while std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 2
+        {
+            assert!(t.elapsed() < LONG, "both nodes did not write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        touch(&stop);
+        assert_eq!(
+            wait_state(&lrm, &id, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        let lines: HashSet<String> = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            lines,
+            HashSet::from([
+                "node1 1 wsp-sl-1".to_string(),
+                "node2 1 wsp-sl-1".to_string()
+            ])
+        );
+        let pid_nodes: HashSet<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(pid_nodes, HashSet::from(["node1", "node2"]));
+        for node in ["node1", "node2"] {
+            let log =
+                std::fs::read_to_string(spec.workdir.join(format!("wsp-sl-1.{node}.log"))).unwrap();
+            assert_eq!(log, format!("hello-from-{node}\n"));
+        }
+        let mode = std::fs::metadata(spec.workdir.join("wsp-sl-1.sh"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(lrm.job_pids(&id).is_empty());
+        for (_, pid) in pids {
+            assert!(!is_alive(pid));
+        }
+    }
+
+    #[tokio::test]
+    async fn local_jobs_queue_fifo_while_nodes_are_busy_and_start_when_nodes_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(2, 1, 1)).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &wait_for_file(&p("stop-a"))))
+            .await
+            .unwrap();
+        let b_script = format!(
+            "touch {}; {}",
+            q(&p("started-b")),
+            wait_for_file(&p("stop-b"))
+        );
+        let b = lrm
+            .submit(&job(dir.path(), "b", 2, &b_script))
+            .await
+            .unwrap();
+        let c = lrm
+            .submit(&job(
+                dir.path(),
+                "c",
+                1,
+                &format!("touch {}", q(&p("started-c"))),
+            ))
+            .await
+            .unwrap();
+        assert_eq!((a.0.as_str(), b.0.as_str(), c.0.as_str()), ("1", "2", "3"));
+        wait_state(&lrm, &a, |s| *s == JobState::Running, LONG).await;
+        // node2 is free, but c waits behind b (FIFO, no overtaking).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Queued));
+        assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
+        assert!(!p("started-c").exists());
+        touch(&p("stop-a"));
+        assert_eq!(
+            wait_state(&lrm, &a, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        wait_state(&lrm, &b, |s| *s == JobState::Running, LONG).await;
+        assert_eq!(lrm.job_pids(&b).len(), 2);
+        assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
+        touch(&p("stop-b"));
+        assert_eq!(
+            wait_state(&lrm, &b, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        assert_eq!(
+            wait_state(&lrm, &c, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        assert!(p("started-b").exists() && p("started-c").exists());
+    }
+
+    #[tokio::test]
+    async fn local_job_too_big_for_the_cluster_is_refused_with_does_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let base = job(dir.path(), "big", 1, "true");
+        let cases = [
+            (
+                SlotJob {
+                    nodes: 5,
+                    ..base.clone()
+                },
+                "5 nodes",
+                "4 nodes",
+            ),
+            (
+                SlotJob {
+                    cores_per_node: 3,
+                    ..base.clone()
+                },
+                "3 cores per node",
+                "2 cores per node",
+            ),
+            (
+                SlotJob {
+                    memory_mb_per_node: 5000,
+                    ..base.clone()
+                },
+                "5000 MB per node",
+                "4096 MB per node",
+            ),
+        ];
+        for (spec, asked, has) in cases {
+            let e = lrm.submit(&spec).await.unwrap_err();
+            assert!(matches!(e, LrmError::DoesNotFit { .. }), "{e}");
+            let msg = e.to_string();
+            assert!(msg.contains(asked) && msg.contains(has), "{msg}");
+        }
+        // Nothing was registered: the next accepted job is still "1".
+        assert_eq!(lrm.submit(&base).await.unwrap(), JobId("1".into()));
+    }
+
+    #[tokio::test]
+    async fn local_walltime_sends_term_first_then_kill_after_grace_and_ends_in_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        // Exits on TERM after leaving a marker.
+        let polite = format!(
+            "trap 'echo term > {}; exit 0' TERM; while :; do sleep 0.05; done",
+            q(&p("polite"))
+        );
+        // Leaves a marker on TERM but keeps running: needs SIGKILL.
+        let stubborn = format!(
+            "trap 'echo term >> {}' TERM; while :; do sleep 0.05; done",
+            q(&p("stubborn"))
+        );
+        let walltime = Duration::from_millis(800);
+        let t = Instant::now();
+        let a = lrm
+            .submit(&SlotJob {
+                walltime,
+                ..job(dir.path(), "polite", 1, &polite)
+            })
+            .await
+            .unwrap();
+        let b = lrm
+            .submit(&SlotJob {
+                walltime,
+                ..job(dir.path(), "stubborn", 1, &stubborn)
+            })
+            .await
+            .unwrap();
+        wait_state(&lrm, &b, |s| *s == JobState::Running, LONG).await;
+        let pid = lrm.job_pids(&b)[0].1;
+        assert_eq!(
+            wait_state(&lrm, &a, JobState::is_finished, LONG).await,
+            JobState::Timeout
+        );
+        let polite_done = t.elapsed();
+        assert!(
+            polite_done >= walltime && polite_done < walltime + Duration::from_millis(950),
+            "{polite_done:?}"
+        );
+        assert_eq!(std::fs::read_to_string(p("polite")).unwrap(), "term\n");
+        assert_eq!(
+            state(&lrm, &b).await,
+            JobStatus::Known(JobState::Completing)
+        );
+        assert_eq!(
+            wait_state(&lrm, &b, JobState::is_finished, LONG).await,
+            JobState::Timeout
+        );
+        assert!(
+            t.elapsed() >= walltime + Duration::from_millis(950),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(std::fs::read_to_string(p("stubborn"))
+            .unwrap()
+            .starts_with("term\n"));
+        assert!(!is_alive(pid));
+    }
+
+    #[tokio::test]
+    async fn local_cancel_of_running_job_sends_term_then_kill_after_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let (marker, ready) = (dir.path().join("marker"), dir.path().join("ready"));
+        let script = format!(
+            "trap 'echo term >> {}' TERM; echo $WSP_NODE >> {}; while :; do sleep 0.05; done",
+            q(&marker),
+            q(&ready)
+        );
+        let id = lrm
+            .submit(&job(dir.path(), "stubborn", 2, &script))
+            .await
+            .unwrap();
+        wait_state(&lrm, &id, |s| *s == JobState::Running, LONG).await;
+        // Cancel only once both shells have set their trap.
+        let t = Instant::now();
+        while std::fs::read_to_string(&ready)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 2
+        {
+            assert!(t.elapsed() < LONG, "the job's shells did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let pids = lrm.job_pids(&id);
+        let t = Instant::now();
+        lrm.cancel(&id).await.unwrap();
+        assert_eq!(
+            state(&lrm, &id).await,
+            JobStatus::Known(JobState::Completing)
+        );
+        lrm.cancel(&id).await.unwrap(); // again while ending: still fine
+        let marks = wait_file(&marker, LONG).await;
+        assert!(marks.starts_with("term\n"), "{marks:?}");
+        assert_eq!(
+            wait_state(&lrm, &id, JobState::is_finished, LONG).await,
+            JobState::Cancelled
+        );
+        assert!(
+            t.elapsed() >= Duration::from_millis(950),
+            "killed before the grace: {:?}",
+            t.elapsed()
+        );
+        for (_, pid) in pids {
+            assert!(!is_alive(pid));
+        }
+    }
+
+    #[tokio::test]
+    async fn local_cancel_of_queued_job_means_it_never_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(1, 1, 1)).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &wait_for_file(&p("stop"))))
+            .await
+            .unwrap();
+        let b = lrm
+            .submit(&job(
+                dir.path(),
+                "b",
+                1,
+                &format!("touch {}", q(&p("started-b"))),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Queued));
+        lrm.cancel(&b).await.unwrap();
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Cancelled));
+        touch(&p("stop"));
+        assert_eq!(
+            wait_state(&lrm, &a, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!p("started-b").exists());
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Cancelled));
+    }
+
+    #[tokio::test]
+    async fn local_cancel_of_finished_job_is_ok_and_of_unknown_id_is_unknown_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let id = lrm
+            .submit(&job(dir.path(), "quick", 1, "true"))
+            .await
+            .unwrap();
+        assert_eq!(
+            wait_state(&lrm, &id, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        lrm.cancel(&id).await.unwrap();
+        assert_eq!(
+            state(&lrm, &id).await,
+            JobStatus::Known(JobState::Completed)
+        );
+        let e = lrm.cancel(&JobId("999".into())).await.unwrap_err();
+        assert!(
+            matches!(&e, LrmError::UnknownJob { job, .. } if job.0 == "999"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn local_failing_node_makes_the_job_failed_naming_node_and_exit_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let script = r#"[ "$WSP_NODE" = node2 ] && exit 3; exit 0"#;
+        let id = lrm
+            .submit(&job(dir.path(), "fails", 2, script))
+            .await
+            .unwrap();
+        let s = wait_state(&lrm, &id, JobState::is_finished, LONG).await;
+        assert_eq!(s, JobState::Failed("node2: exit code 3".into()));
+        let id = lrm
+            .submit(&job(dir.path(), "killed", 1, "kill -KILL $$"))
+            .await
+            .unwrap();
+        let s = wait_state(&lrm, &id, JobState::is_finished, LONG).await;
+        assert_eq!(
+            s,
+            JobState::Failed("node1: killed by signal SIGKILL".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn local_status_of_many_ids_mixes_known_and_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(1, 1, 1)).unwrap();
+        let stop = dir.path().join("stop");
+        let done = lrm
+            .submit(&job(dir.path(), "done", 1, "true"))
+            .await
+            .unwrap();
+        wait_state(&lrm, &done, JobState::is_finished, LONG).await;
+        let running = lrm
+            .submit(&job(dir.path(), "running", 1, &wait_for_file(&stop)))
+            .await
+            .unwrap();
+        let queued = lrm
+            .submit(&job(dir.path(), "queued", 1, "true"))
+            .await
+            .unwrap();
+        wait_state(&lrm, &running, |s| *s == JobState::Running, LONG).await;
+        let ids: Vec<JobId> = [&done.0, &running.0, &queued.0, "4", "x"]
+            .iter()
+            .map(|s| JobId(s.to_string()))
+            .collect();
+        let got = lrm.status(&ids).await.unwrap();
+        assert_eq!(got.len(), 5);
+        assert_eq!(got[&done], JobStatus::Known(JobState::Completed));
+        assert_eq!(got[&running], JobStatus::Known(JobState::Running));
+        assert_eq!(got[&queued], JobStatus::Known(JobState::Queued));
+        assert_eq!(got[&ids[3]], JobStatus::NotFound);
+        assert_eq!(got[&ids[4]], JobStatus::NotFound);
+        touch(&stop);
+        wait_state(&lrm, &queued, JobState::is_finished, LONG).await;
+    }
+
+    #[tokio::test]
+    async fn local_shutdown_leaves_no_process_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(2, 1, 1)).unwrap();
+        let bg = dir.path().join("bg");
+        // A background child in the job's process group, and a leader that
+        // ignores SIGTERM (its children inherit that).
+        let polite = format!("sleep 30 & echo $! >> {}; wait", q(&bg));
+        let stubborn = format!("trap '' TERM; sleep 30 & echo $! >> {}; wait", q(&bg));
+        let a = lrm
+            .submit(&job(dir.path(), "polite", 1, &polite))
+            .await
+            .unwrap();
+        let b = lrm
+            .submit(&job(dir.path(), "stubborn", 1, &stubborn))
+            .await
+            .unwrap();
+        let c = lrm
+            .submit(&job(dir.path(), "queued", 1, "true"))
+            .await
+            .unwrap();
+        for id in [&a, &b] {
+            wait_state(&lrm, id, |s| *s == JobState::Running, LONG).await;
+        }
+        let t = Instant::now();
+        while std::fs::read_to_string(&bg)
+            .unwrap_or_default()
+            .lines()
+            .count()
+            < 2
+        {
+            assert!(t.elapsed() < LONG, "background pids not written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut pids: Vec<u32> = [&a, &b]
+            .iter()
+            .flat_map(|id| lrm.job_pids(id))
+            .map(|(_, pid)| pid)
+            .collect();
+        pids.extend(
+            std::fs::read_to_string(&bg)
+                .unwrap()
+                .lines()
+                .map(|l| l.trim().parse::<u32>().unwrap()),
+        );
+        assert_eq!(pids.len(), 4);
+        assert!(pids.iter().all(|&pid| is_alive(pid)));
+        let t = Instant::now();
+        lrm.shutdown().await;
+        assert!(
+            t.elapsed() < Duration::from_secs(3) + Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        // Orphans are reaped by init a moment after they die.
+        let t = Instant::now();
+        while pids.iter().any(|&pid| is_alive(pid)) {
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "still alive: {pids:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for id in [&a, &b, &c] {
+            assert_eq!(
+                state(&lrm, id).await,
+                JobStatus::Known(JobState::Cancelled),
+                "job {id}"
+            );
+        }
+        assert!(lrm
+            .submit(&job(dir.path(), "late", 1, "true"))
+            .await
+            .is_err());
+    }
+
+    #[tokio::test]
+    async fn local_rendered_script_quotes_hostile_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(4, 2, 1)).unwrap();
+        let (out, pwned) = (dir.path().join("out"), dir.path().join("pwned"));
+        let hostile = format!(
+            "$(touch {}); `touch {}` 'x\" \n",
+            pwned.display(),
+            pwned.display()
+        );
+        let spec = SlotJob {
+            name: "wsp-hostile".into(),
+            pilot_argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("printf '%s' \"$1\" > {}", q(&out)),
+                "sh".into(),
+                hostile.clone(),
+            ],
+            ..job(dir.path(), "x", 1, "")
+        };
+        let script = lrm.render_script(&spec);
+        assert!(
+            script.starts_with("#!/bin/bash\n# wsp pilot job \"wsp-hostile\""),
+            "{script}"
+        );
+        assert!(!script.contains("set -e"), "{script}");
+        assert!(
+            script.ends_with(&format!("exec {}\n", shell_join(&spec.pilot_argv))),
+            "{script}"
+        );
+        let id = lrm.submit(&spec).await.unwrap();
+        assert_eq!(
+            wait_state(&lrm, &id, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), hostile);
+        assert!(!pwned.exists());
+        // A job name is a file name: no path separators, no newlines.
+        for name in ["../escape", "a\nb", ""] {
+            let e = lrm
+                .submit(&SlotJob {
+                    name: name.into(),
+                    ..spec.clone()
+                })
+                .await
+                .unwrap_err();
+            assert!(matches!(e, LrmError::Io { .. }), "{e}");
+        }
     }
 }

@@ -1,1 +1,110 @@
-fn main() {}
+//! `workspace-coordinator`: the head-node server (`serve`), the local demo
+//! (`demo`), and a helper to mint client tokens (`token`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coordinator::config::Config;
+use std::path::PathBuf;
+
+const EXIT_CODES: &str = "Exit codes:
+  0  success (demo: every node ended with its original memory and no VM)
+  1  failure (demo: a step failed or a node was not restored)
+  2  bad arguments or configuration";
+
+#[derive(Parser)]
+#[command(name = "workspace-coordinator", version, about = "Workspace pilot coordinator: VM leases through the batch system", after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the client and pilot HTTP APIs.
+    Serve {
+        /// Server config (TOML). See docs/coordinator.example.toml.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the local demo: local batch system, simulated nodes, one lease
+    /// destroyed and one preempted, with a timeline.
+    Demo {
+        /// Virtual nodes of the local batch system.
+        #[arg(long, default_value_t = 4)]
+        nodes: u32,
+        /// Hypervisor the pilots drive (`sim` works anywhere).
+        #[arg(long, default_value = "sim")]
+        hypervisor: String,
+        /// Keep the working directory (database, job logs, node states).
+        #[arg(long)]
+        keep: bool,
+        /// Show the coordinator's and pilots' logs (RUST_LOG syntax).
+        #[arg(long, default_value = "warn")]
+        log: String,
+    },
+    /// Print a new random client token and the [[users]] entry that admits it.
+    Token {
+        /// User name the token belongs to.
+        #[arg(long)]
+        user: String,
+        /// Give the user the admin role (sees every workspace).
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("workspace-coordinator: {e:#}");
+            e.downcast_ref::<coordinator::config::ConfigError>().map_or(1, |_| 2)
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Cmd::Token { user, admin } => {
+            let token = hex::encode(protocol::auth::generate_master_secret());
+            println!("token: {token}");
+            println!("\n# add to the coordinator's config:\n[[users]]\nname = {user:?}\ntoken_sha256 = \"{}\"\nadmin = {admin}", protocol::auth::token_hash(&token));
+            Ok(0)
+        }
+        Cmd::Serve { config } => {
+            init_logs("info");
+            let cfg = Config::load(&config)?;
+            if cfg.users.is_empty() {
+                anyhow::bail!(coordinator::config::ConfigError::Invalid(
+                    "no [[users]] in the config: nobody could use the API (make one with `workspace-coordinator token --user NAME`)".into()
+                ));
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            rt.block_on(async {
+                let running = coordinator::server::start(cfg, None).await?;
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                tracing::info!("stopping: running leases stay with their pilots and are picked up on restart (local batch system: its jobs end with it)");
+                running.stop().await;
+                Ok::<_, anyhow::Error>(0)
+            })
+        }
+        Cmd::Demo { nodes, hypervisor, keep, log } => {
+            init_logs(&log);
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let ok = rt.block_on(coordinator::demo::run(coordinator::demo::DemoOptions { nodes, hypervisor, keep }))?;
+            Ok(if ok { 0 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! HTTP routes: the client API (bearer tokens, JSON) and the pilot API
+//! (HMAC-signed bodies). Handlers only translate between HTTP and the
+//! [`Engine`]; every rule lives there. Errors are `{"error": "..."}` with a
+//! 4xx status that says whose fault it is.
+
+use crate::engine::{Caller, Engine, EngineError};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use protocol::auth::{token_hash, SIGNATURE_HEADER, SLOT_HEADER};
+use protocol::pilot::{ErrorBody, EventAck, EVENTS_PATH, POLL_PATH};
+use protocol::spec::WorkspaceSpec;
+use protocol::WorkspaceId;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest accepted client request body (a spec).
+pub const MAX_CLIENT_BODY: usize = 256 * 1024;
+/// Largest accepted pilot request body (an event).
+pub const MAX_PILOT_BODY: usize = 64 * 1024;
+
+pub type AppState = Arc<Engine>;
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    let client = Router::new()
+        .route("/api/v1/workspaces", post(create).get(list))
+        .route("/api/v1/workspaces/{id}", get(status).delete(destroy))
+        .route("/api/v1/workspaces/{id}/events", get(events))
+        .layer(DefaultBodyLimit::max(MAX_CLIENT_BODY));
+    let pilot = Router::new()
+        .route(EVENTS_PATH, post(pilot_event))
+        .route(POLL_PATH, post(pilot_poll))
+        .layer(DefaultBodyLimit::max(MAX_PILOT_BODY));
+    Router::new()
+        .merge(client)
+        .merge(pilot)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(engine)
+}
+
+/// An error as the client sees it.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::BadSpec(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            EngineError::DoesNotFit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::NotFound(_) => StatusCode::NOT_FOUND,
+            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+            EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
+            EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+fn caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_string());
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
+        .to_str()
+        .map_err(|_| unauthorized("Authorization header is not text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| unauthorized("Authorization must be \"Bearer <token>\""))?
+        .trim();
+    let hash = token_hash(token);
+    engine
+        .config()
+        .users
+        .iter()
+        .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
+        .map(|u| Caller { user: u.name.clone(), admin: u.admin })
+        .ok_or_else(|| unauthorized("unknown token"))
+}
+
+fn parse_ws_id(id: &str) -> Result<WorkspaceId, ApiError> {
+    WorkspaceId::parse(id).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))
+}
+
+async fn create(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    let text = std::str::from_utf8(&body).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
+    let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
+    let view = engine.create(&who, spec).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    let workspaces = engine.list(&who)?;
+    Ok(Json(protocol::view::WorkspaceList { workspaces }).into_response())
+}
+
+async fn status(State(engine): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.get(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn destroy(State(engine): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.destroy(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+async fn events(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    let page = engine.events(&who, &parse_ws_id(&id)?, q.after, Duration::from_millis(q.wait_ms)).await?;
+    Ok(Json(page).into_response())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn pilot_event(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    match engine.pilot_event(header(&headers, SLOT_HEADER), header(&headers, SIGNATURE_HEADER), &body) {
+        Ok(ack) => Json(ack).into_response(),
+        Err(e @ EngineError::Duplicate { .. }) => {
+            // The body is both an EventAck (a pilot resending after a lost ack
+            // takes it as acknowledged) and an error message for anyone else.
+            let EngineError::Duplicate { seq, .. } = &e else { unreachable!() };
+            let ack = EventAck { seq: *seq, duplicate: true };
+            let body = serde_json::json!({ "seq": ack.seq, "duplicate": ack.duplicate, "error": e.to_string() });
+            (StatusCode::CONFLICT, Json(body)).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "pilot event refused");
+            ApiError::from(e).into_response()
+        }
+    }
+}
+
+async fn pilot_poll(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+    let resp = engine.pilot_poll(header(&headers, SLOT_HEADER), header(&headers, SIGNATURE_HEADER), &body).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn metrics(State(engine): State<AppState>) -> Response {
+    let states = engine.state_counts().unwrap_or_default();
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        engine.metrics.render(&states),
+    )
+        .into_response()
+}

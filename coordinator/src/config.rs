@@ -1,0 +1,226 @@
+//! The coordinator's configuration file (TOML), with defaults for every key.
+//!
+//! `lrm` and `pilot.hypervisor` are plain config keys: adding a batch system or
+//! a hypervisor adds a value, not a code path here. Unknown keys are refused
+//! so that a typo in a site's config is an error, not a silent default.
+
+use lrm_adapters::{Capacity, LrmKind, LrmSettings};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// A client allowed in by bearer token.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Hex SHA-256 of the token (`workspace-coordinator token` prints one).
+    pub token_sha256: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// How the coordinator starts pilots (the argv it puts in the job script).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PilotConfig {
+    /// Path of `workspace-pilot` on the nodes. Default: next to the coordinator binary.
+    pub program: Option<PathBuf>,
+    /// Hypervisor the pilots drive: `sim` (here), `xen`, `kvm`.
+    pub hypervisor: String,
+    /// Node state directory; `%n` is the node name.
+    pub state_dir: String,
+    /// Simulated node directory for `hypervisor = "sim"`; `%n` is the node name.
+    pub sim_dir: String,
+    /// dom0 never goes below this.
+    pub min_dom0_mb: u64,
+    /// Fraction of the grace period the pilot waits for the coordinator after a warning signal.
+    pub coordinator_wait_fraction: f64,
+    /// The pilot ends its slot this long before its duration is up.
+    pub margin_s: u64,
+    /// Time given to the ensemble to come up, added to the lease for the pilot's duration.
+    pub startup_slack_s: u64,
+    /// Walltime asked of the LRM = pilot duration + this.
+    pub walltime_margin_s: u64,
+    /// Grace period between warning signal and SIGKILL. Default: what the LRM adapter says.
+    pub grace_s: Option<u64>,
+    /// Long-poll length for pilots' command polls.
+    pub poll_wait_ms: u64,
+    /// Extra arguments appended to every pilot's argv.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for PilotConfig {
+    fn default() -> Self {
+        Self {
+            program: None,
+            hypervisor: "sim".into(),
+            state_dir: "/var/lib/workspace-pilot/%n/state".into(),
+            sim_dir: "/var/lib/workspace-pilot/%n/sim".into(),
+            min_dom0_mb: 100,
+            coordinator_wait_fraction: 0.5,
+            margin_s: 5,
+            startup_slack_s: 120,
+            walltime_margin_s: 60,
+            grace_s: None,
+            poll_wait_ms: 20_000,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// The whole server config.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: String,
+    /// URL pilots use to reach the coordinator. Default: `http://<listen>`.
+    pub public_url: Option<String>,
+    /// Database, keys, job scripts.
+    pub data_dir: PathBuf,
+    /// Batch system: `local`, `slurm`, `gridengine`, `torque`, `pbspro`.
+    pub lrm: LrmKind,
+    /// Node sizes when the LRM adapter cannot tell (real LRMs).
+    pub cluster: Option<Capacity>,
+    /// How often the LRM is asked for job states (a slow backstop; pilot events come first).
+    pub lrm_poll_s: f64,
+    /// Housekeeping tick: lease timers, cancel retries.
+    pub tick_ms: u64,
+    /// Pilot events whose timestamp is further than this from our clock are refused.
+    pub max_clock_skew_s: u64,
+    pub pilot: PilotConfig,
+    pub users: Vec<User>,
+    pub local: lrm_adapters::local::LocalConfig,
+    pub slurm: lrm_adapters::slurm::SlurmConfig,
+    pub gridengine: lrm_adapters::gridengine::GridEngineConfig,
+    pub torque: lrm_adapters::torque::TorqueConfig,
+    pub pbspro: lrm_adapters::pbspro::PbsProConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8750".into(),
+            public_url: None,
+            data_dir: "/var/lib/workspace-coordinator".into(),
+            lrm: LrmKind::Local,
+            cluster: None,
+            lrm_poll_s: 10.0,
+            tick_ms: 250,
+            max_clock_skew_s: 300,
+            pilot: PilotConfig::default(),
+            users: Vec::new(),
+            local: Default::default(),
+            slurm: Default::default(),
+            gridengine: Default::default(),
+            torque: Default::default(),
+            pbspro: Default::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let f = self.pilot.coordinator_wait_fraction;
+        if !(0.0..=0.9).contains(&f) {
+            return Err(ConfigError::Invalid(format!(
+                "pilot.coordinator_wait_fraction = {f}: must be between 0 and 0.9 (the pilot needs time to clean up itself)"
+            )));
+        }
+        if self.lrm_poll_s <= 0.0 {
+            return Err(ConfigError::Invalid("lrm_poll_s must be positive".into()));
+        }
+        for u in &self.users {
+            if u.token_sha256.len() != 64 || hex::decode(&u.token_sha256).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "users.{}: token_sha256 must be 64 hex digits (see `workspace-coordinator token`)",
+                    u.name
+                )));
+            }
+        }
+        if self.lrm != LrmKind::Local && self.cluster.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "lrm = {:?} needs a [cluster] section (nodes, cores_per_node, memory_mb_per_node) to check requests fit",
+                self.lrm
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn lrm_settings(&self) -> LrmSettings {
+        LrmSettings {
+            local: self.local.clone(),
+            slurm: self.slurm.clone(),
+            gridengine: self.gridengine.clone(),
+            torque: self.torque.clone(),
+            pbspro: self.pbspro.clone(),
+        }
+    }
+
+    /// Pilot program: configured path, else `workspace-pilot` next to this binary, else from PATH.
+    pub fn pilot_program(&self) -> PathBuf {
+        if let Some(p) = &self.pilot.program {
+            return p.clone();
+        }
+        if let Ok(exe) = std::env::current_exe() {
+            if let Some(dir) = exe.parent() {
+                let p = dir.join("workspace-pilot");
+                if p.exists() {
+                    return p;
+                }
+            }
+        }
+        PathBuf::from("workspace-pilot")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_local_sim_default() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.lrm, LrmKind::Local);
+        assert_eq!(c.pilot.hypervisor, "sim");
+    }
+
+    #[test]
+    fn typos_are_refused() {
+        let e = Config::parse("lmr = \"local\"").unwrap_err().to_string();
+        assert!(e.contains("lmr"), "{e}");
+    }
+
+    #[test]
+    fn real_lrm_needs_cluster_sizes() {
+        let e = Config::parse("lrm = \"slurm\"").unwrap_err().to_string();
+        assert!(e.contains("[cluster]"), "{e}");
+        let ok = "lrm = \"slurm\"\n[cluster]\nnodes = 2\ncores_per_node = 2\nmemory_mb_per_node = 1000\n";
+        assert!(Config::parse(ok).is_ok());
+    }
+}

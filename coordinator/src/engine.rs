@@ -1,0 +1,1037 @@
+//! The coordinator's core: turns client requests, pilot events and timer
+//! ticks into state changes (through [`crate::lifecycle::next`]), commands for
+//! pilots, and batch job submissions and cancels.
+//!
+//! Every change is one SQLite transaction, committed before anyone is
+//! answered. LRM calls happen outside the database lock; a cancel that fails
+//! stays flagged in the database and is retried by the tick until it works.
+
+use crate::config::Config;
+use crate::lifecycle::{self, Input};
+use crate::policy::{self, FitError, NodeRoom, VmNeed};
+use crate::store::{self, SlotRow, Store, StoreError, VmRow, WorkspaceRow};
+use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob};
+use protocol::auth::SlotKey;
+use protocol::pilot::{CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse, ReleaseReason, VmLaunch};
+use protocol::spec::{SpecError, WorkspaceSpec};
+use protocol::view::{
+    EventsPage, Phase, PilotView, SlotState, SlotView, VmState, VmView, WorkspaceState, WorkspaceView,
+};
+use protocol::{now_ms, SlotId, VmId, VmName, WorkspaceId};
+use rusqlite::Connection;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
+
+/// Longest a long-poll (pilot commands, client events) is held open.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    BadSpec(#[from] SpecError),
+    #[error("workspace does not fit this cluster: {0}")]
+    DoesNotFit(#[from] FitError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("replayed event: pilot {pilot} seq {seq} was already received")]
+    Duplicate { pilot: String, seq: u64 },
+    #[error("batch system refused the pilot job for workspace {workspace}: {source}")]
+    Submit { workspace: WorkspaceId, source: LrmError },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+}
+
+/// Who is calling the client API.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub user: String,
+    pub admin: bool,
+}
+
+impl Caller {
+    fn owner_filter(&self) -> Option<&str> {
+        if self.admin {
+            None
+        } else {
+            Some(&self.user)
+        }
+    }
+}
+
+pub struct Engine {
+    store: Mutex<Store>,
+    lrm: Arc<dyn Lrm>,
+    cfg: Config,
+    master: Vec<u8>,
+    capacity: Capacity,
+    grace: Duration,
+    public_url: String,
+    pilot_program: PathBuf,
+    changed: watch::Sender<u64>,
+    kick: Notify,
+    cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let what = what.into();
+    move |source| EngineError::Io { what, source }
+}
+
+/// Reads the master secret from `<data_dir>/master.key`, creating it (mode 0600) if missing.
+fn load_master(data_dir: &Path) -> Result<Vec<u8>, EngineError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("master.key");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim()).map_err(|e| EngineError::Io {
+            what: format!("master key {}", path.display()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = protocol::auth::generate_master_secret();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io(format!("creating {}", path.display())))?;
+            std::io::Write::write_all(&mut f, format!("{}\n", hex::encode(&key)).as_bytes())
+                .map_err(io(format!("writing {}", path.display())))?;
+            Ok(key)
+        }
+        Err(e) => Err(EngineError::Io { what: format!("reading {}", path.display()), source: e }),
+    }
+}
+
+fn mkdir_private(path: &Path) -> Result<(), EngineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io(format!("creating {}", path.display())))
+}
+
+impl Engine {
+    /// Opens the database and keys under `cfg.data_dir`; `public_url` is what pilots use.
+    pub fn new(cfg: Config, lrm: Arc<dyn Lrm>, public_url: String) -> Result<Arc<Self>, EngineError> {
+        mkdir_private(&cfg.data_dir)?;
+        mkdir_private(&cfg.data_dir.join("keys"))?;
+        mkdir_private(&cfg.data_dir.join("jobs"))?;
+        let store = Store::open(&cfg.data_dir.join("coordinator.db"))?;
+        let master = load_master(&cfg.data_dir)?;
+        let capacity = lrm
+            .capacity()
+            .or(cfg.cluster)
+            .ok_or_else(|| EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into()))?;
+        let grace = cfg.pilot.grace_s.map(Duration::from_secs).unwrap_or(lrm.warning().grace);
+        let pilot_program = cfg.pilot_program();
+        let (changed, _) = watch::channel(0);
+        Ok(Arc::new(Self {
+            store: Mutex::new(store),
+            lrm,
+            capacity,
+            grace,
+            public_url,
+            pilot_program,
+            master,
+            cfg,
+            changed,
+            kick: Notify::new(),
+            cancel_attempts: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::new(),
+        }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn lrm(&self) -> &Arc<dyn Lrm> {
+        &self.lrm
+    }
+
+    fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, EngineError>) -> Result<T, EngineError> {
+        let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    // ---- client API ---------------------------------------------------------
+
+    /// Creates a workspace: sizes its slots, stores it, submits its pilot jobs.
+    pub async fn create(&self, caller: &Caller, spec: WorkspaceSpec) -> Result<WorkspaceView, EngineError> {
+        spec.validate()?;
+        let plans = policy::plan_slots(&spec, &self.capacity, self.cfg.pilot.min_dom0_mb)?;
+        let now = now_ms();
+        let ws = WorkspaceRow {
+            id: WorkspaceId::generate(),
+            name: spec.name.clone(),
+            owner: caller.user.clone(),
+            spec: spec.clone(),
+            state: WorkspaceState::Pending,
+            reason: None,
+            created_ms: now,
+            updated_ms: now,
+            expires_ms: None,
+        };
+        let mut slots = Vec::new();
+        self.with_store(|s| {
+            s.tx(|tx| {
+                store::insert_workspace(tx, &ws)?;
+                for plan in &plans {
+                    let slot = SlotRow {
+                        id: SlotId::generate(),
+                        workspace_id: ws.id.clone(),
+                        group: plan.group.clone(),
+                        job_id: None,
+                        nodes: plan.nodes,
+                        cores: plan.cores_per_node,
+                        memory_mb: plan.memory_mb_per_node,
+                        state: SlotState::Submitted,
+                        cancel_pending: false,
+                        job_ended: false,
+                        created_ms: now,
+                    };
+                    store::insert_slot(tx, &slot)?;
+                    let group = spec.groups.iter().find(|g| g.name == plan.group);
+                    for idx in 0..plan.nodes {
+                        let vm = VmId::generate();
+                        store::insert_vm(
+                            tx,
+                            &VmRow {
+                                name: VmName::new(slot.id.clone(), vm.clone()).to_string(),
+                                id: vm,
+                                workspace_id: ws.id.clone(),
+                                slot_id: slot.id.clone(),
+                                group: plan.group.clone(),
+                                idx,
+                                node: None,
+                                state: VmState::Pending,
+                                memory_mb: plan.memory_mb_per_node,
+                                cpus: plan.cores_per_node,
+                                image: group.map(|g| g.image.clone()).unwrap_or_default(),
+                            },
+                        )?;
+                    }
+                    slots.push(slot);
+                }
+                store::push_timeline(
+                    tx,
+                    &ws.id,
+                    now,
+                    now,
+                    Phase::Requested,
+                    None,
+                    None,
+                    None,
+                    &format!("{} VMs in {} slot(s) requested by {}", spec.vm_count(), plans.len(), caller.user),
+                )?;
+                Ok::<_, EngineError>(())
+            })
+        })?;
+        self.metrics.workspaces_created.inc();
+        info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
+        for slot in &slots {
+            if let Err(source) = self.submit_slot(slot).await {
+                warn!(workspace_id = %ws.id, slot_id = %slot.id, error = %source, "pilot job submission failed");
+                let reason = format!("submitting the pilot job for group {:?} failed: {source}", slot.group);
+                self.with_store(|s| {
+                    s.tx(|tx| {
+                        store::set_slot_state(tx, &slot.id, SlotState::Failed)?;
+                        let mut w = must_ws(tx, &ws.id)?;
+                        fail_workspace(tx, &mut w, &reason, now_ms())?;
+                        maybe_settle(tx, &mut w, now_ms())?;
+                        Ok::<_, EngineError>(())
+                    })
+                })?;
+                self.bump();
+                self.kick.notify_one();
+                return Err(EngineError::Submit { workspace: ws.id.clone(), source });
+            }
+        }
+        self.bump();
+        self.get(caller, &ws.id)
+    }
+
+    /// Writes the slot's key file and job directory, submits the pilot job, records its id.
+    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = SlotKey::derive(&self.master, &slot.id)
+            .map_err(|e| LrmError::Config { lrm: "coordinator", message: e.to_string() })?;
+        let key_path = self.cfg.data_dir.join("keys").join(format!("{}.key", slot.id));
+        let write_key = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&key_path)?;
+            std::io::Write::write_all(&mut f, format!("{}\n", key.to_hex()).as_bytes())
+        };
+        write_key().map_err(|source| LrmError::Io { path: key_path.clone(), source })?;
+        let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
+        let spec = self.with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec)).map_err(|e| LrmError::Config {
+            lrm: "coordinator",
+            message: e.to_string(),
+        })?;
+        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        let job = SlotJob {
+            name: format!("wsp-{}", slot.id),
+            nodes: slot.nodes,
+            cores_per_node: slot.cores,
+            memory_mb_per_node: slot.memory_mb,
+            walltime: pilot_duration + Duration::from_secs(self.cfg.pilot.walltime_margin_s),
+            pilot_argv: self.pilot_argv(slot, &key_path, pilot_duration),
+            workdir,
+        };
+        let started = Instant::now();
+        let job_id = self.lrm.submit(&job).await?;
+        let took = started.elapsed();
+        info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
+        let now = now_ms();
+        self.with_store(|s| {
+            s.tx(|tx| {
+                store::set_slot_job(tx, &slot.id, &job_id.0)?;
+                store::push_timeline(
+                    tx,
+                    &slot.workspace_id,
+                    now,
+                    now,
+                    Phase::SlotSubmitted,
+                    Some(&slot.id),
+                    None,
+                    None,
+                    &format!(
+                        "{} job {} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
+                        self.lrm.kind(),
+                        job_id,
+                        slot.group,
+                        slot.nodes,
+                        slot.cores,
+                        slot.memory_mb,
+                        took.as_millis()
+                    ),
+                )?;
+                Ok::<_, EngineError>(())
+            })
+        })
+        .map_err(|e| LrmError::Config { lrm: "coordinator", message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// The pilot's argv as it goes into the job script (`%n` is expanded by the pilot).
+    pub fn pilot_argv(&self, slot: &SlotRow, key_path: &Path, duration: Duration) -> Vec<String> {
+        let p = &self.cfg.pilot;
+        let mut argv = vec![
+            self.pilot_program.display().to_string(),
+            "run".into(),
+            "--slot".into(),
+            slot.id.to_string(),
+            "--coordinator".into(),
+            self.public_url.clone(),
+            "--key-file".into(),
+            key_path.display().to_string(),
+            "--memory-mb".into(),
+            slot.memory_mb.to_string(),
+            "--duration-s".into(),
+            duration.as_secs().to_string(),
+            "--grace-s".into(),
+            self.grace.as_secs().max(1).to_string(),
+            "--state-dir".into(),
+            p.state_dir.clone(),
+            "--hypervisor".into(),
+            p.hypervisor.clone(),
+            "--coordinator-wait-fraction".into(),
+            p.coordinator_wait_fraction.to_string(),
+            "--min-dom0-mb".into(),
+            p.min_dom0_mb.to_string(),
+            "--margin-s".into(),
+            p.margin_s.to_string(),
+            "--poll-wait-ms".into(),
+            p.poll_wait_ms.to_string(),
+        ];
+        if p.hypervisor == "sim" {
+            argv.push("--sim-dir".into());
+            argv.push(p.sim_dir.clone());
+        }
+        argv.extend(p.extra_args.iter().cloned());
+        argv
+    }
+
+    pub fn get(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
+        self.with_store(|s| {
+            let ws = visible_ws(s.conn(), caller, id)?;
+            build_view(s.conn(), ws)
+        })
+    }
+
+    pub fn list(&self, caller: &Caller) -> Result<Vec<WorkspaceView>, EngineError> {
+        self.with_store(|s| {
+            store::list_workspaces(s.conn(), caller.owner_filter())?
+                .into_iter()
+                .map(|w| build_view(s.conn(), w))
+                .collect()
+        })
+    }
+
+    /// Starts the end of a workspace: release every slot. Idempotent.
+    pub fn destroy(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
+        let now = now_ms();
+        let view = self.with_store(|s| {
+            s.tx(|tx| {
+                let mut ws = visible_ws(tx, caller, id)?;
+                if transition(tx, &mut ws, Input::DestroyRequested, None, now)? {
+                    store::push_timeline(tx, &ws.id, now, now, Phase::DestroyRequested, None, None, None, &format!("by {}", caller.user))?;
+                    end_slots(tx, &ws, now)?;
+                    maybe_settle(tx, &mut ws, now)?;
+                }
+                build_view(tx, ws)
+            })
+        })?;
+        info!(workspace_id = %id, user = %caller.user, "destroy requested");
+        self.bump();
+        self.kick.notify_one();
+        Ok(view)
+    }
+
+    /// Timeline entries after `after`, waiting up to `wait` for new ones.
+    pub async fn events(&self, caller: &Caller, id: &WorkspaceId, after: u64, wait: Duration) -> Result<EventsPage, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let page = self.with_store(|s| {
+                let ws = visible_ws(s.conn(), caller, id)?;
+                let events = store::timeline_after(s.conn(), id, after)?;
+                let view = build_view(s.conn(), ws)?;
+                Ok(EventsPage { events, state: view.state, settled: view.settled })
+            })?;
+            if !page.events.is_empty() || page.settled || tokio::time::Instant::now() >= deadline {
+                return Ok(page);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                continue;
+            }
+        }
+    }
+
+    // ---- pilot API ----------------------------------------------------------
+
+    fn verify(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<SlotId, EngineError> {
+        let slot = slot_header
+            .ok_or_else(|| EngineError::Forbidden("missing x-wsp-slot header".into()))
+            .and_then(|h| SlotId::parse(h).map_err(|e| EngineError::Forbidden(e.to_string())))?;
+        let sig = signature.ok_or_else(|| EngineError::Forbidden("missing x-wsp-signature header".into()))?;
+        let key = SlotKey::derive(&self.master, &slot).map_err(|e| EngineError::Forbidden(e.to_string()))?;
+        match key.verify(body, sig) {
+            Ok(true) => Ok(slot),
+            _ => {
+                self.metrics.refused("bad_signature");
+                warn!(slot_id = %slot, "refused pilot request: bad signature");
+                Err(EngineError::Forbidden(format!("signature does not match the key of slot {slot}")))
+            }
+        }
+    }
+
+    fn check_clock(&self, ts_ms: u64) -> Result<(), EngineError> {
+        let skew = now_ms().abs_diff(ts_ms);
+        if skew > self.cfg.max_clock_skew_s * 1000 {
+            self.metrics.refused("stale");
+            return Err(EngineError::Forbidden(format!(
+                "timestamp {ts_ms} is {skew} ms from the coordinator's clock (more than max_clock_skew_s = {})",
+                self.cfg.max_clock_skew_s
+            )));
+        }
+        Ok(())
+    }
+
+    /// A signed pilot event: verified, stored, applied, then acknowledged.
+    pub fn pilot_event(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<EventAck, EngineError> {
+        let slot_id = self.verify(slot_header, signature, body)?;
+        let event: PilotEvent = serde_json::from_slice(body).map_err(|e| EngineError::BadRequest(format!("malformed pilot event: {e}")))?;
+        if event.slot_id != slot_id {
+            self.metrics.refused("wrong_slot");
+            return Err(EngineError::Forbidden(format!("event names slot {} but is signed for slot {slot_id}", event.slot_id)));
+        }
+        if event.node.is_empty() || event.node.len() > 253 || event.node.chars().any(|c| c.is_control()) {
+            return Err(EngineError::BadRequest("node name must be 1-253 printable characters".into()));
+        }
+        self.check_clock(event.ts_ms)?;
+        let now = now_ms();
+        let body_text = String::from_utf8_lossy(body);
+        self.with_store(|s| {
+            s.tx(|tx| {
+                let slot = store::get_slot(tx, &slot_id)?.ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
+                if !store::insert_pilot_event(tx, &event, &body_text, now)? {
+                    return Err(EngineError::Duplicate { pilot: event.pilot_id.to_string(), seq: event.seq });
+                }
+                apply_event(tx, &slot, &event, now)
+            })
+        })?;
+        self.metrics.event(event.kind.name());
+        debug!(slot_id = %event.slot_id, node = %event.node, seq = event.seq, kind = event.kind.name(), "pilot event stored");
+        self.bump();
+        self.kick.notify_one();
+        Ok(EventAck { seq: event.seq, duplicate: false })
+    }
+
+    /// A signed long-poll for commands.
+    pub async fn pilot_poll(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<PollResponse, EngineError> {
+        let slot_id = self.verify(slot_header, signature, body)?;
+        let req: PollRequest = serde_json::from_slice(body).map_err(|e| EngineError::BadRequest(format!("malformed poll: {e}")))?;
+        if req.slot_id != slot_id {
+            return Err(EngineError::Forbidden(format!("poll names slot {} but is signed for slot {slot_id}", req.slot_id)));
+        }
+        self.check_clock(req.ts_ms)?;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            let commands = self.with_store(|s| {
+                if store::get_slot(s.conn(), &slot_id)?.is_none() {
+                    return Err(EngineError::Forbidden(format!("unknown slot {slot_id}")));
+                }
+                Ok(store::commands_after(s.conn(), &slot_id, &req.node, req.after)?)
+            })?;
+            if !commands.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(PollResponse { commands });
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                continue;
+            }
+        }
+    }
+
+    // ---- housekeeping -------------------------------------------------------
+
+    /// Runs the housekeeping loop until `stop` fires.
+    pub async fn run_ticks(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let tick = Duration::from_millis(self.cfg.tick_ms.max(10));
+        let lrm_every = Duration::from_secs_f64(self.cfg.lrm_poll_s);
+        let mut last_lrm = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.kick.notified() => {}
+                _ = stop.changed() => return,
+            }
+            if let Err(e) = self.expire_leases() {
+                warn!(error = %e, "lease expiry check failed");
+            }
+            self.retry_cancels().await;
+            if last_lrm.elapsed() >= lrm_every {
+                last_lrm = Instant::now();
+                if let Err(e) = self.poll_lrm().await {
+                    warn!(error = %e, "batch system status query failed; will retry");
+                }
+            }
+        }
+    }
+
+    fn expire_leases(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        let changed = self.with_store(|s| {
+            s.tx(|tx| {
+                let mut changed = false;
+                for mut ws in store::active_workspaces(tx)? {
+                    if ws.state == WorkspaceState::Running && ws.expires_ms.is_some_and(|e| e <= now) {
+                        transition(tx, &mut ws, Input::LeaseExpired, Some("lease duration is over"), now)?;
+                        store::push_timeline(tx, &ws.id, now, now, Phase::LeaseExpired, None, None, None, "lease duration is over")?;
+                        end_slots(tx, &ws, now)?;
+                        info!(workspace_id = %ws.id, "lease expired");
+                        changed = true;
+                    }
+                }
+                Ok::<_, EngineError>(changed)
+            })
+        })?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Cancels batch jobs flagged for cancel; failures stay flagged and are retried.
+    async fn retry_cancels(&self) {
+        let slots = match self.with_store(|s| Ok(store::slots_to_cancel(s.conn())?)) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "reading slots to cancel");
+                return;
+            }
+        };
+        for slot in slots {
+            let Some(job) = slot.job_id.clone() else {
+                let _ = self.with_store(|s| Ok(store::set_slot_cancel_pending(s.conn(), &slot.id, false)?));
+                continue;
+            };
+            {
+                let mut attempts = self.cancel_attempts.lock().unwrap_or_else(|p| p.into_inner());
+                if attempts.get(&slot.id).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                    continue;
+                }
+                attempts.insert(slot.id.clone(), Instant::now());
+            }
+            match self.lrm.cancel(&JobId(job.clone())).await {
+                Ok(()) => {
+                    info!(slot_id = %slot.id, job_id = %job, "batch job cancelled");
+                    let now = now_ms();
+                    let r = self.with_store(|s| {
+                        s.tx(|tx| {
+                            store::set_slot_cancel_pending(tx, &slot.id, false)?;
+                            let pilots = store::pilots_of(tx, &slot.id)?;
+                            let fresh = store::get_slot(tx, &slot.id)?;
+                            if let Some(fresh) = fresh {
+                                if !fresh.state.is_terminal() && pilots.iter().all(|p| p.released) {
+                                    store::set_slot_state(tx, &slot.id, SlotState::Released)?;
+                                    store::push_timeline(tx, &slot.workspace_id, now, now, Phase::SlotReleased, Some(&slot.id), None, None, &format!("job {job} cancelled before its pilots held anything"))?;
+                                }
+                            }
+                            let mut ws = must_ws(tx, &slot.workspace_id)?;
+                            maybe_settle(tx, &mut ws, now)?;
+                            Ok::<_, EngineError>(())
+                        })
+                    });
+                    if let Err(e) = r {
+                        warn!(slot_id = %slot.id, error = %e, "recording cancel");
+                    }
+                    self.cancel_attempts.lock().unwrap_or_else(|p| p.into_inner()).remove(&slot.id);
+                    self.bump();
+                }
+                Err(e) => warn!(slot_id = %slot.id, job_id = %job, error = %e, "cancel failed; will retry"),
+            }
+        }
+    }
+
+    /// The slow backstop: one batched status query for every job we may still have.
+    pub async fn poll_lrm(&self) -> Result<(), EngineError> {
+        let slots = self.with_store(|s| Ok(store::slots_with_live_jobs(s.conn())?))?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<JobId> = slots.iter().filter_map(|s| s.job_id.clone().map(JobId)).collect();
+        let states = match self.lrm.status(&ids).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "batch status query failed");
+                return Ok(());
+            }
+        };
+        let now = now_ms();
+        let mut changed = false;
+        for slot in slots {
+            let Some(job) = slot.job_id.clone() else { continue };
+            let ended = match states.get(&JobId(job.clone())) {
+                Some(JobStatus::Known(st)) if st.is_finished() => Some(format!("{st:?}").to_lowercase()),
+                Some(JobStatus::NotFound) => Some("no longer listed".to_string()),
+                _ => None,
+            };
+            let Some(how) = ended else { continue };
+            let preempted = matches!(states.get(&JobId(job.clone())), Some(JobStatus::Known(JobState::Preempted)));
+            self.with_store(|s| s.tx(|tx| job_ended(tx, &slot.id, &job, &how, preempted, now)))?;
+            changed = true;
+        }
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Stops the LRM adapter's own work (the local adapter ends its jobs).
+    pub async fn shutdown(&self) {
+        self.lrm.shutdown().await;
+    }
+
+    /// Row counts of every table (for tests proving a refused request changed nothing).
+    pub fn row_counts(&self) -> Result<Vec<(String, i64)>, EngineError> {
+        self.with_store(|s| Ok(store::row_counts(s.conn())?))
+    }
+
+    /// Counts of workspaces per state, for /metrics.
+    pub fn state_counts(&self) -> Result<Vec<(String, i64)>, EngineError> {
+        self.with_store(|s| {
+            let mut st = s.conn().prepare("SELECT state, COUNT(*) FROM workspaces GROUP BY state").map_err(StoreError::from)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(StoreError::from)?;
+            let mut out = Vec::new();
+            for r in rows {
+                out.push(r.map_err(StoreError::from)?);
+            }
+            Ok(out)
+        })
+    }
+}
+
+// ---- the rules, inside one transaction ---------------------------------------
+
+fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
+    store::get_workspace(c, id)?.ok_or_else(|| EngineError::NotFound(format!("no workspace {id}")))
+}
+
+/// The workspace if the caller may see it; others' workspaces are "not found".
+fn visible_ws(c: &Connection, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
+    match store::get_workspace(c, id)? {
+        Some(ws) if caller.admin || ws.owner == caller.user => Ok(ws),
+        _ => Err(EngineError::NotFound(format!("no workspace {id}"))),
+    }
+}
+
+/// Applies `lifecycle::next`; records the state and returns whether it changed.
+fn transition(c: &Connection, ws: &mut WorkspaceRow, input: Input, reason: Option<&str>, now: u64) -> Result<bool, EngineError> {
+    match lifecycle::next(ws.state, input) {
+        Some(to) => {
+            info!(workspace_id = %ws.id, from = %ws.state, to = %to, ?input, "workspace state");
+            store::set_workspace_state(c, &ws.id, to, reason, now)?;
+            ws.state = to;
+            if reason.is_some() {
+                ws.reason = reason.map(str::to_string);
+            }
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+fn fail_workspace(c: &Connection, ws: &mut WorkspaceRow, reason: &str, now: u64) -> Result<(), EngineError> {
+    if transition(c, ws, Input::Failed, Some(reason), now)? {
+        warn!(workspace_id = %ws.id, reason, "workspace failed");
+        end_slots(c, ws, now)?;
+    }
+    Ok(())
+}
+
+/// Asks every slot of the workspace to end: `release` to each pilot that has
+/// not released, and a batch cancel for jobs with nodes no pilot holds yet.
+fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(), EngineError> {
+    for slot in store::slots_of(c, &ws.id)? {
+        if slot.state.is_terminal() {
+            continue;
+        }
+        let pilots = store::pilots_of(c, &slot.id)?;
+        for p in pilots.iter().filter(|p| !p.released) {
+            if !store::has_release(c, &slot.id, &p.node)? {
+                store::push_command(c, &slot.id, &p.node, &CommandKind::Release, now)?;
+            }
+        }
+        if (pilots.len() as u32) < slot.nodes && slot.job_id.is_some() && !slot.job_ended {
+            // Some nodes have no pilot yet (job queued or starting): cancel the job.
+            store::set_slot_cancel_pending(c, &slot.id, true)?;
+        }
+        if slot.job_id.is_none() {
+            // Never submitted: nothing anywhere.
+            store::set_slot_state(c, &slot.id, SlotState::Failed)?;
+        } else if pilots.is_empty() || pilots.iter().any(|p| !p.released) {
+            store::set_slot_state(c, &slot.id, SlotState::Releasing)?;
+        }
+    }
+    Ok(())
+}
+
+/// When every slot has ended, the workspace settles (destroying -> destroyed, ...).
+fn maybe_settle(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), EngineError> {
+    let slots = store::slots_of(c, &ws.id)?;
+    if !slots.iter().all(|s| s.state.is_terminal()) {
+        return Ok(());
+    }
+    if transition(c, ws, Input::AllSlotsEnded, None, now)? && ws.state == WorkspaceState::Failed {
+        store::set_workspace_state(c, &ws.id, ws.state, Some("every slot ended while the workspace was live"), now)?;
+    }
+    // Any VM not yet accounted for is gone with its slot.
+    for vm in store::vms_of(c, &ws.id)? {
+        if !vm.state.is_terminal() {
+            let to = if ws.state == WorkspaceState::Preempted { VmState::Preempted } else { VmState::Destroyed };
+            store::set_vm_state(c, &vm.id, to)?;
+        }
+    }
+    let already: bool = store::timeline_after(c, &ws.id, 0)?.iter().any(|e| e.phase == Phase::Ended);
+    if !already && ws.state.is_terminal() {
+        store::push_timeline(c, &ws.id, now, now, Phase::Ended, None, None, None, &format!("{}: every slot given back", ws.state))?;
+    }
+    Ok(())
+}
+
+/// All VMs mapped onto the reserved nodes; `start_vm` commands queued.
+fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), EngineError> {
+    let slots = store::slots_of(c, &ws.id)?;
+    let mut rooms = Vec::new();
+    for s in &slots {
+        for p in store::pilots_of(c, &s.id)?.into_iter().filter(|p| p.reserved && !p.released) {
+            rooms.push(NodeRoom { slot: s.id.clone(), node: p.node, memory_mb: s.memory_mb, cpus: s.cores });
+        }
+    }
+    let vms: Vec<VmRow> = store::vms_of(c, &ws.id)?.into_iter().filter(|v| v.state == VmState::Pending).collect();
+    let needs: Vec<VmNeed> = vms
+        .iter()
+        .map(|v| VmNeed { vm: v.id.clone(), slot: v.slot_id.clone(), memory_mb: v.memory_mb, cpus: v.cpus })
+        .collect();
+    let mapping = match policy::map_vms(&needs, &rooms) {
+        Ok(m) => m,
+        Err(e) => return fail_workspace(c, ws, &e.to_string(), now),
+    };
+    transition(c, ws, Input::AllSlotsReserved, None, now)?;
+    let by_id: HashMap<&VmId, &VmRow> = vms.iter().map(|v| (&v.id, v)).collect();
+    for (vm_id, node) in mapping {
+        let Some(vm) = by_id.get(&vm_id) else { continue };
+        store::set_vm_node(c, &vm.id, &node)?;
+        store::set_vm_state(c, &vm.id, VmState::Starting)?;
+        let launch = VmLaunch { vm_id: vm.id.clone(), name: vm.name.clone(), memory_mb: vm.memory_mb, cpus: vm.cpus, image: vm.image.clone() };
+        store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
+        store::push_timeline(c, &ws.id, now, now, Phase::VmStartSent, Some(&vm.slot_id), Some(&node), Some(&vm.id), &format!("{} ({}) -> {node}", vm.name, vm.group))?;
+    }
+    Ok(())
+}
+
+fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Result<(), EngineError> {
+    let mut ws = must_ws(c, &slot.workspace_id)?;
+    let node = e.node.as_str();
+    store::touch_pilot(c, &slot.id, node, e.pilot_id.as_str(), e.kind.name(), now)?;
+    let tl = |phase: Phase, vm: Option<&VmId>, detail: &str| {
+        store::push_timeline(c, &ws.id, e.ts_ms, now, phase, Some(&slot.id), Some(node), vm, detail)
+    };
+    match &e.kind {
+        EventKind::Started { pid, hypervisor, job_id } => {
+            tl(Phase::PilotStarted, None, &format!("pid {pid}, hypervisor {hypervisor}, job {}", job_id.as_deref().unwrap_or("?")))?;
+            if slot.state == SlotState::Submitted {
+                store::set_slot_state(c, &slot.id, SlotState::Reserving)?;
+            }
+            if !lifecycle::wants_slots(ws.state) && !store::has_release(c, &slot.id, node)? {
+                store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
+            }
+        }
+        EventKind::Reserved { dom0_before_mb, dom0_after_mb, reserved_mb, balloon_ms } => {
+            store::set_pilot_flags(c, &slot.id, node, Some(true), None)?;
+            tl(
+                Phase::MemoryReserved,
+                None,
+                &format!(
+                    "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
+                    now.saturating_sub(e.ts_ms)
+                ),
+            )?;
+            if !lifecycle::wants_slots(ws.state) {
+                if !store::has_release(c, &slot.id, node)? {
+                    store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
+                }
+                return Ok(());
+            }
+            let reserved = store::pilots_of(c, &slot.id)?.iter().filter(|p| p.reserved && !p.released).count() as u32;
+            if reserved >= slot.nodes && matches!(slot.state, SlotState::Submitted | SlotState::Reserving) {
+                store::set_slot_state(c, &slot.id, SlotState::Reserved)?;
+            }
+            let all = store::slots_of(c, &ws.id)?.iter().all(|s| s.state == SlotState::Reserved);
+            if all && ws.state == WorkspaceState::Pending {
+                start_vms(c, &mut ws, now)?;
+            }
+        }
+        EventKind::ReserveFailed { reason } => {
+            store::set_pilot_flags(c, &slot.id, node, Some(false), Some(true))?;
+            tl(Phase::ReserveFailed, None, reason)?;
+            fail_workspace(c, &mut ws, &format!("node {node} could not reserve {} MB: {reason}", slot.memory_mb), now)?;
+            slot_maybe_released(c, &ws, &slot.id, now)?;
+            maybe_settle(c, &mut ws, now)?;
+        }
+        EventKind::VmStarted { vm_id, name, create_ms } => {
+            let Some(vm) = own_vm(c, slot, vm_id)? else { return Ok(()) };
+            if vm.state == VmState::Starting {
+                store::set_vm_state(c, vm_id, VmState::Running)?;
+            }
+            tl(Phase::VmStarted, Some(vm_id), &format!("{name} created in {create_ms} ms"))?;
+            let vms = store::vms_of(c, &ws.id)?;
+            if vms.iter().all(|v| v.state == VmState::Running)
+                && transition(c, &mut ws, Input::AllVmsRunning, None, now)?
+            {
+                let expires = now + ws.spec.duration.0.as_millis() as u64;
+                store::set_workspace_expiry(c, &ws.id, expires)?;
+                store::push_timeline(c, &ws.id, now, now, Phase::Running, None, None, None, &format!("all {} VMs running; lease ends {}", vms.len(), protocol::time::format_ms(expires)))?;
+            }
+        }
+        EventKind::VmFailed { vm_id, reason } => {
+            let Some(_) = own_vm(c, slot, vm_id)? else { return Ok(()) };
+            store::set_vm_state(c, vm_id, VmState::Failed)?;
+            tl(Phase::VmFailed, Some(vm_id), reason)?;
+            fail_workspace(c, &mut ws, &format!("VM {vm_id} on node {node} failed to start: {reason}"), now)?;
+        }
+        EventKind::VmDestroyed { vm_id, destroy_ms } => {
+            let Some(_) = own_vm(c, slot, vm_id)? else { return Ok(()) };
+            let to = if ws.state == WorkspaceState::Preempted { VmState::Preempted } else { VmState::Destroyed };
+            store::set_vm_state(c, vm_id, to)?;
+            tl(Phase::VmDestroyed, Some(vm_id), &format!("destroyed in {destroy_ms} ms"))?;
+        }
+        EventKind::Preempting { signal, coordinator_wait_ms, .. } => {
+            let job = slot.job_id.as_deref().unwrap_or("?");
+            tl(Phase::Preempting, None, &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"))?;
+            let reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+            if transition(c, &mut ws, Input::Preempted, Some(&reason), now)? {
+                end_slots(c, &ws, now)?;
+            } else if !store::has_release(c, &slot.id, node)? {
+                store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
+            }
+        }
+        EventKind::Released { reason, vms_destroyed, dom0_restored_mb, restore_ms, clean, problems } => {
+            store::set_pilot_flags(c, &slot.id, node, None, Some(true))?;
+            let mut detail = format!(
+                "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({reason:?})",
+                vms_destroyed.len()
+            );
+            if !clean {
+                detail.push_str(&format!("; NOT CLEAN: {}; run workspace-kill-all on {node}", problems.join("; ")));
+                warn!(workspace_id = %ws.id, slot_id = %slot.id, node, "pilot released with problems: {problems:?}");
+            }
+            tl(Phase::MemoryRestored, None, &detail)?;
+            let vm_final = if ws.state == WorkspaceState::Preempted || *reason == ReleaseReason::Preempted {
+                VmState::Preempted
+            } else {
+                VmState::Destroyed
+            };
+            for vm in store::vms_of(c, &ws.id)? {
+                if vm.slot_id == slot.id && vm.node.as_deref() == Some(node) && !vm.state.is_terminal() {
+                    store::set_vm_state(c, &vm.id, vm_final)?;
+                }
+            }
+            if lifecycle::wants_slots(ws.state) {
+                // The pilot left on its own: the lease cannot go on.
+                let (input, why) = match reason {
+                    ReleaseReason::Deadline => (Input::LeaseExpired, format!("pilot on {node} reached the end of its slot")),
+                    ReleaseReason::Preempted => (Input::Preempted, format!("pilot on {node} was preempted")),
+                    _ => (Input::Failed, format!("pilot on {node} released its slot ({reason:?})")),
+                };
+                if transition(c, &mut ws, input, Some(&why), now)? {
+                    end_slots(c, &ws, now)?;
+                }
+            }
+            slot_maybe_released(c, &ws, &slot.id, now)?;
+            maybe_settle(c, &mut ws, now)?;
+        }
+    }
+    Ok(())
+}
+
+/// The VM if it belongs to this slot (events about other slots' VMs change nothing).
+fn own_vm(c: &Connection, slot: &SlotRow, vm_id: &VmId) -> Result<Option<VmRow>, EngineError> {
+    match store::get_vm(c, vm_id)? {
+        Some(vm) if vm.slot_id == slot.id => Ok(Some(vm)),
+        _ => {
+            warn!(slot_id = %slot.id, vm_id = %vm_id, "event names a VM that is not in this slot; ignored");
+            Ok(None)
+        }
+    }
+}
+
+/// When every pilot of the slot has released, the slot is released; the batch
+/// job is cancelled too, in case it lingers (a no-op if it has ended).
+fn slot_maybe_released(c: &Connection, ws: &WorkspaceRow, slot_id: &SlotId, now: u64) -> Result<(), EngineError> {
+    let Some(slot) = store::get_slot(c, slot_id)? else { return Ok(()) };
+    if slot.state.is_terminal() {
+        return Ok(());
+    }
+    let pilots = store::pilots_of(c, slot_id)?;
+    let released = pilots.iter().filter(|p| p.released).count() as u32;
+    if released >= slot.nodes {
+        store::set_slot_state(c, slot_id, SlotState::Released)?;
+        if !slot.job_ended {
+            store::set_slot_cancel_pending(c, slot_id, true)?;
+        }
+        store::push_timeline(c, &ws.id, now, now, Phase::SlotReleased, Some(slot_id), None, None, &format!("all {} pilot(s) released", pilots.len()))?;
+    }
+    Ok(())
+}
+
+/// The LRM says the job is over (or gone).
+fn job_ended(c: &Connection, slot_id: &SlotId, job: &str, how: &str, preempted: bool, now: u64) -> Result<(), EngineError> {
+    let Some(slot) = store::get_slot(c, slot_id)? else { return Ok(()) };
+    store::set_slot_job_ended(c, slot_id)?;
+    store::set_slot_cancel_pending(c, slot_id, false)?;
+    let mut ws = must_ws(c, &slot.workspace_id)?;
+    store::push_timeline(c, &ws.id, now, now, Phase::JobEnded, Some(slot_id), None, None, &format!("batch job {job}: {how}"))?;
+    if !slot.state.is_terminal() {
+        let pilots = store::pilots_of(c, slot_id)?;
+        let stuck: Vec<&str> = pilots.iter().filter(|p| !p.released).map(|p| p.node.as_str()).collect();
+        if stuck.is_empty() {
+            store::set_slot_state(c, slot_id, SlotState::Released)?;
+        } else {
+            store::set_slot_state(c, slot_id, SlotState::Failed)?;
+            warn!(slot_id = %slot_id, job, ?stuck, "batch job ended before its pilots reported release");
+            store::push_timeline(
+                c,
+                &ws.id,
+                now,
+                now,
+                Phase::SlotReleased,
+                Some(slot_id),
+                None,
+                None,
+                &format!("job ended before pilots on {} reported release: run workspace-kill-all there", stuck.join(", ")),
+            )?;
+        }
+        if lifecycle::wants_slots(ws.state) {
+            let reason = format!("batch job {job} ended ({how}) while the workspace was {}", ws.state);
+            let input = if preempted { Input::Preempted } else { Input::Failed };
+            if transition(c, &mut ws, input, Some(&reason), now)? {
+                end_slots(c, &ws, now)?;
+            }
+        }
+    }
+    maybe_settle(c, &mut ws, now)?;
+    Ok(())
+}
+
+fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineError> {
+    let slots = store::slots_of(c, &ws.id)?;
+    let jobs: HashMap<SlotId, Option<String>> = slots.iter().map(|s| (s.id.clone(), s.job_id.clone())).collect();
+    let vms = store::vms_of(c, &ws.id)?
+        .into_iter()
+        .map(|v| VmView {
+            job_id: jobs.get(&v.slot_id).cloned().flatten(),
+            id: v.id,
+            name: v.name,
+            group: v.group,
+            node: v.node,
+            slot_id: v.slot_id,
+            state: v.state,
+            memory_mb: v.memory_mb,
+            cpus: v.cpus,
+        })
+        .collect();
+    let mut slot_views = Vec::new();
+    let mut settled = ws.state.is_terminal();
+    for s in slots {
+        settled &= s.state.is_terminal() && !s.cancel_pending;
+        let pilots = store::pilots_of(c, &s.id)?
+            .into_iter()
+            .map(|p| PilotView { node: p.node, pilot_id: p.pilot_id, last_event: p.last_event })
+            .collect();
+        slot_views.push(SlotView {
+            id: s.id,
+            group: s.group,
+            job_id: s.job_id,
+            nodes: s.nodes,
+            cores_per_node: s.cores,
+            memory_mb_per_node: s.memory_mb,
+            state: s.state,
+            pilots,
+        });
+    }
+    Ok(WorkspaceView {
+        id: ws.id,
+        name: ws.name,
+        owner: ws.owner,
+        state: ws.state,
+        reason: ws.reason,
+        created_ms: ws.created_ms,
+        updated_ms: ws.updated_ms,
+        expires_ms: ws.expires_ms,
+        settled,
+        vms,
+        slots: slot_views,
+    })
+}

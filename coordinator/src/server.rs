@@ -1,0 +1,115 @@
+//! Starting and stopping a coordinator: engine, housekeeping loop, HTTP
+//! server. Used by `workspace-coordinator serve` and by `demo`.
+
+use crate::config::Config;
+use crate::engine::{Engine, EngineError};
+use lrm_adapters::{LrmError, LrmKind};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("listening on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("batch system adapter: {0}")]
+    Lrm(#[from] LrmError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("preparing simulated node {node}: {message}")]
+    SimNode { node: String, message: String },
+}
+
+/// A running coordinator.
+pub struct Running {
+    pub engine: Arc<Engine>,
+    /// Base URL of the HTTP API, e.g. `http://127.0.0.1:8750`.
+    pub url: String,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<()>,
+    ticks: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops serving; the LRM adapter's `shutdown` runs (the local batch
+    /// system ends its jobs, real ones keep theirs).
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
+        let _ = self.ticks.await;
+        self.engine.shutdown().await;
+        info!("coordinator stopped");
+    }
+
+    /// Resolves when a stop was requested.
+    pub fn stop_handle(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Binds `cfg.listen` (or uses `listener`), starts the engine and serves.
+pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Result<Running, ServerError> {
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?,
+    };
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?;
+    let url = format!("http://{addr}");
+    let public_url = cfg.public_url.clone().unwrap_or_else(|| url.clone());
+    if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == "sim" {
+        prepare_sim_nodes(&cfg).await?;
+    }
+    let lrm = lrm_adapters::build(cfg.lrm, &cfg.lrm_settings())?;
+    let engine = Engine::new(cfg, lrm, public_url.clone())?;
+    let (stop, stop_rx) = watch::channel(false);
+    let app = crate::api::router(engine.clone());
+    let mut http_stop = stop_rx.clone();
+    let http = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    let ticks = tokio::spawn(engine.clone().run_ticks(stop_rx));
+    info!(%url, %public_url, lrm = engine.lrm().kind(), "coordinator listening");
+    Ok(Running { engine, url, stop, http, ticks })
+}
+
+/// For `lrm = "local"` with `hypervisor = "sim"`: creates each virtual node's
+/// simulated hypervisor (sized like the local batch system's nodes) if missing.
+async fn prepare_sim_nodes(cfg: &Config) -> Result<(), ServerError> {
+    let program = cfg.pilot_program();
+    for i in 1..=cfg.local.nodes {
+        let node = format!("{}{}", cfg.local.node_prefix, i);
+        let dir = cfg.pilot.sim_dir.replace("%n", &node);
+        let state = cfg.pilot.state_dir.replace("%n", &node);
+        let err = |message: String| ServerError::SimNode { node: node.clone(), message };
+        std::fs::create_dir_all(&state).map_err(|e| err(format!("creating {state}: {e}")))?;
+        if std::path::Path::new(&dir).join("node.json").exists() {
+            continue;
+        }
+        let args: Vec<String> = vec![
+            "sim".into(),
+            "init".into(),
+            "--dir".into(),
+            dir.clone(),
+            "--memory-mb".into(),
+            cfg.local.memory_mb_per_node.to_string(),
+            "--cpus".into(),
+            cfg.local.cores_per_node.to_string(),
+        ];
+        let out = lrm_adapters::command::run(&program, &args, None, Duration::from_secs(10))
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        lrm_adapters::command::check(out).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}

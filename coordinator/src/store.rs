@@ -1,0 +1,557 @@
+//! Durable state: one embedded SQLite database, every query in this module.
+//!
+//! The engine opens a transaction, calls these functions, and commits before
+//! it answers anyone (a pilot event is stored before it is acknowledged).
+//! WAL mode with `synchronous = NORMAL`: a committed transaction survives a
+//! crash of the coordinator process (not necessarily a power loss).
+
+use protocol::pilot::{Command, CommandKind, PilotEvent};
+use protocol::spec::WorkspaceSpec;
+use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
+use protocol::{SlotId, VmId, WorkspaceId};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database holds a value we cannot read ({what}): {detail}")]
+    Corrupt { what: &'static str, detail: String },
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS workspaces (
+  id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, spec TEXT NOT NULL,
+  state TEXT NOT NULL, reason TEXT, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
+  expires_ms INTEGER);
+CREATE TABLE IF NOT EXISTS slots (
+  id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, grp TEXT NOT NULL, job_id TEXT,
+  nodes INTEGER NOT NULL, cores INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
+  state TEXT NOT NULL, cancel_pending INTEGER NOT NULL DEFAULT 0, job_ended INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id);
+CREATE TABLE IF NOT EXISTS pilots (
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, pilot_id TEXT NOT NULL, last_event TEXT NOT NULL,
+  reserved INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0,
+  last_seen_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node));
+CREATE TABLE IF NOT EXISTS vms (
+  id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, slot_id TEXT NOT NULL, grp TEXT NOT NULL,
+  idx INTEGER NOT NULL, name TEXT NOT NULL, node TEXT, state TEXT NOT NULL,
+  memory_mb INTEGER NOT NULL, cpus INTEGER NOT NULL, image TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id);
+CREATE TABLE IF NOT EXISTS commands (
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
+  created_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node, id));
+CREATE TABLE IF NOT EXISTS pilot_events (
+  pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+  ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL,
+  PRIMARY KEY (pilot_id, seq));
+CREATE TABLE IF NOT EXISTS timeline (
+  workspace_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
+  recorded_ms INTEGER NOT NULL, phase TEXT NOT NULL, slot_id TEXT, node TEXT, vm_id TEXT,
+  detail TEXT NOT NULL, PRIMARY KEY (workspace_id, seq));
+"#;
+
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn })
+    }
+
+    /// Runs `f` in one transaction; commits only if it returns Ok.
+    pub fn tx<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Transaction) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+        let tx = self.conn.transaction().map_err(StoreError::from)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt { what, detail: detail.to_string() }
+}
+
+fn parse_id<T: std::str::FromStr>(what: &'static str, s: String) -> Result<T> {
+    s.parse::<T>().map_err(|_| corrupt(what, s))
+}
+
+// ---- workspaces -------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct WorkspaceRow {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub owner: String,
+    pub spec: WorkspaceSpec,
+    pub state: WorkspaceState,
+    pub reason: Option<String>,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub expires_ms: Option<u64>,
+}
+
+const WS_COLS: &str = "id, name, owner, spec, state, reason, created_ms, updated_ms, expires_ms";
+
+fn ws_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, String, String, Option<String>, i64, i64, Option<i64>)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+}
+
+#[allow(clippy::type_complexity)]
+fn ws_build(t: (String, String, String, String, String, Option<String>, i64, i64, Option<i64>)) -> Result<WorkspaceRow> {
+    Ok(WorkspaceRow {
+        id: parse_id("workspace id", t.0)?,
+        name: t.1,
+        owner: t.2,
+        spec: serde_json::from_str(&t.3).map_err(|e| corrupt("workspace spec", e))?,
+        state: WorkspaceState::parse(&t.4).ok_or_else(|| corrupt("workspace state", &t.4))?,
+        reason: t.5,
+        created_ms: t.6 as u64,
+        updated_ms: t.7 as u64,
+        expires_ms: t.8.map(|v| v as u64),
+    })
+}
+
+pub fn insert_workspace(c: &Connection, w: &WorkspaceRow) -> Result<()> {
+    let spec = serde_json::to_string(&w.spec).map_err(|e| corrupt("workspace spec", e))?;
+    c.execute(
+        &format!("INSERT INTO workspaces ({WS_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            w.id.as_str(),
+            w.name,
+            w.owner,
+            spec,
+            w.state.as_str(),
+            w.reason,
+            w.created_ms as i64,
+            w.updated_ms as i64,
+            w.expires_ms.map(|v| v as i64)
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get_workspace(c: &Connection, id: &WorkspaceId) -> Result<Option<WorkspaceRow>> {
+    let t = c
+        .query_row(&format!("SELECT {WS_COLS} FROM workspaces WHERE id = ?1"), [id.as_str()], ws_from_row)
+        .optional()?;
+    t.map(ws_build).transpose()
+}
+
+/// Workspaces of `owner` (all owners when `None`), newest first.
+pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<WorkspaceRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {WS_COLS} FROM workspaces WHERE (?1 IS NULL OR owner = ?1) ORDER BY created_ms DESC, id"
+    ))?;
+    let rows = st.query_map([owner], ws_from_row)?;
+    rows.map(|r| ws_build(r?)).collect()
+}
+
+/// Workspaces not yet settled (state not terminal, or slots still active).
+pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {WS_COLS} FROM workspaces w WHERE state IN ('pending','starting','running','destroying')
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state NOT IN ('released','failed'))
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.cancel_pending = 1)"
+    ))?;
+    let rows = st.query_map([], ws_from_row)?;
+    rows.map(|r| ws_build(r?)).collect()
+}
+
+pub fn set_workspace_state(c: &Connection, id: &WorkspaceId, state: WorkspaceState, reason: Option<&str>, now: u64) -> Result<()> {
+    c.execute(
+        "UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1",
+        params![id.as_str(), state.as_str(), reason, now as i64],
+    )?;
+    Ok(())
+}
+
+pub fn set_workspace_expiry(c: &Connection, id: &WorkspaceId, expires_ms: u64) -> Result<()> {
+    c.execute("UPDATE workspaces SET expires_ms = ?2 WHERE id = ?1", params![id.as_str(), expires_ms as i64])?;
+    Ok(())
+}
+
+// ---- slots -----------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct SlotRow {
+    pub id: SlotId,
+    pub workspace_id: WorkspaceId,
+    pub group: String,
+    pub job_id: Option<String>,
+    pub nodes: u32,
+    pub cores: u32,
+    pub memory_mb: u64,
+    pub state: SlotState,
+    pub cancel_pending: bool,
+    pub job_ended: bool,
+    pub created_ms: u64,
+}
+
+const SLOT_COLS: &str = "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms";
+
+fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, Option<String>, i64, i64, i64, String, bool, bool, i64)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
+}
+
+#[allow(clippy::type_complexity)]
+fn slot_build(t: (String, String, String, Option<String>, i64, i64, i64, String, bool, bool, i64)) -> Result<SlotRow> {
+    Ok(SlotRow {
+        id: parse_id("slot id", t.0)?,
+        workspace_id: parse_id("workspace id", t.1)?,
+        group: t.2,
+        job_id: t.3,
+        nodes: t.4 as u32,
+        cores: t.5 as u32,
+        memory_mb: t.6 as u64,
+        state: SlotState::parse(&t.7).ok_or_else(|| corrupt("slot state", &t.7))?,
+        cancel_pending: t.8,
+        job_ended: t.9,
+        created_ms: t.10 as u64,
+    })
+}
+
+pub fn insert_slot(c: &Connection, s: &SlotRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+        params![
+            s.id.as_str(),
+            s.workspace_id.as_str(),
+            s.group,
+            s.job_id,
+            s.nodes,
+            s.cores,
+            s.memory_mb as i64,
+            s.state.as_str(),
+            s.cancel_pending,
+            s.job_ended,
+            s.created_ms as i64
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn get_slot(c: &Connection, id: &SlotId) -> Result<Option<SlotRow>> {
+    let t = c.query_row(&format!("SELECT {SLOT_COLS} FROM slots WHERE id = ?1"), [id.as_str()], slot_from_row).optional()?;
+    t.map(slot_build).transpose()
+}
+
+pub fn slots_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<SlotRow>> {
+    let mut st = c.prepare(&format!("SELECT {SLOT_COLS} FROM slots WHERE workspace_id = ?1 ORDER BY created_ms, id"))?;
+    let rows = st.query_map([ws.as_str()], slot_from_row)?;
+    rows.map(|r| slot_build(r?)).collect()
+}
+
+/// Slots whose batch job may still exist (for the LRM status backstop).
+pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
+    let mut st = c.prepare(&format!(
+        "SELECT {SLOT_COLS} FROM slots WHERE job_id IS NOT NULL AND job_ended = 0 ORDER BY created_ms"
+    ))?;
+    let rows = st.query_map([], slot_from_row)?;
+    rows.map(|r| slot_build(r?)).collect()
+}
+
+pub fn slots_to_cancel(c: &Connection) -> Result<Vec<SlotRow>> {
+    let mut st = c.prepare(&format!("SELECT {SLOT_COLS} FROM slots WHERE cancel_pending = 1 ORDER BY created_ms"))?;
+    let rows = st.query_map([], slot_from_row)?;
+    rows.map(|r| slot_build(r?)).collect()
+}
+
+pub fn set_slot_state(c: &Connection, id: &SlotId, state: SlotState) -> Result<()> {
+    c.execute("UPDATE slots SET state = ?2 WHERE id = ?1", params![id.as_str(), state.as_str()])?;
+    Ok(())
+}
+
+pub fn set_slot_job(c: &Connection, id: &SlotId, job_id: &str) -> Result<()> {
+    c.execute("UPDATE slots SET job_id = ?2 WHERE id = ?1", params![id.as_str(), job_id])?;
+    Ok(())
+}
+
+pub fn set_slot_cancel_pending(c: &Connection, id: &SlotId, pending: bool) -> Result<()> {
+    c.execute("UPDATE slots SET cancel_pending = ?2 WHERE id = ?1", params![id.as_str(), pending])?;
+    Ok(())
+}
+
+pub fn set_slot_job_ended(c: &Connection, id: &SlotId) -> Result<()> {
+    c.execute("UPDATE slots SET job_ended = 1 WHERE id = ?1", params![id.as_str()])?;
+    Ok(())
+}
+
+// ---- pilots ----------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct PilotRow {
+    pub slot_id: SlotId,
+    pub node: String,
+    pub pilot_id: String,
+    pub last_event: String,
+    pub reserved: bool,
+    pub released: bool,
+    pub last_seen_ms: u64,
+}
+
+pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
+    let mut st = c.prepare(
+        "SELECT slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms FROM pilots WHERE slot_id = ?1 ORDER BY node",
+    )?;
+    let rows = st.query_map([slot.as_str()], |r| {
+        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get::<_, i64>(6)?))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        Ok(PilotRow {
+            slot_id: parse_id("slot id", t.0)?,
+            node: t.1,
+            pilot_id: t.2,
+            last_event: t.3,
+            reserved: t.4,
+            released: t.5,
+            last_seen_ms: t.6 as u64,
+        })
+    })
+    .collect()
+}
+
+/// Records that a pilot said something; creates the pilot row on first sight.
+pub fn touch_pilot(c: &Connection, slot: &SlotId, node: &str, pilot_id: &str, event: &str, now: u64) -> Result<()> {
+    c.execute(
+        "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5",
+        params![slot.as_str(), node, pilot_id, event, now as i64],
+    )?;
+    Ok(())
+}
+
+pub fn set_pilot_flags(c: &Connection, slot: &SlotId, node: &str, reserved: Option<bool>, released: Option<bool>) -> Result<()> {
+    c.execute(
+        "UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2",
+        params![slot.as_str(), node, reserved, released],
+    )?;
+    Ok(())
+}
+
+// ---- VMs -------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct VmRow {
+    pub id: VmId,
+    pub workspace_id: WorkspaceId,
+    pub slot_id: SlotId,
+    pub group: String,
+    pub idx: u32,
+    pub name: String,
+    pub node: Option<String>,
+    pub state: VmState,
+    pub memory_mb: u64,
+    pub cpus: u32,
+    pub image: String,
+}
+
+const VM_COLS: &str = "id, workspace_id, slot_id, grp, idx, name, node, state, memory_mb, cpus, image";
+
+fn vm_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, String, i64, String, Option<String>, String, i64, i64, String)> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
+}
+
+#[allow(clippy::type_complexity)]
+fn vm_build(t: (String, String, String, String, i64, String, Option<String>, String, i64, i64, String)) -> Result<VmRow> {
+    Ok(VmRow {
+        id: parse_id("vm id", t.0)?,
+        workspace_id: parse_id("workspace id", t.1)?,
+        slot_id: parse_id("slot id", t.2)?,
+        group: t.3,
+        idx: t.4 as u32,
+        name: t.5,
+        node: t.6,
+        state: VmState::parse(&t.7).ok_or_else(|| corrupt("vm state", &t.7))?,
+        memory_mb: t.8 as u64,
+        cpus: t.9 as u32,
+        image: t.10,
+    })
+}
+
+pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
+    c.execute(
+        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+        params![
+            v.id.as_str(),
+            v.workspace_id.as_str(),
+            v.slot_id.as_str(),
+            v.group,
+            v.idx,
+            v.name,
+            v.node,
+            v.state.as_str(),
+            v.memory_mb as i64,
+            v.cpus,
+            v.image
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn vms_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<VmRow>> {
+    let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms WHERE workspace_id = ?1 ORDER BY grp, idx"))?;
+    let rows = st.query_map([ws.as_str()], vm_from_row)?;
+    rows.map(|r| vm_build(r?)).collect()
+}
+
+pub fn get_vm(c: &Connection, id: &VmId) -> Result<Option<VmRow>> {
+    let t = c.query_row(&format!("SELECT {VM_COLS} FROM vms WHERE id = ?1"), [id.as_str()], vm_from_row).optional()?;
+    t.map(vm_build).transpose()
+}
+
+pub fn set_vm_state(c: &Connection, id: &VmId, state: VmState) -> Result<()> {
+    c.execute("UPDATE vms SET state = ?2 WHERE id = ?1", params![id.as_str(), state.as_str()])?;
+    Ok(())
+}
+
+pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
+    c.execute("UPDATE vms SET node = ?2 WHERE id = ?1", params![id.as_str(), node])?;
+    Ok(())
+}
+
+// ---- commands --------------------------------------------------------------
+
+/// Queues a command for the pilot of (slot, node); returns its id.
+pub fn push_command(c: &Connection, slot: &SlotId, node: &str, kind: &CommandKind, now: u64) -> Result<u64> {
+    let next: i64 = c.query_row(
+        "SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2",
+        params![slot.as_str(), node],
+        |r| r.get(0),
+    )?;
+    let body = serde_json::to_string(kind).map_err(|e| corrupt("command", e))?;
+    c.execute(
+        "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![slot.as_str(), node, next, body, now as i64],
+    )?;
+    Ok(next as u64)
+}
+
+/// True when a `release` is already queued for (slot, node).
+pub fn has_release(c: &Connection, slot: &SlotId, node: &str) -> Result<bool> {
+    let n: i64 = c.query_row(
+        "SELECT COUNT(*) FROM commands WHERE slot_id = ?1 AND node = ?2 AND body LIKE '%\"type\":\"release\"%'",
+        params![slot.as_str(), node],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
+pub fn commands_after(c: &Connection, slot: &SlotId, node: &str, after: u64) -> Result<Vec<Command>> {
+    let mut st = c.prepare("SELECT id, body FROM commands WHERE slot_id = ?1 AND node = ?2 AND id > ?3 ORDER BY id")?;
+    let rows = st.query_map(params![slot.as_str(), node, after as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+    rows.map(|r| {
+        let (id, body) = r?;
+        let kind: CommandKind = serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
+        Ok(Command { id: id as u64, kind })
+    })
+    .collect()
+}
+
+// ---- pilot events ----------------------------------------------------------
+
+/// Stores a pilot event; `false` if (pilot, seq) was already stored.
+pub fn insert_pilot_event(c: &Connection, e: &PilotEvent, body: &str, now: u64) -> Result<bool> {
+    let n = c.execute(
+        "INSERT OR IGNORE INTO pilot_events (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![e.pilot_id.as_str(), e.seq as i64, e.slot_id.as_str(), e.node, e.ts_ms as i64, now as i64, body],
+    )?;
+    Ok(n == 1)
+}
+
+// ---- timeline --------------------------------------------------------------
+
+#[allow(clippy::too_many_arguments)]
+pub fn push_timeline(
+    c: &Connection,
+    ws: &WorkspaceId,
+    ts_ms: u64,
+    now: u64,
+    phase: Phase,
+    slot: Option<&SlotId>,
+    node: Option<&str>,
+    vm: Option<&VmId>,
+    detail: &str,
+) -> Result<u64> {
+    let next: i64 =
+        c.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1", [ws.as_str()], |r| r.get(0))?;
+    c.execute(
+        "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            ws.as_str(),
+            next,
+            ts_ms as i64,
+            now as i64,
+            phase.as_str(),
+            slot.map(|s| s.as_str()),
+            node,
+            vm.map(|v| v.as_str()),
+            detail
+        ],
+    )?;
+    Ok(next as u64)
+}
+
+pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Vec<TimelineEntry>> {
+    let mut st = c.prepare(
+        "SELECT seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail FROM timeline
+         WHERE workspace_id = ?1 AND seq > ?2 ORDER BY seq",
+    )?;
+    let rows = st.query_map(params![ws.as_str(), after as i64], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, Option<String>>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, Option<String>>(6)?,
+            r.get::<_, String>(7)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        let phase: Phase =
+            serde_json::from_value(serde_json::Value::String(t.3.clone())).map_err(|_| corrupt("timeline phase", &t.3))?;
+        Ok(TimelineEntry {
+            seq: t.0 as u64,
+            ts_ms: t.1 as u64,
+            recorded_ms: t.2 as u64,
+            phase,
+            slot_id: t.4.map(|s| parse_id("slot id", s)).transpose()?,
+            node: t.5,
+            vm_id: t.6.map(|s| parse_id("vm id", s)).transpose()?,
+            detail: t.7,
+        })
+    })
+    .collect()
+}
+
+/// Number of rows in each table (tests use it to prove a refused request changed nothing).
+pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for t in ["workspaces", "slots", "pilots", "vms", "commands", "pilot_events", "timeline"] {
+        let n: i64 = c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+        out.push((t.to_string(), n));
+    }
+    Ok(out)
+}
