@@ -880,8 +880,9 @@ fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Resu
         EventKind::Released { reason, vms_destroyed, dom0_restored_mb, restore_ms, clean, problems } => {
             store::set_pilot_flags(c, &slot.id, node, None, Some(true))?;
             let mut detail = format!(
-                "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({reason:?})",
-                vms_destroyed.len()
+                "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({})",
+                vms_destroyed.len(),
+                format!("{reason:?}").to_lowercase()
             );
             if !clean {
                 detail.push_str(&format!("; NOT CLEAN: {}; run workspace-kill-all on {node}", problems.join("; ")));

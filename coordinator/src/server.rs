@@ -79,6 +79,11 @@ pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Re
         }
     });
     let ticks = tokio::spawn(engine.clone().run_ticks(stop_rx));
+    // Scripts and tests that listen on port 0 read the real address here.
+    let url_file = engine.config().data_dir.join("coordinator.url");
+    if let Err(e) = std::fs::write(&url_file, format!("{url}\n")) {
+        tracing::warn!(path = %url_file.display(), error = %e, "could not write the URL file");
+    }
     info!(%url, %public_url, lrm = engine.lrm().kind(), "coordinator listening");
     Ok(Running { engine, url, stop, http, ticks })
 }

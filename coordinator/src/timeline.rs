@@ -41,7 +41,7 @@ pub fn phase_summary(es: &[TimelineEntry]) -> Vec<(String, Option<f64>)> {
         _ => None,
     };
     let req = first(es, Phase::Requested).map(|e| e.ts_ms);
-    let submitted = last_ts(es, Phase::SlotSubmitted);
+    let submitted = first_ts(es, Phase::SlotSubmitted);
     let first_pilot = first_ts(es, Phase::PilotStarted);
     let reserved = last_ts(es, Phase::MemoryReserved);
     let notify = es
@@ -58,7 +58,7 @@ pub fn phase_summary(es: &[TimelineEntry]) -> Vec<(String, Option<f64>)> {
     let ended = first(es, Phase::Ended).map(|e| e.ts_ms);
     vec![
         ("slot provisioning (request -> all memory reserved)".into(), d(req, reserved)),
-        ("  submit to the batch system".into(), d(req, submitted)),
+        ("  submit to the batch system (first job)".into(), d(req, submitted)),
         ("  batch system start (submitted -> first pilot up)".into(), d(submitted, first_pilot)),
         ("  pilots (first up -> all reserved)".into(), d(first_pilot, reserved)),
         ("  notification (reserved -> stored, worst node)".into(), notify),

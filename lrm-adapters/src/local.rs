@@ -39,6 +39,9 @@ pub struct LocalConfig {
     pub kill_grace_s: u64,
     /// The shell that runs job scripts (`<shell> <script>`).
     pub shell: String,
+    /// A queue limit, like a Slurm partition's MaxTime: a job runs at most
+    /// this long whatever walltime it asked for (then SIGTERM, grace, SIGKILL).
+    pub max_walltime_s: Option<u64>,
 }
 
 impl Default for LocalConfig {
@@ -50,6 +53,7 @@ impl Default for LocalConfig {
             node_prefix: "node".into(),
             kill_grace_s: 5,
             shell: "/bin/bash".into(),
+            max_walltime_s: None,
         }
     }
 }
@@ -321,7 +325,11 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
             signal_group(&id, p, Signal::SIGKILL);
         }
     }
-    tokio::spawn(supervise(shared.clone(), id, children, job.spec.walltime));
+    let walltime = match shared.config.max_walltime_s {
+        Some(max) => job.spec.walltime.min(Duration::from_secs(max)),
+        None => job.spec.walltime,
+    };
+    tokio::spawn(supervise(shared.clone(), id, children, walltime));
 }
 
 /// `<shell> <script>` on `node`, in its own process group, output appended to

@@ -1,1 +1,375 @@
-//! placeholder
+//! Harness for the end-to-end tests: starts the real `workspace-coordinator`
+//! (with a config file, as a site would), talks to it over HTTP, and reads the
+//! simulated nodes through the real `workspace-pilot sim show`.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`;
+//! `scripts/test.sh` does it). Everything a test starts is stopped when its
+//! [`Cluster`] is dropped, pilots included.
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "e2e-alice-token";
+pub const OTHER_TOKEN: &str = "e2e-bob-token";
+
+/// Path of a workspace binary in the same target directory as this test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// Knobs of a test cluster.
+pub struct Options {
+    pub nodes: u32,
+    pub memory_mb: u64,
+    pub kill_grace_s: u64,
+    pub max_walltime_s: Option<u64>,
+    pub coordinator_wait_fraction: f64,
+    /// Extra TOML appended to the config.
+    pub extra: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new() }
+    }
+}
+
+/// A coordinator with the local batch system and simulated nodes, in a temp dir.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub nodes: Vec<String>,
+    coordinator: Option<Child>,
+    http: reqwest::blocking::Client,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Cluster {
+    pub fn start(opts: Options) -> Self {
+        let dir = tempfile::Builder::new().prefix("wsp-e2e-").tempdir().expect("temp dir");
+        let root = dir.path();
+        let cfg = format!(
+            r#"
+listen = "127.0.0.1:0"
+data_dir = "{root}/coordinator"
+lrm = "local"
+tick_ms = 50
+lrm_poll_s = 0.5
+
+[local]
+nodes = {nodes}
+cores_per_node = 2
+memory_mb_per_node = {mem}
+kill_grace_s = {grace}
+{maxwall}
+
+[pilot]
+program = "{pilot}"
+hypervisor = "sim"
+state_dir = "{root}/nodes/%n/state"
+sim_dir = "{root}/nodes/%n/sim"
+coordinator_wait_fraction = {frac}
+poll_wait_ms = 5000
+margin_s = 1
+
+[[users]]
+name = "alice"
+token_sha256 = "{alice}"
+
+[[users]]
+name = "bob"
+token_sha256 = "{bob}"
+{extra}
+"#,
+            root = root.display(),
+            nodes = opts.nodes,
+            mem = opts.memory_mb,
+            grace = opts.kill_grace_s,
+            maxwall = opts.max_walltime_s.map(|s| format!("max_walltime_s = {s}")).unwrap_or_default(),
+            pilot = bin("workspace-pilot").display(),
+            frac = opts.coordinator_wait_fraction,
+            alice = protocol::auth::token_hash(TOKEN),
+            bob = protocol::auth::token_hash(OTHER_TOKEN),
+            extra = opts.extra,
+        );
+        let cfg_path = root.join("coordinator.toml");
+        std::fs::write(&cfg_path, cfg).expect("write config");
+        let log = std::fs::File::create(root.join("coordinator.log")).expect("log file");
+        let child = Command::new(bin("workspace-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start workspace-coordinator");
+        let url_file = root.join("coordinator/coordinator.url");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = loop {
+            if let Ok(u) = std::fs::read_to_string(&url_file) {
+                break u.trim().to_string();
+            }
+            assert!(Instant::now() < deadline, "coordinator did not start; log:\n{}", std::fs::read_to_string(root.join("coordinator.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(40)).build().expect("http client");
+        let nodes = (1..=opts.nodes).map(|i| format!("node{i}")).collect();
+        Cluster { dir, url, nodes, coordinator: Some(child), http }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.root().join("coordinator.log")).unwrap_or_default()
+    }
+
+    fn reply(resp: reqwest::Result<reqwest::blocking::Response>) -> Reply {
+        let resp = resp.expect("coordinator answers");
+        let status = resp.status().as_u16();
+        let text = resp.text().unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    pub fn create_as(&self, token: &str, spec: &str) -> Reply {
+        Self::reply(self.http.post(format!("{}/api/v1/workspaces", self.url)).bearer_auth(token).body(spec.to_string()).send())
+    }
+
+    pub fn create(&self, spec: &str) -> Reply {
+        self.create_as(TOKEN, spec)
+    }
+
+    pub fn get_as(&self, token: &str, id: &str) -> Reply {
+        Self::reply(self.http.get(format!("{}/api/v1/workspaces/{id}", self.url)).bearer_auth(token).send())
+    }
+
+    pub fn get(&self, id: &str) -> Value {
+        let r = self.get_as(TOKEN, id);
+        assert_eq!(r.status, 200, "get {id}: {}", r.body);
+        r.body
+    }
+
+    pub fn destroy_as(&self, token: &str, id: &str) -> Reply {
+        Self::reply(self.http.delete(format!("{}/api/v1/workspaces/{id}", self.url)).bearer_auth(token).send())
+    }
+
+    pub fn list_as(&self, token: &str) -> Reply {
+        Self::reply(self.http.get(format!("{}/api/v1/workspaces", self.url)).bearer_auth(token).send())
+    }
+
+    pub fn timeline(&self, id: &str) -> Vec<Value> {
+        let r = Self::reply(self.http.get(format!("{}/api/v1/workspaces/{id}/events?after=0", self.url)).bearer_auth(TOKEN).send());
+        r.body["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// POSTs raw bytes to the pilot API with the given headers.
+    pub fn pilot_post(&self, path: &str, slot: Option<&str>, signature: Option<&str>, body: &[u8]) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url)).body(body.to_vec()).header("content-type", "application/json");
+        if let Some(s) = slot {
+            req = req.header(protocol::auth::SLOT_HEADER, s);
+        }
+        if let Some(s) = signature {
+            req = req.header(protocol::auth::SIGNATURE_HEADER, s);
+        }
+        Self::reply(req.send())
+    }
+
+    /// Waits (bounded) until `pred(view)`; panics with the view and log otherwise.
+    pub fn wait_for(&self, id: &str, what: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.get(id);
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("workspace {id} not {what} within {limit:?}: {v:#}\n--- coordinator log ---\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_running(&self, id: &str) -> Value {
+        self.wait_for(id, "running", Duration::from_secs(30), |v| v["state"] == "running")
+    }
+
+    pub fn wait_settled(&self, id: &str) -> Value {
+        self.wait_for(id, "settled", Duration::from_secs(40), |v| v["settled"] == true)
+    }
+
+    pub fn sim_dir(&self, node: &str) -> PathBuf {
+        self.root().join("nodes").join(node).join("sim")
+    }
+
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.root().join("nodes").join(node).join("state")
+    }
+
+    /// The simulated node as `workspace-pilot sim show` prints it.
+    pub fn node(&self, node: &str) -> Value {
+        let out = Command::new(bin("workspace-pilot"))
+            .args(["sim", "show", "--dir"])
+            .arg(self.sim_dir(node))
+            .output()
+            .expect("run workspace-pilot sim show");
+        assert!(out.status.success(), "sim show {node}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("sim show prints JSON")
+    }
+
+    /// Asserts every node has its whole memory back in dom0 and no guest.
+    pub fn assert_nodes_restored(&self) {
+        for n in &self.nodes {
+            let v = self.node(n);
+            assert_eq!(v["dom0"]["current_mb"], v["dom0"]["max_mb"], "{n}: dom0 memory not restored: {v:#}");
+            assert_eq!(v["domains"].as_array().map(|a| a.len()), Some(0), "{n}: guests left: {v:#}");
+        }
+    }
+
+    /// PIDs of pilots started by this cluster (found by their argv).
+    pub fn pilot_pids(&self, slot: Option<&str>) -> Vec<i32> {
+        let root = self.root().display().to_string();
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+            let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let is_pilot = args.first().is_some_and(|a| a.ends_with("workspace-pilot")) && args.get(1).is_some_and(|a| a == "run");
+            let ours = args.iter().any(|a| a.starts_with(&root));
+            let slot_ok = slot.is_none_or(|s| args.iter().any(|a| a == s));
+            if is_pilot && ours && slot_ok && !is_zombie(pid) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// PID of the pilot of `slot` on `node` (from the pilot's node state file).
+    pub fn pilot_pid_on(&self, slot: &str, node: &str) -> i32 {
+        let path = self.state_dir(node).join(format!("slot-{slot}.json"));
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+            .expect("state file is JSON");
+        v["pid"].as_i64().expect("pid in state file") as i32
+    }
+
+    pub fn coordinator_pid(&self) -> i32 {
+        self.coordinator.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Row counts of the coordinator's database.
+    pub fn db_counts(&self) -> Vec<(String, i64)> {
+        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db")).expect("open db");
+        ["workspaces", "slots", "pilots", "vms", "commands", "pilot_events", "timeline"]
+            .iter()
+            .map(|t| (t.to_string(), c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0)).unwrap_or(-1)))
+            .collect()
+    }
+
+    /// A stored pilot event body (for replay tests).
+    pub fn stored_event(&self, kind: &str) -> (String, String) {
+        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db")).expect("open db");
+        c.query_row(
+            "SELECT slot_id, body FROM pilot_events WHERE body LIKE ?1 ORDER BY recorded_ms LIMIT 1",
+            [format!("%\"type\":\"{kind}\"%")],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("a stored event of that type")
+    }
+
+    /// The key file the coordinator wrote for a slot.
+    pub fn slot_key(&self, slot: &str) -> protocol::auth::SlotKey {
+        let p = self.root().join(format!("coordinator/keys/{slot}.key"));
+        protocol::auth::SlotKey::from_hex(&p.display().to_string(), &std::fs::read_to_string(&p).expect("key file")).expect("key")
+    }
+
+    /// Stops the coordinator (SIGTERM, then SIGKILL) and any pilot left.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let pid = Pid::from_raw(c.id() as i32);
+            let _ = kill(pid, Signal::SIGCONT);
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for pid in self.pilot_pids(None) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// True while `pid` runs (a zombie counts as gone).
+pub fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok() && !is_zombie(pid)
+}
+
+pub fn signal(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("signal {sig} to {pid}: {e}"));
+}
+
+/// Waits (bounded) for `pid` to be gone; returns how long it took.
+pub fn wait_gone(pid: i32, limit: Duration) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if !alive(pid) {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// The demo's ensemble: 3 workers of 1 GiB and a head of 2 GiB.
+pub const ENSEMBLE: &str = r#"
+name = "osg-site"
+duration = "2h"
+[[group]]
+name = "worker"
+count = 3
+memory_mb = 1024
+cpus = 1
+image = "worker.qcow2"
+[[group]]
+name = "head"
+count = 1
+memory_mb = 2048
+cpus = 2
+image = "head.qcow2"
+"#;
