@@ -217,6 +217,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_docs_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/coordinator.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let hash = protocol::auth::token_hash("t");
+        let text = text.replace(
+            "replace with the output of: workspace-coordinator token --user alice",
+            &hash,
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.users.len(), 1);
+        assert_eq!(c.local.nodes, 4);
+    }
+
+    #[test]
     fn real_lrm_needs_cluster_sizes() {
         let e = Config::parse("lrm = \"slurm\"").unwrap_err().to_string();
         assert!(e.contains("[cluster]"), "{e}");

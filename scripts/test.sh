@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with Rust:
+# installs what the tests need (Slurm, munge), builds every binary, checks
+# formatting and lints, runs every test. Daemons the tests need are started
+# by the tests themselves through scripts/*-up.sh (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "system packages"
+scripts/install-deps.sh
+
+step "build"
+cargo build --workspace --bins --quiet
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "tests"
+cargo test --workspace --quiet -- --test-threads="${WSP_TEST_THREADS:-2}"
