@@ -1,1 +1,331 @@
-fn main() {}
+//! `workspace-kill-all`: an admin's tool to give a node back after pilots left things behind.
+//!
+//! It reads the node state files, SIGKILLs pilots still alive (so they cannot
+//! create more VMs), destroys the slots' guests in parallel (by state file and
+//! `wsp-` name tag; `--all` for every guest), restores dom0 memory and prints
+//! what it did. It is not a pilot and never talks to the coordinator.
+//!
+//! Exit codes: 0 everything succeeded (or nothing to do), 1 something failed,
+//! 2 usage error (bad flags, hypervisor or state dir unusable).
+
+use clap::Parser;
+use pilot::hypervisor::{self, set_dom0_target_and_wait, HvOptions, Hypervisor};
+use pilot::node::{expand_node, node_name};
+use pilot::state::{list_state_files, remove_state_file, NodeLock, NodeStateFile, VmRecordState};
+use protocol::{SlotId, VmName};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+const EXIT_HELP: &str = "Exit codes:
+  0  everything succeeded, or there was nothing to do
+  1  something could not be undone (see the report)
+  2  usage error: bad flags, hypervisor or state directory unusable";
+
+/// Destroy what workspace pilots left on this node and restore dom0 memory.
+#[derive(Parser)]
+#[command(name = "workspace-kill-all", version, after_help = EXIT_HELP)]
+struct Cli {
+    /// Directory of the pilots' node state files (`%n` = node name).
+    #[arg(long, default_value = "/var/lib/workspace-pilot")]
+    state_dir: String,
+    #[arg(long, default_value = "sim")]
+    hypervisor: String,
+    /// Directory of the simulated node (`%n` = node name).
+    #[arg(long)]
+    sim_dir: Option<String>,
+    /// Node name (default: $WSP_NODE, $SLURMD_NODENAME, hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// Only this slot's pilots, guests and state files.
+    #[arg(long)]
+    slot: Option<SlotId>,
+    /// Destroy every guest except dom0, not only the pilots'.
+    #[arg(long, conflicts_with = "slot")]
+    all: bool,
+    /// Print the plan; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// One JSON report on stdout instead of lines.
+    #[arg(long)]
+    json: bool,
+    /// Bound on the dom0 balloon, ms.
+    #[arg(long, default_value_t = 10000)]
+    balloon_timeout_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Action {
+    /// kill-pilot, destroy, restore-memory, remove-state-file, read-state-file.
+    action: &'static str,
+    target: String,
+    /// planned, ok, failed.
+    result: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    node: String,
+    dry_run: bool,
+    ok: bool,
+    actions: Vec<Action>,
+}
+
+impl Report {
+    fn record(
+        &mut self,
+        action: &'static str,
+        target: String,
+        outcome: Option<Result<(), String>>,
+    ) -> bool {
+        let (result, error, ok) = match outcome {
+            None => ("planned", None, true),
+            Some(Ok(())) => ("ok", None, true),
+            Some(Err(e)) => ("failed", Some(e), false),
+        };
+        self.ok &= ok;
+        self.actions.push(Action {
+            action,
+            target,
+            result,
+            error,
+        });
+        ok
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let node = node_name(cli.node.as_deref());
+    let state_dir = expand_node(&cli.state_dir, &node);
+    let opts = HvOptions {
+        sim_dir: cli.sim_dir.as_deref().map(|d| expand_node(d, &node)),
+    };
+    let hv = match hypervisor::open(&cli.hypervisor, &opts) {
+        Ok(hv) => hv,
+        Err(e) => usage(e),
+    };
+    let files = match list_state_files(&state_dir) {
+        Ok(f) => f,
+        Err(e) => usage(e),
+    };
+    let mut report = Report {
+        node,
+        dry_run: cli.dry_run,
+        ok: true,
+        actions: Vec::new(),
+    };
+    kill_all(&cli, hv.as_ref(), &state_dir, files, &mut report);
+    if cli.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => eprintln!("workspace-kill-all: cannot encode the report: {e}"),
+        }
+    } else {
+        print_lines(&report);
+    }
+    std::process::exit(if report.ok { 0 } else { 1 });
+}
+
+fn usage(e: impl std::fmt::Display) -> ! {
+    eprintln!("workspace-kill-all: {e}");
+    std::process::exit(2)
+}
+
+fn print_lines(r: &Report) {
+    let verb = if r.dry_run { "would" } else { "did" };
+    if r.actions.is_empty() {
+        println!("{}: nothing to do", r.node);
+    }
+    for a in &r.actions {
+        match (&a.error, a.result) {
+            (Some(e), _) => println!("{}: {} {} FAILED: {e}", r.node, a.action, a.target),
+            (None, "planned") => println!("{}: {verb} {} {}", r.node, a.action, a.target),
+            (None, _) => println!("{}: {} {} ok", r.node, a.action, a.target),
+        }
+    }
+}
+
+/// Whether `slot` is one this run handles (every slot unless --slot).
+fn slot_matches(cli: &Cli, slot: &SlotId) -> bool {
+    match &cli.slot {
+        Some(only) => only == slot,
+        None => true,
+    }
+}
+
+/// Whether `pid` runs `workspace-pilot` (by /proc/<pid>/cmdline).
+fn is_live_pilot(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let exe = String::from_utf8_lossy(argv0);
+    exe.rsplit('/')
+        .next()
+        .is_some_and(|name| name == "workspace-pilot")
+}
+
+fn kill_pilot(pid: u32) -> Result<(), String> {
+    use nix::sys::signal::{kill, Signal};
+    let p = nix::unistd::Pid::from_raw(pid as i32);
+    kill(p, Signal::SIGKILL).map_err(|e| format!("SIGKILL: {e}"))?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if kill(p, None).is_err() || !is_live_pilot(pid) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err("still alive 5 s after SIGKILL".to_string())
+}
+
+fn kill_all(
+    cli: &Cli,
+    hv: &dyn Hypervisor,
+    state_dir: &std::path::Path,
+    files: Vec<PathBuf>,
+    r: &mut Report,
+) {
+    let dry = cli.dry_run;
+    // 1. State files of the slots we handle.
+    let mut handled: Vec<(PathBuf, NodeStateFile)> = Vec::new();
+    for path in files {
+        match NodeStateFile::read(&path) {
+            Ok(f) if slot_matches(cli, &f.slot_id) => handled.push((path, f)),
+            Ok(_) => {}
+            Err(e) => {
+                r.record(
+                    "read-state-file",
+                    path.display().to_string(),
+                    Some(Err(e.to_string())),
+                );
+            }
+        }
+    }
+    // 2. Stop live pilots first so they cannot create more VMs.
+    for (_, f) in &handled {
+        if f.pid != std::process::id() && is_live_pilot(f.pid) {
+            let target = format!("pid {} (slot {})", f.pid, f.slot_id);
+            r.record("kill-pilot", target, (!dry).then(|| kill_pilot(f.pid)));
+        }
+    }
+    // 3. Guests: tagged ours (this slot if --slot), named in state files, or all.
+    let named: BTreeSet<String> = handled
+        .iter()
+        .flat_map(|(_, f)| {
+            f.vms
+                .iter()
+                .filter(|v| v.state != VmRecordState::Destroyed)
+                .map(|v| v.name.clone())
+        })
+        .collect();
+    let domains = match hv.domains() {
+        Ok(d) => d,
+        Err(e) => {
+            r.record(
+                "list-domains",
+                hv.name().to_string(),
+                Some(Err(e.to_string())),
+            );
+            Vec::new()
+        }
+    };
+    let victims: Vec<String> = domains
+        .into_iter()
+        .map(|d| d.name)
+        .filter(|name| {
+            cli.all
+                || named.contains(name)
+                || VmName::parse(name).is_some_and(|n| slot_matches(cli, &n.slot))
+        })
+        .collect();
+    let results: Vec<(String, Option<Result<(), String>>)> = if dry {
+        victims.into_iter().map(|v| (v, None)).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = victims
+                .into_iter()
+                .map(|name| {
+                    let n = name.clone();
+                    let h = scope.spawn(move || hv.destroy(&n).map_err(|e| e.to_string()));
+                    (name, h)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(name, h)| {
+                    let res = h
+                        .join()
+                        .unwrap_or_else(|_| Err("destroy thread panicked".to_string()));
+                    (name, Some(res))
+                })
+                .collect()
+        })
+    };
+    let mut destroyed_all = true;
+    for (name, res) in results {
+        destroyed_all &= r.record("destroy", name, res);
+    }
+    // 4. Memory.
+    let restored = restore_memory(cli, hv, state_dir, &handled, r);
+    // 5. State files whose slot is fully undone.
+    if destroyed_all && restored {
+        for (path, _) in &handled {
+            let outcome = (!dry).then(|| remove_state_file(path).map_err(|e| e.to_string()));
+            r.record("remove-state-file", path.display().to_string(), outcome);
+        }
+    }
+}
+
+/// Restores dom0: without --slot, to the smallest recorded original (else its
+/// maximum); with --slot, by adding back what that slot took. Never lowers
+/// dom0's target. Returns false if it failed.
+fn restore_memory(
+    cli: &Cli,
+    hv: &dyn Hypervisor,
+    state_dir: &std::path::Path,
+    handled: &[(PathBuf, NodeStateFile)],
+    r: &mut Report,
+) -> bool {
+    let m = match hv.dom0_memory() {
+        Ok(m) => m,
+        Err(e) => {
+            return r.record(
+                "restore-memory",
+                "dom0".to_string(),
+                Some(Err(e.to_string())),
+            )
+        }
+    };
+    let wanted = if cli.slot.is_some() {
+        m.target_mb + handled.iter().map(|(_, f)| f.taken_mb).sum::<u64>()
+    } else {
+        handled
+            .iter()
+            .map(|(_, f)| f.original_dom0_mb)
+            .filter(|mb| *mb > 0)
+            .min()
+            .unwrap_or(m.max_mb)
+    };
+    let target = wanted.min(m.max_mb).max(m.target_mb);
+    if target == m.target_mb && m.current_mb == target {
+        return true;
+    }
+    let label = format!("dom0 {} MB -> {target} MB", m.current_mb);
+    if cli.dry_run {
+        return r.record("restore-memory", label, None);
+    }
+    let timeout = Duration::from_millis(cli.balloon_timeout_ms);
+    let outcome = NodeLock::acquire(state_dir, timeout)
+        .map_err(|e| e.to_string())
+        .and_then(|_lock| {
+            set_dom0_target_and_wait(hv, target, timeout)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+    r.record("restore-memory", label, Some(outcome))
+}

@@ -1,1 +1,280 @@
-fn main() {}
+//! `workspace-pilot`: the command the batch job runs on each node of a slot.
+//!
+//! `run` adapts the node, follows the coordinator and cleans up (see the
+//! library docs for the life and exit codes); `sim` sets up and inspects a
+//! simulated node for demos and tests. Argument checks live here; the work
+//! lives in the `pilot` library.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use pilot::hypervisor::sim::{Sim, SimNode};
+use pilot::hypervisor::{self, HvOptions};
+use pilot::node::{expand_node, job_id_from_env, node_name};
+use pilot::run::RunConfig;
+use protocol::auth::SlotKey;
+use protocol::SlotId;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "workspace-pilot", version, about = "Workspace pilot: lease a batch node's memory for VMs", after_help = pilot::exit::HELP)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Reserve this node for a slot, follow the coordinator, clean up, exit.
+    #[command(after_help = pilot::exit::HELP)]
+    Run(RunArgs),
+    /// Set up or inspect a simulated node.
+    #[command(subcommand)]
+    Sim(SimCmd),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Slot id (sl-…).
+    #[arg(long)]
+    slot: SlotId,
+    /// Coordinator base URL (http://head:8080).
+    #[arg(long)]
+    coordinator: String,
+    /// File holding the slot key (64 hex digits).
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Memory to take from dom0, MB.
+    #[arg(long)]
+    memory_mb: u64,
+    /// Slot duration (batch walltime), seconds.
+    #[arg(long)]
+    duration_s: u64,
+    /// Grace period between the batch system's warning signal and SIGKILL, seconds.
+    #[arg(long)]
+    grace_s: u64,
+    /// Directory for node state files (`%n` = node name).
+    #[arg(long)]
+    state_dir: String,
+    /// Node name (default: $WSP_NODE, $SLURMD_NODENAME, hostname).
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(long, default_value = "sim")]
+    hypervisor: String,
+    /// Directory of the simulated node (`%n` = node name).
+    #[arg(long)]
+    sim_dir: Option<String>,
+    /// Share of the grace period to wait for the coordinator after a signal.
+    #[arg(long, default_value_t = 0.5)]
+    coordinator_wait_fraction: f64,
+    /// dom0 never goes below this, MB.
+    #[arg(long, default_value_t = 100)]
+    min_dom0_mb: u64,
+    /// Release this long before the slot's walltime, seconds.
+    #[arg(long, default_value_t = 5)]
+    margin_s: u64,
+    /// Timeout of each event request, ms.
+    #[arg(long, default_value_t = 2000)]
+    notify_timeout_ms: u64,
+    /// Bound on each balloon move (reserve, restore), ms.
+    #[arg(long, default_value_t = 10000)]
+    balloon_timeout_ms: u64,
+    /// How long the coordinator may hold a command poll, ms.
+    #[arg(long, default_value_t = 20000)]
+    poll_wait_ms: u64,
+    /// How long to try reaching the coordinator at start, seconds.
+    #[arg(long, default_value_t = 30)]
+    startup_budget_s: u64,
+}
+
+#[derive(Subcommand)]
+enum SimCmd {
+    /// Create a simulated node (refuses to replace one unless --force).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Physical memory (dom0's maximum), MB.
+        #[arg(long)]
+        memory_mb: u64,
+        #[arg(long)]
+        cpus: u32,
+        /// dom0's memory at start (default: all of it), MB.
+        #[arg(long)]
+        dom0_mb: Option<u64>,
+        #[arg(long, default_value_t = 0)]
+        balloon_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        create_ms: u64,
+        #[arg(long, default_value_t = 0)]
+        destroy_ms: u64,
+        /// The balloon never shrinks dom0 below this, MB.
+        #[arg(long)]
+        balloon_floor_mb: Option<u64>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print node.json (dom0's memory brought up to date) as pretty JSON.
+    Show {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Add a guest that is not the pilot's.
+    AddDomain {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        memory_mb: u64,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let code = match cli.cmd {
+        Cmd::Run(args) => run(args),
+        Cmd::Sim(cmd) => match sim(cmd) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("workspace-pilot: {e:#}");
+                pilot::exit::USAGE
+            }
+        },
+    };
+    // Exit without waiting for blocking threads a timed-out hypervisor call
+    // may still occupy.
+    std::process::exit(code);
+}
+
+fn usage(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("workspace-pilot: {msg}");
+    pilot::exit::USAGE
+}
+
+fn run(a: RunArgs) -> i32 {
+    let node = node_name(a.node.as_deref());
+    let key_path = a.key_file.display().to_string();
+    let key = match std::fs::read_to_string(&a.key_file) {
+        Ok(text) => match SlotKey::from_hex(&key_path, &text) {
+            Ok(k) => k,
+            Err(e) => return usage(e),
+        },
+        Err(e) => return usage(format!("cannot read key file {key_path}: {e}")),
+    };
+    if a.memory_mb == 0 {
+        return usage("--memory-mb must be at least 1");
+    }
+    if a.duration_s == 0 || a.margin_s >= a.duration_s {
+        return usage(format!(
+            "--margin-s ({}) must be less than --duration-s ({})",
+            a.margin_s, a.duration_s
+        ));
+    }
+    if a.grace_s == 0 {
+        return usage("--grace-s must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&a.coordinator_wait_fraction) {
+        return usage("--coordinator-wait-fraction must be between 0 and 1");
+    }
+    if !(a.coordinator.starts_with("http://") || a.coordinator.starts_with("https://")) {
+        return usage(format!(
+            "--coordinator {:?} must be an http:// or https:// URL",
+            a.coordinator
+        ));
+    }
+    let opts = HvOptions {
+        sim_dir: a.sim_dir.as_deref().map(|d| expand_node(d, &node)),
+    };
+    let hv: Arc<dyn hypervisor::Hypervisor> = match hypervisor::open(&a.hypervisor, &opts) {
+        Ok(hv) => Arc::from(hv),
+        Err(e) => return usage(e),
+    };
+    if let Err(e) = hv.dom0_memory() {
+        return usage(format!("node not usable: {e}"));
+    }
+    let cfg = RunConfig {
+        slot: a.slot,
+        coordinator: a.coordinator,
+        key,
+        memory_mb: a.memory_mb,
+        duration: Duration::from_secs(a.duration_s),
+        grace: Duration::from_secs(a.grace_s),
+        state_dir: expand_node(&a.state_dir, &node),
+        node,
+        job_id: job_id_from_env(),
+        coordinator_wait_fraction: a.coordinator_wait_fraction,
+        min_dom0_mb: a.min_dom0_mb,
+        margin: Duration::from_secs(a.margin_s),
+        notify_timeout: Duration::from_millis(a.notify_timeout_ms.max(1)),
+        balloon_timeout: Duration::from_millis(a.balloon_timeout_ms.max(1)),
+        poll_wait: Duration::from_millis(a.poll_wait_ms),
+        startup_budget: Duration::from_secs(a.startup_budget_s),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("workspace-pilot: cannot start the async runtime: {e}");
+            return pilot::exit::INTERNAL;
+        }
+    };
+    let code = rt.block_on(pilot::run::run(cfg, hv));
+    // Do not drop the runtime: it would wait for stuck blocking calls.
+    std::mem::forget(rt);
+    code
+}
+
+fn sim(cmd: SimCmd) -> anyhow::Result<()> {
+    match cmd {
+        SimCmd::Init {
+            dir,
+            memory_mb,
+            cpus,
+            dom0_mb,
+            balloon_ms,
+            create_ms,
+            destroy_ms,
+            balloon_floor_mb,
+            force,
+        } => {
+            anyhow::ensure!(
+                memory_mb > 0 && cpus > 0,
+                "--memory-mb and --cpus must be at least 1"
+            );
+            let mut node = SimNode::new(memory_mb, cpus, dom0_mb);
+            node.latency.balloon_ms = balloon_ms;
+            node.latency.create_ms = create_ms;
+            node.latency.destroy_ms = destroy_ms;
+            node.balloon_floor_mb = balloon_floor_mb;
+            Sim::init(&dir, &node, force)?;
+        }
+        SimCmd::Show { dir } => {
+            let node = Sim::open(&dir)?.node()?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&node).context("encoding node.json")?
+            );
+        }
+        SimCmd::AddDomain {
+            dir,
+            name,
+            memory_mb,
+            cpus,
+        } => {
+            Sim::open(&dir)?.add_foreign_domain(&name, memory_mb, cpus)?;
+        }
+    }
+    Ok(())
+}

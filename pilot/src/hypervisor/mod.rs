@@ -1,0 +1,179 @@
+//! The hypervisor seam: one small synchronous trait, one file per driver.
+//!
+//! A driver reads and sets dom0's memory target and lists, creates and
+//! destroys guests. The pilot and kill-all only talk to a node through it.
+//! The shared bounded "set target and wait for the balloon" lives here once.
+//! Drivers do not know about slots, state files or the coordinator.
+
+pub mod sim;
+
+use protocol::pilot::VmLaunch;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// dom0's memory as the hypervisor reports it, in MB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dom0Memory {
+    /// What dom0 holds now.
+    pub current_mb: u64,
+    /// What the balloon driver is asked to reach.
+    pub target_mb: u64,
+    /// The most dom0 may hold (static max).
+    pub max_mb: u64,
+}
+
+/// One guest (never dom0 itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Domain {
+    pub name: String,
+    pub memory_mb: u64,
+    pub cpus: u32,
+    pub state: String,
+}
+
+/// Errors of hypervisor drivers; messages name the thing and the figures.
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("hypervisor {kind:?} is not built yet (available: sim)")]
+    NotBuilt { kind: String },
+    #[error("unknown hypervisor {kind:?} (expected sim, xen or kvm)")]
+    Unknown { kind: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sim node {path} is not valid: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("sim node {path} stayed locked by another process for {waited_ms} ms")]
+    Busy { path: PathBuf, waited_ms: u64 },
+    #[error("a domain named {name:?} already exists")]
+    DomainExists { name: String },
+    #[error("no domain named {name:?}")]
+    NoSuchDomain { name: String },
+    #[error(
+        "not enough free memory for {name:?}: needs {needed_mb} MB, {free_mb} MB free \
+         (node {total_mb} MB, dom0 {dom0_mb} MB, guests {guests_mb} MB)"
+    )]
+    NoMemory {
+        name: String,
+        needed_mb: u64,
+        free_mb: u64,
+        total_mb: u64,
+        dom0_mb: u64,
+        guests_mb: u64,
+    },
+    #[error("dom0 target {target_mb} MB is above its maximum {max_mb} MB")]
+    AboveMax { target_mb: u64, max_mb: u64 },
+    #[error(
+        "dom0 balloon did not reach {target_mb} MB within {timeout_ms} ms: \
+         current {current_mb} MB, target {target_now_mb} MB"
+    )]
+    BalloonTimeout {
+        target_mb: u64,
+        timeout_ms: u64,
+        current_mb: u64,
+        target_now_mb: u64,
+    },
+}
+
+/// What a node's hypervisor can do for the pilot. Calls may block (a real
+/// driver runs commands); the async pilot calls them on blocking threads.
+pub trait Hypervisor: Send + Sync {
+    /// Short driver name (`sim`, `xen`, `kvm`), as reported in `Started`.
+    fn name(&self) -> &'static str;
+    fn dom0_memory(&self) -> Result<Dom0Memory, HvError>;
+    /// Asks the balloon for `mb`; returns at once (see [`set_dom0_target_and_wait`]).
+    fn set_dom0_target(&self, mb: u64) -> Result<(), HvError>;
+    /// Every guest except dom0.
+    fn domains(&self) -> Result<Vec<Domain>, HvError>;
+    fn create(&self, vm: &VmLaunch) -> Result<(), HvError>;
+    fn destroy(&self, name: &str) -> Result<(), HvError>;
+}
+
+/// Sets dom0's target and polls until its current memory equals it, at most
+/// `timeout`. Returns how long the balloon took.
+pub fn set_dom0_target_and_wait(
+    hv: &dyn Hypervisor,
+    target_mb: u64,
+    timeout: Duration,
+) -> Result<Duration, HvError> {
+    let start = Instant::now();
+    hv.set_dom0_target(target_mb)?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let m = hv.dom0_memory()?;
+        if m.current_mb == target_mb {
+            return Ok(start.elapsed());
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return Err(HvError::BalloonTimeout {
+                target_mb,
+                timeout_ms: timeout.as_millis() as u64,
+                current_mb: m.current_mb,
+                target_now_mb: m.target_mb,
+            });
+        }
+        std::thread::sleep(pause.min(timeout - elapsed));
+        pause = (pause * 2).min(Duration::from_millis(25));
+    }
+}
+
+/// Driver options from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct HvOptions {
+    /// Directory of the simulated node (`sim` only).
+    pub sim_dir: Option<PathBuf>,
+}
+
+/// Opens the driver named `kind` (`sim`; `xen` and `kvm` are not built yet).
+pub fn open(kind: &str, opts: &HvOptions) -> Result<Box<dyn Hypervisor>, HvError> {
+    match kind {
+        "sim" => {
+            let dir: &Path = opts
+                .sim_dir
+                .as_deref()
+                .ok_or_else(|| HvError::Config("hypervisor sim needs --sim-dir".to_string()))?;
+            Ok(Box::new(sim::Sim::open(dir)?))
+        }
+        "xen" | "kvm" => Err(HvError::NotBuilt {
+            kind: kind.to_string(),
+        }),
+        other => Err(HvError::Unknown {
+            kind: other.to_string(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xen_and_kvm_say_they_are_not_built_yet() {
+        let e = open("xen", &HvOptions::default())
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("hypervisor \"xen\" is not built yet (available: sim)")
+        );
+        assert!(matches!(
+            open("kvm", &HvOptions::default()),
+            Err(HvError::NotBuilt { .. })
+        ));
+        assert!(matches!(
+            open("vmware", &HvOptions::default()),
+            Err(HvError::Unknown { .. })
+        ));
+        assert!(matches!(
+            open("sim", &HvOptions::default()),
+            Err(HvError::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,857 @@
+//! The pilot's life on its node: start, reserve, follow commands, clean up, exit.
+//!
+//! Side effects (balloon, VMs, notifications, state file) happen here around
+//! [`crate::state::transition`]. Every exit path goes through [`Pilot::cleanup`]
+//! once memory may have been taken, and every wait is bounded. Not for
+//! parsing the command line (main.rs) nor for talking HTTP (notify.rs).
+
+use crate::exit;
+use crate::hypervisor::{set_dom0_target_and_wait, HvError, Hypervisor};
+use crate::notify::{Notifier, NotifyError};
+use crate::state::{
+    remove_state_file, state_file_path, transition, Input, NodeLock, NodeStateFile, PilotState,
+    StateError, VmRecord, VmRecordState,
+};
+use protocol::auth::SlotKey;
+use protocol::pilot::{CommandKind, EventKind, PollResponse, ReleaseReason, VmLaunch};
+use protocol::{PilotId, SlotId, VmId, VmName};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+/// Share of the grace period by which the pilot has exited after a signal.
+const EXIT_SHARE_OF_GRACE: f64 = 0.85;
+/// Consecutive refused polls (4xx) after which the pilot gives up.
+const MAX_POLL_REFUSALS: u32 = 3;
+
+/// Everything `workspace-pilot run` was told.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub slot: SlotId,
+    pub coordinator: String,
+    pub key: SlotKey,
+    pub memory_mb: u64,
+    pub duration: Duration,
+    pub grace: Duration,
+    pub state_dir: PathBuf,
+    pub node: String,
+    pub job_id: Option<String>,
+    pub coordinator_wait_fraction: f64,
+    pub min_dom0_mb: u64,
+    pub margin: Duration,
+    pub notify_timeout: Duration,
+    pub balloon_timeout: Duration,
+    pub poll_wait: Duration,
+    pub startup_budget: Duration,
+}
+
+/// Failure of one bounded hypervisor call.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error(transparent)]
+    Hv(#[from] HvError),
+    #[error("{what} did not finish within {after_ms} ms")]
+    Timeout { what: String, after_ms: u64 },
+    #[error("{what} crashed: {message}")]
+    Crashed { what: String, message: String },
+}
+
+/// Runs a blocking hypervisor call on a blocking thread, bounded by `deadline`.
+async fn hv_call<T: Send + 'static>(
+    hv: &Arc<dyn Hypervisor>,
+    deadline: Instant,
+    what: &str,
+    f: impl FnOnce(&dyn Hypervisor) -> Result<T, HvError> + Send + 'static,
+) -> Result<T, CallError> {
+    let hv = Arc::clone(hv);
+    let start = Instant::now();
+    match tokio::time::timeout_at(
+        deadline,
+        tokio::task::spawn_blocking(move || f(hv.as_ref())),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.map_err(CallError::Hv),
+        Ok(Err(e)) => Err(CallError::Crashed {
+            what: what.to_string(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(CallError::Timeout {
+            what: what.to_string(),
+            after_ms: start.elapsed().as_millis() as u64,
+        }),
+    }
+}
+
+/// Why the command loop ended.
+enum End {
+    Release(ReleaseReason),
+    Preempt(&'static str),
+    Fatal(String),
+}
+
+struct Reservation {
+    before_mb: u64,
+    after_mb: u64,
+    balloon_ms: u64,
+}
+
+enum ReserveError {
+    /// Nothing was changed.
+    Refused(String),
+    /// The balloon was moved and did not get there; `restored` tells whether
+    /// memory is back.
+    Balloon { reason: String, restored: bool },
+}
+
+struct Pilot {
+    cfg: RunConfig,
+    hv: Arc<dyn Hypervisor>,
+    notifier: Notifier,
+    record: NodeStateFile,
+    signals: mpsc::UnboundedReceiver<&'static str>,
+    cleaning: Arc<AtomicBool>,
+    started: Instant,
+    /// Id of the last command executed.
+    after: u64,
+}
+
+/// Runs one pilot to its end and returns the process exit code.
+pub async fn run(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
+    let span = tracing::info_span!("pilot", slot_id = %cfg.slot, node = %cfg.node);
+    run_in_span(cfg, hv).instrument(span).await
+}
+
+async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
+    let started = Instant::now();
+    let cleaning = Arc::new(AtomicBool::new(false));
+    let signals = match install_signal_handlers(Arc::clone(&cleaning)) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return exit::INTERNAL;
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&cfg.state_dir) {
+        tracing::error!(error = %e, dir = %cfg.state_dir.display(), "cannot create the state directory");
+        return exit::USAGE;
+    }
+    let path = state_file_path(&cfg.state_dir, &cfg.slot);
+    if path.exists() {
+        tracing::error!(
+            path = %path.display(),
+            "a state file for this slot already exists on this node; run workspace-kill-all --slot {} first",
+            cfg.slot
+        );
+        return exit::USAGE;
+    }
+    let pilot_id = PilotId::generate();
+    let notifier = match Notifier::new(
+        &cfg.coordinator,
+        cfg.key.clone(),
+        cfg.slot.clone(),
+        pilot_id.clone(),
+        cfg.node.clone(),
+        cfg.notify_timeout,
+    ) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up notifications");
+            return exit::USAGE;
+        }
+    };
+    let record = NodeStateFile {
+        slot_id: cfg.slot.clone(),
+        pilot_id,
+        pid: std::process::id(),
+        node: cfg.node.clone(),
+        hypervisor: hv.name().to_string(),
+        state: PilotState::Starting,
+        original_dom0_mb: 0,
+        taken_mb: 0,
+        target_dom0_mb: 0,
+        vms: Vec::new(),
+        updated_ms: 0,
+    };
+    let mut pilot = Pilot {
+        cfg,
+        hv,
+        notifier,
+        record,
+        signals,
+        cleaning,
+        started,
+        after: 0,
+    };
+    pilot.live().await
+}
+
+/// SIGTERM, SIGINT and SIGUSR2 all mean "preempted". The handlers stay
+/// installed for the life of the process, so a later signal never kills it.
+fn install_signal_handlers(
+    cleaning: Arc<AtomicBool>,
+) -> std::io::Result<mpsc::UnboundedReceiver<&'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (kind, name) in [
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::interrupt(), "SIGINT"),
+        (SignalKind::user_defined2(), "SIGUSR2"),
+    ] {
+        let mut stream = signal(kind)?;
+        let tx = tx.clone();
+        let cleaning = Arc::clone(&cleaning);
+        tokio::spawn(
+            async move {
+                while stream.recv().await.is_some() {
+                    if cleaning.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            signal = name,
+                            "signal during cleanup: ignored, cleanup continues"
+                        );
+                    } else {
+                        tracing::warn!(signal = name, "signal received");
+                    }
+                    let _ = tx.send(name);
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+    }
+    Ok(rx)
+}
+
+/// Sends pending events, then long-polls once (after an optional pause).
+async fn exchange(
+    notifier: &mut Notifier,
+    after: u64,
+    wait: Duration,
+    pause: Duration,
+    flush_budget: Duration,
+) -> Result<PollResponse, NotifyError> {
+    tokio::time::sleep(pause).await;
+    if notifier.pending() > 0 {
+        notifier.flush(Instant::now() + flush_budget).await?;
+    }
+    notifier.poll(after, wait).await
+}
+
+fn exit_code(reason: ReleaseReason, clean: bool) -> i32 {
+    match (clean, reason) {
+        (false, _) => exit::CLEANUP_INCOMPLETE,
+        (true, ReleaseReason::Failed) => exit::INTERNAL,
+        (true, _) => exit::RELEASED,
+    }
+}
+
+impl Pilot {
+    fn state_path(&self) -> PathBuf {
+        state_file_path(&self.cfg.state_dir, &self.cfg.slot)
+    }
+
+    fn persist(&mut self) -> Result<(), StateError> {
+        self.record.write(&self.cfg.state_dir).map(|_| ())
+    }
+
+    /// Applies a transition and records it before anything acts on it.
+    fn advance(&mut self, input: Input) -> Result<(), String> {
+        let next = transition(self.record.state, input).map_err(|e| e.to_string())?;
+        tracing::info!(from = ?self.record.state, to = ?next, "state");
+        self.record.state = next;
+        self.persist().map_err(|e| e.to_string())
+    }
+
+    fn push(&mut self, kind: EventKind) {
+        if let Err(e) = self.notifier.push(kind) {
+            tracing::error!(error = %e, "event dropped");
+        }
+    }
+
+    /// Latest moment the slot may still be in use: walltime plus the part of
+    /// the grace period the pilot allows itself.
+    fn hard_end(&self) -> Instant {
+        self.started + self.cfg.duration + self.cfg.grace.mul_f64(EXIT_SHARE_OF_GRACE)
+    }
+
+    async fn live(&mut self) -> i32 {
+        if let Err(e) = self.persist() {
+            tracing::error!(error = %e, "cannot write the state file");
+            return exit::USAGE;
+        }
+        self.push(EventKind::Started {
+            pid: std::process::id(),
+            hypervisor: self.hv.name().to_string(),
+            job_id: self.cfg.job_id.clone(),
+        });
+        let startup_end = self.started + self.cfg.startup_budget;
+        tokio::select! {
+            biased;
+            sig = self.signals.recv() => return self.preempt(sig.unwrap_or("SIGTERM")).await,
+            r = self.notifier.flush(startup_end) => if let Err(e) = r {
+                tracing::error!(error = %e, "coordinator unreachable at start; nothing was reserved");
+                let _ = remove_state_file(&self.state_path());
+                return exit::COORDINATOR_UNREACHABLE;
+            },
+        }
+        if let Ok(sig) = self.signals.try_recv() {
+            return self.preempt(sig).await;
+        }
+        if let Err(e) = self.advance(Input::Reserve) {
+            return self.fail(e).await;
+        }
+        match self.reserve().await {
+            Ok(r) => {
+                if let Err(e) = self.advance(Input::ReserveSucceeded) {
+                    return self.fail(e).await;
+                }
+                tracing::info!(
+                    dom0_before_mb = r.before_mb,
+                    dom0_after_mb = r.after_mb,
+                    balloon_ms = r.balloon_ms,
+                    "memory reserved"
+                );
+                self.push(EventKind::Reserved {
+                    dom0_before_mb: r.before_mb,
+                    dom0_after_mb: r.after_mb,
+                    reserved_mb: self.cfg.memory_mb,
+                    balloon_ms: r.balloon_ms,
+                });
+            }
+            Err(e) => return self.reserve_failed(e).await,
+        }
+        let startup_end = startup_end.max(Instant::now() + self.cfg.notify_timeout);
+        tokio::select! {
+            biased;
+            sig = self.signals.recv() => return self.preempt(sig.unwrap_or("SIGTERM")).await,
+            r = self.notifier.flush(startup_end) => if let Err(e) = r {
+                tracing::error!(error = %e, "coordinator unreachable after reserving; giving memory back");
+                let end = Instant::now() + self.cfg.balloon_timeout + self.cfg.notify_timeout;
+                let (clean, _) = self.cleanup(ReleaseReason::Failed, end, end).await;
+                return if clean { exit::COORDINATOR_UNREACHABLE } else { exit::CLEANUP_INCOMPLETE };
+            },
+        }
+        match self.follow().await {
+            End::Preempt(sig) => self.preempt(sig).await,
+            End::Release(reason) => {
+                let end = match reason {
+                    ReleaseReason::Deadline => self.hard_end(),
+                    _ => {
+                        (Instant::now() + self.cfg.grace.max(self.cfg.margin)).min(self.hard_end())
+                    }
+                };
+                self.release(reason, end).await
+            }
+            End::Fatal(e) => self.fail(e).await,
+        }
+    }
+
+    async fn fail(&mut self, error: String) -> i32 {
+        tracing::error!(error = %error, "pilot failed; cleaning up");
+        let end = (Instant::now() + self.cfg.grace.max(self.cfg.margin)).min(self.hard_end());
+        self.release(ReleaseReason::Failed, end).await
+    }
+
+    async fn release(&mut self, reason: ReleaseReason, end: Instant) -> i32 {
+        let notify_share = self
+            .cfg
+            .notify_timeout
+            .min(end.saturating_duration_since(Instant::now()) / 4);
+        let (clean, _) = self.cleanup(reason, end - notify_share, end).await;
+        exit_code(reason, clean)
+    }
+
+    async fn reserve(&mut self) -> Result<Reservation, ReserveError> {
+        let timeout = self.cfg.balloon_timeout;
+        let dir = self.cfg.state_dir.clone();
+        let lock = tokio::task::spawn_blocking(move || NodeLock::acquire(&dir, timeout))
+            .await
+            .map_err(|e| ReserveError::Refused(format!("node lock: {e}")))?
+            .map_err(|e| ReserveError::Refused(e.to_string()))?;
+        let deadline = Instant::now() + timeout;
+        let m = hv_call(&self.hv, deadline, "reading dom0 memory", |hv| {
+            hv.dom0_memory()
+        })
+        .await
+        .map_err(|e| ReserveError::Refused(e.to_string()))?;
+        let wanted = self.cfg.memory_mb;
+        let target = match m.current_mb.checked_sub(wanted) {
+            Some(t) if t >= self.cfg.min_dom0_mb => t,
+            _ => {
+                return Err(ReserveError::Refused(format!(
+                    "dom0 has {} MB; taking {wanted} MB would leave it below the minimum of {} MB",
+                    m.current_mb, self.cfg.min_dom0_mb
+                )))
+            }
+        };
+        self.record.original_dom0_mb = m.current_mb;
+        self.record.taken_mb = m.target_mb.saturating_sub(target);
+        self.record.target_dom0_mb = target;
+        self.persist()
+            .map_err(|e| ReserveError::Refused(e.to_string()))?;
+        tracing::info!(
+            dom0_mb = m.current_mb,
+            target_mb = target,
+            "ballooning dom0 down"
+        );
+        let r = hv_call(
+            &self.hv,
+            deadline + Duration::from_secs(1),
+            "dom0 balloon",
+            move |hv| set_dom0_target_and_wait(hv, target, timeout),
+        )
+        .await;
+        drop(lock);
+        match r {
+            Ok(took) => Ok(Reservation {
+                before_mb: m.current_mb,
+                after_mb: target,
+                balloon_ms: took.as_millis() as u64,
+            }),
+            Err(e) => {
+                let reason = e.to_string();
+                tracing::error!(error = %reason, "balloon did not reach its target; giving memory back");
+                let restored = self
+                    .restore_memory(Instant::now() + timeout + Duration::from_secs(1))
+                    .await
+                    .is_ok();
+                Err(ReserveError::Balloon { reason, restored })
+            }
+        }
+    }
+
+    async fn reserve_failed(&mut self, e: ReserveError) -> i32 {
+        let (reason, restored) = match e {
+            ReserveError::Refused(r) => (r, true),
+            ReserveError::Balloon { reason, restored } => (reason, restored),
+        };
+        tracing::error!(reason = %reason, "reservation failed");
+        if let Err(e) = self.advance(Input::ReserveFailed) {
+            tracing::error!(error = %e, "cannot record the failed reservation");
+        }
+        if restored {
+            let _ = remove_state_file(&self.state_path());
+        }
+        self.push(EventKind::ReserveFailed { reason });
+        let end = Instant::now() + self.cfg.notify_timeout.max(Duration::from_millis(500));
+        if let Err(e) = self.notifier.flush(end).await {
+            tracing::error!(error = %e, "coordinator did not hear reserve_failed");
+        }
+        if restored {
+            exit::RESERVE_FAILED
+        } else {
+            exit::CLEANUP_INCOMPLETE
+        }
+    }
+
+    /// Gives back what this pilot took: target = min(max, target now + taken).
+    /// Returns dom0's memory afterwards and how long the balloon took.
+    async fn restore_memory(&mut self, deadline: Instant) -> Result<(u64, u64), String> {
+        if self.record.taken_mb == 0 {
+            let m = hv_call(&self.hv, deadline, "reading dom0 memory", |hv| {
+                hv.dom0_memory()
+            })
+            .await;
+            return Ok((m.map(|m| m.current_mb).unwrap_or(0), 0));
+        }
+        let dir = self.cfg.state_dir.clone();
+        let lock_wait = deadline.saturating_duration_since(Instant::now());
+        let lock = tokio::task::spawn_blocking(move || NodeLock::acquire(&dir, lock_wait))
+            .await
+            .map_err(|e| format!("node lock: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let m = hv_call(&self.hv, deadline, "reading dom0 memory", |hv| {
+            hv.dom0_memory()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let target = m.max_mb.min(m.target_mb + self.record.taken_mb);
+        self.record.target_dom0_mb = target;
+        if let Err(e) = self.persist() {
+            tracing::warn!(error = %e, "cannot record the restore target");
+        }
+        tracing::info!(
+            dom0_mb = m.current_mb,
+            target_mb = target,
+            "restoring dom0 memory"
+        );
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(self.cfg.balloon_timeout);
+        let took = hv_call(&self.hv, deadline, "dom0 balloon", move |hv| {
+            set_dom0_target_and_wait(hv, target, wait)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        drop(lock);
+        self.record.taken_mb = 0;
+        if let Err(e) = self.persist() {
+            tracing::warn!(error = %e, "cannot record the restored memory");
+        }
+        Ok((target, took.as_millis() as u64))
+    }
+
+    /// Follows the coordinator until release, deadline, a signal or a fatal error.
+    async fn follow(&mut self) -> End {
+        let deadline = self.started + self.cfg.duration.saturating_sub(self.cfg.margin);
+        let mut pause = Duration::ZERO;
+        let mut failures = 0u32;
+        let mut refusals = 0u32;
+        loop {
+            let answer = tokio::select! {
+                biased;
+                sig = self.signals.recv() => return End::Preempt(sig.unwrap_or("SIGTERM")),
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!("slot deadline reached");
+                    return End::Release(ReleaseReason::Deadline);
+                }
+                r = exchange(&mut self.notifier, self.after, self.cfg.poll_wait, pause, self.cfg.notify_timeout * 2) => r,
+            };
+            match answer {
+                Ok(resp) => {
+                    failures = 0;
+                    refusals = 0;
+                    pause = Duration::ZERO;
+                    if let Some(end) = self.execute_all(resp, deadline).await {
+                        return end;
+                    }
+                }
+                Err(NotifyError::Refused { status, body, .. }) => {
+                    refusals += 1;
+                    tracing::error!(status, body = %body, refusals, "coordinator refused the poll");
+                    if refusals >= MAX_POLL_REFUSALS {
+                        return End::Fatal(format!(
+                            "coordinator refused {refusals} polls in a row: HTTP {status}: {body}"
+                        ));
+                    }
+                    pause = Duration::from_secs(1);
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures % 10 == 1 {
+                        tracing::warn!(error = %e, failures, "coordinator not reachable; still retrying until the deadline");
+                    }
+                    pause =
+                        (Duration::from_millis(100) * failures.min(10)).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Executes new commands in id order; returns how the loop should end, if it should.
+    async fn execute_all(&mut self, resp: PollResponse, deadline: Instant) -> Option<End> {
+        let mut commands = resp.commands;
+        commands.sort_by_key(|c| c.id);
+        for cmd in commands {
+            if cmd.id <= self.after {
+                continue;
+            }
+            tracing::info!(command_id = cmd.id, command = ?cmd.kind, "command");
+            let end = match cmd.kind {
+                CommandKind::StartVm(launch) => self.start_vm(launch, deadline).await.err(),
+                CommandKind::DestroyVm { vm_id } => self.destroy_vm(vm_id, deadline).await.err(),
+                CommandKind::Release => Some(End::Release(ReleaseReason::Commanded)),
+            };
+            self.after = cmd.id;
+            if end.is_some() {
+                return end;
+            }
+        }
+        None
+    }
+
+    async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
+        let vm_id = launch.vm_id.clone();
+        let tagged =
+            VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && n.vm == vm_id);
+        let refusal = if !tagged {
+            Some(format!(
+                "name {:?} is not wsp-{}-{}",
+                launch.name, self.cfg.slot, vm_id
+            ))
+        } else if self.record.state != PilotState::Reserved {
+            Some(format!("slot is {:?}; not starting VMs", self.record.state).to_lowercase())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(vm_id = %vm_id, reason = %reason, "VM not started");
+            self.push(EventKind::VmFailed { vm_id, reason });
+            return Ok(());
+        }
+        self.set_vm(VmRecord {
+            vm_id: vm_id.clone(),
+            name: launch.name.clone(),
+            memory_mb: launch.memory_mb,
+            state: VmRecordState::Creating,
+        });
+        self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+        let t0 = Instant::now();
+        let bound = deadline.max(t0 + Duration::from_secs(1));
+        let l = launch.clone();
+        let r = hv_call(&self.hv, bound, "creating a VM", move |hv| hv.create(&l)).await;
+        let state = if r.is_ok() {
+            VmRecordState::Running
+        } else {
+            VmRecordState::Failed
+        };
+        self.set_vm_state(&vm_id, state);
+        self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+        match r {
+            Ok(()) => {
+                let create_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(vm_id = %vm_id, name = %launch.name, create_ms, "VM started");
+                self.push(EventKind::VmStarted {
+                    vm_id,
+                    name: launch.name,
+                    create_ms,
+                });
+            }
+            Err(e) => {
+                tracing::error!(vm_id = %vm_id, error = %e, "VM failed to start");
+                self.push(EventKind::VmFailed {
+                    vm_id,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn destroy_vm(&mut self, vm_id: VmId, deadline: Instant) -> Result<(), End> {
+        let name = self
+            .record
+            .vms
+            .iter()
+            .find(|v| v.vm_id == vm_id)
+            .map(|v| v.name.clone())
+            .unwrap_or_else(|| VmName::new(self.cfg.slot.clone(), vm_id.clone()).to_string());
+        self.set_vm_state(&vm_id, VmRecordState::Destroying);
+        self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+        let t0 = Instant::now();
+        let n = name.clone();
+        let bound = deadline.max(t0 + Duration::from_secs(1));
+        match hv_call(&self.hv, bound, "destroying a VM", move |hv| hv.destroy(&n)).await {
+            Ok(()) | Err(CallError::Hv(HvError::NoSuchDomain { .. })) => {
+                self.set_vm_state(&vm_id, VmRecordState::Destroyed);
+                self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+                let destroy_ms = t0.elapsed().as_millis() as u64;
+                tracing::info!(vm_id = %vm_id, name = %name, destroy_ms, "VM destroyed");
+                self.push(EventKind::VmDestroyed { vm_id, destroy_ms });
+            }
+            Err(e) => {
+                tracing::error!(vm_id = %vm_id, error = %e, "VM not destroyed");
+                self.push(EventKind::VmFailed {
+                    vm_id,
+                    reason: format!("destroy failed: {e}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn set_vm(&mut self, vm: VmRecord) {
+        match self.record.vms.iter_mut().find(|v| v.vm_id == vm.vm_id) {
+            Some(v) => *v = vm,
+            None => self.record.vms.push(vm),
+        }
+    }
+
+    fn set_vm_state(&mut self, vm_id: &VmId, state: VmRecordState) {
+        if let Some(v) = self.record.vms.iter_mut().find(|v| &v.vm_id == vm_id) {
+            v.state = state;
+        }
+    }
+
+    /// The batch system's warning: say so at once, give the coordinator its
+    /// share of the grace period, then clean up and be gone before it ends.
+    async fn preempt(&mut self, signal: &'static str) -> i32 {
+        let now = Instant::now();
+        let grace = self.cfg.grace;
+        let exit_by = now + grace.mul_f64(EXIT_SHARE_OF_GRACE);
+        let wait_end = (now + grace.mul_f64(self.cfg.coordinator_wait_fraction)).min(exit_by);
+        let notify_share = self.cfg.notify_timeout.min(grace / 10);
+        tracing::warn!(signal, grace_ms = grace.as_millis() as u64, "preempted");
+        if self.record.state != PilotState::Reserved {
+            let (clean, _) = self
+                .cleanup(ReleaseReason::Preempted, exit_by - notify_share, exit_by)
+                .await;
+            return exit_code(ReleaseReason::Preempted, clean);
+        }
+        if let Err(e) = self.advance(Input::Signal) {
+            tracing::error!(error = %e, "cannot record preemption");
+        }
+        self.push(EventKind::Preempting {
+            signal: signal.to_string(),
+            coordinator_wait_ms: wait_end.saturating_duration_since(now).as_millis() as u64,
+            cleanup_deadline_ms: protocol::now_ms()
+                + exit_by
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as u64,
+        });
+        if let Err(e) = self.notifier.flush(now + notify_share).await {
+            tracing::warn!(error = %e, "coordinator did not hear preempting in time");
+        }
+        let mut pause = Duration::ZERO;
+        loop {
+            let left = wait_end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::info!("coordinator wait over; cleaning up ourselves");
+                break;
+            }
+            let answer = tokio::select! {
+                biased;
+                _ = self.signals.recv() => continue,
+                _ = tokio::time::sleep_until(wait_end) => continue,
+                r = exchange(&mut self.notifier, self.after, left.min(self.cfg.poll_wait), pause, notify_share) => r,
+            };
+            match answer {
+                Ok(resp) => {
+                    pause = Duration::ZERO;
+                    if let Some(end) = self.execute_all(resp, wait_end).await {
+                        if let End::Release(_) = end {
+                            tracing::info!("coordinator released the slot during preemption");
+                        }
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "poll during preemption failed");
+                    pause = Duration::from_millis(100);
+                }
+            }
+        }
+        let (clean, _) = self
+            .cleanup(ReleaseReason::Preempted, exit_by - notify_share, exit_by)
+            .await;
+        exit_code(ReleaseReason::Preempted, clean)
+    }
+
+    /// Destroys every VM of this slot, restores memory, reports `released`.
+    /// hypervisor work must end by `hv_end`, the notification by `notify_end`.
+    /// Returns whether everything was undone and the VMs destroyed.
+    async fn cleanup(
+        &mut self,
+        reason: ReleaseReason,
+        hv_end: Instant,
+        notify_end: Instant,
+    ) -> (bool, Vec<VmId>) {
+        self.cleaning.store(true, Ordering::SeqCst);
+        tracing::info!(reason = ?reason, "cleaning up");
+        if self.record.state != PilotState::Releasing {
+            if let Err(e) = self.advance(Input::Release) {
+                tracing::error!(error = %e, "cannot record release");
+            }
+        }
+        let mut problems = Vec::new();
+        let mut destroyed = Vec::new();
+
+        // Which guests are ours: those the state file names, and those the
+        // hypervisor lists with this slot's tag. Never anything else.
+        let listing = hv_call(&self.hv, hv_end, "listing domains", |hv| hv.domains()).await;
+        let mut targets: Vec<(VmId, String)> = self
+            .record
+            .vms
+            .iter()
+            .filter(|v| v.state != VmRecordState::Destroyed)
+            .map(|v| (v.vm_id.clone(), v.name.clone()))
+            .collect();
+        match &listing {
+            Ok(domains) => {
+                for d in domains {
+                    if let Some(n) = VmName::parse(&d.name).filter(|n| n.slot == self.cfg.slot) {
+                        if !targets.iter().any(|(_, name)| name == &d.name) {
+                            targets.push((n.vm, d.name.clone()));
+                        }
+                    }
+                }
+                targets.retain(|(vm_id, name)| {
+                    let present = domains.iter().any(|d| &d.name == name);
+                    if !present {
+                        if let Some(v) = self.record.vms.iter_mut().find(|v| &v.vm_id == vm_id) {
+                            v.state = VmRecordState::Destroyed;
+                        }
+                    }
+                    present
+                });
+            }
+            Err(e) => problems.push(format!("listing domains: {e}")),
+        }
+        for (vm_id, _) in &targets {
+            self.set_vm_state(vm_id, VmRecordState::Destroying);
+        }
+        if let Err(e) = self.persist() {
+            tracing::warn!(error = %e, "cannot record the VMs being destroyed");
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (vm_id, name) in targets {
+            let hv = Arc::clone(&self.hv);
+            tasks.spawn(async move {
+                let n = name.clone();
+                let r = hv_call(&hv, hv_end, "destroying a VM", move |hv| hv.destroy(&n)).await;
+                (vm_id, name, r)
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((vm_id, name, Ok(()))) => {
+                    tracing::info!(vm_id = %vm_id, name = %name, "VM destroyed");
+                    self.set_vm_state(&vm_id, VmRecordState::Destroyed);
+                    destroyed.push(vm_id);
+                }
+                Ok((vm_id, _, Err(CallError::Hv(HvError::NoSuchDomain { .. })))) => {
+                    self.set_vm_state(&vm_id, VmRecordState::Destroyed);
+                }
+                Ok((vm_id, name, Err(e))) => {
+                    tracing::error!(vm_id = %vm_id, name = %name, error = %e, "VM not destroyed");
+                    problems.push(format!("destroy {name}: {e}"));
+                }
+                Err(e) => problems.push(format!("destroy task: {e}")),
+            }
+        }
+        if let Err(e) = self.persist() {
+            tracing::warn!(error = %e, "cannot record the destroyed VMs");
+        }
+
+        let (restored_mb, restore_ms) = match self.restore_memory(hv_end).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "dom0 memory not restored");
+                problems.push(format!("restore dom0 memory: {e}"));
+                (0, 0)
+            }
+        };
+        let clean = problems.is_empty();
+        if let Err(e) = self.advance(Input::CleanupFinished { clean }) {
+            tracing::error!(error = %e, "cannot record the end of cleanup");
+        }
+        if clean {
+            if let Err(e) = remove_state_file(&self.state_path()) {
+                tracing::warn!(error = %e, "cannot remove the state file");
+            }
+            tracing::info!(
+                vms_destroyed = destroyed.len(),
+                dom0_mb = restored_mb,
+                restore_ms,
+                "slot released"
+            );
+        } else {
+            tracing::error!(problems = ?problems, "cleanup incomplete: run workspace-kill-all on this node");
+        }
+        self.push(EventKind::Released {
+            reason,
+            vms_destroyed: destroyed.clone(),
+            dom0_restored_mb: restored_mb,
+            restore_ms,
+            clean,
+            problems,
+        });
+        if let Err(e) = self.notifier.flush(notify_end).await {
+            tracing::error!(error = %e, "coordinator did not hear released");
+        }
+        (clean, destroyed)
+    }
+}
