@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use protocol::auth::{token_hash, SIGNATURE_HEADER, SLOT_HEADER};
-use protocol::pilot::{ErrorBody, EventAck, EVENTS_PATH, POLL_PATH};
+use protocol::pilot::{ErrorBody, EVENTS_PATH, POLL_PATH};
 use protocol::spec::WorkspaceSpec;
 use protocol::WorkspaceId;
 use serde::Deserialize;
@@ -145,12 +145,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 async fn pilot_event(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     match engine.pilot_event(header(&headers, SLOT_HEADER), header(&headers, SIGNATURE_HEADER), &body) {
         Ok(ack) => Json(ack).into_response(),
-        Err(e @ EngineError::Duplicate { .. }) => {
+        Err(EngineError::Duplicate { pilot, seq }) => {
             // The body is both an EventAck (a pilot resending after a lost ack
             // takes it as acknowledged) and an error message for anyone else.
-            let EngineError::Duplicate { seq, .. } = &e else { unreachable!() };
-            let ack = EventAck { seq: *seq, duplicate: true };
-            let body = serde_json::json!({ "seq": ack.seq, "duplicate": ack.duplicate, "error": e.to_string() });
+            let error = EngineError::Duplicate { pilot, seq }.to_string();
+            let body = serde_json::json!({ "seq": seq, "duplicate": true, "error": error });
             (StatusCode::CONFLICT, Json(body)).into_response()
         }
         Err(e) => {

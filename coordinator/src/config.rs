@@ -41,6 +41,8 @@ pub struct PilotConfig {
     pub state_dir: String,
     /// Simulated node directory for `hypervisor = "sim"`; `%n` is the node name.
     pub sim_dir: String,
+    /// Node config file on the nodes (`[xen]`, `[kvm]` driver settings); `%n` is the node name.
+    pub node_config: Option<String>,
     /// dom0 never goes below this.
     pub min_dom0_mb: u64,
     /// Fraction of the grace period the pilot waits for the coordinator after a warning signal.
@@ -66,6 +68,7 @@ impl Default for PilotConfig {
             hypervisor: "sim".into(),
             state_dir: "/var/lib/workspace-pilot/%n/state".into(),
             sim_dir: "/var/lib/workspace-pilot/%n/sim".into(),
+            node_config: None,
             min_dom0_mb: 100,
             coordinator_wait_fraction: 0.5,
             margin_s: 5,

@@ -363,6 +363,10 @@ impl Engine {
             argv.push("--sim-dir".into());
             argv.push(p.sim_dir.clone());
         }
+        if let Some(nc) = &p.node_config {
+            argv.push("--node-config".into());
+            argv.push(nc.clone());
+        }
         argv.extend(p.extra_args.iter().cloned());
         argv
     }

@@ -35,6 +35,9 @@ struct Cli {
     /// Directory of the simulated node (`%n` = node name).
     #[arg(long)]
     sim_dir: Option<String>,
+    /// Node configuration, the same file the pilot uses (`%n` = node name).
+    #[arg(long)]
+    node_config: Option<String>,
     /// Node name (default: $WSP_NODE, $SLURMD_NODENAME, hostname).
     #[arg(long)]
     node: Option<String>,
@@ -103,6 +106,12 @@ fn main() {
     let state_dir = expand_node(&cli.state_dir, &node);
     let opts = HvOptions {
         sim_dir: cli.sim_dir.as_deref().map(|d| expand_node(d, &node)),
+        node: match cli.node_config.as_deref().map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node))) {
+            None => hypervisor::NodeConfig::default(),
+            Some(Ok(c)) => c,
+            Some(Err(e)) => usage(e),
+        },
+        node_name: node.clone(),
     };
     let hv = match hypervisor::open(&cli.hypervisor, &opts) {
         Ok(hv) => hv,

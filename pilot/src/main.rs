@@ -65,6 +65,9 @@ struct RunArgs {
     /// Directory of the simulated node (`%n` = node name).
     #[arg(long)]
     sim_dir: Option<String>,
+    /// Node configuration (TOML with [xen] / [kvm] sections; `%n` = node name).
+    #[arg(long)]
+    node_config: Option<String>,
     /// Share of the grace period to wait for the coordinator after a signal.
     #[arg(long, default_value_t = 0.5)]
     coordinator_wait_fraction: f64,
@@ -194,6 +197,12 @@ fn run(a: RunArgs) -> i32 {
     }
     let opts = HvOptions {
         sim_dir: a.sim_dir.as_deref().map(|d| expand_node(d, &node)),
+        node: match a.node_config.as_deref().map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node))) {
+            None => hypervisor::NodeConfig::default(),
+            Some(Ok(c)) => c,
+            Some(Err(e)) => return usage(e),
+        },
+        node_name: node.clone(),
     };
     let hv: Arc<dyn hypervisor::Hypervisor> = match hypervisor::open(&a.hypervisor, &opts) {
         Ok(hv) => Arc::from(hv),

@@ -5,7 +5,9 @@
 //! The shared bounded "set target and wait for the balloon" lives here once.
 //! Drivers do not know about slots, state files or the coordinator.
 
+pub mod kvm;
 pub mod sim;
+pub mod xen;
 
 use protocol::pilot::VmLaunch;
 use serde::{Deserialize, Serialize};
@@ -124,11 +126,35 @@ pub fn set_dom0_target_and_wait(
     }
 }
 
-/// Driver options from the command line.
+/// A node's configuration file (`--node-config`), shared by the pilot and
+/// kill-all: one section per real driver. Unknown keys are refused.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub xen: xen::XenConfig,
+    pub kvm: kvm::KvmConfig,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<Self, HvError> {
+        let text = std::fs::read_to_string(path).map_err(|source| HvError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text)
+            .map_err(|e| HvError::Config(format!("node config {}: {e}", path.display())))
+    }
+}
+
+/// Driver options from the command line and the node config.
 #[derive(Clone, Debug, Default)]
 pub struct HvOptions {
     /// Directory of the simulated node (`sim` only).
     pub sim_dir: Option<PathBuf>,
+    /// The node config file's contents (defaults when none is given).
+    pub node: NodeConfig,
+    /// This node's name (drivers tag files and processes with it).
+    pub node_name: String,
 }
 
 /// Opens the driver named `kind` (`sim`; `xen` and `kvm` are not built yet).
@@ -141,9 +167,8 @@ pub fn open(kind: &str, opts: &HvOptions) -> Result<Box<dyn Hypervisor>, HvError
                 .ok_or_else(|| HvError::Config("hypervisor sim needs --sim-dir".to_string()))?;
             Ok(Box::new(sim::Sim::open(dir)?))
         }
-        "xen" | "kvm" => Err(HvError::NotBuilt {
-            kind: kind.to_string(),
-        }),
+        "xen" => Ok(Box::new(xen::Xen::open(&opts.node.xen, opts)?)),
+        "kvm" => Ok(Box::new(kvm::Kvm::open(&opts.node.kvm, opts)?)),
         other => Err(HvError::Unknown {
             kind: other.to_string(),
         }),
