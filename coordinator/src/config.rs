@@ -101,6 +101,10 @@ pub struct Config {
     pub tick_ms: u64,
     /// Pilot events whose timestamp is further than this from our clock are refused.
     pub max_clock_skew_s: u64,
+    /// A pilot neither polling nor sending events for this long is declared
+    /// lost: its workspace fails and its batch job is cancelled. Must exceed
+    /// the longest poll (30 s).
+    pub pilot_silence_s: u64,
     pub pilot: PilotConfig,
     pub users: Vec<User>,
     pub local: lrm_adapters::local::LocalConfig,
@@ -121,6 +125,7 @@ impl Default for Config {
             lrm_poll_s: 10.0,
             tick_ms: 250,
             max_clock_skew_s: 300,
+            pilot_silence_s: 90,
             pilot: PilotConfig::default(),
             users: Vec::new(),
             local: Default::default(),
@@ -153,6 +158,13 @@ impl Config {
         if !(0.0..=0.9).contains(&f) {
             return Err(ConfigError::Invalid(format!(
                 "pilot.coordinator_wait_fraction = {f}: must be between 0 and 0.9 (the pilot needs time to clean up itself)"
+            )));
+        }
+        let poll_s = self.pilot.poll_wait_ms.min(30_000).div_ceil(1000);
+        if self.pilot_silence_s < poll_s + 5 {
+            return Err(ConfigError::Invalid(format!(
+                "pilot_silence_s = {} must exceed the pilots' long-poll ({} s, pilot.poll_wait_ms) by at least 5 s",
+                self.pilot_silence_s, poll_s
             )));
         }
         if self.lrm_poll_s <= 0.0 {

@@ -80,6 +80,8 @@ pub struct Engine {
     changed: watch::Sender<u64>,
     kick: Notify,
     cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
+    /// When this coordinator process started (pilot silence counts from here at the earliest).
+    started_ms: u64,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -149,6 +151,7 @@ impl Engine {
             changed,
             kick: Notify::new(),
             cancel_attempts: Mutex::new(HashMap::new()),
+            started_ms: now_ms(),
             metrics: crate::metrics::Metrics::new(),
         }))
     }
@@ -496,7 +499,9 @@ impl Engine {
             return Err(EngineError::Forbidden(format!("poll names slot {} but is signed for slot {slot_id}", req.slot_id)));
         }
         self.check_clock(req.ts_ms)?;
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms).min(MAX_WAIT);
+        // Never longer than we told pilots to wait: silence detection relies on it.
+        let wait = Duration::from_millis(req.wait_ms.min(self.cfg.pilot.poll_wait_ms)).min(MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
         let mut rx = self.changed.subscribe();
         loop {
             rx.borrow_and_update();
@@ -504,6 +509,7 @@ impl Engine {
                 if store::get_slot(s.conn(), &slot_id)?.is_none() {
                     return Err(EngineError::Forbidden(format!("unknown slot {slot_id}")));
                 }
+                store::seen_pilot(s.conn(), &slot_id, &req.node, now_ms())?;
                 Ok(store::commands_after(s.conn(), &slot_id, &req.node, req.after)?)
             })?;
             if !commands.is_empty() || tokio::time::Instant::now() >= deadline {
@@ -531,6 +537,9 @@ impl Engine {
             if let Err(e) = self.expire_leases() {
                 warn!(error = %e, "lease expiry check failed");
             }
+            if let Err(e) = self.find_lost_pilots() {
+                warn!(error = %e, "pilot silence check failed");
+            }
             self.retry_cancels().await;
             if last_lrm.elapsed() >= lrm_every {
                 last_lrm = Instant::now();
@@ -556,6 +565,52 @@ impl Engine {
                     }
                 }
                 Ok::<_, EngineError>(changed)
+            })
+        })?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Pilots silent past `pilot_silence_s` (counted from this process's start
+    /// at the earliest, so a restart does not condemn every pilot) are lost:
+    /// their workspace fails, their job is cancelled, the node is named for kill-all.
+    fn find_lost_pilots(&self) -> Result<(), EngineError> {
+        let now = now_ms();
+        let silence = self.cfg.pilot_silence_s * 1000;
+        if now.saturating_sub(self.started_ms) < silence {
+            return Ok(());
+        }
+        let changed = self.with_store(|s| {
+            s.tx(|tx| {
+                let lost = store::silent_pilots(tx, now.saturating_sub(silence))?;
+                for p in &lost {
+                    let Some(slot) = store::get_slot(tx, &p.slot_id)? else { continue };
+                    let mut ws = must_ws(tx, &slot.workspace_id)?;
+                    let quiet_s = now.saturating_sub(p.last_seen_ms) / 1000;
+                    warn!(workspace_id = %ws.id, slot_id = %slot.id, node = %p.node, quiet_s, "pilot lost");
+                    store::mark_pilot_lost(tx, &slot.id, &p.node)?;
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::PilotLost,
+                        Some(&slot.id),
+                        Some(&p.node),
+                        None,
+                        &format!("no word from the pilot for {quiet_s} s; its job is cancelled; run workspace-kill-all on {}", p.node),
+                    )?;
+                    if slot.job_id.is_some() && !slot.job_ended {
+                        store::set_slot_cancel_pending(tx, &slot.id, true)?;
+                    }
+                    let reason = format!("pilot on node {} went silent (nothing for {quiet_s} s)", p.node);
+                    fail_workspace(tx, &mut ws, &reason, now)?;
+                    slot_maybe_released(tx, &ws, &slot.id, now)?;
+                    maybe_settle(tx, &mut ws, now)?;
+                }
+                Ok::<_, EngineError>(!lost.is_empty())
             })
         })?;
         if changed {
@@ -942,11 +997,17 @@ fn slot_maybe_released(c: &Connection, ws: &WorkspaceRow, slot_id: &SlotId, now:
     let pilots = store::pilots_of(c, slot_id)?;
     let released = pilots.iter().filter(|p| p.released).count() as u32;
     if released >= slot.nodes {
-        store::set_slot_state(c, slot_id, SlotState::Released)?;
+        let lost: Vec<&str> = pilots.iter().filter(|p| p.last_event == "lost").map(|p| p.node.as_str()).collect();
+        let (state, detail) = if lost.is_empty() {
+            (SlotState::Released, format!("all {} pilot(s) released", pilots.len()))
+        } else {
+            (SlotState::Failed, format!("ended with lost pilot(s) on {}: run workspace-kill-all there", lost.join(", ")))
+        };
+        store::set_slot_state(c, slot_id, state)?;
         if !slot.job_ended {
             store::set_slot_cancel_pending(c, slot_id, true)?;
         }
-        store::push_timeline(c, &ws.id, now, now, Phase::SlotReleased, Some(slot_id), None, None, &format!("all {} pilot(s) released", pilots.len()))?;
+        store::push_timeline(c, &ws.id, now, now, Phase::SlotReleased, Some(slot_id), None, None, &detail)?;
     }
     Ok(())
 }

@@ -338,6 +338,49 @@ pub fn touch_pilot(c: &Connection, slot: &SlotId, node: &str, pilot_id: &str, ev
     Ok(())
 }
 
+/// A poll from a pilot we know: it is alive.
+pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result<()> {
+    c.execute(
+        "UPDATE pilots SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE slot_id = ?1 AND node = ?2",
+        params![slot.as_str(), node, now as i64],
+    )?;
+    Ok(())
+}
+
+/// Pilots that hold (or may hold) a node but have said nothing since `before_ms`.
+pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
+    let mut st = c.prepare(
+        "SELECT p.slot_id, p.node, p.pilot_id, p.last_event, p.reserved, p.released, p.last_seen_ms
+         FROM pilots p JOIN slots s ON s.id = p.slot_id
+         WHERE p.released = 0 AND p.last_seen_ms < ?1 AND s.state NOT IN ('released', 'failed')",
+    )?;
+    let rows = st.query_map([before_ms as i64], |r| {
+        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get::<_, i64>(6)?))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        Ok(PilotRow {
+            slot_id: parse_id("slot id", t.0)?,
+            node: t.1,
+            pilot_id: t.2,
+            last_event: t.3,
+            reserved: t.4,
+            released: t.5,
+            last_seen_ms: t.6 as u64,
+        })
+    })
+    .collect()
+}
+
+/// Marks a pilot lost: it counts as gone for the slot's accounting.
+pub fn mark_pilot_lost(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
+    c.execute(
+        "UPDATE pilots SET released = 1, last_event = 'lost' WHERE slot_id = ?1 AND node = ?2",
+        params![slot.as_str(), node],
+    )?;
+    Ok(())
+}
+
 pub fn set_pilot_flags(c: &Connection, slot: &SlotId, node: &str, reserved: Option<bool>, released: Option<bool>) -> Result<()> {
     c.execute(
         "UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2",

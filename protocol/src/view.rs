@@ -200,6 +200,8 @@ pub enum Phase {
     DestroyRequested,
     LeaseExpired,
     Preempting,
+    /// A pilot stopped talking past `pilot_silence_s`.
+    PilotLost,
     VmDestroyed,
     MemoryRestored,
     SlotReleased,
@@ -222,6 +224,7 @@ impl Phase {
             Self::DestroyRequested => "destroy_requested",
             Self::LeaseExpired => "lease_expired",
             Self::Preempting => "preempting",
+            Self::PilotLost => "pilot_lost",
             Self::VmDestroyed => "vm_destroyed",
             Self::MemoryRestored => "memory_restored",
             Self::SlotReleased => "slot_released",

@@ -37,13 +37,23 @@ pub struct Options {
     pub kill_grace_s: u64,
     pub max_walltime_s: Option<u64>,
     pub coordinator_wait_fraction: f64,
-    /// Extra TOML appended to the config.
+    /// Extra TOML appended to the config (after the last section).
     pub extra: String,
+    /// Extra top-level TOML keys (before any section).
+    pub top: String,
+}
+
+impl Options {
+    /// Adds top-level config keys.
+    pub fn with_top(mut self, toml: &str) -> Self {
+        self.top.push_str(toml);
+        self
+    }
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new() }
+        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new(), top: String::new() }
     }
 }
 
@@ -72,7 +82,7 @@ data_dir = "{root}/coordinator"
 lrm = "local"
 tick_ms = 50
 lrm_poll_s = 0.5
-
+{top}
 [local]
 nodes = {nodes}
 cores_per_node = 2
@@ -86,7 +96,7 @@ hypervisor = "sim"
 state_dir = "{root}/nodes/%n/state"
 sim_dir = "{root}/nodes/%n/sim"
 coordinator_wait_fraction = {frac}
-poll_wait_ms = 5000
+poll_wait_ms = 2000
 margin_s = 1
 
 [[users]]
@@ -108,6 +118,7 @@ token_sha256 = "{bob}"
             alice = protocol::auth::token_hash(TOKEN),
             bob = protocol::auth::token_hash(OTHER_TOKEN),
             extra = opts.extra,
+            top = opts.top,
         );
         let cfg_path = root.join("coordinator.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");

@@ -269,3 +269,36 @@ fn a_workspace_waits_in_the_queue_and_destroy_before_it_runs_cancels_its_jobs() 
     c.wait_settled(&first);
     c.assert_nodes_restored();
 }
+
+#[test]
+fn a_pilot_that_goes_silent_fails_its_workspace_and_kill_all_restores_its_node() {
+    let c = Cluster::start(Options {
+        kill_grace_s: 1,
+        extra: String::new(),
+        ..Options::default()
+    }
+    .with_top("pilot_silence_s = 7\n"));
+    let id = ws_id(&c.create(ENSEMBLE));
+    let v = c.wait_running(&id);
+    let (slot, _) = slot_of(&v, "head");
+    let node = node_of_group(&v, "head");
+    let pid = c.pilot_pid_on(&slot, &node);
+    // Frozen: alive for the batch system, silent for the coordinator.
+    signal(pid, Signal::SIGSTOP);
+    let v = c.wait_settled(&id);
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert!(v["reason"].as_str().unwrap().contains("silent"), "{v:#}");
+    let phases: Vec<String> = c.timeline(&id).iter().map(|e| e["phase"].as_str().unwrap().to_string()).collect();
+    assert!(phases.iter().any(|p| p == "pilot_lost"), "{phases:?}");
+    // The job was cancelled: the frozen pilot got SIGKILL after the grace period.
+    wait_gone(pid, Duration::from_secs(10)).expect("the lost pilot's job is cancelled");
+    let out = Command::new(bin("workspace-kill-all"))
+        .args(["--hypervisor", "sim", "--sim-dir"])
+        .arg(c.sim_dir(&node))
+        .arg("--state-dir")
+        .arg(c.state_dir(&node))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.assert_nodes_restored();
+}
