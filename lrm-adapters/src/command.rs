@@ -29,7 +29,10 @@ impl CommandOutput {
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
     #[error("could not start {command}: {source}")]
-    Spawn { command: String, source: std::io::Error },
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
     #[error("{command} did not finish within {timeout:?} and was killed")]
     Timeout { command: String, timeout: Duration },
     #[error("{} exited {}: {:?} (stdout: {:?})", .0.command, .0.status.map_or("by signal".to_string(), |s| s.to_string()), .0.stderr.trim(), .0.stdout.trim())]
@@ -45,18 +48,38 @@ pub async fn run(
     stdin: Option<&str>,
     timeout: Duration,
 ) -> Result<CommandOutput, CommandError> {
+    run_with_env(program, args, stdin, timeout, &[]).await
+}
+
+/// [`run`] with extra environment variables (`SLURM_CONF`, `SGE_ROOT`, ...)
+/// set for the command on top of ours.
+pub async fn run_with_env(
+    program: &PathBuf,
+    args: &[String],
+    stdin: Option<&str>,
+    timeout: Duration,
+    env: &[(String, String)],
+) -> Result<CommandOutput, CommandError> {
     let command = std::iter::once(program.display().to_string())
         .chain(args.iter().cloned())
         .collect::<Vec<_>>()
         .join(" ");
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .process_group(0);
-    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn { command: command.clone(), source })?;
+    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
     let pid = child.id();
     if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
         // A command that does not read its input is not an error here.
@@ -99,9 +122,14 @@ mod tests {
 
     #[tokio::test]
     async fn output_and_status_are_kept() {
-        let out = run(&"sh".into(), &["-c".into(), "echo out; echo err >&2; exit 3".into()], None, Duration::from_secs(5))
-            .await
-            .unwrap();
+        let out = run(
+            &"sh".into(),
+            &["-c".into(), "echo out; echo err >&2; exit 3".into()],
+            None,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
         assert_eq!(out.status, Some(3));
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
@@ -112,20 +140,36 @@ mod tests {
     #[tokio::test]
     async fn a_hanging_command_is_killed_at_its_timeout() {
         let t = std::time::Instant::now();
-        let e = run(&"sleep".into(), &["30".into()], None, Duration::from_millis(200)).await.unwrap_err();
+        let e = run(
+            &"sleep".into(),
+            &["30".into()],
+            None,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, CommandError::Timeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
     async fn stdin_is_passed() {
-        let out = run(&"cat".into(), &[], Some("hello"), Duration::from_secs(5)).await.unwrap();
+        let out = run(&"cat".into(), &[], Some("hello"), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(out.stdout, "hello");
     }
 
     #[tokio::test]
     async fn a_missing_program_is_a_spawn_error_naming_it() {
-        let e = run(&"/nonexistent/qsub".into(), &[], None, Duration::from_secs(1)).await.unwrap_err();
+        let e = run(
+            &"/nonexistent/qsub".into(),
+            &[],
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/qsub"));
     }
 }

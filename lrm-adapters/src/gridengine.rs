@@ -1,41 +1,460 @@
-//! STUB: the gridengine adapter (being written).
+//! The Grid Engine adapter (Son of Grid Engine, Univa/Altair GE): `qsub
+//! -terse -notify -pe <pe> N` a script that starts one pilot per host of
+//! `$PE_HOSTFILE` with `qrsh -inherit` (each a task of the job, so Grid
+//! Engine signals every pilot), one `qstat -u '*' -xml` for many jobs, `qdel`
+//! with retry. With `-notify`, `qdel` and `h_rt` send SIGUSR2, then SIGKILL
+//! after the queue's `notify` time (plain `qdel` without it: SIGKILL at once).
 
-use crate::{JobId, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::batch_common::{self, Runner};
+use crate::{shell_join, shell_quote, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct GridEngineConfig {}
+/// How many slots of the parallel environment a job asks for.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PeSlots {
+    /// N slots: the PE's `allocation_rule` must be `1` on a real cluster (one
+    /// slot, one pilot per host; `$round_robin` on a single test host).
+    Nodes,
+    /// N x cores slots: the PE's `allocation_rule` must equal the cores per node.
+    Cores,
+}
 
-pub struct GridEngine;
+/// `[gridengine]` in the coordinator's config.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GridEngineConfig {
+    /// Command paths (a site may point them at wrappers).
+    pub qsub: PathBuf,
+    pub qstat: PathBuf,
+    pub qdel: PathBuf,
+    pub qconf: PathBuf,
+    /// `qrsh` as the job script calls it on the master host.
+    pub qrsh: PathBuf,
+    /// The parallel environment (`control_slaves TRUE`, see docs/LRM.md).
+    pub parallel_environment: String,
+    pub pe_slots: PeSlots,
+    /// `#$ -q` and `#$ -P` when set.
+    pub queue: Option<String>,
+    pub project: Option<String>,
+    /// If set, `-l <resource>=<MB per slot>M` (e.g. `h_vmem`, `mem_free`).
+    pub memory_resource: Option<String>,
+    /// More `#$` lines, verbatim after `#$ `.
+    pub extra_directives: Vec<String>,
+    /// Seconds between SIGUSR2 and SIGKILL: the queue's `notify`
+    /// (`qconf -sq <queue>`); the pilot's grace. [`GridEngine::check_grace`].
+    pub notify_s: u64,
+    /// Timeout of every command, seconds.
+    pub command_timeout_s: u64,
+    /// How many times `qdel` is tried before cancel() reports failure.
+    pub cancel_attempts: u32,
+    /// Extra environment for every command (`SGE_ROOT`, `SGE_CELL`).
+    pub env: BTreeMap<String, String>,
+}
+
+impl Default for GridEngineConfig {
+    fn default() -> Self {
+        GridEngineConfig {
+            qsub: "qsub".into(),
+            qstat: "qstat".into(),
+            qdel: "qdel".into(),
+            qconf: "qconf".into(),
+            qrsh: "qrsh".into(),
+            parallel_environment: "wsp".into(),
+            pe_slots: PeSlots::Nodes,
+            queue: None,
+            project: None,
+            memory_resource: None,
+            extra_directives: Vec::new(),
+            notify_s: 5,
+            command_timeout_s: 30,
+            cancel_attempts: 3,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+pub struct GridEngine {
+    config: GridEngineConfig,
+    runner: Runner,
+}
+
+const LRM: &str = "gridengine";
 
 impl GridEngine {
-    pub fn new(_c: GridEngineConfig) -> Result<Self, LrmError> {
-        Err(LrmError::Config { lrm: "gridengine", message: "not implemented yet".into() })
+    pub fn new(config: GridEngineConfig) -> Result<Self, LrmError> {
+        batch_common::check_directive_word(
+            LRM,
+            "parallel_environment",
+            &config.parallel_environment,
+        )?;
+        for (what, v) in [
+            ("queue", &config.queue),
+            ("project", &config.project),
+            ("memory_resource", &config.memory_resource),
+        ] {
+            if let Some(v) = v {
+                batch_common::check_directive_word(LRM, what, v)?;
+            }
+        }
+        if let Some(d) = config
+            .extra_directives
+            .iter()
+            .find(|d| d.trim().is_empty() || d.contains('\n'))
+        {
+            return Err(LrmError::Config {
+                lrm: LRM,
+                message: format!("extra_directives entry {d:?} is empty or has a newline"),
+            });
+        }
+        let runner = Runner::new(config.command_timeout_s, &config.env);
+        Ok(GridEngine { config, runner })
     }
+
+    /// The queue's `notify` time (`qconf -sq <queue>`, `all.q` if none is set).
+    pub async fn site_notify(&self) -> Result<Duration, LrmError> {
+        let q = self.config.queue.clone().unwrap_or_else(|| "all.q".into());
+        let out = crate::command::check(
+            self.runner
+                .run(&self.config.qconf, &["-sq".into(), q])
+                .await?,
+        )?;
+        parse_notify(&out.stdout).ok_or_else(|| LrmError::UnparsableStatus {
+            command: out.command.clone(),
+            reason: "no notify line".into(),
+            output: out.stdout.clone(),
+        })
+    }
+
+    /// Like [`crate::slurm::Slurm::check_grace`], against the queue's `notify`.
+    pub async fn check_grace(&self) -> Result<Duration, LrmError> {
+        let site = self.site_notify().await?;
+        if self.config.notify_s > site.as_secs() {
+            return Err(LrmError::Config {
+                lrm: LRM,
+                message: format!(
+                    "notify_s = {} but the queue's notify is {} s: the pilot would be killed before its grace ends",
+                    self.config.notify_s,
+                    site.as_secs()
+                ),
+            });
+        }
+        if self.config.notify_s < site.as_secs() {
+            tracing::warn!(
+                lrm = LRM,
+                notify_s = self.config.notify_s,
+                site_notify_s = site.as_secs(),
+                "grace shorter than the queue's notify"
+            );
+        }
+        Ok(site)
+    }
+}
+
+/// Reads the job id of `qsub -terse` (`12`, or `12.1-4:1` for arrays), or of
+/// plain qsub (`Your job 12 ("name") has been submitted`), from the last line
+/// that has one.
+pub(crate) fn parse_qsub_id(command: &str, stdout: &str) -> Result<JobId, LrmError> {
+    stdout
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let l = l.trim();
+            let word = l
+                .strip_prefix("Your job ")
+                .or_else(|| l.strip_prefix("Your job-array "))
+                .unwrap_or(l);
+            let word = word.split_whitespace().next()?;
+            let id = word.split('.').next()?;
+            let whole_line = word.len() == l.len() || l.starts_with("Your job");
+            (whole_line && !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| JobId(id.to_string()))
+        })
+        .ok_or_else(|| LrmError::UnparsableJobId {
+            command: command.to_string(),
+            output: stdout.to_string(),
+        })
+}
+
+/// Maps a Grid Engine state (letters combined: `qw`, `hqw`, `r`, `Rr`, `t`,
+/// `s`, `S`, `T`, `dr`, `Eqw`, ...) to [`JobState`].
+pub(crate) fn map_state(state: &str) -> JobState {
+    let has = |c: char| state.contains(c);
+    if state.is_empty() {
+        JobState::Unknown(String::new())
+    } else if has('E') {
+        JobState::Error(format!(
+            "{state}: error state, the job will not run until `qmod -cj` clears it"
+        ))
+    } else if has('d') {
+        JobState::Completing
+    } else if has('s') || has('S') || has('T') {
+        JobState::Suspended
+    } else if has('r') || has('t') {
+        // t: being transferred to/started on its hosts; its processes may
+        // already run (seen: pilots up while qstat still says t), as DRMAA maps it.
+        JobState::Running
+    } else if has('h') {
+        JobState::Held
+    } else if has('q') || has('w') {
+        JobState::Queued
+    } else {
+        JobState::Unknown(state.to_string())
+    }
+}
+
+/// Reads `qstat -xml`: job number -> state of every `<job_list>` element.
+pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, String> {
+    if !xml.contains("<job_info") {
+        return Err("no <job_info> element".into());
+    }
+    let tag = |block: &str, name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let start = block.find(&open)? + open.len();
+        let end = block[start..].find(&format!("</{name}>"))? + start;
+        Some(block[start..end].trim().to_string())
+    };
+    let mut jobs = HashMap::new();
+    for block in xml.split("<job_list").skip(1) {
+        let block = block.split("</job_list>").next().unwrap_or(block);
+        let id = tag(block, "JB_job_number").ok_or("a <job_list> without <JB_job_number>")?;
+        let state = tag(block, "state").unwrap_or_default();
+        jobs.insert(id, map_state(&state));
+    }
+    Ok(jobs)
+}
+
+/// `notify                00:00:05` of `qconf -sq`.
+pub(crate) fn parse_notify(text: &str) -> Option<Duration> {
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("notify"))?;
+    batch_common::pbs_seconds(line.split_whitespace().nth(1)?).map(Duration::from_secs)
+}
+
+fn plausible_id(id: &JobId) -> bool {
+    !id.0.is_empty() && id.0.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[async_trait]
 impl Lrm for GridEngine {
     fn kind(&self) -> &'static str {
-        "gridengine"
+        LRM
     }
+
     fn warning(&self) -> Warning {
-        Warning { signal: "SIGTERM", grace: Duration::from_secs(5) }
+        Warning {
+            signal: "SIGUSR2",
+            grace: Duration::from_secs(self.config.notify_s),
+        }
     }
-    fn render_script(&self, _job: &SlotJob) -> String {
-        String::new()
+
+    fn render_script(&self, job: &SlotJob) -> String {
+        let c = &self.config;
+        let wd = job.workdir.display();
+        let slots = match c.pe_slots {
+            PeSlots::Nodes => job.nodes,
+            PeSlots::Cores => job.nodes * job.cores_per_node,
+        };
+        let mut s = batch_common::script_header(LRM, job);
+        let mut d = |line: String| s.push_str(&format!("#$ {line}\n"));
+        d(format!("-N {}", job.name));
+        d(format!("-pe {} {slots}", c.parallel_environment));
+        d(format!("-l h_rt={}", batch_common::hhmmss(job.walltime)));
+        if let Some(r) = &c.memory_resource {
+            let per_slot = job.memory_mb_per_node * u64::from(job.nodes) / u64::from(slots.max(1));
+            d(format!("-l {r}={per_slot}M"));
+        }
+        d("-notify".into());
+        d("-S /bin/sh".into());
+        d(format!("-wd {wd}"));
+        d(format!("-o {wd}/{}.out", job.name));
+        d("-j y".into());
+        if let Some(q) = &c.queue {
+            d(format!("-q {q}"));
+        }
+        if let Some(p) = &c.project {
+            d(format!("-P {p}"));
+        }
+        for e in &c.extra_directives {
+            d(e.trim().to_string());
+        }
+        // qrsh -inherit joins its arguments into one command line for the
+        // remote shell: the pilot's argv goes quoted, as one string.
+        s.push_str(&format!(
+            "PILOT={}\n",
+            shell_quote(&shell_join(&job.pilot_argv))
+        ));
+        s.push_str(&format!(
+            "QRSH={}\n",
+            shell_quote(&c.qrsh.display().to_string())
+        ));
+        s.push_str(
+            "# One pilot per host of the parallel environment, each a task of this job: Grid Engine\n\
+             # sends its SIGUSR2 (-notify) and SIGKILL to every task itself. This shell only has to\n\
+             # survive the warning (the default action would end the job at once) and wait.\n\
+             trap 'echo \"wsp: SIGUSR2 (grace until SIGKILL)\" >&2' USR2\n\
+             trap 'echo \"wsp: SIGTERM\" >&2' TERM\n\
+             pids=\n\
+             while read -r host slots rest; do\n\
+             \x20   \"$QRSH\" -inherit -nostdin \"$host\" \"WSP_NODE=$host exec $PILOT\" &\n\
+             \x20   pids=\"$pids $!\"\n\
+             done < \"$PE_HOSTFILE\"\n\
+             status=0\n\
+             for p in $pids; do\n\
+             \x20   # wait returns early when a trapped signal arrives: wait again until $p is gone.\n\
+             \x20   while kill -0 \"$p\" 2>/dev/null; do wait \"$p\" || status=$?; done\n\
+             done\n\
+             exit $status\n",
+        );
+        s
     }
-    async fn submit(&self, _job: &SlotJob) -> Result<JobId, LrmError> {
-        Err(LrmError::Config { lrm: "gridengine", message: "not implemented yet".into() })
+
+    async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sge", job.name),
+            &self.render_script(job),
+        )?;
+        // -terse and -notify on the command line too: a site's sge_request cannot drop them.
+        let args = vec![
+            "-terse".into(),
+            "-notify".into(),
+            script.display().to_string(),
+        ];
+        let out = crate::command::check(self.runner.run(&self.config.qsub, &args).await?)?;
+        let id = parse_qsub_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
-    async fn status(&self, _ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        Err(LrmError::Config { lrm: "gridengine", message: "not implemented yet".into() })
+
+    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        let mut answer: HashMap<JobId, JobStatus> = HashMap::new();
+        if ids.iter().all(|i| !plausible_id(i)) {
+            answer.extend(ids.iter().map(|i| (i.clone(), JobStatus::NotFound)));
+            return Ok(answer);
+        }
+        let out = self
+            .runner
+            .run(
+                &self.config.qstat,
+                &["-u".into(), "*".into(), "-xml".into()],
+            )
+            .await?;
+        let out = crate::command::check(out)?;
+        let jobs = parse_qstat_xml(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
+            command: out.command.clone(),
+            reason,
+            output: out.stdout.clone(),
+        })?;
+        // Finished jobs leave qstat at once (no qacct here): NotFound.
+        for id in ids {
+            answer.insert(
+                id.clone(),
+                jobs.get(&id.0)
+                    .cloned()
+                    .map_or(JobStatus::NotFound, JobStatus::Known),
+            );
+        }
+        Ok(answer)
     }
-    async fn cancel(&self, _id: &JobId) -> Result<(), LrmError> {
-        Err(LrmError::Config { lrm: "gridengine", message: "not implemented yet".into() })
+
+    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
+        if !plausible_id(id) {
+            return Err(LrmError::UnknownJob {
+                lrm: LRM,
+                job: id.clone(),
+            });
+        }
+        let args = vec![id.0.clone()];
+        batch_common::cancel_with_retry(LRM, id, self.config.cancel_attempts, || async {
+            let mut out = self.runner.run(&self.config.qdel, &args).await?;
+            if !out.success() && format!("{}{}", out.stdout, out.stderr).contains("does not exist")
+            {
+                out.status = Some(0);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QSTAT_XML: &str = include_str!("../tests/fixtures/gridengine/qstat-xml-mixed.xml");
+
+    #[test]
+    fn qsub_terse_and_plain_ids_are_read() {
+        let id = |s| parse_qsub_id("qsub", s).unwrap().0;
+        assert_eq!(id("12\n"), "12");
+        assert_eq!(id("12.1-4:1\n"), "12");
+        assert_eq!(
+            id("Your job 345 (\"wsp-sl-1\") has been submitted\n"),
+            "345"
+        );
+        assert_eq!(id("site banner: be nice\n77\n"), "77");
+        assert!(parse_qsub_id("qsub", "Unable to run job: Job was rejected because job requests unknown queue \"x\".\nExiting.\n").is_err());
+    }
+
+    #[test]
+    fn every_grid_engine_state_maps() {
+        use JobState::*;
+        for (s, want) in [
+            ("qw", Queued),
+            ("hqw", Held),
+            ("hRwq", Held),
+            ("r", Running),
+            ("Rr", Running),
+            ("t", Running),
+            ("Rt", Running),
+            ("s", Suspended),
+            ("ts", Suspended),
+            ("S", Suspended),
+            ("T", Suspended),
+            ("dr", Completing),
+            ("dt", Completing),
+            ("dRr", Completing),
+        ] {
+            assert_eq!(map_state(s), want, "{s}");
+        }
+        assert!(matches!(map_state("Eqw"), Error(_)));
+        assert!(matches!(map_state("Ehqw"), Error(_)));
+        assert_eq!(map_state("z"), Unknown("z".into()));
+    }
+
+    #[test]
+    fn recorded_qstat_xml_is_read() {
+        let jobs = parse_qstat_xml(QSTAT_XML).unwrap();
+        assert_eq!(jobs["5"], JobState::Running);
+        assert_eq!(jobs["6"], JobState::Queued);
+        assert_eq!(jobs["7"], JobState::Held);
+        assert!(matches!(jobs["8"], JobState::Error(_)));
+        assert_eq!(jobs["9"], JobState::Completing);
+        assert_eq!(jobs.len(), 5);
+        assert!(
+            parse_qstat_xml("error: commlib error: got select error (Connection refused)").is_err()
+        );
+        assert!(
+            parse_qstat_xml("<?xml version='1.0'?>\n<job_info>\n</job_info>\n")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn queue_notify_is_read() {
+        assert_eq!(
+            parse_notify("qname all.q\nnotify                00:00:05\nowner_list NONE\n"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(parse_notify("qname all.q\n"), None);
     }
 }

@@ -6,6 +6,7 @@
 //! its raw output for errors) live in [`command`]. This crate knows nothing of
 //! workspaces or VMs: it runs a pilot command on N nodes for a walltime.
 
+mod batch_common;
 pub mod command;
 pub mod gridengine;
 pub mod local;
@@ -123,15 +124,26 @@ pub enum LrmError {
     #[error("{command} printed no job id we could read: {output:?}")]
     UnparsableJobId { command: String, output: String },
     #[error("{command}: could not read status output: {reason}; output: {output:?}")]
-    UnparsableStatus { command: String, reason: String, output: String },
+    UnparsableStatus {
+        command: String,
+        reason: String,
+        output: String,
+    },
     #[error("job {job} is unknown to the {lrm} adapter")]
     UnknownJob { lrm: &'static str, job: JobId },
     #[error("job asks for {asked}, but the {lrm} cluster has {has}")]
-    DoesNotFit { lrm: &'static str, asked: String, has: String },
+    DoesNotFit {
+        lrm: &'static str,
+        asked: String,
+        has: String,
+    },
     #[error("{lrm} configuration: {message}")]
     Config { lrm: &'static str, message: String },
     #[error("writing job script {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A batch system. Three calls, like HyperQueue's autoalloc.
@@ -208,7 +220,10 @@ pub fn shell_quote(word: &str) -> String {
 
 /// Quotes a whole argv for a POSIX shell.
 pub fn shell_join(argv: &[String]) -> String {
-    argv.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| shell_quote(a))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

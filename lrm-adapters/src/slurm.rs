@@ -1,41 +1,490 @@
-//! STUB: the slurm adapter (being written).
+//! The Slurm adapter: `sbatch --parsable` a script that `exec`s
+//! `srun --ntasks-per-node=1 <pilot>` (one pilot per node; scancel's SIGTERM
+//! reaches srun, which forwards it to every task), one `squeue` for the state
+//! of many jobs, `scancel` with retry. Slurm warns with SIGTERM and kills
+//! after `KillWait` (`scontrol show config`).
 
-use crate::{JobId, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::batch_common::{self, Runner};
+use crate::{shell_join, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::Duration;
 
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
-#[serde(default)]
-pub struct SlurmConfig {}
+/// `[slurm]` in the coordinator's config.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlurmConfig {
+    /// Command paths (a site may point them at wrappers).
+    pub sbatch: PathBuf,
+    pub squeue: PathBuf,
+    pub scancel: PathBuf,
+    pub scontrol: PathBuf,
+    /// `#SBATCH --partition=`, `--account=`, `--qos=` when set.
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// More `#SBATCH` lines, verbatim after `#SBATCH ` (e.g. `--constraint=vmx`).
+    pub extra_directives: Vec<String>,
+    /// More `srun` options (before the pilot command).
+    pub srun_args: Vec<String>,
+    /// Seconds between SIGTERM and SIGKILL: the site's `KillWait`. The pilot's
+    /// grace period; [`Slurm::check_grace`] compares it with the cluster's.
+    pub kill_wait_s: u64,
+    /// If set, `--signal=TERM@<s>`: Slurm sends SIGTERM this long before the
+    /// walltime ends (earlier warning than KillWait alone gives).
+    pub warn_before_walltime_s: Option<u32>,
+    /// Timeout of every command, seconds.
+    pub command_timeout_s: u64,
+    /// How many times `scancel` is tried before cancel() reports failure.
+    pub cancel_attempts: u32,
+    /// Extra environment for every command (e.g. `SLURM_CONF`).
+    pub env: BTreeMap<String, String>,
+}
 
-pub struct Slurm;
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            sbatch: "sbatch".into(),
+            squeue: "squeue".into(),
+            scancel: "scancel".into(),
+            scontrol: "scontrol".into(),
+            partition: None,
+            account: None,
+            qos: None,
+            extra_directives: Vec::new(),
+            srun_args: Vec::new(),
+            kill_wait_s: 5,
+            warn_before_walltime_s: None,
+            command_timeout_s: 30,
+            cancel_attempts: 3,
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+pub struct Slurm {
+    config: SlurmConfig,
+    runner: Runner,
+}
+
+const LRM: &str = "slurm";
+/// `squeue --format`: id, extended state, reason.
+const SQUEUE_FORMAT: &str = "--format=%i|%T|%r";
 
 impl Slurm {
-    pub fn new(_c: SlurmConfig) -> Result<Self, LrmError> {
-        Err(LrmError::Config { lrm: "slurm", message: "not implemented yet".into() })
+    pub fn new(config: SlurmConfig) -> Result<Self, LrmError> {
+        for (what, v) in [
+            ("partition", &config.partition),
+            ("account", &config.account),
+            ("qos", &config.qos),
+        ] {
+            if let Some(v) = v {
+                batch_common::check_directive_word(LRM, what, v)?;
+            }
+        }
+        for d in &config.extra_directives {
+            if d.trim().is_empty() || d.contains('\n') {
+                return Err(LrmError::Config {
+                    lrm: LRM,
+                    message: format!("extra_directives entry {d:?} is empty or has a newline"),
+                });
+            }
+        }
+        let runner = Runner::new(config.command_timeout_s, &config.env);
+        Ok(Slurm { config, runner })
     }
+
+    /// The cluster's `KillWait` (`scontrol show config`).
+    pub async fn site_kill_wait(&self) -> Result<Duration, LrmError> {
+        let out = self
+            .runner
+            .run(&self.config.scontrol, &["show".into(), "config".into()])
+            .await?;
+        let out = crate::command::check(out)?;
+        parse_kill_wait(&out.stdout).ok_or_else(|| LrmError::UnparsableStatus {
+            command: out.command.clone(),
+            reason: "no KillWait line".into(),
+            output: out.stdout.clone(),
+        })
+    }
+
+    /// Checks the configured grace against the cluster's `KillWait`: an error
+    /// if the pilot would be given longer than Slurm allows (it would be
+    /// killed mid-shutdown), a logged warning if it is given less. Returns the
+    /// cluster's value.
+    pub async fn check_grace(&self) -> Result<Duration, LrmError> {
+        let site = self.site_kill_wait().await?;
+        let ours = Duration::from_secs(self.config.kill_wait_s);
+        if ours > site {
+            return Err(LrmError::Config {
+                lrm: LRM,
+                message: format!(
+                    "kill_wait_s = {} but the cluster's KillWait is {} s: the pilot would be killed before its grace ends",
+                    self.config.kill_wait_s,
+                    site.as_secs()
+                ),
+            });
+        }
+        if ours < site {
+            tracing::warn!(
+                lrm = LRM,
+                kill_wait_s = self.config.kill_wait_s,
+                site_kill_wait_s = site.as_secs(),
+                "grace shorter than the cluster's KillWait"
+            );
+        }
+        Ok(site)
+    }
+
+    async fn squeue(&self, ids: Option<&[JobId]>) -> Result<crate::CommandOutput, LrmError> {
+        let mut args = vec![
+            "--noheader".to_string(),
+            "--states=all".into(),
+            SQUEUE_FORMAT.into(),
+        ];
+        match ids {
+            Some(ids) => args.push(format!(
+                "--jobs={}",
+                ids.iter()
+                    .map(|i| i.0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )),
+            None => args.push("--me".into()),
+        }
+        self.runner.run(&self.config.squeue, &args).await
+    }
+}
+
+/// Slurm's time limit is in minutes: the walltime rounded up (at least 1).
+fn minutes(d: Duration) -> u64 {
+    (d.as_secs() + u64::from(d.subsec_nanos() > 0))
+        .div_ceil(60)
+        .max(1)
+}
+
+/// Reads the job id of `sbatch --parsable`: `123` or `123;cluster`, on the
+/// last line that has one (site wrappers may print more).
+pub(crate) fn parse_sbatch_id(command: &str, stdout: &str) -> Result<JobId, LrmError> {
+    stdout
+        .lines()
+        .rev()
+        .map(|l| l.trim().split(';').next().unwrap_or("").trim())
+        .find(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
+        .map(|id| JobId(id.to_string()))
+        .ok_or_else(|| LrmError::UnparsableJobId {
+            command: command.to_string(),
+            output: stdout.to_string(),
+        })
+}
+
+/// A job id squeue accepts (`123`, `123_4` array task, `123+1` het job).
+fn plausible_id(id: &JobId) -> bool {
+    let mut parts = id.0.splitn(2, ['_', '+']);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    parts.next().is_some_and(digits) && parts.next().is_none_or(digits)
+}
+
+/// Maps a Slurm job state (`%T`) and pending reason (`%r`) to [`JobState`].
+pub(crate) fn map_state(state: &str, reason: &str) -> JobState {
+    let held_reason = matches!(
+        reason,
+        "JobHeldUser"
+            | "JobHeldAdmin"
+            | "launch_failed_requeued_held"
+            | "job_requeued_in_held_state"
+    ) || reason.contains("requeued held");
+    // A state may carry a suffix in some versions (`CANCELLED+`, `CANCELLED by 0`).
+    let base = state.split([' ', '+']).next().unwrap_or("");
+    match base {
+        "PENDING" if held_reason => JobState::Held,
+        "PENDING" | "REQUEUED" | "REQUEUE_FED" => JobState::Queued,
+        "REQUEUE_HOLD" | "RESV_DEL_HOLD" => JobState::Held,
+        "CONFIGURING" | "RUNNING" | "RESIZING" | "SIGNALING" => JobState::Running,
+        "SUSPENDED" | "STOPPED" => JobState::Suspended,
+        "COMPLETING" | "STAGE_OUT" => JobState::Completing,
+        "COMPLETED" => JobState::Completed,
+        "CANCELLED" | "REVOKED" => JobState::Cancelled,
+        "TIMEOUT" | "DEADLINE" => JobState::Timeout,
+        "NODE_FAIL" | "BOOT_FAIL" => JobState::NodeFail,
+        "PREEMPTED" => JobState::Preempted,
+        "FAILED" => JobState::Failed(if reason.is_empty() || reason == "None" {
+            "FAILED".into()
+        } else {
+            format!("FAILED: {reason}")
+        }),
+        "OUT_OF_MEMORY" => JobState::Failed("OUT_OF_MEMORY".into()),
+        "SPECIAL_EXIT" => JobState::Error(
+            "SPECIAL_EXIT: held after a special exit; needs requeue or cancel".into(),
+        ),
+        _ => JobState::Unknown(state.to_string()),
+    }
+}
+
+/// Parses `squeue --noheader --format=%i|%T|%r` lines into id -> state.
+/// Lines that are not three fields (site banners, warnings) are skipped.
+pub(crate) fn parse_squeue(stdout: &str) -> HashMap<String, JobState> {
+    stdout
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().splitn(3, '|');
+            let (id, state, reason) = (f.next()?.trim(), f.next()?.trim(), f.next()?.trim());
+            (!id.is_empty() && !state.is_empty())
+                .then(|| (id.to_string(), map_state(state, reason)))
+        })
+        .collect()
+}
+
+/// `KillWait                = 30 sec` of `scontrol show config`.
+pub(crate) fn parse_kill_wait(stdout: &str) -> Option<Duration> {
+    stdout.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == "KillWait").then(|| {
+            v.split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+                .map(Duration::from_secs)
+        })?
+    })
+}
+
+/// squeue's "no such job" answers (exit 1): any id it cannot resolve.
+fn squeue_invalid_id(out: &crate::CommandOutput) -> bool {
+    !out.success() && out.stderr.contains("Invalid job id")
 }
 
 #[async_trait]
 impl Lrm for Slurm {
     fn kind(&self) -> &'static str {
-        "slurm"
+        LRM
     }
+
     fn warning(&self) -> Warning {
-        Warning { signal: "SIGTERM", grace: Duration::from_secs(5) }
+        Warning {
+            signal: "SIGTERM",
+            grace: Duration::from_secs(self.config.kill_wait_s),
+        }
     }
-    fn render_script(&self, _job: &SlotJob) -> String {
-        String::new()
+
+    fn render_script(&self, job: &SlotJob) -> String {
+        let c = &self.config;
+        let wd = job.workdir.display();
+        let mut s = batch_common::script_header(LRM, job);
+        let mut d = |line: String| {
+            s.push_str("#SBATCH ");
+            s.push_str(&line);
+            s.push('\n');
+        };
+        d(format!("--job-name={}", job.name));
+        d(format!("--nodes={}", job.nodes));
+        d("--ntasks-per-node=1".into());
+        d(format!("--cpus-per-task={}", job.cores_per_node));
+        d(format!("--mem={}M", job.memory_mb_per_node));
+        d(format!("--time={}", minutes(job.walltime)));
+        d(format!("--chdir={wd}"));
+        d(format!("--output={wd}/{}-%j.out", job.name));
+        if let Some(p) = &c.partition {
+            d(format!("--partition={p}"));
+        }
+        if let Some(a) = &c.account {
+            d(format!("--account={a}"));
+        }
+        if let Some(q) = &c.qos {
+            d(format!("--qos={q}"));
+        }
+        if let Some(w) = c.warn_before_walltime_s {
+            d(format!("--signal=TERM@{w}"));
+        }
+        for e in &c.extra_directives {
+            d(e.trim().to_string());
+        }
+        s.push_str("# One pilot per node. exec: scancel's and the walltime's SIGTERM reach srun, which forwards it to every pilot.\n");
+        let mut srun = vec![
+            "srun".to_string(),
+            format!("--nodes={}", job.nodes),
+            format!("--ntasks={}", job.nodes),
+            "--ntasks-per-node=1".into(),
+            format!("--cpus-per-task={}", job.cores_per_node),
+        ];
+        srun.extend(c.srun_args.iter().cloned());
+        srun.extend(job.pilot_argv.iter().cloned());
+        s.push_str(&format!("exec {}\n", shell_join(&srun)));
+        s
     }
-    async fn submit(&self, _job: &SlotJob) -> Result<JobId, LrmError> {
-        Err(LrmError::Config { lrm: "slurm", message: "not implemented yet".into() })
+
+    async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sbatch", job.name),
+            &self.render_script(job),
+        )?;
+        let out = self
+            .runner
+            .run(
+                &self.config.sbatch,
+                &["--parsable".into(), script.display().to_string()],
+            )
+            .await?;
+        let out = crate::command::check(out)?;
+        let id = parse_sbatch_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
-    async fn status(&self, _ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        Err(LrmError::Config { lrm: "slurm", message: "not implemented yet".into() })
+
+    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        let mut answer: HashMap<JobId, JobStatus> = HashMap::new();
+        let (ask, bogus): (Vec<JobId>, Vec<JobId>) = ids.iter().cloned().partition(plausible_id);
+        // An id squeue could not even parse would fail the whole query.
+        answer.extend(bogus.into_iter().map(|id| (id, JobStatus::NotFound)));
+        if ask.is_empty() {
+            return Ok(answer);
+        }
+        let mut out = self.squeue(Some(&ask)).await?;
+        if squeue_invalid_id(&out) {
+            // Some versions fail the whole query when any id is purged (22.05
+            // only when all are): ask for all our jobs instead and pick ours.
+            out = self.squeue(None).await?;
+        }
+        let out = crate::command::check(out)?;
+        let states = parse_squeue(&out.stdout);
+        for id in ask {
+            let st = states
+                .get(&id.0)
+                .cloned()
+                .map_or(JobStatus::NotFound, JobStatus::Known);
+            answer.insert(id, st);
+        }
+        Ok(answer)
     }
-    async fn cancel(&self, _id: &JobId) -> Result<(), LrmError> {
-        Err(LrmError::Config { lrm: "slurm", message: "not implemented yet".into() })
+
+    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
+        if !plausible_id(id) {
+            return Err(LrmError::UnknownJob {
+                lrm: LRM,
+                job: id.clone(),
+            });
+        }
+        let args = vec![id.0.clone()];
+        batch_common::cancel_with_retry(LRM, id, self.config.cancel_attempts, || async {
+            let mut out = self.runner.run(&self.config.scancel, &args).await?;
+            let text = format!("{}{}", out.stdout, out.stderr);
+            if text.contains("Invalid job id") || text.contains("already completing or completed") {
+                out.status = Some(0); // gone already: done
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sbatch_parsable_id_with_cluster_and_wrapper_lines() {
+        let id = |s| parse_sbatch_id("sbatch", s).unwrap().0;
+        assert_eq!(id("1234\n"), "1234");
+        assert_eq!(id("1234;cluster2\n"), "1234");
+        assert_eq!(id("NOTE: your account has 10 h left\n5678\n"), "5678");
+        assert_eq!(id("5678\nsbatch wrapper: logged to /var/log/x\n"), "5678");
+        let e = parse_sbatch_id(
+            "sbatch --parsable x",
+            "sbatch: error: Batch job submission failed",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("Batch job submission failed"), "{e}");
+        assert!(parse_sbatch_id("sbatch", "").is_err());
+    }
+
+    #[test]
+    fn every_documented_slurm_state_maps_to_one_variant() {
+        use JobState::*;
+        let cases: &[(&str, &str, JobState)] = &[
+            ("PENDING", "Resources", Queued),
+            ("PENDING", "Priority", Queued),
+            ("PENDING", "JobHeldUser", Held),
+            ("PENDING", "JobHeldAdmin", Held),
+            ("PENDING", "launch failed requeued held", Held),
+            ("REQUEUED", "None", Queued),
+            ("REQUEUE_FED", "None", Queued),
+            ("REQUEUE_HOLD", "None", Held),
+            ("RESV_DEL_HOLD", "None", Held),
+            ("CONFIGURING", "None", Running),
+            ("RUNNING", "None", Running),
+            ("RESIZING", "None", Running),
+            ("SIGNALING", "None", Running),
+            ("SUSPENDED", "None", Suspended),
+            ("STOPPED", "None", Suspended),
+            ("COMPLETING", "None", Completing),
+            ("STAGE_OUT", "None", Completing),
+            ("COMPLETED", "None", Completed),
+            ("CANCELLED", "None", Cancelled),
+            ("REVOKED", "None", Cancelled),
+            ("TIMEOUT", "TimeLimit", Timeout),
+            ("DEADLINE", "None", Timeout),
+            ("NODE_FAIL", "NodeDown", NodeFail),
+            ("BOOT_FAIL", "None", NodeFail),
+            ("PREEMPTED", "None", Preempted),
+            (
+                "FAILED",
+                "NonZeroExitCode",
+                Failed("FAILED: NonZeroExitCode".into()),
+            ),
+            ("FAILED", "None", Failed("FAILED".into())),
+            (
+                "OUT_OF_MEMORY",
+                "OutOfMemory",
+                Failed("OUT_OF_MEMORY".into()),
+            ),
+        ];
+        for (state, reason, want) in cases {
+            assert_eq!(&map_state(state, reason), want, "{state} {reason}");
+        }
+        assert!(matches!(map_state("SPECIAL_EXIT", "None"), Error(_)));
+        assert_eq!(map_state("CANCELLED+", "None"), Cancelled);
+        assert_eq!(
+            map_state("WEIRD_NEW_STATE", "None"),
+            Unknown("WEIRD_NEW_STATE".into())
+        );
+    }
+
+    #[test]
+    fn squeue_lines_are_read_and_noise_is_skipped() {
+        let s = parse_squeue("1|RUNNING|None\n2|PENDING|JobHeldAdmin\nsqueue: warning: something\n3|CANCELLED|None\n\n");
+        assert_eq!(s.len(), 3);
+        assert_eq!(s["1"], JobState::Running);
+        assert_eq!(s["2"], JobState::Held);
+        assert_eq!(s["3"], JobState::Cancelled);
+    }
+
+    #[test]
+    fn kill_wait_is_read_from_scontrol_show_config() {
+        let text = "Configuration data as of 2024-01-01T00:00:00\nJobRequeue              = 1\nKillWait                = 30 sec\nKillOnBadExit           = 0\n";
+        assert_eq!(parse_kill_wait(text), Some(Duration::from_secs(30)));
+        assert_eq!(parse_kill_wait("nothing"), None);
+    }
+
+    #[test]
+    fn walltime_rounds_up_to_whole_minutes() {
+        assert_eq!(minutes(Duration::from_secs(1)), 1);
+        assert_eq!(minutes(Duration::from_secs(60)), 1);
+        assert_eq!(minutes(Duration::from_secs(61)), 2);
+        assert_eq!(minutes(Duration::from_secs(3600)), 60);
+    }
+
+    #[test]
+    fn ids_squeue_cannot_parse_are_not_sent() {
+        assert!(plausible_id(&JobId("123".into())));
+        assert!(plausible_id(&JobId("123_4".into())));
+        assert!(plausible_id(&JobId("123+1".into())));
+        assert!(!plausible_id(&JobId("abc".into())));
+        assert!(!plausible_id(&JobId("--all".into())));
+        assert!(!plausible_id(&JobId("".into())));
     }
 }
