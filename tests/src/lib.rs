@@ -41,6 +41,16 @@ pub struct Options {
     pub extra: String,
     /// Extra top-level TOML keys (before any section).
     pub top: String,
+    /// Another batch system instead of the local one: its config (the
+    /// `lrm = ...` line and its section), and its node names. The harness
+    /// creates a simulated node for each name.
+    pub lrm: Option<OtherLrm>,
+}
+
+/// A real batch system for [`Options::lrm`].
+pub struct OtherLrm {
+    pub toml: String,
+    pub nodes: Vec<String>,
 }
 
 impl Options {
@@ -53,7 +63,7 @@ impl Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new(), top: String::new() }
+        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new(), top: String::new(), lrm: None }
     }
 }
 
@@ -79,10 +89,11 @@ impl Cluster {
             r#"
 listen = "127.0.0.1:0"
 data_dir = "{root}/coordinator"
-lrm = "local"
+{lrm_line}
 tick_ms = 50
 lrm_poll_s = 0.5
 {top}
+{lrm_section}
 [local]
 nodes = {nodes}
 cores_per_node = 2
@@ -119,7 +130,21 @@ token_sha256 = "{bob}"
             bob = protocol::auth::token_hash(OTHER_TOKEN),
             extra = opts.extra,
             top = opts.top,
+            lrm_line = if opts.lrm.is_some() { "" } else { "lrm = \"local\"" },
+            lrm_section = opts.lrm.as_ref().map(|l| l.toml.as_str()).unwrap_or(""),
         );
+        if let Some(other) = &opts.lrm {
+            for n in &other.nodes {
+                let out = Command::new(bin("workspace-pilot"))
+                    .args(["sim", "init", "--dir"])
+                    .arg(root.join("nodes").join(n).join("sim"))
+                    .args(["--memory-mb", &opts.memory_mb.to_string(), "--cpus", "2"])
+                    .output()
+                    .expect("workspace-pilot sim init");
+                assert!(out.status.success(), "sim init {n}: {}", String::from_utf8_lossy(&out.stderr));
+                std::fs::create_dir_all(root.join("nodes").join(n).join("state")).expect("state dir");
+            }
+        }
         let cfg_path = root.join("coordinator.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
         let log = std::fs::File::create(root.join("coordinator.log")).expect("log file");
@@ -141,7 +166,10 @@ token_sha256 = "{bob}"
             std::thread::sleep(Duration::from_millis(20));
         };
         let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(40)).build().expect("http client");
-        let nodes = (1..=opts.nodes).map(|i| format!("node{i}")).collect();
+        let nodes = match &opts.lrm {
+            Some(o) => o.nodes.clone(),
+            None => (1..=opts.nodes).map(|i| format!("node{i}")).collect(),
+        };
         Cluster { dir, url, nodes, coordinator: Some(child), http }
     }
 
