@@ -66,6 +66,24 @@ pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Re
         prepare_sim_nodes(&cfg).await?;
     }
     let lrm = lrm_adapters::build(cfg.lrm, &cfg.lrm_settings())?;
+    // The grace pilots get must not exceed what the batch system allows.
+    match lrm.check_grace().await {
+        Ok(Some(site)) => {
+            if let Some(g) = cfg.pilot.grace_s.filter(|g| *g > site.as_secs()) {
+                return Err(ServerError::Lrm(LrmError::Config {
+                    lrm: lrm.kind(),
+                    message: format!(
+                        "pilot.grace_s = {g} but the batch system kills {} s after its warning signal",
+                        site.as_secs()
+                    ),
+                }));
+            }
+            info!(lrm = lrm.kind(), site_grace_s = site.as_secs(), "grace period checked against the batch system");
+        }
+        Ok(None) => {}
+        Err(e @ LrmError::Config { .. }) => return Err(e.into()),
+        Err(e) => tracing::warn!(lrm = lrm.kind(), error = %e, "could not check the grace period against the batch system"),
+    }
     let engine = Engine::new(cfg, lrm, public_url.clone())?;
     let (stop, stop_rx) = watch::channel(false);
     let app = crate::api::router(engine.clone());

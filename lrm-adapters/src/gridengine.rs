@@ -242,6 +242,10 @@ fn plausible_id(id: &JobId) -> bool {
 
 #[async_trait]
 impl Lrm for GridEngine {
+    async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
+        GridEngine::check_grace(self).await.map(Some)
+    }
+
     fn kind(&self) -> &'static str {
         LRM
     }

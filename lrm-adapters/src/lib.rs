@@ -167,6 +167,13 @@ pub trait Lrm: Send + Sync {
     /// Cancels a job (the LRM's warning signal, then SIGKILL after its grace).
     /// Cancelling a job that already ended is not an error.
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError>;
+    /// Compares the configured grace with what the batch system really allows
+    /// (Slurm KillWait, Grid Engine notify): `Err(LrmError::Config)` if ours is
+    /// longer (pilots would be killed mid-cleanup), `Ok(Some(site value))`
+    /// when checked, `Ok(None)` when this LRM cannot be asked.
+    async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
+        Ok(None)
+    }
     /// Called once when the coordinator stops. Adapters whose jobs cannot
     /// outlive the coordinator (`local`) end them here; real LRMs keep theirs.
     async fn shutdown(&self) {}

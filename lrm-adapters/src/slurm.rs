@@ -258,6 +258,10 @@ fn squeue_invalid_id(out: &crate::CommandOutput) -> bool {
 
 #[async_trait]
 impl Lrm for Slurm {
+    async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
+        Slurm::check_grace(self).await.map(Some)
+    }
+
     fn kind(&self) -> &'static str {
         LRM
     }

@@ -115,3 +115,37 @@ fn slurm_lease_end_releases_both_nodes_and_ends_the_pilot_job() {
     c.assert_nodes_restored();
     assert_eq!(squeue_ours(&c), "", "no pilot job left running");
 }
+
+#[test]
+fn coordinator_refuses_a_grace_longer_than_slurms_killwait() {
+    let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
+    let conf = slurm_conf();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"listen = "127.0.0.1:0"
+data_dir = "{d}/data"
+lrm = "slurm"
+[cluster]
+nodes = 2
+cores_per_node = 2
+memory_mb_per_node = 1000
+[slurm]
+kill_wait_s = 30
+env = {{ SLURM_CONF = "{conf}" }}
+[[users]]
+name = "a"
+token_sha256 = "{h}"
+"#,
+            d = dir.path().display(),
+            h = protocol::auth::token_hash("t")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin("workspace-coordinator")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!out.status.success(), "serve must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("KillWait is 5"), "the message names the cluster's setting: {err}");
+}
