@@ -51,7 +51,74 @@ cpus = 2
 image = "head.qcow2"
 "#;
 
+/// The ensemble for `--hypervisor kvm`: real QEMU VMs, so small ones (a
+/// kernel + busybox initramfs from scripts/kvm-payload.sh, image `kernel:`).
+pub const KVM_ENSEMBLE: &str = r#"
+name = "demo-ensemble"
+duration = "1h"
+[[group]]
+name = "worker"
+count = 3
+memory_mb = 128
+cpus = 1
+image = "kernel:"
+[[group]]
+name = "head"
+count = 1
+memory_mb = 256
+cpus = 1
+image = "kernel:"
+"#;
+
 const TOKEN: &str = "demo-token";
+const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+fn nr_hugepages() -> Option<u64> {
+    std::fs::read_to_string(NR_HUGEPAGES)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Writes the node config for `--hypervisor kvm`: the payload built by
+/// scripts/kvm-payload.sh ($WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload).
+fn kvm_node_config(root: &std::path::Path) -> Result<PathBuf, DemoError> {
+    let payload = PathBuf::from(
+        std::env::var("WSP_KVM_PAYLOAD").unwrap_or_else(|_| "/var/cache/wsp-kvm-payload".into()),
+    );
+    let (kernel, initrd) = (payload.join("vmlinux"), payload.join("initrd.gz"));
+    if !kernel.is_file() || !initrd.is_file() {
+        return Err(DemoError::Step(format!(
+            "no VM payload in {}: run scripts/kvm-payload.sh first",
+            payload.display()
+        )));
+    }
+    let path = root.join("node.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[kvm]\nrun_dir = \"{}/nodes/%n/kvm\"\nkernel = \"{}\"\ninitrd = \"{}\"\n",
+            root.display(),
+            kernel.display(),
+            initrd.display()
+        ),
+    )?;
+    Ok(path)
+}
+
+/// QEMU processes started for this demo (their arguments point into `root`).
+fn demo_qemus(root: &std::path::Path) -> usize {
+    let root = root.display().to_string();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).into_owned())
+        .filter(|c| c.starts_with("qemu-system") && c.contains(&root))
+        .count()
+}
 
 /// Waits (bounded) until `done(view)` holds; prints state changes.
 async fn wait_until(
@@ -91,13 +158,22 @@ fn print_timeline(title: &str, entries: &[TimelineEntry]) {
     }
     println!("   phases:");
     for (label, ms) in phase_summary(entries) {
-        println!("   {:<52} {:>10}", label, ms.map(fmt_ms).unwrap_or_else(|| "-".into()));
+        println!(
+            "   {:<52} {:>10}",
+            label,
+            ms.map(fmt_ms).unwrap_or_else(|| "-".into())
+        );
     }
 }
 
 /// Reads a simulated node through `workspace-pilot sim show`.
 async fn sim_node(program: &PathBuf, dir: &str) -> Result<serde_json::Value, DemoError> {
-    let args = vec!["sim".to_string(), "show".into(), "--dir".into(), dir.to_string()];
+    let args = vec![
+        "sim".to_string(),
+        "show".into(),
+        "--dir".into(),
+        dir.to_string(),
+    ];
     let out = lrm_adapters::command::run(program, &args, None, Duration::from_secs(10))
         .await
         .map_err(|e| DemoError::Step(e.to_string()))?;
@@ -114,7 +190,11 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
         listen: "127.0.0.1:0".into(),
         tick_ms: 50,
         lrm_poll_s: 1.0,
-        users: vec![User { name: "demo".into(), token_sha256: protocol::auth::token_hash(TOKEN), admin: false }],
+        users: vec![User {
+            name: "demo".into(),
+            token_sha256: protocol::auth::token_hash(TOKEN),
+            admin: false,
+        }],
         ..Config::default()
     };
     cfg.local.nodes = opts.nodes;
@@ -125,33 +205,73 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
     cfg.pilot.state_dir = root.join("nodes/%n/state").display().to_string();
     cfg.pilot.sim_dir = root.join("nodes/%n/sim").display().to_string();
     cfg.pilot.poll_wait_ms = 10_000;
+    let kvm = opts.hypervisor == "kvm";
+    let hugepages_before = nr_hugepages();
+    if kvm {
+        cfg.pilot.node_config = Some(kvm_node_config(&root)?.display().to_string());
+    }
+    let ensemble = if kvm { KVM_ENSEMBLE } else { ENSEMBLE };
     let program = cfg.pilot_program();
-    let node_names: Vec<String> = (1..=opts.nodes).map(|i| format!("{}{}", cfg.local.node_prefix, i)).collect();
+    let node_names: Vec<String> = (1..=opts.nodes)
+        .map(|i| format!("{}{}", cfg.local.node_prefix, i))
+        .collect();
     let sim_dir = cfg.pilot.sim_dir.clone();
 
-    println!("workspace pilot demo: local batch system ({} nodes x 2 cores x 4096 MB), {} hypervisor", opts.nodes, opts.hypervisor);
+    println!(
+        "workspace pilot demo: local batch system ({} nodes x 2 cores x 4096 MB), {} hypervisor",
+        opts.nodes, opts.hypervisor
+    );
     println!("working directory: {}", root.display());
     let running = server::start(cfg, None).await?;
     println!("coordinator: {}", running.url);
     let client = Client::new(&running.url, TOKEN)?;
 
-    let result = scenario(&client, &running).await;
+    let result = scenario(&client, &running, ensemble).await;
 
     running.stop().await;
     // Check every node whatever happened above.
     let mut all_ok = true;
     println!("\n== nodes after the demo");
-    println!("   {:<8} {:>12} {:>12} {:>8}", "node", "dom0 now MB", "original MB", "guests");
-    for n in &node_names {
+    println!(
+        "   {:<8} {:>12} {:>12} {:>8}",
+        "node", "dom0 now MB", "original MB", "guests"
+    );
+    if kvm {
+        // Real VMs: the host's hugepage pool is back and no QEMU is left.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while demo_qemus(&root) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (now, qemus) = (nr_hugepages(), demo_qemus(&root));
+        let ok = now == hugepages_before && qemus == 0;
+        all_ok &= ok;
+        println!(
+            "   hugepages {:?} (before the demo {:?}), QEMU processes left {qemus}  {}",
+            now,
+            hugepages_before,
+            if ok { "ok" } else { "NOT RESTORED" }
+        );
+    }
+    for n in node_names.iter().filter(|_| !kvm) {
         let dir = sim_dir.replace("%n", n);
         match sim_node(&program, &dir).await {
             Ok(v) => {
                 let cur = v["dom0"]["current_mb"].as_u64().unwrap_or(0);
                 let max = v["dom0"]["max_mb"].as_u64().unwrap_or(0);
-                let guests = v["domains"].as_array().map(|a| a.len()).unwrap_or(usize::MAX);
+                let guests = v["domains"]
+                    .as_array()
+                    .map(|a| a.len())
+                    .unwrap_or(usize::MAX);
                 let ok = cur == max && guests == 0;
                 all_ok &= ok;
-                println!("   {:<8} {:>12} {:>12} {:>8}  {}", n, cur, max, guests, if ok { "ok" } else { "NOT RESTORED" });
+                println!(
+                    "   {:<8} {:>12} {:>12} {:>8}  {}",
+                    n,
+                    cur,
+                    max,
+                    guests,
+                    if ok { "ok" } else { "NOT RESTORED" }
+                );
             }
             Err(e) => {
                 all_ok = false;
@@ -165,52 +285,107 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
     }
     match result {
         Ok(()) => {
-            println!("\n{}", if all_ok { "demo OK: every node has its original dom0 memory and no VM" } else { "demo FAILED: a node was not restored" });
+            println!(
+                "\n{}",
+                if all_ok {
+                    "demo OK: every node has its original dom0 memory and no VM"
+                } else {
+                    "demo FAILED: a node was not restored"
+                }
+            );
             Ok(all_ok)
         }
         Err(e) => Err(e),
     }
 }
 
-async fn scenario(client: &Client, running: &server::Running) -> Result<(), DemoError> {
+async fn scenario(
+    client: &Client,
+    running: &server::Running,
+    ensemble: &str,
+) -> Result<(), DemoError> {
     // 1. Lease an ensemble, wait for it to run, destroy it.
     let t = Instant::now();
-    let ws = client.create(ENSEMBLE).await?;
-    println!("\n[1] created {} ({}): 3 workers x 1024 MB + 1 head x 2048 MB", ws.id, ws.name);
-    let (view, _) = wait_until(client, ws.id.as_str(), "running", Duration::from_secs(60), |v| {
-        v.state == WorkspaceState::Running || v.state.is_terminal()
-    })
+    let ws = client.create(ensemble).await?;
+    println!("\n[1] created {} ({}): 3 workers + 1 head", ws.id, ws.name);
+    let (view, _) = wait_until(
+        client,
+        ws.id.as_str(),
+        "running",
+        Duration::from_secs(60),
+        |v| v.state == WorkspaceState::Running || v.state.is_terminal(),
+    )
     .await?;
     if view.state != WorkspaceState::Running {
-        return Err(DemoError::Step(format!("workspace {} ended {}: {:?}", view.id, view.state, view.reason)));
+        return Err(DemoError::Step(format!(
+            "workspace {} ended {}: {:?}",
+            view.id, view.state, view.reason
+        )));
     }
-    println!("    running after {} (client view)", fmt_ms(t.elapsed().as_secs_f64() * 1000.0));
+    println!(
+        "    running after {} (client view)",
+        fmt_ms(t.elapsed().as_secs_f64() * 1000.0)
+    );
     for vm in &view.vms {
-        println!("    {:<32} {:<7} {:<7} job {:<4} {}", vm.name, vm.group, vm.node.clone().unwrap_or_default(), vm.job_id.clone().unwrap_or_default(), vm.state.as_str());
+        println!(
+            "    {:<32} {:<7} {:<7} job {:<4} {}",
+            vm.name,
+            vm.group,
+            vm.node.clone().unwrap_or_default(),
+            vm.job_id.clone().unwrap_or_default(),
+            vm.state.as_str()
+        );
     }
     let t = Instant::now();
     client.destroy(ws.id.as_str()).await?;
-    let (view, entries) = wait_until(client, ws.id.as_str(), "settled", Duration::from_secs(60), |v| v.settled).await?;
-    println!("    destroyed and settled after {} ({})", fmt_ms(t.elapsed().as_secs_f64() * 1000.0), view.state);
-    let mut all = client.events(ws.id.as_str(), 0, Duration::ZERO).await?.events;
+    let (view, entries) = wait_until(
+        client,
+        ws.id.as_str(),
+        "settled",
+        Duration::from_secs(60),
+        |v| v.settled,
+    )
+    .await?;
+    println!(
+        "    destroyed and settled after {} ({})",
+        fmt_ms(t.elapsed().as_secs_f64() * 1000.0),
+        view.state
+    );
+    let mut all = client
+        .events(ws.id.as_str(), 0, Duration::ZERO)
+        .await?
+        .events;
     if all.len() < entries.len() {
         all = entries;
     }
-    print_timeline(&format!("timeline of {} (create, run, destroy)", ws.id), &all);
+    print_timeline(
+        &format!("timeline of {} (create, run, destroy)", ws.id),
+        &all,
+    );
 
     // 2. Lease another; the batch system preempts the head node's pilot job.
-    let ws = client.create(ENSEMBLE).await?;
-    println!("\n[2] created {}; will preempt one of its pilot jobs", ws.id);
-    let (view, _) = wait_until(client, ws.id.as_str(), "running", Duration::from_secs(60), |v| {
-        v.state == WorkspaceState::Running || v.state.is_terminal()
-    })
+    let ws = client.create(ensemble).await?;
+    println!(
+        "\n[2] created {}; will preempt one of its pilot jobs",
+        ws.id
+    );
+    let (view, _) = wait_until(
+        client,
+        ws.id.as_str(),
+        "running",
+        Duration::from_secs(60),
+        |v| v.state == WorkspaceState::Running || v.state.is_terminal(),
+    )
     .await?;
     let slot = view
         .slots
         .iter()
         .find(|s| s.group == "head")
         .ok_or_else(|| DemoError::Step("no head slot".into()))?;
-    let job = slot.job_id.clone().ok_or_else(|| DemoError::Step("head slot has no job id".into()))?;
+    let job = slot
+        .job_id
+        .clone()
+        .ok_or_else(|| DemoError::Step("head slot has no job id".into()))?;
     println!("    batch system preempts job {job} (SIGTERM to its pilot, SIGKILL after the grace period)");
     running
         .engine
@@ -218,12 +393,32 @@ async fn scenario(client: &Client, running: &server::Running) -> Result<(), Demo
         .cancel(&JobId(job))
         .await
         .map_err(|e| DemoError::Step(format!("preempting: {e}")))?;
-    let (view, _) = wait_until(client, ws.id.as_str(), "settled", Duration::from_secs(60), |v| v.settled).await?;
-    println!("    workspace {}: {}", view.state, view.reason.clone().unwrap_or_default());
-    let all = client.events(ws.id.as_str(), 0, Duration::ZERO).await?.events;
-    print_timeline(&format!("timeline of {} (create, run, preempted)", ws.id), &all);
+    let (view, _) = wait_until(
+        client,
+        ws.id.as_str(),
+        "settled",
+        Duration::from_secs(60),
+        |v| v.settled,
+    )
+    .await?;
+    println!(
+        "    workspace {}: {}",
+        view.state,
+        view.reason.clone().unwrap_or_default()
+    );
+    let all = client
+        .events(ws.id.as_str(), 0, Duration::ZERO)
+        .await?
+        .events;
+    print_timeline(
+        &format!("timeline of {} (create, run, preempted)", ws.id),
+        &all,
+    );
     if view.state != WorkspaceState::Preempted {
-        return Err(DemoError::Step(format!("expected the workspace to be preempted, it is {}", view.state)));
+        return Err(DemoError::Step(format!(
+            "expected the workspace to be preempted, it is {}",
+            view.state
+        )));
     }
     Ok(())
 }

@@ -106,7 +106,11 @@ fn main() {
     let state_dir = expand_node(&cli.state_dir, &node);
     let opts = HvOptions {
         sim_dir: cli.sim_dir.as_deref().map(|d| expand_node(d, &node)),
-        node: match cli.node_config.as_deref().map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node))) {
+        node: match cli
+            .node_config
+            .as_deref()
+            .map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node)))
+        {
             None => hypervisor::NodeConfig::default(),
             Some(Ok(c)) => c,
             Some(Err(e)) => usage(e),
@@ -117,6 +121,10 @@ fn main() {
         Ok(hv) => hv,
         Err(e) => usage(e),
     };
+    // Drivers that connect lazily (xen) show here whether the node answers.
+    if let Err(e) = hv.dom0_memory() {
+        usage(format!("node not usable: {e}"));
+    }
     let files = match list_state_files(&state_dir) {
         Ok(f) => f,
         Err(e) => usage(e),
@@ -312,6 +320,11 @@ fn restore_memory(
     };
     let wanted = if cli.slot.is_some() {
         m.target_mb + handled.iter().map(|(_, f)| f.taken_mb).sum::<u64>()
+    } else if hv.name().starts_with("kvm") {
+        // kvm: the maximum is "no hugepages held by this node" (the driver
+        // keeps a per-node ledger); recorded originals may predate other
+        // nodes' changes of the host-wide pool.
+        m.max_mb
     } else {
         handled
             .iter()

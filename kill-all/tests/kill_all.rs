@@ -240,7 +240,8 @@ fn unusable_hypervisor_is_a_usage_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"));
+    // No xenstored on this machine: the xen driver opens, the node does not answer.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("node not usable"));
 }
 
 #[test]

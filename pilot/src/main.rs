@@ -5,6 +5,8 @@
 //! simulated node for demos and tests. Argument checks live here; the work
 //! lives in the `pilot` library.
 
+mod check;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pilot::hypervisor::sim::{Sim, SimNode};
@@ -32,6 +34,8 @@ enum Cmd {
     /// Set up or inspect a simulated node.
     #[command(subcommand)]
     Sim(SimCmd),
+    /// Check this node is fit for pilots; print each check and what to fix (exit 0 all ok, 1 not).
+    Check(check::CheckArgs),
 }
 
 #[derive(Args)]
@@ -39,9 +43,12 @@ struct RunArgs {
     /// Slot id (sl-…).
     #[arg(long)]
     slot: SlotId,
-    /// Coordinator base URL (http://head:8080).
+    /// Coordinator base URL (http://head:8080, or https:// with --ca-file).
     #[arg(long)]
     coordinator: String,
+    /// CA certificate (PEM) that signed an https coordinator's certificate.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// File holding the slot key (64 hex digits).
     #[arg(long)]
     key_file: PathBuf,
@@ -146,6 +153,7 @@ fn main() {
         .init();
     let code = match cli.cmd {
         Cmd::Run(args) => run(args),
+        Cmd::Check(args) => check::check(args),
         Cmd::Sim(cmd) => match sim(cmd) {
             Ok(()) => 0,
             Err(e) => {
@@ -197,7 +205,11 @@ fn run(a: RunArgs) -> i32 {
     }
     let opts = HvOptions {
         sim_dir: a.sim_dir.as_deref().map(|d| expand_node(d, &node)),
-        node: match a.node_config.as_deref().map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node))) {
+        node: match a
+            .node_config
+            .as_deref()
+            .map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node)))
+        {
             None => hypervisor::NodeConfig::default(),
             Some(Ok(c)) => c,
             Some(Err(e)) => return usage(e),
@@ -211,7 +223,15 @@ fn run(a: RunArgs) -> i32 {
     if let Err(e) = hv.dom0_memory() {
         return usage(format!("node not usable: {e}"));
     }
+    let ca_pem = match &a.ca_file {
+        None => None,
+        Some(p) => match std::fs::read(p) {
+            Ok(pem) => Some(pem),
+            Err(e) => return usage(format!("--ca-file {}: {e}", p.display())),
+        },
+    };
     let cfg = RunConfig {
+        ca_pem,
         slot: a.slot,
         coordinator: a.coordinator,
         key,

@@ -65,11 +65,22 @@ impl Notifier {
         pilot: PilotId,
         node: String,
         request_timeout: Duration,
+        ca_pem: Option<&[u8]>,
     ) -> Result<Self, NotifyError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(pem) = ca_pem {
+            // Trust exactly the site's CA for an https coordinator.
+            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
+                NotifyError::Client(format!("CA file is not a PEM certificate: {e}"))
+            })?;
+            builder = builder
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let client = builder
             .build()
             .map_err(|e| NotifyError::Client(e.to_string()))?;
         let base = coordinator.trim_end_matches('/');

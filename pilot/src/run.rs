@@ -47,6 +47,8 @@ pub struct RunConfig {
     pub balloon_timeout: Duration,
     pub poll_wait: Duration,
     pub startup_budget: Duration,
+    /// PEM of the CA that signed an https coordinator's certificate.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// Failure of one bounded hypervisor call.
@@ -157,6 +159,7 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         pilot_id.clone(),
         cfg.node.clone(),
         cfg.notify_timeout,
+        cfg.ca_pem.as_deref(),
     ) {
         Ok(n) => n,
         Err(e) => {

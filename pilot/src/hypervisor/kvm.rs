@@ -1,39 +1,1304 @@
-//! STUB: the `kvm` driver (being written).
+//! `kvm`: real VMs, one `qemu-system-x86_64` process per VM (KVM where the
+//! host really has it, TCG otherwise), controlled over QMP on a unix socket.
+//!
+//! The node's "dom0 memory" is the host memory not held as hugepages by this
+//! node: reserving = adding hugepages to the host pool (see [`hugepages`]).
+//! Each VM's files (`<name>.pid/.qmp/.vm.json/.qcow2/.serial/.log`) live in the
+//! run dir, so a later process (kill-all) finds and removes them.
+
+pub mod hugepages;
+pub mod qmp;
 
 use super::{Dom0Memory, Domain, HvError, HvOptions, Hypervisor};
+use crate::files::write_atomic;
+use crate::node::expand_node;
+use hugepages::HugePages;
 use protocol::pilot::VmLaunch;
+use qmp::{MigrationInfo, Qmp, QmpError};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-/// `[kvm]` section of the node config.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+/// `[kvm]` section of the node config. Every key is optional; paths may use
+/// `%n` (the node name). See docs/KVM.md for each key.
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct KvmConfig {}
+pub struct KvmConfig {
+    /// QEMU system emulator.
+    pub qemu: String,
+    /// qemu-img (per-VM overlays, image format detection).
+    pub qemu_img: String,
+    /// Sockets, pid files, overlays, serial logs, the hugepage ledger.
+    pub run_dir: String,
+    /// Where relative image names are looked up.
+    pub image_dir: String,
+    /// Reserve real hugepages (false: accounting only).
+    pub hugepages: bool,
+    /// Hugepage size: `2M`, `1G` or `<n>k`.
+    pub page_size: String,
+    /// Host-wide lock held around every change of the hugepage pool.
+    pub hugepages_lock: String,
+    /// Memory (MB) the host keeps available: a reservation that would leave
+    /// less is refused before the kernel is asked.
+    pub host_reserve_mb: u64,
+    /// Prefix for the privileged write of nr_hugepages (e.g. `["sudo", "-n"]`).
+    pub privileged_prefix: Vec<String>,
+    /// `auto`, `kvm` or `tcg`.
+    pub accelerator: String,
+    /// Kernel for `kernel:` images (and the KVM canary boot).
+    pub kernel: Option<String>,
+    /// Initrd for `kernel:` images.
+    pub initrd: Option<String>,
+    /// Kernel command line for kernel boots; `%v` is the VM name.
+    pub append: String,
+    /// QEMU machine type (empty: QEMU's default).
+    pub machine: String,
+    /// QEMU CPU model (empty: QEMU's default; never `host` unless you mean it).
+    pub cpu: String,
+    /// Extra QEMU arguments, appended as given.
+    pub extra_args: Vec<String>,
+    /// Bound for QEMU to start and answer on QMP.
+    pub start_timeout_s: u64,
+    /// Bound for a graceful `system_powerdown` before `quit` (0: no powerdown).
+    pub shutdown_timeout_s: u64,
+    /// Bound between QMP `quit` and SIGKILL.
+    pub kill_timeout_s: u64,
+    /// Bound for qemu-img and other commands.
+    pub command_timeout_s: u64,
+    /// Bound for suspend to file and resume from it.
+    pub save_timeout_s: u64,
+    /// Suspend file compression: `zstd` or `none`.
+    pub compressor: String,
+    /// Bound for the KVM canary boot.
+    pub canary_timeout_s: u64,
+    /// Serial line the canary boot must print.
+    pub canary_marker: String,
+}
 
-pub struct Kvm;
+impl Default for KvmConfig {
+    fn default() -> Self {
+        Self {
+            qemu: "qemu-system-x86_64".into(),
+            qemu_img: "qemu-img".into(),
+            run_dir: "/run/workspace-pilot/%n/kvm".into(),
+            image_dir: "/var/lib/workspace-pilot/images".into(),
+            hugepages: true,
+            page_size: "2M".into(),
+            hugepages_lock: "/run/lock/wsp-hugepages.lock".into(),
+            host_reserve_mb: 512,
+            privileged_prefix: Vec::new(),
+            accelerator: "auto".into(),
+            kernel: None,
+            initrd: None,
+            append: "console=ttyS0 quiet panic=-1 wsp.hostname=%v".into(),
+            machine: String::new(),
+            cpu: String::new(),
+            extra_args: Vec::new(),
+            start_timeout_s: 20,
+            shutdown_timeout_s: 0,
+            kill_timeout_s: 5,
+            command_timeout_s: 60,
+            save_timeout_s: 120,
+            compressor: "zstd".into(),
+            canary_timeout_s: 15,
+            canary_marker: "WSP-VM-READY".into(),
+        }
+    }
+}
+
+/// How QEMU runs guests on this host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Parses `2M`, `1G`, `2048k`, `2048kB` into kB.
+pub fn parse_page_size(s: &str) -> Result<u64, HvError> {
+    let t = s.trim().trim_end_matches(['B', 'b']);
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1024),
+        Some('g' | 'G') => (&t[..t.len() - 1], 1024 * 1024),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .map(|n| n * mult)
+        .ok_or_else(|| HvError::Config(format!("[kvm] page_size {s:?}: expected e.g. 2M or 1G")))
+}
+
+/// Runs `cmd` with an optional stdin, bounded by `timeout`; returns stdout.
+/// On failure the error keeps the raw stderr (and stdout).
+pub(crate) fn run_bounded(
+    mut cmd: Command,
+    stdin: Option<Vec<u8>>,
+    timeout: Duration,
+    shown: &str,
+) -> Result<String, HvError> {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let fail = |message: String, output: String| HvError::KvmCommand {
+        command: shown.to_string(),
+        message,
+        output,
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail(format!("cannot start: {e}"), String::new()))?;
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        let _ = pipe.write_all(&bytes);
+    }
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = out.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(p) = err.as_mut() {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(
+                    format!("timed out after {} ms", timeout.as_millis()),
+                    String::new(),
+                ));
+            }
+            Err(e) => return Err(fail(format!("wait: {e}"), String::new())),
+        }
+    };
+    let stdout = t_out.join().unwrap_or_default();
+    let stderr = t_err.join().unwrap_or_default();
+    if status.success() {
+        Ok(stdout)
+    } else {
+        Err(fail(
+            format!("exited with {status}"),
+            format!("{}{}", stderr.trim(), stdout.trim()),
+        ))
+    }
+}
+
+/// How a VM boots, from its `image`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Boot {
+    /// `-kernel`/`-initrd`/`-append`, no disk.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+    },
+    /// A disk image, used through a per-VM copy-on-write overlay.
+    Disk { base: PathBuf },
+}
+
+/// What the run dir keeps about one VM (`<name>.vm.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmMeta {
+    pub name: String,
+    pub memory_mb: u64,
+    pub cpus: u32,
+    pub image: String,
+    pub accel: Accel,
+    /// QEMU's arguments (without the program), to restore a suspended VM.
+    pub argv: Vec<String>,
+    pub overlay: Option<PathBuf>,
+    pub created_ms: u64,
+    /// Set while the VM is suspended to this file (no process).
+    #[serde(default)]
+    pub saved_to: Option<PathBuf>,
+}
+
+/// The kvm driver for one node.
+pub struct Kvm {
+    cfg: KvmConfig,
+    node: String,
+    run_dir: PathBuf,
+    image_dir: PathBuf,
+    accel: Accel,
+    accel_reason: String,
+    pages: HugePages,
+    /// The most "dom0" may hold: host memory minus the hugepages other nodes
+    /// (and the host itself) held when this driver opened.
+    max_mb: u64,
+    /// QEMU processes this process started, to reap them.
+    children: Mutex<HashMap<String, Child>>,
+}
+
+static HOST_ACCEL: OnceLock<(Accel, String)> = OnceLock::new();
+
+fn io(path: &Path, source: std::io::Error) -> HvError {
+    HvError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Whether the host claims usable KVM (hardware virtualization module and
+/// CPU flag; `kvm_pvm` does not count). Returns the reason either way.
+pub fn host_claims_kvm() -> (bool, String) {
+    let module = ["kvm_intel", "kvm_amd"]
+        .into_iter()
+        .find(|m| Path::new("/sys/module").join(m).exists());
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+        })
+        .unwrap_or(false);
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let dev = Path::new("/dev/kvm").exists();
+    match (module, flags, dev) {
+        (Some(m), true, true) => (true, format!("{m} loaded, vmx/svm present, /dev/kvm")),
+        _ => (
+            false,
+            format!(
+                "no usable KVM: kvm_intel/kvm_amd {}, vmx/svm {}, /dev/kvm {}{}",
+                module.map_or("absent", |_| "loaded"),
+                if flags { "present" } else { "absent" },
+                if dev { "present" } else { "absent" },
+                if pvm {
+                    " (kvm_pvm cannot run stock kernels)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+    }
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Whether `pid` is a live QEMU started with `-name <name>`.
+pub fn is_our_qemu(pid: u32, name: &str) -> bool {
+    if pid == 0 || is_zombie_or_gone(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.windows(2)
+        .any(|w| w[0] == b"-name" && w[1] == name.as_bytes())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.')
+}
+
+fn shell_quote(p: &Path) -> Result<String, HvError> {
+    let s = p.display().to_string();
+    if s.contains('\'') {
+        return Err(HvError::Config(format!(
+            "{s}: suspend file paths may not contain a single quote"
+        )));
+    }
+    Ok(format!("'{s}'"))
+}
 
 impl Kvm {
-    pub fn open(_cfg: &KvmConfig, _opts: &HvOptions) -> Result<Self, HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+    /// Opens the driver: creates the run dir, reads the host memory and this
+    /// node's hugepage ledger, and chooses the accelerator (cached per process).
+    pub fn open(cfg: &KvmConfig, opts: &HvOptions) -> Result<Self, HvError> {
+        let node = if opts.node_name.is_empty() {
+            "localhost".to_string()
+        } else {
+            opts.node_name.clone()
+        };
+        let run_dir = expand_node(&cfg.run_dir, &node);
+        let image_dir = expand_node(&cfg.image_dir, &node);
+        if run_dir.display().to_string().contains(',') {
+            return Err(HvError::Config(format!(
+                "[kvm] run_dir {} may not contain a comma (QEMU option syntax)",
+                run_dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&run_dir).map_err(|e| io(&run_dir, e))?;
+        let page_kb = parse_page_size(&cfg.page_size)?;
+        let pages = HugePages {
+            enabled: cfg.hugepages,
+            page_kb,
+            sysfs: PathBuf::from("/sys/kernel/mm/hugepages"),
+            lock_path: expand_node(&cfg.hugepages_lock, &node),
+            ledger_path: run_dir.join("hugepages.json"),
+            privileged: cfg.privileged_prefix.clone(),
+            host_reserve_mb: cfg.host_reserve_mb,
+        };
+        if cfg.hugepages && !pages.count_path().exists() {
+            return Err(HvError::Config(format!(
+                "[kvm] page_size {}: this kernel has no {} (set hugepages = false for accounting only)",
+                cfg.page_size,
+                pages.count_path().display()
+            )));
+        }
+        let ledger = pages.ledger()?;
+        let total_mb = hugepages::meminfo_kb("MemTotal")? / 1024;
+        let mine_mb = ledger.held_pages * ledger.page_kb.max(1) / 1024;
+        let others_mb = pages.host_total_mb()?.saturating_sub(mine_mb);
+        let max_mb = total_mb.saturating_sub(others_mb);
+        let (accel, accel_reason) = match cfg.accelerator.as_str() {
+            "kvm" => (Accel::Kvm, "configured (accelerator = \"kvm\")".to_string()),
+            "tcg" => (Accel::Tcg, "configured (accelerator = \"tcg\")".to_string()),
+            "auto" => HOST_ACCEL.get_or_init(|| detect_accel(cfg, &node)).clone(),
+            other => {
+                return Err(HvError::Config(format!(
+                    "[kvm] accelerator {other:?}: expected auto, kvm or tcg"
+                )))
+            }
+        };
+        tracing::info!(
+            node = %node,
+            accelerator = accel.as_str(),
+            reason = %accel_reason,
+            hugepages = cfg.hugepages,
+            page_kb,
+            max_mb,
+            held_mb = ledger.held_mb,
+            "kvm driver ready"
+        );
+        Ok(Self {
+            cfg: cfg.clone(),
+            node,
+            run_dir,
+            image_dir,
+            accel,
+            accel_reason,
+            pages,
+            max_mb,
+            children: Mutex::new(HashMap::new()),
+        })
     }
+
+    /// The accelerator VMs run under, and why it was chosen.
+    pub fn accelerator(&self) -> (Accel, &str) {
+        (self.accel, &self.accel_reason)
+    }
+
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The file the VM's serial console is written to.
+    pub fn serial_path(&self, name: &str) -> PathBuf {
+        self.file(name, "serial")
+    }
+
+    fn file(&self, name: &str, ext: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.{ext}"))
+    }
+
+    fn timeout(s: u64) -> Duration {
+        Duration::from_secs(s.max(1))
+    }
+
+    /// Where an image name points: absolute, else under `image_dir`.
+    fn image_path(&self, image: &str) -> PathBuf {
+        let p = Path::new(image);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.image_dir.join(p)
+        }
+    }
+
+    fn kernel_dir(dir: &Path) -> Result<Boot, HvError> {
+        let kernel = ["vmlinux", "vmlinuz", "bzImage"]
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                HvError::Config(format!(
+                    "{}: no vmlinux, vmlinuz or bzImage in this kernel directory",
+                    dir.display()
+                ))
+            })?;
+        let initrd = ["initrd.gz", "initrd.img", "initrd"]
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.is_file());
+        Ok(Boot::Kernel { kernel, initrd })
+    }
+
+    /// The image convention: `kernel:` (the node config's kernel + initrd),
+    /// `kernel:DIR` or a directory (its vmlinux/vmlinuz + initrd.gz), else a
+    /// qcow2/raw disk image file.
+    pub fn resolve_image(&self, image: &str) -> Result<Boot, HvError> {
+        if let Some(rest) = image.strip_prefix("kernel:") {
+            if rest.is_empty() || rest == "default" {
+                let kernel = self.cfg.kernel.as_deref().ok_or_else(|| {
+                    HvError::Config(format!(
+                        "image {image:?} needs [kvm] kernel in the node config"
+                    ))
+                })?;
+                let kernel = expand_node(kernel, &self.node);
+                if !kernel.is_file() {
+                    return Err(HvError::Config(format!(
+                        "[kvm] kernel {} does not exist",
+                        kernel.display()
+                    )));
+                }
+                let initrd = self
+                    .cfg
+                    .initrd
+                    .as_deref()
+                    .map(|i| expand_node(i, &self.node));
+                if let Some(i) = initrd.as_ref().filter(|i| !i.is_file()) {
+                    return Err(HvError::Config(format!(
+                        "[kvm] initrd {} does not exist",
+                        i.display()
+                    )));
+                }
+                return Ok(Boot::Kernel { kernel, initrd });
+            }
+            return Self::kernel_dir(&self.image_path(rest));
+        }
+        let p = self.image_path(image);
+        if p.is_dir() {
+            return Self::kernel_dir(&p);
+        }
+        if !p.is_file() {
+            return Err(HvError::Config(format!(
+                "image {image:?}: {} does not exist (relative names are looked up in [kvm] image_dir)",
+                p.display()
+            )));
+        }
+        Ok(Boot::Disk { base: p })
+    }
+
+    /// The disk format of `base` as qemu-img sees it (`qcow2`, `raw`, ...).
+    fn image_format(&self, base: &Path) -> Result<String, HvError> {
+        let mut cmd = Command::new(&self.cfg.qemu_img);
+        cmd.args(["info", "--output=json"]).arg(base);
+        let shown = format!(
+            "{} info --output=json {}",
+            self.cfg.qemu_img,
+            base.display()
+        );
+        let out = run_bounded(cmd, None, Self::timeout(self.cfg.command_timeout_s), &shown)?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| HvError::KvmCommand {
+            command: shown.clone(),
+            message: format!("unreadable answer: {e}"),
+            output: out.clone(),
+        })?;
+        v["format"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| HvError::KvmCommand {
+                command: shown,
+                message: "no format in the answer".into(),
+                output: out,
+            })
+    }
+
+    /// `qemu-img create -f qcow2 -F <fmt> -b <base> <overlay>`.
+    fn make_overlay(&self, base: &Path, overlay: &Path) -> Result<(), HvError> {
+        let fmt = self.image_format(base)?;
+        let mut cmd = Command::new(&self.cfg.qemu_img);
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", &fmt, "-b"])
+            .arg(base)
+            .arg(overlay);
+        let shown = format!(
+            "{} create -f qcow2 -F {fmt} -b {} {}",
+            self.cfg.qemu_img,
+            base.display(),
+            overlay.display()
+        );
+        run_bounded(cmd, None, Self::timeout(self.cfg.command_timeout_s), &shown).map(|_| ())
+    }
+
+    /// Memory given to QEMU: the VM's, rounded up to whole hugepages.
+    fn vm_memory_mb(&self, mb: u64) -> u64 {
+        if !self.cfg.hugepages {
+            return mb.max(1);
+        }
+        let page_mb = (self.pages.page_kb / 1024).max(1);
+        mb.max(1).div_ceil(page_mb) * page_mb
+    }
+
+    /// QEMU's arguments for a VM (without the program).
+    pub fn qemu_args(&self, vm: &VmLaunch, boot: &Boot, overlay: Option<&Path>) -> Vec<String> {
+        let name = &vm.name;
+        let mem = self.vm_memory_mb(vm.memory_mb);
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            name.clone(),
+            "-accel".into(),
+            self.accel.as_str().into(),
+            "-m".into(),
+            format!("{mem}M"),
+            "-smp".into(),
+            vm.cpus.max(1).to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-chardev".into(),
+            format!(
+                "file,id=wsp-serial,path={},append=on",
+                self.file(name, "serial").display()
+            ),
+            "-serial".into(),
+            "chardev:wsp-serial".into(),
+            "-qmp".into(),
+            format!(
+                "unix:{},server=on,wait=off",
+                self.file(name, "qmp").display()
+            ),
+        ];
+        if !self.cfg.cpu.is_empty() {
+            a.extend(["-cpu".into(), self.cfg.cpu.clone()]);
+        }
+        let mut machine: Vec<String> = Vec::new();
+        if !self.cfg.machine.is_empty() {
+            machine.push(self.cfg.machine.clone());
+        }
+        if self.cfg.hugepages {
+            a.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id=wsp-mem,size={mem}M,hugetlb=on,hugetlbsize={}K,share=on,prealloc=on",
+                    self.pages.page_kb
+                ),
+            ]);
+            machine.push("memory-backend=wsp-mem".into());
+        }
+        if !machine.is_empty() {
+            a.extend(["-machine".into(), machine.join(",")]);
+        }
+        match boot {
+            Boot::Kernel { kernel, initrd } => {
+                a.extend(["-kernel".into(), kernel.display().to_string()]);
+                if let Some(i) = initrd {
+                    a.extend(["-initrd".into(), i.display().to_string()]);
+                }
+                a.extend(["-append".into(), self.cfg.append.replace("%v", name)]);
+            }
+            Boot::Disk { .. } => {
+                if let Some(o) = overlay {
+                    a.extend([
+                        "-drive".into(),
+                        format!("file={},format=qcow2,if=virtio", o.display()),
+                    ]);
+                }
+            }
+        }
+        a.extend(self.cfg.extra_args.iter().cloned());
+        a
+    }
+
+    fn read_meta(&self, name: &str) -> Result<Option<VmMeta>, HvError> {
+        let p = self.file(name, "vm.json");
+        match std::fs::read_to_string(&p) {
+            Ok(t) => serde_json::from_str(&t)
+                .map(Some)
+                .map_err(|e| HvError::Corrupt {
+                    path: p,
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p, e)),
+        }
+    }
+
+    fn write_meta(&self, m: &VmMeta) -> Result<(), HvError> {
+        let p = self.file(&m.name, "vm.json");
+        let text = serde_json::to_vec_pretty(m).map_err(|e| HvError::Corrupt {
+            path: p.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&p, &text, 0o644).map_err(|e| io(&p, e))
+    }
+
+    fn read_pid(&self, name: &str) -> Option<u32> {
+        std::fs::read_to_string(self.file(name, "pid"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+
+    /// Whether the VM's QEMU is gone (reaping it if this process started it).
+    fn gone(&self, name: &str, pid: u32) -> bool {
+        if let Ok(mut children) = self.children.lock() {
+            if let Some(c) = children.get_mut(name) {
+                match c.try_wait() {
+                    Ok(Some(_)) | Err(_) => {
+                        children.remove(name);
+                        return true;
+                    }
+                    Ok(None) => return false,
+                }
+            }
+        }
+        !is_our_qemu(pid, name)
+    }
+
+    fn wait_gone(&self, name: &str, pid: u32, bound: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.gone(name, pid) {
+                return true;
+            }
+            if start.elapsed() >= bound {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn qmp(&self, name: &str) -> Result<Qmp, HvError> {
+        Qmp::connect(
+            &self.file(name, "qmp"),
+            Duration::ZERO,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| qmp_err(name, e))
+    }
+
+    fn log_tail(&self, name: &str) -> String {
+        let text = std::fs::read_to_string(self.file(name, "log")).unwrap_or_default();
+        let t = text.trim();
+        t[t.len().saturating_sub(600)..].to_string()
+    }
+
+    /// Spawns QEMU for `name` with `args`, records its pid, waits until QMP
+    /// answers. On failure the process is killed and reaped.
+    fn spawn_qemu(&self, name: &str, args: &[String]) -> Result<Qmp, HvError> {
+        let sock = self.file(name, "qmp");
+        if sock.as_os_str().len() >= 108 {
+            return Err(HvError::Config(format!(
+                "QMP socket path {} is too long for a unix socket (max 107 bytes): shorten [kvm] run_dir",
+                sock.display()
+            )));
+        }
+        let _ = std::fs::remove_file(&sock);
+        let log_path = self.file(name, "log");
+        let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
+        let log2 = log.try_clone().map_err(|e| io(&log_path, e))?;
+        let mut cmd = Command::new(&self.cfg.qemu);
+        cmd.args(args)
+            .current_dir(&self.run_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        let child = cmd.spawn().map_err(|e| HvError::KvmCommand {
+            command: format!("{} -name {name} ...", self.cfg.qemu),
+            message: format!("cannot start: {e}"),
+            output: String::new(),
+        })?;
+        let pid = child.id();
+        if let Ok(mut c) = self.children.lock() {
+            c.insert(name.to_string(), child);
+        }
+        let pid_path = self.file(name, "pid");
+        write_atomic(&pid_path, format!("{pid}\n").as_bytes(), 0o644)
+            .map_err(|e| io(&pid_path, e))?;
+        let start = Instant::now();
+        let bound = Self::timeout(self.cfg.start_timeout_s);
+        loop {
+            if self.gone(name, pid) {
+                let _ = std::fs::remove_file(&pid_path);
+                return Err(HvError::KvmCommand {
+                    command: format!("{} -name {name} ...", self.cfg.qemu),
+                    message: "exited at start".into(),
+                    output: self.log_tail(name),
+                });
+            }
+            if sock.exists() {
+                if let Ok(q) = Qmp::connect(&sock, Duration::ZERO, Duration::from_secs(5)) {
+                    return Ok(q);
+                }
+            }
+            if start.elapsed() >= bound {
+                self.kill_and_reap(name, pid);
+                return Err(HvError::KvmTimeout {
+                    what: format!("QEMU {name} starting (QMP on {})", sock.display()),
+                    after_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill_and_reap(&self, name: &str, pid: u32) {
+        use nix::sys::signal::{kill, Signal};
+        if is_our_qemu(pid, name) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        self.wait_gone(name, pid, Duration::from_secs(5));
+    }
+
+    fn remove_files(&self, name: &str, keep_disk: bool) {
+        let mut exts = vec!["pid", "qmp", "serial", "log"];
+        if !keep_disk {
+            exts.extend(["qcow2", "vm.json"]);
+        }
+        for ext in exts {
+            let p = self.file(name, ext);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(vm = name, path = %p.display(), error = %e, "cannot remove")
+                }
+            }
+        }
+    }
+
+    /// Stops the VM's QEMU: graceful powerdown (if configured, bounded),
+    /// QMP `quit` (bounded), then SIGKILL. Waits until it is gone.
+    fn stop_process(&self, name: &str, pid: u32) -> Result<(), HvError> {
+        use nix::sys::signal::{kill, Signal};
+        if self.gone(name, pid) {
+            return Ok(());
+        }
+        if self.cfg.shutdown_timeout_s > 0 {
+            if let Ok(mut q) = self.qmp(name) {
+                let _ = q.execute("system_powerdown", None);
+            }
+            if self.wait_gone(name, pid, Duration::from_secs(self.cfg.shutdown_timeout_s)) {
+                return Ok(());
+            }
+            tracing::info!(vm = name, "no powerdown within the bound; quitting");
+        }
+        if let Ok(mut q) = self.qmp(name) {
+            let _ = q.quit();
+        }
+        if self.wait_gone(name, pid, Self::timeout(self.cfg.kill_timeout_s)) {
+            return Ok(());
+        }
+        tracing::warn!(vm = name, pid, "QEMU still alive after quit; SIGKILL");
+        if is_our_qemu(pid, name) {
+            let _ = kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if self.wait_gone(name, pid, Duration::from_secs(5)) {
+            return Ok(());
+        }
+        Err(HvError::KvmTimeout {
+            what: format!("QEMU {name} (pid {pid}) dying after SIGKILL"),
+            after_ms: 5000,
+        })
+    }
+
+    /// The VM's run state as QMP reports it (`running`, `paused`, ...).
+    pub fn status(&self, name: &str) -> Result<String, HvError> {
+        let mut q = self.qmp(name)?;
+        q.status().map(|s| s.status).map_err(|e| qmp_err(name, e))
+    }
+
+    /// Freezes the VM's CPUs (QMP `stop`).
+    pub fn pause(&self, name: &str) -> Result<(), HvError> {
+        let mut q = self.qmp(name)?;
+        q.execute("stop", None).map_err(|e| qmp_err(name, e))?;
+        tracing::info!(node = %self.node, vm = name, "VM paused");
+        Ok(())
+    }
+
+    /// Lets a paused VM run again (QMP `cont`).
+    pub fn resume(&self, name: &str) -> Result<(), HvError> {
+        let mut q = self.qmp(name)?;
+        q.execute("cont", None).map_err(|e| qmp_err(name, e))?;
+        tracing::info!(node = %self.node, vm = name, "VM resumed");
+        Ok(())
+    }
+
+    fn compress_cmd(&self) -> Result<(&'static str, &'static str), HvError> {
+        match self.cfg.compressor.as_str() {
+            "zstd" => Ok(("zstd -1 -q >", "zstd -dcq")),
+            "none" => Ok(("cat >", "cat")),
+            other => Err(HvError::Config(format!(
+                "[kvm] compressor {other:?}: expected zstd or none"
+            ))),
+        }
+    }
+
+    /// Suspends the VM to `path`: stop, migrate to `exec:` (QEMU 7.2 has no
+    /// `file:` URI), quit. The overlay and the VM's record stay, so
+    /// [`Kvm::restore_from`] can bring it back. Returns how long it took.
+    pub fn save_to(&self, name: &str, path: &Path) -> Result<Duration, HvError> {
+        let t0 = Instant::now();
+        let mut meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
+            name: name.to_string(),
+        })?;
+        let pid = self
+            .read_pid(name)
+            .filter(|p| is_our_qemu(*p, name))
+            .ok_or_else(|| HvError::NoSuchDomain {
+                name: name.to_string(),
+            })?;
+        let (compress, _) = self.compress_cmd()?;
+        let uri = format!("exec:{compress} {}", shell_quote(path)?);
+        let mut q = self.qmp(name)?;
+        let e = |err| qmp_err(name, err);
+        q.execute("stop", None).map_err(e)?;
+        q.execute(
+            "migrate-set-parameters",
+            Some(json!({ "max-bandwidth": 10_737_418_240u64 })),
+        )
+        .map_err(e)?;
+        q.execute("migrate", Some(json!({ "uri": uri })))
+            .map_err(e)?;
+        let bound = Self::timeout(self.cfg.save_timeout_s);
+        loop {
+            let m: MigrationInfo = q.query("query-migrate").map_err(e)?;
+            match m.status.as_deref() {
+                Some("completed") => break,
+                Some("failed") | Some("cancelled") => {
+                    let _ = q.execute("cont", None);
+                    return Err(HvError::Qmp {
+                        vm: name.to_string(),
+                        message: format!(
+                            "suspend to {} failed: {}",
+                            path.display(),
+                            m.error_desc.unwrap_or_default()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+            if t0.elapsed() >= bound {
+                let _ = q.execute("migrate_cancel", None);
+                let _ = q.execute("cont", None);
+                return Err(HvError::KvmTimeout {
+                    what: format!("suspending {name} to {}", path.display()),
+                    after_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        meta.saved_to = Some(path.to_path_buf());
+        self.write_meta(&meta)?;
+        let _ = q.quit();
+        drop(q);
+        self.stop_process(name, pid)?;
+        for ext in ["pid", "qmp"] {
+            let _ = std::fs::remove_file(self.file(name, ext));
+        }
+        let took = t0.elapsed();
+        tracing::info!(node = %self.node, vm = name, path = %path.display(), took_ms = took.as_millis() as u64, "VM suspended to file");
+        Ok(took)
+    }
+
+    /// Resumes a VM suspended by [`Kvm::save_to`]: same QEMU arguments plus
+    /// `-incoming exec:...`, wait for the state to load, `cont`.
+    pub fn restore_from(&self, name: &str, path: &Path) -> Result<Duration, HvError> {
+        let t0 = Instant::now();
+        let mut meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
+            name: name.to_string(),
+        })?;
+        if let Some(pid) = self.read_pid(name).filter(|p| is_our_qemu(*p, name)) {
+            return Err(HvError::DomainExists {
+                name: format!("{name} (running as pid {pid})"),
+            });
+        }
+        if !path.is_file() {
+            return Err(HvError::Config(format!(
+                "suspend file {} does not exist",
+                path.display()
+            )));
+        }
+        let (_, decompress) = self.compress_cmd()?;
+        let mut args = meta.argv.clone();
+        args.extend([
+            "-incoming".into(),
+            format!("exec:{decompress} {}", shell_quote(path)?),
+        ]);
+        let mut q = self.spawn_qemu(name, &args)?;
+        let bound = Self::timeout(self.cfg.save_timeout_s);
+        let e = |err| qmp_err(name, err);
+        loop {
+            let s = q.status().map_err(e)?;
+            match s.status.as_str() {
+                "inmigrate" | "prelaunch" => {}
+                "paused" | "postmigrate" => break,
+                "running" => break,
+                other => {
+                    return Err(HvError::Qmp {
+                        vm: name.to_string(),
+                        message: format!("resume from {}: state {other}", path.display()),
+                    })
+                }
+            }
+            if t0.elapsed() >= bound {
+                return Err(HvError::KvmTimeout {
+                    what: format!("resuming {name} from {}", path.display()),
+                    after_ms: t0.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        q.execute("cont", None).map_err(e)?;
+        meta.saved_to = None;
+        self.write_meta(&meta)?;
+        let took = t0.elapsed();
+        tracing::info!(node = %self.node, vm = name, path = %path.display(), took_ms = took.as_millis() as u64, "VM resumed from file");
+        Ok(took)
+    }
+
+    fn create_inner(&self, vm: &VmLaunch, boot: &Boot) -> Result<(), HvError> {
+        let name = &vm.name;
+        let overlay = match boot {
+            Boot::Disk { base } => {
+                let o = self.file(name, "qcow2");
+                self.make_overlay(base, &o)?;
+                Some(o)
+            }
+            Boot::Kernel { .. } => None,
+        };
+        let args = self.qemu_args(vm, boot, overlay.as_deref());
+        let meta = VmMeta {
+            name: name.clone(),
+            memory_mb: vm.memory_mb,
+            cpus: vm.cpus,
+            image: vm.image.clone(),
+            accel: self.accel,
+            argv: args.clone(),
+            overlay,
+            created_ms: protocol::now_ms(),
+            saved_to: None,
+        };
+        self.write_meta(&meta)?;
+        let mut q = self.spawn_qemu(name, &args)?;
+        let s = q.status().map_err(|e| qmp_err(name, e))?;
+        if !s.running {
+            return Err(HvError::Qmp {
+                vm: name.clone(),
+                message: format!("started but its state is {}", s.status),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn qmp_err(vm: &str, e: QmpError) -> HvError {
+    HvError::Qmp {
+        vm: vm.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Decides KVM or TCG once per process: static checks, then a canary boot
+/// with the configured kernel when the host claims KVM.
+fn detect_accel(cfg: &KvmConfig, node: &str) -> (Accel, String) {
+    let (claims, why) = host_claims_kvm();
+    if !claims {
+        return (Accel::Tcg, why);
+    }
+    let Some(kernel) = cfg.kernel.as_deref().map(|k| expand_node(k, node)) else {
+        return (
+            Accel::Kvm,
+            format!("{why}; no [kvm] kernel configured for a canary boot"),
+        );
+    };
+    let dir = std::env::temp_dir().join(format!("wsp-kvm-canary-{}", std::process::id()));
+    let result = canary_boot(cfg, node, &kernel, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(ms) => (Accel::Kvm, format!("{why}; canary boot in {ms} ms")),
+        Err(e) => (
+            Accel::Tcg,
+            format!("{why}, but the canary boot failed: {e}"),
+        ),
+    }
+}
+
+fn canary_boot(cfg: &KvmConfig, node: &str, kernel: &Path, dir: &Path) -> Result<u64, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let serial = dir.join("serial");
+    let mut cmd = Command::new(&cfg.qemu);
+    cmd.args([
+        "-accel",
+        "kvm",
+        "-m",
+        "128",
+        "-nodefaults",
+        "-display",
+        "none",
+    ])
+    .args(["-no-reboot", "-serial"])
+    .arg(format!("file:{}", serial.display()))
+    .arg("-kernel")
+    .arg(kernel);
+    if let Some(i) = cfg.initrd.as_deref() {
+        cmd.arg("-initrd").arg(expand_node(i, node));
+    }
+    cmd.args([
+        "-append",
+        "console=ttyS0 quiet panic=-1 wsp.hostname=canary",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start QEMU: {e}"))?;
+    let start = Instant::now();
+    let bound = Duration::from_secs(cfg.canary_timeout_s.max(1));
+    let result = loop {
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        if text.contains(&cfg.canary_marker) {
+            break Ok(start.elapsed().as_millis() as u64);
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            break Err(format!(
+                "QEMU exited with {s} before {:?}",
+                cfg.canary_marker
+            ));
+        }
+        if start.elapsed() >= bound {
+            break Err(format!(
+                "no {:?} within {} ms",
+                cfg.canary_marker,
+                bound.as_millis()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 impl Hypervisor for Kvm {
     fn name(&self) -> &'static str {
-        "kvm"
+        match self.accel {
+            Accel::Kvm => "kvm (kvm)",
+            Accel::Tcg => "kvm (tcg)",
+        }
     }
+
+    /// "dom0" = host memory not held as hugepages by this node's pilots (see
+    /// the module docs); the pool change is synchronous, so target = current.
     fn dom0_memory(&self) -> Result<Dom0Memory, HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+        let l = self.pages.ledger()?;
+        let current = self.max_mb.saturating_sub(l.held_mb);
+        Ok(Dom0Memory {
+            current_mb: current,
+            target_mb: current,
+            max_mb: self.max_mb,
+        })
     }
-    fn set_dom0_target(&self, _mb: u64) -> Result<(), HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+
+    fn set_dom0_target(&self, mb: u64) -> Result<(), HvError> {
+        if mb > self.max_mb {
+            return Err(HvError::AboveMax {
+                target_mb: mb,
+                max_mb: self.max_mb,
+            });
+        }
+        let want = self.max_mb - mb;
+        let (before, after) = self.pages.set_held_mb(want, &self.node)?;
+        tracing::info!(
+            node = %self.node,
+            held_mb = want,
+            nr_hugepages_before = before,
+            nr_hugepages_after = after,
+            "node hugepages set"
+        );
+        Ok(())
     }
+
     fn domains(&self) -> Result<Vec<Domain>, HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+        let entries = std::fs::read_dir(&self.run_dir).map_err(|e| io(&self.run_dir, e))?;
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(name) = file.strip_suffix(".vm.json") else {
+                continue;
+            };
+            let meta = match self.read_meta(name) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(err) => {
+                    tracing::warn!(vm = name, error = %err, "unreadable VM record; listed as dead");
+                    VmMeta {
+                        name: name.to_string(),
+                        memory_mb: 0,
+                        cpus: 0,
+                        image: String::new(),
+                        accel: self.accel,
+                        argv: Vec::new(),
+                        overlay: None,
+                        created_ms: 0,
+                        saved_to: None,
+                    }
+                }
+            };
+            let alive = self.read_pid(name).filter(|p| is_our_qemu(*p, name));
+            let state = match (alive, &meta.saved_to) {
+                (Some(_), _) => self
+                    .qmp(name)
+                    .and_then(|mut q| q.status().map_err(|e| qmp_err(name, e)))
+                    .map(|s| s.status)
+                    .unwrap_or_else(|_| "running".to_string()),
+                (None, Some(_)) => "saved".to_string(),
+                (None, None) => "dead".to_string(),
+            };
+            out.push(Domain {
+                name: name.to_string(),
+                memory_mb: meta.memory_mb,
+                cpus: meta.cpus,
+                state,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
     }
-    fn create(&self, _vm: &VmLaunch) -> Result<(), HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+
+    fn create(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        let name = &vm.name;
+        if !valid_name(name) {
+            return Err(HvError::Config(format!(
+                "VM name {name:?}: only letters, digits, '-', '_' and '.' are allowed"
+            )));
+        }
+        if self.read_meta(name)?.is_some() {
+            if self.read_pid(name).is_some_and(|p| is_our_qemu(p, name)) {
+                return Err(HvError::DomainExists { name: name.clone() });
+            }
+            tracing::warn!(vm = %name, "removing the files of a dead VM of the same name");
+            self.remove_files(name, false);
+        }
+        let t0 = Instant::now();
+        let boot = self.resolve_image(&vm.image)?;
+        match self.create_inner(vm, &boot) {
+            Ok(()) => {
+                tracing::info!(
+                    node = %self.node,
+                    vm = %name,
+                    vm_id = %vm.vm_id,
+                    accelerator = self.accel.as_str(),
+                    memory_mb = vm.memory_mb,
+                    start_ms = t0.elapsed().as_millis() as u64,
+                    "QEMU started"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, vm = %name, error = %e, "VM not started; cleaning its files");
+                if let Some(pid) = self.read_pid(name) {
+                    self.kill_and_reap(name, pid);
+                }
+                self.remove_files(name, false);
+                Err(e)
+            }
+        }
     }
-    fn destroy(&self, _name: &str) -> Result<(), HvError> {
-        Err(HvError::NotBuilt { kind: "kvm".into() })
+
+    fn destroy(&self, name: &str) -> Result<(), HvError> {
+        let meta = self.read_meta(name).ok().flatten();
+        let pid = self.read_pid(name);
+        if meta.is_none() && pid.is_none() && !self.file(name, "qmp").exists() {
+            return Err(HvError::NoSuchDomain {
+                name: name.to_string(),
+            });
+        }
+        let t0 = Instant::now();
+        if let Some(pid) = pid {
+            self.stop_process(name, pid)?;
+        }
+        self.remove_files(name, false);
+        tracing::info!(
+            node = %self.node,
+            vm = name,
+            destroy_ms = t0.elapsed().as_millis() as u64,
+            "VM destroyed"
+        );
+        Ok(())
+    }
+}
+
+impl Drop for Kvm {
+    /// Reaps QEMU children that already exited; running VMs are left running
+    /// (they outlive the pilot on purpose and are found by their files).
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.children.lock() {
+            for (_, child) in c.iter_mut() {
+                let _ = child.try_wait();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_parse_in_kb() {
+        assert_eq!(parse_page_size("2M").unwrap(), 2048);
+        assert_eq!(parse_page_size("1G").unwrap(), 1048576);
+        assert_eq!(parse_page_size("2048kB").unwrap(), 2048);
+        assert!(parse_page_size("huge").is_err());
+        assert!(parse_page_size("0M").is_err());
+    }
+
+    #[test]
+    fn names_that_could_escape_the_run_dir_are_refused() {
+        assert!(valid_name("wsp-sl-1a2b3c4d-vm-00aa11bb"));
+        assert!(!valid_name("../etc/passwd"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(".hidden"));
+    }
+
+    #[test]
+    fn config_defaults_and_unknown_keys() {
+        let c: KvmConfig = toml::from_str("hugepages = false\npage_size = \"1G\"").unwrap();
+        assert!(!c.hugepages);
+        assert_eq!(c.accelerator, "auto");
+        assert!(toml::from_str::<KvmConfig>("hugepage = true").is_err());
+    }
+
+    #[test]
+    fn suspend_paths_with_quotes_are_refused() {
+        assert_eq!(shell_quote(Path::new("/tmp/a b")).unwrap(), "'/tmp/a b'");
+        assert!(shell_quote(Path::new("/tmp/a'b")).is_err());
     }
 }
