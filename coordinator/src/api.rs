@@ -87,7 +87,10 @@ fn caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiError> {
         .users
         .iter()
         .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
-        .map(|u| Caller { user: u.name.clone(), admin: u.admin })
+        .map(|u| Caller {
+            user: u.name.clone(),
+            admin: u.admin,
+        })
         .ok_or_else(|| unauthorized("unknown token"))
 }
 
@@ -95,9 +98,14 @@ fn parse_ws_id(id: &str) -> Result<WorkspaceId, ApiError> {
     WorkspaceId::parse(id).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))
 }
 
-async fn create(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn create(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
-    let text = std::str::from_utf8(&body).map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
     let view = engine.create(&who, spec).await?;
     Ok((StatusCode::CREATED, Json(view)).into_response())
@@ -109,12 +117,20 @@ async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Resp
     Ok(Json(protocol::view::WorkspaceList { workspaces }).into_response())
 }
 
-async fn status(State(engine): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn status(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.get(&who, &parse_ws_id(&id)?)?).into_response())
 }
 
-async fn destroy(State(engine): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn destroy(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.destroy(&who, &parse_ws_id(&id)?)?).into_response())
 }
@@ -134,7 +150,14 @@ async fn events(
     Query(q): Query<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
-    let page = engine.events(&who, &parse_ws_id(&id)?, q.after, Duration::from_millis(q.wait_ms)).await?;
+    let page = engine
+        .events(
+            &who,
+            &parse_ws_id(&id)?,
+            q.after,
+            Duration::from_millis(q.wait_ms),
+        )
+        .await?;
     Ok(Json(page).into_response())
 }
 
@@ -143,7 +166,11 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn pilot_event(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match engine.pilot_event(header(&headers, SLOT_HEADER), header(&headers, SIGNATURE_HEADER), &body) {
+    match engine.pilot_event(
+        header(&headers, SLOT_HEADER),
+        header(&headers, SIGNATURE_HEADER),
+        &body,
+    ) {
         Ok(ack) => Json(ack).into_response(),
         Err(EngineError::Duplicate { pilot, seq }) => {
             // The body is both an EventAck (a pilot resending after a lost ack
@@ -159,15 +186,28 @@ async fn pilot_event(State(engine): State<AppState>, headers: HeaderMap, body: B
     }
 }
 
-async fn pilot_poll(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-    let resp = engine.pilot_poll(header(&headers, SLOT_HEADER), header(&headers, SIGNATURE_HEADER), &body).await?;
+async fn pilot_poll(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let resp = engine
+        .pilot_poll(
+            header(&headers, SLOT_HEADER),
+            header(&headers, SIGNATURE_HEADER),
+            &body,
+        )
+        .await?;
     Ok(Json(resp).into_response())
 }
 
 async fn metrics(State(engine): State<AppState>) -> Response {
     let states = engine.state_counts().unwrap_or_default();
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         engine.metrics.render(&states),
     )
         .into_response()

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config: {0}")]
@@ -27,6 +30,16 @@ pub struct User {
     pub token_sha256: String,
     #[serde(default)]
     pub admin: bool,
+}
+
+/// HTTPS for both APIs.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM, PKCS#8 or RSA or SEC1).
+    pub key: PathBuf,
 }
 
 /// How the coordinator starts pilots (the argv it puts in the job script).
@@ -59,6 +72,8 @@ pub struct PilotConfig {
     pub poll_wait_ms: u64,
     /// Extra arguments appended to every pilot's argv.
     pub extra_args: Vec<String>,
+    /// CA certificate (PEM) pilots use to verify an https coordinator (path on the nodes).
+    pub ca_file: Option<String>,
 }
 
 impl Default for PilotConfig {
@@ -77,6 +92,7 @@ impl Default for PilotConfig {
             grace_s: None,
             poll_wait_ms: 20_000,
             extra_args: Vec::new(),
+            ca_file: None,
         }
     }
 }
@@ -87,8 +103,10 @@ impl Default for PilotConfig {
 pub struct Config {
     /// Address the HTTP API listens on.
     pub listen: String,
-    /// URL pilots use to reach the coordinator. Default: `http://<listen>`.
+    /// URL pilots use to reach the coordinator. Default: `http(s)://<listen>`.
     pub public_url: Option<String>,
+    /// Serve HTTPS with this certificate and key (pilots then need `pilot.ca_file`).
+    pub tls: Option<TlsConfig>,
     /// Database, keys, job scripts.
     pub data_dir: PathBuf,
     /// Batch system: `local`, `slurm`, `gridengine`, `torque`, `pbspro`.
@@ -119,6 +137,7 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1:8750".into(),
             public_url: None,
+            tls: None,
             data_dir: "/var/lib/workspace-coordinator".into(),
             lrm: LrmKind::Local,
             cluster: None,
@@ -139,16 +158,24 @@ impl Default for Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -187,9 +214,16 @@ impl Config {
         Ok(())
     }
 
+    /// The adapters' settings; the local batch system keeps its job table in
+    /// `<data_dir>/local-lrm.json` unless `[local] state_file` says otherwise,
+    /// so a restarted coordinator adopts the jobs still running.
     pub fn lrm_settings(&self) -> LrmSettings {
+        let mut local = self.local.clone();
+        if local.state_file.is_none() {
+            local.state_file = Some(self.data_dir.join("local-lrm.json"));
+        }
         LrmSettings {
-            local: self.local.clone(),
+            local,
             slurm: self.slurm.clone(),
             gridengine: self.gridengine.clone(),
             torque: self.torque.clone(),
@@ -233,7 +267,10 @@ mod tests {
 
     #[test]
     fn the_example_config_in_docs_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/coordinator.example.toml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/coordinator.example.toml"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let hash = protocol::auth::token_hash("t");
         let text = text.replace(

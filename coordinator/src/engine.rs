@@ -12,15 +12,20 @@ use crate::policy::{self, FitError, NodeRoom, VmNeed};
 use crate::store::{self, SlotRow, Store, StoreError, VmRow, WorkspaceRow};
 use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob};
 use protocol::auth::SlotKey;
-use protocol::pilot::{CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse, ReleaseReason, VmLaunch};
+use protocol::pilot::{
+    CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse, ReleaseReason,
+    VmLaunch,
+};
 use protocol::spec::{SpecError, WorkspaceSpec};
 use protocol::view::{
-    EventsPage, Phase, PilotView, SlotState, SlotView, VmState, VmView, WorkspaceState, WorkspaceView,
+    EventsPage, Phase, PilotView, SlotState, SlotView, VmState, VmView, WorkspaceState,
+    WorkspaceView,
 };
 use protocol::{now_ms, SlotId, VmId, VmName, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -44,11 +49,17 @@ pub enum EngineError {
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]
-    Submit { workspace: WorkspaceId, source: LrmError },
+    Submit {
+        workspace: WorkspaceId,
+        source: LrmError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{what}: {source}")]
-    Io { what: String, source: std::io::Error },
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 /// Who is calling the client API.
@@ -78,6 +89,10 @@ pub struct Engine {
     public_url: String,
     pilot_program: PathBuf,
     changed: watch::Sender<u64>,
+    /// Bumped only when a command was queued: pilots' long-polls wait on this,
+    /// so an event that queues nothing wakes none of them.
+    commands: watch::Sender<u64>,
+    commands_seen: AtomicU64,
     kick: Notify,
     cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
     /// When this coordinator process started (pilot silence counts from here at the earliest).
@@ -111,7 +126,10 @@ fn load_master(data_dir: &Path) -> Result<Vec<u8>, EngineError> {
                 .map_err(io(format!("writing {}", path.display())))?;
             Ok(key)
         }
-        Err(e) => Err(EngineError::Io { what: format!("reading {}", path.display()), source: e }),
+        Err(e) => Err(EngineError::Io {
+            what: format!("reading {}", path.display()),
+            source: e,
+        }),
     }
 }
 
@@ -126,19 +144,29 @@ fn mkdir_private(path: &Path) -> Result<(), EngineError> {
 
 impl Engine {
     /// Opens the database and keys under `cfg.data_dir`; `public_url` is what pilots use.
-    pub fn new(cfg: Config, lrm: Arc<dyn Lrm>, public_url: String) -> Result<Arc<Self>, EngineError> {
+    pub fn new(
+        cfg: Config,
+        lrm: Arc<dyn Lrm>,
+        public_url: String,
+    ) -> Result<Arc<Self>, EngineError> {
         mkdir_private(&cfg.data_dir)?;
         mkdir_private(&cfg.data_dir.join("keys"))?;
         mkdir_private(&cfg.data_dir.join("jobs"))?;
         let store = Store::open(&cfg.data_dir.join("coordinator.db"))?;
         let master = load_master(&cfg.data_dir)?;
-        let capacity = lrm
-            .capacity()
-            .or(cfg.cluster)
-            .ok_or_else(|| EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into()))?;
-        let grace = cfg.pilot.grace_s.map(Duration::from_secs).unwrap_or(lrm.warning().grace);
+        let capacity = lrm.capacity().or(cfg.cluster).ok_or_else(|| {
+            EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into())
+        })?;
+        let grace = cfg
+            .pilot
+            .grace_s
+            .map(Duration::from_secs)
+            .unwrap_or(lrm.warning().grace);
         let pilot_program = cfg.pilot_program();
         let (changed, _) = watch::channel(0);
+        let (commands, _) = watch::channel(0);
+        let mut store = store;
+        fail_unsubmitted(&mut store, now_ms())?;
         Ok(Arc::new(Self {
             store: Mutex::new(store),
             lrm,
@@ -149,6 +177,8 @@ impl Engine {
             master,
             cfg,
             changed,
+            commands,
+            commands_seen: AtomicU64::new(0),
             kick: Notify::new(),
             cancel_attempts: Mutex::new(HashMap::new()),
             started_ms: now_ms(),
@@ -164,19 +194,30 @@ impl Engine {
         &self.lrm
     }
 
-    fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, EngineError>) -> Result<T, EngineError> {
+    fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
         let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
 
     fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        let pushed = store::commands_pushed();
+        if self.commands_seen.swap(pushed, Ordering::SeqCst) != pushed {
+            self.commands.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     // ---- client API ---------------------------------------------------------
 
     /// Creates a workspace: sizes its slots, stores it, submits its pilot jobs.
-    pub async fn create(&self, caller: &Caller, spec: WorkspaceSpec) -> Result<WorkspaceView, EngineError> {
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+    ) -> Result<WorkspaceView, EngineError> {
         spec.validate()?;
         let plans = policy::plan_slots(&spec, &self.capacity, self.cfg.pilot.min_dom0_mb)?;
         let now = now_ms();
@@ -241,7 +282,12 @@ impl Engine {
                     None,
                     None,
                     None,
-                    &format!("{} VMs in {} slot(s) requested by {}", spec.vm_count(), plans.len(), caller.user),
+                    &format!(
+                        "{} VMs in {} slot(s) requested by {}",
+                        spec.vm_count(),
+                        plans.len(),
+                        caller.user
+                    ),
                 )?;
                 Ok::<_, EngineError>(())
             })
@@ -251,7 +297,10 @@ impl Engine {
         for slot in &slots {
             if let Err(source) = self.submit_slot(slot).await {
                 warn!(workspace_id = %ws.id, slot_id = %slot.id, error = %source, "pilot job submission failed");
-                let reason = format!("submitting the pilot job for group {:?} failed: {source}", slot.group);
+                let reason = format!(
+                    "submitting the pilot job for group {:?} failed: {source}",
+                    slot.group
+                );
                 self.with_store(|s| {
                     s.tx(|tx| {
                         store::set_slot_state(tx, &slot.id, SlotState::Failed)?;
@@ -263,7 +312,10 @@ impl Engine {
                 })?;
                 self.bump();
                 self.kick.notify_one();
-                return Err(EngineError::Submit { workspace: ws.id.clone(), source });
+                return Err(EngineError::Submit {
+                    workspace: ws.id.clone(),
+                    source,
+                });
             }
         }
         self.bump();
@@ -273,19 +325,35 @@ impl Engine {
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
     async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
-        let key = SlotKey::derive(&self.master, &slot.id)
-            .map_err(|e| LrmError::Config { lrm: "coordinator", message: e.to_string() })?;
-        let key_path = self.cfg.data_dir.join("keys").join(format!("{}.key", slot.id));
-        let write_key = || -> std::io::Result<()> {
-            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&key_path)?;
-            std::io::Write::write_all(&mut f, format!("{}\n", key.to_hex()).as_bytes())
-        };
-        write_key().map_err(|source| LrmError::Io { path: key_path.clone(), source })?;
-        let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
-        let spec = self.with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec)).map_err(|e| LrmError::Config {
+        let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
             message: e.to_string(),
         })?;
+        let key_path = self
+            .cfg
+            .data_dir
+            .join("keys")
+            .join(format!("{}.key", slot.id));
+        let write_key = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)?;
+            std::io::Write::write_all(&mut f, format!("{}\n", key.to_hex()).as_bytes())
+        };
+        write_key().map_err(|source| LrmError::Io {
+            path: key_path.clone(),
+            source,
+        })?;
+        let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
+        let spec = self
+            .with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec))
+            .map_err(|e| LrmError::Config {
+                lrm: "coordinator",
+                message: e.to_string(),
+            })?;
         let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("wsp-{}", slot.id),
@@ -366,6 +434,10 @@ impl Engine {
             argv.push("--sim-dir".into());
             argv.push(p.sim_dir.clone());
         }
+        if let Some(ca) = &p.ca_file {
+            argv.push("--ca-file".into());
+            argv.push(ca.clone());
+        }
         if let Some(nc) = &p.node_config {
             argv.push("--node-config".into());
             argv.push(nc.clone());
@@ -397,7 +469,17 @@ impl Engine {
             s.tx(|tx| {
                 let mut ws = visible_ws(tx, caller, id)?;
                 if transition(tx, &mut ws, Input::DestroyRequested, None, now)? {
-                    store::push_timeline(tx, &ws.id, now, now, Phase::DestroyRequested, None, None, None, &format!("by {}", caller.user))?;
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::DestroyRequested,
+                        None,
+                        None,
+                        None,
+                        &format!("by {}", caller.user),
+                    )?;
                     end_slots(tx, &ws, now)?;
                     maybe_settle(tx, &mut ws, now)?;
                 }
@@ -411,7 +493,13 @@ impl Engine {
     }
 
     /// Timeline entries after `after`, waiting up to `wait` for new ones.
-    pub async fn events(&self, caller: &Caller, id: &WorkspaceId, after: u64, wait: Duration) -> Result<EventsPage, EngineError> {
+    pub async fn events(
+        &self,
+        caller: &Caller,
+        id: &WorkspaceId,
+        after: u64,
+        wait: Duration,
+    ) -> Result<EventsPage, EngineError> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         let mut rx = self.changed.subscribe();
         loop {
@@ -420,12 +508,19 @@ impl Engine {
                 let ws = visible_ws(s.conn(), caller, id)?;
                 let events = store::timeline_after(s.conn(), id, after)?;
                 let view = build_view(s.conn(), ws)?;
-                Ok(EventsPage { events, state: view.state, settled: view.settled })
+                Ok(EventsPage {
+                    events,
+                    state: view.state,
+                    settled: view.settled,
+                })
             })?;
             if !page.events.is_empty() || page.settled || tokio::time::Instant::now() >= deadline {
                 return Ok(page);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 continue;
             }
         }
@@ -433,18 +528,27 @@ impl Engine {
 
     // ---- pilot API ----------------------------------------------------------
 
-    fn verify(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<SlotId, EngineError> {
+    fn verify(
+        &self,
+        slot_header: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<SlotId, EngineError> {
         let slot = slot_header
             .ok_or_else(|| EngineError::Forbidden("missing x-wsp-slot header".into()))
             .and_then(|h| SlotId::parse(h).map_err(|e| EngineError::Forbidden(e.to_string())))?;
-        let sig = signature.ok_or_else(|| EngineError::Forbidden("missing x-wsp-signature header".into()))?;
-        let key = SlotKey::derive(&self.master, &slot).map_err(|e| EngineError::Forbidden(e.to_string()))?;
+        let sig = signature
+            .ok_or_else(|| EngineError::Forbidden("missing x-wsp-signature header".into()))?;
+        let key = SlotKey::derive(&self.master, &slot)
+            .map_err(|e| EngineError::Forbidden(e.to_string()))?;
         match key.verify(body, sig) {
             Ok(true) => Ok(slot),
             _ => {
                 self.metrics.refused("bad_signature");
                 warn!(slot_id = %slot, "refused pilot request: bad signature");
-                Err(EngineError::Forbidden(format!("signature does not match the key of slot {slot}")))
+                Err(EngineError::Forbidden(format!(
+                    "signature does not match the key of slot {slot}"
+                )))
             }
         }
     }
@@ -462,24 +566,42 @@ impl Engine {
     }
 
     /// A signed pilot event: verified, stored, applied, then acknowledged.
-    pub fn pilot_event(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<EventAck, EngineError> {
+    pub fn pilot_event(
+        &self,
+        slot_header: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<EventAck, EngineError> {
         let slot_id = self.verify(slot_header, signature, body)?;
-        let event: PilotEvent = serde_json::from_slice(body).map_err(|e| EngineError::BadRequest(format!("malformed pilot event: {e}")))?;
+        let event: PilotEvent = serde_json::from_slice(body)
+            .map_err(|e| EngineError::BadRequest(format!("malformed pilot event: {e}")))?;
         if event.slot_id != slot_id {
             self.metrics.refused("wrong_slot");
-            return Err(EngineError::Forbidden(format!("event names slot {} but is signed for slot {slot_id}", event.slot_id)));
+            return Err(EngineError::Forbidden(format!(
+                "event names slot {} but is signed for slot {slot_id}",
+                event.slot_id
+            )));
         }
-        if event.node.is_empty() || event.node.len() > 253 || event.node.chars().any(|c| c.is_control()) {
-            return Err(EngineError::BadRequest("node name must be 1-253 printable characters".into()));
+        if event.node.is_empty()
+            || event.node.len() > 253
+            || event.node.chars().any(|c| c.is_control())
+        {
+            return Err(EngineError::BadRequest(
+                "node name must be 1-253 printable characters".into(),
+            ));
         }
         self.check_clock(event.ts_ms)?;
         let now = now_ms();
         let body_text = String::from_utf8_lossy(body);
         self.with_store(|s| {
             s.tx(|tx| {
-                let slot = store::get_slot(tx, &slot_id)?.ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
+                let slot = store::get_slot(tx, &slot_id)?
+                    .ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
                 if !store::insert_pilot_event(tx, &event, &body_text, now)? {
-                    return Err(EngineError::Duplicate { pilot: event.pilot_id.to_string(), seq: event.seq });
+                    return Err(EngineError::Duplicate {
+                        pilot: event.pilot_id.to_string(),
+                        seq: event.seq,
+                    });
                 }
                 apply_event(tx, &slot, &event, now)
             })
@@ -488,21 +610,34 @@ impl Engine {
         debug!(slot_id = %event.slot_id, node = %event.node, seq = event.seq, kind = event.kind.name(), "pilot event stored");
         self.bump();
         self.kick.notify_one();
-        Ok(EventAck { seq: event.seq, duplicate: false })
+        Ok(EventAck {
+            seq: event.seq,
+            duplicate: false,
+        })
     }
 
     /// A signed long-poll for commands.
-    pub async fn pilot_poll(&self, slot_header: Option<&str>, signature: Option<&str>, body: &[u8]) -> Result<PollResponse, EngineError> {
+    pub async fn pilot_poll(
+        &self,
+        slot_header: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<PollResponse, EngineError> {
         let slot_id = self.verify(slot_header, signature, body)?;
-        let req: PollRequest = serde_json::from_slice(body).map_err(|e| EngineError::BadRequest(format!("malformed poll: {e}")))?;
+        let req: PollRequest = serde_json::from_slice(body)
+            .map_err(|e| EngineError::BadRequest(format!("malformed poll: {e}")))?;
         if req.slot_id != slot_id {
-            return Err(EngineError::Forbidden(format!("poll names slot {} but is signed for slot {slot_id}", req.slot_id)));
+            return Err(EngineError::Forbidden(format!(
+                "poll names slot {} but is signed for slot {slot_id}",
+                req.slot_id
+            )));
         }
         self.check_clock(req.ts_ms)?;
         // Never longer than we told pilots to wait: silence detection relies on it.
-        let wait = Duration::from_millis(req.wait_ms.min(self.cfg.pilot.poll_wait_ms)).min(MAX_WAIT);
+        let wait =
+            Duration::from_millis(req.wait_ms.min(self.cfg.pilot.poll_wait_ms)).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
-        let mut rx = self.changed.subscribe();
+        let mut rx = self.commands.subscribe();
         loop {
             rx.borrow_and_update();
             let commands = self.with_store(|s| {
@@ -510,12 +645,20 @@ impl Engine {
                     return Err(EngineError::Forbidden(format!("unknown slot {slot_id}")));
                 }
                 store::seen_pilot(s.conn(), &slot_id, &req.node, now_ms())?;
-                Ok(store::commands_after(s.conn(), &slot_id, &req.node, req.after)?)
+                Ok(store::commands_after(
+                    s.conn(),
+                    &slot_id,
+                    &req.node,
+                    req.after,
+                )?)
             })?;
             if !commands.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(PollResponse { commands });
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 continue;
             }
         }
@@ -556,9 +699,27 @@ impl Engine {
             s.tx(|tx| {
                 let mut changed = false;
                 for mut ws in store::active_workspaces(tx)? {
-                    if ws.state == WorkspaceState::Running && ws.expires_ms.is_some_and(|e| e <= now) {
-                        transition(tx, &mut ws, Input::LeaseExpired, Some("lease duration is over"), now)?;
-                        store::push_timeline(tx, &ws.id, now, now, Phase::LeaseExpired, None, None, None, "lease duration is over")?;
+                    if ws.state == WorkspaceState::Running
+                        && ws.expires_ms.is_some_and(|e| e <= now)
+                    {
+                        transition(
+                            tx,
+                            &mut ws,
+                            Input::LeaseExpired,
+                            Some("lease duration is over"),
+                            now,
+                        )?;
+                        store::push_timeline(
+                            tx,
+                            &ws.id,
+                            now,
+                            now,
+                            Phase::LeaseExpired,
+                            None,
+                            None,
+                            None,
+                            "lease duration is over",
+                        )?;
                         end_slots(tx, &ws, now)?;
                         info!(workspace_id = %ws.id, "lease expired");
                         changed = true;
@@ -630,12 +791,19 @@ impl Engine {
         };
         for slot in slots {
             let Some(job) = slot.job_id.clone() else {
-                let _ = self.with_store(|s| Ok(store::set_slot_cancel_pending(s.conn(), &slot.id, false)?));
+                let _ = self
+                    .with_store(|s| Ok(store::set_slot_cancel_pending(s.conn(), &slot.id, false)?));
                 continue;
             };
             {
-                let mut attempts = self.cancel_attempts.lock().unwrap_or_else(|p| p.into_inner());
-                if attempts.get(&slot.id).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                let mut attempts = self
+                    .cancel_attempts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if attempts
+                    .get(&slot.id)
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                {
                     continue;
                 }
                 attempts.insert(slot.id.clone(), Instant::now());
@@ -652,7 +820,19 @@ impl Engine {
                             if let Some(fresh) = fresh {
                                 if !fresh.state.is_terminal() && pilots.iter().all(|p| p.released) {
                                     store::set_slot_state(tx, &slot.id, SlotState::Released)?;
-                                    store::push_timeline(tx, &slot.workspace_id, now, now, Phase::SlotReleased, Some(&slot.id), None, None, &format!("job {job} cancelled before its pilots held anything"))?;
+                                    store::push_timeline(
+                                        tx,
+                                        &slot.workspace_id,
+                                        now,
+                                        now,
+                                        Phase::SlotReleased,
+                                        Some(&slot.id),
+                                        None,
+                                        None,
+                                        &format!(
+                                            "job {job} cancelled before its pilots held anything"
+                                        ),
+                                    )?;
                                 }
                             }
                             let mut ws = must_ws(tx, &slot.workspace_id)?;
@@ -663,10 +843,15 @@ impl Engine {
                     if let Err(e) = r {
                         warn!(slot_id = %slot.id, error = %e, "recording cancel");
                     }
-                    self.cancel_attempts.lock().unwrap_or_else(|p| p.into_inner()).remove(&slot.id);
+                    self.cancel_attempts
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&slot.id);
                     self.bump();
                 }
-                Err(e) => warn!(slot_id = %slot.id, job_id = %job, error = %e, "cancel failed; will retry"),
+                Err(e) => {
+                    warn!(slot_id = %slot.id, job_id = %job, error = %e, "cancel failed; will retry")
+                }
             }
         }
     }
@@ -677,7 +862,10 @@ impl Engine {
         if slots.is_empty() {
             return Ok(());
         }
-        let ids: Vec<JobId> = slots.iter().filter_map(|s| s.job_id.clone().map(JobId)).collect();
+        let ids: Vec<JobId> = slots
+            .iter()
+            .filter_map(|s| s.job_id.clone().map(JobId))
+            .collect();
         let states = match self.lrm.status(&ids).await {
             Ok(s) => s,
             Err(e) => {
@@ -688,14 +876,21 @@ impl Engine {
         let now = now_ms();
         let mut changed = false;
         for slot in slots {
-            let Some(job) = slot.job_id.clone() else { continue };
+            let Some(job) = slot.job_id.clone() else {
+                continue;
+            };
             let ended = match states.get(&JobId(job.clone())) {
-                Some(JobStatus::Known(st)) if st.is_finished() => Some(format!("{st:?}").to_lowercase()),
+                Some(JobStatus::Known(st)) if st.is_finished() => {
+                    Some(format!("{st:?}").to_lowercase())
+                }
                 Some(JobStatus::NotFound) => Some("no longer listed".to_string()),
                 _ => None,
             };
             let Some(how) = ended else { continue };
-            let preempted = matches!(states.get(&JobId(job.clone())), Some(JobStatus::Known(JobState::Preempted)));
+            let preempted = matches!(
+                states.get(&JobId(job.clone())),
+                Some(JobStatus::Known(JobState::Preempted))
+            );
             self.with_store(|s| s.tx(|tx| job_ended(tx, &slot.id, &job, &how, preempted, now)))?;
             changed = true;
         }
@@ -703,6 +898,31 @@ impl Engine {
             self.bump();
         }
         Ok(())
+    }
+
+    /// Ends every live workspace, as an admin would one by one (used by
+    /// `serve --end-leases-on-exit`). Returns the workspaces it ended.
+    pub fn end_all(&self) -> Result<Vec<WorkspaceId>, EngineError> {
+        let admin = Caller {
+            user: "coordinator shutdown".into(),
+            admin: true,
+        };
+        let live: Vec<WorkspaceId> = self.with_store(|s| {
+            Ok(store::active_workspaces(s.conn())?
+                .into_iter()
+                .filter(|w| lifecycle::wants_slots(w.state))
+                .map(|w| w.id)
+                .collect())
+        })?;
+        for id in &live {
+            self.destroy(&admin, id)?;
+        }
+        Ok(live)
+    }
+
+    /// Workspaces not yet settled (something may still be held somewhere).
+    pub fn unsettled(&self) -> Result<usize, EngineError> {
+        self.with_store(|s| Ok(store::active_workspaces(s.conn())?.len()))
     }
 
     /// Stops the LRM adapter's own work (the local adapter ends its jobs).
@@ -718,7 +938,10 @@ impl Engine {
     /// Counts of workspaces per state, for /metrics.
     pub fn state_counts(&self) -> Result<Vec<(String, i64)>, EngineError> {
         self.with_store(|s| {
-            let mut st = s.conn().prepare("SELECT state, COUNT(*) FROM workspaces GROUP BY state").map_err(StoreError::from)?;
+            let mut st = s
+                .conn()
+                .prepare("SELECT state, COUNT(*) FROM workspaces GROUP BY state")
+                .map_err(StoreError::from)?;
             let rows = st
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
                 .map_err(StoreError::from)?;
@@ -731,6 +954,27 @@ impl Engine {
     }
 }
 
+/// Recovery at start: a slot with no batch job id was being submitted when the
+/// previous coordinator died (create stores before it submits). Whether the
+/// LRM got the job is unknown, so it is not submitted again: its workspace
+/// fails (the client may ask again) and settles.
+fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), EngineError> {
+    store.tx(|tx| {
+        for mut ws in store::active_workspaces(tx)? {
+            let unsubmitted = store::slots_of(tx, &ws.id)?
+                .iter()
+                .any(|s| s.job_id.is_none() && !s.state.is_terminal());
+            if unsubmitted {
+                warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's pilot jobs");
+                fail_workspace(tx, &mut ws, "the coordinator stopped while submitting the pilot jobs", now)?;
+                end_slots(tx, &ws, now)?;
+                maybe_settle(tx, &mut ws, now)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 // ---- the rules, inside one transaction ---------------------------------------
 
 fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
@@ -738,7 +982,11 @@ fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError
 }
 
 /// The workspace if the caller may see it; others' workspaces are "not found".
-fn visible_ws(c: &Connection, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
+fn visible_ws(
+    c: &Connection,
+    caller: &Caller,
+    id: &WorkspaceId,
+) -> Result<WorkspaceRow, EngineError> {
     match store::get_workspace(c, id)? {
         Some(ws) if caller.admin || ws.owner == caller.user => Ok(ws),
         _ => Err(EngineError::NotFound(format!("no workspace {id}"))),
@@ -746,7 +994,13 @@ fn visible_ws(c: &Connection, caller: &Caller, id: &WorkspaceId) -> Result<Works
 }
 
 /// Applies `lifecycle::next`; records the state and returns whether it changed.
-fn transition(c: &Connection, ws: &mut WorkspaceRow, input: Input, reason: Option<&str>, now: u64) -> Result<bool, EngineError> {
+fn transition(
+    c: &Connection,
+    ws: &mut WorkspaceRow,
+    input: Input,
+    reason: Option<&str>,
+    now: u64,
+) -> Result<bool, EngineError> {
     match lifecycle::next(ws.state, input) {
         Some(to) => {
             info!(workspace_id = %ws.id, from = %ws.state, to = %to, ?input, "workspace state");
@@ -761,7 +1015,12 @@ fn transition(c: &Connection, ws: &mut WorkspaceRow, input: Input, reason: Optio
     }
 }
 
-fn fail_workspace(c: &Connection, ws: &mut WorkspaceRow, reason: &str, now: u64) -> Result<(), EngineError> {
+fn fail_workspace(
+    c: &Connection,
+    ws: &mut WorkspaceRow,
+    reason: &str,
+    now: u64,
+) -> Result<(), EngineError> {
     if transition(c, ws, Input::Failed, Some(reason), now)? {
         warn!(workspace_id = %ws.id, reason, "workspace failed");
         end_slots(c, ws, now)?;
@@ -803,18 +1062,40 @@ fn maybe_settle(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), E
         return Ok(());
     }
     if transition(c, ws, Input::AllSlotsEnded, None, now)? && ws.state == WorkspaceState::Failed {
-        store::set_workspace_state(c, &ws.id, ws.state, Some("every slot ended while the workspace was live"), now)?;
+        store::set_workspace_state(
+            c,
+            &ws.id,
+            ws.state,
+            Some("every slot ended while the workspace was live"),
+            now,
+        )?;
     }
     // Any VM not yet accounted for is gone with its slot.
     for vm in store::vms_of(c, &ws.id)? {
         if !vm.state.is_terminal() {
-            let to = if ws.state == WorkspaceState::Preempted { VmState::Preempted } else { VmState::Destroyed };
+            let to = if ws.state == WorkspaceState::Preempted {
+                VmState::Preempted
+            } else {
+                VmState::Destroyed
+            };
             store::set_vm_state(c, &vm.id, to)?;
         }
     }
-    let already: bool = store::timeline_after(c, &ws.id, 0)?.iter().any(|e| e.phase == Phase::Ended);
+    let already: bool = store::timeline_after(c, &ws.id, 0)?
+        .iter()
+        .any(|e| e.phase == Phase::Ended);
     if !already && ws.state.is_terminal() {
-        store::push_timeline(c, &ws.id, now, now, Phase::Ended, None, None, None, &format!("{}: every slot given back", ws.state))?;
+        store::push_timeline(
+            c,
+            &ws.id,
+            now,
+            now,
+            Phase::Ended,
+            None,
+            None,
+            None,
+            &format!("{}: every slot given back", ws.state),
+        )?;
     }
     Ok(())
 }
@@ -824,14 +1105,30 @@ fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), Engi
     let slots = store::slots_of(c, &ws.id)?;
     let mut rooms = Vec::new();
     for s in &slots {
-        for p in store::pilots_of(c, &s.id)?.into_iter().filter(|p| p.reserved && !p.released) {
-            rooms.push(NodeRoom { slot: s.id.clone(), node: p.node, memory_mb: s.memory_mb, cpus: s.cores });
+        for p in store::pilots_of(c, &s.id)?
+            .into_iter()
+            .filter(|p| p.reserved && !p.released)
+        {
+            rooms.push(NodeRoom {
+                slot: s.id.clone(),
+                node: p.node,
+                memory_mb: s.memory_mb,
+                cpus: s.cores,
+            });
         }
     }
-    let vms: Vec<VmRow> = store::vms_of(c, &ws.id)?.into_iter().filter(|v| v.state == VmState::Pending).collect();
+    let vms: Vec<VmRow> = store::vms_of(c, &ws.id)?
+        .into_iter()
+        .filter(|v| v.state == VmState::Pending)
+        .collect();
     let needs: Vec<VmNeed> = vms
         .iter()
-        .map(|v| VmNeed { vm: v.id.clone(), slot: v.slot_id.clone(), memory_mb: v.memory_mb, cpus: v.cpus })
+        .map(|v| VmNeed {
+            vm: v.id.clone(),
+            slot: v.slot_id.clone(),
+            memory_mb: v.memory_mb,
+            cpus: v.cpus,
+        })
         .collect();
     let mapping = match policy::map_vms(&needs, &rooms) {
         Ok(m) => m,
@@ -840,26 +1137,70 @@ fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), Engi
     transition(c, ws, Input::AllSlotsReserved, None, now)?;
     let by_id: HashMap<&VmId, &VmRow> = vms.iter().map(|v| (&v.id, v)).collect();
     for (vm_id, node) in mapping {
-        let Some(vm) = by_id.get(&vm_id) else { continue };
+        let Some(vm) = by_id.get(&vm_id) else {
+            continue;
+        };
         store::set_vm_node(c, &vm.id, &node)?;
         store::set_vm_state(c, &vm.id, VmState::Starting)?;
-        let launch = VmLaunch { vm_id: vm.id.clone(), name: vm.name.clone(), memory_mb: vm.memory_mb, cpus: vm.cpus, image: vm.image.clone() };
+        let launch = VmLaunch {
+            vm_id: vm.id.clone(),
+            name: vm.name.clone(),
+            memory_mb: vm.memory_mb,
+            cpus: vm.cpus,
+            image: vm.image.clone(),
+        };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
-        store::push_timeline(c, &ws.id, now, now, Phase::VmStartSent, Some(&vm.slot_id), Some(&node), Some(&vm.id), &format!("{} ({}) -> {node}", vm.name, vm.group))?;
+        store::push_timeline(
+            c,
+            &ws.id,
+            now,
+            now,
+            Phase::VmStartSent,
+            Some(&vm.slot_id),
+            Some(&node),
+            Some(&vm.id),
+            &format!("{} ({}) -> {node}", vm.name, vm.group),
+        )?;
     }
     Ok(())
 }
 
-fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Result<(), EngineError> {
+fn apply_event(
+    c: &Connection,
+    slot: &SlotRow,
+    e: &PilotEvent,
+    now: u64,
+) -> Result<(), EngineError> {
     let mut ws = must_ws(c, &slot.workspace_id)?;
     let node = e.node.as_str();
     store::touch_pilot(c, &slot.id, node, e.pilot_id.as_str(), e.kind.name(), now)?;
     let tl = |phase: Phase, vm: Option<&VmId>, detail: &str| {
-        store::push_timeline(c, &ws.id, e.ts_ms, now, phase, Some(&slot.id), Some(node), vm, detail)
+        store::push_timeline(
+            c,
+            &ws.id,
+            e.ts_ms,
+            now,
+            phase,
+            Some(&slot.id),
+            Some(node),
+            vm,
+            detail,
+        )
     };
     match &e.kind {
-        EventKind::Started { pid, hypervisor, job_id } => {
-            tl(Phase::PilotStarted, None, &format!("pid {pid}, hypervisor {hypervisor}, job {}", job_id.as_deref().unwrap_or("?")))?;
+        EventKind::Started {
+            pid,
+            hypervisor,
+            job_id,
+        } => {
+            tl(
+                Phase::PilotStarted,
+                None,
+                &format!(
+                    "pid {pid}, hypervisor {hypervisor}, job {}",
+                    job_id.as_deref().unwrap_or("?")
+                ),
+            )?;
             if slot.state == SlotState::Submitted {
                 store::set_slot_state(c, &slot.id, SlotState::Reserving)?;
             }
@@ -867,7 +1208,12 @@ fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Resu
                 store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
             }
         }
-        EventKind::Reserved { dom0_before_mb, dom0_after_mb, reserved_mb, balloon_ms } => {
+        EventKind::Reserved {
+            dom0_before_mb,
+            dom0_after_mb,
+            reserved_mb,
+            balloon_ms,
+        } => {
             store::set_pilot_flags(c, &slot.id, node, Some(true), None)?;
             tl(
                 Phase::MemoryReserved,
@@ -883,11 +1229,18 @@ fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Resu
                 }
                 return Ok(());
             }
-            let reserved = store::pilots_of(c, &slot.id)?.iter().filter(|p| p.reserved && !p.released).count() as u32;
-            if reserved >= slot.nodes && matches!(slot.state, SlotState::Submitted | SlotState::Reserving) {
+            let reserved = store::pilots_of(c, &slot.id)?
+                .iter()
+                .filter(|p| p.reserved && !p.released)
+                .count() as u32;
+            if reserved >= slot.nodes
+                && matches!(slot.state, SlotState::Submitted | SlotState::Reserving)
+            {
                 store::set_slot_state(c, &slot.id, SlotState::Reserved)?;
             }
-            let all = store::slots_of(c, &ws.id)?.iter().all(|s| s.state == SlotState::Reserved);
+            let all = store::slots_of(c, &ws.id)?
+                .iter()
+                .all(|s| s.state == SlotState::Reserved);
             if all && ws.state == WorkspaceState::Pending {
                 start_vms(c, &mut ws, now)?;
             }
@@ -895,48 +1248,109 @@ fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Resu
         EventKind::ReserveFailed { reason } => {
             store::set_pilot_flags(c, &slot.id, node, Some(false), Some(true))?;
             tl(Phase::ReserveFailed, None, reason)?;
-            fail_workspace(c, &mut ws, &format!("node {node} could not reserve {} MB: {reason}", slot.memory_mb), now)?;
+            fail_workspace(
+                c,
+                &mut ws,
+                &format!(
+                    "node {node} could not reserve {} MB: {reason}",
+                    slot.memory_mb
+                ),
+                now,
+            )?;
             slot_maybe_released(c, &ws, &slot.id, now)?;
             maybe_settle(c, &mut ws, now)?;
         }
-        EventKind::VmStarted { vm_id, name, create_ms } => {
-            let Some(vm) = own_vm(c, slot, vm_id)? else { return Ok(()) };
+        EventKind::VmStarted {
+            vm_id,
+            name,
+            create_ms,
+        } => {
+            let Some(vm) = own_vm(c, slot, vm_id)? else {
+                return Ok(());
+            };
             if vm.state == VmState::Starting {
                 store::set_vm_state(c, vm_id, VmState::Running)?;
             }
-            tl(Phase::VmStarted, Some(vm_id), &format!("{name} created in {create_ms} ms"))?;
+            tl(
+                Phase::VmStarted,
+                Some(vm_id),
+                &format!("{name} created in {create_ms} ms"),
+            )?;
             let vms = store::vms_of(c, &ws.id)?;
             if vms.iter().all(|v| v.state == VmState::Running)
                 && transition(c, &mut ws, Input::AllVmsRunning, None, now)?
             {
                 let expires = now + ws.spec.duration.0.as_millis() as u64;
                 store::set_workspace_expiry(c, &ws.id, expires)?;
-                store::push_timeline(c, &ws.id, now, now, Phase::Running, None, None, None, &format!("all {} VMs running; lease ends {}", vms.len(), protocol::time::format_ms(expires)))?;
+                store::push_timeline(
+                    c,
+                    &ws.id,
+                    now,
+                    now,
+                    Phase::Running,
+                    None,
+                    None,
+                    None,
+                    &format!(
+                        "all {} VMs running; lease ends {}",
+                        vms.len(),
+                        protocol::time::format_ms(expires)
+                    ),
+                )?;
             }
         }
         EventKind::VmFailed { vm_id, reason } => {
-            let Some(_) = own_vm(c, slot, vm_id)? else { return Ok(()) };
+            let Some(_) = own_vm(c, slot, vm_id)? else {
+                return Ok(());
+            };
             store::set_vm_state(c, vm_id, VmState::Failed)?;
             tl(Phase::VmFailed, Some(vm_id), reason)?;
-            fail_workspace(c, &mut ws, &format!("VM {vm_id} on node {node} failed to start: {reason}"), now)?;
+            fail_workspace(
+                c,
+                &mut ws,
+                &format!("VM {vm_id} on node {node} failed to start: {reason}"),
+                now,
+            )?;
         }
         EventKind::VmDestroyed { vm_id, destroy_ms } => {
-            let Some(_) = own_vm(c, slot, vm_id)? else { return Ok(()) };
-            let to = if ws.state == WorkspaceState::Preempted { VmState::Preempted } else { VmState::Destroyed };
+            let Some(_) = own_vm(c, slot, vm_id)? else {
+                return Ok(());
+            };
+            let to = if ws.state == WorkspaceState::Preempted {
+                VmState::Preempted
+            } else {
+                VmState::Destroyed
+            };
             store::set_vm_state(c, vm_id, to)?;
-            tl(Phase::VmDestroyed, Some(vm_id), &format!("destroyed in {destroy_ms} ms"))?;
+            tl(
+                Phase::VmDestroyed,
+                Some(vm_id),
+                &format!("destroyed in {destroy_ms} ms"),
+            )?;
         }
-        EventKind::Preempting { signal, coordinator_wait_ms, .. } => {
+        EventKind::Preempting {
+            signal,
+            coordinator_wait_ms,
+            ..
+        } => {
             let job = slot.job_id.as_deref().unwrap_or("?");
             tl(Phase::Preempting, None, &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"))?;
-            let reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+            let reason =
+                format!("batch system preempted pilot job {job} on node {node} ({signal})");
             if transition(c, &mut ws, Input::Preempted, Some(&reason), now)? {
                 end_slots(c, &ws, now)?;
             } else if !store::has_release(c, &slot.id, node)? {
                 store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
             }
         }
-        EventKind::Released { reason, vms_destroyed, dom0_restored_mb, restore_ms, clean, problems } => {
+        EventKind::Released {
+            reason,
+            vms_destroyed,
+            dom0_restored_mb,
+            restore_ms,
+            clean,
+            problems,
+        } => {
             store::set_pilot_flags(c, &slot.id, node, None, Some(true))?;
             let mut detail = format!(
                 "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({})",
@@ -944,26 +1358,41 @@ fn apply_event(c: &Connection, slot: &SlotRow, e: &PilotEvent, now: u64) -> Resu
                 format!("{reason:?}").to_lowercase()
             );
             if !clean {
-                detail.push_str(&format!("; NOT CLEAN: {}; run workspace-kill-all on {node}", problems.join("; ")));
+                detail.push_str(&format!(
+                    "; NOT CLEAN: {}; run workspace-kill-all on {node}",
+                    problems.join("; ")
+                ));
                 warn!(workspace_id = %ws.id, slot_id = %slot.id, node, "pilot released with problems: {problems:?}");
             }
             tl(Phase::MemoryRestored, None, &detail)?;
-            let vm_final = if ws.state == WorkspaceState::Preempted || *reason == ReleaseReason::Preempted {
-                VmState::Preempted
-            } else {
-                VmState::Destroyed
-            };
+            let vm_final =
+                if ws.state == WorkspaceState::Preempted || *reason == ReleaseReason::Preempted {
+                    VmState::Preempted
+                } else {
+                    VmState::Destroyed
+                };
             for vm in store::vms_of(c, &ws.id)? {
-                if vm.slot_id == slot.id && vm.node.as_deref() == Some(node) && !vm.state.is_terminal() {
+                if vm.slot_id == slot.id
+                    && vm.node.as_deref() == Some(node)
+                    && !vm.state.is_terminal()
+                {
                     store::set_vm_state(c, &vm.id, vm_final)?;
                 }
             }
             if lifecycle::wants_slots(ws.state) {
                 // The pilot left on its own: the lease cannot go on.
                 let (input, why) = match reason {
-                    ReleaseReason::Deadline => (Input::LeaseExpired, format!("pilot on {node} reached the end of its slot")),
-                    ReleaseReason::Preempted => (Input::Preempted, format!("pilot on {node} was preempted")),
-                    _ => (Input::Failed, format!("pilot on {node} released its slot ({reason:?})")),
+                    ReleaseReason::Deadline => (
+                        Input::LeaseExpired,
+                        format!("pilot on {node} reached the end of its slot"),
+                    ),
+                    ReleaseReason::Preempted => {
+                        (Input::Preempted, format!("pilot on {node} was preempted"))
+                    }
+                    _ => (
+                        Input::Failed,
+                        format!("pilot on {node} released its slot ({reason:?})"),
+                    ),
                 };
                 if transition(c, &mut ws, input, Some(&why), now)? {
                     end_slots(c, &ws, now)?;
@@ -989,39 +1418,92 @@ fn own_vm(c: &Connection, slot: &SlotRow, vm_id: &VmId) -> Result<Option<VmRow>,
 
 /// When every pilot of the slot has released, the slot is released; the batch
 /// job is cancelled too, in case it lingers (a no-op if it has ended).
-fn slot_maybe_released(c: &Connection, ws: &WorkspaceRow, slot_id: &SlotId, now: u64) -> Result<(), EngineError> {
-    let Some(slot) = store::get_slot(c, slot_id)? else { return Ok(()) };
+fn slot_maybe_released(
+    c: &Connection,
+    ws: &WorkspaceRow,
+    slot_id: &SlotId,
+    now: u64,
+) -> Result<(), EngineError> {
+    let Some(slot) = store::get_slot(c, slot_id)? else {
+        return Ok(());
+    };
     if slot.state.is_terminal() {
         return Ok(());
     }
     let pilots = store::pilots_of(c, slot_id)?;
     let released = pilots.iter().filter(|p| p.released).count() as u32;
     if released >= slot.nodes {
-        let lost: Vec<&str> = pilots.iter().filter(|p| p.last_event == "lost").map(|p| p.node.as_str()).collect();
+        let lost: Vec<&str> = pilots
+            .iter()
+            .filter(|p| p.last_event == "lost")
+            .map(|p| p.node.as_str())
+            .collect();
         let (state, detail) = if lost.is_empty() {
-            (SlotState::Released, format!("all {} pilot(s) released", pilots.len()))
+            (
+                SlotState::Released,
+                format!("all {} pilot(s) released", pilots.len()),
+            )
         } else {
-            (SlotState::Failed, format!("ended with lost pilot(s) on {}: run workspace-kill-all there", lost.join(", ")))
+            (
+                SlotState::Failed,
+                format!(
+                    "ended with lost pilot(s) on {}: run workspace-kill-all there",
+                    lost.join(", ")
+                ),
+            )
         };
         store::set_slot_state(c, slot_id, state)?;
         if !slot.job_ended {
             store::set_slot_cancel_pending(c, slot_id, true)?;
         }
-        store::push_timeline(c, &ws.id, now, now, Phase::SlotReleased, Some(slot_id), None, None, &detail)?;
+        store::push_timeline(
+            c,
+            &ws.id,
+            now,
+            now,
+            Phase::SlotReleased,
+            Some(slot_id),
+            None,
+            None,
+            &detail,
+        )?;
     }
     Ok(())
 }
 
 /// The LRM says the job is over (or gone).
-fn job_ended(c: &Connection, slot_id: &SlotId, job: &str, how: &str, preempted: bool, now: u64) -> Result<(), EngineError> {
-    let Some(slot) = store::get_slot(c, slot_id)? else { return Ok(()) };
+fn job_ended(
+    c: &Connection,
+    slot_id: &SlotId,
+    job: &str,
+    how: &str,
+    preempted: bool,
+    now: u64,
+) -> Result<(), EngineError> {
+    let Some(slot) = store::get_slot(c, slot_id)? else {
+        return Ok(());
+    };
     store::set_slot_job_ended(c, slot_id)?;
     store::set_slot_cancel_pending(c, slot_id, false)?;
     let mut ws = must_ws(c, &slot.workspace_id)?;
-    store::push_timeline(c, &ws.id, now, now, Phase::JobEnded, Some(slot_id), None, None, &format!("batch job {job}: {how}"))?;
+    store::push_timeline(
+        c,
+        &ws.id,
+        now,
+        now,
+        Phase::JobEnded,
+        Some(slot_id),
+        None,
+        None,
+        &format!("batch job {job}: {how}"),
+    )?;
     if !slot.state.is_terminal() {
         let pilots = store::pilots_of(c, slot_id)?;
-        let stuck: Vec<&str> = pilots.iter().filter(|p| !p.released).map(|p| p.node.as_str()).collect();
+        let stuck: Vec<&str> = pilots
+            .iter()
+            .filter(|p| !p.released)
+            .map(|p| p.node.as_str())
+            .collect();
         if stuck.is_empty() {
             store::set_slot_state(c, slot_id, SlotState::Released)?;
         } else {
@@ -1036,12 +1518,22 @@ fn job_ended(c: &Connection, slot_id: &SlotId, job: &str, how: &str, preempted: 
                 Some(slot_id),
                 None,
                 None,
-                &format!("job ended before pilots on {} reported release: run workspace-kill-all there", stuck.join(", ")),
+                &format!(
+                    "job ended before pilots on {} reported release: run workspace-kill-all there",
+                    stuck.join(", ")
+                ),
             )?;
         }
         if lifecycle::wants_slots(ws.state) {
-            let reason = format!("batch job {job} ended ({how}) while the workspace was {}", ws.state);
-            let input = if preempted { Input::Preempted } else { Input::Failed };
+            let reason = format!(
+                "batch job {job} ended ({how}) while the workspace was {}",
+                ws.state
+            );
+            let input = if preempted {
+                Input::Preempted
+            } else {
+                Input::Failed
+            };
             if transition(c, &mut ws, input, Some(&reason), now)? {
                 end_slots(c, &ws, now)?;
             }
@@ -1053,7 +1545,10 @@ fn job_ended(c: &Connection, slot_id: &SlotId, job: &str, how: &str, preempted: 
 
 fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
-    let jobs: HashMap<SlotId, Option<String>> = slots.iter().map(|s| (s.id.clone(), s.job_id.clone())).collect();
+    let jobs: HashMap<SlotId, Option<String>> = slots
+        .iter()
+        .map(|s| (s.id.clone(), s.job_id.clone()))
+        .collect();
     let vms = store::vms_of(c, &ws.id)?
         .into_iter()
         .map(|v| VmView {
@@ -1074,7 +1569,11 @@ fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineE
         settled &= s.state.is_terminal() && !s.cancel_pending;
         let pilots = store::pilots_of(c, &s.id)?
             .into_iter()
-            .map(|p| PilotView { node: p.node, pilot_id: p.pilot_id, last_event: p.last_event })
+            .map(|p| PilotView {
+                node: p.node,
+                pilot_id: p.pilot_id,
+                last_event: p.last_event,
+            })
             .collect();
         slot_views.push(SlotView {
             id: s.id,

@@ -66,7 +66,15 @@ mod tests {
     #[test]
     fn terminal_states_never_move() {
         for t in [S::Destroyed, S::Preempted, S::Expired, S::Failed] {
-            for i in [AllSlotsReserved, AllVmsRunning, DestroyRequested, LeaseExpired, Preempted, Failed, AllSlotsEnded] {
+            for i in [
+                AllSlotsReserved,
+                AllVmsRunning,
+                DestroyRequested,
+                LeaseExpired,
+                Preempted,
+                Failed,
+                AllSlotsEnded,
+            ] {
                 assert_eq!(next(t, i), None, "{t:?} {i:?}");
             }
         }

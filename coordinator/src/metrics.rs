@@ -38,25 +38,55 @@ impl Metrics {
         let pilot_events = Family::<TypeLabel, Counter>::default();
         let refused = Family::<TypeLabel, Counter>::default();
         let workspaces = Family::<StateLabel, Gauge>::default();
-        registry.register("workspaces_created", "Workspaces requested by clients", workspaces_created.clone());
-        registry.register("pilot_events", "Pilot events stored and acknowledged, by type", pilot_events.clone());
-        registry.register("pilot_requests_refused", "Pilot requests refused, by cause", refused.clone());
+        registry.register(
+            "workspaces_created",
+            "Workspaces requested by clients",
+            workspaces_created.clone(),
+        );
+        registry.register(
+            "pilot_events",
+            "Pilot events stored and acknowledged, by type",
+            pilot_events.clone(),
+        );
+        registry.register(
+            "pilot_requests_refused",
+            "Pilot requests refused, by cause",
+            refused.clone(),
+        );
         registry.register("workspaces", "Workspaces by state", workspaces.clone());
-        Self { registry, workspaces_created, pilot_events, refused, workspaces }
+        Self {
+            registry,
+            workspaces_created,
+            pilot_events,
+            refused,
+            workspaces,
+        }
     }
 
     pub fn event(&self, kind: &str) {
-        self.pilot_events.get_or_create(&TypeLabel { r#type: kind.to_string() }).inc();
+        self.pilot_events
+            .get_or_create(&TypeLabel {
+                r#type: kind.to_string(),
+            })
+            .inc();
     }
 
     pub fn refused(&self, cause: &str) {
-        self.refused.get_or_create(&TypeLabel { r#type: cause.to_string() }).inc();
+        self.refused
+            .get_or_create(&TypeLabel {
+                r#type: cause.to_string(),
+            })
+            .inc();
     }
 
     /// Text exposition format; `states` refreshes the per-state gauge first.
     pub fn render(&self, states: &[(String, i64)]) -> String {
         for (state, n) in states {
-            self.workspaces.get_or_create(&StateLabel { state: state.clone() }).set(*n);
+            self.workspaces
+                .get_or_create(&StateLabel {
+                    state: state.clone(),
+                })
+                .set(*n);
         }
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {

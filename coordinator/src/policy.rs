@@ -25,18 +25,34 @@ pub enum FitError {
     #[error("group {group:?} asks {asked} CPUs per VM, but nodes have {has}")]
     Cpus { group: String, asked: u32, has: u32 },
     #[error("group {group:?} asks {asked} MB per VM, but a node can give at most {has} MB ({node} MB less the {min_dom0} MB dom0 keeps)")]
-    Memory { group: String, asked: u64, has: u64, node: u64, min_dom0: u64 },
-    #[error("the workspace needs {asked} nodes at once (one VM per node), but the cluster has {has}")]
+    Memory {
+        group: String,
+        asked: u64,
+        has: u64,
+        node: u64,
+        min_dom0: u64,
+    },
+    #[error(
+        "the workspace needs {asked} nodes at once (one VM per node), but the cluster has {has}"
+    )]
     Nodes { asked: u64, has: u32 },
 }
 
 /// Exact fit: one slot per group, one node per VM.
-pub fn plan_slots(spec: &WorkspaceSpec, cap: &Capacity, min_dom0_mb: u64) -> Result<Vec<SlotPlan>, FitError> {
+pub fn plan_slots(
+    spec: &WorkspaceSpec,
+    cap: &Capacity,
+    min_dom0_mb: u64,
+) -> Result<Vec<SlotPlan>, FitError> {
     let usable = cap.memory_mb_per_node.saturating_sub(min_dom0_mb);
     let mut plans = Vec::with_capacity(spec.groups.len());
     for g in &spec.groups {
         if g.cpus > cap.cores_per_node {
-            return Err(FitError::Cpus { group: g.name.clone(), asked: g.cpus, has: cap.cores_per_node });
+            return Err(FitError::Cpus {
+                group: g.name.clone(),
+                asked: g.cpus,
+                has: cap.cores_per_node,
+            });
         }
         if g.memory_mb > usable {
             return Err(FitError::Memory {
@@ -56,7 +72,10 @@ pub fn plan_slots(spec: &WorkspaceSpec, cap: &Capacity, min_dom0_mb: u64) -> Res
     }
     let total: u64 = plans.iter().map(|p| u64::from(p.nodes)).sum();
     if total > u64::from(cap.nodes) {
-        return Err(FitError::Nodes { asked: total, has: cap.nodes });
+        return Err(FitError::Nodes {
+            asked: total,
+            has: cap.nodes,
+        });
     }
     Ok(plans)
 }
@@ -92,7 +111,10 @@ pub struct MapError {
 pub fn map_vms(vms: &[VmNeed], nodes: &[NodeRoom]) -> Result<Vec<(VmId, String)>, MapError> {
     let mut by_slot: HashMap<&SlotId, Vec<(usize, u64, u32)>> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
-        by_slot.entry(&n.slot).or_default().push((i, n.memory_mb, n.cpus));
+        by_slot
+            .entry(&n.slot)
+            .or_default()
+            .push((i, n.memory_mb, n.cpus));
     }
     let mut order: Vec<&VmNeed> = vms.iter().collect();
     order.sort_by(|a, b| b.memory_mb.cmp(&a.memory_mb).then(b.cpus.cmp(&a.cpus)));
@@ -111,7 +133,12 @@ pub fn map_vms(vms: &[VmNeed], nodes: &[NodeRoom]) -> Result<Vec<(VmId, String)>
         });
         match found {
             Some(i) => out.push((v.vm.clone(), nodes[i].node.clone())),
-            None => return Err(MapError { vm: v.vm.clone(), slot: v.slot.clone() }),
+            None => {
+                return Err(MapError {
+                    vm: v.vm.clone(),
+                    slot: v.slot.clone(),
+                })
+            }
         }
     }
     Ok(out)
@@ -142,35 +169,61 @@ image = "h"
 "#;
 
     fn cap(nodes: u32) -> Capacity {
-        Capacity { nodes, cores_per_node: 2, memory_mb_per_node: 4096 }
+        Capacity {
+            nodes,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+        }
     }
 
     #[test]
     fn ensemble_gets_one_exact_slot_per_group() {
         let p = plan_slots(&spec(ENSEMBLE), &cap(4), 100).unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!((p[0].nodes, p[0].cores_per_node, p[0].memory_mb_per_node), (3, 1, 1024));
-        assert_eq!((p[1].nodes, p[1].cores_per_node, p[1].memory_mb_per_node), (1, 2, 2048));
+        assert_eq!(
+            (p[0].nodes, p[0].cores_per_node, p[0].memory_mb_per_node),
+            (3, 1, 1024)
+        );
+        assert_eq!(
+            (p[1].nodes, p[1].cores_per_node, p[1].memory_mb_per_node),
+            (1, 2, 2048)
+        );
     }
 
     #[test]
     fn too_big_requests_name_what_does_not_fit() {
-        assert!(matches!(plan_slots(&spec(ENSEMBLE), &cap(3), 100), Err(FitError::Nodes { asked: 4, has: 3 })));
+        assert!(matches!(
+            plan_slots(&spec(ENSEMBLE), &cap(3), 100),
+            Err(FitError::Nodes { asked: 4, has: 3 })
+        ));
         let big = ENSEMBLE.replace("memory_mb = 2048", "memory_mb = 4000");
         let e = plan_slots(&spec(&big), &cap(4), 100).unwrap_err();
         assert!(e.to_string().contains("\"head\" asks 4000 MB"), "{e}");
         let many = ENSEMBLE.replace("cpus = 2", "cpus = 3");
-        assert!(matches!(plan_slots(&spec(&many), &cap(4), 100), Err(FitError::Cpus { .. })));
+        assert!(matches!(
+            plan_slots(&spec(&many), &cap(4), 100),
+            Err(FitError::Cpus { .. })
+        ));
     }
 
     #[test]
     fn greedy_mapping_puts_one_vm_per_exact_node() {
         let s1 = SlotId::generate();
         let vms: Vec<VmNeed> = (0..3)
-            .map(|_| VmNeed { vm: VmId::generate(), slot: s1.clone(), memory_mb: 1024, cpus: 1 })
+            .map(|_| VmNeed {
+                vm: VmId::generate(),
+                slot: s1.clone(),
+                memory_mb: 1024,
+                cpus: 1,
+            })
             .collect();
         let nodes: Vec<NodeRoom> = (1..=3)
-            .map(|i| NodeRoom { slot: s1.clone(), node: format!("node{i}"), memory_mb: 1024, cpus: 1 })
+            .map(|i| NodeRoom {
+                slot: s1.clone(),
+                node: format!("node{i}"),
+                memory_mb: 1024,
+                cpus: 1,
+            })
             .collect();
         let m = map_vms(&vms, &nodes).unwrap();
         let mut used: Vec<_> = m.iter().map(|(_, n)| n.clone()).collect();
@@ -182,10 +235,25 @@ image = "h"
     fn mapping_fails_whole_when_a_vm_has_no_room() {
         let s1 = SlotId::generate();
         let vms = vec![
-            VmNeed { vm: VmId::generate(), slot: s1.clone(), memory_mb: 1024, cpus: 1 },
-            VmNeed { vm: VmId::generate(), slot: s1.clone(), memory_mb: 1024, cpus: 1 },
+            VmNeed {
+                vm: VmId::generate(),
+                slot: s1.clone(),
+                memory_mb: 1024,
+                cpus: 1,
+            },
+            VmNeed {
+                vm: VmId::generate(),
+                slot: s1.clone(),
+                memory_mb: 1024,
+                cpus: 1,
+            },
         ];
-        let nodes = vec![NodeRoom { slot: s1, node: "n".into(), memory_mb: 1024, cpus: 1 }];
+        let nodes = vec![NodeRoom {
+            slot: s1,
+            node: "n".into(),
+            memory_mb: 1024,
+            cpus: 1,
+        }];
         assert!(map_vms(&vms, &nodes).is_err());
     }
 }

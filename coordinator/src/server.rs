@@ -13,11 +13,16 @@ use tracing::info;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("listening on {addr}: {source}")]
-    Bind { addr: String, source: std::io::Error },
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("batch system adapter: {0}")]
     Lrm(#[from] LrmError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("preparing simulated node {node}: {message}")]
     SimNode { node: String, message: String },
 }
@@ -29,6 +34,7 @@ pub struct Running {
     pub url: String,
     stop: watch::Sender<bool>,
     http: JoinHandle<()>,
+    tls_handle: Option<axum_server::Handle<std::net::SocketAddr>>,
     ticks: JoinHandle<()>,
 }
 
@@ -37,6 +43,9 @@ impl Running {
     /// system ends its jobs, real ones keep theirs).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        if let Some(h) = &self.tls_handle {
+            h.graceful_shutdown(Some(Duration::from_secs(2)));
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
         let _ = self.ticks.await;
         self.engine.shutdown().await;
@@ -50,17 +59,25 @@ impl Running {
 }
 
 /// Binds `cfg.listen` (or uses `listener`), starts the engine and serves.
-pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Result<Running, ServerError> {
+pub async fn start(
+    cfg: Config,
+    listener: Option<tokio::net::TcpListener>,
+) -> Result<Running, ServerError> {
     let listener = match listener {
         Some(l) => l,
         None => tokio::net::TcpListener::bind(&cfg.listen)
             .await
-            .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?,
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen.clone(),
+                source,
+            })?,
     };
-    let addr = listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind { addr: cfg.listen.clone(), source })?;
-    let url = format!("http://{addr}");
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: cfg.listen.clone(),
+        source,
+    })?;
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}");
     let public_url = cfg.public_url.clone().unwrap_or_else(|| url.clone());
     if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == "sim" {
         prepare_sim_nodes(&cfg).await?;
@@ -78,24 +95,66 @@ pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Re
                     ),
                 }));
             }
-            info!(lrm = lrm.kind(), site_grace_s = site.as_secs(), "grace period checked against the batch system");
+            info!(
+                lrm = lrm.kind(),
+                site_grace_s = site.as_secs(),
+                "grace period checked against the batch system"
+            );
         }
         Ok(None) => {}
         Err(e @ LrmError::Config { .. }) => return Err(e.into()),
-        Err(e) => tracing::warn!(lrm = lrm.kind(), error = %e, "could not check the grace period against the batch system"),
+        Err(e) => {
+            tracing::warn!(lrm = lrm.kind(), error = %e, "could not check the grace period against the batch system")
+        }
     }
     let engine = Engine::new(cfg, lrm, public_url.clone())?;
     let (stop, stop_rx) = watch::channel(false);
     let app = crate::api::router(engine.clone());
-    let mut http_stop = stop_rx.clone();
-    let http = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
+    let (http, tls_handle) = match &engine.config().tls {
+        None => {
+            let mut http_stop = stop_rx.clone();
+            let http = tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "HTTP server failed");
+                }
+            });
+            (http, None)
         }
-    });
+        Some(tls) => {
+            // ring is the crypto provider (no C toolchain needed); ignore "already installed".
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let rustls_cfg =
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+                    .await
+                    .map_err(|e| {
+                        ServerError::Tls(format!(
+                            "cert {} / key {}: {e}",
+                            tls.cert.display(),
+                            tls.key.display()
+                        ))
+                    })?;
+            let std_listener = listener.into_std().map_err(|source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+            let handle = axum_server::Handle::new();
+            let server = axum_server::from_tcp_rustls(std_listener, rustls_cfg)
+                .map_err(|source| ServerError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?
+                .handle(handle.clone());
+            let http = tokio::spawn(async move {
+                if let Err(e) = server.serve(app.into_make_service()).await {
+                    tracing::error!(error = %e, "HTTPS server failed");
+                }
+            });
+            (http, Some(handle))
+        }
+    };
     let ticks = tokio::spawn(engine.clone().run_ticks(stop_rx));
     // Scripts and tests that listen on port 0 read the real address here.
     let url_file = engine.config().data_dir.join("coordinator.url");
@@ -103,7 +162,14 @@ pub async fn start(cfg: Config, listener: Option<tokio::net::TcpListener>) -> Re
         tracing::warn!(path = %url_file.display(), error = %e, "could not write the URL file");
     }
     info!(%url, %public_url, lrm = engine.lrm().kind(), "coordinator listening");
-    Ok(Running { engine, url, stop, http, ticks })
+    Ok(Running {
+        engine,
+        url,
+        stop,
+        http,
+        ticks,
+        tls_handle,
+    })
 }
 
 /// For `lrm = "local"` with `hypervisor = "sim"`: creates each virtual node's
@@ -114,7 +180,10 @@ async fn prepare_sim_nodes(cfg: &Config) -> Result<(), ServerError> {
         let node = format!("{}{}", cfg.local.node_prefix, i);
         let dir = cfg.pilot.sim_dir.replace("%n", &node);
         let state = cfg.pilot.state_dir.replace("%n", &node);
-        let err = |message: String| ServerError::SimNode { node: node.clone(), message };
+        let err = |message: String| ServerError::SimNode {
+            node: node.clone(),
+            message,
+        };
         std::fs::create_dir_all(&state).map_err(|e| err(format!("creating {state}: {e}")))?;
         if std::path::Path::new(&dir).join("node.json").exists() {
             continue;

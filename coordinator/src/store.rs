@@ -11,6 +11,7 @@ use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
 use protocol::{SlotId, VmId, WorkspaceId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -68,11 +69,16 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
+        // Every query below is prepared once per connection and reused.
+        conn.set_prepared_statement_cache_capacity(128);
         Ok(Self { conn })
     }
 
     /// Runs `f` in one transaction; commits only if it returns Ok.
-    pub fn tx<T, E: From<StoreError>>(&mut self, f: impl FnOnce(&Transaction) -> std::result::Result<T, E>) -> std::result::Result<T, E> {
+    pub fn tx<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&Transaction) -> std::result::Result<T, E>,
+    ) -> std::result::Result<T, E> {
         let tx = self.conn.transaction().map_err(StoreError::from)?;
         let out = f(&tx)?;
         tx.commit().map_err(StoreError::from)?;
@@ -85,7 +91,10 @@ impl Store {
 }
 
 fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
-    StoreError::Corrupt { what, detail: detail.to_string() }
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
 }
 
 fn parse_id<T: std::str::FromStr>(what: &'static str, s: String) -> Result<T> {
@@ -109,12 +118,34 @@ pub struct WorkspaceRow {
 
 const WS_COLS: &str = "id, name, owner, spec, state, reason, created_ms, updated_ms, expires_ms";
 
-fn ws_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, String, String, Option<String>, i64, i64, Option<i64>)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+/// A workspaces row as SQLite returns it, before parsing.
+type WsRaw = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    Option<i64>,
+);
+
+fn ws_from_row(r: &rusqlite::Row) -> rusqlite::Result<WsRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
 }
 
-#[allow(clippy::type_complexity)]
-fn ws_build(t: (String, String, String, String, String, Option<String>, i64, i64, Option<i64>)) -> Result<WorkspaceRow> {
+fn ws_build(t: WsRaw) -> Result<WorkspaceRow> {
     Ok(WorkspaceRow {
         id: parse_id("workspace id", t.0)?,
         name: t.1,
@@ -130,33 +161,34 @@ fn ws_build(t: (String, String, String, String, String, Option<String>, i64, i64
 
 pub fn insert_workspace(c: &Connection, w: &WorkspaceRow) -> Result<()> {
     let spec = serde_json::to_string(&w.spec).map_err(|e| corrupt("workspace spec", e))?;
-    c.execute(
-        &format!("INSERT INTO workspaces ({WS_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-        params![
-            w.id.as_str(),
-            w.name,
-            w.owner,
-            spec,
-            w.state.as_str(),
-            w.reason,
-            w.created_ms as i64,
-            w.updated_ms as i64,
-            w.expires_ms.map(|v| v as i64)
-        ],
-    )?;
+    c.prepare_cached(&format!(
+        "INSERT INTO workspaces ({WS_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?
+    .execute(params![
+        w.id.as_str(),
+        w.name,
+        w.owner,
+        spec,
+        w.state.as_str(),
+        w.reason,
+        w.created_ms as i64,
+        w.updated_ms as i64,
+        w.expires_ms.map(|v| v as i64)
+    ])?;
     Ok(())
 }
 
 pub fn get_workspace(c: &Connection, id: &WorkspaceId) -> Result<Option<WorkspaceRow>> {
     let t = c
-        .query_row(&format!("SELECT {WS_COLS} FROM workspaces WHERE id = ?1"), [id.as_str()], ws_from_row)
+        .prepare_cached(&format!("SELECT {WS_COLS} FROM workspaces WHERE id = ?1"))?
+        .query_row([id.as_str()], ws_from_row)
         .optional()?;
     t.map(ws_build).transpose()
 }
 
 /// Workspaces of `owner` (all owners when `None`), newest first.
 pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<WorkspaceRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {WS_COLS} FROM workspaces WHERE (?1 IS NULL OR owner = ?1) ORDER BY created_ms DESC, id"
     ))?;
     let rows = st.query_map([owner], ws_from_row)?;
@@ -165,7 +197,7 @@ pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<Worksp
 
 /// Workspaces not yet settled (state not terminal, or slots still active).
 pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {WS_COLS} FROM workspaces w WHERE state IN ('pending','starting','running','destroying')
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state NOT IN ('released','failed'))
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.cancel_pending = 1)"
@@ -174,16 +206,20 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     rows.map(|r| ws_build(r?)).collect()
 }
 
-pub fn set_workspace_state(c: &Connection, id: &WorkspaceId, state: WorkspaceState, reason: Option<&str>, now: u64) -> Result<()> {
-    c.execute(
-        "UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1",
-        params![id.as_str(), state.as_str(), reason, now as i64],
-    )?;
+pub fn set_workspace_state(
+    c: &Connection,
+    id: &WorkspaceId,
+    state: WorkspaceState,
+    reason: Option<&str>,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached("UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1")?.execute(params![id.as_str(), state.as_str(), reason, now as i64])?;
     Ok(())
 }
 
 pub fn set_workspace_expiry(c: &Connection, id: &WorkspaceId, expires_ms: u64) -> Result<()> {
-    c.execute("UPDATE workspaces SET expires_ms = ?2 WHERE id = ?1", params![id.as_str(), expires_ms as i64])?;
+    c.prepare_cached("UPDATE workspaces SET expires_ms = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), expires_ms as i64])?;
     Ok(())
 }
 
@@ -206,12 +242,38 @@ pub struct SlotRow {
 
 const SLOT_COLS: &str = "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms";
 
-fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, Option<String>, i64, i64, i64, String, bool, bool, i64)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
+/// A slots row as SQLite returns it, before parsing.
+type SlotRaw = (
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    i64,
+    i64,
+    String,
+    bool,
+    bool,
+    i64,
+);
+
+fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<SlotRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
 }
 
-#[allow(clippy::type_complexity)]
-fn slot_build(t: (String, String, String, Option<String>, i64, i64, i64, String, bool, bool, i64)) -> Result<SlotRow> {
+fn slot_build(t: SlotRaw) -> Result<SlotRow> {
     Ok(SlotRow {
         id: parse_id("slot id", t.0)?,
         workspace_id: parse_id("workspace id", t.1)?,
@@ -228,39 +290,44 @@ fn slot_build(t: (String, String, String, Option<String>, i64, i64, i64, String,
 }
 
 pub fn insert_slot(c: &Connection, s: &SlotRow) -> Result<()> {
-    c.execute(
-        &format!("INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-        params![
-            s.id.as_str(),
-            s.workspace_id.as_str(),
-            s.group,
-            s.job_id,
-            s.nodes,
-            s.cores,
-            s.memory_mb as i64,
-            s.state.as_str(),
-            s.cancel_pending,
-            s.job_ended,
-            s.created_ms as i64
-        ],
-    )?;
+    c.prepare_cached(&format!(
+        "INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?
+    .execute(params![
+        s.id.as_str(),
+        s.workspace_id.as_str(),
+        s.group,
+        s.job_id,
+        s.nodes,
+        s.cores,
+        s.memory_mb as i64,
+        s.state.as_str(),
+        s.cancel_pending,
+        s.job_ended,
+        s.created_ms as i64
+    ])?;
     Ok(())
 }
 
 pub fn get_slot(c: &Connection, id: &SlotId) -> Result<Option<SlotRow>> {
-    let t = c.query_row(&format!("SELECT {SLOT_COLS} FROM slots WHERE id = ?1"), [id.as_str()], slot_from_row).optional()?;
+    let t = c
+        .prepare_cached(&format!("SELECT {SLOT_COLS} FROM slots WHERE id = ?1"))?
+        .query_row([id.as_str()], slot_from_row)
+        .optional()?;
     t.map(slot_build).transpose()
 }
 
 pub fn slots_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<SlotRow>> {
-    let mut st = c.prepare(&format!("SELECT {SLOT_COLS} FROM slots WHERE workspace_id = ?1 ORDER BY created_ms, id"))?;
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {SLOT_COLS} FROM slots WHERE workspace_id = ?1 ORDER BY created_ms, id"
+    ))?;
     let rows = st.query_map([ws.as_str()], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
 }
 
 /// Slots whose batch job may still exist (for the LRM status backstop).
 pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
-    let mut st = c.prepare(&format!(
+    let mut st = c.prepare_cached(&format!(
         "SELECT {SLOT_COLS} FROM slots WHERE job_id IS NOT NULL AND job_ended = 0 ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
@@ -268,28 +335,34 @@ pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
 }
 
 pub fn slots_to_cancel(c: &Connection) -> Result<Vec<SlotRow>> {
-    let mut st = c.prepare(&format!("SELECT {SLOT_COLS} FROM slots WHERE cancel_pending = 1 ORDER BY created_ms"))?;
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {SLOT_COLS} FROM slots WHERE cancel_pending = 1 ORDER BY created_ms"
+    ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
 }
 
 pub fn set_slot_state(c: &Connection, id: &SlotId, state: SlotState) -> Result<()> {
-    c.execute("UPDATE slots SET state = ?2 WHERE id = ?1", params![id.as_str(), state.as_str()])?;
+    c.prepare_cached("UPDATE slots SET state = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), state.as_str()])?;
     Ok(())
 }
 
 pub fn set_slot_job(c: &Connection, id: &SlotId, job_id: &str) -> Result<()> {
-    c.execute("UPDATE slots SET job_id = ?2 WHERE id = ?1", params![id.as_str(), job_id])?;
+    c.prepare_cached("UPDATE slots SET job_id = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), job_id])?;
     Ok(())
 }
 
 pub fn set_slot_cancel_pending(c: &Connection, id: &SlotId, pending: bool) -> Result<()> {
-    c.execute("UPDATE slots SET cancel_pending = ?2 WHERE id = ?1", params![id.as_str(), pending])?;
+    c.prepare_cached("UPDATE slots SET cancel_pending = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), pending])?;
     Ok(())
 }
 
 pub fn set_slot_job_ended(c: &Connection, id: &SlotId) -> Result<()> {
-    c.execute("UPDATE slots SET job_ended = 1 WHERE id = ?1", params![id.as_str()])?;
+    c.prepare_cached("UPDATE slots SET job_ended = 1 WHERE id = ?1")?
+        .execute(params![id.as_str()])?;
     Ok(())
 }
 
@@ -307,11 +380,19 @@ pub struct PilotRow {
 }
 
 pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare(
+    let mut st = c.prepare_cached(
         "SELECT slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms FROM pilots WHERE slot_id = ?1 ORDER BY node",
     )?;
     let rows = st.query_map([slot.as_str()], |r| {
-        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get::<_, i64>(6)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get::<_, i64>(6)?,
+        ))
     })?;
     rows.map(|r| {
         let t = r?;
@@ -329,33 +410,45 @@ pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
 }
 
 /// Records that a pilot said something; creates the pilot row on first sight.
-pub fn touch_pilot(c: &Connection, slot: &SlotId, node: &str, pilot_id: &str, event: &str, now: u64) -> Result<()> {
-    c.execute(
-        "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5",
-        params![slot.as_str(), node, pilot_id, event, now as i64],
-    )?;
+pub fn touch_pilot(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    pilot_id: &str,
+    event: &str,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached("INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5")?.execute(params![slot.as_str(), node, pilot_id, event, now as i64])?;
     Ok(())
 }
 
 /// A poll from a pilot we know: it is alive.
 pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result<()> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE pilots SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE slot_id = ?1 AND node = ?2",
-        params![slot.as_str(), node, now as i64],
-    )?;
+    )?
+    .execute(params![slot.as_str(), node, now as i64])?;
     Ok(())
 }
 
 /// Pilots that hold (or may hold) a node but have said nothing since `before_ms`.
 pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare(
+    let mut st = c.prepare_cached(
         "SELECT p.slot_id, p.node, p.pilot_id, p.last_event, p.reserved, p.released, p.last_seen_ms
          FROM pilots p JOIN slots s ON s.id = p.slot_id
          WHERE p.released = 0 AND p.last_seen_ms < ?1 AND s.state NOT IN ('released', 'failed')",
     )?;
     let rows = st.query_map([before_ms as i64], |r| {
-        Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get::<_, i64>(6)?))
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get::<_, i64>(6)?,
+        ))
     })?;
     rows.map(|r| {
         let t = r?;
@@ -374,18 +467,21 @@ pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
 
 /// Marks a pilot lost: it counts as gone for the slot's accounting.
 pub fn mark_pilot_lost(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE pilots SET released = 1, last_event = 'lost' WHERE slot_id = ?1 AND node = ?2",
-        params![slot.as_str(), node],
-    )?;
+    )?
+    .execute(params![slot.as_str(), node])?;
     Ok(())
 }
 
-pub fn set_pilot_flags(c: &Connection, slot: &SlotId, node: &str, reserved: Option<bool>, released: Option<bool>) -> Result<()> {
-    c.execute(
-        "UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2",
-        params![slot.as_str(), node, reserved, released],
-    )?;
+pub fn set_pilot_flags(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    reserved: Option<bool>,
+    released: Option<bool>,
+) -> Result<()> {
+    c.prepare_cached("UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2")?.execute(params![slot.as_str(), node, reserved, released])?;
     Ok(())
 }
 
@@ -406,14 +502,41 @@ pub struct VmRow {
     pub image: String,
 }
 
-const VM_COLS: &str = "id, workspace_id, slot_id, grp, idx, name, node, state, memory_mb, cpus, image";
+const VM_COLS: &str =
+    "id, workspace_id, slot_id, grp, idx, name, node, state, memory_mb, cpus, image";
 
-fn vm_from_row(r: &rusqlite::Row) -> rusqlite::Result<(String, String, String, String, i64, String, Option<String>, String, i64, i64, String)> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?))
+/// A vms row as SQLite returns it, before parsing.
+type VmRaw = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    String,
+);
+
+fn vm_from_row(r: &rusqlite::Row) -> rusqlite::Result<VmRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
 }
 
-#[allow(clippy::type_complexity)]
-fn vm_build(t: (String, String, String, String, i64, String, Option<String>, String, i64, i64, String)) -> Result<VmRow> {
+fn vm_build(t: VmRaw) -> Result<VmRow> {
     Ok(VmRow {
         id: parse_id("vm id", t.0)?,
         workspace_id: parse_id("workspace id", t.1)?,
@@ -430,80 +553,110 @@ fn vm_build(t: (String, String, String, String, i64, String, Option<String>, Str
 }
 
 pub fn insert_vm(c: &Connection, v: &VmRow) -> Result<()> {
-    c.execute(
-        &format!("INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-        params![
-            v.id.as_str(),
-            v.workspace_id.as_str(),
-            v.slot_id.as_str(),
-            v.group,
-            v.idx,
-            v.name,
-            v.node,
-            v.state.as_str(),
-            v.memory_mb as i64,
-            v.cpus,
-            v.image
-        ],
-    )?;
+    c.prepare_cached(&format!(
+        "INSERT INTO vms ({VM_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?
+    .execute(params![
+        v.id.as_str(),
+        v.workspace_id.as_str(),
+        v.slot_id.as_str(),
+        v.group,
+        v.idx,
+        v.name,
+        v.node,
+        v.state.as_str(),
+        v.memory_mb as i64,
+        v.cpus,
+        v.image
+    ])?;
     Ok(())
 }
 
 pub fn vms_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<VmRow>> {
-    let mut st = c.prepare(&format!("SELECT {VM_COLS} FROM vms WHERE workspace_id = ?1 ORDER BY grp, idx"))?;
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {VM_COLS} FROM vms WHERE workspace_id = ?1 ORDER BY grp, idx"
+    ))?;
     let rows = st.query_map([ws.as_str()], vm_from_row)?;
     rows.map(|r| vm_build(r?)).collect()
 }
 
 pub fn get_vm(c: &Connection, id: &VmId) -> Result<Option<VmRow>> {
-    let t = c.query_row(&format!("SELECT {VM_COLS} FROM vms WHERE id = ?1"), [id.as_str()], vm_from_row).optional()?;
+    let t = c
+        .prepare_cached(&format!("SELECT {VM_COLS} FROM vms WHERE id = ?1"))?
+        .query_row([id.as_str()], vm_from_row)
+        .optional()?;
     t.map(vm_build).transpose()
 }
 
 pub fn set_vm_state(c: &Connection, id: &VmId, state: VmState) -> Result<()> {
-    c.execute("UPDATE vms SET state = ?2 WHERE id = ?1", params![id.as_str(), state.as_str()])?;
+    c.prepare_cached("UPDATE vms SET state = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), state.as_str()])?;
     Ok(())
 }
 
 pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
-    c.execute("UPDATE vms SET node = ?2 WHERE id = ?1", params![id.as_str(), node])?;
+    c.prepare_cached("UPDATE vms SET node = ?2 WHERE id = ?1")?
+        .execute(params![id.as_str(), node])?;
     Ok(())
 }
 
 // ---- commands --------------------------------------------------------------
 
+/// Commands queued by this process so far (a change tells the engine to
+/// wake pilots' long-polls; a rolled-back one only wakes them for nothing).
+static COMMANDS_PUSHED: AtomicU64 = AtomicU64::new(0);
+
+pub fn commands_pushed() -> u64 {
+    COMMANDS_PUSHED.load(Ordering::SeqCst)
+}
+
 /// Queues a command for the pilot of (slot, node); returns its id.
-pub fn push_command(c: &Connection, slot: &SlotId, node: &str, kind: &CommandKind, now: u64) -> Result<u64> {
-    let next: i64 = c.query_row(
-        "SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2",
-        params![slot.as_str(), node],
-        |r| r.get(0),
-    )?;
+pub fn push_command(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    kind: &CommandKind,
+    now: u64,
+) -> Result<u64> {
+    let next: i64 = c
+        .prepare_cached(
+            "SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2",
+        )?
+        .query_row(params![slot.as_str(), node], |r| r.get(0))?;
     let body = serde_json::to_string(kind).map_err(|e| corrupt("command", e))?;
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![slot.as_str(), node, next, body, now as i64],
-    )?;
+    )?
+    .execute(params![slot.as_str(), node, next, body, now as i64])?;
+    COMMANDS_PUSHED.fetch_add(1, Ordering::SeqCst);
     Ok(next as u64)
 }
 
 /// True when a `release` is already queued for (slot, node).
 pub fn has_release(c: &Connection, slot: &SlotId, node: &str) -> Result<bool> {
-    let n: i64 = c.query_row(
-        "SELECT COUNT(*) FROM commands WHERE slot_id = ?1 AND node = ?2 AND body LIKE '%\"type\":\"release\"%'",
-        params![slot.as_str(), node],
-        |r| r.get(0),
-    )?;
+    let n: i64 = c.prepare_cached("SELECT COUNT(*) FROM commands WHERE slot_id = ?1 AND node = ?2 AND body LIKE '%\"type\":\"release\"%'")?.query_row(params![slot.as_str(), node], |r| r.get(0))?;
     Ok(n > 0)
 }
 
-pub fn commands_after(c: &Connection, slot: &SlotId, node: &str, after: u64) -> Result<Vec<Command>> {
-    let mut st = c.prepare("SELECT id, body FROM commands WHERE slot_id = ?1 AND node = ?2 AND id > ?3 ORDER BY id")?;
-    let rows = st.query_map(params![slot.as_str(), node, after as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+pub fn commands_after(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    after: u64,
+) -> Result<Vec<Command>> {
+    let mut st = c.prepare_cached(
+        "SELECT id, body FROM commands WHERE slot_id = ?1 AND node = ?2 AND id > ?3 ORDER BY id",
+    )?;
+    let rows = st.query_map(params![slot.as_str(), node, after as i64], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
     rows.map(|r| {
         let (id, body) = r?;
         let kind: CommandKind = serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
-        Ok(Command { id: id as u64, kind })
+        Ok(Command {
+            id: id as u64,
+            kind,
+        })
     })
     .collect()
 }
@@ -512,11 +665,8 @@ pub fn commands_after(c: &Connection, slot: &SlotId, node: &str, after: u64) -> 
 
 /// Stores a pilot event; `false` if (pilot, seq) was already stored.
 pub fn insert_pilot_event(c: &Connection, e: &PilotEvent, body: &str, now: u64) -> Result<bool> {
-    let n = c.execute(
-        "INSERT OR IGNORE INTO pilot_events (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![e.pilot_id.as_str(), e.seq as i64, e.slot_id.as_str(), e.node, e.ts_ms as i64, now as i64, body],
-    )?;
+    let n = c.prepare_cached("INSERT OR IGNORE INTO pilot_events (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![e.pilot_id.as_str(), e.seq as i64, e.slot_id.as_str(), e.node, e.ts_ms as i64, now as i64, body])?;
     Ok(n == 1)
 }
 
@@ -534,12 +684,11 @@ pub fn push_timeline(
     vm: Option<&VmId>,
     detail: &str,
 ) -> Result<u64> {
-    let next: i64 =
-        c.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1", [ws.as_str()], |r| r.get(0))?;
-    c.execute(
-        "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
+    let next: i64 = c
+        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1")?
+        .query_row([ws.as_str()], |r| r.get(0))?;
+    c.prepare_cached("INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
             ws.as_str(),
             next,
             ts_ms as i64,
@@ -549,13 +698,12 @@ pub fn push_timeline(
             node,
             vm.map(|v| v.as_str()),
             detail
-        ],
-    )?;
+        ])?;
     Ok(next as u64)
 }
 
 pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Vec<TimelineEntry>> {
-    let mut st = c.prepare(
+    let mut st = c.prepare_cached(
         "SELECT seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail FROM timeline
          WHERE workspace_id = ?1 AND seq > ?2 ORDER BY seq",
     )?;
@@ -573,8 +721,8 @@ pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Ve
     })?;
     rows.map(|r| {
         let t = r?;
-        let phase: Phase =
-            serde_json::from_value(serde_json::Value::String(t.3.clone())).map_err(|_| corrupt("timeline phase", &t.3))?;
+        let phase: Phase = serde_json::from_value(serde_json::Value::String(t.3.clone()))
+            .map_err(|_| corrupt("timeline phase", &t.3))?;
         Ok(TimelineEntry {
             seq: t.0 as u64,
             ts_ms: t.1 as u64,
@@ -592,8 +740,18 @@ pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Ve
 /// Number of rows in each table (tests use it to prove a refused request changed nothing).
 pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
     let mut out = Vec::new();
-    for t in ["workspaces", "slots", "pilots", "vms", "commands", "pilot_events", "timeline"] {
-        let n: i64 = c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+    for t in [
+        "workspaces",
+        "slots",
+        "pilots",
+        "vms",
+        "commands",
+        "pilot_events",
+        "timeline",
+    ] {
+        let n: i64 = c
+            .prepare_cached(&format!("SELECT COUNT(*) FROM {t}"))?
+            .query_row([], |r| r.get(0))?;
         out.push((t.to_string(), n));
     }
     Ok(out)

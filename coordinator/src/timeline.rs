@@ -19,7 +19,13 @@ pub fn fmt_ms(ms: f64) -> String {
 pub fn format_entry(e: &TimelineEntry, t0_ms: u64) -> String {
     let rel = e.ts_ms as f64 - t0_ms as f64;
     let where_ = e.node.clone().unwrap_or_default();
-    format!("{:>10}  {:<17} {:<8} {}", format!("+{}", fmt_ms(rel.max(0.0))), e.phase.as_str(), where_, e.detail)
+    format!(
+        "{:>10}  {:<17} {:<8} {}",
+        format!("+{}", fmt_ms(rel.max(0.0))),
+        e.phase.as_str(),
+        where_,
+        e.detail
+    )
 }
 
 fn first(es: &[TimelineEntry], p: Phase) -> Option<&TimelineEntry> {
@@ -52,19 +58,51 @@ pub fn phase_summary(es: &[TimelineEntry]) -> Vec<(String, Option<f64>)> {
     let running = first(es, Phase::Running).map(|e| e.ts_ms);
     let end_start = es
         .iter()
-        .find(|e| matches!(e.phase, Phase::DestroyRequested | Phase::Preempting | Phase::LeaseExpired))
+        .find(|e| {
+            matches!(
+                e.phase,
+                Phase::DestroyRequested | Phase::Preempting | Phase::LeaseExpired
+            )
+        })
         .map(|e| e.ts_ms);
     let restored = last_ts(es, Phase::MemoryRestored);
     let ended = first(es, Phase::Ended).map(|e| e.ts_ms);
     vec![
-        ("slot provisioning (request -> all memory reserved)".into(), d(req, reserved)),
-        ("  submit to the batch system (first job)".into(), d(req, submitted)),
-        ("  batch system start (submitted -> first pilot up)".into(), d(submitted, first_pilot)),
-        ("  pilots (first up -> all reserved)".into(), d(first_pilot, reserved)),
-        ("  notification (reserved -> stored, worst node)".into(), notify),
-        ("VM provisioning (all reserved -> all VMs running)".into(), d(reserved, running)),
-        ("request -> running, as the client sees it".into(), d(req, running)),
-        ("teardown (destroy/preempt -> all memory restored)".into(), d(end_start, restored)),
-        ("  until settled (every job gone)".into(), d(end_start, ended)),
+        (
+            "slot provisioning (request -> all memory reserved)".into(),
+            d(req, reserved),
+        ),
+        (
+            "  submit to the batch system (first job)".into(),
+            d(req, submitted),
+        ),
+        (
+            "  batch system start (submitted -> first pilot up)".into(),
+            d(submitted, first_pilot),
+        ),
+        (
+            "  pilots (first up -> all reserved)".into(),
+            d(first_pilot, reserved),
+        ),
+        (
+            "  notification (reserved -> stored, worst node)".into(),
+            notify,
+        ),
+        (
+            "VM provisioning (all reserved -> all VMs running)".into(),
+            d(reserved, running),
+        ),
+        (
+            "request -> running, as the client sees it".into(),
+            d(req, running),
+        ),
+        (
+            "teardown (destroy/preempt -> all memory restored)".into(),
+            d(end_start, restored),
+        ),
+        (
+            "  until settled (every job gone)".into(),
+            d(end_start, ended),
+        ),
     ]
 }

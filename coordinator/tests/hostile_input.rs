@@ -31,10 +31,17 @@ impl Lrm for FakeLrm {
         "fake"
     }
     fn warning(&self) -> Warning {
-        Warning { signal: "SIGTERM", grace: Duration::from_secs(5) }
+        Warning {
+            signal: "SIGTERM",
+            grace: Duration::from_secs(5),
+        }
     }
     fn capacity(&self) -> Option<Capacity> {
-        Some(Capacity { nodes: 8, cores_per_node: 2, memory_mb_per_node: 4096 })
+        Some(Capacity {
+            nodes: 8,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+        })
     }
     fn render_script(&self, _job: &SlotJob) -> String {
         String::new()
@@ -47,10 +54,23 @@ impl Lrm for FakeLrm {
     }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         let jobs = self.jobs.lock().unwrap();
-        Ok(ids.iter().map(|i| (i.clone(), jobs.get(i).cloned().map_or(JobStatus::NotFound, JobStatus::Known))).collect())
+        Ok(ids
+            .iter()
+            .map(|i| {
+                (
+                    i.clone(),
+                    jobs.get(i)
+                        .cloned()
+                        .map_or(JobStatus::NotFound, JobStatus::Known),
+                )
+            })
+            .collect())
     }
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
-        self.jobs.lock().unwrap().insert(id.clone(), JobState::Cancelled);
+        self.jobs
+            .lock()
+            .unwrap()
+            .insert(id.clone(), JobState::Cancelled);
         Ok(())
     }
 }
@@ -73,7 +93,18 @@ fn random_text(rng: &mut StdRng, max: usize) -> Vec<u8> {
 
 /// A spec broken in one of many ways (every one must be refused).
 fn broken_spec(rng: &mut StdRng) -> String {
-    let bad_values = ["-1", "0", "1e99", "\"ten\"", "[]", "{}", "true", "18446744073709551616", "\"\"", "nan"];
+    let bad_values = [
+        "-1",
+        "0",
+        "1e99",
+        "\"ten\"",
+        "[]",
+        "{}",
+        "true",
+        "18446744073709551616",
+        "\"\"",
+        "nan",
+    ];
     let v = bad_values[rng.gen_range(0..bad_values.len())];
     match rng.gen_range(0..10) {
         0 => SPEC.replace("count = 2", &format!("count = {v}")),
@@ -81,8 +112,18 @@ fn broken_spec(rng: &mut StdRng) -> String {
         2 => SPEC.replace("cpus = 1", &format!("cpus = {v}")),
         3 => SPEC.replace("duration = \"1h\"", &format!("duration = {v}")),
         4 => {
-            let names = ["\"../../etc\"", "\"a b\"", "\"-x\"", "7", "\"\"", "\"\\u0000\""];
-            SPEC.replace("name = \"f\"", &format!("name = {}", names[rng.gen_range(0..names.len())]))
+            let names = [
+                "\"../../etc\"",
+                "\"a b\"",
+                "\"-x\"",
+                "7",
+                "\"\"",
+                "\"\\u0000\"",
+            ];
+            SPEC.replace(
+                "name = \"f\"",
+                &format!("name = {}", names[rng.gen_range(0..names.len())]),
+            )
         }
         5 => SPEC.replace("image = \"x\"", "image = \"\""),
         6 => SPEC.replace("count = 2", "count = 9"),
@@ -102,13 +143,28 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
     let dir = tempfile::tempdir().unwrap();
     let cfg = Config {
         data_dir: dir.path().join("data"),
-        users: vec![User { name: "alice".into(), token_sha256: token_hash(TOKEN), admin: false }],
+        users: vec![User {
+            name: "alice".into(),
+            token_sha256: token_hash(TOKEN),
+            admin: false,
+        }],
         ..Config::default()
     };
-    let engine = Engine::new(cfg, Arc::new(FakeLrm::default()), "http://127.0.0.1:1".into()).unwrap();
+    let engine = Engine::new(
+        cfg,
+        Arc::new(FakeLrm::default()),
+        "http://127.0.0.1:1".into(),
+    )
+    .unwrap();
     // One real workspace, so slots, keys and a stored event exist to attack.
-    let caller = Caller { user: "alice".into(), admin: false };
-    let ws = engine.create(&caller, WorkspaceSpec::parse(SPEC).unwrap()).await.unwrap();
+    let caller = Caller {
+        user: "alice".into(),
+        admin: false,
+    };
+    let ws = engine
+        .create(&caller, WorkspaceSpec::parse(SPEC).unwrap())
+        .await
+        .unwrap();
     let slot = ws.slots[0].id.clone();
     let master = std::fs::read_to_string(dir.path().join("data/master.key")).unwrap();
     let master = hex_decode(master.trim());
@@ -119,10 +175,20 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
         node: "node1".into(),
         seq: 1,
         ts_ms: now_ms(),
-        kind: EventKind::Started { pid: 1, hypervisor: "sim".into(), job_id: None },
+        kind: EventKind::Started {
+            pid: 1,
+            hypervisor: "sim".into(),
+            job_id: None,
+        },
     };
     let legit_body = serde_json::to_vec(&legit).unwrap();
-    engine.pilot_event(Some(slot.as_str()), Some(&key.sign(&legit_body)), &legit_body).unwrap();
+    engine
+        .pilot_event(
+            Some(slot.as_str()),
+            Some(&key.sign(&legit_body)),
+            &legit_body,
+        )
+        .unwrap();
     let baseline = engine.row_counts().unwrap();
 
     let app = coordinator::api::router(engine.clone());
@@ -135,40 +201,97 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
         let kind = rng.gen_range(0..12);
         let req = match kind {
             // Client API: broken specs, random bytes, huge bodies, bad auth, bad ids.
-            0 => client(Method::POST, "/api/v1/workspaces", Some(TOKEN), broken_spec(&mut rng).into_bytes()),
-            1 => client(Method::POST, "/api/v1/workspaces", Some(TOKEN), random_text(&mut rng, 300)),
-            2 => client(Method::POST, "/api/v1/workspaces", Some(TOKEN), vec![b'a'; 300 * 1024]),
-            3 => client(Method::POST, "/api/v1/workspaces", None, SPEC.as_bytes().to_vec()),
-            4 => client(Method::DELETE, &format!("/api/v1/workspaces/{}", ws.id), Some("wrong"), vec![]),
+            0 => client(
+                Method::POST,
+                "/api/v1/workspaces",
+                Some(TOKEN),
+                broken_spec(&mut rng).into_bytes(),
+            ),
+            1 => client(
+                Method::POST,
+                "/api/v1/workspaces",
+                Some(TOKEN),
+                random_text(&mut rng, 300),
+            ),
+            2 => client(
+                Method::POST,
+                "/api/v1/workspaces",
+                Some(TOKEN),
+                vec![b'a'; 300 * 1024],
+            ),
+            3 => client(
+                Method::POST,
+                "/api/v1/workspaces",
+                None,
+                SPEC.as_bytes().to_vec(),
+            ),
+            4 => client(
+                Method::DELETE,
+                &format!("/api/v1/workspaces/{}", ws.id),
+                Some("wrong"),
+                vec![],
+            ),
             5 => {
-                let id = ["ws-zzzzzzzz", "ws-00000000", "..%2F..%2Fetc", "ws-", "%00"][rng.gen_range(0..5)];
-                let m = if rng.gen() { Method::GET } else { Method::DELETE };
+                let id = ["ws-zzzzzzzz", "ws-00000000", "..%2F..%2Fetc", "ws-", "%00"]
+                    [rng.gen_range(0..5)];
+                let m = if rng.gen() {
+                    Method::GET
+                } else {
+                    Method::DELETE
+                };
                 client(m, &format!("/api/v1/workspaces/{id}"), Some(TOKEN), vec![])
             }
             // Pilot API: forged, replayed, unknown slot, stale, garbage, out of range.
-            6 => pilot(EVENTS_PATH, Some(slot.as_str()), Some(&"ab".repeat(32)), mutate_event(&legit, &mut rng)),
-            7 => pilot(EVENTS_PATH, Some(slot.as_str()), Some(&key.sign(&legit_body)), legit_body.clone()),
+            6 => pilot(
+                EVENTS_PATH,
+                Some(slot.as_str()),
+                Some(&"ab".repeat(32)),
+                mutate_event(&legit, &mut rng),
+            ),
+            7 => pilot(
+                EVENTS_PATH,
+                Some(slot.as_str()),
+                Some(&key.sign(&legit_body)),
+                legit_body.clone(),
+            ),
             8 => {
                 // Correctly signed for a slot the coordinator never made.
                 let mut e = legit.clone();
                 e.slot_id = other_slot.clone();
                 let body = serde_json::to_vec(&e).unwrap();
-                pilot(EVENTS_PATH, Some(other_slot.as_str()), Some(&other_key.sign(&body)), body)
+                pilot(
+                    EVENTS_PATH,
+                    Some(other_slot.as_str()),
+                    Some(&other_key.sign(&body)),
+                    body,
+                )
             }
             9 => {
                 let mut e = legit.clone();
                 e.seq = rng.gen_range(2..u64::MAX);
                 e.ts_ms = if rng.gen() { 0 } else { u64::MAX };
                 let body = serde_json::to_vec(&e).unwrap();
-                pilot(EVENTS_PATH, Some(slot.as_str()), Some(&key.sign(&body)), body)
+                pilot(
+                    EVENTS_PATH,
+                    Some(slot.as_str()),
+                    Some(&key.sign(&body)),
+                    body,
+                )
             }
             10 => {
                 let body = random_text(&mut rng, 200);
                 let sig = key.sign(&body);
-                pilot(if rng.gen() { EVENTS_PATH } else { POLL_PATH }, Some(slot.as_str()), Some(&sig), body)
+                pilot(
+                    if rng.gen() { EVENTS_PATH } else { POLL_PATH },
+                    Some(slot.as_str()),
+                    Some(&sig),
+                    body,
+                )
             }
             _ => {
-                let body = br#"{"seq":-1,"slot_id":7,"kind":{"type":"reserved","dom0_before_mb":1e400}}"#.to_vec();
+                let body =
+                    br#"{"seq":-1,"slot_id":7,"kind":{"type":"reserved","dom0_before_mb":1e400}}"#
+                        .to_vec();
                 let hdr = ["", "sl-", "sl-00000000", "not a slot"][rng.gen_range(0..4)];
                 pilot(EVENTS_PATH, Some(hdr), Some(&key.sign(&body)), body)
             }
@@ -176,12 +299,23 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
         let resp = app.clone().oneshot(req).await.expect("router never fails");
         let status = resp.status().as_u16();
         *by_status.entry(status).or_default() += 1;
-        assert!((400..500).contains(&status), "request #{i} (kind {kind}) answered {status}: every one of these must be refused");
+        assert!(
+            (400..500).contains(&status),
+            "request #{i} (kind {kind}) answered {status}: every one of these must be refused"
+        );
         if i % 10_000 == 0 {
-            assert_eq!(engine.row_counts().unwrap(), baseline, "database changed by refused request #{i}");
+            assert_eq!(
+                engine.row_counts().unwrap(),
+                baseline,
+                "database changed by refused request #{i}"
+            );
         }
     }
-    assert_eq!(engine.row_counts().unwrap(), baseline, "database changed by refused requests");
+    assert_eq!(
+        engine.row_counts().unwrap(),
+        baseline,
+        "database changed by refused requests"
+    );
     assert_eq!(by_status.values().sum::<u32>(), N);
     eprintln!("answers: {by_status:?}");
 }
@@ -195,7 +329,10 @@ fn client(method: Method, uri: &str, token: Option<&str>, body: Vec<u8>) -> Requ
 }
 
 fn pilot(path: &str, slot: Option<&str>, sig: Option<&str>, body: Vec<u8>) -> Request<Body> {
-    let mut b = Request::builder().method(Method::POST).uri(path).header("content-type", "application/json");
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("content-type", "application/json");
     if let Some(s) = slot {
         b = b.header(SLOT_HEADER, s);
     }
@@ -209,13 +346,20 @@ fn mutate_event(e: &PilotEvent, rng: &mut StdRng) -> Vec<u8> {
     let mut v = serde_json::to_value(e).unwrap();
     match rng.gen_range(0..4) {
         0 => v["seq"] = serde_json::json!(rng.gen::<u32>()),
-        1 => v["kind"] = serde_json::json!({"type": "preempting", "signal": "SIGTERM", "coordinator_wait_ms": 0, "cleanup_deadline_ms": 0}),
+        1 => {
+            v["kind"] = serde_json::json!({"type": "preempting", "signal": "SIGTERM", "coordinator_wait_ms": 0, "cleanup_deadline_ms": 0})
+        }
         2 => v["node"] = serde_json::json!("x".repeat(rng.gen_range(0..400))),
-        _ => v["kind"] = serde_json::json!({"type": "released", "reason": "commanded", "vms_destroyed": [], "dom0_restored_mb": 1, "restore_ms": 1, "clean": true}),
+        _ => {
+            v["kind"] = serde_json::json!({"type": "released", "reason": "commanded", "vms_destroyed": [], "dom0_restored_mb": 1, "restore_ms": 1, "clean": true})
+        }
     }
     serde_json::to_vec(&v).unwrap()
 }
 
 fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }

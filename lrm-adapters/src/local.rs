@@ -2,8 +2,16 @@
 //! nodes with a real LRM's semantics (FIFO queue, cores and memory per node,
 //! walltime -> SIGTERM -> grace -> SIGKILL, cancel, batched status). It is
 //! what `demo` and most tests run on, so they exercise the production code.
-//! It lives in the caller's tokio runtime: `new` spawns nothing, `submit`
-//! spawns one task per started job; `shutdown` (or drop) ends every process.
+//! It lives in the caller's tokio runtime: `submit` spawns one task per
+//! started job; `shutdown` ends every process.
+//!
+//! With `state_file` set, the job table (next id, jobs, their node
+//! allocation, per-node pid and process start time) is written atomically on
+//! every change, and `new` loads it: jobs whose processes still run are
+//! adopted (supervised by polling `/proc`, since they are no longer our
+//! children), jobs whose processes are gone are finished, queued jobs stay
+//! queued. Dropping a durable adapter leaves its jobs running (a crashed
+//! coordinator never runs `drop` either); without a state file, drop kills them.
 
 use crate::{shell_join, Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
@@ -14,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -42,6 +50,10 @@ pub struct LocalConfig {
     /// A queue limit, like a Slurm partition's MaxTime: a job runs at most
     /// this long whatever walltime it asked for (then SIGTERM, grace, SIGKILL).
     pub max_walltime_s: Option<u64>,
+    /// Where the job table is kept across restarts (JSON, replaced
+    /// atomically on every change). `None`: in memory only, and the jobs die
+    /// with the adapter. The coordinator sets `<data_dir>/local-lrm.json`.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for LocalConfig {
@@ -54,6 +66,7 @@ impl Default for LocalConfig {
             kill_grace_s: 5,
             shell: "/bin/bash".into(),
             max_walltime_s: None,
+            state_file: None,
         }
     }
 }
@@ -76,16 +89,21 @@ struct Node {
 }
 
 /// Why a running job is being ended by us (not by its own exit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum Ending {
     Cancel,
     Timeout,
 }
 
 /// One process of a job: the leader of its own process group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Proc {
     node: String,
     pid: u32,
+    /// Start time of the process (`/proc/<pid>/stat` field 22, clock ticks
+    /// since boot): a pid reused by another process is never taken for ours.
+    start_time: Option<u64>,
 }
 
 struct Job {
@@ -99,6 +117,12 @@ struct Job {
     procs: Vec<Proc>,
     /// A node whose process could not be started: the job fails with this.
     start_error: Option<String>,
+    /// Wall clock (ms since the epoch) when the job started running.
+    started_ms: Option<u64>,
+    /// The walltime the job runs under (asked, capped by `max_walltime_s`).
+    run_walltime: Duration,
+    /// Wall clock (ms) when we sent SIGTERM to end it.
+    ending_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -108,6 +132,14 @@ struct State {
     jobs: HashMap<JobId, Job>,
     queue: VecDeque<JobId>,
     shut_down: bool,
+    /// A durable adapter was dropped: its tasks leave the jobs and the state
+    /// file alone (a new adapter on the same state file owns them now).
+    detached: bool,
+    /// Adopted jobs' supervisors started and the queue scheduled (needs a
+    /// tokio runtime, so it happens at `new` inside one, else at first use).
+    resumed: bool,
+    /// Jobs loaded as running whose supervisor is not started yet.
+    adopted: Vec<JobId>,
 }
 
 impl Shared {
@@ -118,8 +150,10 @@ impl Shared {
 }
 
 impl LocalLrm {
-    /// Checks the config and sets up the nodes. Spawns nothing (may be called
-    /// inside or outside a tokio runtime); `submit` must run inside one.
+    /// Checks the config, sets up the nodes and, with a `state_file`, loads
+    /// the job table and adopts the jobs still running. May be called inside
+    /// or outside a tokio runtime (outside, adopted jobs are supervised from
+    /// the first call); `submit` must run inside one.
     pub fn new(config: LocalConfig) -> Result<Self, LrmError> {
         let bad = |message: String| Err(LrmError::Config { lrm: LRM, message });
         if config.nodes == 0 {
@@ -150,16 +184,25 @@ impl LocalLrm {
             })
             .collect();
         let grace = Duration::from_secs(config.kill_grace_s);
-        Ok(LocalLrm {
-            shared: Arc::new(Shared {
-                config,
-                grace,
-                state: Mutex::new(State {
-                    nodes,
-                    ..State::default()
-                }),
-            }),
-        })
+        let mut state = State {
+            nodes,
+            ..State::default()
+        };
+        if let Some(path) = &config.state_file {
+            if let Some(saved) = load_saved(path)? {
+                restore(&mut state, saved);
+            }
+        }
+        let shared = Arc::new(Shared {
+            config,
+            grace,
+            state: Mutex::new(state),
+        });
+        save(&shared, &shared.lock());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            resume(&shared);
+        }
+        Ok(LocalLrm { shared })
     }
 
     /// Node names, `node1` .. `nodeN`.
@@ -297,6 +340,11 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
     }
     job.alloc = alloc;
     job.state = JobState::Running;
+    job.started_ms = Some(protocol::now_ms());
+    job.run_walltime = match shared.config.max_walltime_s {
+        Some(max) => job.spec.walltime.min(Duration::from_secs(max)),
+        None => job.spec.walltime,
+    };
     let mut children = Vec::new();
     for &i in &job.alloc {
         let node = nodes[i].name.clone();
@@ -307,6 +355,7 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
                     job.procs.push(Proc {
                         node: node.clone(),
                         pid,
+                        start_time: proc_stat(pid).map(|s| s.start_time),
                     });
                     children.push((node, child));
                 }
@@ -325,10 +374,7 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
             signal_group(&id, p, Signal::SIGKILL);
         }
     }
-    let walltime = match shared.config.max_walltime_s {
-        Some(max) => job.spec.walltime.min(Duration::from_secs(max)),
-        None => job.spec.walltime,
-    };
+    let walltime = job.run_walltime;
     tokio::spawn(supervise(shared.clone(), id, children, walltime));
 }
 
@@ -397,6 +443,9 @@ async fn supervise(
 /// SIGTERM to every process group of a running job, SIGKILL after the grace.
 /// Does nothing if the job is not running or is already being ended.
 fn terminate(shared: &Arc<Shared>, st: &mut State, id: &JobId, ending: Ending) {
+    if st.detached {
+        return;
+    }
     let Some(job) = st.jobs.get_mut(id) else {
         return;
     };
@@ -405,15 +454,20 @@ fn terminate(shared: &Arc<Shared>, st: &mut State, id: &JobId, ending: Ending) {
     }
     info!(job_id = %id, ?ending, grace = ?shared.grace, "ending job: SIGTERM");
     job.ending = Some(ending);
+    job.ending_ms = Some(protocol::now_ms());
     job.state = JobState::Completing;
     for p in &job.procs {
         signal_group(id, p, Signal::SIGTERM);
     }
+    save(shared, st);
     let shared = shared.clone();
     let id = id.clone();
     tokio::spawn(async move {
         tokio::time::sleep(shared.grace).await;
         let st = shared.lock();
+        if st.detached {
+            return;
+        }
         if let Some(job) = st.jobs.get(&id).filter(|j| !j.state.is_finished()) {
             for p in &job.procs {
                 if signal_group(&id, p, Signal::SIGKILL) {
@@ -432,6 +486,14 @@ fn signal_group(id: &JobId, p: &Proc, signal: Signal) -> bool {
     if pgid <= 1 {
         return false; // never signal our own group or every process
     }
+    // The pid now names another process: our group is gone (a group id is
+    // never reused while any member lives), do not signal a stranger's.
+    if let (Some(want), Some(now)) = (p.start_time, proc_stat(p.pid)) {
+        if now.start_time != want {
+            debug!(job_id = %id, node = %p.node, pid = p.pid, "pid reused by another process; not signalled");
+            return false;
+        }
+    }
     match killpg(Pid::from_raw(pgid), signal) {
         Ok(()) => true,
         Err(Errno::ESRCH) => false,
@@ -446,6 +508,9 @@ fn signal_group(id: &JobId, p: &Proc, signal: Signal) -> bool {
 fn finish(shared: &Arc<Shared>, id: &JobId, results: Vec<(String, std::io::Result<ExitStatus>)>) {
     let mut guard = shared.lock();
     let st = &mut *guard;
+    if st.detached {
+        return;
+    }
     let Some(job) = st.jobs.get_mut(id) else {
         return;
     };
@@ -475,6 +540,7 @@ fn finish(shared: &Arc<Shared>, id: &JobId, results: Vec<(String, std::io::Resul
     info!(job_id = %id, ?state, "job finished");
     job.state = state;
     schedule(shared, st);
+    save(shared, st);
 }
 
 /// How a node's process failed, or None if it exited 0.
@@ -490,6 +556,320 @@ fn failure(node: &str, result: &std::io::Result<ExitStatus>) -> Option<String> {
             (None, None) => format!("{node}: {status}"),
         }),
         Err(e) => Some(format!("{node}: waiting for the process failed: {e}")),
+    }
+}
+
+// ---- durability: the job table in `state_file` --------------------------------
+
+/// Finished jobs kept in the state file (newest first), like an LRM's MinJobAge.
+const KEEP_FINISHED: usize = 1000;
+/// How often adopted jobs (not our children: no `wait`) are looked at.
+const ADOPTED_POLL: Duration = Duration::from_millis(100);
+
+/// The state file's content.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    last_id: u64,
+    queue: Vec<JobId>,
+    jobs: Vec<SavedJob>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedJob {
+    id: JobId,
+    name: String,
+    nodes: u32,
+    cores_per_node: u32,
+    memory_mb_per_node: u64,
+    walltime_ms: u64,
+    pilot_argv: Vec<String>,
+    workdir: PathBuf,
+    script: PathBuf,
+    state: JobState,
+    ending: Option<Ending>,
+    ending_ms: Option<u64>,
+    /// Node names the job holds (names, not indices: a config change must
+    /// not shift them onto other nodes).
+    alloc: Vec<String>,
+    procs: Vec<Proc>,
+    started_ms: Option<u64>,
+    run_walltime_ms: u64,
+    start_error: Option<String>,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes the job table to the state file (temp file, fsync, rename), if
+/// there is one. A failure is logged: the jobs run on, a restart would not
+/// know the latest change.
+fn save(shared: &Shared, st: &State) {
+    let Some(path) = &shared.config.state_file else {
+        return;
+    };
+    if st.detached {
+        return;
+    }
+    let mut finished: Vec<(&JobId, &Job)> = st
+        .jobs
+        .iter()
+        .filter(|(_, j)| j.state.is_finished())
+        .collect();
+    finished.sort_by_key(|(id, _)| std::cmp::Reverse(id.0.parse::<u64>().unwrap_or(0)));
+    let dropped: std::collections::HashSet<&JobId> = finished
+        .iter()
+        .skip(KEEP_FINISHED)
+        .map(|(id, _)| *id)
+        .collect();
+    let jobs = st
+        .jobs
+        .iter()
+        .filter(|(id, _)| !dropped.contains(id))
+        .map(|(id, j)| SavedJob {
+            id: id.clone(),
+            name: j.spec.name.clone(),
+            nodes: j.spec.nodes,
+            cores_per_node: j.spec.cores_per_node,
+            memory_mb_per_node: j.spec.memory_mb_per_node,
+            walltime_ms: ms(j.spec.walltime),
+            pilot_argv: j.spec.pilot_argv.clone(),
+            workdir: j.spec.workdir.clone(),
+            script: j.script.clone(),
+            state: j.state.clone(),
+            ending: j.ending,
+            ending_ms: j.ending_ms,
+            alloc: j.alloc.iter().map(|&i| st.nodes[i].name.clone()).collect(),
+            procs: j.procs.clone(),
+            started_ms: j.started_ms,
+            run_walltime_ms: ms(j.run_walltime),
+            start_error: j.start_error.clone(),
+        })
+        .collect();
+    let saved = Saved {
+        last_id: st.last_id,
+        queue: st.queue.iter().cloned().collect(),
+        jobs,
+    };
+    if let Err(e) = write_atomically(path, &saved) {
+        error!(path = %path.display(), error = %e, "could not write the local batch system's state file");
+    }
+}
+
+fn write_atomically(path: &Path, saved: &Saved) -> std::io::Result<()> {
+    let text = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Private like the coordinator's data_dir, which it may create first.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(&text)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the state file; `None` when there is none yet.
+fn load_saved(path: &Path) -> Result<Option<Saved>, LrmError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LrmError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| LrmError::Config {
+            lrm: LRM,
+            message: format!(
+                "state file {} is unreadable ({e}); move it away to start with an empty job table \
+             (job ids then restart at 1 and running jobs are not adopted)",
+                path.display()
+            ),
+        })
+}
+
+/// What `/proc/<pid>/stat` says of a process.
+struct ProcStat {
+    zombie: bool,
+    start_time: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // after the last ')' start at field 3 (state); starttime is field 22.
+    let (_, rest) = text.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some(ProcStat {
+        zombie: fields.first()? == &"Z",
+        start_time: fields.get(22 - 3)?.parse().ok()?,
+    })
+}
+
+/// The process still runs (not a zombie: orphans may wait long for their
+/// reaper) and is the one we started (same start time).
+fn proc_running(p: &Proc) -> bool {
+    match (proc_stat(p.pid), p.start_time) {
+        (Some(s), Some(want)) => !s.zombie && s.start_time == want,
+        // Without a recorded start time the pid proves nothing.
+        _ => false,
+    }
+}
+
+/// Puts the loaded job table into `st`: running jobs with a live process are
+/// adopted (their nodes taken again), those with none left are finished,
+/// queued jobs are queued again in their order.
+fn restore(st: &mut State, saved: Saved) {
+    st.last_id = saved.last_id;
+    for sj in saved.jobs {
+        let id = sj.id.clone();
+        let mut job = Job {
+            spec: SlotJob {
+                name: sj.name,
+                nodes: sj.nodes,
+                cores_per_node: sj.cores_per_node,
+                memory_mb_per_node: sj.memory_mb_per_node,
+                walltime: Duration::from_millis(sj.walltime_ms),
+                pilot_argv: sj.pilot_argv,
+                workdir: sj.workdir,
+            },
+            script: sj.script,
+            state: sj.state,
+            ending: sj.ending,
+            alloc: Vec::new(),
+            procs: sj.procs,
+            start_error: sj.start_error,
+            started_ms: sj.started_ms,
+            run_walltime: Duration::from_millis(sj.run_walltime_ms),
+            ending_ms: sj.ending_ms,
+        };
+        if matches!(job.state, JobState::Running | JobState::Completing) {
+            if job.procs.iter().any(proc_running) {
+                for name in &sj.alloc {
+                    match st.nodes.iter().position(|n| &n.name == name) {
+                        Some(i) => {
+                            let n = &mut st.nodes[i];
+                            n.free_cores = n.free_cores.saturating_sub(job.spec.cores_per_node);
+                            n.free_memory_mb =
+                                n.free_memory_mb.saturating_sub(job.spec.memory_mb_per_node);
+                            job.alloc.push(i);
+                        }
+                        None => {
+                            warn!(job_id = %id, node = %name, "adopted job runs on a node the config no longer has")
+                        }
+                    }
+                }
+                info!(job_id = %id, name = %job.spec.name, procs = job.procs.len(), "running job adopted");
+                st.adopted.push(id.clone());
+            } else {
+                // Not our child: its exit status is unknowable. Unless we were
+                // ending it, it counts as completed.
+                let state = match (&job.start_error, job.ending) {
+                    (Some(e), _) => JobState::Failed(e.clone()),
+                    (None, Some(Ending::Cancel)) => JobState::Cancelled,
+                    (None, Some(Ending::Timeout)) => JobState::Timeout,
+                    (None, None) => JobState::Completed,
+                };
+                info!(job_id = %id, ?state, "job ended while nobody watched");
+                job.state = state;
+                job.procs.clear();
+            }
+        }
+        st.jobs.insert(id, job);
+    }
+    for id in saved.queue {
+        if st
+            .jobs
+            .get(&id)
+            .is_some_and(|j| j.state == JobState::Queued)
+        {
+            st.queue.push_back(id);
+        }
+    }
+    // A queued job the queue list missed still runs, after the others.
+    let mut stray: Vec<JobId> = st
+        .jobs
+        .iter()
+        .filter(|(id, j)| j.state == JobState::Queued && !st.queue.contains(id))
+        .map(|(id, _)| id.clone())
+        .collect();
+    stray.sort_by_key(|id| id.0.parse::<u64>().unwrap_or(u64::MAX));
+    st.queue.extend(stray);
+}
+
+/// Starts supervising adopted jobs and schedules the loaded queue, once.
+/// Needs a tokio runtime.
+fn resume(shared: &Arc<Shared>) {
+    let mut guard = shared.lock();
+    let st = &mut *guard;
+    if st.resumed || st.detached {
+        return;
+    }
+    st.resumed = true;
+    for id in std::mem::take(&mut st.adopted) {
+        tokio::spawn(supervise_adopted(shared.clone(), id));
+    }
+    schedule(shared, st);
+    save(shared, st);
+}
+
+/// Watches a job whose processes are not our children: ends it at its
+/// walltime (counted from its recorded start), SIGKILLs it when the grace
+/// after our SIGTERM is over, and finishes it when no process is left.
+async fn supervise_adopted(shared: Arc<Shared>, id: JobId) {
+    let grace_ms = ms(shared.grace);
+    loop {
+        tokio::time::sleep(ADOPTED_POLL).await;
+        let mut guard = shared.lock();
+        let st = &mut *guard;
+        if st.detached {
+            return;
+        }
+        let Some(job) = st.jobs.get(&id) else { return };
+        if job.state.is_finished() {
+            return;
+        }
+        if !job.procs.iter().any(proc_running) {
+            let results = job
+                .procs
+                .iter()
+                .map(|p| (p.node.clone(), Ok(ExitStatus::from_raw(0))))
+                .collect();
+            drop(guard);
+            finish(&shared, &id, results);
+            return;
+        }
+        let now = protocol::now_ms();
+        let deadline = job
+            .started_ms
+            .map(|s| s.saturating_add(ms(job.run_walltime)));
+        if job.state == JobState::Running && deadline.is_some_and(|d| now >= d) {
+            info!(job_id = %id, walltime = ?job.run_walltime, "walltime reached (adopted job)");
+            terminate(&shared, st, &id, Ending::Timeout);
+        } else if job
+            .ending_ms
+            .is_some_and(|e| now >= e.saturating_add(grace_ms))
+        {
+            for p in job.procs.iter().filter(|p| proc_running(p)) {
+                warn!(job_id = %id, node = %p.node, pid = p.pid, "still alive after the grace: SIGKILL");
+                signal_group(&id, p, Signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -532,6 +912,7 @@ impl Lrm for LocalLrm {
     }
 
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        resume(&self.shared);
         self.check_fits(job)?;
         if self.shared.lock().shut_down {
             return Err(LrmError::Config {
@@ -555,14 +936,19 @@ impl Lrm for LocalLrm {
                 alloc: Vec::new(),
                 procs: Vec::new(),
                 start_error: None,
+                started_ms: None,
+                run_walltime: job.walltime,
+                ending_ms: None,
             },
         );
         st.queue.push_back(id.clone());
         schedule(&self.shared, st);
+        save(&self.shared, st);
         Ok(id)
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        resume(&self.shared);
         let st = self.shared.lock();
         Ok(ids
             .iter()
@@ -577,6 +963,7 @@ impl Lrm for LocalLrm {
     }
 
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
+        resume(&self.shared);
         let mut guard = self.shared.lock();
         let st = &mut *guard;
         let Some(job) = st.jobs.get_mut(id) else {
@@ -591,6 +978,7 @@ impl Lrm for LocalLrm {
                 job.state = JobState::Cancelled;
                 st.queue.retain(|q| q != id);
                 schedule(&self.shared, st);
+                save(&self.shared, st);
             }
             JobState::Running => terminate(&self.shared, st, id, Ending::Cancel),
             // Being ended already, or finished: nothing to do.
@@ -600,6 +988,7 @@ impl Lrm for LocalLrm {
     }
 
     async fn shutdown(&self) {
+        resume(&self.shared);
         {
             let mut guard = self.shared.lock();
             let st = &mut *guard;
@@ -618,6 +1007,7 @@ impl Lrm for LocalLrm {
             for id in &running {
                 terminate(&self.shared, st, id, Ending::Cancel);
             }
+            save(&self.shared, st);
         }
         let deadline = Instant::now() + self.shared.grace + Duration::from_secs(2);
         loop {
@@ -648,10 +1038,24 @@ impl Lrm for LocalLrm {
 }
 
 impl Drop for LocalLrm {
-    /// Last resort when `shutdown` was not called: SIGKILL whatever still runs.
+    /// Without a state file, the last resort when `shutdown` was not called:
+    /// SIGKILL whatever still runs. With one, the jobs are left running, as a
+    /// crashed coordinator leaves them: the next adapter on the state file
+    /// adopts them.
     fn drop(&mut self) {
         let mut st = self.shared.lock();
         st.shut_down = true;
+        if self.shared.config.state_file.is_some() {
+            st.detached = true;
+            let left = st.jobs.values().filter(|j| !j.state.is_finished()).count();
+            if left > 0 {
+                info!(
+                    jobs = left,
+                    "local batch system dropped: its jobs keep running in the state file"
+                );
+            }
+            return;
+        }
         for (id, job) in st.jobs.iter().filter(|(_, j)| !j.state.is_finished()) {
             for p in &job.procs {
                 if signal_group(id, p, Signal::SIGKILL) {
@@ -1316,5 +1720,240 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, LrmError::Io { .. }), "{e}");
         }
+    }
+
+    fn durable(dir: &Path, nodes: u32, kill_grace_s: u64) -> LocalConfig {
+        LocalConfig {
+            nodes,
+            cores_per_node: 1,
+            kill_grace_s,
+            state_file: Some(dir.join("lrm/local-lrm.json")),
+            ..LocalConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn durable_local_lrm_adopts_running_jobs_after_a_crash_and_keeps_its_ids_and_allocation()
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 1)).unwrap();
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &wait_for_file(&p("stop-a"))))
+            .await
+            .unwrap();
+        let b = lrm
+            .submit(&job(dir.path(), "b", 1, &wait_for_file(&p("stop-b"))))
+            .await
+            .unwrap();
+        let c = lrm
+            .submit(&job(dir.path(), "c", 1, &wait_for_file(&p("stop-c"))))
+            .await
+            .unwrap();
+        for id in [&a, &b] {
+            wait_state(&lrm, id, |s| *s == JobState::Running, LONG).await;
+        }
+        assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
+        let (pids_a, pids_b) = (lrm.job_pids(&a), lrm.job_pids(&b));
+        // The coordinator is SIGKILLed: no shutdown. Dropping a durable
+        // adapter leaves its jobs running, as a crash does.
+        drop(lrm);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (_, pid) in pids_a.iter().chain(&pids_b) {
+            assert!(is_alive(*pid), "pid {pid} was killed by the drop");
+        }
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 1)).unwrap();
+        assert_eq!(state(&lrm, &a).await, JobStatus::Known(JobState::Running));
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Running));
+        assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
+        assert_eq!(lrm.job_pids(&a), pids_a);
+        // Numbering goes on where it stopped.
+        let d = lrm
+            .submit(&job(dir.path(), "d", 1, &wait_for_file(&p("stop-d"))))
+            .await
+            .unwrap();
+        assert_eq!(d, JobId("4".into()));
+        // Both nodes are still held by the adopted jobs: c and d wait.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
+        // An adopted job that exits is seen (exit status unknowable: completed)
+        // and its node goes to the next job in the queue.
+        touch(&p("stop-a"));
+        assert_eq!(
+            wait_state(&lrm, &a, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+        wait_state(&lrm, &c, |s| *s == JobState::Running, LONG).await;
+        assert_eq!(state(&lrm, &d).await, JobStatus::Known(JobState::Queued));
+        // Cancel of an adopted job: SIGTERM to its process group.
+        let t = Instant::now();
+        lrm.cancel(&b).await.unwrap();
+        assert_eq!(
+            wait_state(&lrm, &b, JobState::is_finished, LONG).await,
+            JobState::Cancelled
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        for (_, pid) in &pids_b {
+            assert!(!is_alive(*pid));
+        }
+        wait_state(&lrm, &d, |s| *s == JobState::Running, LONG).await;
+        touch(&p("stop-c"));
+        touch(&p("stop-d"));
+        for id in [&c, &d] {
+            assert_eq!(
+                wait_state(&lrm, id, JobState::is_finished, LONG).await,
+                JobState::Completed
+            );
+        }
+        lrm.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn durable_local_lrm_finishes_jobs_whose_processes_died_while_it_was_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 5)).unwrap();
+        let forever = "while :; do sleep 0.05; done";
+        let stubborn = "trap '' TERM; while :; do sleep 0.05; done";
+        let a = lrm.submit(&job(dir.path(), "a", 1, forever)).await.unwrap();
+        let b = lrm
+            .submit(&job(dir.path(), "b", 1, stubborn))
+            .await
+            .unwrap();
+        for id in [&a, &b] {
+            wait_state(&lrm, id, |s| *s == JobState::Running, LONG).await;
+        }
+        // b is being cancelled (SIGTERM ignored, SIGKILL not yet due) at the crash.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lrm.cancel(&b).await.unwrap();
+        let pids: Vec<u32> = [&a, &b]
+            .iter()
+            .flat_map(|id| lrm.job_pids(id))
+            .map(|(_, pid)| pid)
+            .collect();
+        drop(lrm);
+        for &pid in &pids {
+            killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        }
+        let t = Instant::now();
+        while pids.iter().any(|&pid| is_alive(pid)) {
+            assert!(t.elapsed() < LONG);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 5)).unwrap();
+        assert_eq!(state(&lrm, &a).await, JobStatus::Known(JobState::Completed));
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Cancelled));
+        // Their nodes are free again.
+        let c = lrm.submit(&job(dir.path(), "c", 2, "true")).await.unwrap();
+        assert_eq!(c, JobId("3".into()));
+        assert_eq!(
+            wait_state(&lrm, &c, JobState::is_finished, LONG).await,
+            JobState::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn durable_local_lrm_ends_an_adopted_job_at_its_walltime_counted_from_its_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(durable(dir.path(), 1, 1)).unwrap();
+        let walltime = Duration::from_millis(1500);
+        let t = Instant::now();
+        let a = lrm
+            .submit(&SlotJob {
+                walltime,
+                ..job(dir.path(), "a", 1, "while :; do sleep 0.05; done")
+            })
+            .await
+            .unwrap();
+        wait_state(&lrm, &a, |s| *s == JobState::Running, LONG).await;
+        let pid = lrm.job_pids(&a)[0].1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(lrm);
+        let lrm = LocalLrm::new(durable(dir.path(), 1, 1)).unwrap();
+        assert_eq!(
+            wait_state(&lrm, &a, JobState::is_finished, LONG).await,
+            JobState::Timeout
+        );
+        let took = t.elapsed();
+        assert!(
+            took >= walltime && took < walltime + Duration::from_millis(900),
+            "{took:?}"
+        );
+        assert!(!is_alive(pid));
+    }
+
+    #[tokio::test]
+    async fn durable_local_lrm_never_adopts_or_signals_a_reused_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = durable(dir.path(), 1, 1);
+        // A process that is not the job's, holding the pid the table names.
+        use std::os::unix::process::CommandExt;
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = stranger.id();
+        let real = proc_stat(pid).unwrap().start_time;
+        let saved = Saved {
+            last_id: 7,
+            queue: Vec::new(),
+            jobs: vec![SavedJob {
+                id: JobId("7".into()),
+                name: "old".into(),
+                nodes: 1,
+                cores_per_node: 1,
+                memory_mb_per_node: 100,
+                walltime_ms: 60_000,
+                pilot_argv: vec!["true".into()],
+                workdir: dir.path().join("jobs"),
+                script: dir.path().join("jobs/old.sh"),
+                state: JobState::Running,
+                ending: None,
+                ending_ms: None,
+                alloc: vec!["node1".into()],
+                procs: vec![Proc {
+                    node: "node1".into(),
+                    pid,
+                    start_time: Some(real + 1),
+                }],
+                started_ms: Some(protocol::now_ms()),
+                run_walltime_ms: 60_000,
+                start_error: None,
+            }],
+        };
+        write_atomically(config.state_file.as_deref().unwrap(), &saved).unwrap();
+        let lrm = LocalLrm::new(config.clone()).unwrap();
+        let old = JobId("7".into());
+        assert_eq!(
+            state(&lrm, &old).await,
+            JobStatus::Known(JobState::Completed)
+        );
+        lrm.cancel(&old).await.unwrap();
+        lrm.shutdown().await;
+        assert!(is_alive(pid), "a stranger's process was signalled");
+        // The node was not counted as held, and numbering continues.
+        drop(lrm);
+        let lrm = LocalLrm::new(config).unwrap();
+        let id = lrm
+            .submit(&job(dir.path(), "new", 1, "true"))
+            .await
+            .unwrap();
+        assert_eq!(id, JobId("8".into()));
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+    }
+
+    #[tokio::test]
+    async fn durable_local_lrm_refuses_an_unreadable_state_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = durable(dir.path(), 1, 1);
+        let path = config.state_file.clone().unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, "{ not json").unwrap();
+        let e = LocalLrm::new(config).err().expect("refused");
+        assert!(
+            matches!(&e, LrmError::Config { message, .. } if message.contains("local-lrm.json")),
+            "{e}"
+        );
     }
 }

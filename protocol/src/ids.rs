@@ -29,7 +29,9 @@ fn valid(prefix: &str, s: &str) -> bool {
     match s.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')) {
         Some(hex) => {
             (8..=32).contains(&hex.len())
-                && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         }
         None => false,
     }
@@ -52,7 +54,11 @@ macro_rules! id_type {
                 if valid($prefix, s) {
                     Ok(Self(s.to_string()))
                 } else {
-                    Err(IdError { kind: $kind, prefix: $prefix, value: s.to_string() })
+                    Err(IdError {
+                        kind: $kind,
+                        prefix: $prefix,
+                        value: s.to_string(),
+                    })
                 }
             }
             pub fn as_str(&self) -> &str {

@@ -65,10 +65,22 @@ pub enum EventKind {
         balloon_ms: u64,
     },
     /// The node could not be adapted; nothing is left reserved.
-    ReserveFailed { reason: String },
-    VmStarted { vm_id: VmId, name: String, create_ms: u64 },
-    VmFailed { vm_id: VmId, reason: String },
-    VmDestroyed { vm_id: VmId, destroy_ms: u64 },
+    ReserveFailed {
+        reason: String,
+    },
+    VmStarted {
+        vm_id: VmId,
+        name: String,
+        create_ms: u64,
+    },
+    VmFailed {
+        vm_id: VmId,
+        reason: String,
+    },
+    VmDestroyed {
+        vm_id: VmId,
+        destroy_ms: u64,
+    },
     /// The batch system asked the pilot to stop. The pilot waits up to
     /// `coordinator_wait_ms` for the coordinator's commands, then cleans up
     /// itself; it will be gone by `cleanup_deadline_ms` (epoch ms).
@@ -131,7 +143,9 @@ pub struct VmLaunch {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CommandKind {
     StartVm(VmLaunch),
-    DestroyVm { vm_id: VmId },
+    DestroyVm {
+        vm_id: VmId,
+    },
     /// Destroy every VM of the slot, restore memory, report, exit.
     Release,
 }
@@ -194,7 +208,10 @@ mod tests {
 
     #[test]
     fn command_json_round_trip() {
-        let c = Command { id: 3, kind: CommandKind::Release };
+        let c = Command {
+            id: 3,
+            kind: CommandKind::Release,
+        };
         let s = serde_json::to_string(&c).unwrap();
         assert_eq!(s, r#"{"id":3,"kind":{"type":"release"}}"#);
         assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c);

@@ -92,19 +92,27 @@ pub struct WorkspaceSpec {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
     #[error("spec is not valid {format}: {message}")]
-    Syntax { format: &'static str, message: String },
+    Syntax {
+        format: &'static str,
+        message: String,
+    },
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-    SpecError::Invalid { field: field.into(), message: message.into() }
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), SpecError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && name.as_bytes()[0].is_ascii_alphanumeric();
     if ok {
         Ok(())
@@ -120,11 +128,15 @@ impl WorkspaceSpec {
     /// Parses TOML (or JSON when the text starts with `{`) and validates it.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
         let spec: WorkspaceSpec = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text)
-                .map_err(|e| SpecError::Syntax { format: "JSON", message: e.to_string() })?
+            serde_json::from_str(text).map_err(|e| SpecError::Syntax {
+                format: "JSON",
+                message: e.to_string(),
+            })?
         } else {
-            toml::from_str(text)
-                .map_err(|e| SpecError::Syntax { format: "TOML", message: e.message().to_string() })?
+            toml::from_str(text).map_err(|e| SpecError::Syntax {
+                format: "TOML",
+                message: e.message().to_string(),
+            })?
         };
         spec.validate()?;
         Ok(spec)
@@ -137,7 +149,11 @@ impl WorkspaceSpec {
         if d < MIN_DURATION || d > MAX_DURATION {
             return Err(invalid(
                 "duration",
-                format!("{}s is out of range (1s to {}s)", d.as_secs(), MAX_DURATION.as_secs()),
+                format!(
+                    "{}s is out of range (1s to {}s)",
+                    d.as_secs(),
+                    MAX_DURATION.as_secs()
+                ),
             ));
         }
         if self.groups.is_empty() {
@@ -151,27 +167,45 @@ impl WorkspaceSpec {
             let f = |name: &str| format!("group[{i}].{name}");
             check_name(&f("name"), &g.name)?;
             if self.groups[..i].iter().any(|o| o.name == g.name) {
-                return Err(invalid(f("name"), format!("{:?} is used by another group", g.name)));
+                return Err(invalid(
+                    f("name"),
+                    format!("{:?} is used by another group", g.name),
+                ));
             }
             if g.count == 0 || g.count > MAX_VMS {
-                return Err(invalid(f("count"), format!("{} is out of range (1 to {MAX_VMS})", g.count)));
+                return Err(invalid(
+                    f("count"),
+                    format!("{} is out of range (1 to {MAX_VMS})", g.count),
+                ));
             }
             if g.memory_mb < MIN_MEMORY_MB || g.memory_mb > MAX_MEMORY_MB {
                 return Err(invalid(
                     f("memory_mb"),
-                    format!("{} is out of range ({MIN_MEMORY_MB} to {MAX_MEMORY_MB})", g.memory_mb),
+                    format!(
+                        "{} is out of range ({MIN_MEMORY_MB} to {MAX_MEMORY_MB})",
+                        g.memory_mb
+                    ),
                 ));
             }
             if g.cpus == 0 || g.cpus > MAX_CPUS {
-                return Err(invalid(f("cpus"), format!("{} is out of range (1 to {MAX_CPUS})", g.cpus)));
+                return Err(invalid(
+                    f("cpus"),
+                    format!("{} is out of range (1 to {MAX_CPUS})", g.cpus),
+                ));
             }
             if g.image.trim().is_empty() || g.image.len() > 1024 || g.image.contains('\0') {
-                return Err(invalid(f("image"), "must be a non-empty image name or URL (at most 1024 characters)"));
+                return Err(invalid(
+                    f("image"),
+                    "must be a non-empty image name or URL (at most 1024 characters)",
+                ));
             }
             total += u64::from(g.count);
         }
         if total > u64::from(MAX_VMS) {
-            return Err(invalid("group", format!("{total} VMs in all; at most {MAX_VMS}")));
+            return Err(invalid(
+                "group",
+                format!("{total} VMs in all; at most {MAX_VMS}"),
+            ));
         }
         Ok(())
     }
@@ -218,13 +252,25 @@ image = "head.qcow2"
         let e = WorkspaceSpec::parse(&bad).unwrap_err();
         assert!(e.to_string().starts_with("group[1].memory_mb:"), "{e}");
         let bad = ENSEMBLE.replace("count = 3", "count = 0");
-        assert!(WorkspaceSpec::parse(&bad).unwrap_err().to_string().starts_with("group[0].count"));
+        assert!(WorkspaceSpec::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("group[0].count"));
         let bad = ENSEMBLE.replace("\"2h\"", "\"soon\"");
-        assert!(WorkspaceSpec::parse(&bad).unwrap_err().to_string().contains("soon"));
+        assert!(WorkspaceSpec::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("soon"));
         let bad = ENSEMBLE.replace("cpus = 1", "cpu = 1");
-        assert!(matches!(WorkspaceSpec::parse(&bad), Err(SpecError::Syntax { .. })));
+        assert!(matches!(
+            WorkspaceSpec::parse(&bad),
+            Err(SpecError::Syntax { .. })
+        ));
         let bad = ENSEMBLE.replace("name = \"head\"", "name = \"worker\"");
-        assert!(WorkspaceSpec::parse(&bad).unwrap_err().to_string().contains("another group"));
+        assert!(WorkspaceSpec::parse(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("another group"));
     }
 
     #[test]

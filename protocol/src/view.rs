@@ -31,7 +31,10 @@ pub enum WorkspaceState {
 
 impl WorkspaceState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Destroyed | Self::Preempted | Self::Expired | Self::Failed)
+        matches!(
+            self,
+            Self::Destroyed | Self::Preempted | Self::Expired | Self::Failed
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -267,12 +270,19 @@ mod tests {
 
     #[test]
     fn states_round_trip_through_strings() {
-        for s in [WorkspaceState::Pending, WorkspaceState::Preempted, WorkspaceState::Failed] {
+        for s in [
+            WorkspaceState::Pending,
+            WorkspaceState::Preempted,
+            WorkspaceState::Failed,
+        ] {
             assert_eq!(WorkspaceState::parse(s.as_str()), Some(s));
         }
         assert_eq!(SlotState::parse("releasing"), Some(SlotState::Releasing));
         assert_eq!(VmState::parse("nope"), None);
         assert_eq!(Phase::MemoryRestored.as_str(), "memory_restored");
-        assert_eq!(serde_json::to_string(&Phase::VmStartSent).unwrap(), "\"vm_start_sent\"");
+        assert_eq!(
+            serde_json::to_string(&Phase::VmStartSent).unwrap(),
+            "\"vm_start_sent\""
+        );
     }
 }

@@ -15,12 +15,17 @@ use std::time::{Duration, Instant};
 
 pub const TOKEN: &str = "e2e-alice-token";
 pub const OTHER_TOKEN: &str = "e2e-bob-token";
+/// A user with the admin role.
+pub const ADMIN_TOKEN: &str = "e2e-ops-token";
 
 /// Path of a workspace binary in the same target directory as this test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
     let p = dir.join(name);
     assert!(
         p.exists(),
@@ -41,10 +46,18 @@ pub struct Options {
     pub extra: String,
     /// Extra top-level TOML keys (before any section).
     pub top: String,
+    /// Extra keys inside `[pilot]`.
+    pub pilot_extra: String,
+    /// Extra arguments to `workspace-coordinator serve`.
+    pub serve_args: Vec<String>,
     /// Another batch system instead of the local one: its config (the
     /// `lrm = ...` line and its section), and its node names. The harness
     /// creates a simulated node for each name.
     pub lrm: Option<OtherLrm>,
+    /// `[pilot] hypervisor` (default `sim`).
+    pub hypervisor: String,
+    /// `[pilot] node_config`: the node config file the pilots get (`%n` allowed).
+    pub node_config: Option<String>,
 }
 
 /// A real batch system for [`Options::lrm`].
@@ -63,7 +76,20 @@ impl Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { nodes: 4, memory_mb: 4096, kill_grace_s: 4, max_walltime_s: None, coordinator_wait_fraction: 0.5, extra: String::new(), top: String::new(), lrm: None }
+        Self {
+            nodes: 4,
+            memory_mb: 4096,
+            kill_grace_s: 4,
+            max_walltime_s: None,
+            coordinator_wait_fraction: 0.5,
+            extra: String::new(),
+            top: String::new(),
+            pilot_extra: String::new(),
+            serve_args: Vec::new(),
+            lrm: None,
+            hypervisor: "sim".into(),
+            node_config: None,
+        }
     }
 }
 
@@ -74,6 +100,7 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     coordinator: Option<Child>,
     http: reqwest::blocking::Client,
+    serve_args: Vec<String>,
 }
 
 pub struct Reply {
@@ -83,11 +110,14 @@ pub struct Reply {
 
 impl Cluster {
     pub fn start(opts: Options) -> Self {
-        let dir = tempfile::Builder::new().prefix("wsp-e2e-").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("wsp-e2e-")
+            .tempdir()
+            .expect("temp dir");
         let root = dir.path();
         let cfg = format!(
             r#"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 data_dir = "{root}/coordinator"
 {lrm_line}
 tick_ms = 50
@@ -103,12 +133,14 @@ kill_grace_s = {grace}
 
 [pilot]
 program = "{pilot}"
-hypervisor = "sim"
+hypervisor = "{hv}"
+{node_config}
 state_dir = "{root}/nodes/%n/state"
 sim_dir = "{root}/nodes/%n/sim"
 coordinator_wait_fraction = {frac}
 poll_wait_ms = 2000
 margin_s = 1
+{pilot_extra}
 
 [[users]]
 name = "alice"
@@ -117,20 +149,41 @@ token_sha256 = "{alice}"
 [[users]]
 name = "bob"
 token_sha256 = "{bob}"
+
+[[users]]
+name = "ops"
+token_sha256 = "{ops}"
+admin = true
 {extra}
 "#,
             root = root.display(),
+            port = free_port(),
             nodes = opts.nodes,
             mem = opts.memory_mb,
             grace = opts.kill_grace_s,
-            maxwall = opts.max_walltime_s.map(|s| format!("max_walltime_s = {s}")).unwrap_or_default(),
+            maxwall = opts
+                .max_walltime_s
+                .map(|s| format!("max_walltime_s = {s}"))
+                .unwrap_or_default(),
             pilot = bin("workspace-pilot").display(),
             frac = opts.coordinator_wait_fraction,
             alice = protocol::auth::token_hash(TOKEN),
             bob = protocol::auth::token_hash(OTHER_TOKEN),
+            ops = protocol::auth::token_hash(ADMIN_TOKEN),
             extra = opts.extra,
             top = opts.top,
-            lrm_line = if opts.lrm.is_some() { "" } else { "lrm = \"local\"" },
+            pilot_extra = opts.pilot_extra,
+            hv = opts.hypervisor,
+            node_config = opts
+                .node_config
+                .as_deref()
+                .map(|p| format!("node_config = \"{p}\""))
+                .unwrap_or_default(),
+            lrm_line = if opts.lrm.is_some() {
+                ""
+            } else {
+                "lrm = \"local\""
+            },
             lrm_section = opts.lrm.as_ref().map(|l| l.toml.as_str()).unwrap_or(""),
         );
         if let Some(other) = &opts.lrm {
@@ -141,36 +194,34 @@ token_sha256 = "{bob}"
                     .args(["--memory-mb", &opts.memory_mb.to_string(), "--cpus", "2"])
                     .output()
                     .expect("workspace-pilot sim init");
-                assert!(out.status.success(), "sim init {n}: {}", String::from_utf8_lossy(&out.stderr));
-                std::fs::create_dir_all(root.join("nodes").join(n).join("state")).expect("state dir");
+                assert!(
+                    out.status.success(),
+                    "sim init {n}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::fs::create_dir_all(root.join("nodes").join(n).join("state"))
+                    .expect("state dir");
             }
         }
         let cfg_path = root.join("coordinator.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
-        let log = std::fs::File::create(root.join("coordinator.log")).expect("log file");
-        let child = Command::new(bin("workspace-coordinator"))
-            .args(["serve", "--config"])
-            .arg(&cfg_path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start workspace-coordinator");
-        let url_file = root.join("coordinator/coordinator.url");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let url = loop {
-            if let Ok(u) = std::fs::read_to_string(&url_file) {
-                break u.trim().to_string();
-            }
-            assert!(Instant::now() < deadline, "coordinator did not start; log:\n{}", std::fs::read_to_string(root.join("coordinator.log")).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let http = reqwest::blocking::Client::builder().timeout(Duration::from_secs(40)).build().expect("http client");
+        let (child, url) = spawn_coordinator(root, &opts.serve_args);
+        let http = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(40))
+            .build()
+            .expect("http client");
         let nodes = match &opts.lrm {
             Some(o) => o.nodes.clone(),
             None => (1..=opts.nodes).map(|i| format!("node{i}")).collect(),
         };
-        Cluster { dir, url, nodes, coordinator: Some(child), http }
+        Cluster {
+            dir,
+            url,
+            nodes,
+            coordinator: Some(child),
+            http,
+            serve_args: opts.serve_args.clone(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -190,7 +241,13 @@ token_sha256 = "{bob}"
     }
 
     pub fn create_as(&self, token: &str, spec: &str) -> Reply {
-        Self::reply(self.http.post(format!("{}/api/v1/workspaces", self.url)).bearer_auth(token).body(spec.to_string()).send())
+        Self::reply(
+            self.http
+                .post(format!("{}/api/v1/workspaces", self.url))
+                .bearer_auth(token)
+                .body(spec.to_string())
+                .send(),
+        )
     }
 
     pub fn create(&self, spec: &str) -> Reply {
@@ -198,7 +255,12 @@ token_sha256 = "{bob}"
     }
 
     pub fn get_as(&self, token: &str, id: &str) -> Reply {
-        Self::reply(self.http.get(format!("{}/api/v1/workspaces/{id}", self.url)).bearer_auth(token).send())
+        Self::reply(
+            self.http
+                .get(format!("{}/api/v1/workspaces/{id}", self.url))
+                .bearer_auth(token)
+                .send(),
+        )
     }
 
     pub fn get(&self, id: &str) -> Value {
@@ -208,21 +270,49 @@ token_sha256 = "{bob}"
     }
 
     pub fn destroy_as(&self, token: &str, id: &str) -> Reply {
-        Self::reply(self.http.delete(format!("{}/api/v1/workspaces/{id}", self.url)).bearer_auth(token).send())
+        Self::reply(
+            self.http
+                .delete(format!("{}/api/v1/workspaces/{id}", self.url))
+                .bearer_auth(token)
+                .send(),
+        )
     }
 
     pub fn list_as(&self, token: &str) -> Reply {
-        Self::reply(self.http.get(format!("{}/api/v1/workspaces", self.url)).bearer_auth(token).send())
+        Self::reply(
+            self.http
+                .get(format!("{}/api/v1/workspaces", self.url))
+                .bearer_auth(token)
+                .send(),
+        )
     }
 
     pub fn timeline(&self, id: &str) -> Vec<Value> {
-        let r = Self::reply(self.http.get(format!("{}/api/v1/workspaces/{id}/events?after=0", self.url)).bearer_auth(TOKEN).send());
+        let r = Self::reply(
+            self.http
+                .get(format!(
+                    "{}/api/v1/workspaces/{id}/events?after=0",
+                    self.url
+                ))
+                .bearer_auth(TOKEN)
+                .send(),
+        );
         r.body["events"].as_array().cloned().unwrap_or_default()
     }
 
     /// POSTs raw bytes to the pilot API with the given headers.
-    pub fn pilot_post(&self, path: &str, slot: Option<&str>, signature: Option<&str>, body: &[u8]) -> Reply {
-        let mut req = self.http.post(format!("{}{path}", self.url)).body(body.to_vec()).header("content-type", "application/json");
+    pub fn pilot_post(
+        &self,
+        path: &str,
+        slot: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Reply {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .body(body.to_vec())
+            .header("content-type", "application/json");
         if let Some(s) = slot {
             req = req.header(protocol::auth::SLOT_HEADER, s);
         }
@@ -233,7 +323,13 @@ token_sha256 = "{bob}"
     }
 
     /// Waits (bounded) until `pred(view)`; panics with the view and log otherwise.
-    pub fn wait_for(&self, id: &str, what: &str, limit: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_for(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + limit;
         loop {
             let v = self.get(id);
@@ -248,11 +344,15 @@ token_sha256 = "{bob}"
     }
 
     pub fn wait_running(&self, id: &str) -> Value {
-        self.wait_for(id, "running", Duration::from_secs(30), |v| v["state"] == "running")
+        self.wait_for(id, "running", Duration::from_secs(30), |v| {
+            v["state"] == "running"
+        })
     }
 
     pub fn wait_settled(&self, id: &str) -> Value {
-        self.wait_for(id, "settled", Duration::from_secs(40), |v| v["settled"] == true)
+        self.wait_for(id, "settled", Duration::from_secs(40), |v| {
+            v["settled"] == true
+        })
     }
 
     pub fn sim_dir(&self, node: &str) -> PathBuf {
@@ -270,7 +370,11 @@ token_sha256 = "{bob}"
             .arg(self.sim_dir(node))
             .output()
             .expect("run workspace-pilot sim show");
-        assert!(out.status.success(), "sim show {node}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "sim show {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("sim show prints JSON")
     }
 
@@ -278,8 +382,15 @@ token_sha256 = "{bob}"
     pub fn assert_nodes_restored(&self) {
         for n in &self.nodes {
             let v = self.node(n);
-            assert_eq!(v["dom0"]["current_mb"], v["dom0"]["max_mb"], "{n}: dom0 memory not restored: {v:#}");
-            assert_eq!(v["domains"].as_array().map(|a| a.len()), Some(0), "{n}: guests left: {v:#}");
+            assert_eq!(
+                v["dom0"]["current_mb"], v["dom0"]["max_mb"],
+                "{n}: dom0 memory not restored: {v:#}"
+            );
+            assert_eq!(
+                v["domains"].as_array().map(|a| a.len()),
+                Some(0),
+                "{n}: guests left: {v:#}"
+            );
         }
     }
 
@@ -287,12 +398,22 @@ token_sha256 = "{bob}"
     pub fn pilot_pids(&self, slot: Option<&str>) -> Vec<i32> {
         let root = self.root().display().to_string();
         let mut out = Vec::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return out;
+        };
         for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-            let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let is_pilot = args.first().is_some_and(|a| a.ends_with("workspace-pilot")) && args.get(1).is_some_and(|a| a == "run");
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_pilot = args.first().is_some_and(|a| a.ends_with("workspace-pilot"))
+                && args.get(1).is_some_and(|a| a == "run");
             let ours = args.iter().any(|a| a.starts_with(&root));
             let slot_ok = slot.is_none_or(|s| args.iter().any(|a| a == s));
             if is_pilot && ours && slot_ok && !is_zombie(pid) {
@@ -305,27 +426,48 @@ token_sha256 = "{bob}"
     /// PID of the pilot of `slot` on `node` (from the pilot's node state file).
     pub fn pilot_pid_on(&self, slot: &str, node: &str) -> i32 {
         let path = self.state_dir(node).join(format!("slot-{slot}.json"));
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-            .expect("state file is JSON");
+        let v: Value = serde_json::from_str(
+            &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        )
+        .expect("state file is JSON");
         v["pid"].as_i64().expect("pid in state file") as i32
     }
 
     pub fn coordinator_pid(&self) -> i32 {
-        self.coordinator.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+        self.coordinator
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .unwrap_or(0)
     }
 
     /// Row counts of the coordinator's database.
     pub fn db_counts(&self) -> Vec<(String, i64)> {
-        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db")).expect("open db");
-        ["workspaces", "slots", "pilots", "vms", "commands", "pilot_events", "timeline"]
-            .iter()
-            .map(|t| (t.to_string(), c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0)).unwrap_or(-1)))
-            .collect()
+        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db"))
+            .expect("open db");
+        [
+            "workspaces",
+            "slots",
+            "pilots",
+            "vms",
+            "commands",
+            "pilot_events",
+            "timeline",
+        ]
+        .iter()
+        .map(|t| {
+            (
+                t.to_string(),
+                c.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))
+                    .unwrap_or(-1),
+            )
+        })
+        .collect()
     }
 
     /// A stored pilot event body (for replay tests).
     pub fn stored_event(&self, kind: &str) -> (String, String) {
-        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db")).expect("open db");
+        let c = rusqlite::Connection::open(self.root().join("coordinator/coordinator.db"))
+            .expect("open db");
         c.query_row(
             "SELECT slot_id, body FROM pilot_events WHERE body LIKE ?1 ORDER BY recorded_ms LIMIT 1",
             [format!("%\"type\":\"{kind}\"%")],
@@ -337,7 +479,27 @@ token_sha256 = "{bob}"
     /// The key file the coordinator wrote for a slot.
     pub fn slot_key(&self, slot: &str) -> protocol::auth::SlotKey {
         let p = self.root().join(format!("coordinator/keys/{slot}.key"));
-        protocol::auth::SlotKey::from_hex(&p.display().to_string(), &std::fs::read_to_string(&p).expect("key file")).expect("key")
+        protocol::auth::SlotKey::from_hex(
+            &p.display().to_string(),
+            &std::fs::read_to_string(&p).expect("key file"),
+        )
+        .expect("key")
+    }
+
+    /// SIGTERM to the coordinator; waits (bounded) for it to exit; its exit code.
+    pub fn terminate_coordinator(&mut self, limit: Duration) -> Option<i32> {
+        let mut c = self.coordinator.take()?;
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
     }
 
     /// Stops the coordinator (SIGTERM, then SIGKILL) and any pilot left.
@@ -362,6 +524,89 @@ token_sha256 = "{bob}"
     }
 }
 
+/// Starts `workspace-coordinator serve` on `<root>/coordinator.toml`, its
+/// log appended to `<root>/coordinator.log`; returns it and its URL.
+fn spawn_coordinator(root: &Path, serve_args: &[String]) -> (Child, String) {
+    let url_file = root.join("coordinator/coordinator.url");
+    let _ = std::fs::remove_file(&url_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("coordinator.log"))
+        .expect("log file");
+    let child = Command::new(bin("workspace-coordinator"))
+        .args(["serve", "--config"])
+        .arg(root.join("coordinator.toml"))
+        .args(serve_args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start workspace-coordinator");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let url = loop {
+        if let Ok(u) = std::fs::read_to_string(&url_file) {
+            if u.ends_with('\n') {
+                break u.trim().to_string();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "coordinator did not start; log:\n{}",
+            std::fs::read_to_string(root.join("coordinator.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (child, url)
+}
+
+/// A port free at the time of asking, for `listen`: pilots keep the URL
+/// they were given, so a restarted coordinator must come back on it.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local address").port()
+}
+
+impl Cluster {
+    /// SIGKILLs the coordinator, as a crash would (no shutdown: the local
+    /// batch system's pilots keep running, orphaned).
+    pub fn kill_coordinator(&mut self) {
+        if let Some(mut c) = self.coordinator.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the coordinator again on the same config, data_dir and address.
+    pub fn restart_coordinator(&mut self) {
+        assert!(
+            self.coordinator.is_none(),
+            "restart_coordinator: the coordinator still runs"
+        );
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.root().join("coordinator.log"))
+            .and_then(|mut f| {
+                std::io::Write::write_all(&mut f, b"\n===== coordinator restarted =====\n")
+            });
+        let (child, url) = spawn_coordinator(self.dir.path(), &self.serve_args);
+        assert_eq!(
+            url, self.url,
+            "the restarted coordinator listens where the pilots look"
+        );
+        self.coordinator = Some(child);
+    }
+
+    /// The local batch system's job table (`data_dir/local-lrm.json`).
+    pub fn local_jobs(&self) -> Value {
+        let p = self.root().join("coordinator/local-lrm.json");
+        serde_json::from_str(
+            &std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+        )
+        .expect("job table is JSON")
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stop();
@@ -370,7 +615,11 @@ impl Drop for Cluster {
 
 pub fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }
 

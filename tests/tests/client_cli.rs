@@ -11,7 +11,11 @@ fn workspace(c: &Cluster, args: &[&str]) -> (i32, String, String) {
         .env("WORKSPACE_TOKEN", TOKEN)
         .output()
         .expect("run workspace");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -19,7 +23,16 @@ fn client_cli_creates_waits_lists_and_destroys_with_json_output() {
     let c = Cluster::start(Options::default());
     let spec = c.root().join("cluster.toml");
     std::fs::write(&spec, ENSEMBLE).unwrap();
-    let (code, out, err) = workspace(&c, &["create", "--file", spec.to_str().unwrap(), "--wait", "--json"]);
+    let (code, out, err) = workspace(
+        &c,
+        &[
+            "create",
+            "--file",
+            spec.to_str().unwrap(),
+            "--wait",
+            "--json",
+        ],
+    );
     assert_eq!(code, 0, "{out}\n{err}");
     let v: Value = serde_json::from_str(&out).expect("create --json prints the view");
     assert_eq!(v["state"], "running");
@@ -39,7 +52,10 @@ fn client_cli_creates_waits_lists_and_destroys_with_json_output() {
     assert_eq!(l["workspaces"].as_array().unwrap().len(), 1);
     let (code, out, _) = workspace(&c, &["status", &id]);
     assert_eq!(code, 0);
-    assert!(out.contains("running") && out.contains("worker"), "human table: {out}");
+    assert!(
+        out.contains("running") && out.contains("worker"),
+        "human table: {out}"
+    );
 
     let (code, out, err) = workspace(&c, &["destroy", &id, "--wait", "--json"]);
     assert_eq!(code, 0, "{out}\n{err}");

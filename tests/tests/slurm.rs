@@ -12,7 +12,9 @@ static SLURM: Mutex<()> = Mutex::new(());
 
 fn slurm_conf() -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/slurm-up.sh");
-    let out = Command::new(script).output().expect("run scripts/slurm-up.sh");
+    let out = Command::new(script)
+        .output()
+        .expect("run scripts/slurm-up.sh");
     assert!(
         out.status.success(),
         "Slurm did not start (scripts/test.sh installs it: scripts/install-lrm.sh slurm):\n{}{}",
@@ -20,7 +22,11 @@ fn slurm_conf() -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with("export SLURM_CONF=")).expect("slurm-up prints SLURM_CONF");
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("export SLURM_CONF="))
+        .expect("slurm-up prints SLURM_CONF");
     line.trim_start_matches("export SLURM_CONF=").to_string()
 }
 
@@ -38,8 +44,15 @@ env = {{ SLURM_CONF = "{conf}" }}
 "#
     );
     Cluster::start(
-        Options { memory_mb: 1000, lrm: Some(OtherLrm { toml, nodes: vec!["n1".into(), "n2".into()] }), ..Options::default() }
-            .with_top(top),
+        Options {
+            memory_mb: 1000,
+            lrm: Some(OtherLrm {
+                toml,
+                nodes: vec!["n1".into(), "n2".into()],
+            }),
+            ..Options::default()
+        }
+        .with_top(top),
     )
 }
 
@@ -56,8 +69,16 @@ image = "worker.qcow2"
 
 fn squeue_ours(conf_hint: &Cluster) -> String {
     let _ = conf_hint;
-    let out = Command::new("squeue").args(["--noheader", "--format=%j %T"]).env("SLURM_CONF", slurm_conf()).output().expect("squeue");
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("wsp-") && !l.contains("COMPLETED") && !l.contains("CANCELLED")).collect::<Vec<_>>().join("\n")
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%j %T"])
+        .env("SLURM_CONF", slurm_conf())
+        .output()
+        .expect("squeue");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("wsp-") && !l.contains("COMPLETED") && !l.contains("CANCELLED"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn id_of(r: &Reply) -> String {
@@ -70,12 +91,25 @@ fn slurm_two_node_workspace_runs_on_both_nodes_and_destroy_restores_them() {
     let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
     let c = cluster("");
     let id = id_of(&c.create(PAIR));
-    let v = c.wait_for(&id, "running", Duration::from_secs(60), |v| v["state"] == "running");
-    let mut nodes: Vec<&str> = v["vms"].as_array().unwrap().iter().map(|vm| vm["node"].as_str().unwrap()).collect();
+    let v = c.wait_for(&id, "running", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
+    let mut nodes: Vec<&str> = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["node"].as_str().unwrap())
+        .collect();
     nodes.sort();
-    assert_eq!(nodes, ["n1", "n2"], "one pilot and one VM per Slurm node: {v:#}");
+    assert_eq!(
+        nodes,
+        ["n1", "n2"],
+        "one pilot and one VM per Slurm node: {v:#}"
+    );
     assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
-    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| v["settled"] == true);
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
     assert_eq!(squeue_ours(&c), "", "no pilot job left running");
@@ -86,18 +120,33 @@ fn scancel_of_a_pilot_job_is_handled_as_preemption() {
     let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
     let c = cluster("");
     let id = id_of(&c.create(PAIR));
-    let v = c.wait_for(&id, "running", Duration::from_secs(60), |v| v["state"] == "running");
+    let v = c.wait_for(&id, "running", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
     let job = v["slots"][0]["job_id"].as_str().unwrap().to_string();
     let pids = c.pilot_pids(None);
     assert_eq!(pids.len(), 2, "two pilots under srun");
-    let out = Command::new("scancel").arg(&job).env("SLURM_CONF", slurm_conf()).output().expect("scancel");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("scancel")
+        .arg(&job)
+        .env("SLURM_CONF", slurm_conf())
+        .output()
+        .expect("scancel");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // KillWait is 5 s: both pilots must be gone before Slurm's SIGKILL.
     for pid in pids {
         let t = wait_gone(pid, Duration::from_secs(8)).expect("pilot exits");
-        assert!(t < Duration::from_secs(5), "pilot {pid} took {t:?}, past KillWait");
+        assert!(
+            t < Duration::from_secs(5),
+            "pilot {pid} took {t:?}, past KillWait"
+        );
     }
-    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| v["settled"] == true);
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
     assert_eq!(v["state"], "preempted", "{v:#}");
     c.assert_nodes_restored();
 }
@@ -109,8 +158,12 @@ fn slurm_lease_end_releases_both_nodes_and_ends_the_pilot_job() {
     // (lrm-adapters/tests/slurm_real.rs); here the lease ends first, as designed.
     let c = cluster("");
     let id = id_of(&c.create(&PAIR.replace("\"1h\"", "5")));
-    c.wait_for(&id, "running", Duration::from_secs(60), |v| v["state"] == "running");
-    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| v["settled"] == true);
+    c.wait_for(&id, "running", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
     assert_eq!(v["state"], "expired", "{v:#}");
     c.assert_nodes_restored();
     assert_eq!(squeue_ours(&c), "", "no pilot job left running");
@@ -144,8 +197,15 @@ token_sha256 = "{h}"
         ),
     )
     .unwrap();
-    let out = Command::new(bin("workspace-coordinator")).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(bin("workspace-coordinator"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "serve must refuse to start");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("KillWait is 5"), "the message names the cluster's setting: {err}");
+    assert!(
+        err.contains("KillWait is 5"),
+        "the message names the cluster's setting: {err}"
+    );
 }

@@ -25,6 +25,14 @@ enum Cmd {
         /// Server config (TOML). See docs/coordinator.example.toml.
         #[arg(long)]
         config: PathBuf,
+        /// On SIGTERM/SIGINT, end every lease (destroy, release, cancel jobs)
+        /// and wait for them to settle before exiting. Default: leave running
+        /// leases with their pilots; a restarted coordinator picks them up.
+        #[arg(long)]
+        end_leases_on_exit: bool,
+        /// Longest wait for leases to settle with --end-leases-on-exit, seconds.
+        #[arg(long, default_value_t = 120)]
+        end_timeout: u64,
     },
     /// Run the local demo: local batch system, simulated nodes, one lease
     /// destroyed and one preempted, with a timeline.
@@ -56,7 +64,10 @@ enum Cmd {
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() {
@@ -65,7 +76,8 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("workspace-coordinator: {e:#}");
-            e.downcast_ref::<coordinator::config::ConfigError>().map_or(1, |_| 2)
+            e.downcast_ref::<coordinator::config::ConfigError>()
+                .map_or(1, |_| 2)
         }
     };
     std::process::exit(code);
@@ -79,7 +91,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("\n# add to the coordinator's config:\n[[users]]\nname = {user:?}\ntoken_sha256 = \"{}\"\nadmin = {admin}", protocol::auth::token_hash(&token));
             Ok(0)
         }
-        Cmd::Serve { config } => {
+        Cmd::Serve {
+            config,
+            end_leases_on_exit,
+            end_timeout,
+        } => {
             init_logs("info");
             let cfg = Config::load(&config)?;
             if cfg.users.is_empty() {
@@ -95,15 +111,42 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     _ = tokio::signal::ctrl_c() => {}
                     _ = term.recv() => {}
                 }
-                tracing::info!("stopping: running leases stay with their pilots and are picked up on restart (local batch system: its jobs end with it)");
+                if end_leases_on_exit {
+                    let ended = running.engine.end_all()?;
+                    tracing::info!(workspaces = ended.len(), "stopping: ending every lease first");
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(end_timeout);
+                    loop {
+                        let left = running.engine.unsettled()?;
+                        if left == 0 {
+                            tracing::info!("every lease settled");
+                            break;
+                        }
+                        if std::time::Instant::now() > deadline {
+                            tracing::error!(unsettled = left, "leases not settled in time; they are picked up on restart");
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                } else {
+                    tracing::info!("stopping: running leases stay with their pilots and are picked up on restart (local batch system: its jobs end with it)");
+                }
                 running.stop().await;
                 Ok::<_, anyhow::Error>(0)
             })
         }
-        Cmd::Demo { nodes, hypervisor, keep, log } => {
+        Cmd::Demo {
+            nodes,
+            hypervisor,
+            keep,
+            log,
+        } => {
             init_logs(&log);
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let ok = rt.block_on(coordinator::demo::run(coordinator::demo::DemoOptions { nodes, hypervisor, keep }))?;
+            let ok = rt.block_on(coordinator::demo::run(coordinator::demo::DemoOptions {
+                nodes,
+                hypervisor,
+                keep,
+            }))?;
             Ok(if ok { 0 } else { 1 })
         }
     }

@@ -25,6 +25,9 @@ struct Cli {
     /// Bearer token.
     #[arg(long, env = "WORKSPACE_TOKEN", hide_env_values = true)]
     token: String,
+    /// CA certificate (PEM) of an https coordinator.
+    #[arg(long, env = "WORKSPACE_CA_FILE")]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -87,8 +90,20 @@ fn main() {
 }
 
 fn print_view(v: &WorkspaceView) {
-    println!("{}  {}  {}{}", v.id, v.name, v.state, v.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default());
-    println!("  {:<34} {:<10} {:<10} {:<10} {:>7} {:<10}", "VM", "GROUP", "NODE", "JOB", "MB", "STATE");
+    println!(
+        "{}  {}  {}{}",
+        v.id,
+        v.name,
+        v.state,
+        v.reason
+            .as_ref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "  {:<34} {:<10} {:<10} {:<10} {:>7} {:<10}",
+        "VM", "GROUP", "NODE", "JOB", "MB", "STATE"
+    );
     for vm in &v.vms {
         println!(
             "  {:<34} {:<10} {:<10} {:<10} {:>7} {:<10}",
@@ -103,7 +118,12 @@ fn print_view(v: &WorkspaceView) {
 }
 
 /// Follows the event stream until `done`; a progress bar counts running VMs.
-async fn wait(client: &Client, id: &str, timeout: Duration, done: impl Fn(&WorkspaceView) -> bool) -> anyhow::Result<Option<WorkspaceView>> {
+async fn wait(
+    client: &Client,
+    id: &str,
+    timeout: Duration,
+    done: impl Fn(&WorkspaceView) -> bool,
+) -> anyhow::Result<Option<WorkspaceView>> {
     let bar = indicatif::ProgressBar::new_spinner();
     bar.enable_steady_tick(Duration::from_millis(120));
     let started = Instant::now();
@@ -112,11 +132,26 @@ async fn wait(client: &Client, id: &str, timeout: Duration, done: impl Fn(&Works
         let page = client.events(id, after, Duration::from_secs(2)).await?;
         for e in &page.events {
             after = e.seq;
-            bar.println(format!("  {} {} {}", e.phase.as_str(), e.node.as_deref().unwrap_or(""), e.detail));
+            bar.println(format!(
+                "  {} {} {}",
+                e.phase.as_str(),
+                e.node.as_deref().unwrap_or(""),
+                e.detail
+            ));
         }
         let v = client.get(id).await?;
-        let running = v.vms.iter().filter(|vm| vm.state == protocol::view::VmState::Running).count();
-        bar.set_message(format!("{}: {}/{} VMs running, {:.1} s", v.state, running, v.vms.len(), started.elapsed().as_secs_f64()));
+        let running = v
+            .vms
+            .iter()
+            .filter(|vm| vm.state == protocol::view::VmState::Running)
+            .count();
+        bar.set_message(format!(
+            "{}: {}/{} VMs running, {:.1} s",
+            v.state,
+            running,
+            v.vms.len(),
+            started.elapsed().as_secs_f64()
+        ));
         if done(&v) {
             bar.finish_and_clear();
             return Ok(Some(v));
@@ -129,13 +164,29 @@ async fn wait(client: &Client, id: &str, timeout: Duration, done: impl Fn(&Works
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let client = Client::new(&cli.url, &cli.token)?;
+    let ca = match &cli.ca_file {
+        Some(p) => {
+            Some(std::fs::read(p).with_context(|| format!("reading --ca-file {}", p.display()))?)
+        }
+        None => None,
+    };
+    let client = Client::with_ca(&cli.url, &cli.token, ca.as_deref())?;
     match cli.cmd {
-        Cmd::Create { file, wait: w, timeout, json } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+        Cmd::Create {
+            file,
+            wait: w,
+            timeout,
+            json,
+        } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let v = client.create(&text).await.map_err(explain)?;
             let v = if w {
-                match wait(&client, v.id.as_str(), Duration::from_secs(timeout), |v| v.state == WorkspaceState::Running || v.state.is_terminal()).await? {
+                match wait(&client, v.id.as_str(), Duration::from_secs(timeout), |v| {
+                    v.state == WorkspaceState::Running || v.state.is_terminal()
+                })
+                .await?
+                {
                     Some(v) => v,
                     None => {
                         eprintln!("workspace: {} not running after {timeout} s", v.id);
@@ -150,7 +201,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             } else {
                 print_view(&v);
             }
-            Ok(if w && v.state != WorkspaceState::Running { 3 } else { 0 })
+            Ok(if w && v.state != WorkspaceState::Running {
+                3
+            } else {
+                0
+            })
         }
         Cmd::Status { id, json } => {
             let v = client.get(&id).await.map_err(explain)?;
@@ -166,14 +221,29 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&l)?);
             } else {
-                println!("{:<12} {:<20} {:<11} {:>4} {:<8}", "ID", "NAME", "STATE", "VMS", "OWNER");
+                println!(
+                    "{:<12} {:<20} {:<11} {:>4} {:<8}",
+                    "ID", "NAME", "STATE", "VMS", "OWNER"
+                );
                 for v in &l.workspaces {
-                    println!("{:<12} {:<20} {:<11} {:>4} {:<8}", v.id, v.name, v.state, v.vms.len(), v.owner);
+                    println!(
+                        "{:<12} {:<20} {:<11} {:>4} {:<8}",
+                        v.id,
+                        v.name,
+                        v.state,
+                        v.vms.len(),
+                        v.owner
+                    );
                 }
             }
             Ok(0)
         }
-        Cmd::Destroy { id, wait: w, timeout, json } => {
+        Cmd::Destroy {
+            id,
+            wait: w,
+            timeout,
+            json,
+        } => {
             let t = Instant::now();
             let mut v = client.destroy(&id).await.map_err(explain)?;
             if w {
@@ -197,7 +267,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let mut after = 0;
             let mut t0 = None;
             loop {
-                let page = client.events(&id, after, Duration::from_secs(20)).await.map_err(explain)?;
+                let page = client
+                    .events(&id, after, Duration::from_secs(20))
+                    .await
+                    .map_err(explain)?;
                 for e in &page.events {
                     let base = *t0.get_or_insert(e.ts_ms);
                     println!("{}", format_entry(e, base));

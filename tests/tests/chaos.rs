@@ -1,0 +1,301 @@
+//! Crash recovery end to end: the real coordinator is SIGKILLed at each step
+//! of a lease's life and started again on the same config and data_dir. The
+//! local batch system's pilots outlive it (orphaned), keep retrying, and
+//! resend what was not acknowledged; the restarted coordinator rebuilds from
+//! SQLite, adopts the batch jobs and reconciles. Every workspace must reach
+//! its right end, settle, and leave no job, no pilot, no VM and every node's
+//! memory back.
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use wsp_e2e::*;
+
+/// Two slots (one per group), each taking a whole node (2 cores).
+const PAIR: &str = r#"
+name = "chaos"
+duration = "2h"
+[[group]]
+name = "worker"
+count = 1
+memory_mb = 1024
+cpus = 2
+image = "worker.qcow2"
+[[group]]
+name = "head"
+count = 1
+memory_mb = 1024
+cpus = 2
+image = "head.qcow2"
+"#;
+
+const GRACE_S: u64 = 3;
+/// How long the coordinator stays dead in the scenarios where pilots wait for it.
+const DOWN: Duration = Duration::from_millis(1200);
+
+fn cluster() -> Cluster {
+    Cluster::start(Options {
+        nodes: 2,
+        kill_grace_s: GRACE_S,
+        ..Options::default()
+    })
+}
+
+/// Gives every simulated node hypervisor latencies (`--balloon-ms 1500` ...),
+/// before any pilot runs.
+fn slow_nodes(c: &Cluster, latency: &[&str]) {
+    for n in &c.nodes {
+        let out = Command::new(bin("workspace-pilot"))
+            .args(["sim", "init", "--force", "--dir"])
+            .arg(c.sim_dir(n))
+            .args(["--memory-mb", "4096", "--cpus", "2"])
+            .args(latency)
+            .output()
+            .expect("workspace-pilot sim init");
+        assert!(
+            out.status.success(),
+            "sim init {n}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn ws_id(r: &Reply) -> String {
+    assert_eq!(r.status, 201, "create: {}", r.body);
+    r.body["id"].as_str().expect("id").to_string()
+}
+
+fn phases(c: &Cluster, id: &str, phase: &str) -> usize {
+    c.timeline(id)
+        .iter()
+        .filter(|e| e["phase"] == phase)
+        .count()
+}
+
+/// Waits (bounded) for `n` timeline entries of `phase`.
+fn wait_phase(c: &Cluster, id: &str, phase: &str, n: usize) {
+    let t = Instant::now();
+    while phases(c, id, phase) < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{n} x {phase} not reached: {:#?}\n{}",
+            c.timeline(id),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn slot_and_node(v: &Value, group: &str) -> (String, String) {
+    let vm = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|vm| vm["group"] == group)
+        .expect("vm of group");
+    (
+        vm["slot_id"].as_str().unwrap().to_string(),
+        vm["node"].as_str().unwrap().to_string(),
+    )
+}
+
+/// Kills the coordinator, waits `down`, starts it again.
+fn crash_and_restart(c: &mut Cluster, down: Duration) {
+    c.kill_coordinator();
+    std::thread::sleep(down);
+    c.restart_coordinator();
+}
+
+/// The end every scenario must reach: settled, nothing left anywhere.
+fn assert_nothing_left(c: &Cluster, v: &Value) {
+    assert_eq!(v["settled"], true, "{v:#}");
+    let t = Instant::now();
+    while !c.pilot_pids(None).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pilots left: {:?}",
+            c.pilot_pids(None)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for n in &c.nodes {
+        let v = c.node(n);
+        let restored = v["dom0"]["current_mb"] == v["dom0"]["max_mb"]
+            && v["domains"].as_array().is_some_and(|d| d.is_empty());
+        assert!(
+            restored,
+            "{n} not restored: {v:#}\n--- pilot logs ---\n{}\n--- coordinator log ---\n{}",
+            pilot_logs(c),
+            c.log()
+        );
+    }
+    c.assert_nodes_restored();
+    // A cancelled job is being ended (SIGTERM, then SIGKILL after the grace)
+    // when the workspace settles; it is gone within the grace.
+    let t = Instant::now();
+    loop {
+        let jobs = c.local_jobs();
+        let live: Vec<&Value> = jobs["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .filter(|j| {
+                matches!(
+                    j["state"]["state"].as_str().unwrap_or_default(),
+                    "queued" | "running" | "completing" | "held"
+                )
+            })
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(GRACE_S + 2),
+            "batch jobs left in the local batch system: {live:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for s in v["slots"].as_array().unwrap() {
+        assert!(s["state"] == "released" || s["state"] == "failed", "{s}");
+    }
+}
+
+/// Every pilot's output (the local batch system's per-node job logs).
+fn pilot_logs(c: &Cluster) -> String {
+    let mut out = String::new();
+    let jobs = c.root().join("coordinator/jobs");
+    for slot in std::fs::read_dir(&jobs).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(slot.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.path().extension().is_some_and(|e| e == "log") {
+                out.push_str(&format!(
+                    "== {}\n{}\n",
+                    f.path().display(),
+                    std::fs::read_to_string(f.path()).unwrap_or_default()
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A running workspace is destroyed and must settle clean.
+fn destroy_and_check(c: &Cluster, id: &str) {
+    let r = c.destroy_as(TOKEN, id);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = c.wait_settled(id);
+    assert_eq!(v["state"], "destroyed", "{v:#}");
+    assert_nothing_left(c, &v);
+}
+
+#[test]
+fn coordinator_killed_right_after_submit_picks_up_the_lease_on_restart() {
+    let mut c = cluster();
+    let id = ws_id(&c.create(PAIR));
+    crash_and_restart(&mut c, DOWN);
+    let v = c.wait_running(&id);
+    // The jobs kept their ids: the restarted batch system adopted them.
+    for s in v["slots"].as_array().unwrap() {
+        assert_eq!(s["state"], "reserved", "{s}");
+    }
+    destroy_and_check(&c, &id);
+}
+
+#[test]
+fn coordinator_killed_while_pilots_reserve_gets_their_resent_reservations() {
+    let mut c = cluster();
+    slow_nodes(&c, &["--balloon-ms", "1500"]);
+    let id = ws_id(&c.create(PAIR));
+    wait_phase(&c, &id, "pilot_started", 2);
+    assert_eq!(
+        phases(&c, &id, "memory_reserved"),
+        0,
+        "reservations came before the crash"
+    );
+    crash_and_restart(&mut c, DOWN);
+    c.wait_running(&id);
+    destroy_and_check(&c, &id);
+}
+
+#[test]
+fn coordinator_killed_while_vms_start_learns_they_run_from_resent_events() {
+    let mut c = cluster();
+    slow_nodes(&c, &["--create-ms", "1500"]);
+    let id = ws_id(&c.create(PAIR));
+    wait_phase(&c, &id, "vm_start_sent", 2);
+    assert_eq!(
+        phases(&c, &id, "vm_started"),
+        0,
+        "VMs came up before the crash"
+    );
+    crash_and_restart(&mut c, DOWN);
+    let v = c.wait_running(&id);
+    assert!(v["expires_ms"].is_u64(), "the lease has an expiry: {v:#}");
+    destroy_and_check(&c, &id);
+}
+
+#[test]
+fn coordinator_killed_during_a_preemption_ends_the_workspace_preempted() {
+    let mut c = cluster();
+    let id = ws_id(&c.create(PAIR));
+    let v = c.wait_running(&id);
+    let (slot, node) = slot_and_node(&v, "head");
+    let pid = c.pilot_pid_on(&slot, &node);
+    signal(pid, Signal::SIGTERM);
+    c.kill_coordinator();
+    // Back within the pilot's wait for us: it resends `preempting` and we release the rest.
+    std::thread::sleep(Duration::from_millis(300));
+    c.restart_coordinator();
+    let gone = wait_gone(pid, Duration::from_secs(GRACE_S + 2)).expect("preempted pilot exits");
+    assert!(
+        gone < Duration::from_secs(GRACE_S),
+        "pilot took {gone:?} (grace {GRACE_S} s)"
+    );
+    let v = c.wait_settled(&id);
+    assert_eq!(v["state"], "preempted", "{v:#}");
+    assert_nothing_left(&c, &v);
+}
+
+#[test]
+fn coordinator_killed_during_destroy_finishes_the_destroy_on_restart() {
+    let mut c = cluster();
+    slow_nodes(&c, &["--destroy-ms", "1000"]);
+    let id = ws_id(&c.create(PAIR));
+    c.wait_running(&id);
+    let r = c.destroy_as(TOKEN, &id);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Pilots fetch their release and start destroying, then we die.
+    std::thread::sleep(Duration::from_millis(300));
+    crash_and_restart(&mut c, Duration::from_millis(500));
+    let v = c.wait_settled(&id);
+    assert_eq!(v["state"], "destroyed", "{v:#}");
+    assert_nothing_left(&c, &v);
+}
+
+#[test]
+fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up_and_the_coordinator_ends_the_lease(
+) {
+    let mut c = cluster();
+    let id = ws_id(&c.create(PAIR));
+    let v = c.wait_running(&id);
+    let (slot, node) = slot_and_node(&v, "head");
+    let pid = c.pilot_pid_on(&slot, &node);
+    c.kill_coordinator();
+    signal(pid, Signal::SIGTERM);
+    let gone = wait_gone(pid, Duration::from_secs(GRACE_S + 2)).expect("preempted pilot exits");
+    assert!(
+        gone < Duration::from_secs(GRACE_S),
+        "pilot took {gone:?} (grace {GRACE_S} s)"
+    );
+    let n = c.node(&node);
+    assert_eq!(n["dom0"]["current_mb"], n["dom0"]["max_mb"], "{n:#}");
+    assert_eq!(n["domains"].as_array().unwrap().len(), 0, "{n:#}");
+    c.restart_coordinator();
+    let v = c.wait_settled(&id);
+    assert!(v["state"] == "preempted" || v["state"] == "failed", "{v:#}");
+    assert_nothing_left(&c, &v);
+}
