@@ -355,6 +355,17 @@ impl PbsCommands {
         Ok(answer)
     }
 
+    /// One `qstat -f` of every job: (id, Job_Name) of those not finished.
+    pub async fn list_jobs(&self) -> Result<Vec<(JobId, String)>, LrmError> {
+        let out = self.runner.run(&self.qstat, &["-f".to_string()]).await?;
+        let out = command::check(out)?;
+        Ok(parse_qstat_f(&out.stdout)
+            .into_iter()
+            .filter(|j| !matches!(j.get("job_state"), Some("C" | "F")))
+            .filter_map(|j| j.get("Job_Name").map(|n| (JobId(j.id.clone()), n.to_string())))
+            .collect())
+    }
+
     /// `qdel id` with retry; a job the server no longer has counts as done.
     pub async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
         if !plausible_pbs_id(id) {

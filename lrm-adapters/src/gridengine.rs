@@ -228,6 +228,27 @@ pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, St
     Ok(jobs)
 }
 
+/// Reads `qstat -xml`: (job number, job name) of every `<job_list>` element.
+pub(crate) fn parse_qstat_xml_names(xml: &str) -> Result<Vec<(JobId, String)>, String> {
+    if !xml.contains("<job_info") {
+        return Err("no <job_info> element".into());
+    }
+    let tag = |block: &str, name: &str| -> Option<String> {
+        let open = format!("<{name}>");
+        let start = block.find(&open)? + open.len();
+        let end = block[start..].find(&format!("</{name}>"))? + start;
+        Some(block[start..end].trim().to_string())
+    };
+    let mut jobs = Vec::new();
+    for block in xml.split("<job_list").skip(1) {
+        let block = block.split("</job_list>").next().unwrap_or(block);
+        if let (Some(id), Some(name)) = (tag(block, "JB_job_number"), tag(block, "JB_name")) {
+            jobs.push((JobId(id), name));
+        }
+    }
+    Ok(jobs)
+}
+
 /// `notify                00:00:05` of `qconf -sq`.
 pub(crate) fn parse_notify(text: &str) -> Option<Duration> {
     let line = text
@@ -242,6 +263,20 @@ fn plausible_id(id: &JobId) -> bool {
 
 #[async_trait]
 impl Lrm for GridEngine {
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        let out = self
+            .runner
+            .run(&self.config.qstat, &["-u".into(), "*".into(), "-xml".into()])
+            .await?;
+        let out = crate::command::check(out)?;
+        let jobs = parse_qstat_xml_names(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
+            command: out.command.clone(),
+            reason,
+            output: out.stdout.clone(),
+        })?;
+        Ok(Some(jobs))
+    }
+
     async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
         GridEngine::check_grace(self).await.map(Some)
     }
@@ -394,6 +429,14 @@ mod tests {
     use super::*;
 
     const QSTAT_XML: &str = include_str!("../tests/fixtures/gridengine/qstat-xml-mixed.xml");
+
+    #[test]
+    fn qstat_xml_names_list_every_job_with_its_name() {
+        let jobs = parse_qstat_xml_names(QSTAT_XML).unwrap();
+        assert!(!jobs.is_empty());
+        assert!(jobs.iter().all(|(id, name)| !id.0.is_empty() && !name.is_empty()), "{jobs:?}");
+        assert!(parse_qstat_xml_names("garbage").is_err());
+    }
 
     #[test]
     fn qsub_terse_and_plain_ids_are_read() {

@@ -174,6 +174,12 @@ pub trait Lrm: Send + Sync {
     async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
         Ok(None)
     }
+    /// Every job of ours the batch system still has (queued, running,
+    /// ending), with its name, in one query: how orphans are found. `None`
+    /// when this LRM cannot list jobs.
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        Ok(None)
+    }
     /// Called once when the coordinator stops. Adapters whose jobs cannot
     /// outlive the coordinator (`local`) end them here; real LRMs keep theirs.
     async fn shutdown(&self) {}

@@ -879,6 +879,17 @@ impl Lrm for LocalLrm {
         LRM
     }
 
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        let st = self.shared.lock();
+        Ok(Some(
+            st.jobs
+                .iter()
+                .filter(|(_, j)| !j.state.is_finished())
+                .map(|(id, j)| (id.clone(), j.spec.name.clone()))
+                .collect(),
+        ))
+    }
+
     fn warning(&self) -> Warning {
         Warning {
             signal: "SIGTERM",

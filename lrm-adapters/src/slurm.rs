@@ -223,6 +223,17 @@ pub(crate) fn map_state(state: &str, reason: &str) -> JobState {
     }
 }
 
+/// Parses `squeue --noheader --format=%i|%j` lines into (id, name).
+fn parse_id_name_lines(text: &str) -> Vec<(JobId, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (id, name) = l.trim().split_once('|')?;
+            (!id.is_empty() && id.bytes().all(|b| b.is_ascii_digit() || b == b'_'))
+                .then(|| (JobId(id.to_string()), name.trim().to_string()))
+        })
+        .collect()
+}
+
 /// Parses `squeue --noheader --format=%i|%T|%r` lines into id -> state.
 /// Lines that are not three fields (site banners, warnings) are skipped.
 pub(crate) fn parse_squeue(stdout: &str) -> HashMap<String, JobState> {
@@ -258,6 +269,20 @@ fn squeue_invalid_id(out: &crate::CommandOutput) -> bool {
 
 #[async_trait]
 impl Lrm for Slurm {
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        let args: Vec<String> = [
+            "--noheader",
+            "--me",
+            "--states=PENDING,RUNNING,SUSPENDED,COMPLETING,CONFIGURING,REQUEUED,RESIZING,SIGNALING,STAGE_OUT",
+            "--format=%i|%j",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        let out = crate::command::check(self.runner.run(&self.config.squeue, &args).await?)?;
+        Ok(Some(parse_id_name_lines(&out.stdout)))
+    }
+
     async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
         Slurm::check_grace(self).await.map(Some)
     }
@@ -455,6 +480,18 @@ mod tests {
         assert_eq!(
             map_state("WEIRD_NEW_STATE", "None"),
             Unknown("WEIRD_NEW_STATE".into())
+        );
+    }
+
+    #[test]
+    fn squeue_id_name_lines_are_read_and_noise_is_skipped() {
+        let got = parse_id_name_lines("12|wsp-abcd1234-sl-00000001\nslurm_load_jobs error\n13|other\n");
+        assert_eq!(
+            got,
+            vec![
+                (JobId("12".into()), "wsp-abcd1234-sl-00000001".into()),
+                (JobId("13".into()), "other".into())
+            ]
         );
     }
 

@@ -141,6 +141,10 @@ pub(crate) fn map_job(job: &PbsJob) -> JobState {
 
 #[async_trait]
 impl Lrm for Torque {
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        self.commands.list_jobs().await.map(Some)
+    }
+
     fn kind(&self) -> &'static str {
         LRM
     }
