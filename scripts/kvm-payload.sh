@@ -5,20 +5,28 @@
 #                    "WSP-VM-READY <hostname>" on the serial console, then waits
 #                    (with wsp.tick=1 on the kernel command line it prints
 #                    "WSP-TICK n" every second).
+#   With wsp.net=1 the init also loads virtio net/blk + vfat modules, runs
+#   udhcpc on every ethN, mounts the NoCloud seed (label cidata) and prints
+#   "WSP-NET <hostname> <ip,...>", "WSP-PEER <name> <group> <ips>" for each
+#   line of the seed's wsp-peers, and "WSP-PING <peer> ok|FAIL" for each
+#   peer's first address; with wsp.spoof=<hostname>, that VM then changes its
+#   IP, then its MAC, and prints "WSP-SPOOF ip|mac reached=<n>".
 # DIR = $WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload. Idempotent: prints
-# DIR and exits at once when both files exist. The kernel comes from its
+# DIR and exits at once when the files of this payload VERSION exist. The kernel comes from its
 # package (apt-get download + dpkg -x); nothing is installed. Needs
 # busybox-static, cpio, python3 (scripts/install-deps.sh installs them).
 set -euo pipefail
 DIR=${WSP_KVM_PAYLOAD:-/var/cache/wsp-kvm-payload}
-if [ -s "$DIR/vmlinux" ] && [ -s "$DIR/initrd.gz" ]; then
+VERSION=3   # bump when the initramfs changes: older caches are rebuilt
+ready() { [ -s "$DIR/vmlinux" ] && [ -s "$DIR/initrd.gz" ] && [ "$(cat "$DIR/VERSION" 2>/dev/null)" = "$VERSION" ]; }
+if ready; then
   echo "$DIR"
   exit 0
 fi
 mkdir -p "$DIR"
 exec 9>"$DIR/.build.lock"
 flock -w 300 9 || { echo "kvm-payload: $DIR/.build.lock held for 300 s" >&2; exit 1; }
-if [ -s "$DIR/vmlinux" ] && [ -s "$DIR/initrd.gz" ]; then
+if ready; then
   echo "$DIR"
   exit 0
 fi
@@ -30,13 +38,59 @@ if ! file -L "$BUSYBOX" 2>/dev/null | grep -q static && [ -x /bin/busybox ]; the
 WORK=$(mktemp -d "$DIR/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-# 1. Kernel: the package linux-image-amd64 depends on, downloaded and unpacked.
-if [ ! -s "$DIR/vmlinux" ]; then
+# 1. Kernel (and its modules for the guest's network and seed disk): the
+#    package linux-image-amd64 depends on, downloaded and unpacked.
+if [ ! -s "$DIR/vmlinux" ] || [ ! -s "$DIR/modules/load.order" ]; then
   PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
   [ -n "$PKG" ] || { echo "kvm-payload: cannot find the kernel package linux-image-amd64 depends on (apt-get update?)" >&2; exit 1; }
   (cd "$WORK" && timeout 300 apt-get download -q "$PKG" >/dev/null) || {
     echo "kvm-payload: apt-get download $PKG failed" >&2; exit 1; }
   dpkg -x "$WORK"/"$PKG"_*.deb "$WORK/pkg"
+  # Modules in insmod order, dependencies resolved from their .modinfo.
+  rm -rf "$DIR/modules.new"; mkdir -p "$DIR/modules.new"
+  python3 - "$WORK/pkg/lib/modules" "$DIR/modules.new" virtio_pci virtio_net virtio_blk vfat nls_cp437 nls_ascii <<'PY'
+import os, shutil, struct, sys
+moddir, out, wanted = sys.argv[1], sys.argv[2], sys.argv[3:]
+def modinfo(path):
+    d = open(path, 'rb').read()
+    shoff = struct.unpack_from('<Q', d, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from('<HHH', d, 0x3A)
+    secs = [struct.unpack_from('<IIQQQQIIQQ', d, shoff + i * shentsize) for i in range(shnum)]
+    strtab = secs[shstrndx]
+    def name(off):
+        s = d[strtab[4] + off:]
+        return s[:s.index(b'\0')].decode()
+    for s in secs:
+        if name(s[0]) == '.modinfo':
+            raw = d[s[4]:s[4] + s[5]].decode(errors='replace')
+            return dict(kv.split('=', 1) for kv in raw.split('\0') if '=' in kv)
+    return {}
+index = {}
+for root, _, files in os.walk(moddir):
+    for f in files:
+        if f.endswith('.ko'):
+            index[f[:-3].replace('-', '_')] = os.path.join(root, f)
+order, seen = [], set()
+def visit(m):
+    m = m.replace('-', '_')
+    if m in seen:
+        return
+    seen.add(m)
+    if m not in index:
+        return  # built in
+    for dep in filter(None, modinfo(index[m]).get('depends', '').split(',')):
+        visit(dep)
+    order.append(index[m])
+for m in wanted:
+    visit(m)
+with open(os.path.join(out, 'load.order'), 'w') as lo:
+    for p in order:
+        shutil.copy(p, out)
+        lo.write(os.path.basename(p) + '\n')
+PY
+  rm -rf "$DIR/modules"; mv "$DIR/modules.new" "$DIR/modules"
+fi
+if [ ! -s "$DIR/vmlinux" ]; then
   VMLINUZ=$(ls "$WORK"/pkg/boot/vmlinuz-* | head -1)
   python3 - "$VMLINUZ" "$WORK/vmlinux" <<'PY'
 import lzma, sys
@@ -58,6 +112,21 @@ R="$WORK/root"
 mkdir -p "$R/bin" "$R/dev" "$R/proc" "$R/sys" "$R/tmp"
 cp "$BUSYBOX" "$R/bin/busybox"
 ln -s busybox "$R/bin/sh"
+mkdir -p "$R/lib/modules" "$R/etc" "$R/seed"
+cp "$DIR"/modules/* "$R/lib/modules/"
+cat > "$R/etc/udhcpc.script" <<'UDHCPC'
+#!/bin/sh
+case "$1" in
+  deconfig) ip addr flush dev "$interface"; ip link set "$interface" up;;
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route add default via "${router%% *}" dev "$interface" 2>/dev/null
+    ;;
+esac
+exit 0
+UDHCPC
+chmod 755 "$R/etc/udhcpc.script"
 cat > "$R/init" <<'INIT'
 #!/bin/sh
 /bin/busybox --install -s /bin
@@ -65,13 +134,66 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
-HN=wspvm TICK=0
+HN=wspvm TICK=0 NET=0 SPOOF=
 for a in $(cat /proc/cmdline); do
   case "$a" in
     wsp.hostname=*) HN="${a#*=}";;
     wsp.tick=*) TICK="${a#*=}";;
+    wsp.net=*) NET="${a#*=}";;
+    wsp.spoof=*) SPOOF="${a#*=}";;
   esac
 done
+reach() {  # reach IP...: how many answer a ping
+  n=0; for p in "$@"; do ping -c 1 -W 1 "$p" >/dev/null 2>&1 && n=$((n+1)); done; echo $n
+}
+if [ "$NET" = 1 ]; then
+  while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/load.order
+  DEV=
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    DEV=$(findfs LABEL=cidata 2>/dev/null) && break; sleep 0.2
+  done
+  if mount -t vfat -o ro "${DEV:-/dev/vda}" /seed 2>/dev/null; then
+    LHN=$(sed -n 's/^local-hostname:[[:space:]]*//p' /seed/meta-data | tr -d '\r"')
+    [ -n "$LHN" ] && HN="$LHN"
+  else
+    echo "WSP-SEED-FAIL ${DEV:-/dev/vda}"
+  fi
+  hostname "$HN"
+  ip link set lo up
+  IPS=
+  for d in /sys/class/net/eth*; do
+    [ -e "$d" ] || continue
+    i=${d##*/}
+    ip link set "$i" up
+    if udhcpc -i "$i" -n -q -f -t 5 -T 2 -s /etc/udhcpc.script >/dev/null 2>&1; then
+      IPS="$IPS${IPS:+,}$(ip -4 -o addr show dev "$i" | awk '{print $4}' | cut -d/ -f1)"
+    fi
+  done
+  echo "WSP-NET $HN ${IPS:-none}"
+  PEERS=
+  if [ -f /seed/wsp-peers ]; then
+    while read -r name group ips; do
+      echo "WSP-PEER $name $group $ips"
+      [ "$name" = "$HN" ] || PEERS="$PEERS ${ips%%,*}"
+    done < /seed/wsp-peers
+  fi
+  for p in $PEERS; do   # peers may still be booting: retry for a while
+    ok=FAIL
+    for t in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+      ping -c 1 -W 1 "$p" >/dev/null 2>&1 && { ok=ok; break; }
+    done
+    echo "WSP-PING $p $ok"
+  done
+  if [ -n "$SPOOF" ] && [ "$SPOOF" = "$HN" ]; then
+    sleep 12   # let the peers finish pinging us first
+    MINE=$(ip -4 -o addr show dev eth0 | awk '{print $4}')
+    ip addr flush dev eth0; ip addr add 10.77.0.250/24 dev eth0
+    echo "WSP-SPOOF ip reached=$(reach $PEERS)"
+    ip addr flush dev eth0; ip addr add "$MINE" dev eth0
+    ip link set eth0 down; ip link set eth0 address 02:de:ad:be:ef:01; ip link set eth0 up
+    echo "WSP-SPOOF mac reached=$(reach $PEERS)"
+  fi
+fi
 hostname "$HN"
 echo "WSP-VM-READY $(hostname)"
 n=0
@@ -84,4 +206,5 @@ chmod 755 "$R/init"
 if [ "$(id -u)" -eq 0 ]; then mknod -m 600 "$R/dev/console" c 5 1; fi
 (cd "$R" && find . | sort | cpio -o -H newc --quiet -R 0:0) | gzip -9 > "$WORK/initrd.gz"
 mv "$WORK/initrd.gz" "$DIR/initrd.gz"
+echo "$VERSION" > "$DIR/VERSION"
 echo "$DIR"

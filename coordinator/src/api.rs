@@ -56,7 +56,9 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let status = match &e {
             EngineError::BadSpec(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            EngineError::DoesNotFit(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            EngineError::DoesNotFit(_) | EngineError::Network(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
             EngineError::Duplicate { .. } => StatusCode::CONFLICT,

@@ -124,6 +124,10 @@ pub struct Config {
     /// the longest poll (30 s).
     pub pilot_silence_s: u64,
     pub pilot: PilotConfig,
+    /// Address pools (`[network.private]`, `[network.public]`).
+    pub network: crate::network::NetworkConfig,
+    /// Image repository (`[images] repository`).
+    pub images: crate::network::ImagesConfig,
     pub users: Vec<User>,
     pub local: lrm_adapters::local::LocalConfig,
     pub slurm: lrm_adapters::slurm::SlurmConfig,
@@ -146,6 +150,8 @@ impl Default for Config {
             max_clock_skew_s: 300,
             pilot_silence_s: 90,
             pilot: PilotConfig::default(),
+            network: Default::default(),
+            images: Default::default(),
             users: Vec::new(),
             local: Default::default(),
             slurm: Default::default(),
@@ -193,6 +199,16 @@ impl Config {
                 "pilot_silence_s = {} must exceed the pilots' long-poll ({} s, pilot.poll_wait_ms) by at least 5 s",
                 self.pilot_silence_s, poll_s
             )));
+        }
+        crate::network::Pools::from_config(&self.network)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(r) = &self.images.repository {
+            let ok = r.starts_with("http://") || r.starts_with("https://") || r.starts_with('/');
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "images.repository = {r:?}: must be an absolute directory or an http(s):// URL"
+                )));
+            }
         }
         if self.lrm_poll_s <= 0.0 {
             return Err(ConfigError::Invalid("lrm_poll_s must be positive".into()));
@@ -280,6 +296,17 @@ mod tests {
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.users.len(), 1);
         assert_eq!(c.local.nodes, 4);
+    }
+
+    #[test]
+    fn network_pools_and_image_repository_are_checked() {
+        let ok = "[network.private]\ncidr = \"10.77.0.0/24\"\ngateway = \"10.77.0.1\"\n[network.public]\ncidr = \"192.0.2.0/28\"\n[images]\nrepository = \"http://repo/img\"\n";
+        let c = Config::parse(ok).unwrap();
+        assert!(c.network.public.is_some());
+        let e = Config::parse("[network.private]\ncidr = \"10.77.0.0/33\"\n").unwrap_err();
+        assert!(e.to_string().contains("network.private"), "{e}");
+        let e = Config::parse("[images]\nrepository = \"ftp://x\"\n").unwrap_err();
+        assert!(e.to_string().contains("images.repository"), "{e}");
     }
 
     #[test]

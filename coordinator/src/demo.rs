@@ -232,10 +232,12 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
     // Check every node whatever happened above.
     let mut all_ok = true;
     println!("\n== nodes after the demo");
-    println!(
-        "   {:<8} {:>12} {:>12} {:>8}",
-        "node", "dom0 now MB", "original MB", "guests"
-    );
+    if !kvm {
+        println!(
+            "   {:<8} {:>12} {:>12} {:>8}",
+            "node", "dom0 now MB", "original MB", "guests"
+        );
+    }
     if kvm {
         // Real VMs: the host's hugepage pool is back and no QEMU is left.
         let deadline = Instant::now() + Duration::from_secs(10);

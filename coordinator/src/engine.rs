@@ -8,6 +8,7 @@
 
 use crate::config::Config;
 use crate::lifecycle::{self, Input};
+use crate::network::{self, NetError, Pools};
 use crate::policy::{self, FitError, NodeRoom, VmNeed};
 use crate::store::{self, SlotRow, Store, StoreError, VmRow, WorkspaceRow};
 use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob};
@@ -23,7 +24,7 @@ use protocol::view::{
 };
 use protocol::{now_ms, SlotId, VmId, VmName, WorkspaceId};
 use rusqlite::Connection;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,9 @@ pub enum EngineError {
     BadSpec(#[from] SpecError),
     #[error("workspace does not fit this cluster: {0}")]
     DoesNotFit(#[from] FitError),
+    /// No addresses for the workspace (pool exhausted, no public pool).
+    #[error("{0}")]
+    Network(#[from] NetError),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -95,6 +99,8 @@ pub struct Engine {
     commands_seen: AtomicU64,
     kick: Notify,
     cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
+    /// Address pools of `[network]` (parsed once; the config was validated).
+    pools: Pools,
     /// When this coordinator process started (pilot silence counts from here at the earliest).
     started_ms: u64,
     pub metrics: crate::metrics::Metrics,
@@ -167,6 +173,13 @@ impl Engine {
         let (commands, _) = watch::channel(0);
         let mut store = store;
         fail_unsubmitted(&mut store, now_ms())?;
+        // Addresses of VMs that are gone are free; those of live VMs never are.
+        let freed =
+            store.tx(|tx| store::free_addresses_of_gone_vms(tx).map_err(EngineError::from))?;
+        if freed > 0 {
+            info!(freed, "freed addresses of VMs that are gone");
+        }
+        let pools = Pools::from_config(&cfg.network)?;
         Ok(Arc::new(Self {
             store: Mutex::new(store),
             lrm,
@@ -181,6 +194,7 @@ impl Engine {
             commands_seen: AtomicU64::new(0),
             kick: Notify::new(),
             cancel_attempts: Mutex::new(HashMap::new()),
+            pools,
             started_ms: now_ms(),
             metrics: crate::metrics::Metrics::new(),
         }))
@@ -220,6 +234,14 @@ impl Engine {
     ) -> Result<WorkspaceView, EngineError> {
         spec.validate()?;
         let plans = policy::plan_slots(&spec, &self.capacity, self.cfg.pilot.min_dom0_mb)?;
+        if self.pools.public.is_none() {
+            if let Some(g) = spec.groups.iter().find(|g| g.public_ip) {
+                return Err(NetError::NoPublicPool {
+                    group: g.name.clone(),
+                }
+                .into());
+            }
+        }
         let now = now_ms();
         let ws = WorkspaceRow {
             id: WorkspaceId::generate(),
@@ -236,6 +258,7 @@ impl Engine {
         self.with_store(|s| {
             s.tx(|tx| {
                 store::insert_workspace(tx, &ws)?;
+                let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
                     let slot = SlotRow {
                         id: SlotId::generate(),
@@ -254,6 +277,7 @@ impl Engine {
                     let group = spec.groups.iter().find(|g| g.name == plan.group);
                     for idx in 0..plan.nodes {
                         let vm = VmId::generate();
+                        addrs.assign(tx, &ws.id, &vm, group.is_some_and(|g| g.public_ip))?;
                         store::insert_vm(
                             tx,
                             &VmRow {
@@ -356,7 +380,7 @@ impl Engine {
             })?;
         let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
-            name: format!("wsp-{}", slot.id),
+            name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,
             cores_per_node: slot.cores,
             memory_mb_per_node: slot.memory_mb,
@@ -603,7 +627,7 @@ impl Engine {
                         seq: event.seq,
                     });
                 }
-                apply_event(tx, &slot, &event, now)
+                apply_event(tx, &slot, &event, now, &self.cfg.images)
             })
         })?;
         self.metrics.event(event.kind.name());
@@ -688,6 +712,9 @@ impl Engine {
                 last_lrm = Instant::now();
                 if let Err(e) = self.poll_lrm().await {
                     warn!(error = %e, "batch system status query failed; will retry");
+                }
+                if let Err(e) = self.cancel_orphans().await {
+                    warn!(error = %e, "orphan job scan failed; will retry");
                 }
             }
         }
@@ -857,6 +884,82 @@ impl Engine {
     }
 
     /// The slow backstop: one batched status query for every job we may still have.
+    /// `wsp-<coordinator id>-`: every pilot job this coordinator submits is
+    /// named with it (then the slot id). The id is derived from the master
+    /// secret, so it is stable across restarts and differs between two
+    /// coordinators sharing one batch system: neither ever cancels the other's jobs.
+    pub fn job_prefix(&self) -> String {
+        let digest =
+            protocol::auth::token_hash(&format!("wsp-coordinator\n{}", hex::encode(&self.master)));
+        format!("wsp-{}-", &digest[..8])
+    }
+
+    /// Cancels batch jobs named as ours that no slot owns: submitted by an
+    /// earlier run that died before recording them, or left from a slot the
+    /// database no longer tracks. Derived from the batch system on every
+    /// scan, so a failed cancel is retried until the job is gone.
+    pub async fn cancel_orphans(&self) -> Result<Vec<JobId>, EngineError> {
+        let jobs = match self.lrm.list_jobs().await {
+            Ok(Some(jobs)) => jobs,
+            Ok(None) => return Ok(Vec::new()),
+            Err(e) => {
+                warn!(error = %e, "listing batch jobs for orphans failed; will retry");
+                return Ok(Vec::new());
+            }
+        };
+        let prefix = self.job_prefix();
+        let mut orphans = Vec::new();
+        for (job, name) in jobs {
+            let Some(slot_id) = name
+                .strip_prefix(&prefix)
+                .and_then(|s| SlotId::parse(s).ok())
+            else {
+                continue;
+            };
+            let slot = self.with_store(|s| Ok(store::get_slot(s.conn(), &slot_id)?))?;
+            let orphan = match &slot {
+                None => true,
+                // Submission in flight: the id is about to be recorded.
+                Some(s) if s.job_id.is_none() => s.state.is_terminal(),
+                Some(s) => s.job_id.as_deref() != Some(job.0.as_str()),
+            };
+            if !orphan {
+                continue;
+            }
+            warn!(job_id = %job, name = %name, slot_id = %slot_id, "orphan batch job: cancelling");
+            match self.lrm.cancel(&job).await {
+                Ok(()) => {
+                    self.metrics.orphan_jobs_cancelled.inc();
+                    if let Some(s) = &slot {
+                        let now = now_ms();
+                        let detail = format!(
+                            "orphan batch job {job} ({name}) cancelled: the slot does not own it"
+                        );
+                        self.with_store(|st| {
+                            Ok(store::push_timeline(
+                                st.conn(),
+                                &s.workspace_id,
+                                now,
+                                now,
+                                Phase::JobEnded,
+                                Some(&s.id),
+                                None,
+                                None,
+                                &detail,
+                            )?)
+                        })?;
+                        self.bump();
+                    }
+                    orphans.push(job);
+                }
+                Err(e) => {
+                    warn!(job_id = %job, error = %e, "cancelling orphan job failed; will retry")
+                }
+            }
+        }
+        Ok(orphans)
+    }
+
     pub async fn poll_lrm(&self) -> Result<(), EngineError> {
         let slots = self.with_store(|s| Ok(store::slots_with_live_jobs(s.conn())?))?;
         if slots.is_empty() {
@@ -1101,7 +1204,12 @@ fn maybe_settle(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), E
 }
 
 /// All VMs mapped onto the reserved nodes; `start_vm` commands queued.
-fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), EngineError> {
+fn start_vms(
+    c: &Connection,
+    ws: &mut WorkspaceRow,
+    now: u64,
+    images: &network::ImagesConfig,
+) -> Result<(), EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     let mut rooms = Vec::new();
     for s in &slots {
@@ -1130,7 +1238,27 @@ fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), Engi
             cpus: v.cpus,
         })
         .collect();
-    let mapping = match policy::map_vms(&needs, &rooms) {
+    // Prefer nodes whose image cache already holds the VM's image.
+    let mut cached: HashSet<(String, String)> = HashSet::new();
+    for s in &slots {
+        cached.extend(store::node_images(c, &s.id)?);
+    }
+    let sources: HashMap<&VmId, Option<protocol::pilot::ImageSource>> = vms
+        .iter()
+        .map(|v| {
+            let g = ws.spec.groups.iter().find(|g| g.name == v.group);
+            (&v.id, g.and_then(|g| network::image_source(images, g)))
+        })
+        .collect();
+    let holds = |vm: &VmId, node: &str| {
+        sources
+            .get(vm)
+            .and_then(|s| s.as_ref())
+            .and_then(|s| s.sha256.as_ref())
+            .is_some_and(|h| cached.contains(&(node.to_string(), h.clone())))
+    };
+    let (mut nics, peers) = workspace_context(c, ws)?;
+    let mapping = match policy::map_vms_preferring(&needs, &rooms, &holds) {
         Ok(m) => m,
         Err(e) => return fail_workspace(c, ws, &e.to_string(), now),
     };
@@ -1148,6 +1276,16 @@ fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), Engi
             memory_mb: vm.memory_mb,
             cpus: vm.cpus,
             image: vm.image.clone(),
+            image_source: sources.get(&vm.id).cloned().flatten(),
+            nics: nics.remove(&vm.id).unwrap_or_default(),
+            hostname: Some(network::hostname(&vm.group, vm.idx)),
+            context: Some(protocol::pilot::Context {
+                workspace_id: ws.id.to_string(),
+                workspace_name: ws.name.clone(),
+                group: vm.group.clone(),
+                peers: peers.clone(),
+                ssh_key: ws.spec.ssh_key.clone(),
+            }),
         };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
         store::push_timeline(
@@ -1165,11 +1303,98 @@ fn start_vms(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), Engi
     Ok(())
 }
 
+/// The lowest free addresses of each pool, taken once per create; all or nothing.
+struct AddressPlan<'p> {
+    pools: &'p Pools,
+    free: HashMap<&'static str, std::vec::IntoIter<std::net::Ipv4Addr>>,
+}
+
+impl<'p> AddressPlan<'p> {
+    fn new(c: &Connection, pools: &'p Pools, spec: &WorkspaceSpec) -> Result<Self, EngineError> {
+        let mut free = HashMap::new();
+        let public: u32 = spec
+            .groups
+            .iter()
+            .filter(|g| g.public_ip)
+            .map(|g| g.count)
+            .sum();
+        for (name, need) in [("private", spec.vm_count()), ("public", public)] {
+            if let (Some(pool), true) = (pools.get(name), need > 0) {
+                let used = store::used_ips(c, name)?;
+                free.insert(name, pool.allocate(&used, need as usize)?.into_iter());
+            }
+        }
+        Ok(Self { pools, free })
+    }
+
+    /// Gives `vm` its NICs: private, then public if asked.
+    fn assign(
+        &mut self,
+        c: &Connection,
+        ws: &WorkspaceId,
+        vm: &VmId,
+        public: bool,
+    ) -> Result<(), EngineError> {
+        let mut idx = 0;
+        for (name, wanted) in [("private", true), ("public", public)] {
+            let (Some(pool), true) = (self.pools.get(name), wanted) else {
+                continue;
+            };
+            let Some(ip) = self.free.get_mut(name).and_then(|it| it.next()) else {
+                return Err(NetError::Exhausted {
+                    pool: name.to_string(),
+                    needed: 1,
+                    free: 0,
+                    range: String::new(),
+                }
+                .into());
+            };
+            let nic = protocol::pilot::Nic {
+                mac: network::derive_mac(ws, vm, idx),
+                ip,
+                prefix_len: pool.prefix_len,
+                gateway: pool.gateway,
+                pool: name.to_string(),
+            };
+            store::insert_address(c, ws, vm, idx, &nic)?;
+            idx += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Each VM's NICs, by VM.
+type NicsByVm = HashMap<VmId, Vec<protocol::pilot::Nic>>;
+
+/// Contexts of a workspace's VMs: each VM's NICs and the peer list.
+fn workspace_context(
+    c: &Connection,
+    ws: &WorkspaceRow,
+) -> Result<(NicsByVm, Vec<protocol::pilot::Peer>), EngineError> {
+    let mut nics: NicsByVm = HashMap::new();
+    for (vm, nic) in store::addresses_of(c, &ws.id)? {
+        nics.entry(vm).or_default().push(nic);
+    }
+    let peers = store::vms_of(c, &ws.id)?
+        .iter()
+        .map(|v| protocol::pilot::Peer {
+            name: network::hostname(&v.group, v.idx),
+            group: v.group.clone(),
+            ips: nics
+                .get(&v.id)
+                .map(|n| n.iter().map(|n| n.ip).collect())
+                .unwrap_or_default(),
+        })
+        .collect();
+    Ok((nics, peers))
+}
+
 fn apply_event(
     c: &Connection,
     slot: &SlotRow,
     e: &PilotEvent,
     now: u64,
+    images: &network::ImagesConfig,
 ) -> Result<(), EngineError> {
     let mut ws = must_ws(c, &slot.workspace_id)?;
     let node = e.node.as_str();
@@ -1213,8 +1438,10 @@ fn apply_event(
             dom0_after_mb,
             reserved_mb,
             balloon_ms,
+            cached_images,
         } => {
             store::set_pilot_flags(c, &slot.id, node, Some(true), None)?;
+            store::set_node_images(c, &slot.id, node, cached_images)?;
             tl(
                 Phase::MemoryReserved,
                 None,
@@ -1242,7 +1469,7 @@ fn apply_event(
                 .iter()
                 .all(|s| s.state == SlotState::Reserved);
             if all && ws.state == WorkspaceState::Pending {
-                start_vms(c, &mut ws, now)?;
+                start_vms(c, &mut ws, now, images)?;
             }
         }
         EventKind::ReserveFailed { reason } => {
@@ -1264,10 +1491,24 @@ fn apply_event(
             vm_id,
             name,
             create_ms,
+            stage_ms,
+            cache_hit,
         } => {
             let Some(vm) = own_vm(c, slot, vm_id)? else {
                 return Ok(());
             };
+            if let Some(ms) = stage_ms {
+                let how = match cache_hit {
+                    Some(true) => "already in the node cache",
+                    Some(false) => "fetched into the node cache",
+                    None => "staged",
+                };
+                tl(
+                    Phase::ImageStaged,
+                    Some(vm_id),
+                    &format!("image {} {how} in {ms} ms", vm.image),
+                )?;
+            }
             if vm.state == VmState::Starting {
                 store::set_vm_state(c, vm_id, VmState::Running)?;
             }
@@ -1549,9 +1790,15 @@ fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineE
         .iter()
         .map(|s| (s.id.clone(), s.job_id.clone()))
         .collect();
+    let mut nics: HashMap<VmId, Vec<protocol::pilot::Nic>> = HashMap::new();
+    for (vm, nic) in store::addresses_of(c, &ws.id)? {
+        nics.entry(vm).or_default().push(nic);
+    }
     let vms = store::vms_of(c, &ws.id)?
         .into_iter()
         .map(|v| VmView {
+            hostname: Some(network::hostname(&v.group, v.idx)),
+            nics: nics.remove(&v.id).unwrap_or_default(),
             job_id: jobs.get(&v.slot_id).cloned().flatten(),
             id: v.id,
             name: v.name,

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod engine;
 pub mod lifecycle;
 pub mod metrics;
+pub mod network;
 pub mod policy;
 pub mod server;
 pub mod store;

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub pilot_events: Family<TypeLabel, Counter>,
     pub refused: Family<TypeLabel, Counter>,
     pub workspaces: Family<StateLabel, Gauge>,
+    pub orphan_jobs_cancelled: Counter,
 }
 
 impl Default for Metrics {
@@ -54,12 +55,19 @@ impl Metrics {
             refused.clone(),
         );
         registry.register("workspaces", "Workspaces by state", workspaces.clone());
+        let orphan_jobs_cancelled = Counter::default();
+        registry.register(
+            "orphan_jobs_cancelled",
+            "Batch jobs named as ours that no slot owned, cancelled",
+            orphan_jobs_cancelled.clone(),
+        );
         Self {
             registry,
             workspaces_created,
             pilot_events,
             refused,
             workspaces,
+            orphan_jobs_cancelled,
         }
     }
 

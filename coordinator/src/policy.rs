@@ -109,6 +109,17 @@ pub struct MapError {
 /// Greedy mapping: largest VMs first, each onto the first node of its slot
 /// that still has room. Returns (vm, node) pairs; all or nothing.
 pub fn map_vms(vms: &[VmNeed], nodes: &[NodeRoom]) -> Result<Vec<(VmId, String)>, MapError> {
+    map_vms_preferring(vms, nodes, &|_, _| false)
+}
+
+/// [`map_vms`], but among the nodes of its slot that have room a VM goes
+/// first to one where `prefer(vm, node)` holds (a node whose image cache
+/// already has the VM's image), else to the first with room as before.
+pub fn map_vms_preferring(
+    vms: &[VmNeed],
+    nodes: &[NodeRoom],
+    prefer: &dyn Fn(&VmId, &str) -> bool,
+) -> Result<Vec<(VmId, String)>, MapError> {
     let mut by_slot: HashMap<&SlotId, Vec<(usize, u64, u32)>> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         by_slot
@@ -122,14 +133,16 @@ pub fn map_vms(vms: &[VmNeed], nodes: &[NodeRoom]) -> Result<Vec<(VmId, String)>
     for v in order {
         let rooms = by_slot.get_mut(&v.slot);
         let found = rooms.and_then(|rooms| {
-            rooms
-                .iter_mut()
-                .find(|(_, mem, cpus)| *mem >= v.memory_mb && *cpus >= v.cpus)
-                .map(|room| {
-                    room.1 -= v.memory_mb;
-                    room.2 -= v.cpus;
-                    room.0
-                })
+            let fits = |r: &(usize, u64, u32)| r.1 >= v.memory_mb && r.2 >= v.cpus;
+            let pick = rooms
+                .iter()
+                .position(|r| fits(r) && prefer(&v.vm, &nodes[r.0].node))
+                .or_else(|| rooms.iter().position(fits))?;
+            rooms.get_mut(pick).map(|room| {
+                room.1 -= v.memory_mb;
+                room.2 -= v.cpus;
+                room.0
+            })
         });
         match found {
             Some(i) => out.push((v.vm.clone(), nodes[i].node.clone())),
@@ -229,6 +242,40 @@ image = "h"
         let mut used: Vec<_> = m.iter().map(|(_, n)| n.clone()).collect();
         used.sort();
         assert_eq!(used, vec!["node1", "node2", "node3"]);
+    }
+
+    #[test]
+    fn mapping_prefers_nodes_whose_cache_holds_the_image() {
+        let s1 = SlotId::generate();
+        let vm = VmId::generate();
+        let vms = vec![VmNeed {
+            vm: vm.clone(),
+            slot: s1.clone(),
+            memory_mb: 1024,
+            cpus: 1,
+        }];
+        let nodes: Vec<NodeRoom> = ["node1", "node2", "node3"]
+            .iter()
+            .map(|n| NodeRoom {
+                slot: s1.clone(),
+                node: n.to_string(),
+                memory_mb: 1024,
+                cpus: 1,
+            })
+            .collect();
+        let m = map_vms_preferring(&vms, &nodes, &|_, n| n == "node3").unwrap();
+        assert_eq!(m, vec![(vm.clone(), "node3".to_string())]);
+        // A preferred node without room is passed over; no preference = first fit.
+        let small = vec![
+            nodes[0].clone(),
+            NodeRoom {
+                memory_mb: 512,
+                ..nodes[2].clone()
+            },
+        ];
+        let m = map_vms_preferring(&vms, &small, &|_, n| n == "node3").unwrap();
+        assert_eq!(m[0].1, "node1");
+        assert_eq!(map_vms(&vms, &nodes).unwrap()[0].1, "node1");
     }
 
     #[test]

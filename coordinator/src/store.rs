@@ -5,11 +5,13 @@
 //! WAL mode with `synchronous = NORMAL`: a committed transaction survives a
 //! crash of the coordinator process (not necessarily a power loss).
 
-use protocol::pilot::{Command, CommandKind, PilotEvent};
+use protocol::pilot::{Command, CommandKind, Nic, PilotEvent};
 use protocol::spec::WorkspaceSpec;
 use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
 use protocol::{SlotId, VmId, WorkspaceId};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -54,6 +56,14 @@ CREATE TABLE IF NOT EXISTS timeline (
   workspace_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
   recorded_ms INTEGER NOT NULL, phase TEXT NOT NULL, slot_id TEXT, node TEXT, vm_id TEXT,
   detail TEXT NOT NULL, PRIMARY KEY (workspace_id, seq));
+CREATE TABLE IF NOT EXISTS addresses (
+  workspace_id TEXT NOT NULL, vm_id TEXT NOT NULL, nic INTEGER NOT NULL, pool TEXT NOT NULL,
+  ip TEXT NOT NULL, mac TEXT NOT NULL, prefix_len INTEGER NOT NULL, gateway TEXT,
+  PRIMARY KEY (vm_id, nic), UNIQUE (pool, ip));
+CREATE INDEX IF NOT EXISTS addresses_ws ON addresses(workspace_id);
+CREATE TABLE IF NOT EXISTS node_images (
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
+  PRIMARY KEY (slot_id, node, image));
 "#;
 
 pub struct Store {
@@ -588,9 +598,13 @@ pub fn get_vm(c: &Connection, id: &VmId) -> Result<Option<VmRow>> {
     t.map(vm_build).transpose()
 }
 
+/// Sets a VM's state; a terminal state frees its addresses in the same transaction.
 pub fn set_vm_state(c: &Connection, id: &VmId, state: VmState) -> Result<()> {
     c.prepare_cached("UPDATE vms SET state = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), state.as_str()])?;
+    if state.is_terminal() {
+        free_addresses_of_vm(c, id)?;
+    }
     Ok(())
 }
 
@@ -598,6 +612,120 @@ pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
     c.prepare_cached("UPDATE vms SET node = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), node])?;
     Ok(())
+}
+
+// ---- addresses (workspace control) -----------------------------------------
+
+/// Records one NIC's address; fails on a (pool, ip) already assigned.
+pub fn insert_address(
+    c: &Connection,
+    ws: &WorkspaceId,
+    vm: &VmId,
+    idx: usize,
+    nic: &Nic,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO addresses (workspace_id, vm_id, nic, pool, ip, mac, prefix_len, gateway)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        ws.as_str(),
+        vm.as_str(),
+        idx as i64,
+        nic.pool,
+        nic.ip.to_string(),
+        nic.mac,
+        nic.prefix_len,
+        nic.gateway.map(|g| g.to_string())
+    ])?;
+    Ok(())
+}
+
+/// Addresses of `pool` assigned now (to any VM not yet gone).
+pub fn used_ips(c: &Connection, pool: &str) -> Result<HashSet<Ipv4Addr>> {
+    let mut st = c.prepare_cached("SELECT ip FROM addresses WHERE pool = ?1")?;
+    let rows = st.query_map([pool], |r| r.get::<_, String>(0))?;
+    rows.map(|r| {
+        let t = r?;
+        t.parse().map_err(|_| corrupt("address", t))
+    })
+    .collect()
+}
+
+/// Every NIC of the workspace's VMs: (vm, nic index, nic), by VM then index.
+pub fn addresses_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<(VmId, Nic)>> {
+    let mut st = c.prepare_cached(
+        "SELECT vm_id, pool, ip, mac, prefix_len, gateway FROM addresses
+         WHERE workspace_id = ?1 ORDER BY vm_id, nic",
+    )?;
+    let rows = st.query_map([ws.as_str()], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<String>>(5)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        let vm = parse_id("vm id", t.0)?;
+        let ip = t.2.parse().map_err(|_| corrupt("address", &t.2))?;
+        let gateway = match t.5 {
+            Some(g) => Some(g.parse().map_err(|_| corrupt("gateway", &g))?),
+            None => None,
+        };
+        Ok((
+            vm,
+            Nic {
+                mac: t.3,
+                ip,
+                prefix_len: t.4 as u8,
+                gateway,
+                pool: t.1,
+            },
+        ))
+    })
+    .collect()
+}
+
+pub fn free_addresses_of_vm(c: &Connection, vm: &VmId) -> Result<()> {
+    c.prepare_cached("DELETE FROM addresses WHERE vm_id = ?1")?
+        .execute([vm.as_str()])?;
+    Ok(())
+}
+
+/// Frees every address whose VM is gone (or unknown); returns how many.
+/// Addresses of VMs not in a terminal state are never touched.
+pub fn free_addresses_of_gone_vms(c: &Connection) -> Result<usize> {
+    let n = c
+        .prepare_cached(
+            "DELETE FROM addresses WHERE vm_id NOT IN
+             (SELECT id FROM vms WHERE state NOT IN ('destroyed', 'preempted', 'failed'))",
+        )?
+        .execute([])?;
+    Ok(n)
+}
+
+/// Replaces what a node's pilot says its image cache holds.
+pub fn set_node_images(c: &Connection, slot: &SlotId, node: &str, images: &[String]) -> Result<()> {
+    c.prepare_cached("DELETE FROM node_images WHERE slot_id = ?1 AND node = ?2")?
+        .execute(params![slot.as_str(), node])?;
+    let mut st = c.prepare_cached(
+        "INSERT OR IGNORE INTO node_images (slot_id, node, image) VALUES (?1, ?2, ?3)",
+    )?;
+    for i in images {
+        st.execute(params![slot.as_str(), node, i])?;
+    }
+    Ok(())
+}
+
+/// (node, image) pairs the pilots of `slot` reported.
+pub fn node_images(c: &Connection, slot: &SlotId) -> Result<HashSet<(String, String)>> {
+    let mut st = c.prepare_cached("SELECT node, image FROM node_images WHERE slot_id = ?1")?;
+    let rows = st.query_map([slot.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 // ---- commands --------------------------------------------------------------
@@ -748,6 +876,7 @@ pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
         "commands",
         "pilot_events",
         "timeline",
+        "addresses",
     ] {
         let n: i64 = c
             .prepare_cached(&format!("SELECT COUNT(*) FROM {t}"))?

@@ -287,9 +287,21 @@ fn kill_all(
     for (name, res) in results {
         destroyed_all &= r.record("destroy", name, res);
     }
-    // 4. Memory.
+    // 4. Node-wide pieces no VM needs any more (kvm: dnsmasq, nft table).
+    if !dry && destroyed_all {
+        let problems = hv.sweep_node();
+        if !problems.is_empty() {
+            destroyed_all = false;
+            r.record(
+                "sweep-network",
+                hv.name().to_string(),
+                Some(Err(problems.join("; "))),
+            );
+        }
+    }
+    // 5. Memory.
     let restored = restore_memory(cli, hv, state_dir, &handled, r);
-    // 5. State files whose slot is fully undone.
+    // 6. State files whose slot is fully undone.
     if destroyed_all && restored {
         for (path, _) in &handled {
             let outcome = (!dry).then(|| remove_state_file(path).map_err(|e| e.to_string()));

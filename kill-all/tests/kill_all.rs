@@ -29,6 +29,10 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         memory_mb,
         cpus: 1,
         image: "img".into(),
+        image_source: None,
+        nics: Vec::new(),
+        hostname: None,
+        context: None,
     }
 }
 
@@ -68,6 +72,7 @@ impl Leftovers {
                 name: recorded.name,
                 memory_mb: 512,
                 state: VmRecordState::Running,
+                nics: Vec::new(),
             }],
             updated_ms: 0,
         };

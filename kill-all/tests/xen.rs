@@ -55,6 +55,7 @@ impl Leftovers {
                 name,
                 memory_mb: 96,
                 state: VmRecordState::Running,
+                nics: Vec::new(),
             });
         }
         vms.truncate(1);

@@ -362,7 +362,10 @@ impl PbsCommands {
         Ok(parse_qstat_f(&out.stdout)
             .into_iter()
             .filter(|j| !matches!(j.get("job_state"), Some("C" | "F")))
-            .filter_map(|j| j.get("Job_Name").map(|n| (JobId(j.id.clone()), n.to_string())))
+            .filter_map(|j| {
+                j.get("Job_Name")
+                    .map(|n| (JobId(j.id.clone()), n.to_string()))
+            })
             .collect())
     }
 

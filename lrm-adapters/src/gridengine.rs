@@ -266,14 +266,18 @@ impl Lrm for GridEngine {
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
         let out = self
             .runner
-            .run(&self.config.qstat, &["-u".into(), "*".into(), "-xml".into()])
+            .run(
+                &self.config.qstat,
+                &["-u".into(), "*".into(), "-xml".into()],
+            )
             .await?;
         let out = crate::command::check(out)?;
-        let jobs = parse_qstat_xml_names(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
-            command: out.command.clone(),
-            reason,
-            output: out.stdout.clone(),
-        })?;
+        let jobs =
+            parse_qstat_xml_names(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
+                command: out.command.clone(),
+                reason,
+                output: out.stdout.clone(),
+            })?;
         Ok(Some(jobs))
     }
 
@@ -434,7 +438,11 @@ mod tests {
     fn qstat_xml_names_list_every_job_with_its_name() {
         let jobs = parse_qstat_xml_names(QSTAT_XML).unwrap();
         assert!(!jobs.is_empty());
-        assert!(jobs.iter().all(|(id, name)| !id.0.is_empty() && !name.is_empty()), "{jobs:?}");
+        assert!(
+            jobs.iter()
+                .all(|(id, name)| !id.0.is_empty() && !name.is_empty()),
+            "{jobs:?}"
+        );
         assert!(parse_qstat_xml_names("garbage").is_err());
     }
 

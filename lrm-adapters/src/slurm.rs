@@ -485,7 +485,8 @@ mod tests {
 
     #[test]
     fn squeue_id_name_lines_are_read_and_noise_is_skipped() {
-        let got = parse_id_name_lines("12|wsp-abcd1234-sl-00000001\nslurm_load_jobs error\n13|other\n");
+        let got =
+            parse_id_name_lines("12|wsp-abcd1234-sl-00000001\nslurm_load_jobs error\n13|other\n");
         assert_eq!(
             got,
             vec![

@@ -13,6 +13,7 @@
 
 pub mod files;
 pub mod hypervisor;
+pub mod images;
 pub mod node;
 pub mod notify;
 pub mod run;

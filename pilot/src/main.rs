@@ -248,6 +248,7 @@ fn run(a: RunArgs) -> i32 {
         balloon_timeout: Duration::from_millis(a.balloon_timeout_ms.max(1)),
         poll_wait: Duration::from_millis(a.poll_wait_ms),
         startup_budget: Duration::from_secs(a.startup_budget_s),
+        images: opts.node.images.clone(),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub startup_budget: Duration,
     /// PEM of the CA that signed an https coordinator's certificate.
     pub ca_pem: Option<Vec<u8>>,
+    /// The node's image cache (opened on the first VM with an image source).
+    pub images: crate::images::ImagesConfig,
 }
 
 /// Failure of one bounded hypervisor call.
@@ -120,6 +122,8 @@ struct Pilot {
     started: Instant,
     /// Id of the last command executed.
     after: u64,
+    /// The node's image cache, once a VM needed it.
+    image_cache: Option<Arc<crate::images::ImageCache>>,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -189,6 +193,7 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         cleaning,
         started,
         after: 0,
+        image_cache: None,
     };
     pilot.live().await
 }
@@ -317,11 +322,13 @@ impl Pilot {
                     balloon_ms = r.balloon_ms,
                     "memory reserved"
                 );
+                let cached_images = self.cached_images();
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,
                     dom0_after_mb: r.after_mb,
                     reserved_mb: self.cfg.memory_mb,
                     balloon_ms: r.balloon_ms,
+                    cached_images,
                 });
             }
             Err(e) => return self.reserve_failed(e).await,
@@ -590,11 +597,45 @@ impl Pilot {
             name: launch.name.clone(),
             memory_mb: launch.memory_mb,
             state: VmRecordState::Creating,
+            nics: launch.nics.clone(),
         });
         self.persist().map_err(|e| End::Fatal(e.to_string()))?;
         let t0 = Instant::now();
         let bound = deadline.max(t0 + Duration::from_secs(1));
-        let l = launch.clone();
+        let mut l = launch.clone();
+        // Stage the image first; the hold keeps it from eviction until the
+        // hypervisor has opened it.
+        let mut staged = None;
+        if let Some(src) = &launch.image_source {
+            let r = match self.image_cache() {
+                Ok(cache) => tokio::time::timeout_at(bound, cache.stage(src))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(crate::images::ImageError::Timeout {
+                            url: src.url.clone(),
+                            what: "staging before the command's deadline",
+                            after_ms: t0.elapsed().as_millis() as u64,
+                        })
+                    }),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(s) => {
+                    l.image = s.path.display().to_string();
+                    staged = Some(s);
+                }
+                Err(e) => {
+                    tracing::error!(vm_id = %vm_id, error = %e, "image not staged");
+                    self.set_vm_state(&vm_id, VmRecordState::Failed);
+                    self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+                    self.push(EventKind::VmFailed {
+                        vm_id,
+                        reason: e.to_string(),
+                    });
+                    return Ok(());
+                }
+            }
+        }
         let r = hv_call(&self.hv, bound, "creating a VM", move |hv| hv.create(&l)).await;
         let state = if r.is_ok() {
             VmRecordState::Running
@@ -611,6 +652,8 @@ impl Pilot {
                     vm_id,
                     name: launch.name,
                     create_ms,
+                    stage_ms: staged.as_ref().map(|s| s.took.as_millis() as u64),
+                    cache_hit: staged.as_ref().map(|s| s.hit),
                 });
             }
             Err(e) => {
@@ -654,6 +697,34 @@ impl Pilot {
             }
         }
         Ok(())
+    }
+
+    /// The node's image cache, opened on first use.
+    fn image_cache(&mut self) -> Result<Arc<crate::images::ImageCache>, crate::images::ImageError> {
+        if let Some(c) = &self.image_cache {
+            return Ok(Arc::clone(c));
+        }
+        let c = Arc::new(crate::images::ImageCache::open(
+            &self.cfg.images,
+            &self.cfg.node,
+        )?);
+        self.image_cache = Some(Arc::clone(&c));
+        Ok(c)
+    }
+
+    /// Digests in the node's image cache (empty when it does not exist yet).
+    fn cached_images(&self) -> Vec<String> {
+        let dir =
+            crate::node::expand_node(&self.cfg.images.cache_dir, &self.cfg.node).join("sha256");
+        let mut out: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| protocol::spec::is_sha256_hex(n))
+            .collect();
+        out.sort();
+        out
     }
 
     fn set_vm(&mut self, vm: VmRecord) {

@@ -95,6 +95,10 @@ pub struct VmRecord {
     pub name: String,
     pub memory_mb: u64,
     pub state: VmRecordState,
+    /// Its NICs (MAC, address) as the coordinator assigned them; the taps,
+    /// DHCP entries and guard rules of kvm are in the driver's run dir.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<protocol::pilot::Nic>,
 }
 
 /// The node state file of one pilot: `<state-dir>/slot-<slot id>.json`, mode 0600.

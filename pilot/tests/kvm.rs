@@ -140,6 +140,10 @@ fn launch(memory_mb: u64, image: &str) -> VmLaunch {
         memory_mb,
         cpus: 1,
         image: image.to_string(),
+        image_source: None,
+        nics: Vec::new(),
+        hostname: None,
+        context: None,
     }
 }
 

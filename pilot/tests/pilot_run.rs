@@ -277,6 +277,10 @@ impl Harness {
             memory_mb,
             cpus: 1,
             image: "debian.qcow2".into(),
+            image_source: None,
+            nics: Vec::new(),
+            hostname: None,
+            context: None,
         }
     }
 

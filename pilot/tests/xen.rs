@@ -61,6 +61,10 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         memory_mb,
         cpus: 2,
         image: "debian.qcow2".into(),
+        image_source: None,
+        nics: Vec::new(),
+        hostname: None,
+        context: None,
     }
 }
 

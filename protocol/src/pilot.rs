@@ -63,6 +63,10 @@ pub enum EventKind {
         reserved_mb: u64,
         /// Time the balloon took to reach its target, measured by the pilot.
         balloon_ms: u64,
+        /// Images in the node's cache (SHA-256 hex digests), so the
+        /// coordinator can prefer nodes that already hold a VM's image.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        cached_images: Vec<String>,
     },
     /// The node could not be adapted; nothing is left reserved.
     ReserveFailed {
@@ -72,6 +76,13 @@ pub enum EventKind {
         vm_id: VmId,
         name: String,
         create_ms: u64,
+        /// Time spent staging the VM's image into the node cache (part of
+        /// `create_ms`); absent when the VM had no image to stage.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage_ms: Option<u64>,
+        /// Whether the staged image was already in the node cache.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cache_hit: Option<bool>,
     },
     VmFailed {
         vm_id: VmId,
@@ -136,11 +147,88 @@ pub struct VmLaunch {
     pub memory_mb: u64,
     pub cpus: u32,
     pub image: String,
+    /// Where the pilot fetches the image into its node cache. `None`: the
+    /// driver resolves `image` itself (its own image dir, `kernel:` boots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_source: Option<ImageSource>,
+    /// The VM's network interfaces, in order (eth0, eth1, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// Host name inside the VM (unique within its workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// What the VM learns about its workspace (cloud-init NoCloud seed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Context>,
+}
+
+/// An image to stage: `url` is `http(s)://...`, `file:///...` or an absolute path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSource {
+    pub url: String,
+    /// Expected SHA-256 (hex); without it the pilot trusts the transfer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+/// One network interface of a VM, as the coordinator assigned it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nic {
+    /// Locally administered unicast MAC, `02:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Address pool it came from: `private` or `public`.
+    pub pool: String,
+}
+
+/// A member of the VM's workspace (itself included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// Its host name.
+    pub name: String,
+    /// Its group (role) in the ensemble.
+    pub group: String,
+    pub ips: Vec<std::net::Ipv4Addr>,
+}
+
+/// Contextualization: who the VM is and who its peers are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Context {
+    pub workspace_id: String,
+    pub workspace_name: String,
+    pub group: String,
+    /// Every VM of the workspace, this one included, in a stable order.
+    pub peers: Vec<Peer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<String>,
+}
+
+impl VmLaunch {
+    /// A launch with no image source, network or context (sim, tests).
+    pub fn basic(vm_id: VmId, name: String, memory_mb: u64, cpus: u32, image: String) -> Self {
+        Self {
+            vm_id,
+            name,
+            memory_mb,
+            cpus,
+            image,
+            image_source: None,
+            nics: Vec::new(),
+            hostname: None,
+            context: None,
+        }
+    }
 }
 
 /// What the coordinator tells a pilot to do.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// A command is decoded one at a time from JSON; boxing the launch would only
+// change every construction site for no measurable gain.
+#[allow(clippy::large_enum_variant)]
 pub enum CommandKind {
     StartVm(VmLaunch),
     DestroyVm {
@@ -204,6 +292,19 @@ mod tests {
         assert_eq!(j["kind"]["type"], "preempting");
         let back: PilotEvent = serde_json::from_value(j).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn old_launch_json_still_reads_and_new_fields_are_additive() {
+        let old = r#"{"vm_id":"vm-0000abcd","name":"n","memory_mb":1,"cpus":1,"image":"i"}"#;
+        let l: VmLaunch = serde_json::from_str(old).unwrap();
+        assert!(l.nics.is_empty() && l.context.is_none() && l.image_source.is_none());
+        assert_eq!(serde_json::to_string(&l).unwrap(), old);
+        let r: EventKind = serde_json::from_str(
+            r#"{"type":"reserved","dom0_before_mb":1,"dom0_after_mb":0,"reserved_mb":1,"balloon_ms":0}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, EventKind::Reserved { cached_images, .. } if cached_images.is_empty()));
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub struct GroupSpec {
     #[serde(default = "one")]
     pub cpus: u32,
     pub image: String,
+    /// Expected SHA-256 (64 hex digits) of the image; the pilot refuses a
+    /// download that does not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
+    /// VMs of this group get a second NIC with an address from the public pool.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub public_ip: bool,
 }
 
 fn one() -> u32 {
@@ -86,6 +93,17 @@ pub struct WorkspaceSpec {
     pub duration: LeaseDuration,
     #[serde(rename = "group")]
     pub groups: Vec<GroupSpec>,
+    /// SSH public key put into every VM's context (cloud-init `ssh_authorized_keys`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<String>,
+}
+
+/// Longest SSH public key accepted in a spec.
+pub const MAX_SSH_KEY: usize = 16 * 1024;
+
+/// True for 64 hex digits.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A spec that could not be read or is not acceptable.
@@ -199,7 +217,31 @@ impl WorkspaceSpec {
                     "must be a non-empty image name or URL (at most 1024 characters)",
                 ));
             }
+            if let Some(h) = &g.image_sha256 {
+                if !is_sha256_hex(h) {
+                    return Err(invalid(
+                        f("image_sha256"),
+                        format!("{h:?} must be 64 hex digits (a SHA-256)"),
+                    ));
+                }
+            }
             total += u64::from(g.count);
+        }
+        if let Some(k) = &self.ssh_key {
+            let t = k.trim();
+            let kind = t.split_whitespace().next().unwrap_or("");
+            if t.is_empty()
+                || t.len() > MAX_SSH_KEY
+                || t.contains(['\n', '\r', '\0'])
+                || !(kind.starts_with("ssh-")
+                    || kind.starts_with("ecdsa-")
+                    || kind.starts_with("sk-"))
+            {
+                return Err(invalid(
+                    "ssh_key",
+                    "must be one OpenSSH public key line (\"ssh-ed25519 AAAA... comment\")",
+                ));
+            }
         }
         if total > u64::from(MAX_VMS) {
             return Err(invalid(
@@ -271,6 +313,29 @@ image = "head.qcow2"
             .unwrap_err()
             .to_string()
             .contains("another group"));
+    }
+
+    #[test]
+    fn network_and_context_fields_are_optional_and_validated() {
+        let s = WorkspaceSpec::parse(ENSEMBLE).unwrap();
+        assert!(!s.groups[0].public_ip && s.ssh_key.is_none());
+        let with = format!(
+            "ssh_key = \"ssh-ed25519 AAAAC3Nza me@x\"\n{}",
+            ENSEMBLE.replace(
+                "image = \"head.qcow2\"",
+                "image = \"head.qcow2\"\npublic_ip = true\nimage_sha256 = \"{}\"",
+            )
+        )
+        .replace("{}", &"ab".repeat(32));
+        let s = WorkspaceSpec::parse(&with).unwrap();
+        assert!(s.groups[1].public_ip);
+        assert_eq!(s.ssh_key.as_deref(), Some("ssh-ed25519 AAAAC3Nza me@x"));
+        let bad = with.replace(&"ab".repeat(32), "xyz");
+        let e = WorkspaceSpec::parse(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("group[1].image_sha256:"), "{e}");
+        let bad = with.replace("ssh-ed25519 AAAAC3Nza me@x", "hello");
+        let e = WorkspaceSpec::parse(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("ssh_key:"), "{e}");
     }
 
     #[test]

@@ -141,6 +141,12 @@ pub struct VmView {
     pub state: VmState,
     pub memory_mb: u64,
     pub cpus: u32,
+    /// Host name inside the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    /// Addresses assigned to the VM (freed, and so empty, once it is gone).
+    #[serde(default)]
+    pub nics: Vec<crate::pilot::Nic>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -197,6 +203,8 @@ pub enum Phase {
     MemoryReserved,
     ReserveFailed,
     VmStartSent,
+    /// The pilot staged the VM's image into its node cache.
+    ImageStaged,
     VmStarted,
     VmFailed,
     Running,
@@ -221,6 +229,7 @@ impl Phase {
             Self::MemoryReserved => "memory_reserved",
             Self::ReserveFailed => "reserve_failed",
             Self::VmStartSent => "vm_start_sent",
+            Self::ImageStaged => "image_staged",
             Self::VmStarted => "vm_started",
             Self::VmFailed => "vm_failed",
             Self::Running => "running",

@@ -209,3 +209,74 @@ token_sha256 = "{h}"
         "the message names the cluster's setting: {err}"
     );
 }
+
+#[test]
+fn a_batch_job_named_as_ours_that_no_slot_owns_is_cancelled_and_another_coordinators_is_not() {
+    let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
+    let c = cluster("");
+    let conf = slurm_conf();
+    let master = std::fs::read_to_string(c.root().join("coordinator/master.key")).unwrap();
+    let ours = format!("{}sl-0000abcd", prefix_of(master.trim()));
+    let theirs = "wsp-ffffffff-sl-0000abcd".to_string();
+    let sbatch = |name: &str| -> String {
+        let out = Command::new("sbatch")
+            .args([
+                "--parsable",
+                "-N1",
+                "-J",
+                name,
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 300",
+            ])
+            .env("SLURM_CONF", &conf)
+            .output()
+            .expect("sbatch");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let state = |id: &str| -> String {
+        let out = Command::new("squeue")
+            .args(["--noheader", "-t", "all", "--format=%T", "--jobs", id])
+            .env("SLURM_CONF", &conf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // As if an earlier coordinator died between sbatch and recording the id.
+    let orphan = sbatch(&ours);
+    let foreign = sbatch(&theirs);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !state(&orphan).contains("CANCELLED") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "orphan job {orphan} not cancelled: {}\n{}",
+            state(&orphan),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !state(&foreign).contains("CANCELLED"),
+        "another coordinator's job must be left alone"
+    );
+    let _ = Command::new("scancel")
+        .arg(&foreign)
+        .env("SLURM_CONF", &conf)
+        .status();
+    assert!(
+        c.log().contains("orphan batch job"),
+        "the coordinator logs what it cancelled"
+    );
+}
+
+/// The job-name prefix a coordinator derives from its master secret.
+fn prefix_of(master_hex: &str) -> String {
+    let digest = protocol::auth::token_hash(&format!("wsp-coordinator\n{master_hex}"));
+    format!("wsp-{}-", &digest[..8])
+}

@@ -7,7 +7,9 @@
 //! run dir, so a later process (kill-all) finds and removes them.
 
 pub mod hugepages;
+pub mod net;
 pub mod qmp;
+pub mod seed;
 
 use super::{Dom0Memory, Domain, HvError, HvOptions, Hypervisor};
 use crate::files::write_atomic;
@@ -79,6 +81,31 @@ pub struct KvmConfig {
     pub canary_timeout_s: u64,
     /// Serial line the canary boot must print.
     pub canary_marker: String,
+    /// Bridge the VMs' taps join (the site's; never created here). Needed
+    /// when VMs have NICs (`[network]` in the coordinator's config).
+    pub bridge: String,
+    /// Bridge for NICs from the public pool (default: `bridge`).
+    pub public_bridge: String,
+    /// Run ip, nft, dnsmasq and QEMU inside this network namespace
+    /// (`ip netns exec`); empty: the host's.
+    pub netns: String,
+    /// `ip` (iproute2).
+    pub ip: String,
+    /// `nft` (nftables).
+    pub nft: String,
+    /// `dnsmasq`, one per node, DHCP only.
+    pub dnsmasq: String,
+    /// `--user` for dnsmasq (empty: its default, usually `nobody`, which must
+    /// be able to read the run dir).
+    pub dnsmasq_user: String,
+    /// Anti-spoofing table (nftables bridge family).
+    pub guard: bool,
+    /// Its name (`%n` = node; other characters than letters and digits
+    /// become `_`). Nodes sharing a run dir (one host) share it.
+    pub nft_table: String,
+    /// Seed image tools (dosfstools, mtools).
+    pub mkfs_vfat: String,
+    pub mcopy: String,
 }
 
 impl Default for KvmConfig {
@@ -108,6 +135,17 @@ impl Default for KvmConfig {
             compressor: "zstd".into(),
             canary_timeout_s: 15,
             canary_marker: "WSP-VM-READY".into(),
+            bridge: String::new(),
+            public_bridge: String::new(),
+            netns: String::new(),
+            ip: "ip".into(),
+            nft: "nft".into(),
+            dnsmasq: "dnsmasq".into(),
+            dnsmasq_user: String::new(),
+            guard: true,
+            nft_table: "wsp_%n".into(),
+            mkfs_vfat: "mkfs.vfat".into(),
+            mcopy: "mcopy".into(),
         }
     }
 }
@@ -243,6 +281,12 @@ pub struct VmMeta {
     /// Set while the VM is suspended to this file (no process).
     #[serde(default)]
     pub saved_to: Option<PathBuf>,
+    /// Its taps on the node (recorded before they are created).
+    #[serde(default)]
+    pub taps: Vec<net::TapRecord>,
+    /// Its NoCloud seed image.
+    #[serde(default)]
+    pub seed: Option<PathBuf>,
 }
 
 /// The kvm driver for one node.
@@ -259,6 +303,8 @@ pub struct Kvm {
     max_mb: u64,
     /// QEMU processes this process started, to reap them.
     children: Mutex<HashMap<String, Child>>,
+    /// Taps, DHCP and anti-spoofing of the node's VMs.
+    net: net::Net,
 }
 
 static HOST_ACCEL: OnceLock<(Accel, String)> = OnceLock::new();
@@ -406,6 +452,7 @@ impl Kvm {
             held_mb = ledger.held_mb,
             "kvm driver ready"
         );
+        let net = net::Net::new(cfg, &node, &run_dir);
         Ok(Self {
             cfg: cfg.clone(),
             node,
@@ -416,6 +463,7 @@ impl Kvm {
             pages,
             max_mb,
             children: Mutex::new(HashMap::new()),
+            net,
         })
     }
 
@@ -723,7 +771,13 @@ impl Kvm {
         let log_path = self.file(name, "log");
         let log = std::fs::File::create(&log_path).map_err(|e| io(&log_path, e))?;
         let log2 = log.try_clone().map_err(|e| io(&log_path, e))?;
-        let mut cmd = Command::new(&self.cfg.qemu);
+        let mut cmd = if self.cfg.netns.is_empty() {
+            Command::new(&self.cfg.qemu)
+        } else {
+            let mut c = Command::new(&self.cfg.ip);
+            c.args(["netns", "exec", &self.cfg.netns, &self.cfg.qemu]);
+            c
+        };
         cmd.args(args)
             .current_dir(&self.run_dir)
             .stdin(Stdio::null())
@@ -780,7 +834,7 @@ impl Kvm {
     fn remove_files(&self, name: &str, keep_disk: bool) {
         let mut exts = vec!["pid", "qmp", "serial", "log"];
         if !keep_disk {
-            exts.extend(["qcow2", "vm.json"]);
+            exts.extend(["qcow2", "seed.img", "vm.json"]);
         }
         for ext in exts {
             let p = self.file(name, ext);
@@ -984,6 +1038,63 @@ impl Kvm {
         Ok(took)
     }
 
+    /// Every tap of the node's VM records, except `skip`'s.
+    fn node_taps(&self, skip: Option<&str>) -> Vec<net::TapRecord> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.run_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let Some(n) = file.strip_suffix(".vm.json") else {
+                continue;
+            };
+            if Some(n) == skip {
+                continue;
+            }
+            if let Ok(Some(m)) = self.read_meta(n) {
+                out.extend(m.taps);
+            }
+        }
+        out
+    }
+
+    /// Removes the VM's taps and guard entries (and the node's dnsmasq and
+    /// table with the last VM). Returns what could not be removed.
+    fn remove_network(&self, name: &str) -> Vec<String> {
+        let taps = self
+            .read_meta(name)
+            .ok()
+            .flatten()
+            .map(|m| m.taps)
+            .unwrap_or_default();
+        if taps.is_empty() {
+            return self.net.sweep(&|| self.node_taps(Some(name)));
+        }
+        let forget = || {
+            if let Ok(Some(mut m)) = self.read_meta(name) {
+                m.taps.clear();
+                if let Err(e) = self.write_meta(&m) {
+                    tracing::warn!(vm = name, error = %e, "cannot record the taps as removed");
+                }
+            }
+        };
+        self.net
+            .teardown(name, &taps, &forget, &|| self.node_taps(Some(name)))
+    }
+
+    /// With no VM left that has NICs: stops the node's dnsmasq and deletes
+    /// its nftables table (kill-all runs this after destroying VMs).
+    pub fn sweep_network(&self) -> Vec<String> {
+        self.net.sweep(&|| self.node_taps(None))
+    }
+
+    /// The node's nftables table name (`wsp_<node>`).
+    pub fn net_table(&self) -> &str {
+        self.net.table()
+    }
+
     fn create_inner(&self, vm: &VmLaunch, boot: &Boot) -> Result<(), HvError> {
         let name = &vm.name;
         let overlay = match boot {
@@ -994,7 +1105,33 @@ impl Kvm {
             }
             Boot::Kernel { .. } => None,
         };
-        let args = self.qemu_args(vm, boot, overlay.as_deref());
+        let mut args = self.qemu_args(vm, boot, overlay.as_deref());
+        let taps = self.net.plan(name, vm.hostname.as_deref(), &vm.nics)?;
+        let seed = if vm.context.is_some() || !vm.nics.is_empty() {
+            let p = self.file(name, "seed.img");
+            let t = Self::timeout(self.cfg.command_timeout_s);
+            seed::build(vm, &p, &self.cfg.mkfs_vfat, &self.cfg.mcopy, t)?;
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "file={},if=none,id=wsp-seed,format=raw,readonly=on",
+                    p.display()
+                ),
+                "-device".into(),
+                "virtio-blk-pci,drive=wsp-seed".into(),
+            ]);
+            Some(p)
+        } else {
+            None
+        };
+        for (i, t) in taps.iter().enumerate() {
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=wsp-n{i},ifname={},script=no,downscript=no", t.tap),
+                "-device".into(),
+                format!("virtio-net-pci,netdev=wsp-n{i},mac={}", t.mac),
+            ]);
+        }
         let meta = VmMeta {
             name: name.clone(),
             memory_mb: vm.memory_mb,
@@ -1005,8 +1142,13 @@ impl Kvm {
             overlay,
             created_ms: protocol::now_ms(),
             saved_to: None,
+            taps: taps.clone(),
+            seed,
         };
         self.write_meta(&meta)?;
+        if !taps.is_empty() {
+            self.net.setup(name, &taps, &|| self.node_taps(None))?;
+        }
         let mut q = self.spawn_qemu(name, &args)?;
         let s = q.status().map_err(|e| qmp_err(name, e))?;
         if !s.running {
@@ -1168,6 +1310,8 @@ impl Hypervisor for Kvm {
                         overlay: None,
                         created_ms: 0,
                         saved_to: None,
+                        taps: Vec::new(),
+                        seed: None,
                     }
                 }
             };
@@ -1226,10 +1370,15 @@ impl Hypervisor for Kvm {
                 if let Some(pid) = self.read_pid(name) {
                     self.kill_and_reap(name, pid);
                 }
+                self.remove_network(name);
                 self.remove_files(name, false);
                 Err(e)
             }
         }
+    }
+
+    fn sweep_node(&self) -> Vec<String> {
+        self.sweep_impl()
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
@@ -1244,7 +1393,15 @@ impl Hypervisor for Kvm {
         if let Some(pid) = pid {
             self.stop_process(name, pid)?;
         }
+        let problems = self.remove_network(name);
         self.remove_files(name, false);
+        if !problems.is_empty() {
+            return Err(HvError::KvmCommand {
+                command: format!("removing the network of {name}"),
+                message: problems.join("; "),
+                output: String::new(),
+            });
+        }
         tracing::info!(
             node = %self.node,
             vm = name,
@@ -1252,6 +1409,12 @@ impl Hypervisor for Kvm {
             "VM destroyed"
         );
         Ok(())
+    }
+}
+
+impl Kvm {
+    fn sweep_impl(&self) -> Vec<String> {
+        self.sweep_network()
     }
 }
 

@@ -141,6 +141,11 @@ pub trait Hypervisor: Send + Sync {
     fn domains(&self) -> Result<Vec<Domain>, HvError>;
     fn create(&self, vm: &VmLaunch) -> Result<(), HvError>;
     fn destroy(&self, name: &str) -> Result<(), HvError>;
+    /// Removes node-wide pieces no VM needs any more (kvm: the node's
+    /// dnsmasq and anti-spoofing table); returns what could not be removed.
+    fn sweep_node(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Sets dom0's target and polls until its current memory equals it, at most
@@ -179,6 +184,8 @@ pub fn set_dom0_target_and_wait(
 pub struct NodeConfig {
     pub xen: xen::XenConfig,
     pub kvm: kvm::KvmConfig,
+    /// The node's image cache (`[images] cache_dir`, `max_bytes`).
+    pub images: crate::images::ImagesConfig,
 }
 
 impl NodeConfig {

@@ -376,6 +376,10 @@ mod tests {
             memory_mb,
             cpus: 1,
             image: "img.qcow2".into(),
+            image_source: None,
+            nics: Vec::new(),
+            hostname: None,
+            context: None,
         }
     }
 

@@ -1088,6 +1088,10 @@ mod tests {
             memory_mb: 512,
             cpus: 2,
             image: image.into(),
+            image_source: None,
+            nics: Vec::new(),
+            hostname: None,
+            context: None,
         }
     }
 

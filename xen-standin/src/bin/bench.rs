@@ -162,6 +162,10 @@ fn run() -> Result<(), String> {
                 memory_mb: 1024,
                 cpus: 1,
                 image: "img.raw".into(),
+                image_source: None,
+                nics: Vec::new(),
+                hostname: None,
+                context: None,
             })
             .map_err(|e| e.to_string())?;
         }
