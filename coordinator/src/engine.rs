@@ -1184,9 +1184,7 @@ fn maybe_settle(c: &Connection, ws: &mut WorkspaceRow, now: u64) -> Result<(), E
             store::set_vm_state(c, &vm.id, to)?;
         }
     }
-    let already: bool = store::timeline_after(c, &ws.id, 0)?
-        .iter()
-        .any(|e| e.phase == Phase::Ended);
+    let already = store::has_phase(c, &ws.id, Phase::Ended)?;
     if !already && ws.state.is_terminal() {
         store::push_timeline(
             c,
@@ -1456,11 +1454,8 @@ fn apply_event(
                 }
                 return Ok(());
             }
-            let reserved = store::pilots_of(c, &slot.id)?
-                .iter()
-                .filter(|p| p.reserved && !p.released)
-                .count() as u32;
-            if reserved >= slot.nodes
+            let reserved = store::count_reserved_pilots(c, &slot.id)?;
+            if reserved >= u64::from(slot.nodes)
                 && matches!(slot.state, SlotState::Submitted | SlotState::Reserving)
             {
                 store::set_slot_state(c, &slot.id, SlotState::Reserved)?;
@@ -1517,9 +1512,8 @@ fn apply_event(
                 Some(vm_id),
                 &format!("{name} created in {create_ms} ms"),
             )?;
-            let vms = store::vms_of(c, &ws.id)?;
-            if vms.iter().all(|v| v.state == VmState::Running)
-                && transition(c, &mut ws, Input::AllVmsRunning, None, now)?
+            let (vm_count, running) = store::count_vms(c, &ws.id, VmState::Running)?;
+            if vm_count == running && transition(c, &mut ws, Input::AllVmsRunning, None, now)?
             {
                 let expires = now + ws.spec.duration.0.as_millis() as u64;
                 store::set_workspace_expiry(c, &ws.id, expires)?;
@@ -1534,7 +1528,7 @@ fn apply_event(
                     None,
                     &format!(
                         "all {} VMs running; lease ends {}",
-                        vms.len(),
+                        vm_count,
                         protocol::time::format_ms(expires)
                     ),
                 )?;
@@ -1612,13 +1606,8 @@ fn apply_event(
                 } else {
                     VmState::Destroyed
                 };
-            for vm in store::vms_of(c, &ws.id)? {
-                if vm.slot_id == slot.id
-                    && vm.node.as_deref() == Some(node)
-                    && !vm.state.is_terminal()
-                {
-                    store::set_vm_state(c, &vm.id, vm_final)?;
-                }
+            for vm in store::live_vms_on(c, &slot.id, node)? {
+                store::set_vm_state(c, &vm, vm_final)?;
             }
             if lifecycle::wants_slots(ws.state) {
                 // The pilot left on its own: the lease cannot go on.
@@ -1671,9 +1660,9 @@ fn slot_maybe_released(
     if slot.state.is_terminal() {
         return Ok(());
     }
-    let pilots = store::pilots_of(c, slot_id)?;
-    let released = pilots.iter().filter(|p| p.released).count() as u32;
-    if released >= slot.nodes {
+    let (_, released) = store::count_released_pilots(c, slot_id)?;
+    if released >= u64::from(slot.nodes) {
+        let pilots = store::pilots_of(c, slot_id)?;
         let lost: Vec<&str> = pilots
             .iter()
             .filter(|p| p.last_event == "lost")

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS vms (
   idx INTEGER NOT NULL, name TEXT NOT NULL, node TEXT, state TEXT NOT NULL,
   memory_mb INTEGER NOT NULL, cpus INTEGER NOT NULL, image TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id);
+CREATE INDEX IF NOT EXISTS vms_slot_node ON vms(slot_id, node);
 CREATE TABLE IF NOT EXISTS commands (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
   created_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node, id));
@@ -884,4 +885,47 @@ pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
         out.push((t.to_string(), n));
     }
     Ok(out)
+}
+
+// ---- counts for the per-event rules (constant work per event) -------------
+
+/// VMs of the workspace, and how many of them are in `state`.
+pub fn count_vms(c: &Connection, ws: &WorkspaceId, state: VmState) -> Result<(u64, u64)> {
+    let (all, in_state): (i64, i64) = c
+        .prepare_cached("SELECT COUNT(*), COALESCE(SUM(state = ?2), 0) FROM vms WHERE workspace_id = ?1")?
+        .query_row(params![ws.as_str(), state.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((all as u64, in_state as u64))
+}
+
+/// Pilots of the slot that hold their node (reserved, not released).
+pub fn count_reserved_pilots(c: &Connection, slot: &SlotId) -> Result<u64> {
+    let n: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM pilots WHERE slot_id = ?1 AND reserved = 1 AND released = 0")?
+        .query_row([slot.as_str()], |r| r.get(0))?;
+    Ok(n as u64)
+}
+
+/// Pilots of the slot, and how many have released (or were lost).
+pub fn count_released_pilots(c: &Connection, slot: &SlotId) -> Result<(u64, u64)> {
+    let (all, released): (i64, i64) = c
+        .prepare_cached("SELECT COUNT(*), COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?1")?
+        .query_row([slot.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok((all as u64, released as u64))
+}
+
+/// Ids of the VMs on one node of one slot that have not ended.
+pub fn live_vms_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<VmId>> {
+    let mut st = c.prepare_cached(
+        "SELECT id FROM vms WHERE slot_id = ?1 AND node = ?2 AND state NOT IN ('destroyed', 'preempted', 'failed')",
+    )?;
+    let rows = st.query_map(params![slot.as_str(), node], |r| r.get::<_, String>(0))?;
+    rows.map(|r| parse_id("vm id", r?)).collect()
+}
+
+/// True when the workspace's timeline already has an entry of this phase.
+pub fn has_phase(c: &Connection, ws: &WorkspaceId, phase: Phase) -> Result<bool> {
+    let n: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM timeline WHERE workspace_id = ?1 AND phase = ?2")?
+        .query_row(params![ws.as_str(), phase.as_str()], |r| r.get(0))?;
+    Ok(n > 0)
 }
