@@ -547,3 +547,37 @@ fn coordinator_sigterm_with_end_leases_on_exit_gives_every_node_back_before_exit
         .unwrap();
     assert_eq!(state, "destroyed");
 }
+
+#[test]
+fn every_vm_gets_a_distinct_address_from_the_pools_and_gives_it_back() {
+    let c = Cluster::start(Options {
+        extra: "[network.private]\ncidr = \"10.99.0.0/24\"\ngateway = \"10.99.0.1\"\n[network.public]\ncidr = \"192.0.2.0/28\"\ngateway = \"192.0.2.1\"\n".into(),
+        ..Options::default()
+    });
+    let spec = ENSEMBLE.replace("cpus = 2\n", "cpus = 2\npublic_ip = true\n");
+    let id = ws_id(&c.create(&spec));
+    let v = c.wait_running(&id);
+    let mut ips = HashSet::new();
+    for vm in v["vms"].as_array().unwrap() {
+        let nics = vm["nics"].as_array().unwrap();
+        let want = if vm["group"] == "head" { 2 } else { 1 };
+        assert_eq!(nics.len(), want, "{vm}");
+        for nic in nics {
+            let ip = nic["ip"].as_str().unwrap().to_string();
+            assert!(ip.starts_with("10.99.0.") || ip.starts_with("192.0.2."), "{ip}");
+            assert_ne!(ip, "10.99.0.1", "the gateway is never handed out");
+            assert!(ips.insert(ip.clone()), "{ip} given twice");
+            assert!(nic["mac"].as_str().unwrap().starts_with("02:"), "locally administered: {nic}");
+        }
+        // The simulated node records what its pilot was told.
+        let node = c.node(vm["node"].as_str().unwrap());
+        assert_eq!(node["domains"][0]["nics"], vm["nics"], "{node:#}");
+    }
+    assert_eq!(ips.len(), 5);
+    assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
+    let v = c.wait_settled(&id);
+    for vm in v["vms"].as_array().unwrap() {
+        assert!(vm["nics"].as_array().is_none_or(|n| n.is_empty()), "address kept after destroy: {vm}");
+    }
+    c.assert_nodes_restored();
+}

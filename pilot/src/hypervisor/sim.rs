@@ -72,6 +72,9 @@ pub struct SimDomain {
     pub image: String,
     #[serde(default)]
     pub created_ms: u64,
+    /// The addresses the coordinator gave the VM (recorded, not simulated).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<protocol::pilot::Nic>,
 }
 
 impl SimNode {
@@ -266,6 +269,7 @@ impl Sim {
                     state: "running".to_string(),
                     image: String::new(),
                     created_ms: now,
+                    nics: Vec::new(),
                 },
                 now,
             )
@@ -332,6 +336,7 @@ impl Hypervisor for Sim {
                     state: "running".to_string(),
                     image: vm.image.clone(),
                     created_ms: now,
+                    nics: vm.nics.clone(),
                 },
                 now,
             )?;
@@ -453,6 +458,7 @@ mod tests {
             state: "running".into(),
             image: String::new(),
             created_ms: 0,
+            nics: Vec::new(),
         });
         node.dom0.target_mb = 4096;
         node.dom0.from_mb = 3072;

@@ -74,8 +74,10 @@ pub struct XenConfig {
     pub run_dir: Option<PathBuf>,
     /// Guest images are file names inside this directory.
     pub image_dir: PathBuf,
-    /// Bridge of the guests' one vif; none: no network.
+    /// Bridge of the guests' vifs (private pool); none: no network.
     pub bridge: Option<String>,
+    /// Bridge for NICs from the public pool; default: `bridge`.
+    pub public_bridge: Option<String>,
     /// xl `type` (pvh, pv, hvm).
     pub domain_type: String,
     pub kernel: Option<String>,
@@ -109,6 +111,7 @@ impl Default for XenConfig {
             run_dir: None,
             image_dir: "/var/lib/workspace-pilot/images".into(),
             bridge: Some("xenbr0".into()),
+            public_bridge: None,
             domain_type: "pvh".into(),
             kernel: None,
             ramdisk: None,
@@ -467,7 +470,23 @@ impl XenConfig {
         }
         let disk = format!("format={format},vdev=xvda,access=rw,target={image_s}");
         c.push_str(&format!("disk = [ {} ]\n", config_string("image", &disk)?));
-        if let Some(bridge) = &self.bridge {
+        if !vm.nics.is_empty() {
+            // The coordinator's addresses: one vif per NIC with its MAC and
+            // IP (vif-bridge's antispoof uses `ip=`), on the pool's bridge.
+            let bridge = self.bridge.as_deref().ok_or_else(|| {
+                HvError::Config("the VM has NICs but [xen] bridge is not set".into())
+            })?;
+            let mut vifs = Vec::with_capacity(vm.nics.len());
+            for nic in &vm.nics {
+                let br = match nic.pool.as_str() {
+                    "public" => self.public_bridge.as_deref().unwrap_or(bridge),
+                    _ => bridge,
+                };
+                let vif = format!("mac={},bridge={br},ip={}", nic.mac, nic.ip);
+                vifs.push(config_string("vif", &vif)?);
+            }
+            c.push_str(&format!("vif = [ {} ]\n", vifs.join(", ")));
+        } else if let Some(bridge) = &self.bridge {
             let vif = format!("mac={},bridge={bridge}", mac_for(&vm.name));
             c.push_str(&format!("vif = [ {} ]\n", config_string("bridge", &vif)?));
         }
@@ -1122,6 +1141,38 @@ mod tests {
             "{c}"
         );
         assert!(c.ends_with("vnc = 0\n"), "{c}");
+    }
+
+    #[test]
+    fn assigned_nics_become_vifs_with_their_mac_ip_and_pool_bridge() {
+        let cfg = XenConfig {
+            public_bridge: Some("xenbr1".into()),
+            ..XenConfig::default()
+        };
+        let mut vm = launch("a.img");
+        vm.nics = vec![
+            protocol::pilot::Nic {
+                mac: "02:00:00:00:00:01".into(),
+                ip: "10.1.0.5".parse().unwrap(),
+                prefix_len: 24,
+                gateway: None,
+                pool: "private".into(),
+            },
+            protocol::pilot::Nic {
+                mac: "02:00:00:00:00:02".into(),
+                ip: "192.0.2.7".parse().unwrap(),
+                prefix_len: 24,
+                gateway: None,
+                pool: "public".into(),
+            },
+        ];
+        let c = cfg.domain_config(&vm, "n1").unwrap();
+        assert!(
+            c.contains("vif = [ \"mac=02:00:00:00:00:01,bridge=xenbr0,ip=10.1.0.5\", \"mac=02:00:00:00:00:02,bridge=xenbr1,ip=192.0.2.7\" ]"),
+            "{c}"
+        );
+        let no_bridge = XenConfig { bridge: None, ..XenConfig::default() };
+        assert!(no_bridge.domain_config(&vm, "n1").is_err());
     }
 
     #[test]
