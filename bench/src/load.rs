@@ -11,13 +11,12 @@
 
 use crate::stats::percentile;
 use anyhow::{anyhow, bail, Context, Result};
-use async_trait::async_trait;
-use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use lrm_adapters::memory::MemoryLrm;
+use lrm_adapters::Capacity;
 use protocol::auth::{SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
 use protocol::pilot::{EventKind, PilotEvent, PollRequest, EVENTS_PATH, POLL_PATH};
 use protocol::{now_ms, PilotId, SlotId, VmId};
 use serde::Serialize;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,61 +30,6 @@ const PER_WS: usize = 100;
 /// Events in flight at once.
 pub const SENDERS: usize = 32;
 
-/// A batch system in memory: every job runs at once, nothing happens by itself.
-#[derive(Default)]
-struct FakeLrm {
-    jobs: Mutex<HashMap<JobId, JobState>>,
-}
-
-#[async_trait]
-impl Lrm for FakeLrm {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-    fn warning(&self) -> Warning {
-        Warning {
-            signal: "SIGTERM",
-            grace: Duration::from_secs(5),
-        }
-    }
-    fn capacity(&self) -> Option<Capacity> {
-        Some(Capacity {
-            nodes: PER_WS as u32,
-            cores_per_node: 2,
-            memory_mb_per_node: 4096,
-        })
-    }
-    fn render_script(&self, _job: &SlotJob) -> String {
-        String::new()
-    }
-    async fn submit(&self, _job: &SlotJob) -> Result<JobId, LrmError> {
-        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        let id = JobId((jobs.len() + 1).to_string());
-        jobs.insert(id.clone(), JobState::Running);
-        Ok(id)
-    }
-    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(ids
-            .iter()
-            .map(|i| {
-                (
-                    i.clone(),
-                    jobs.get(i)
-                        .cloned()
-                        .map_or(JobStatus::NotFound, JobStatus::Known),
-                )
-            })
-            .collect())
-    }
-    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), JobState::Cancelled);
-        Ok(())
-    }
-}
 
 /// Raises the open-files limit to `want` (or the most allowed).
 pub fn raise_nofile(want: u64) -> Result<u64> {
@@ -123,7 +67,7 @@ pub async fn serve(dir: &Path, max_s: u64) -> Result<()> {
         pilot_silence_s: 120,
         ..Default::default()
     };
-    let engine = coordinator::engine::Engine::new(cfg, Arc::new(FakeLrm::default()), url.clone())?;
+    let engine = coordinator::engine::Engine::new(cfg, Arc::new(MemoryLrm::new(Capacity { nodes: PER_WS as u32, cores_per_node: 2, memory_mb_per_node: 4096 })), url.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ticks = tokio::spawn(engine.clone().run_ticks(stop_rx));
     let app = coordinator::api::router(engine);

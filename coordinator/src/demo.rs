@@ -34,22 +34,7 @@ pub struct DemoOptions {
     pub keep: bool,
 }
 
-pub const ENSEMBLE: &str = r#"
-name = "demo-ensemble"
-duration = "1h"
-[[group]]
-name = "worker"
-count = 3
-memory_mb = 1024
-cpus = 1
-image = "worker.qcow2"
-[[group]]
-name = "head"
-count = 1
-memory_mb = 2048
-cpus = 2
-image = "head.qcow2"
-"#;
+pub const ENSEMBLE: &str = protocol::spec::EXAMPLE;
 
 /// The ensemble for `--hypervisor kvm`: real QEMU VMs, so small ones (a
 /// kernel + busybox initramfs from scripts/kvm-payload.sh, image `kernel:`).

@@ -2,12 +2,12 @@
 //! through the real router and engine (batch system faked in memory):
 //! never a panic, never a 5xx, and the database unchanged by every refusal.
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Method, Request};
 use coordinator::config::{Config, User};
 use coordinator::engine::{Caller, Engine};
-use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use lrm_adapters::memory::MemoryLrm;
+use lrm_adapters::Capacity;
 use protocol::auth::{token_hash, SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
 use protocol::pilot::{EventKind, PilotEvent, EVENTS_PATH, POLL_PATH};
 use protocol::spec::WorkspaceSpec;
@@ -15,65 +15,9 @@ use protocol::{now_ms, PilotId, SlotId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tower::ServiceExt;
-
-/// A batch system in memory: every job runs, nothing happens by itself.
-#[derive(Default)]
-struct FakeLrm {
-    jobs: Mutex<HashMap<JobId, JobState>>,
-}
-
-#[async_trait]
-impl Lrm for FakeLrm {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-    fn warning(&self) -> Warning {
-        Warning {
-            signal: "SIGTERM",
-            grace: Duration::from_secs(5),
-        }
-    }
-    fn capacity(&self) -> Option<Capacity> {
-        Some(Capacity {
-            nodes: 8,
-            cores_per_node: 2,
-            memory_mb_per_node: 4096,
-        })
-    }
-    fn render_script(&self, _job: &SlotJob) -> String {
-        String::new()
-    }
-    async fn submit(&self, _job: &SlotJob) -> Result<JobId, LrmError> {
-        let mut jobs = self.jobs.lock().unwrap();
-        let id = JobId((jobs.len() + 1).to_string());
-        jobs.insert(id.clone(), JobState::Running);
-        Ok(id)
-    }
-    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        let jobs = self.jobs.lock().unwrap();
-        Ok(ids
-            .iter()
-            .map(|i| {
-                (
-                    i.clone(),
-                    jobs.get(i)
-                        .cloned()
-                        .map_or(JobStatus::NotFound, JobStatus::Known),
-                )
-            })
-            .collect())
-    }
-    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
-        self.jobs
-            .lock()
-            .unwrap()
-            .insert(id.clone(), JobState::Cancelled);
-        Ok(())
-    }
-}
 
 const TOKEN: &str = "fuzz-token";
 const SPEC: &str = r#"name = "f"
@@ -152,7 +96,7 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
     };
     let engine = Engine::new(
         cfg,
-        Arc::new(FakeLrm::default()),
+        Arc::new(MemoryLrm::new(Capacity { nodes: 8, cores_per_node: 2, memory_mb_per_node: 4096 })),
         "http://127.0.0.1:1".into(),
     )
     .unwrap();

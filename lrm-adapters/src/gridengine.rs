@@ -86,6 +86,17 @@ pub struct GridEngine {
 const LRM: &str = "gridengine";
 
 impl GridEngine {
+    /// One `qstat -u '*' -xml` (every user's jobs), read by `parse`.
+    async fn qstat_xml<T>(&self, parse: fn(&str) -> Result<T, String>) -> Result<T, LrmError> {
+        let args = ["-u".to_string(), "*".to_string(), "-xml".to_string()];
+        let out = crate::command::check(self.runner.run(&self.config.qstat, &args).await?)?;
+        parse(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
+            command: out.command.clone(),
+            reason,
+            output: out.stdout.clone(),
+        })
+    }
+
     pub fn new(config: GridEngineConfig) -> Result<Self, LrmError> {
         batch_common::check_directive_word(
             LRM,
@@ -207,22 +218,31 @@ pub(crate) fn map_state(state: &str) -> JobState {
     }
 }
 
-/// Reads `qstat -xml`: job number -> state of every `<job_list>` element.
-pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, String> {
+/// The text of `<name>…</name>` inside one `<job_list>` block.
+fn xml_tag(block: &str, name: &str) -> Option<String> {
+    let open = format!("<{name}>");
+    let start = block.find(&open)? + open.len();
+    let end = block[start..].find(&format!("</{name}>"))? + start;
+    Some(block[start..end].trim().to_string())
+}
+
+/// The `<job_list>` blocks of `qstat -xml` output.
+fn job_blocks(xml: &str) -> Result<impl Iterator<Item = &str>, String> {
     if !xml.contains("<job_info") {
         return Err("no <job_info> element".into());
     }
-    let tag = |block: &str, name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let start = block.find(&open)? + open.len();
-        let end = block[start..].find(&format!("</{name}>"))? + start;
-        Some(block[start..end].trim().to_string())
-    };
+    Ok(xml
+        .split("<job_list")
+        .skip(1)
+        .map(|b| b.split("</job_list>").next().unwrap_or(b)))
+}
+
+/// Reads `qstat -xml`: job number -> state of every `<job_list>` element.
+pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, String> {
     let mut jobs = HashMap::new();
-    for block in xml.split("<job_list").skip(1) {
-        let block = block.split("</job_list>").next().unwrap_or(block);
-        let id = tag(block, "JB_job_number").ok_or("a <job_list> without <JB_job_number>")?;
-        let state = tag(block, "state").unwrap_or_default();
+    for block in job_blocks(xml)? {
+        let id = xml_tag(block, "JB_job_number").ok_or("a <job_list> without <JB_job_number>")?;
+        let state = xml_tag(block, "state").unwrap_or_default();
         jobs.insert(id, map_state(&state));
     }
     Ok(jobs)
@@ -230,23 +250,9 @@ pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, St
 
 /// Reads `qstat -xml`: (job number, job name) of every `<job_list>` element.
 pub(crate) fn parse_qstat_xml_names(xml: &str) -> Result<Vec<(JobId, String)>, String> {
-    if !xml.contains("<job_info") {
-        return Err("no <job_info> element".into());
-    }
-    let tag = |block: &str, name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let start = block.find(&open)? + open.len();
-        let end = block[start..].find(&format!("</{name}>"))? + start;
-        Some(block[start..end].trim().to_string())
-    };
-    let mut jobs = Vec::new();
-    for block in xml.split("<job_list").skip(1) {
-        let block = block.split("</job_list>").next().unwrap_or(block);
-        if let (Some(id), Some(name)) = (tag(block, "JB_job_number"), tag(block, "JB_name")) {
-            jobs.push((JobId(id), name));
-        }
-    }
-    Ok(jobs)
+    Ok(job_blocks(xml)?
+        .filter_map(|b| Some((JobId(xml_tag(b, "JB_job_number")?), xml_tag(b, "JB_name")?)))
+        .collect())
 }
 
 /// `notify                00:00:05` of `qconf -sq`.
@@ -264,21 +270,7 @@ fn plausible_id(id: &JobId) -> bool {
 #[async_trait]
 impl Lrm for GridEngine {
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
-        let out = self
-            .runner
-            .run(
-                &self.config.qstat,
-                &["-u".into(), "*".into(), "-xml".into()],
-            )
-            .await?;
-        let out = crate::command::check(out)?;
-        let jobs =
-            parse_qstat_xml_names(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
-                command: out.command.clone(),
-                reason,
-                output: out.stdout.clone(),
-            })?;
-        Ok(Some(jobs))
+        self.qstat_xml(parse_qstat_xml_names).await.map(Some)
     }
 
     async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
@@ -383,19 +375,7 @@ impl Lrm for GridEngine {
             answer.extend(ids.iter().map(|i| (i.clone(), JobStatus::NotFound)));
             return Ok(answer);
         }
-        let out = self
-            .runner
-            .run(
-                &self.config.qstat,
-                &["-u".into(), "*".into(), "-xml".into()],
-            )
-            .await?;
-        let out = crate::command::check(out)?;
-        let jobs = parse_qstat_xml(&out.stdout).map_err(|reason| LrmError::UnparsableStatus {
-            command: out.command.clone(),
-            reason,
-            output: out.stdout.clone(),
-        })?;
+        let jobs = self.qstat_xml(parse_qstat_xml).await?;
         // Finished jobs leave qstat at once (no qacct here): NotFound.
         for id in ids {
             answer.insert(

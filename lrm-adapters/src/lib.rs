@@ -10,6 +10,7 @@ mod batch_common;
 pub mod command;
 pub mod gridengine;
 pub mod local;
+pub mod memory;
 pub mod pbspro;
 pub mod slurm;
 pub mod torque;

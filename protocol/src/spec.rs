@@ -16,6 +16,25 @@
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::time::Duration;
 
+/// The example spec of the README (an ensemble: 3 workers of 1 GiB and a
+/// head of 2 GiB), used by the demo and the tests.
+pub const EXAMPLE: &str = r#"
+name = "osg-site"
+duration = "2h"
+[[group]]
+name = "worker"
+count = 3
+memory_mb = 1024
+cpus = 1
+image = "worker.qcow2"
+[[group]]
+name = "head"
+count = 1
+memory_mb = 2048
+cpus = 2
+image = "head.qcow2"
+"#;
+
 /// Limits on what one spec may ask for.
 pub const MAX_GROUPS: usize = 64;
 pub const MAX_VMS: u32 = 4096;
@@ -262,22 +281,7 @@ impl WorkspaceSpec {
 mod tests {
     use super::*;
 
-    const ENSEMBLE: &str = r#"
-name = "osg-site"
-duration = "2h"
-[[group]]
-name = "worker"
-count = 3
-memory_mb = 1024
-cpus = 1
-image = "worker.qcow2"
-[[group]]
-name = "head"
-count = 1
-memory_mb = 2048
-cpus = 2
-image = "head.qcow2"
-"#;
+    const ENSEMBLE: &str = EXAMPLE;
 
     #[test]
     fn ensemble_toml_parses() {

@@ -452,6 +452,7 @@ admin = true
             "commands",
             "pilot_events",
             "timeline",
+            "addresses",
         ]
         .iter()
         .map(|t| {
@@ -645,19 +646,4 @@ pub fn wait_gone(pid: i32, limit: Duration) -> Option<Duration> {
 }
 
 /// The demo's ensemble: 3 workers of 1 GiB and a head of 2 GiB.
-pub const ENSEMBLE: &str = r#"
-name = "osg-site"
-duration = "2h"
-[[group]]
-name = "worker"
-count = 3
-memory_mb = 1024
-cpus = 1
-image = "worker.qcow2"
-[[group]]
-name = "head"
-count = 1
-memory_mb = 2048
-cpus = 2
-image = "head.qcow2"
-"#;
+pub const ENSEMBLE: &str = protocol::spec::EXAMPLE;
