@@ -30,7 +30,6 @@ const PER_WS: usize = 100;
 /// Events in flight at once.
 pub const SENDERS: usize = 32;
 
-
 /// Raises the open-files limit to `want` (or the most allowed).
 pub fn raise_nofile(want: u64) -> Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -67,7 +66,15 @@ pub async fn serve(dir: &Path, max_s: u64) -> Result<()> {
         pilot_silence_s: 120,
         ..Default::default()
     };
-    let engine = coordinator::engine::Engine::new(cfg, Arc::new(MemoryLrm::new(Capacity { nodes: PER_WS as u32, cores_per_node: 2, memory_mb_per_node: 4096 })), url.clone())?;
+    let engine = coordinator::engine::Engine::new(
+        cfg,
+        Arc::new(MemoryLrm::new(Capacity {
+            nodes: PER_WS as u32,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+        })),
+        url.clone(),
+    )?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ticks = tokio::spawn(engine.clone().run_ticks(stop_rx));
     let app = coordinator::api::router(engine);

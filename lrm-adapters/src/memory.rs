@@ -18,7 +18,10 @@ pub struct MemoryLrm {
 
 impl MemoryLrm {
     pub fn new(capacity: Capacity) -> Self {
-        Self { capacity, jobs: Mutex::new(HashMap::new()) }
+        Self {
+            capacity,
+            jobs: Mutex::new(HashMap::new()),
+        }
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, (String, JobState)>> {
@@ -32,7 +35,10 @@ impl Lrm for MemoryLrm {
         "memory"
     }
     fn warning(&self) -> Warning {
-        Warning { signal: "SIGTERM", grace: Duration::from_secs(5) }
+        Warning {
+            signal: "SIGTERM",
+            grace: Duration::from_secs(5),
+        }
     }
     fn capacity(&self) -> Option<Capacity> {
         Some(self.capacity)
@@ -50,7 +56,13 @@ impl Lrm for MemoryLrm {
         let jobs = self.jobs();
         Ok(ids
             .iter()
-            .map(|i| (i.clone(), jobs.get(i).map_or(JobStatus::NotFound, |(_, s)| JobStatus::Known(s.clone()))))
+            .map(|i| {
+                (
+                    i.clone(),
+                    jobs.get(i)
+                        .map_or(JobStatus::NotFound, |(_, s)| JobStatus::Known(s.clone())),
+                )
+            })
             .collect())
     }
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
@@ -59,7 +71,10 @@ impl Lrm for MemoryLrm {
                 job.1 = JobState::Cancelled;
                 Ok(())
             }
-            None => Err(LrmError::UnknownJob { lrm: "memory", job: id.clone() }),
+            None => Err(LrmError::UnknownJob {
+                lrm: "memory",
+                job: id.clone(),
+            }),
         }
     }
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {

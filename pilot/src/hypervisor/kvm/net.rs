@@ -7,7 +7,7 @@
 //! `<name>.vm.json`, the node's dnsmasq and table in `<run_dir>/net.json`.
 //! Destroying a VM removes its taps and table elements and reloads dnsmasq;
 //! the last VM's destroy (or [`Net::sweep`], run by kill-all) stops dnsmasq
-//! and deletes the table. The bridge is the site's: never created or removed.
+//! (removing its hosts, lease and log files) and deletes the table. The bridge is the site's: never created or removed.
 //! With `[kvm] netns`, every command runs under `ip netns exec <netns>`.
 
 use super::{run_bounded, KvmConfig};
@@ -307,6 +307,14 @@ impl Net {
         self.run_dir.join("dnsmasq.pid")
     }
 
+    fn leases_path(&self) -> PathBuf {
+        self.run_dir.join("dnsmasq.leases")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.run_dir.join("dnsmasq.log")
+    }
+
     /// Whether `pid` is the dnsmasq of this run dir (by its pid-file argument).
     fn is_our_dnsmasq(&self, pid: u32) -> bool {
         let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
@@ -376,15 +384,9 @@ impl Net {
             "--no-resolv".into(),
             "--no-hosts".into(),
             "--log-dhcp".into(),
-            format!(
-                "--log-facility={}",
-                self.run_dir.join("dnsmasq.log").display()
-            ),
+            format!("--log-facility={}", self.log_path().display()),
             format!("--pid-file={}", self.pid_path().display()),
-            format!(
-                "--dhcp-leasefile={}",
-                self.run_dir.join("dnsmasq.leases").display()
-            ),
+            format!("--dhcp-leasefile={}", self.leases_path().display()),
             format!("--dhcp-hostsfile={}", hp.display()),
         ];
         if !self.cfg.dnsmasq_user.is_empty() {
@@ -582,6 +584,16 @@ impl Net {
             }
         }
         let _ = std::fs::remove_file(self.hosts_path());
+        // dnsmasq's lease and log files go with it (a new one starts afresh).
+        if self.running_dnsmasq().is_none() {
+            for f in [self.leases_path(), self.log_path()] {
+                if let Err(e) = std::fs::remove_file(&f) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        problems.push(format!("{}: {e}", f.display()));
+                    }
+                }
+            }
+        }
         if problems.is_empty() {
             let _ = std::fs::remove_file(self.state_path());
         } else if let Err(e) = self.write_state(state) {
