@@ -564,10 +564,16 @@ fn every_vm_gets_a_distinct_address_from_the_pools_and_gives_it_back() {
         assert_eq!(nics.len(), want, "{vm}");
         for nic in nics {
             let ip = nic["ip"].as_str().unwrap().to_string();
-            assert!(ip.starts_with("10.99.0.") || ip.starts_with("192.0.2."), "{ip}");
+            assert!(
+                ip.starts_with("10.99.0.") || ip.starts_with("192.0.2."),
+                "{ip}"
+            );
             assert_ne!(ip, "10.99.0.1", "the gateway is never handed out");
             assert!(ips.insert(ip.clone()), "{ip} given twice");
-            assert!(nic["mac"].as_str().unwrap().starts_with("02:"), "locally administered: {nic}");
+            assert!(
+                nic["mac"].as_str().unwrap().starts_with("02:"),
+                "locally administered: {nic}"
+            );
         }
         // The simulated node records what its pilot was told.
         let node = c.node(vm["node"].as_str().unwrap());
@@ -577,7 +583,10 @@ fn every_vm_gets_a_distinct_address_from_the_pools_and_gives_it_back() {
     assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
     let v = c.wait_settled(&id);
     for vm in v["vms"].as_array().unwrap() {
-        assert!(vm["nics"].as_array().is_none_or(|n| n.is_empty()), "address kept after destroy: {vm}");
+        assert!(
+            vm["nics"].as_array().is_none_or(|n| n.is_empty()),
+            "address kept after destroy: {vm}"
+        );
     }
     c.assert_nodes_restored();
 }

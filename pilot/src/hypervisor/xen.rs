@@ -1171,7 +1171,10 @@ mod tests {
             c.contains("vif = [ \"mac=02:00:00:00:00:01,bridge=xenbr0,ip=10.1.0.5\", \"mac=02:00:00:00:00:02,bridge=xenbr1,ip=192.0.2.7\" ]"),
             "{c}"
         );
-        let no_bridge = XenConfig { bridge: None, ..XenConfig::default() };
+        let no_bridge = XenConfig {
+            bridge: None,
+            ..XenConfig::default()
+        };
         assert!(no_bridge.domain_config(&vm, "n1").is_err());
     }
 
