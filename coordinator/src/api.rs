@@ -64,6 +64,8 @@ impl From<EngineError> for ApiError {
             EngineError::Duplicate { .. } => StatusCode::CONFLICT,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // The pilot resends; if the event was stored meanwhile it gets 409.
+            EngineError::Writer(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if status.is_server_error() {
             tracing::error!(error = %e, "request failed");
@@ -168,11 +170,14 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn pilot_event(State(engine): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    match engine.pilot_event(
-        header(&headers, SLOT_HEADER),
-        header(&headers, SIGNATURE_HEADER),
-        &body,
-    ) {
+    let outcome = engine
+        .pilot_event_async(
+            header(&headers, SLOT_HEADER),
+            header(&headers, SIGNATURE_HEADER),
+            &body,
+        )
+        .await;
+    match outcome {
         Ok(ack) => Json(ack).into_response(),
         Err(EngineError::Duplicate { pilot, seq }) => {
             // The body is both an EventAck (a pilot resending after a lost ack

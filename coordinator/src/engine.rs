@@ -3,7 +3,8 @@
 //! pilots, and batch job submissions and cancels.
 //!
 //! Every change is one SQLite transaction, committed before anyone is
-//! answered. LRM calls happen outside the database lock; a cancel that fails
+//! answered; pilot events share theirs (group commit, one savepoint per
+//! event, see [`crate::writer`]). LRM calls happen outside the database lock; a cancel that fails
 //! stays flagged in the database and is retried by the tick until it works.
 
 use crate::config::Config;
@@ -11,6 +12,7 @@ use crate::lifecycle::{self, Input};
 use crate::network::{self, NetError, Pools};
 use crate::policy::{self, FitError, NodeRoom, VmNeed};
 use crate::store::{self, SlotRow, Store, StoreError, VmRow, WorkspaceRow};
+use crate::writer::{Outcome, Pending, Writer, WriterError};
 use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob};
 use protocol::auth::SlotKey;
 use protocol::pilot::{
@@ -59,6 +61,9 @@ pub enum EngineError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The event writer could not take or confirm the event (answered 503).
+    #[error(transparent)]
+    Writer(#[from] WriterError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -85,6 +90,8 @@ impl Caller {
 
 pub struct Engine {
     store: Mutex<Store>,
+    /// Pilot events go through here: one thread stores them in group commits.
+    writer: Writer,
     lrm: Arc<dyn Lrm>,
     cfg: Config,
     master: Vec<u8>,
@@ -180,8 +187,10 @@ impl Engine {
             info!(freed, "freed addresses of VMs that are gone");
         }
         let pools = Pools::from_config(&cfg.network)?;
-        Ok(Arc::new(Self {
+        let (writer, writer_thread) = Writer::new();
+        let engine = Arc::new(Self {
             store: Mutex::new(store),
+            writer,
             lrm,
             capacity,
             grace,
@@ -197,7 +206,9 @@ impl Engine {
             pools,
             started_ms: now_ms(),
             metrics: crate::metrics::Metrics::new(),
-        }))
+        });
+        writer_thread.start(Arc::downgrade(&engine))?;
+        Ok(engine)
     }
 
     pub fn config(&self) -> &Config {
@@ -590,12 +601,37 @@ impl Engine {
     }
 
     /// A signed pilot event: verified, stored, applied, then acknowledged.
+    /// Blocks the calling thread until the event's group commit (see
+    /// [`crate::writer`]); async callers use [`Engine::pilot_event_async`].
     pub fn pilot_event(
         &self,
         slot_header: Option<&str>,
         signature: Option<&str>,
         body: &[u8],
     ) -> Result<EventAck, EngineError> {
+        let pending = self.check_event(slot_header, signature, body)?;
+        self.writer.submit_blocking(pending)
+    }
+
+    /// As [`Engine::pilot_event`], waiting asynchronously for the commit.
+    pub async fn pilot_event_async(
+        &self,
+        slot_header: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<EventAck, EngineError> {
+        let pending = self.check_event(slot_header, signature, body)?;
+        self.writer.submit(pending).await
+    }
+
+    /// Everything about an event that needs no database: signature, JSON,
+    /// slot, node name, clock. Runs in the handler, in parallel.
+    fn check_event(
+        &self,
+        slot_header: Option<&str>,
+        signature: Option<&str>,
+        body: &[u8],
+    ) -> Result<Pending, EngineError> {
         let slot_id = self.verify(slot_header, signature, body)?;
         let event: PilotEvent = serde_json::from_slice(body)
             .map_err(|e| EngineError::BadRequest(format!("malformed pilot event: {e}")))?;
@@ -615,29 +651,62 @@ impl Engine {
             ));
         }
         self.check_clock(event.ts_ms)?;
-        let now = now_ms();
-        let body_text = String::from_utf8_lossy(body);
-        self.with_store(|s| {
-            s.tx(|tx| {
-                let slot = store::get_slot(tx, &slot_id)?
+        Ok(Pending {
+            slot_id,
+            event,
+            body: String::from_utf8_lossy(body).into_owned(),
+            received_ms: now_ms(),
+        })
+    }
+
+    /// The writer thread's turn: stores and applies a batch of checked events
+    /// in one transaction (one savepoint each), commits, then tells watchers.
+    /// One outcome per event, in order; an Ok event is committed.
+    pub(crate) fn store_events(&self, batch: &[Pending]) -> Vec<Outcome> {
+        let stored = {
+            let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            guard.tx_each(batch, |tx, p| {
+                let (slot_id, event) = (&p.slot_id, &p.event);
+                let slot = store::get_slot(tx, slot_id)?
                     .ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
-                if !store::insert_pilot_event(tx, &event, &body_text, now)? {
+                if !store::insert_pilot_event(tx, event, &p.body, p.received_ms)? {
                     return Err(EngineError::Duplicate {
                         pilot: event.pilot_id.to_string(),
                         seq: event.seq,
                     });
                 }
-                apply_event(tx, &slot, &event, now, &self.cfg.images)
+                apply_event(tx, &slot, event, p.received_ms, &self.cfg.images)?;
+                Ok(EventAck {
+                    seq: event.seq,
+                    duplicate: false,
+                })
             })
-        })?;
-        self.metrics.event(event.kind.name());
-        debug!(slot_id = %event.slot_id, node = %event.node, seq = event.seq, kind = event.kind.name(), "pilot event stored");
-        self.bump();
-        self.kick.notify_one();
-        Ok(EventAck {
-            seq: event.seq,
-            duplicate: false,
-        })
+        };
+        let outcomes = match stored {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                warn!(events = batch.len(), error = %e, "group commit failed; nothing stored");
+                let msg = e.to_string();
+                return batch
+                    .iter()
+                    .map(|_| Err(StoreError::Batch(msg.clone()).into()))
+                    .collect();
+            }
+        };
+        let mut any = false;
+        for (p, outcome) in batch.iter().zip(&outcomes) {
+            if outcome.is_ok() {
+                any = true;
+                let e = &p.event;
+                self.metrics.event(e.kind.name());
+                debug!(slot_id = %e.slot_id, node = %e.node, seq = e.seq, kind = e.kind.name(), "pilot event stored");
+            }
+        }
+        if any {
+            self.bump();
+            self.kick.notify_one();
+        }
+        outcomes
     }
 
     /// A signed long-poll for commands.
@@ -1513,8 +1582,7 @@ fn apply_event(
                 &format!("{name} created in {create_ms} ms"),
             )?;
             let (vm_count, running) = store::count_vms(c, &ws.id, VmState::Running)?;
-            if vm_count == running && transition(c, &mut ws, Input::AllVmsRunning, None, now)?
-            {
+            if vm_count == running && transition(c, &mut ws, Input::AllVmsRunning, None, now)? {
                 let expires = now + ws.spec.duration.0.as_millis() as u64;
                 store::set_workspace_expiry(c, &ws.id, expires)?;
                 store::push_timeline(

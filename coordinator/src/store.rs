@@ -21,6 +21,9 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds a value we cannot read ({what}): {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// A group commit failed as a whole; nothing of it was stored.
+    #[error("database: group commit failed, nothing stored: {0}")]
+    Batch(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -79,6 +82,10 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Checkpoint the WAL every ~40 MB rather than every ~4 MB: fewer
+        // fsyncs and page copies, and fewer writer stalls (event p99 halved
+        // in the load benchmark). Durability is unchanged (WAL, NORMAL).
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
         // Every query below is prepared once per connection and reused.
         conn.set_prepared_statement_cache_capacity(128);
@@ -93,6 +100,31 @@ impl Store {
         let tx = self.conn.transaction().map_err(StoreError::from)?;
         let out = f(&tx)?;
         tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Group commit: runs `f` on each item in its own savepoint of one
+    /// transaction, then commits. An item whose `f` fails is rolled back
+    /// alone (its error is its result); the others stay. Err means the
+    /// transaction itself failed and nothing was stored.
+    pub fn tx_each<I, T, E>(
+        &mut self,
+        items: &[I],
+        mut f: impl FnMut(&Connection, &I) -> std::result::Result<T, E>,
+    ) -> Result<Vec<std::result::Result<T, E>>> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            // Prepared once, unlike `Transaction::savepoint`'s statements.
+            tx.prepare_cached("SAVEPOINT item")?.execute([])?;
+            let result = f(&tx, item);
+            if result.is_err() {
+                tx.prepare_cached("ROLLBACK TO item")?.execute([])?;
+            }
+            tx.prepare_cached("RELEASE item")?.execute([])?;
+            out.push(result);
+        }
+        tx.commit()?;
         Ok(out)
     }
 
@@ -892,15 +924,21 @@ pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
 /// VMs of the workspace, and how many of them are in `state`.
 pub fn count_vms(c: &Connection, ws: &WorkspaceId, state: VmState) -> Result<(u64, u64)> {
     let (all, in_state): (i64, i64) = c
-        .prepare_cached("SELECT COUNT(*), COALESCE(SUM(state = ?2), 0) FROM vms WHERE workspace_id = ?1")?
-        .query_row(params![ws.as_str(), state.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(state = ?2), 0) FROM vms WHERE workspace_id = ?1",
+        )?
+        .query_row(params![ws.as_str(), state.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     Ok((all as u64, in_state as u64))
 }
 
 /// Pilots of the slot that hold their node (reserved, not released).
 pub fn count_reserved_pilots(c: &Connection, slot: &SlotId) -> Result<u64> {
     let n: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM pilots WHERE slot_id = ?1 AND reserved = 1 AND released = 0")?
+        .prepare_cached(
+            "SELECT COUNT(*) FROM pilots WHERE slot_id = ?1 AND reserved = 1 AND released = 0",
+        )?
         .query_row([slot.as_str()], |r| r.get(0))?;
     Ok(n as u64)
 }
@@ -908,7 +946,9 @@ pub fn count_reserved_pilots(c: &Connection, slot: &SlotId) -> Result<u64> {
 /// Pilots of the slot, and how many have released (or were lost).
 pub fn count_released_pilots(c: &Connection, slot: &SlotId) -> Result<(u64, u64)> {
     let (all, released): (i64, i64) = c
-        .prepare_cached("SELECT COUNT(*), COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?1")?
+        .prepare_cached(
+            "SELECT COUNT(*), COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?1",
+        )?
         .query_row([slot.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok((all as u64, released as u64))
 }
@@ -928,4 +968,38 @@ pub fn has_phase(c: &Connection, ws: &WorkspaceId, phase: Phase) -> Result<bool>
         .prepare_cached("SELECT COUNT(*) FROM timeline WHERE workspace_id = ?1 AND phase = ?2")?
         .query_row(params![ws.as_str(), phase.as_str()], |r| r.get(0))?;
     Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tx_each_rolls_back_only_the_item_that_failed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut store = Store::open(&dir.path().join("t.db")).expect("open");
+        let add = |c: &Connection, n: &i64| -> Result<()> {
+            c.execute(
+                "INSERT INTO node_images (slot_id, node, image) VALUES ('s', ?1, 'i')",
+                [n.to_string()],
+            )?;
+            if *n == 2 {
+                return Err(corrupt("test", "item 2 fails after writing"));
+            }
+            Ok(())
+        };
+        let out = store.tx_each(&[1, 2, 3, 1], add).expect("batch commits");
+        let ok: Vec<bool> = out.iter().map(|r| r.is_ok()).collect();
+        // 2 fails by itself; the second 1 hits the primary key.
+        assert_eq!(ok, [true, false, true, false]);
+        let nodes: Vec<String> = store
+            .conn()
+            .prepare("SELECT node FROM node_images ORDER BY node")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<std::result::Result<_, _>>()
+            .expect("rows");
+        assert_eq!(nodes, ["1", "3"]);
+    }
 }

@@ -16,7 +16,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 use tower::ServiceExt;
 
 const TOKEN: &str = "fuzz-token";
@@ -96,7 +95,11 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
     };
     let engine = Engine::new(
         cfg,
-        Arc::new(MemoryLrm::new(Capacity { nodes: 8, cores_per_node: 2, memory_mb_per_node: 4096 })),
+        Arc::new(MemoryLrm::new(Capacity {
+            nodes: 8,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+        })),
         "http://127.0.0.1:1".into(),
     )
     .unwrap();
