@@ -58,6 +58,35 @@ impl Running {
     }
 }
 
+/// Connections the kernel may queue before we accept them. Every pilot of a
+/// big slot connects within milliseconds; with tokio's default (1024) the
+/// queue overflowed at a few hundred nodes and dropped SYNs cost each pilot
+/// a TCP retransmission (1 s, then 3 s). The kernel caps it at somaxconn.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// Binds `addr` with a deep accept queue.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "address resolves to nothing",
+        )
+    }))
+}
+
 /// Binds `cfg.listen` (or uses `listener`), starts the engine and serves.
 pub async fn start(
     cfg: Config,
@@ -65,7 +94,7 @@ pub async fn start(
 ) -> Result<Running, ServerError> {
     let listener = match listener {
         Some(l) => l,
-        None => tokio::net::TcpListener::bind(&cfg.listen)
+        None => bind(&cfg.listen)
             .await
             .map_err(|source| ServerError::Bind {
                 addr: cfg.listen.clone(),

@@ -469,7 +469,9 @@ pub fn touch_pilot(
 /// A poll from a pilot we know: it is alive.
 pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result<()> {
     c.prepare_cached(
-        "UPDATE pilots SET last_seen_ms = MAX(last_seen_ms, ?3) WHERE slot_id = ?1 AND node = ?2",
+        // At most one write per pilot every 5 s: polls wake often, and
+        // silence is measured in tens of seconds.
+        "UPDATE pilots SET last_seen_ms = ?3 WHERE slot_id = ?1 AND node = ?2 AND last_seen_ms < ?3 - 5000",
     )?
     .execute(params![slot.as_str(), node, now as i64])?;
     Ok(())

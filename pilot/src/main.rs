@@ -250,7 +250,9 @@ fn run(a: RunArgs) -> i32 {
         startup_budget: Duration::from_secs(a.startup_budget_s),
         images: opts.node.images.clone(),
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread is plenty for a pilot (hypervisor calls go to the blocking
+    // pool) and starts faster: a node may start many pilots at once.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
