@@ -135,38 +135,28 @@ impl Lrm for PbsPro {
 
     fn render_script(&self, job: &SlotJob) -> String {
         let c = &self.config;
-        let wd = job.workdir.display();
-        let mut s = batch_common::script_header(LRM, job);
-        let mut d = |line: String| s.push_str(&format!("#PBS {line}\n"));
-        d(format!("-N {}", job.name));
-        d(format!(
-            "-l select={}:ncpus={}:mem={}mb",
-            job.nodes, job.cores_per_node, job.memory_mb_per_node
-        ));
-        d(format!("-l place={}", c.place));
-        d(format!(
-            "-l walltime={}",
-            batch_common::hhmmss(job.walltime)
-        ));
-        d("-j oe".into());
-        d(format!("-o {wd}/{}.out", job.name));
-        if let Some(q) = &c.queue {
-            d(format!("-q {q}"));
-        }
-        if let Some(a) = &c.account {
-            d(format!("-A {a}"));
-        }
-        for e in &c.extra_directives {
-            d(e.trim().to_string());
-        }
-        s.push_str(&format!("cd {} || exit 1\n", shell_quote(&wd.to_string())));
-        s.push_str("# One pilot per chunk (one chunk per host), each started by its host's MOM: qdel's and the walltime's SIGTERM reach them all.\n");
-        s.push_str(&format!(
-            "exec {} -- {}\n",
+        let resources = [
+            format!(
+                "-l select={}:ncpus={}:mem={}mb",
+                job.nodes, job.cores_per_node, job.memory_mb_per_node
+            ),
+            format!("-l place={}", c.place),
+        ];
+        let launch = format!(
+            "# One pilot per chunk (one chunk per host), each started by its host's MOM: qdel's and the walltime's SIGTERM reach them all.\n\
+             exec {} -- {}\n",
             shell_quote(&c.pbsdsh.display().to_string()),
             node_command(job, false)
-        ));
-        s
+        );
+        batch_common::pbs_script(
+            LRM,
+            job,
+            &resources,
+            c.queue.as_deref(),
+            c.account.as_deref(),
+            &c.extra_directives,
+            &launch,
+        )
     }
 
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {

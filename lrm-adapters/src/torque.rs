@@ -158,40 +158,27 @@ impl Lrm for Torque {
 
     fn render_script(&self, job: &SlotJob) -> String {
         let c = &self.config;
-        let wd = job.workdir.display();
-        let mut s = batch_common::script_header(LRM, job);
-        let mut d = |line: String| s.push_str(&format!("#PBS {line}\n"));
-        d(format!("-N {}", job.name));
-        d(format!("-l nodes={}:ppn={}", job.nodes, job.cores_per_node));
-        // Torque's mem is for the whole job.
-        d(format!(
-            "-l mem={}mb",
-            job.memory_mb_per_node * u64::from(job.nodes)
-        ));
-        d(format!(
-            "-l walltime={}",
-            batch_common::hhmmss(job.walltime)
-        ));
-        d("-j oe".into());
-        d(format!("-o {wd}/{}.out", job.name));
-        if let Some(q) = &c.queue {
-            d(format!("-q {q}"));
-        }
-        if let Some(a) = &c.account {
-            d(format!("-A {a}"));
-        }
-        for e in &c.extra_directives {
-            d(e.trim().to_string());
-        }
-        s.push_str(&format!("cd {} || exit 1\n", shell_quote(&wd.to_string())));
-        s.push_str("# One pilot per node (-u), each started by its node's MOM: qdel's and the walltime's SIGTERM reach them all.\n");
-        s.push_str("# POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n");
-        s.push_str(&format!(
-            "POSIXLY_CORRECT=1 exec {} -u {}\n",
+        let resources = [
+            format!("-l nodes={}:ppn={}", job.nodes, job.cores_per_node),
+            // Torque's mem is for the whole job.
+            format!("-l mem={}mb", job.memory_mb_per_node * u64::from(job.nodes)),
+        ];
+        let launch = format!(
+            "# One pilot per node (-u), each started by its node's MOM: qdel's and the walltime's SIGTERM reach them all.\n\
+             # POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n\
+             POSIXLY_CORRECT=1 exec {} -u {}\n",
             shell_quote(&c.pbsdsh.display().to_string()),
             node_command(job, true)
-        ));
-        s
+        );
+        batch_common::pbs_script(
+            LRM,
+            job,
+            &resources,
+            c.queue.as_deref(),
+            c.account.as_deref(),
+            &c.extra_directives,
+            &launch,
+        )
     }
 
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
