@@ -434,6 +434,46 @@ pub(crate) fn plausible_pbs_id(id: &JobId) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b))
 }
 
+/// A PBS-family job script (Torque, PBS Pro): the header, `#PBS` directives
+/// (name, the flavour's `resources`, walltime, output, queue, account, the
+/// site's extras), `cd` to the work directory, then the flavour's `launch`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pbs_script(
+    lrm: &'static str,
+    job: &SlotJob,
+    resources: &[String],
+    queue: Option<&str>,
+    account: Option<&str>,
+    extra: &[String],
+    launch: &str,
+) -> String {
+    let wd = job.workdir.display();
+    let mut s = script_header(lrm, job);
+    let mut d = |line: String| s.push_str(&format!("#PBS {line}\n"));
+    d(format!("-N {}", job.name));
+    for r in resources {
+        d(r.clone());
+    }
+    d(format!("-l walltime={}", hhmmss(job.walltime)));
+    d("-j oe".into());
+    d(format!("-o {wd}/{}.out", job.name));
+    if let Some(q) = queue {
+        d(format!("-q {q}"));
+    }
+    if let Some(a) = account {
+        d(format!("-A {a}"));
+    }
+    for e in extra {
+        d(e.trim().to_string());
+    }
+    s.push_str(&format!(
+        "cd {} || exit 1\n",
+        crate::shell_quote(&wd.to_string())
+    ));
+    s.push_str(launch);
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,44 +533,4 @@ mod tests {
         let c = parse_qstat_stderr("qstat: illegally formed job identifier: 231512525\n");
         assert_eq!(c.gone, ["231512525"]);
     }
-}
-
-/// A PBS-family job script (Torque, PBS Pro): the header, `#PBS` directives
-/// (name, the flavour's `resources`, walltime, output, queue, account, the
-/// site's extras), `cd` to the work directory, then the flavour's `launch`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn pbs_script(
-    lrm: &'static str,
-    job: &SlotJob,
-    resources: &[String],
-    queue: Option<&str>,
-    account: Option<&str>,
-    extra: &[String],
-    launch: &str,
-) -> String {
-    let wd = job.workdir.display();
-    let mut s = script_header(lrm, job);
-    let mut d = |line: String| s.push_str(&format!("#PBS {line}\n"));
-    d(format!("-N {}", job.name));
-    for r in resources {
-        d(r.clone());
-    }
-    d(format!("-l walltime={}", hhmmss(job.walltime)));
-    d("-j oe".into());
-    d(format!("-o {wd}/{}.out", job.name));
-    if let Some(q) = queue {
-        d(format!("-q {q}"));
-    }
-    if let Some(a) = account {
-        d(format!("-A {a}"));
-    }
-    for e in extra {
-        d(e.trim().to_string());
-    }
-    s.push_str(&format!(
-        "cd {} || exit 1\n",
-        crate::shell_quote(&wd.to_string())
-    ));
-    s.push_str(launch);
-    s
 }
