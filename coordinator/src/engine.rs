@@ -539,14 +539,16 @@ impl Engine {
         let mut rx = self.changed.subscribe();
         loop {
             rx.borrow_and_update();
+            // Only the state and its slots: not the whole view (every VM and
+            // pilot) on each wake-up of a watcher.
             let page = self.with_store(|s| {
                 let ws = visible_ws(s.conn(), caller, id)?;
                 let events = store::timeline_after(s.conn(), id, after)?;
-                let view = build_view(s.conn(), ws)?;
+                let slots = store::slots_of(s.conn(), id)?;
                 Ok(EventsPage {
                     events,
-                    state: view.state,
-                    settled: view.settled,
+                    state: ws.state,
+                    settled: is_settled(ws.state, &slots),
                 })
             })?;
             if !page.events.is_empty() || page.settled || tokio::time::Instant::now() >= deadline {
@@ -794,32 +796,28 @@ impl Engine {
         let changed = self.with_store(|s| {
             s.tx(|tx| {
                 let mut changed = false;
-                for mut ws in store::active_workspaces(tx)? {
-                    if ws.state == WorkspaceState::Running
-                        && ws.expires_ms.is_some_and(|e| e <= now)
-                    {
-                        transition(
-                            tx,
-                            &mut ws,
-                            Input::LeaseExpired,
-                            Some("lease duration is over"),
-                            now,
-                        )?;
-                        store::push_timeline(
-                            tx,
-                            &ws.id,
-                            now,
-                            now,
-                            Phase::LeaseExpired,
-                            None,
-                            None,
-                            None,
-                            "lease duration is over",
-                        )?;
-                        end_slots(tx, &ws, now)?;
-                        info!(workspace_id = %ws.id, "lease expired");
-                        changed = true;
-                    }
+                for mut ws in store::expired_workspaces(tx, now)? {
+                    transition(
+                        tx,
+                        &mut ws,
+                        Input::LeaseExpired,
+                        Some("lease duration is over"),
+                        now,
+                    )?;
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::LeaseExpired,
+                        None,
+                        None,
+                        None,
+                        "lease duration is over",
+                    )?;
+                    end_slots(tx, &ws, now)?;
+                    info!(workspace_id = %ws.id, "lease expired");
+                    changed = true;
                 }
                 Ok::<_, EngineError>(changed)
             })
@@ -1841,6 +1839,15 @@ fn job_ended(
     Ok(())
 }
 
+/// Settled: the state is final and every slot is given back with no cancel
+/// left to do — nothing of the workspace remains on a node or in the LRM.
+fn is_settled(state: WorkspaceState, slots: &[SlotRow]) -> bool {
+    state.is_terminal()
+        && slots
+            .iter()
+            .all(|s| s.state.is_terminal() && !s.cancel_pending)
+}
+
 fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     let jobs: HashMap<SlotId, Option<String>> = slots
@@ -1867,10 +1874,9 @@ fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineE
             cpus: v.cpus,
         })
         .collect();
+    let settled = is_settled(ws.state, &slots);
     let mut slot_views = Vec::new();
-    let mut settled = ws.state.is_terminal();
     for s in slots {
-        settled &= s.state.is_terminal() && !s.cancel_pending;
         let pilots = store::pilots_of(c, &s.id)?
             .into_iter()
             .map(|p| PilotView {

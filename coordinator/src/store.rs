@@ -249,6 +249,15 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     rows.map(|r| ws_build(r?)).collect()
 }
 
+/// Running workspaces whose lease ended at or before `now_ms`.
+pub fn expired_workspaces(c: &Connection, now_ms: u64) -> Result<Vec<WorkspaceRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {WS_COLS} FROM workspaces WHERE state = 'running' AND expires_ms <= ?1"
+    ))?;
+    let rows = st.query_map([now_ms as i64], ws_from_row)?;
+    rows.map(|r| ws_build(r?)).collect()
+}
+
 pub fn set_workspace_state(
     c: &Connection,
     id: &WorkspaceId,
