@@ -732,13 +732,15 @@ impl Engine {
         let wait =
             Duration::from_millis(req.wait_ms.min(self.cfg.pilot.poll_wait_ms)).min(MAX_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
+        // Slots are never deleted: one check before the long-poll is enough.
+        self.with_store(|s| match store::get_slot(s.conn(), &slot_id)? {
+            Some(_) => Ok(()),
+            None => Err(EngineError::Forbidden(format!("unknown slot {slot_id}"))),
+        })?;
         let mut rx = self.commands.subscribe();
         loop {
             rx.borrow_and_update();
             let commands = self.with_store(|s| {
-                if store::get_slot(s.conn(), &slot_id)?.is_none() {
-                    return Err(EngineError::Forbidden(format!("unknown slot {slot_id}")));
-                }
                 store::seen_pilot(s.conn(), &slot_id, &req.node, now_ms())?;
                 Ok(store::commands_after(
                     s.conn(),
