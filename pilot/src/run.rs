@@ -241,7 +241,11 @@ async fn exchange(
     pause: Duration,
     flush_budget: Duration,
 ) -> Result<PollResponse, NotifyError> {
-    tokio::time::sleep(pause).await;
+    // A zero sleep is not free: tokio's timer rounds it up to its next 1 ms
+    // tick, and this runs between every command and the next poll.
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
     if notifier.pending() > 0 {
         notifier.flush(Instant::now() + flush_budget).await?;
     }
