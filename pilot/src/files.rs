@@ -50,7 +50,26 @@ pub fn lock_exclusive(path: &Path, timeout: Duration) -> Result<FileLock, LockEr
 
 /// Writes `bytes` to `path` through a temporary file in the same directory
 /// and a rename, so readers see the old or the new content, never a mix.
+///
+/// No fsync: every caller records *volatile* node state (the pilot's slot
+/// record, balloon and hugepage ledgers, QEMU pids, the sim node) that must
+/// survive the death of the process that wrote it, which the page cache
+/// already guarantees once `rename` returns, but not a crash of the kernel,
+/// which resets that state anyway (domains, dom0's balloon, hugepages and
+/// taps do not survive a reboot). An fsync here cost ~0.3-0.7 ms per
+/// transition on every node (docs/DECISIONS.md). Data that must survive a
+/// reboot goes through [`write_durable`].
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_via_rename(path, bytes, mode, false)
+}
+
+/// [`write_atomic`] plus an fsync of the file and of its directory before
+/// returning: for what must survive a power loss (the image cache).
+pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    write_via_rename(path, bytes, mode, true)
+}
+
+fn write_via_rename(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path
         .file_name()
@@ -65,8 +84,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
+        if durable {
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

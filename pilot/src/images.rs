@@ -281,7 +281,7 @@ impl ImageCache {
             None => (self.fetch(src, expected.as_deref()).await?, false),
         };
         if expected.is_none() {
-            crate::files::write_atomic(&pointer, format!("{sha}\n").as_bytes(), 0o644)
+            crate::files::write_durable(&pointer, format!("{sha}\n").as_bytes(), 0o644)
                 .map_err(io(&pointer))?;
         }
         let path = self.path_of(&sha);
