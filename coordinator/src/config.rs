@@ -50,7 +50,9 @@ pub struct PilotConfig {
     pub program: Option<PathBuf>,
     /// Hypervisor the pilots drive: `sim` (here), `xen`, `kvm`.
     pub hypervisor: String,
-    /// Node state directory; `%n` is the node name.
+    /// Node state directory; `%n` is the node name. Under `/run` by default:
+    /// the slot records describe state a reboot resets (domains, the dom0
+    /// balloon, hugepages), so they must not outlive it (docs/DECISIONS.md).
     pub state_dir: String,
     /// Simulated node directory for `hypervisor = "sim"`; `%n` is the node name.
     pub sim_dir: String,
@@ -81,8 +83,8 @@ impl Default for PilotConfig {
         Self {
             program: None,
             hypervisor: "sim".into(),
-            state_dir: "/var/lib/workspace-pilot/%n/state".into(),
-            sim_dir: "/var/lib/workspace-pilot/%n/sim".into(),
+            state_dir: "/run/workspace-pilot/%n/state".into(),
+            sim_dir: "/run/workspace-pilot/%n/sim".into(),
             node_config: None,
             min_dom0_mb: 100,
             coordinator_wait_fraction: 0.5,

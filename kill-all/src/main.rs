@@ -28,7 +28,7 @@ const EXIT_HELP: &str = "Exit codes:
 #[command(name = "workspace-kill-all", version, after_help = EXIT_HELP)]
 struct Cli {
     /// Directory of the pilots' node state files (`%n` = node name).
-    #[arg(long, default_value = "/var/lib/workspace-pilot")]
+    #[arg(long, default_value = "/run/workspace-pilot/%n/state")]
     state_dir: String,
     #[arg(long, default_value = "sim")]
     hypervisor: String,
