@@ -64,7 +64,7 @@ impl Default for LocalConfig {
             memory_mb_per_node: 4096,
             node_prefix: "node".into(),
             kill_grace_s: 5,
-            shell: "/bin/bash".into(),
+            shell: "/bin/sh".into(),
             max_walltime_s: None,
             state_file: None,
         }
@@ -1196,7 +1196,7 @@ mod tests {
         );
         assert_eq!(
             (d.node_prefix.as_str(), d.kill_grace_s, d.shell.as_str()),
-            ("node", 5, "/bin/bash")
+            ("node", 5, "/bin/sh")
         );
         let lrm = LocalLrm::new(d).unwrap();
         assert_eq!(lrm.nodes(), ["node1", "node2", "node3", "node4"]);
@@ -1705,7 +1705,7 @@ mod tests {
         };
         let script = lrm.render_script(&spec);
         assert!(
-            script.starts_with("#!/bin/bash\n# wsp pilot job \"wsp-hostile\""),
+            script.starts_with("#!/bin/sh\n# wsp pilot job \"wsp-hostile\""),
             "{script}"
         );
         assert!(!script.contains("set -e"), "{script}");
