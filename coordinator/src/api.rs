@@ -198,14 +198,18 @@ async fn pilot_poll(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let resp = engine
+    let answer = engine
         .pilot_poll(
             header(&headers, SLOT_HEADER),
             header(&headers, SIGNATURE_HEADER),
             &body,
         )
         .await?;
-    Ok(Json(resp).into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        answer.0,
+    )
+        .into_response())
 }
 
 async fn metrics(State(engine): State<AppState>) -> Response {

@@ -16,8 +16,7 @@ use crate::writer::{Outcome, Pending, Writer, WriterError};
 use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob};
 use protocol::auth::SlotKey;
 use protocol::pilot::{
-    CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse, ReleaseReason,
-    VmLaunch,
+    CommandKind, EventAck, EventKind, PilotEvent, PollRequest, ReleaseReason, VmLaunch,
 };
 use protocol::spec::{SpecError, WorkspaceSpec};
 use protocol::view::{
@@ -28,7 +27,7 @@ use protocol::{now_ms, SlotId, VmId, VmName, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -100,10 +99,14 @@ pub struct Engine {
     public_url: String,
     pilot_program: PathBuf,
     changed: watch::Sender<u64>,
-    /// Bumped only when a command was queued: pilots' long-polls wait on this,
-    /// so an event that queues nothing wakes none of them.
-    commands: watch::Sender<u64>,
+    /// Pilots' command long-polls, by (slot, node). Only the pilot a command
+    /// is for is woken: with one shared signal, queueing N launches woke N
+    /// polls N times over, each taking the store lock.
+    pollers: Mutex<HashMap<(SlotId, String), Arc<Notify>>>,
+    /// `store::commands_pushed()` when commands were last looked for.
     commands_seen: AtomicU64,
+    /// Row id of the newest command whose pilot was woken.
+    commands_woken: AtomicI64,
     kick: Notify,
     cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
     /// Address pools of `[network]` (parsed once; the config was validated).
@@ -177,8 +180,8 @@ impl Engine {
             .unwrap_or(lrm.warning().grace);
         let pilot_program = cfg.pilot_program();
         let (changed, _) = watch::channel(0);
-        let (commands, _) = watch::channel(0);
         let mut store = store;
+        let commands_woken = store::last_command_rowid(store.conn())?;
         fail_unsubmitted(&mut store, now_ms())?;
         // Addresses of VMs that are gone are free; those of live VMs never are.
         let freed =
@@ -199,8 +202,9 @@ impl Engine {
             master,
             cfg,
             changed,
-            commands,
+            pollers: Mutex::new(HashMap::new()),
             commands_seen: AtomicU64::new(0),
+            commands_woken: AtomicI64::new(commands_woken),
             kick: Notify::new(),
             cancel_attempts: Mutex::new(HashMap::new()),
             pools,
@@ -231,7 +235,33 @@ impl Engine {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         let pushed = store::commands_pushed();
         if self.commands_seen.swap(pushed, Ordering::SeqCst) != pushed {
-            self.commands.send_modify(|v| *v = v.wrapping_add(1));
+            self.wake_commanded();
+        }
+    }
+
+    /// Wakes the long-polls of the pilots that have commands stored since
+    /// the last call. A failed read wakes every poll (each then reads its own
+    /// commands) rather than leave one asleep.
+    fn wake_commanded(&self) {
+        let found = self.with_store(|s| {
+            let after = self.commands_woken.load(Ordering::SeqCst);
+            let (keys, last) = store::commanded_since(s.conn(), after)?;
+            self.commands_woken.store(last, Ordering::SeqCst);
+            Ok(keys)
+        });
+        let pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        match found {
+            Ok(keys) => {
+                for key in keys {
+                    if let Some(n) = pollers.get(&key) {
+                        n.notify_waiters();
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read the new commands; waking every poll");
+                pollers.values().for_each(|n| n.notify_waiters());
+            }
         }
     }
 
@@ -717,7 +747,7 @@ impl Engine {
         slot_header: Option<&str>,
         signature: Option<&str>,
         body: &[u8],
-    ) -> Result<PollResponse, EngineError> {
+    ) -> Result<PollAnswer, EngineError> {
         let slot_id = self.verify(slot_header, signature, body)?;
         let req: PollRequest = serde_json::from_slice(body)
             .map_err(|e| EngineError::BadRequest(format!("malformed poll: {e}")))?;
@@ -737,27 +767,51 @@ impl Engine {
             Some(_) => Ok(()),
             None => Err(EngineError::Forbidden(format!("unknown slot {slot_id}"))),
         })?;
-        let mut rx = self.commands.subscribe();
+        let key = (slot_id.clone(), req.node.clone());
+        let notify = self
+            .pollers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let answer = self.poll_until(&notify, &slot_id, &req, deadline).await;
+        let mut pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and ours: nobody else waits on it (a pilot that polls
+        // again gets a fresh one).
+        if Arc::strong_count(&notify) <= 2 {
+            pollers.remove(&key);
+        }
+        answer
+    }
+
+    async fn poll_until(
+        &self,
+        notify: &Notify,
+        slot_id: &SlotId,
+        req: &PollRequest,
+        deadline: tokio::time::Instant,
+    ) -> Result<PollAnswer, EngineError> {
         loop {
-            rx.borrow_and_update();
-            let commands = self.with_store(|s| {
-                store::seen_pilot(s.conn(), &slot_id, &req.node, now_ms())?;
-                Ok(store::commands_after(
-                    s.conn(),
-                    &slot_id,
-                    &req.node,
-                    req.after,
-                )?)
+            // Registered before the read: a command stored after it wakes us.
+            let woken = notify.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let answer = self.with_store(|s| {
+                store::seen_pilot(s.conn(), slot_id, &req.node, now_ms())?;
+                let rows = store::commands_after(s.conn(), slot_id, &req.node, req.after)?;
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some(poll_answer(s.conn(), rows)?))
             })?;
-            if !commands.is_empty() || tokio::time::Instant::now() >= deadline {
-                return Ok(PollResponse { commands });
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
-            if tokio::time::timeout_at(deadline, rx.changed())
-                .await
-                .is_err()
-            {
-                continue;
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(PollAnswer(r#"{"commands":[]}"#.to_string()));
             }
+            let _ = tokio::time::timeout_at(deadline, woken).await;
         }
     }
 
@@ -1325,6 +1379,9 @@ fn start_vms(
             .is_some_and(|h| cached.contains(&(node.to_string(), h.clone())))
     };
     let (mut nics, peers) = workspace_context(c, ws)?;
+    // Stored once; each launch is stored without them and gets them when
+    // delivered (`poll_answer`).
+    store::set_workspace_peers(c, &ws.id, &peers)?;
     let mapping = match policy::map_vms_preferring(&needs, &rooms, &holds) {
         Ok(m) => m,
         Err(e) => return fail_workspace(c, ws, &e.to_string(), now),
@@ -1350,7 +1407,7 @@ fn start_vms(
                 workspace_id: ws.id.to_string(),
                 workspace_name: ws.name.clone(),
                 group: vm.group.clone(),
-                peers: peers.clone(),
+                peers: Vec::new(),
                 ssh_key: ws.spec.ssh_key.clone(),
             }),
         };
@@ -1434,6 +1491,57 @@ impl<'p> AddressPlan<'p> {
 type NicsByVm = HashMap<VmId, Vec<protocol::pilot::Nic>>;
 
 /// Contexts of a workspace's VMs: each VM's NICs and the peer list.
+/// A pilot's poll answer: a [`protocol::pilot::PollResponse`] as JSON text.
+#[derive(Debug)]
+pub struct PollAnswer(pub String);
+
+/// The stored form of a launch's empty peer list, as `serde_json` writes it.
+/// Outside a JSON string this byte sequence can only be a `peers` key with
+/// an empty array (quotes inside strings are escaped).
+const NO_PEERS: &str = r#""peers":[]"#;
+
+/// Builds the [`protocol::pilot::PollResponse`] JSON for stored commands. A launch is stored
+/// without its workspace's peers (`store::set_workspace_peers`); they are
+/// spliced in here as stored JSON, so the coordinator neither stores nor
+/// re-encodes N peers N times. Commands stored before that change carry
+/// their peers and pass through unchanged. What the pilot receives is the
+/// same as if the launch had been stored whole.
+fn poll_answer(c: &Connection, rows: Vec<(u64, String)>) -> Result<PollAnswer, StoreError> {
+    let mut out = String::from(r#"{"commands":["#);
+    for (i, (id, body)) in rows.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(r#"{{"id":{id},"kind":"#));
+        let kind: CommandKind = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt {
+            what: "command",
+            detail: e.to_string(),
+        })?;
+        let ctx = match &kind {
+            CommandKind::StartVm(l) => l.context.as_ref().filter(|c| c.peers.is_empty()),
+            _ => None,
+        };
+        match (ctx, body.find(NO_PEERS)) {
+            (Some(ctx), Some(at)) => {
+                let peers = store::workspace_peers(c, &ctx.workspace_id)?.ok_or_else(|| {
+                    StoreError::Corrupt {
+                        what: "peers",
+                        detail: format!("none stored for workspace {}", ctx.workspace_id),
+                    }
+                })?;
+                out.push_str(&body[..at]);
+                out.push_str(r#""peers":"#);
+                out.push_str(&peers);
+                out.push_str(&body[at + NO_PEERS.len()..]);
+            }
+            _ => out.push_str(&body),
+        }
+        out.push('}');
+    }
+    out.push_str("]}");
+    Ok(PollAnswer(out))
+}
+
 fn workspace_context(
     c: &Connection,
     ws: &WorkspaceRow,
@@ -1911,4 +2019,75 @@ fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineE
         vms,
         slots: slot_views,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::pilot::{Context, Peer, PollResponse};
+
+    fn launch(ws: &str, vm: &VmId, peers: Vec<Peer>) -> CommandKind {
+        let mut l = VmLaunch::basic(
+            vm.clone(),
+            "wsp-x".into(),
+            256,
+            1,
+            // Looks like the marker, but inside a string: must stay as is.
+            "a \"peers\":[] image".into(),
+        );
+        l.context = Some(Context {
+            workspace_id: ws.into(),
+            workspace_name: "n".into(),
+            group: "g".into(),
+            peers,
+            ssh_key: None,
+        });
+        CommandKind::StartVm(l)
+    }
+
+    fn json(k: &CommandKind) -> String {
+        serde_json::to_string(k).expect("json")
+    }
+
+    #[test]
+    fn a_launch_stored_without_peers_is_delivered_with_its_workspace_peers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let c = store.conn();
+        let ws = WorkspaceId::generate();
+        let vm = VmId::generate();
+        let peers: Vec<Peer> = (0..3)
+            .map(|i| Peer {
+                name: format!("g-{i}"),
+                group: "g".into(),
+                ips: vec![std::net::Ipv4Addr::new(10, 0, 0, i)],
+            })
+            .collect();
+        store::set_workspace_peers(c, &ws, &peers).expect("peers stored");
+        let whole = launch(ws.as_str(), &vm, peers);
+        let rows = vec![
+            (1, json(&launch(ws.as_str(), &vm, Vec::new()))),
+            (2, json(&CommandKind::Release)),
+            // Stored whole (before peers were stored apart): passes unchanged.
+            (3, json(&whole)),
+        ];
+        let answer = poll_answer(c, rows).expect("answer");
+        let resp: PollResponse = serde_json::from_str(&answer.0).expect("a PollResponse");
+        let got: Vec<(u64, CommandKind)> =
+            resp.commands.into_iter().map(|c| (c.id, c.kind)).collect();
+        assert_eq!(
+            got,
+            [(1, whole.clone()), (2, CommandKind::Release), (3, whole)]
+        );
+    }
+
+    #[test]
+    fn a_launch_whose_peers_are_missing_is_an_error_not_an_empty_list() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let ws = WorkspaceId::generate();
+        let rows = vec![(1, json(&launch(ws.as_str(), &VmId::generate(), Vec::new())))];
+        let err = poll_answer(store.conn(), rows).expect_err("no peers stored");
+        assert!(err.to_string().contains(ws.as_str()), "{err}");
+    }
 }

@@ -5,7 +5,7 @@
 //! WAL mode with `synchronous = NORMAL`: a committed transaction survives a
 //! crash of the coordinator process (not necessarily a power loss).
 
-use protocol::pilot::{Command, CommandKind, Nic, PilotEvent};
+use protocol::pilot::{CommandKind, Nic, PilotEvent};
 use protocol::spec::WorkspaceSpec;
 use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
 use protocol::{SlotId, VmId, WorkspaceId};
@@ -65,6 +65,8 @@ CREATE TABLE IF NOT EXISTS addresses (
   ip TEXT NOT NULL, mac TEXT NOT NULL, prefix_len INTEGER NOT NULL, gateway TEXT,
   PRIMARY KEY (vm_id, nic), UNIQUE (pool, ip));
 CREATE INDEX IF NOT EXISTS addresses_ws ON addresses(workspace_id);
+CREATE TABLE IF NOT EXISTS workspace_peers (
+  workspace_id TEXT PRIMARY KEY, peers TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS node_images (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
   PRIMARY KEY (slot_id, node, image));
@@ -804,33 +806,82 @@ pub fn push_command(
     Ok(next as u64)
 }
 
+/// The newest command's row id (0 when there is none).
+pub fn last_command_rowid(c: &Connection) -> Result<i64> {
+    Ok(
+        c.prepare_cached("SELECT COALESCE(MAX(rowid), 0) FROM commands")?
+            .query_row([], |r| r.get(0))?,
+    )
+}
+
+/// (slot, node) of every command stored after row id `after`, and the
+/// newest row id. Commands are never deleted, so row ids only grow.
+pub fn commanded_since(c: &Connection, after: i64) -> Result<(Vec<(SlotId, String)>, i64)> {
+    let mut st = c.prepare_cached(
+        "SELECT rowid, slot_id, node FROM commands WHERE rowid > ?1 ORDER BY rowid",
+    )?;
+    let rows = st.query_map([after], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut last = after;
+    let mut keys = Vec::new();
+    for row in rows {
+        let (rowid, slot, node) = row?;
+        last = last.max(rowid);
+        keys.push((parse_id("slot id", slot)?, node));
+    }
+    Ok((keys, last))
+}
+
 /// True when a `release` is already queued for (slot, node).
 pub fn has_release(c: &Connection, slot: &SlotId, node: &str) -> Result<bool> {
     let n: i64 = c.prepare_cached("SELECT COUNT(*) FROM commands WHERE slot_id = ?1 AND node = ?2 AND body LIKE '%\"type\":\"release\"%'")?.query_row(params![slot.as_str(), node], |r| r.get(0))?;
     Ok(n > 0)
 }
 
+/// Commands for (slot, node) after `after`, in id order, as stored: (id, JSON body).
 pub fn commands_after(
     c: &Connection,
     slot: &SlotId,
     node: &str,
     after: u64,
-) -> Result<Vec<Command>> {
+) -> Result<Vec<(u64, String)>> {
     let mut st = c.prepare_cached(
         "SELECT id, body FROM commands WHERE slot_id = ?1 AND node = ?2 AND id > ?3 ORDER BY id",
     )?;
     let rows = st.query_map(params![slot.as_str(), node, after as i64], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
     })?;
-    rows.map(|r| {
-        let (id, body) = r?;
-        let kind: CommandKind = serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
-        Ok(Command {
-            id: id as u64,
-            kind,
-        })
-    })
-    .collect()
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// Stores a workspace's peer list once for all its launches (see
+/// `engine::poll_answer`): N launches that each carried all N peers made a
+/// lease O(N^2) in stored, parsed and re-encoded bytes.
+pub fn set_workspace_peers(
+    c: &Connection,
+    ws: &WorkspaceId,
+    peers: &[protocol::pilot::Peer],
+) -> Result<()> {
+    let json = serde_json::to_string(peers).map_err(|e| corrupt("peers", e))?;
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO workspace_peers (workspace_id, peers) VALUES (?1, ?2)",
+    )?
+    .execute(params![ws.as_str(), json])?;
+    Ok(())
+}
+
+/// A workspace's peer list (JSON array), if stored.
+pub fn workspace_peers(c: &Connection, ws: &str) -> Result<Option<String>> {
+    Ok(
+        c.prepare_cached("SELECT peers FROM workspace_peers WHERE workspace_id = ?1")?
+            .query_row([ws], |r| r.get(0))
+            .optional()?,
+    )
 }
 
 // ---- pilot events ----------------------------------------------------------
