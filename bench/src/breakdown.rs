@@ -103,7 +103,33 @@ pub const ROWS: &[(&str, &str, Option<&str>)] = &[
         "OURS end to end (up + down - batch system - hypervisor)",
         None,
     ),
+    (
+        "cpu.coordinator",
+        "CPU time: coordinator + local batch system, per lease",
+        None,
+    ),
+    (
+        "cpu.pilot",
+        "CPU time: one pilot (and its job shell), per node",
+        None,
+    ),
 ];
+
+/// CPU time (user + system) of this process and of its reaped children, ms.
+fn cpu_ms() -> (f64, f64) {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let ms = |who| {
+        getrusage(who)
+            .map(|u| {
+                let t = |tv: nix::sys::time::TimeVal| {
+                    tv.tv_sec() as f64 * 1000.0 + tv.tv_usec() as f64 / 1000.0
+                };
+                t(u.user_time()) + t(u.system_time())
+            })
+            .unwrap_or(f64::NAN)
+    };
+    (ms(UsageWho::RUSAGE_SELF), ms(UsageWho::RUSAGE_CHILDREN))
+}
 
 /// One cluster size's results.
 #[derive(Clone, Debug, Serialize)]
@@ -316,6 +342,7 @@ async fn one_lease(
     limit: Duration,
 ) -> Result<Phases> {
     let deadline = Instant::now() + limit;
+    let cpu0 = cpu_ms();
     let t0 = Instant::now();
     let view: WorkspaceView = client.create(&spec(nodes)).await?;
     let id = view.id.to_string();
@@ -372,7 +399,20 @@ async fn one_lease(
 
     // The batch job must be gone before the next lease, or it would queue behind it.
     let job_finished_ms = wait_job_gone(running, lrm, &job, deadline).await?;
+    let cpu1 = cpu_ms();
     let mut p = phases(&entries, nodes)?;
+    // This process is the coordinator (with the local batch system and the
+    // bench's client, which only follows the timeline); the local batch
+    // system reaps each pilot, so its CPU lands in RUSAGE_CHILDREN. Slurm's
+    // pilots are not our children: no per-pilot figure there.
+    if (cpu1.0 - cpu0.0).is_finite() {
+        p.0.insert("cpu.coordinator", cpu1.0 - cpu0.0);
+    }
+    if let Lrm::Local = lrm {
+        if (cpu1.1 - cpu0.1).is_finite() {
+            p.0.insert("cpu.pilot", (cpu1.1 - cpu0.1) / f64::from(nodes.max(1)));
+        }
+    }
     p.0.insert("e2e.up", up);
     p.0.insert("e2e.down", down);
     p.0.insert("e2e.settled", settled);
