@@ -113,7 +113,48 @@ pub const ROWS: &[(&str, &str, Option<&str>)] = &[
         "CPU time: one pilot (and its job shell), per node",
         None,
     ),
+    (
+        "overhead.cluster",
+        "OURS on N real nodes, estimate: OURS(1) + coord. CPU(N) - coord. CPU(1)",
+        None,
+    ),
 ];
+
+/// Adds the `overhead.cluster` row to every size, when N = 1 was measured.
+///
+/// On this host N pilot processes share 2 cores, so per-node work that N
+/// real nodes do in parallel is serialized and counted in "OURS". On N real
+/// nodes each pilot has its node to itself, as at N = 1; what grows with N
+/// is the coordinator's work. The estimate is OURS at N = 1 (median) plus
+/// the coordinator's extra CPU time per lease at N (each sample) over N = 1,
+/// as if all of it were on the critical path and none ran in parallel on
+/// its cores: pessimistic about the coordinator, and assumes a pilot on its
+/// own node behaves as at N = 1.
+pub fn add_cluster_estimate(sizes: &mut [SizeResult]) {
+    let Some(one) = sizes.iter().find(|s| s.nodes == 1) else {
+        return;
+    };
+    let (Some(base), Some(cpu1)) = (
+        one.phases.get("overhead"),
+        one.phases.get("cpu.coordinator"),
+    ) else {
+        return;
+    };
+    let (base, cpu1) = (base.median, cpu1.median);
+    for s in sizes.iter_mut() {
+        let Some(cpu) = s.phases.get("cpu.coordinator") else {
+            continue;
+        };
+        let est: Vec<f64> = cpu
+            .samples
+            .iter()
+            .map(|c| base + (c - cpu1).max(0.0))
+            .collect();
+        if let Some(sum) = Summary::of(&est) {
+            s.phases.insert("overhead.cluster".into(), sum);
+        }
+    }
+}
 
 /// CPU time (user + system) of this process and of its reaped children, ms.
 fn cpu_ms() -> (f64, f64) {
