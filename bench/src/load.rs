@@ -210,6 +210,10 @@ pub struct LoadResult {
     pub polls_open: usize,
     /// Long-polls answered during the measurement (no command is ever queued, so ~0).
     pub polls_answered: u64,
+    /// CPU time of the whole coordinator process per acknowledged event, µs.
+    pub server_cpu_us_per_event: f64,
+    /// CPU time of its event writer thread (the serial path) per event, µs.
+    pub writer_cpu_us_per_event: f64,
     pub rss_mb_idle: f64,
     pub rss_mb_after: f64,
     pub hwm_mb: f64,
@@ -227,6 +231,39 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
+}
+
+/// CPU time (user + system, ms) of process `pid`, and of its thread named
+/// `thread` if there is one. Clock ticks of `/proc` (10 ms each here): over
+/// a measurement of seconds, a resolution of about 1 %.
+fn cpu_ms(pid: u32, thread: &str) -> (f64, f64) {
+    let ticks = |stat: &str| -> Option<f64> {
+        // Fields after the command name, which ends at the last ')'.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |v| v as f64);
+    let to_ms = |t: f64| t * 1000.0 / hz;
+    let process = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| ticks(&s))
+        .map_or(f64::NAN, to_ms);
+    let writer = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == thread)
+        })
+        .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .and_then(|s| ticks(&s))
+        .map_or(f64::NAN, to_ms);
+    (process, writer)
 }
 
 /// Kills the child when dropped (every exit path).
@@ -389,6 +426,7 @@ pub async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
     // The measurement: SENDERS closed loops for `seconds`.
     let lat = Arc::new(Mutex::new(Vec::<f64>::new()));
     let refused = Arc::new(AtomicU64::new(0));
+    let cpu0 = cpu_ms(pid, "event-writer");
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(seconds);
     let mut tasks = tokio::task::JoinSet::new();
@@ -427,6 +465,7 @@ pub async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
     .await
     .map_err(|_| anyhow!("senders did not finish within {bound:?}"))??;
     let took = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_ms(pid, "event-writer");
     let rss_mb_after = rss_mb(pid, "VmRSS:");
     let hwm_mb = rss_mb(pid, "VmHWM:");
     let polls_answered = answered.load(Ordering::Relaxed) - answered_before;
@@ -445,6 +484,8 @@ pub async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
         events_per_s: acked as f64 / took,
         p50_ms: percentile(&l, 50.0),
         p99_ms: percentile(&l, 99.0),
+        server_cpu_us_per_event: (cpu1.0 - cpu0.0) * 1000.0 / acked.max(1) as f64,
+        writer_cpu_us_per_event: (cpu1.1 - cpu0.1) * 1000.0 / acked.max(1) as f64,
         polls_open: pilots,
         polls_answered,
         rss_mb_idle,

@@ -408,6 +408,7 @@ fn load_table(levels: &[load::LoadResult]) -> String {
         "p50",
         "p99",
         "refused",
+        "CPU/event: server, writer",
         "RSS idle",
         "RSS after",
         "verdict",
@@ -419,6 +420,10 @@ fn load_table(levels: &[load::LoadResult]) -> String {
             ms(l.p50_ms),
             ms(l.p99_ms),
             l.events_refused.to_string(),
+            format!(
+                "{:.0} us, {:.0} us",
+                l.server_cpu_us_per_event, l.writer_cpu_us_per_event
+            ),
             format!("{:.0} MB", l.rss_mb_idle),
             format!("{:.0} MB", l.rss_mb_after),
             format!(
