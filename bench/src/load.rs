@@ -257,9 +257,7 @@ fn cpu_ms(pid: u32, thread: &str) -> (f64, f64) {
         .into_iter()
         .flatten()
         .flatten()
-        .find(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == thread)
-        })
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == thread))
         .and_then(|t| std::fs::read_to_string(t.path().join("stat")).ok())
         .and_then(|s| ticks(&s))
         .map_or(f64::NAN, to_ms);
