@@ -109,13 +109,23 @@ pub const ROWS: &[(&str, &str, Option<&str>)] = &[
         None,
     ),
     (
+        "cpu.lrm_start",
+        "  of which the local batch system starting the processes",
+        None,
+    ),
+    (
+        "cpu.ours",
+        "CPU time: ours (the above without the process starts), per lease",
+        None,
+    ),
+    (
         "cpu.pilot",
         "CPU time: one pilot (and its job shell), per node",
         None,
     ),
     (
         "overhead.cluster",
-        "OURS on N real nodes, estimate: OURS(1) + coord. CPU(N) - coord. CPU(1)",
+        "OURS on N real nodes, estimate: OURS(1) + our CPU(N) - our CPU(1)",
         None,
     ),
 ];
@@ -126,7 +136,9 @@ pub const ROWS: &[(&str, &str, Option<&str>)] = &[
 /// real nodes do in parallel is serialized and counted in "OURS". On N real
 /// nodes each pilot has its node to itself, as at N = 1; what grows with N
 /// is the coordinator's work. The estimate is OURS at N = 1 (median) plus
-/// the coordinator's extra CPU time per lease at N (each sample) over N = 1,
+/// the coordinator's extra CPU time per lease at N (each sample) over N = 1
+/// (`cpu.ours`: the process's CPU without the local batch system starting
+/// the pilot processes, which a real batch system does on its own hosts),
 /// as if all of it were on the critical path and none ran in parallel on
 /// its cores: pessimistic about the coordinator, and assumes a pilot on its
 /// own node behaves as at N = 1.
@@ -134,15 +146,12 @@ pub fn add_cluster_estimate(sizes: &mut [SizeResult]) {
     let Some(one) = sizes.iter().find(|s| s.nodes == 1) else {
         return;
     };
-    let (Some(base), Some(cpu1)) = (
-        one.phases.get("overhead"),
-        one.phases.get("cpu.coordinator"),
-    ) else {
+    let (Some(base), Some(cpu1)) = (one.phases.get("overhead"), one.phases.get("cpu.ours")) else {
         return;
     };
     let (base, cpu1) = (base.median, cpu1.median);
     for s in sizes.iter_mut() {
-        let Some(cpu) = s.phases.get("cpu.coordinator") else {
+        let Some(cpu) = s.phases.get("cpu.ours") else {
             continue;
         };
         let est: Vec<f64> = cpu
@@ -461,6 +470,12 @@ async fn one_lease(
         Lrm::Local => local_lrm_phases(&mut p, &entries, &job, job_finished_ms),
         Lrm::Slurm { log, .. } => slurm_lrm_phases(&mut p, &entries, log, &job, job_finished_ms),
     }
+    // Ours: the coordinator's process without the local batch system's
+    // process starts (which a real batch system does elsewhere).
+    if let Some(all) = p.0.get("cpu.coordinator").copied() {
+        let lrm = p.0.get("cpu.lrm_start").copied().unwrap_or(0.0);
+        p.0.insert("cpu.ours", (all - lrm).max(0.0));
+    }
     let hv = p.0.get("slot.balloon").copied().unwrap_or(0.0)
         + p.0.get("vm.create").copied().unwrap_or(0.0);
     let lrm_start = p.0.get("slot.lrm_start").copied().unwrap_or(0.0);
@@ -599,6 +614,9 @@ fn local_lrm_phases(p: &mut Phases, es: &[TimelineEntry], job: &str, finished_ms
     }
     if let (Some(q), Some(l)) = (queued, last_proc) {
         p.0.insert("slot.lrm_start", l - q);
+    }
+    if let Some(cpu) = marks::start_cpu_ms(job) {
+        p.0.insert("cpu.lrm_start", cpu);
     }
     if let (Some(l), Some(r)) = (last_proc, last_reserved) {
         p.0.insert("slot.pilot_reserve", (r - l).max(0.0));

@@ -25,6 +25,11 @@ pub struct Mark {
     pub what: What,
     /// Wall clock, milliseconds since the epoch (fractional).
     pub at_ms: f64,
+    /// The logging thread and its CPU time then (ms): the adapter queues a
+    /// job and starts its processes in one call on one thread, so the CPU
+    /// between its "queued" and last "started" is what starting cost.
+    pub thread: std::thread::ThreadId,
+    pub thread_cpu_ms: f64,
 }
 
 static MARKS: Mutex<Vec<Mark>> = Mutex::new(Vec::new());
@@ -43,6 +48,26 @@ pub fn of_job(job_id: &str) -> Vec<Mark> {
 /// Forgets every mark (between repeats, to keep memory flat).
 pub fn clear() {
     MARKS.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}
+
+fn thread_cpu_ms() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| t.tv_sec() as f64 * 1000.0 + t.tv_nsec() as f64 / 1e6)
+        .unwrap_or(f64::NAN)
+}
+
+/// CPU time the local batch system spent on `job` from queueing it to
+/// starting its last process, when all of that ran on one thread.
+pub fn start_cpu_ms(job_id: &str) -> Option<f64> {
+    let ms = of_job(job_id);
+    let queued = ms.iter().find(|m| m.what == What::Queued)?;
+    let last = ms.iter().rfind(|m| m.what == What::ProcessStarted)?;
+    let same_thread = ms
+        .iter()
+        .filter(|m| matches!(m.what, What::Queued | What::ProcessStarted))
+        .all(|m| m.thread == queued.thread);
+    let d = last.thread_cpu_ms - queued.thread_cpu_ms;
+    (same_thread && d.is_finite()).then_some(d.max(0.0))
 }
 
 pub fn now_ms() -> f64 {
@@ -98,6 +123,8 @@ impl<S: Subscriber> Layer<S> for LrmMarks {
                 job_id,
                 what,
                 at_ms: now_ms(),
+                thread: std::thread::current().id(),
+                thread_cpu_ms: thread_cpu_ms(),
             });
         }
     }
