@@ -138,6 +138,8 @@ fn main() {
     init_tracing(args.cmd.is_some());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // As `workspace-coordinator serve`: tells its threads from the pilots'.
+        .thread_name("wsp-coordinator")
         .build()
     {
         Ok(rt) => rt,

@@ -72,6 +72,16 @@ fn init_logs(default: &str) {
         .try_init();
 }
 
+/// The async runtime; its threads are named so `top -H` and profiles tell
+/// the coordinator's work apart (pilots' threads are `tokio-rt-worker`).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wsp-coordinator")
+        .build()
+        .context("starting the async runtime")
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match run(cli) {
@@ -105,7 +115,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     "no [[users]] in the config: nobody could use the API (make one with `workspace-coordinator token --user NAME`)".into()
                 ));
             }
-            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let rt = runtime()?;
             rt.block_on(async {
                 let running = coordinator::server::start(cfg, None).await?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -143,7 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             log,
         } => {
             init_logs(&log);
-            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let rt = runtime()?;
             let ok = rt.block_on(coordinator::demo::run(coordinator::demo::DemoOptions {
                 nodes,
                 hypervisor,
