@@ -775,14 +775,15 @@ impl Engine {
             .entry(key.clone())
             .or_default()
             .clone();
-        let answer = self.poll_until(&notify, &slot_id, &req, deadline).await;
-        let mut pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
-        // The map's and ours: nobody else waits on it (a pilot that polls
-        // again gets a fresh one).
-        if Arc::strong_count(&notify) <= 2 {
-            pollers.remove(&key);
-        }
-        answer
+        // Removes the entry when this poll ends, also when its connection
+        // drops mid-wait (the future is dropped, code after the await never runs).
+        let registered = Registered {
+            pollers: &self.pollers,
+            key,
+            notify,
+        };
+        self.poll_until(&registered.notify, &slot_id, &req, deadline)
+            .await
     }
 
     async fn poll_until(
@@ -1491,6 +1492,24 @@ impl<'p> AddressPlan<'p> {
 type NicsByVm = HashMap<VmId, Vec<protocol::pilot::Nic>>;
 
 /// Contexts of a workspace's VMs: each VM's NICs and the peer list.
+/// A waiting poll's place in [`Engine`]'s `pollers`; dropping it removes the
+/// entry unless another poll of the same (slot, node) still waits on it.
+struct Registered<'a> {
+    pollers: &'a Mutex<HashMap<(SlotId, String), Arc<Notify>>>,
+    key: (SlotId, String),
+    notify: Arc<Notify>,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut pollers = self.pollers.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's and this guard's: no other poll waits on it.
+        if Arc::strong_count(&self.notify) <= 2 {
+            pollers.remove(&self.key);
+        }
+    }
+}
+
 /// A pilot's poll answer: a [`protocol::pilot::PollResponse`] as JSON text.
 #[derive(Debug)]
 pub struct PollAnswer(pub String);
@@ -2089,5 +2108,65 @@ mod tests {
         let rows = vec![(1, json(&launch(ws.as_str(), &VmId::generate(), Vec::new())))];
         let err = poll_answer(store.conn(), rows).expect_err("no peers stored");
         assert!(err.to_string().contains(ws.as_str()), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_leaves_no_registration_behind_when_it_ends_or_its_connection_drops() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let lrm = Arc::new(lrm_adapters::memory::MemoryLrm::new(Capacity {
+            nodes: 8,
+            cores_per_node: 2,
+            memory_mb_per_node: 4096,
+        }));
+        let engine = Engine::new(cfg, lrm, "http://127.0.0.1:1".into()).expect("engine");
+        let caller = Caller {
+            user: "u".into(),
+            admin: true,
+        };
+        let spec = WorkspaceSpec::parse(protocol::spec::EXAMPLE).expect("spec");
+        let ws = engine.create(&caller, spec).await.expect("created");
+        let slot = ws.slots[0].id.clone();
+        let master = std::fs::read_to_string(dir.path().join("data/master.key")).expect("key");
+        let master = hex::decode(master.trim()).expect("hex");
+        let key = SlotKey::derive(&master, &slot).expect("slot key");
+        let poll = |wait_ms: u64| {
+            let body = serde_json::to_vec(&PollRequest {
+                slot_id: slot.clone(),
+                pilot_id: protocol::PilotId::generate(),
+                node: "node1".into(),
+                after: 0,
+                wait_ms,
+                ts_ms: now_ms(),
+            })
+            .expect("json");
+            let sig = key.sign(&body);
+            let (engine, slot) = (engine.clone(), slot.clone());
+            tokio::spawn(async move {
+                engine
+                    .pilot_poll(Some(slot.as_str()), Some(&sig), &body)
+                    .await
+            })
+        };
+        let registered = || engine.pollers.lock().expect("lock").len();
+
+        // Ends by itself (nothing to deliver): the entry goes with it.
+        let answer = poll(50).await.expect("joined").expect("answered");
+        assert_eq!(answer.0, r#"{"commands":[]}"#);
+        assert_eq!(registered(), 0);
+
+        // Dropped mid-wait, as when the pilot's connection closes.
+        let waiting = poll(10_000);
+        let start = Instant::now();
+        while registered() == 0 && start.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(registered(), 1, "the poll registered itself");
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(registered(), 0, "a dropped poll is unregistered");
     }
 }
