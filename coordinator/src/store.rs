@@ -43,13 +43,6 @@ CREATE TABLE IF NOT EXISTS pilots (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, pilot_id TEXT NOT NULL, last_event TEXT NOT NULL,
   reserved INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0,
   last_seen_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node));
--- Covering index for the per-event pilot counts (count_reserved_pilots,
--- count_released_pilots): read from the index alone, not one table row per
--- pilot, which at N = 1024 was half of the event writer's time. Its flags
--- change twice per pilot, so it costs the writer almost nothing. (One on
--- vms(workspace_id, state) for count_vms was tried: every VM state change
--- then updates it, +10 % writer CPU per event in the load benchmark.)
-CREATE INDEX IF NOT EXISTS pilots_flags ON pilots(slot_id, reserved, released);
 CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, slot_id TEXT NOT NULL, grp TEXT NOT NULL,
   idx INTEGER NOT NULL, name TEXT NOT NULL, node TEXT, state TEXT NOT NULL,
@@ -77,7 +70,64 @@ CREATE TABLE IF NOT EXISTS workspace_peers (
 CREATE TABLE IF NOT EXISTS node_images (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
   PRIMARY KEY (slot_id, node, image));
+
+-- Counters for the per-event rules ("are all VMs running?", "have all pilots
+-- of the slot released?"), kept by triggers so that each event reads one or
+-- a few rows instead of counting the workspace's N VMs or the slot's N
+-- pilots (O(N) per event, O(N^2) per lease: 15 % of the coordinator's CPU at
+-- N = 1024 before). Triggers, not Rust code, so that no write path can
+-- forget them; they fire only when a counted column changes, and the row
+-- they touch is per workspace or slot (a page the batch writes anyway).
+CREATE TABLE IF NOT EXISTS vm_counts (
+  workspace_id TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
+  PRIMARY KEY (workspace_id, state)) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS vm_counts_insert AFTER INSERT ON vms BEGIN
+  INSERT INTO vm_counts (workspace_id, state, n) VALUES (new.workspace_id, new.state, 1)
+    ON CONFLICT (workspace_id, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS vm_counts_update AFTER UPDATE OF state, workspace_id ON vms
+  WHEN old.state IS NOT new.state OR old.workspace_id IS NOT new.workspace_id BEGIN
+  UPDATE vm_counts SET n = n - 1 WHERE workspace_id = old.workspace_id AND state = old.state;
+  INSERT INTO vm_counts (workspace_id, state, n) VALUES (new.workspace_id, new.state, 1)
+    ON CONFLICT (workspace_id, state) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS vm_counts_delete AFTER DELETE ON vms BEGIN
+  UPDATE vm_counts SET n = n - 1 WHERE workspace_id = old.workspace_id AND state = old.state;
+END;
+-- holding: reserved and not released.
+CREATE TABLE IF NOT EXISTS pilot_counts (
+  slot_id TEXT PRIMARY KEY, pilots INTEGER NOT NULL, holding INTEGER NOT NULL,
+  released INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS pilot_counts_insert AFTER INSERT ON pilots BEGIN
+  INSERT INTO pilot_counts (slot_id, pilots, holding, released)
+    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
+      holding = holding + excluded.holding, released = released + excluded.released;
+END;
+CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF reserved, released, slot_id ON pilots
+  WHEN old.reserved IS NOT new.reserved OR old.released IS NOT new.released
+    OR old.slot_id IS NOT new.slot_id BEGIN
+  UPDATE pilot_counts SET pilots = pilots - 1,
+      holding = holding - (old.reserved = 1 AND old.released = 0),
+      released = released - (old.released = 1)
+    WHERE slot_id = old.slot_id;
+  INSERT INTO pilot_counts (slot_id, pilots, holding, released)
+    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
+      holding = holding + excluded.holding, released = released + excluded.released;
+END;
+CREATE TRIGGER IF NOT EXISTS pilot_counts_delete AFTER DELETE ON pilots BEGIN
+  UPDATE pilot_counts SET pilots = pilots - 1,
+      holding = holding - (old.reserved = 1 AND old.released = 0),
+      released = released - (old.released = 1)
+    WHERE slot_id = old.slot_id;
+END;
 "#;
+
+/// The schema version this build writes (`PRAGMA user_version`). Opening an
+/// older database upgrades it in one transaction (see [`migrate`]); a newer
+/// one is refused rather than misread.
+const SCHEMA_VERSION: i64 = 1;
 
 pub struct Store {
     conn: Connection,
@@ -86,7 +136,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -95,7 +145,7 @@ impl Store {
         // fsyncs and page copies, and fewer writer stalls (event p99 halved
         // in the load benchmark). Durability is unchanged (WAL, NORMAL).
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        conn.execute_batch(SCHEMA)?;
+        migrate(&mut conn)?;
         // Every query below is prepared once per connection and reused.
         conn.set_prepared_statement_cache_capacity(128);
         Ok(Self { conn })
@@ -140,6 +190,41 @@ impl Store {
     pub fn conn(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Creates the schema, or brings an older database up to [`SCHEMA_VERSION`],
+/// in one transaction: a failure leaves the database as it was.
+///
+/// Version 0 (before the counters) to 1: the counter tables start empty, so
+/// they are filled from the rows they count; the index the counts used to
+/// read is dropped.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let tx = conn.transaction()?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt {
+            what: "schema version",
+            detail: format!(
+                "the database is at version {version}, this coordinator knows up to {SCHEMA_VERSION}; use a newer coordinator"
+            ),
+        });
+    }
+    tx.execute_batch(SCHEMA)?;
+    if version < 1 {
+        tx.execute_batch(
+            "DROP INDEX IF EXISTS pilots_flags;
+             DELETE FROM vm_counts;
+             INSERT INTO vm_counts (workspace_id, state, n)
+               SELECT workspace_id, state, COUNT(*) FROM vms GROUP BY workspace_id, state;
+             DELETE FROM pilot_counts;
+             INSERT INTO pilot_counts (slot_id, pilots, holding, released)
+               SELECT slot_id, COUNT(*), SUM(reserved = 1 AND released = 0), SUM(released = 1)
+               FROM pilots GROUP BY slot_id;",
+        )?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
 }
 
 fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
@@ -990,11 +1075,13 @@ pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
 
 // ---- counts for the per-event rules (constant work per event) -------------
 
-/// VMs of the workspace, and how many of them are in `state`.
+/// VMs of the workspace, and how many of them are in `state` (from the
+/// trigger-kept counters: a few rows, whatever the workspace's size).
 pub fn count_vms(c: &Connection, ws: &WorkspaceId, state: VmState) -> Result<(u64, u64)> {
     let (all, in_state): (i64, i64) = c
         .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(state = ?2), 0) FROM vms WHERE workspace_id = ?1",
+            "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(CASE WHEN state = ?2 THEN n ELSE 0 END), 0)
+             FROM vm_counts WHERE workspace_id = ?1",
         )?
         .query_row(params![ws.as_str(), state.as_str()], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -1002,24 +1089,25 @@ pub fn count_vms(c: &Connection, ws: &WorkspaceId, state: VmState) -> Result<(u6
     Ok((all as u64, in_state as u64))
 }
 
+/// The slot's row of trigger-kept pilot counters: (pilots, holding, released).
+fn pilot_counts(c: &Connection, slot: &SlotId) -> Result<(u64, u64, u64)> {
+    let row: Option<(i64, i64, i64)> = c
+        .prepare_cached("SELECT pilots, holding, released FROM pilot_counts WHERE slot_id = ?1")?
+        .query_row([slot.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let (p, h, r) = row.unwrap_or((0, 0, 0));
+    Ok((p as u64, h as u64, r as u64))
+}
+
 /// Pilots of the slot that hold their node (reserved, not released).
 pub fn count_reserved_pilots(c: &Connection, slot: &SlotId) -> Result<u64> {
-    let n: i64 = c
-        .prepare_cached(
-            "SELECT COUNT(*) FROM pilots WHERE slot_id = ?1 AND reserved = 1 AND released = 0",
-        )?
-        .query_row([slot.as_str()], |r| r.get(0))?;
-    Ok(n as u64)
+    Ok(pilot_counts(c, slot)?.1)
 }
 
 /// Pilots of the slot, and how many have released (or were lost).
 pub fn count_released_pilots(c: &Connection, slot: &SlotId) -> Result<(u64, u64)> {
-    let (all, released): (i64, i64) = c
-        .prepare_cached(
-            "SELECT COUNT(*), COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?1",
-        )?
-        .query_row([slot.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok((all as u64, released as u64))
+    let (pilots, _, released) = pilot_counts(c, slot)?;
+    Ok((pilots, released))
 }
 
 /// Ids of the VMs on one node of one slot that have not ended.
@@ -1042,6 +1130,145 @@ pub fn has_phase(c: &Connection, ws: &WorkspaceId, phase: Phase) -> Result<bool>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vm(ws: &WorkspaceId, slot: &SlotId, idx: u32) -> VmRow {
+        VmRow {
+            id: VmId::generate(),
+            workspace_id: ws.clone(),
+            slot_id: slot.clone(),
+            group: "g".into(),
+            idx,
+            name: format!("g-{idx}"),
+            node: None,
+            state: VmState::Pending,
+            memory_mb: 256,
+            cpus: 1,
+            image: "i".into(),
+        }
+    }
+
+    /// The counters as the per-event rules read them, and as counted from
+    /// the rows themselves; a test fails if the triggers ever disagree.
+    fn counts_both_ways(c: &Connection, ws: &WorkspaceId, slot: &SlotId) -> [(u64, u64, u64); 2] {
+        let (vms, running) = count_vms(c, ws, VmState::Running).expect("count_vms");
+        let (pilots, released) = count_released_pilots(c, slot).expect("released");
+        let holding = count_reserved_pilots(c, slot).expect("reserved");
+        let kept = (vms * 1000 + running, pilots * 1000 + released, holding);
+        let counted = c
+            .query_row(
+                "SELECT (SELECT COUNT(*) * 1000 + COALESCE(SUM(state = 'running'), 0) FROM vms WHERE workspace_id = ?1),
+                        (SELECT COUNT(*) * 1000 + COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?2),
+                        (SELECT COUNT(*) FROM pilots WHERE slot_id = ?2 AND reserved = 1 AND released = 0)",
+                params![ws.as_str(), slot.as_str()],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
+            )
+            .expect("brute-force counts");
+        [kept, counted]
+    }
+
+    #[test]
+    fn trigger_kept_counters_follow_every_write_path() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let c = store.conn();
+        let (ws, other_ws) = (WorkspaceId::generate(), WorkspaceId::generate());
+        let (slot, other_slot) = (SlotId::generate(), SlotId::generate());
+        let vms: Vec<VmRow> = (0..5).map(|i| vm(&ws, &slot, i)).collect();
+        for v in &vms {
+            insert_vm(c, v).expect("insert vm");
+        }
+        insert_vm(c, &vm(&other_ws, &other_slot, 0)).expect("other workspace's vm");
+        for n in 0..4 {
+            touch_pilot(c, &slot, &format!("n{n}"), "p", "started", 1).expect("touch");
+        }
+        touch_pilot(c, &other_slot, "n0", "p", "started", 1).expect("other slot");
+        let check = |want: (u64, u64, u64)| {
+            let [kept, counted] = counts_both_ways(c, &ws, &slot);
+            assert_eq!(kept, counted, "counters disagree with the rows");
+            assert_eq!(kept, want);
+        };
+        check((5000, 4000, 0));
+        for v in &vms[..3] {
+            set_vm_state(c, &v.id, VmState::Running).expect("running");
+        }
+        // Writing the same state again changes nothing.
+        set_vm_state(c, &vms[0].id, VmState::Running).expect("same state");
+        check((5003, 4000, 0));
+        for n in 0..3 {
+            set_pilot_flags(c, &slot, &format!("n{n}"), Some(true), None).expect("reserved");
+        }
+        set_pilot_flags(c, &slot, "n0", Some(true), None).expect("reserved again");
+        // Touching a pilot (every event) leaves its flags and the counts alone.
+        touch_pilot(c, &slot, "n1", "p", "vm_started", 2).expect("touch");
+        check((5003, 4000, 3));
+        set_pilot_flags(c, &slot, "n0", None, Some(true)).expect("released");
+        mark_pilot_lost(c, &slot, "n3").expect("lost");
+        set_vm_state(c, &vms[1].id, VmState::Destroyed).expect("destroyed");
+        check((5002, 4002, 2));
+        c.execute("DELETE FROM vms WHERE id = ?1", [vms[2].id.as_str()])
+            .expect("delete a vm");
+        c.execute(
+            "DELETE FROM pilots WHERE slot_id = ?1 AND node = 'n1'",
+            [slot.as_str()],
+        )
+        .expect("delete a pilot");
+        check((4001, 3002, 1));
+        // A slot or workspace nobody has written about counts zero.
+        assert_eq!(
+            count_released_pilots(c, &SlotId::generate()).expect("count"),
+            (0, 0)
+        );
+        assert_eq!(
+            count_vms(c, &WorkspaceId::generate(), VmState::Running).expect("count"),
+            (0, 0)
+        );
+    }
+
+    #[test]
+    fn an_older_database_gets_its_counters_filled_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        {
+            let store = Store::open(&path).expect("open");
+            let c = store.conn();
+            for i in 0..3 {
+                insert_vm(c, &vm(&ws, &slot, i)).expect("insert vm");
+                touch_pilot(c, &slot, &format!("n{i}"), "p", "started", 1).expect("touch");
+            }
+            // Back to what a version-0 coordinator left: no counters, and
+            // rows written without them.
+            c.execute_batch(
+                "DROP TABLE vm_counts; DROP TABLE pilot_counts;
+                 DROP TRIGGER vm_counts_insert; DROP TRIGGER vm_counts_update; DROP TRIGGER vm_counts_delete;
+                 DROP TRIGGER pilot_counts_insert; DROP TRIGGER pilot_counts_update; DROP TRIGGER pilot_counts_delete;
+                 CREATE INDEX pilots_flags ON pilots(slot_id, reserved, released);
+                 UPDATE vms SET state = 'running' WHERE idx < 2;
+                 UPDATE pilots SET reserved = 1 WHERE node <> 'n2';
+                 UPDATE pilots SET released = 1 WHERE node = 'n0';
+                 PRAGMA user_version = 0;",
+            )
+            .expect("downgrade");
+        }
+        let store = Store::open(&path).expect("reopen upgrades");
+        let c = store.conn();
+        let [kept, counted] = counts_both_ways(c, &ws, &slot);
+        assert_eq!(kept, counted);
+        assert_eq!(kept, (3002, 3001, 1));
+        let index: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'pilots_flags'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("query");
+        assert_eq!(index, 0, "the old counts index is dropped");
+        c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .expect("pretend a newer coordinator wrote it");
+        drop(store);
+        let err = Store::open(&path).err().expect("a newer schema is refused");
+        assert!(err.to_string().contains("newer coordinator"), "{err}");
+    }
 
     #[test]
     fn tx_each_rolls_back_only_the_item_that_failed() {
