@@ -433,10 +433,13 @@ pub async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
         tasks.spawn(async move {
             let mut c = Conn::open(&addr).await?;
             let mut mine = Vec::new();
-            let mut i = s;
-            while Instant::now() < end {
-                let p = &all[i % all.len()];
-                i += SENDERS;
+            // Each sender owns every SENDERS-th pilot: like a real pilot,
+            // none has two events in flight (the coordinator relies on it).
+            let owned: Vec<&Arc<Pilot>> = all.iter().skip(s).step_by(SENDERS).collect();
+            let mut i = 0;
+            while !owned.is_empty() && Instant::now() < end {
+                let p = owned[i % owned.len()];
+                i += 1;
                 let (body, sig) = p.event(EventKind::VmDestroyed {
                     vm_id: p.vm.clone(),
                     destroy_ms: 1,

@@ -52,10 +52,18 @@ CREATE INDEX IF NOT EXISTS vms_slot_node ON vms(slot_id, node);
 CREATE TABLE IF NOT EXISTS commands (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
   created_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node, id));
+-- Every stored pilot event, as received: an append-only log for admins and
+-- audits. No index: replays are caught by pilot_seqs, whose few hot pages a
+-- group commit writes once, where a (pilot_id, seq) key put each event on a
+-- random page of an ever-growing index (a third of the pages the event
+-- writer wrote per event under load).
 CREATE TABLE IF NOT EXISTS pilot_events (
   pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
-  ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL,
-  PRIMARY KEY (pilot_id, seq));
+  ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL);
+-- Per pilot instance, the highest sequence number stored. A pilot sends its
+-- events in order, one at a time, so any seq at or below it was stored.
+CREATE TABLE IF NOT EXISTS pilot_seqs (
+  pilot_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS timeline (
   workspace_id TEXT NOT NULL, seq INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
   recorded_ms INTEGER NOT NULL, phase TEXT NOT NULL, slot_id TEXT, node TEXT, vm_id TEXT,
@@ -127,7 +135,7 @@ END;
 /// The schema version this build writes (`PRAGMA user_version`). Opening an
 /// older database upgrades it in one transaction (see [`migrate`]); a newer
 /// one is refused rather than misread.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 pub struct Store {
     conn: Connection,
@@ -194,10 +202,6 @@ impl Store {
 
 /// Creates the schema, or brings an older database up to [`SCHEMA_VERSION`],
 /// in one transaction: a failure leaves the database as it was.
-///
-/// Version 0 (before the counters) to 1: the counter tables start empty, so
-/// they are filled from the rows they count; the index the counts used to
-/// read is dropped.
 fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction()?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -209,8 +213,15 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             ),
         });
     }
+    let fresh: bool = tx.query_row(
+        "SELECT COUNT(*) = 0 FROM sqlite_master WHERE type = 'table' AND name = 'workspaces'",
+        [],
+        |r| r.get(0),
+    )?;
     tx.execute_batch(SCHEMA)?;
-    if version < 1 {
+    if !fresh && version < 1 {
+        // 0 -> 1: the counter tables start empty; fill them from the rows
+        // they count. The index the counts used to read goes.
         tx.execute_batch(
             "DROP INDEX IF EXISTS pilots_flags;
              DELETE FROM vm_counts;
@@ -220,6 +231,23 @@ fn migrate(conn: &mut Connection) -> Result<()> {
              INSERT INTO pilot_counts (slot_id, pilots, holding, released)
                SELECT slot_id, COUNT(*), SUM(reserved = 1 AND released = 0), SUM(released = 1)
                FROM pilots GROUP BY slot_id;",
+        )?;
+    }
+    if !fresh && version < 2 {
+        // 1 -> 2: replays are caught by pilot_seqs, filled from the log; the
+        // log loses its (pilot_id, seq) key (SQLite rebuilds to drop one).
+        tx.execute_batch(
+            "DELETE FROM pilot_seqs;
+             INSERT INTO pilot_seqs (pilot_id, last_seq)
+               SELECT pilot_id, MAX(seq) FROM pilot_events GROUP BY pilot_id;
+             CREATE TABLE pilot_events_v2 (
+               pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+               ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL);
+             INSERT INTO pilot_events_v2 (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
+               SELECT pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body FROM pilot_events
+               ORDER BY recorded_ms, pilot_id, seq;
+             DROP TABLE pilot_events;
+             ALTER TABLE pilot_events_v2 RENAME TO pilot_events;",
         )?;
     }
     tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -978,11 +1006,34 @@ pub fn workspace_peers(c: &Connection, ws: &str) -> Result<Option<String>> {
 
 // ---- pilot events ----------------------------------------------------------
 
-/// Stores a pilot event; `false` if (pilot, seq) was already stored.
+/// Stores a pilot event; `false` if it was already stored: its sequence
+/// number is at or below the highest stored for its pilot instance (pilots
+/// send in order, one event at a time, so that is a resend or a replay).
 pub fn insert_pilot_event(c: &Connection, e: &PilotEvent, body: &str, now: u64) -> Result<bool> {
-    let n = c.prepare_cached("INSERT OR IGNORE INTO pilot_events (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![e.pilot_id.as_str(), e.seq as i64, e.slot_id.as_str(), e.node, e.ts_ms as i64, now as i64, body])?;
-    Ok(n == 1)
+    let advanced = c
+        .prepare_cached(
+            "INSERT INTO pilot_seqs (pilot_id, last_seq) VALUES (?1, ?2)
+             ON CONFLICT (pilot_id) DO UPDATE SET last_seq = excluded.last_seq
+             WHERE excluded.last_seq > last_seq",
+        )?
+        .execute(params![e.pilot_id.as_str(), e.seq as i64])?;
+    if advanced == 0 {
+        return Ok(false);
+    }
+    c.prepare_cached(
+        "INSERT INTO pilot_events (pilot_id, seq, slot_id, node, ts_ms, recorded_ms, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        e.pilot_id.as_str(),
+        e.seq as i64,
+        e.slot_id.as_str(),
+        e.node,
+        e.ts_ms as i64,
+        now as i64,
+        body
+    ])?;
+    Ok(true)
 }
 
 // ---- timeline --------------------------------------------------------------
@@ -1246,6 +1297,13 @@ mod tests {
                  UPDATE vms SET state = 'running' WHERE idx < 2;
                  UPDATE pilots SET reserved = 1 WHERE node <> 'n2';
                  UPDATE pilots SET released = 1 WHERE node = 'n0';
+                 DROP TABLE pilot_seqs; DROP TABLE pilot_events;
+                 CREATE TABLE pilot_events (
+                   pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+                   ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL,
+                   PRIMARY KEY (pilot_id, seq));
+                 INSERT INTO pilot_events VALUES ('pi-aaaaaaaa', 1, 's', 'n0', 1, 1, '{}'), ('pi-aaaaaaaa', 2, 's', 'n0', 2, 2, '{}'),
+                   ('pi-bbbbbbbb', 1, 's', 'n1', 3, 3, '{}');
                  PRAGMA user_version = 0;",
             )
             .expect("downgrade");
@@ -1263,11 +1321,86 @@ mod tests {
             )
             .expect("query");
         assert_eq!(index, 0, "the old counts index is dropped");
+        // The event log is kept, and what it holds is known as stored.
+        let logged: i64 = c
+            .query_row("SELECT COUNT(*) FROM pilot_events", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(logged, 3);
+        let resend = |pilot: &str, seq: u64| {
+            let mut e = event(pilot, seq);
+            e.slot_id = slot.clone();
+            insert_pilot_event(c, &e, "{}", 9).expect("insert")
+        };
+        assert!(
+            !resend("pi-aaaaaaaa", 2),
+            "an event stored before the upgrade is a replay"
+        );
+        assert!(!resend("pi-bbbbbbbb", 1));
+        assert!(resend("pi-aaaaaaaa", 3));
         c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .expect("pretend a newer coordinator wrote it");
         drop(store);
         let err = Store::open(&path).err().expect("a newer schema is refused");
         assert!(err.to_string().contains("newer coordinator"), "{err}");
+    }
+
+    fn event(pilot: &str, seq: u64) -> PilotEvent {
+        PilotEvent {
+            slot_id: SlotId::generate(),
+            pilot_id: pilot.parse().expect("pilot id"),
+            node: "n1".into(),
+            seq,
+            ts_ms: 1,
+            kind: protocol::pilot::EventKind::Started {
+                pid: 1,
+                hypervisor: "sim".into(),
+                job_id: None,
+            },
+        }
+    }
+
+    #[test]
+    fn an_event_at_or_below_its_pilots_highest_stored_seq_is_not_stored_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let c = store.conn();
+        let put = |pilot: &str, seq: u64| {
+            insert_pilot_event(c, &event(pilot, seq), "{}", 1).expect("insert")
+        };
+        assert!(put("pi-aaaaaaaa", 1));
+        assert!(put("pi-aaaaaaaa", 2));
+        assert!(
+            !put("pi-aaaaaaaa", 2),
+            "a resend after a lost acknowledgement"
+        );
+        assert!(!put("pi-aaaaaaaa", 1), "a replay of an older event");
+        assert!(
+            put("pi-bbbbbbbb", 1),
+            "another pilot instance counts on its own"
+        );
+        assert!(put("pi-aaaaaaaa", 3));
+        // A gap cannot happen with a pilot that sends in order; were one to
+        // appear, the later event is stored and the earlier one is then old.
+        assert!(put("pi-aaaaaaaa", 5));
+        assert!(!put("pi-aaaaaaaa", 4));
+        let logged: Vec<(String, i64)> = c
+            .prepare("SELECT pilot_id, seq FROM pilot_events ORDER BY rowid")
+            .expect("prepare")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<std::result::Result<_, _>>()
+            .expect("rows");
+        let want: Vec<(String, i64)> = [
+            ("pi-aaaaaaaa", 1),
+            ("pi-aaaaaaaa", 2),
+            ("pi-bbbbbbbb", 1),
+            ("pi-aaaaaaaa", 3),
+            ("pi-aaaaaaaa", 5),
+        ]
+        .iter()
+        .map(|(p, s)| (p.to_string(), *s))
+        .collect();
+        assert_eq!(logged, want, "each event logged once, in arrival order");
     }
 
     #[test]

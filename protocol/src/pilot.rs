@@ -4,9 +4,12 @@
 //! and `POST /pilot/v1/poll` with a [`PollRequest`] body (a long-poll for
 //! [`Command`]s). Both bodies are signed with the slot key (see [`crate::auth`]).
 //! The coordinator stores an event before it acknowledges it. A pilot numbers
-//! its events 1, 2, 3… per pilot instance; a sequence number the coordinator
-//! already stored is answered `409` with [`EventAck::duplicate`] set, which the
-//! pilot treats as acknowledged (it means an earlier try got through).
+//! its events 1, 2, 3… per pilot instance and sends them in order, one at a
+//! time: the next only once the previous is acknowledged (or refused). The
+//! coordinator relies on that: it keeps the highest sequence number stored
+//! per pilot instance, and answers any event at or below it `409` with
+//! [`EventAck::duplicate`] set, which the pilot treats as acknowledged (it
+//! means an earlier try got through; from anyone else it is a replay).
 
 use crate::ids::{PilotId, SlotId, VmId};
 use serde::{Deserialize, Serialize};
