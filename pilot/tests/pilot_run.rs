@@ -2,161 +2,21 @@
 //! node in a temp directory, and a fake coordinator that checks signatures,
 //! records events and serves scripted commands.
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
 use pilot::hypervisor::sim::{Sim, SimNode};
 use pilot::hypervisor::Hypervisor;
-use protocol::auth::{SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
-use protocol::pilot::{
-    Command, CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse,
-    ReleaseReason, VmLaunch, EVENTS_PATH, POLL_PATH,
-};
+use protocol::pilot::{CommandKind, EventKind, PilotEvent, ReleaseReason, VmLaunch};
 use protocol::{SlotId, VmId, VmName};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Coord;
+
 const PILOT: &str = env!("CARGO_BIN_EXE_workspace-pilot");
-
-struct Coord {
-    key: SlotKey,
-    slot: SlotId,
-    events: Mutex<Vec<PilotEvent>>,
-    commands: Mutex<Vec<Command>>,
-    bad_signatures: AtomicUsize,
-    /// When set, every request hangs (a coordinator that is gone).
-    dead: AtomicBool,
-}
-
-impl Coord {
-    fn signed(&self, headers: &HeaderMap, body: &[u8]) -> bool {
-        let slot_ok =
-            headers.get(SLOT_HEADER).and_then(|v| v.to_str().ok()) == Some(self.slot.as_str());
-        let sig = headers
-            .get(SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let ok = slot_ok && self.key.verify(body, sig).unwrap_or(false);
-        if !ok {
-            self.bad_signatures.fetch_add(1, Ordering::SeqCst);
-        }
-        ok
-    }
-
-    async fn hang_if_dead(&self) {
-        if self.dead.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-        }
-    }
-
-    fn events(&self) -> Vec<PilotEvent> {
-        self.events.lock().unwrap().clone()
-    }
-
-    fn kinds(&self) -> Vec<&'static str> {
-        self.events().iter().map(|e| e.kind.name()).collect()
-    }
-
-    fn command(&self, kind: CommandKind) {
-        let mut c = self.commands.lock().unwrap();
-        let id = c.len() as u64 + 1;
-        c.push(Command { id, kind });
-    }
-
-    async fn wait_for(&self, name: &str, timeout: Duration) -> PilotEvent {
-        let start = Instant::now();
-        loop {
-            if let Some(e) = self.events().into_iter().find(|e| e.kind.name() == name) {
-                return e;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no {name} event within {timeout:?}; got {:?}",
-                self.kinds()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-async fn events_handler(
-    State(c): State<Arc<Coord>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    c.hang_if_dead().await;
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(event) = serde_json::from_slice::<PilotEvent>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad event\"}".into());
-    };
-    let mut events = c.events.lock().unwrap();
-    let seq = event.seq;
-    if events
-        .iter()
-        .any(|e| e.pilot_id == event.pilot_id && e.seq == seq)
-    {
-        let ack = EventAck {
-            seq,
-            duplicate: true,
-        };
-        return (StatusCode::CONFLICT, serde_json::to_string(&ack).unwrap());
-    }
-    events.push(event);
-    (
-        StatusCode::OK,
-        serde_json::to_string(&EventAck {
-            seq,
-            duplicate: false,
-        })
-        .unwrap(),
-    )
-}
-
-async fn poll_handler(
-    State(c): State<Arc<Coord>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    c.hang_if_dead().await;
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(req) = serde_json::from_slice::<PollRequest>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad poll\"}".into());
-    };
-    let until = Instant::now() + Duration::from_millis(req.wait_ms);
-    loop {
-        let commands: Vec<Command> = c
-            .commands
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|cmd| cmd.id > req.after)
-            .cloned()
-            .collect();
-        if !commands.is_empty() || Instant::now() >= until {
-            return (
-                StatusCode::OK,
-                serde_json::to_string(&PollResponse { commands }).unwrap(),
-            );
-        }
-        c.hang_if_dead().await;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
 
 struct Harness {
     _tmp: tempfile::TempDir,
@@ -173,27 +33,9 @@ impl Harness {
         let tmp = tempfile::tempdir().unwrap();
         let sim_dir = tmp.path().join("sim");
         Sim::init(&sim_dir, &node, false).unwrap();
-        let slot = SlotId::generate();
-        let key = SlotKey::derive(b"test master", &slot).unwrap();
         let key_file = tmp.path().join("slot.key");
-        std::fs::write(&key_file, format!("{}\n", key.to_hex())).unwrap();
-        let coord = Arc::new(Coord {
-            key,
-            slot: slot.clone(),
-            events: Mutex::new(Vec::new()),
-            commands: Mutex::new(Vec::new()),
-            bad_signatures: AtomicUsize::new(0),
-            dead: AtomicBool::new(false),
-        });
-        let app = Router::new()
-            .route(EVENTS_PATH, post(events_handler))
-            .route(POLL_PATH, post(poll_handler))
-            .with_state(Arc::clone(&coord));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (coord, url) = Coord::start(&key_file).await;
+        let slot = coord.slot.clone();
         Self {
             state_dir: tmp.path().join("state"),
             _tmp: tmp,

@@ -7,26 +7,19 @@
 //! single-threaded, so `main` sets it (and PATH) first, then runs the tests
 //! one after another. Arguments filter tests by substring, as libtest does.
 
+mod common;
 #[path = "../../xen-standin/src/harness.rs"]
 mod harness;
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::Router;
+use common::Coord;
 use harness::{target_bin, Standin};
 use pilot::hypervisor::xen::Xen;
 use pilot::hypervisor::{set_dom0_target_and_wait, HvError, HvOptions, Hypervisor, NodeConfig};
-use protocol::auth::{SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
-use protocol::pilot::{
-    Command, CommandKind, EventAck, EventKind, PilotEvent, PollRequest, PollResponse,
-    ReleaseReason, VmLaunch, EVENTS_PATH, POLL_PATH,
-};
+use protocol::pilot::{CommandKind, EventKind, ReleaseReason, VmLaunch};
 use protocol::{SlotId, VmId, VmName};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The directory of the in-process driver's stand-in (fixed: its socket is
@@ -247,119 +240,6 @@ fn dead_xenstored_is_a_bounded_error_and_a_restarted_one_is_reconnected(root: &P
 
 // ---------------------------------------------------------------- pilot end to end
 
-struct Coord {
-    key: SlotKey,
-    slot: SlotId,
-    events: Mutex<Vec<PilotEvent>>,
-    commands: Mutex<Vec<Command>>,
-}
-
-impl Coord {
-    fn signed(&self, headers: &HeaderMap, body: &[u8]) -> bool {
-        let slot_ok =
-            headers.get(SLOT_HEADER).and_then(|v| v.to_str().ok()) == Some(self.slot.as_str());
-        let sig = headers
-            .get(SIGNATURE_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        slot_ok && self.key.verify(body, sig).unwrap_or(false)
-    }
-
-    fn kinds(&self) -> Vec<&'static str> {
-        self.events
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|e| e.kind.name())
-            .collect()
-    }
-
-    fn command(&self, kind: CommandKind) {
-        let mut c = self.commands.lock().unwrap();
-        let id = c.len() as u64 + 1;
-        c.push(Command { id, kind });
-    }
-
-    async fn wait_for(&self, name: &str, timeout: Duration) -> PilotEvent {
-        let start = Instant::now();
-        loop {
-            let found = self
-                .events
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|e| e.kind.name() == name)
-                .cloned();
-            if let Some(e) = found {
-                return e;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "no {name} within {timeout:?}: {:?}",
-                self.kinds()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
-async fn events_handler(
-    State(c): State<Arc<Coord>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(event) = serde_json::from_slice::<PilotEvent>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad event\"}".into());
-    };
-    let seq = event.seq;
-    c.events.lock().unwrap().push(event);
-    let ack = EventAck {
-        seq,
-        duplicate: false,
-    };
-    (StatusCode::OK, serde_json::to_string(&ack).unwrap())
-}
-
-async fn poll_handler(
-    State(c): State<Arc<Coord>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> (StatusCode, String) {
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(req) = serde_json::from_slice::<PollRequest>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad poll\"}".into());
-    };
-    let until = Instant::now() + Duration::from_millis(req.wait_ms);
-    loop {
-        let commands: Vec<Command> = c
-            .commands
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|cmd| cmd.id > req.after)
-            .cloned()
-            .collect();
-        if !commands.is_empty() || Instant::now() >= until {
-            return (
-                StatusCode::OK,
-                serde_json::to_string(&PollResponse { commands }).unwrap(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// A pilot's world: its own stand-in node, node config, key and fake coordinator.
 struct PilotHarness {
     node: Standin,
@@ -376,25 +256,9 @@ impl PilotHarness {
         let dir = root.join(name);
         let node = Standin::start(&dir, standin_args);
         let node_config = node.write_node_config("");
-        let slot = SlotId::generate();
-        let key = SlotKey::derive(b"test master", &slot).unwrap();
         let key_file = dir.join("slot.key");
-        std::fs::write(&key_file, format!("{}\n", key.to_hex())).unwrap();
-        let coord = Arc::new(Coord {
-            key,
-            slot: slot.clone(),
-            events: Mutex::new(Vec::new()),
-            commands: Mutex::new(Vec::new()),
-        });
-        let app = Router::new()
-            .route(EVENTS_PATH, post(events_handler))
-            .route(POLL_PATH, post(poll_handler))
-            .with_state(Arc::clone(&coord));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (coord, url) = Coord::start(&key_file).await;
+        let slot = coord.slot.clone();
         Self {
             state_dir: dir.join("state"),
             node,

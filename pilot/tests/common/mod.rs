@@ -1,0 +1,180 @@
+//! The fake coordinator the pilot's end-to-end tests talk to (the pilot must
+//! not depend on the real one): it checks each request's slot and signature,
+//! records events (a resent `(pilot, seq)` is answered 409-duplicate, as the
+//! real one does), and serves the commands a test scripts, by long-poll.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::Router;
+use protocol::auth::{SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
+use protocol::pilot::{
+    Command, CommandKind, EventAck, PilotEvent, PollRequest, PollResponse, EVENTS_PATH, POLL_PATH,
+};
+use protocol::SlotId;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct Coord {
+    pub key: SlotKey,
+    pub slot: SlotId,
+    pub events: Mutex<Vec<PilotEvent>>,
+    pub commands: Mutex<Vec<Command>>,
+    /// Requests refused for a wrong slot or signature.
+    pub bad_signatures: AtomicUsize,
+    /// When set, every request hangs (a coordinator that is gone).
+    pub dead: AtomicBool,
+}
+
+impl Coord {
+    /// A fake coordinator for a new slot, serving on loopback; its key is
+    /// written to `key_file` as a pilot reads it. Returns it and its URL.
+    pub async fn start(key_file: &Path) -> (Arc<Coord>, String) {
+        let slot = SlotId::generate();
+        let key = SlotKey::derive(b"test master", &slot).unwrap();
+        std::fs::write(key_file, format!("{}\n", key.to_hex())).unwrap();
+        let coord = Arc::new(Coord {
+            key,
+            slot,
+            events: Mutex::new(Vec::new()),
+            commands: Mutex::new(Vec::new()),
+            bad_signatures: AtomicUsize::new(0),
+            dead: AtomicBool::new(false),
+        });
+        let app = Router::new()
+            .route(EVENTS_PATH, post(events_handler))
+            .route(POLL_PATH, post(poll_handler))
+            .with_state(Arc::clone(&coord));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (coord, url)
+    }
+
+    fn signed(&self, headers: &HeaderMap, body: &[u8]) -> bool {
+        let slot_ok =
+            headers.get(SLOT_HEADER).and_then(|v| v.to_str().ok()) == Some(self.slot.as_str());
+        let sig = headers
+            .get(SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let ok = slot_ok && self.key.verify(body, sig).unwrap_or(false);
+        if !ok {
+            self.bad_signatures.fetch_add(1, Ordering::SeqCst);
+        }
+        ok
+    }
+
+    async fn hang_if_dead(&self) {
+        if self.dead.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+
+    pub fn events(&self) -> Vec<PilotEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn kinds(&self) -> Vec<&'static str> {
+        self.events().iter().map(|e| e.kind.name()).collect()
+    }
+
+    /// Queues a command for the pilot (ids 1, 2, 3…).
+    pub fn command(&self, kind: CommandKind) {
+        let mut c = self.commands.lock().unwrap();
+        let id = c.len() as u64 + 1;
+        c.push(Command { id, kind });
+    }
+
+    /// The first event of kind `name`; fails the test after `timeout`.
+    pub async fn wait_for(&self, name: &str, timeout: Duration) -> PilotEvent {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| e.kind.name() == name) {
+                return e;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {name} event within {timeout:?}; got {:?}",
+                self.kinds()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn events_handler(
+    State(c): State<Arc<Coord>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    c.hang_if_dead().await;
+    if !c.signed(&headers, &body) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "{\"error\":\"bad signature\"}".into(),
+        );
+    }
+    let Ok(event) = serde_json::from_slice::<PilotEvent>(&body) else {
+        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad event\"}".into());
+    };
+    let mut events = c.events.lock().unwrap();
+    let seq = event.seq;
+    let duplicate = events
+        .iter()
+        .any(|e| e.pilot_id == event.pilot_id && e.seq == seq);
+    if !duplicate {
+        events.push(event);
+    }
+    let ack = serde_json::to_string(&EventAck { seq, duplicate }).unwrap();
+    let status = if duplicate {
+        StatusCode::CONFLICT
+    } else {
+        StatusCode::OK
+    };
+    (status, ack)
+}
+
+async fn poll_handler(
+    State(c): State<Arc<Coord>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, String) {
+    c.hang_if_dead().await;
+    if !c.signed(&headers, &body) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "{\"error\":\"bad signature\"}".into(),
+        );
+    }
+    let Ok(req) = serde_json::from_slice::<PollRequest>(&body) else {
+        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad poll\"}".into());
+    };
+    let until = Instant::now() + Duration::from_millis(req.wait_ms);
+    loop {
+        let commands: Vec<Command> = c
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|cmd| cmd.id > req.after)
+            .cloned()
+            .collect();
+        if !commands.is_empty() || Instant::now() >= until {
+            return (
+                StatusCode::OK,
+                serde_json::to_string(&PollResponse { commands }).unwrap(),
+            );
+        }
+        c.hang_if_dead().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
