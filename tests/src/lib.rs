@@ -624,6 +624,26 @@ pub fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// PIDs of the live QEMU processes whose arguments point under `root` (a
+/// test's temporary directory): the VMs that test started.
+pub fn qemus_under(root: &Path) -> Vec<i32> {
+    let root = root.display().to_string();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&cmd);
+        if text.starts_with("qemu-system") && text.contains(&root) && !is_zombie(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 /// True while `pid` runs (a zombie counts as gone).
 pub fn alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok() && !is_zombie(pid)

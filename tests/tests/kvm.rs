@@ -126,21 +126,7 @@ impl KvmCluster {
 
     /// PIDs of QEMU processes whose arguments point into this test's dir.
     fn qemus(&self) -> Vec<i32> {
-        let root = self.tmp.path().display().to_string();
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let text = String::from_utf8_lossy(&cmd);
-            if text.starts_with("qemu-system") && text.contains(&root) && !is_zombie(pid) {
-                out.push(pid);
-            }
-        }
-        out
+        qemus_under(self.tmp.path())
     }
 
     /// The pool is back where it was and no QEMU of this test is left.

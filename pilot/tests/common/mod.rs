@@ -16,6 +16,7 @@ use protocol::pilot::{
     Command, CommandKind, EventAck, PilotEvent, PollRequest, PollResponse, EVENTS_PATH, POLL_PATH,
 };
 use protocol::SlotId;
+use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,26 @@ impl Coord {
         ok
     }
 
+    /// A request's body if it is signed for our slot and parses; else the
+    /// answer that refuses it. Hangs first if the coordinator is "dead".
+    async fn accept<T: DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<T, (StatusCode, String)> {
+        self.hang_if_dead().await;
+        if !self.signed(headers, body) {
+            return Err((
+                StatusCode::UNAUTHORIZED,
+                "{\"error\":\"bad signature\"}".into(),
+            ));
+        }
+        serde_json::from_slice(body).map_err(|e| {
+            let error = serde_json::json!({ "error": e.to_string() });
+            (StatusCode::BAD_REQUEST, error.to_string())
+        })
+    }
+
     async fn hang_if_dead(&self) {
         if self.dead.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -116,15 +137,9 @@ async fn events_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    c.hang_if_dead().await;
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(event) = serde_json::from_slice::<PilotEvent>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad event\"}".into());
+    let event: PilotEvent = match c.accept(&headers, &body).await {
+        Ok(event) => event,
+        Err(refused) => return refused,
     };
     let mut events = c.events.lock().unwrap();
     let seq = event.seq;
@@ -148,15 +163,9 @@ async fn poll_handler(
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
-    c.hang_if_dead().await;
-    if !c.signed(&headers, &body) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "{\"error\":\"bad signature\"}".into(),
-        );
-    }
-    let Ok(req) = serde_json::from_slice::<PollRequest>(&body) else {
-        return (StatusCode::BAD_REQUEST, "{\"error\":\"bad poll\"}".into());
+    let req: PollRequest = match c.accept(&headers, &body).await {
+        Ok(req) => req,
+        Err(refused) => return refused,
     };
     let until = Instant::now() + Duration::from_millis(req.wait_ms);
     loop {
