@@ -53,10 +53,10 @@ CREATE TABLE IF NOT EXISTS commands (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
   created_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node, id));
 -- Every stored pilot event, as received: an append-only log for admins and
--- audits. No index: replays are caught by pilot_seqs, whose few hot pages a
--- group commit writes once, where a (pilot_id, seq) key put each event on a
--- random page of an ever-growing index (a third of the pages the event
--- writer wrote per event under load).
+-- audits. No index: replays are caught by pilot_seqs (one small row per
+-- pilot instance, updated in place), where a (pilot_id, seq) key put every
+-- event on a random page of an index that grew with every event (a third
+-- of the pages the event writer wrote under load).
 CREATE TABLE IF NOT EXISTS pilot_events (
   pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
   ts_ms INTEGER NOT NULL, recorded_ms INTEGER NOT NULL, body TEXT NOT NULL);

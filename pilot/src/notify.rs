@@ -158,8 +158,9 @@ impl Notifier {
 
     /// Sends queued events in order, one at a time (the coordinator's
     /// duplicate check relies on it: see `protocol::pilot`), until the
-    /// outbox is empty or `deadline` passes. Acked (200, or 409 duplicate) and refused (other 4xx, logged)
-    /// events leave the outbox; 5xx and network errors are retried.
+    /// outbox is empty or `deadline` passes. Acked (200, or 409 duplicate)
+    /// and refused (other 4xx, logged) events leave the outbox; 5xx and
+    /// network errors are retried.
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), NotifyError> {
         let mut attempts = 0u32;
         let mut backoff = Duration::from_millis(25);
