@@ -426,7 +426,10 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(log) = std::env::var_os("WSP_FAKE_XL_LOG") {
         if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{}", args.join(" "));
+            // One write per line: calls run in parallel (kill-all destroys
+            // so), and `writeln!` writes the text and its newline apart,
+            // which lets two calls' lines run together.
+            let _ = f.write_all(format!("{}\n", args.join(" ")).as_bytes());
         }
     }
     if let Err(e) = run(&args) {
