@@ -304,7 +304,7 @@ async fn bench(args: &Args) -> Result<()> {
             .unwrap_or(if args.quick { 3.0 } else { 10.0 });
         for k in levels {
             eprintln!("load: {k} pilots, {secs} s of events ...");
-            let res = load::run(k, secs)
+            let res = load::run_on_one_thread(k, secs)
                 .await
                 .with_context(|| format!("load with {k} pilots"))?;
             rep.load.push(res);
