@@ -274,7 +274,6 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Runs one load level: `pilots` long-polls, events for `seconds`.
 /// [`run`] on a thread of its own with a single-threaded runtime. The load
 /// generator stands in for pilots on other hosts, yet shares this host's 2
 /// cores with the coordinator: on one thread it takes less of them than on
@@ -294,6 +293,7 @@ pub async fn run_on_one_thread(pilots: usize, seconds: f64) -> Result<LoadResult
         .map_err(|_| anyhow!("the load generator's thread panicked"))?
 }
 
+/// Runs one load level: `pilots` long-polls, events for `seconds`.
 async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
     let setup = Instant::now();
     raise_nofile((pilots as u64) * 2 + 4096)?;
