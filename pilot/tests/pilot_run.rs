@@ -218,6 +218,7 @@ async fn release_command_destroys_the_vm_restores_memory_and_exits_0() {
         .iter()
         .all(|e| e.pilot_id == events[0].pilot_id && e.node == "n1"));
     assert_eq!(h.coord.bad_signatures.load(Ordering::SeqCst), 0);
+    assert_eq!(h.coord.out_of_order.load(Ordering::SeqCst), 0);
     match &events[1].kind {
         EventKind::Reserved {
             dom0_before_mb,
@@ -236,6 +237,31 @@ async fn release_command_destroys_the_vm_restores_memory_and_exits_0() {
         released(&events[3]),
         (ReleaseReason::Commanded, vec![vm.vm_id], true)
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_the_coordinator_cannot_take_are_resent_in_order_before_the_next() {
+    // The coordinator stores by each pilot's highest seq: a pilot that went
+    // on to its next event before the refused one got through would lose it.
+    let h = Harness::new(node(4096)).await;
+    h.coord.fail_events.store(3, Ordering::SeqCst);
+    let (mut child, _vm) = reserved_with_vm(&h, 5, &[]).await;
+    h.coord.fail_events.store(2, Ordering::SeqCst);
+    h.coord.command(CommandKind::Release);
+    assert_eq!(exit_code(&mut child, Duration::from_secs(10)).await, 0);
+    assert_eq!(
+        h.coord.fail_events.load(Ordering::SeqCst),
+        0,
+        "503s answered"
+    );
+    assert_eq!(
+        h.coord.kinds(),
+        vec!["started", "reserved", "vm_started", "released"]
+    );
+    let seqs: Vec<u64> = h.coord.events().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4]);
+    assert_eq!(h.coord.out_of_order.load(Ordering::SeqCst), 0);
+    assert_eq!(h.dom0(), (4096, 4096));
 }
 
 #[tokio::test(flavor = "multi_thread")]

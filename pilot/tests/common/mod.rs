@@ -1,7 +1,8 @@
 //! The fake coordinator the pilot's end-to-end tests talk to (the pilot must
 //! not depend on the real one): it checks each request's slot and signature,
-//! records events (a resent `(pilot, seq)` is answered 409-duplicate, as the
-//! real one does), and serves the commands a test scripts, by long-poll.
+//! records events (one at or below its pilot's highest stored seq is
+//! answered 409-duplicate, as the real one does, which relies on pilots
+//! sending in order), and serves the commands a test scripts, by long-poll.
 
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
@@ -31,6 +32,12 @@ pub struct Coord {
     pub bad_signatures: AtomicUsize,
     /// When set, every request hangs (a coordinator that is gone).
     pub dead: AtomicBool,
+    /// Events to answer 503 before storing any (a coordinator in trouble).
+    pub fail_events: AtomicUsize,
+    /// Events that arrived with a seq past their pilot's next: an earlier
+    /// one was skipped, which the real coordinator would then take for a
+    /// replay and drop.
+    pub out_of_order: AtomicUsize,
 }
 
 impl Coord {
@@ -47,6 +54,8 @@ impl Coord {
             commands: Mutex::new(Vec::new()),
             bad_signatures: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
+            fail_events: AtomicUsize::new(0),
+            out_of_order: AtomicUsize::new(0),
         });
         let app = Router::new()
             .route(EVENTS_PATH, post(events_handler))
@@ -141,11 +150,27 @@ async fn events_handler(
         Ok(event) => event,
         Err(refused) => return refused,
     };
+    let failing = c
+        .fail_events
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    if failing.is_ok() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{\"error\":\"try again\"}".into(),
+        );
+    }
     let mut events = c.events.lock().unwrap();
     let seq = event.seq;
-    let duplicate = events
+    let highest = events
         .iter()
-        .any(|e| e.pilot_id == event.pilot_id && e.seq == seq);
+        .filter(|e| e.pilot_id == event.pilot_id)
+        .map(|e| e.seq)
+        .max()
+        .unwrap_or(0);
+    let duplicate = seq <= highest;
+    if seq > highest + 1 {
+        c.out_of_order.fetch_add(1, Ordering::SeqCst);
+    }
     if !duplicate {
         events.push(event);
     }
