@@ -21,6 +21,10 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database holds a value we cannot read ({what}): {detail}")]
     Corrupt { what: &'static str, detail: String },
+    /// The database was written by a newer coordinator: reading it with
+    /// this one could misread or damage it.
+    #[error("the database is at schema version {found}, written by a newer coordinator; this one knows versions up to {known}: run the newer coordinator, or restore the copy taken before the upgrade")]
+    NewerSchema { found: i64, known: i64 },
     /// A group commit failed as a whole; nothing of it was stored.
     #[error("database: group commit failed, nothing stored: {0}")]
     Batch(String),
@@ -206,11 +210,9 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     let tx = conn.transaction()?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Corrupt {
-            what: "schema version",
-            detail: format!(
-                "the database is at version {version}, this coordinator knows up to {SCHEMA_VERSION}; use a newer coordinator"
-            ),
+        return Err(StoreError::NewerSchema {
+            found: version,
+            known: SCHEMA_VERSION,
         });
     }
     let fresh: bool = tx.query_row(
@@ -1341,6 +1343,10 @@ mod tests {
             .expect("pretend a newer coordinator wrote it");
         drop(store);
         let err = Store::open(&path).err().expect("a newer schema is refused");
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, known } if found == SCHEMA_VERSION + 1 && known == SCHEMA_VERSION),
+            "{err}"
+        );
         assert!(err.to_string().contains("newer coordinator"), "{err}");
     }
 
