@@ -1491,7 +1491,6 @@ impl<'p> AddressPlan<'p> {
 /// Each VM's NICs, by VM.
 type NicsByVm = HashMap<VmId, Vec<protocol::pilot::Nic>>;
 
-/// Contexts of a workspace's VMs: each VM's NICs and the peer list.
 /// A waiting poll's place in [`Engine`]'s `pollers`; dropping it removes the
 /// entry unless another poll of the same (slot, node) still waits on it.
 struct Registered<'a> {
@@ -1561,6 +1560,7 @@ fn poll_answer(c: &Connection, rows: Vec<(u64, String)>) -> Result<PollAnswer, S
     Ok(PollAnswer(out))
 }
 
+/// Contexts of a workspace's VMs: each VM's NICs and the peer list.
 fn workspace_context(
     c: &Connection,
     ws: &WorkspaceRow,
