@@ -29,7 +29,7 @@ pub enum DemoError {
 
 pub struct DemoOptions {
     pub nodes: u32,
-    pub hypervisor: String,
+    pub hypervisor: crate::config::Hypervisor,
     /// Keep the working directory (database, logs, node states) afterwards.
     pub keep: bool,
 }
@@ -186,11 +186,11 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
     cfg.local.cores_per_node = 2;
     cfg.local.memory_mb_per_node = 4096;
     cfg.local.kill_grace_s = 5;
-    cfg.pilot.hypervisor = opts.hypervisor.clone();
+    cfg.pilot.hypervisor = opts.hypervisor;
     cfg.pilot.state_dir = root.join("nodes/%n/state").display().to_string();
     cfg.pilot.sim_dir = root.join("nodes/%n/sim").display().to_string();
     cfg.pilot.poll_wait_ms = 10_000;
-    let kvm = opts.hypervisor == "kvm";
+    let kvm = opts.hypervisor == crate::config::Hypervisor::Kvm;
     let hugepages_before = nr_hugepages();
     if kvm {
         cfg.pilot.node_config = Some(kvm_node_config(&root)?.display().to_string());

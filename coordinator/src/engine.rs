@@ -485,7 +485,7 @@ impl Engine {
             "--state-dir".into(),
             p.state_dir.clone(),
             "--hypervisor".into(),
-            p.hypervisor.clone(),
+            p.hypervisor.to_string(),
             "--coordinator-wait-fraction".into(),
             p.coordinator_wait_fraction.to_string(),
             "--min-dom0-mb".into(),
@@ -495,7 +495,7 @@ impl Engine {
             "--poll-wait-ms".into(),
             p.poll_wait_ms.to_string(),
         ];
-        if p.hypervisor == "sim" {
+        if p.hypervisor == crate::config::Hypervisor::Sim {
             argv.push("--sim-dir".into());
             argv.push(p.sim_dir.clone());
         }

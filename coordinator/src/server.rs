@@ -108,7 +108,7 @@ pub async fn start(
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{addr}");
     let public_url = cfg.public_url.clone().unwrap_or_else(|| url.clone());
-    if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == "sim" {
+    if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == crate::config::Hypervisor::Sim {
         prepare_sim_nodes(&cfg).await?;
     }
     let lrm = lrm_adapters::build(cfg.lrm, &cfg.lrm_settings())?;

@@ -42,7 +42,7 @@ enum Cmd {
         nodes: u32,
         /// Hypervisor the pilots drive (`sim` works anywhere).
         #[arg(long, default_value = "sim")]
-        hypervisor: String,
+        hypervisor: coordinator::config::Hypervisor,
         /// Keep the working directory (database, job logs, node states).
         #[arg(long)]
         keep: bool,
