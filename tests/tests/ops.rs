@@ -396,3 +396,146 @@ fn serve_can_log_json_lines() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+#[test]
+fn serve_tells_systemd_when_it_is_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[pilot]\nprogram = \"{}\"\nstate_dir = \"{root}/nodes/%n/state\"\nsim_dir = \"{root}/nodes/%n/sim\"\n[[users]]\nname = \"alice\"\ntoken_sha256 = \"{}\"\n",
+            data.display(),
+            bin("workspace-pilot").display(),
+            protocol::auth::token_hash(TOKEN),
+            root = dir.path().display(),
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(bin("workspace-coordinator"))
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification within 20 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = recv();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    // Ready means listening.
+    let url = std::fs::read_to_string(data.join("coordinator.url")).unwrap();
+    assert_eq!(healthz(url.trim()).0, 200);
+
+    signal(child.id() as i32, Signal::SIGHUP);
+    let reloading = recv();
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading}");
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "systemd 253+ needs the reload's time: {reloading}"
+    );
+    assert!(recv().lines().any(|l| l == "READY=1"));
+
+    signal(child.id() as i32, Signal::SIGTERM);
+    assert!(recv().lines().any(|l| l == "STOPPING=1"));
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Runs a system tool, failing loudly if it is not there.
+fn system_tool(program: &str, args: &[&str], env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{program} (systemd's tools) must be installed: {e}"));
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_systemd_unit_tmpfiles_and_sysusers_files_are_valid() {
+    let packaging = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    let dir = tempfile::tempdir().unwrap();
+    // The unit, pointed at the binaries built here, its man pages on MANPATH
+    // (Documentation= is checked too).
+    let unit = std::fs::read_to_string(packaging.join("systemd/workspace-coordinator.service"))
+        .unwrap()
+        .replace(
+            "/usr/bin/workspace-coordinator",
+            bin("workspace-coordinator").to_str().unwrap(),
+        );
+    let unit_path = dir.path().join("workspace-coordinator.service");
+    std::fs::write(&unit_path, unit).unwrap();
+    let man = dir.path().join("man");
+    let out = Command::new(bin("workspace-coordinator"))
+        .args(["man", "--dir"])
+        .arg(man.join("man1"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (ok, said) = system_tool(
+        "systemd-analyze",
+        &["verify", unit_path.to_str().unwrap()],
+        &[("MANPATH", &man)],
+    );
+    assert!(
+        ok && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+
+    let sysusers = packaging.join("sysusers.d/workspace-pilot.conf");
+    let (ok, said) = system_tool(
+        "systemd-sysusers",
+        &["--dry-run", sysusers.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        ok && !said.contains("Failed") && said.contains("workspace"),
+        "{said}"
+    );
+
+    // tmpfiles: applied under a scratch root (owned by root here, as the
+    // users need not exist on a test machine).
+    let tmpfiles = std::fs::read_to_string(packaging.join("tmpfiles.d/workspace-pilot.conf"))
+        .unwrap()
+        .replace("workspace wsp-pilot", "root      root     ");
+    let conf = dir.path().join("workspace-pilot.conf");
+    std::fs::write(&conf, tmpfiles).unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("run")).unwrap();
+    let (ok, said) = system_tool(
+        "systemd-tmpfiles",
+        &[
+            "--create",
+            &format!("--root={}", root.display()),
+            conf.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok, "systemd-tmpfiles: {said}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join("run/workspace-pilot"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o750);
+}
