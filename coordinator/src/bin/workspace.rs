@@ -496,8 +496,9 @@ async fn wait(
     }
 }
 
-/// What a workspace left behind by a wait is doing, and how to act on it.
-fn still_going(v: &WorkspaceView, how: &str) -> Failure {
+/// Says (on stderr) what a workspace a wait left behind is doing, and how
+/// to act on it.
+fn still_going(v: &WorkspaceView, how: &str) {
     let doing = match v.state {
         WorkspaceState::Pending => "is still queued in the batch system",
         WorkspaceState::Starting => "is still starting its VMs",
@@ -505,14 +506,11 @@ fn still_going(v: &WorkspaceView, how: &str) -> Failure {
         s if s.is_terminal() => "has ended but still holds slots being given back",
         _ => "goes on",
     };
-    Failure {
-        message: format!("{how}: {} {doing} (state {})", v.id, v.state),
-        hint: Some(format!(
-            "follow it with `workspace watch {id}`; give it up with `workspace destroy {id}`",
-            id = v.id
-        )),
-        code: 0,
-    }
+    eprintln!("workspace: {how}: {} {doing} (state {})", v.id, v.state);
+    eprintln!(
+        "hint: follow it with `workspace watch {id}`; give it up with `workspace destroy {id}`",
+        id = v.id
+    );
 }
 
 /// The largest timeline seq so far (to show only what comes after).
@@ -576,25 +574,16 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                     };
                     (v, code, None)
                 }
-                Waited::TimedOut(v) => {
-                    let f = still_going(&v, &format!("not running after {timeout} s"));
-                    (v, 4, Some(f))
-                }
-                Waited::Interrupted(v) => {
-                    let f = still_going(&v, "stopped waiting");
-                    (v, 130, Some(f))
-                }
+                Waited::TimedOut(v) => (v, 4, Some(format!("not running after {timeout} s"))),
+                Waited::Interrupted(v) => (v, 130, Some("stopped waiting".to_string())),
             };
             if json {
                 out_json(&v);
             } else if !quiet {
                 print_view(&v);
             }
-            if let Some(f) = left {
-                eprintln!("workspace: {}", f.message);
-                if let Some(h) = f.hint {
-                    eprintln!("hint: {h}");
-                }
+            if let Some(how) = left {
+                still_going(&v, &how);
             } else if code == 3 && !json {
                 eprintln!(
                     "workspace: {} ended {}{}",
@@ -682,25 +671,16 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             .await?;
             let (v, code, left) = match waited {
                 Waited::Done(v) => (v, 0, None),
-                Waited::TimedOut(v) => {
-                    let f = still_going(&v, &format!("not settled after {timeout} s"));
-                    (v, 4, Some(f))
-                }
-                Waited::Interrupted(v) => {
-                    let f = still_going(&v, "stopped waiting");
-                    (v, 130, Some(f))
-                }
+                Waited::TimedOut(v) => (v, 4, Some(format!("not settled after {timeout} s"))),
+                Waited::Interrupted(v) => (v, 130, Some("stopped waiting".to_string())),
             };
             if json {
                 out_json(&v);
             } else {
                 print_view(&v);
             }
-            if let Some(f) = left {
-                eprintln!("workspace: {}", f.message);
-                if let Some(h) = f.hint {
-                    eprintln!("hint: {h}");
-                }
+            if let Some(how) = left {
+                still_going(&v, &how);
             }
             Ok(code)
         }
