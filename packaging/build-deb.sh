@@ -7,7 +7,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 cargo build --release --workspace --bins
-out=target/packaging
+out=packaging/generated
 rm -rf "$out"
 mkdir -p "$out/man" "$out/completions/bash" "$out/completions/zsh" "$out/completions/fish"
 for b in workspace workspace-coordinator; do
