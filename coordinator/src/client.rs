@@ -45,6 +45,9 @@ impl ClientError {
     /// What the user can do about it, when there is something.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            ClientError::Unreachable { cause, .. } if cause.contains("certificate") => Some(
+                "the coordinator's certificate is not trusted here: give its CA with --ca-file, WORKSPACE_CA_FILE, or ca_file in ~/.config/workspace/config.toml",
+            ),
             ClientError::BadUrl { .. } | ClientError::Unreachable { .. } => Some(
                 "set the coordinator's address with WORKSPACE_URL, --url, or url in ~/.config/workspace/config.toml (e.g. http://head.example.org:8750)",
             ),
