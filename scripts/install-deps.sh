@@ -4,7 +4,8 @@
 # listed below. Idempotent; needs root (or passwordless sudo).
 set -euo pipefail
 here=$(dirname "$0")
-want=(qemu-system-x86 qemu-utils zstd busybox-static cpio iproute2 dnsmasq-base nftables dosfstools mtools)
+want=(qemu-system-x86 qemu-utils zstd busybox-static cpio iproute2 dnsmasq-base nftables dosfstools mtools
+      systemd man-db)  # systemd-analyze/-sysusers/-tmpfiles and man: the packaging test
 missing=()
 for p in "${want[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

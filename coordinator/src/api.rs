@@ -38,7 +38,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .merge(client)
         .merge(pilot)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(crate::health::healthz))
         .route("/metrics", get(metrics))
         .with_state(engine)
 }
@@ -74,7 +74,18 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// The caller, or 401. A refusal is logged (why, never the token; the
+/// request's span names the peer and route) and counted.
 fn caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let found = bearer_caller(engine, headers);
+    if let Err(ApiError(_, why)) = &found {
+        engine.metrics.failed_logins.inc();
+        tracing::warn!(reason = %why, "failed login");
+    }
+    found
+}
+
+fn bearer_caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiError> {
     let unauthorized = |m: &str| ApiError(StatusCode::UNAUTHORIZED, m.to_string());
     let value = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -87,12 +98,10 @@ fn caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiError> {
         .trim();
     let hash = token_hash(token);
     engine
-        .config()
-        .users
-        .iter()
-        .find(|u| u.token_sha256.eq_ignore_ascii_case(&hash))
+        .users()
+        .by_token_hash(&hash)
         .map(|u| Caller {
-            user: u.name.clone(),
+            user: u.name,
             admin: u.admin,
         })
         .ok_or_else(|| unauthorized("unknown token"))

@@ -7,6 +7,7 @@
 use lrm_adapters::{Capacity, LrmKind, LrmSettings};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -32,6 +33,116 @@ pub struct User {
     pub admin: bool,
 }
 
+/// `listen` must be `host:port` (a name or an address; `[::1]:8750` for IPv6).
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    let port = listen
+        .rsplit_once(':')
+        .filter(|(host, _)| !host.is_empty())
+        .and_then(|(_, p)| p.parse::<u16>().ok());
+    if port.is_none() {
+        return Err(ConfigError::Invalid(format!(
+            "listen = {listen:?}: must be host:port, e.g. \"0.0.0.0:8750\""
+        )));
+    }
+    Ok(())
+}
+
+/// `public_url` is what pilots are given: an absolute http(s) URL with a
+/// host, https when the coordinator serves TLS.
+fn check_public_url(u: &str, tls: bool) -> Result<(), ConfigError> {
+    let bad = |why: &str| {
+        Err(ConfigError::Invalid(format!(
+            "public_url = {u:?}: {why} (pilots reach the coordinator there), e.g. \"http://head.example.org:8750\""
+        )))
+    };
+    let url = match url::Url::parse(u) {
+        Ok(url) => url,
+        Err(e) => return bad(&format!("not a URL ({e})")),
+    };
+    match url.scheme() {
+        "http" if tls => return bad("must be https:// since [tls] serves HTTPS"),
+        "https" if !tls => return bad("is https:// but there is no [tls] section"),
+        "http" | "https" => {}
+        _ => return bad("must be an http:// or https:// URL"),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return bad("has no host");
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return bad("must not have a query or fragment");
+    }
+    Ok(())
+}
+
+/// The users admitted now. Replaced as a whole when the coordinator reloads
+/// its config (SIGHUP), so a request sees either the old list or the new one.
+pub struct Users(RwLock<Arc<Vec<User>>>);
+
+impl Users {
+    pub fn new(users: Vec<User>) -> Self {
+        Self(RwLock::new(Arc::new(users)))
+    }
+
+    /// The user whose token hashes to `token_sha256` (hex, any case).
+    pub fn by_token_hash(&self, token_sha256: &str) -> Option<User> {
+        self.current()
+            .iter()
+            .find(|u| u.token_sha256.eq_ignore_ascii_case(token_sha256))
+            .cloned()
+    }
+
+    pub fn current(&self) -> Arc<Vec<User>> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, users: Vec<User>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(users);
+    }
+}
+
+/// The hypervisor the pilots drive (`[pilot] hypervisor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hypervisor {
+    /// A node simulated in a directory (demo, tests, evaluation).
+    Sim,
+    /// QEMU/KVM, memory reserved as hugepages (docs/KVM.md).
+    Kvm,
+    /// Xen, dom0 ballooned (docs/XEN.md).
+    Xen,
+}
+
+impl Hypervisor {
+    /// The name the pilot's `--hypervisor` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sim => "sim",
+            Self::Kvm => "kvm",
+            Self::Xen => "xen",
+        }
+    }
+}
+
+impl std::fmt::Display for Hypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Hypervisor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "sim" => Ok(Self::Sim),
+            "kvm" => Ok(Self::Kvm),
+            "xen" => Ok(Self::Xen),
+            other => Err(format!(
+                "unknown hypervisor {other:?}: expected sim, kvm or xen"
+            )),
+        }
+    }
+}
+
 /// HTTPS for both APIs.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -49,7 +160,7 @@ pub struct PilotConfig {
     /// Path of `workspace-pilot` on the nodes. Default: next to the coordinator binary.
     pub program: Option<PathBuf>,
     /// Hypervisor the pilots drive: `sim` (here), `xen`, `kvm`.
-    pub hypervisor: String,
+    pub hypervisor: Hypervisor,
     /// Node state directory; `%n` is the node name. Under `/run` by default:
     /// the slot records describe state a reboot resets (domains, the dom0
     /// balloon, hugepages), so they must not outlive it (docs/DECISIONS.md).
@@ -82,7 +193,7 @@ impl Default for PilotConfig {
     fn default() -> Self {
         Self {
             program: None,
-            hypervisor: "sim".into(),
+            hypervisor: Hypervisor::Sim,
             state_dir: "/run/workspace-pilot/%n/state".into(),
             sim_dir: "/run/workspace-pilot/%n/sim".into(),
             node_config: None,
@@ -188,46 +299,150 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Checks every value a lease depends on, so that a mistake stops the
+    /// coordinator at start (exit 2, the key named) instead of failing
+    /// every lease later in a job log.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         let f = self.pilot.coordinator_wait_fraction;
         if !(0.0..=0.9).contains(&f) {
-            return Err(ConfigError::Invalid(format!(
+            return bad(format!(
                 "pilot.coordinator_wait_fraction = {f}: must be between 0 and 0.9 (the pilot needs time to clean up itself)"
-            )));
+            ));
         }
-        let poll_s = self.pilot.poll_wait_ms.min(30_000).div_ceil(1000);
+        if self.pilot.poll_wait_ms == 0 || self.pilot.poll_wait_ms > 30_000 {
+            return bad(format!(
+                "pilot.poll_wait_ms = {}: must be between 1 and 30000",
+                self.pilot.poll_wait_ms
+            ));
+        }
+        let poll_s = self.pilot.poll_wait_ms.div_ceil(1000);
         if self.pilot_silence_s < poll_s + 5 {
-            return Err(ConfigError::Invalid(format!(
+            return bad(format!(
                 "pilot_silence_s = {} must exceed the pilots' long-poll ({} s, pilot.poll_wait_ms) by at least 5 s",
                 self.pilot_silence_s, poll_s
-            )));
+            ));
+        }
+        check_listen(&self.listen)?;
+        if let Some(u) = &self.public_url {
+            check_public_url(u, self.tls.is_some())?;
+        }
+        if self.tick_ms == 0 || self.tick_ms > 60_000 {
+            return bad(format!(
+                "tick_ms = {}: must be between 1 and 60000 (lease timers and cancel retries run on it)",
+                self.tick_ms
+            ));
+        }
+        if !self.lrm_poll_s.is_finite() || self.lrm_poll_s <= 0.0 {
+            return bad(format!(
+                "lrm_poll_s = {}: must be a positive number of seconds",
+                self.lrm_poll_s
+            ));
+        }
+        if self.max_clock_skew_s == 0 {
+            return bad("max_clock_skew_s = 0: every pilot event would be refused".into());
+        }
+        if self.pilot.min_dom0_mb == 0 {
+            return bad("pilot.min_dom0_mb = 0: dom0 needs memory of its own".into());
+        }
+        if self.pilot.grace_s == Some(0) {
+            return bad("pilot.grace_s = 0: pilots need time to clean up; leave it out to use the batch system's".into());
+        }
+        if self.pilot.margin_s >= self.pilot.startup_slack_s.max(1) {
+            return bad(format!(
+                "pilot.margin_s = {} must be below pilot.startup_slack_s = {} (the pilot would end its slot before the lease)",
+                self.pilot.margin_s, self.pilot.startup_slack_s
+            ));
+        }
+        for (key, dir) in [
+            ("pilot.state_dir", &self.pilot.state_dir),
+            ("pilot.sim_dir", &self.pilot.sim_dir),
+        ] {
+            if !dir.starts_with('/') {
+                return bad(format!(
+                    "{key} = {dir:?}: must be an absolute path (pilots run in the batch system's working directory)"
+                ));
+            }
+        }
+        if let Some(p) = &self.pilot.program {
+            if self.lrm == LrmKind::Local && !p.is_file() {
+                return bad(format!(
+                    "pilot.program = {:?}: no such file (the local batch system runs it on this host)",
+                    p.display()
+                ));
+            }
         }
         crate::network::Pools::from_config(&self.network)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if let Some(r) = &self.images.repository {
             let ok = r.starts_with("http://") || r.starts_with("https://") || r.starts_with('/');
             if !ok {
-                return Err(ConfigError::Invalid(format!(
+                return bad(format!(
                     "images.repository = {r:?}: must be an absolute directory or an http(s):// URL"
-                )));
+                ));
             }
         }
-        if self.lrm_poll_s <= 0.0 {
-            return Err(ConfigError::Invalid("lrm_poll_s must be positive".into()));
-        }
-        for u in &self.users {
-            if u.token_sha256.len() != 64 || hex::decode(&u.token_sha256).is_err() {
-                return Err(ConfigError::Invalid(format!(
-                    "users.{}: token_sha256 must be 64 hex digits (see `workspace-coordinator token`)",
+        let mut names = std::collections::HashSet::new();
+        let mut hashes = std::collections::HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() || u.name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return bad(format!(
+                    "users[{i}].name = {:?}: must be a non-empty name without spaces",
                     u.name
-                )));
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                return bad(format!(
+                    "users[{i}].name = {:?}: a user of that name is already listed (names own workspaces; they must be unique)",
+                    u.name
+                ));
+            }
+            if u.token_sha256.len() != 64 || hex::decode(&u.token_sha256).is_err() {
+                return bad(format!(
+                    "users[{i}].token_sha256 (user {:?}): must be 64 hex digits (see `workspace-coordinator token`)",
+                    u.name
+                ));
+            }
+            if !hashes.insert(u.token_sha256.to_ascii_lowercase()) {
+                return bad(format!(
+                    "users[{i}].token_sha256 (user {:?}): another user has the same token",
+                    u.name
+                ));
             }
         }
-        if self.lrm != LrmKind::Local && self.cluster.is_none() {
-            return Err(ConfigError::Invalid(format!(
-                "lrm = {:?} needs a [cluster] section (nodes, cores_per_node, memory_mb_per_node) to check requests fit",
-                self.lrm
-            )));
+        // Where nodes come from: the local batch system's own, else [cluster].
+        let (section, nodes) = match (self.lrm, &self.cluster) {
+            (LrmKind::Local, _) => (
+                "local",
+                Capacity {
+                    nodes: self.local.nodes,
+                    cores_per_node: self.local.cores_per_node,
+                    memory_mb_per_node: self.local.memory_mb_per_node,
+                },
+            ),
+            (_, Some(c)) => ("cluster", *c),
+            (lrm, None) => {
+                return bad(format!(
+                    "lrm = {lrm:?} needs a [cluster] section (nodes, cores_per_node, memory_mb_per_node) to check requests fit"
+                ))
+            }
+        };
+        if nodes.nodes == 0 {
+            return bad(format!(
+                "{section}.nodes = 0: there must be at least one node"
+            ));
+        }
+        if nodes.cores_per_node == 0 {
+            return bad(format!("{section}.cores_per_node = 0: must be at least 1"));
+        }
+        let least = self.pilot.min_dom0_mb + protocol::spec::MIN_MEMORY_MB;
+        if nodes.memory_mb_per_node < least {
+            return bad(format!(
+                "{section}.memory_mb_per_node = {}: must be at least pilot.min_dom0_mb ({}) + the smallest VM ({} MB) = {least}, or no VM ever fits",
+                nodes.memory_mb_per_node,
+                self.pilot.min_dom0_mb,
+                protocol::spec::MIN_MEMORY_MB
+            ));
         }
         Ok(())
     }
@@ -274,7 +489,7 @@ mod tests {
     fn empty_config_is_the_local_sim_default() {
         let c = Config::parse("").unwrap();
         assert_eq!(c.lrm, LrmKind::Local);
-        assert_eq!(c.pilot.hypervisor, "sim");
+        assert_eq!(c.pilot.hypervisor, Hypervisor::Sim);
     }
 
     #[test]
@@ -317,5 +532,65 @@ mod tests {
         assert!(e.contains("[cluster]"), "{e}");
         let ok = "lrm = \"slurm\"\n[cluster]\nnodes = 2\ncores_per_node = 2\nmemory_mb_per_node = 1000\n";
         assert!(Config::parse(ok).is_ok());
+    }
+
+    fn refused(toml: &str) -> String {
+        match Config::parse(toml) {
+            Ok(_) => panic!("accepted: {toml}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn values_that_would_fail_every_lease_are_refused_at_start_naming_the_key() {
+        let user = |name: &str, token: &str| {
+            format!(
+                "[[users]]\nname = \"{name}\"\ntoken_sha256 = \"{}\"\n",
+                protocol::auth::token_hash(token)
+            )
+        };
+        for (toml, key) in [
+            ("[pilot]\nhypervisor = \"kvmm\"\n", "kvmm"),
+            ("public_url = \"not a url\"\n", "public_url"),
+            ("public_url = \"ftp://head:8750\"\n", "public_url"),
+            ("public_url = \"https://head:8750\"\n", "public_url"),
+            ("listen = \"8750\"\n", "listen"),
+            ("tick_ms = 0\n", "tick_ms"),
+            ("lrm_poll_s = nan\n", "lrm_poll_s"),
+            ("max_clock_skew_s = 0\n", "max_clock_skew_s"),
+            ("[local]\nmemory_mb_per_node = 100\n", "local.memory_mb_per_node"),
+            ("[local]\nnodes = 0\n", "local.nodes"),
+            (
+                "lrm = \"slurm\"\n[cluster]\nnodes = 2\ncores_per_node = 2\nmemory_mb_per_node = 64\n",
+                "cluster.memory_mb_per_node",
+            ),
+            ("[pilot]\nstate_dir = \"state/%n\"\n", "pilot.state_dir"),
+            ("[pilot]\ngrace_s = 0\n", "pilot.grace_s"),
+            ("[pilot]\npoll_wait_ms = 0\n", "pilot.poll_wait_ms"),
+            (
+                "[pilot]\nprogram = \"/nonexistent/workspace-pilot\"\n",
+                "pilot.program",
+            ),
+        ] {
+            let e = refused(toml);
+            assert!(e.contains(key), "{toml:?}: {e}");
+        }
+        let e = refused(&format!("{}{}", user("alice", "a"), user("alice", "b")));
+        assert!(e.contains("users[1].name") && e.contains("alice"), "{e}");
+        let e = refused(&format!("{}{}", user("alice", "a"), user("bob", "a")));
+        assert!(e.contains("users[1].token_sha256"), "{e}");
+        // The TOML error names the key and the values allowed.
+        let e = refused("[pilot]\nhypervisor = \"kvmm\"\n");
+        assert!(
+            e.contains("sim") && e.contains("kvm") && e.contains("xen"),
+            "{e}"
+        );
+        // What is fine stays fine.
+        let ok = format!(
+            "public_url = \"http://head.example.org:8750/\"\n[local]\nmemory_mb_per_node = 116\n{}{}",
+            user("alice", "a"),
+            user("bob", "b")
+        );
+        Config::parse(&ok).unwrap();
     }
 }

@@ -9,7 +9,7 @@
 use crate::client::{Client, ClientError};
 use crate::config::{Config, User};
 use crate::server::{self, ServerError};
-use crate::timeline::{fmt_ms, format_entry, phase_summary};
+use crate::timeline::{fmt_stamp_ms, format_entry, in_time_order, phase_summary};
 use lrm_adapters::JobId;
 use protocol::view::{TimelineEntry, WorkspaceState, WorkspaceView};
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub enum DemoError {
 
 pub struct DemoOptions {
     pub nodes: u32,
-    pub hypervisor: String,
+    pub hypervisor: crate::config::Hypervisor,
     /// Keep the working directory (database, logs, node states) afterwards.
     pub keep: bool,
 }
@@ -137,16 +137,19 @@ async fn wait_until(
 
 fn print_timeline(title: &str, entries: &[TimelineEntry]) {
     println!("\n== {title}");
+    let mut entries = entries.to_vec();
+    in_time_order(&mut entries);
     let t0 = entries.first().map(|e| e.ts_ms).unwrap_or(0);
-    for e in entries {
+    for e in &entries {
         println!("{}", format_entry(e, t0));
     }
     println!("   phases:");
-    for (label, ms) in phase_summary(entries) {
+    for (label, ms) in phase_summary(&entries) {
         println!(
             "   {:<52} {:>10}",
             label,
-            ms.map(fmt_ms).unwrap_or_else(|| "-".into())
+            ms.map(|ms| fmt_stamp_ms(ms.round() as u64))
+                .unwrap_or_else(|| "-".into())
         );
     }
 }
@@ -186,11 +189,11 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
     cfg.local.cores_per_node = 2;
     cfg.local.memory_mb_per_node = 4096;
     cfg.local.kill_grace_s = 5;
-    cfg.pilot.hypervisor = opts.hypervisor.clone();
+    cfg.pilot.hypervisor = opts.hypervisor;
     cfg.pilot.state_dir = root.join("nodes/%n/state").display().to_string();
     cfg.pilot.sim_dir = root.join("nodes/%n/sim").display().to_string();
     cfg.pilot.poll_wait_ms = 10_000;
-    let kvm = opts.hypervisor == "kvm";
+    let kvm = opts.hypervisor == crate::config::Hypervisor::Kvm;
     let hugepages_before = nr_hugepages();
     if kvm {
         cfg.pilot.node_config = Some(kvm_node_config(&root)?.display().to_string());
@@ -291,8 +294,8 @@ async fn scenario(
     running: &server::Running,
     ensemble: &str,
 ) -> Result<(), DemoError> {
-    // 1. Lease an ensemble, wait for it to run, destroy it.
-    let t = Instant::now();
+    // 1. Lease an ensemble, wait for it to run, destroy it. Durations are
+    // printed once, from the timeline's summary (not also timed here).
     let ws = client.create(ensemble).await?;
     println!("\n[1] created {} ({}): 3 workers + 1 head", ws.id, ws.name);
     let (view, _) = wait_until(
@@ -309,10 +312,7 @@ async fn scenario(
             view.id, view.state, view.reason
         )));
     }
-    println!(
-        "    running after {} (client view)",
-        fmt_ms(t.elapsed().as_secs_f64() * 1000.0)
-    );
+    println!("    running (durations in the timeline below)");
     for vm in &view.vms {
         println!(
             "    {:<32} {:<7} {:<7} job {:<4} {}",
@@ -323,7 +323,6 @@ async fn scenario(
             vm.state.as_str()
         );
     }
-    let t = Instant::now();
     client.destroy(ws.id.as_str()).await?;
     let (view, entries) = wait_until(
         client,
@@ -333,11 +332,7 @@ async fn scenario(
         |v| v.settled,
     )
     .await?;
-    println!(
-        "    destroyed and settled after {} ({})",
-        fmt_ms(t.elapsed().as_secs_f64() * 1000.0),
-        view.state
-    );
+    println!("    destroyed and settled ({})", view.state);
     let mut all = client
         .events(ws.id.as_str(), 0, Duration::ZERO)
         .await?

@@ -113,6 +113,8 @@ pub struct Engine {
     pools: Pools,
     /// When this coordinator process started (pilot silence counts from here at the earliest).
     started_ms: u64,
+    /// Who may call the client API; replaced on SIGHUP (`config.users` is the start value).
+    users: crate::config::Users,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -165,6 +167,17 @@ impl Engine {
         lrm: Arc<dyn Lrm>,
         public_url: String,
     ) -> Result<Arc<Self>, EngineError> {
+        Self::with_metrics(cfg, lrm, public_url, crate::metrics::Metrics::new())
+    }
+
+    /// [`Engine::new`] recording into `metrics` (the server's batch-system
+    /// meter shares its handles, so it is made before the engine).
+    pub fn with_metrics(
+        cfg: Config,
+        lrm: Arc<dyn Lrm>,
+        public_url: String,
+        metrics: crate::metrics::Metrics,
+    ) -> Result<Arc<Self>, EngineError> {
         mkdir_private(&cfg.data_dir)?;
         mkdir_private(&cfg.data_dir.join("keys"))?;
         mkdir_private(&cfg.data_dir.join("jobs"))?;
@@ -191,6 +204,7 @@ impl Engine {
         }
         let pools = Pools::from_config(&cfg.network)?;
         let (writer, writer_thread) = Writer::new();
+        let cfg_users = cfg.users.clone();
         let engine = Arc::new(Self {
             store: Mutex::new(store),
             writer,
@@ -209,7 +223,8 @@ impl Engine {
             cancel_attempts: Mutex::new(HashMap::new()),
             pools,
             started_ms: now_ms(),
-            metrics: crate::metrics::Metrics::new(),
+            users: crate::config::Users::new(cfg_users),
+            metrics,
         });
         writer_thread.start(Arc::downgrade(&engine))?;
         Ok(engine)
@@ -221,6 +236,26 @@ impl Engine {
 
     pub fn lrm(&self) -> &Arc<dyn Lrm> {
         &self.lrm
+    }
+
+    /// The users admitted now (reloaded on SIGHUP).
+    pub fn users(&self) -> &crate::config::Users {
+        &self.users
+    }
+
+    /// For `/healthz`: one query through the store's lock, so a stuck or
+    /// broken database shows.
+    pub fn check_database(&self) -> Result<(), EngineError> {
+        self.with_store(|s| {
+            s.conn()
+                .query_row(
+                    "SELECT COUNT(*) FROM (SELECT 1 FROM workspaces LIMIT 1)",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(StoreError::from)?;
+            Ok(())
+        })
     }
 
     fn with_store<T>(
@@ -485,7 +520,7 @@ impl Engine {
             "--state-dir".into(),
             p.state_dir.clone(),
             "--hypervisor".into(),
-            p.hypervisor.clone(),
+            p.hypervisor.to_string(),
             "--coordinator-wait-fraction".into(),
             p.coordinator_wait_fraction.to_string(),
             "--min-dom0-mb".into(),
@@ -495,7 +530,7 @@ impl Engine {
             "--poll-wait-ms".into(),
             p.poll_wait_ms.to_string(),
         ];
-        if p.hypervisor == "sim" {
+        if p.hypervisor == crate::config::Hypervisor::Sim {
             argv.push("--sim-dir".into());
             argv.push(p.sim_dir.clone());
         }

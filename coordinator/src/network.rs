@@ -84,21 +84,18 @@ impl Pool {
             pool: name.to_string(),
             message,
         };
-        let (addr, len) = c
+        let net: ipnet::Ipv4Net = c
             .cidr
-            .split_once('/')
-            .ok_or_else(|| bad(format!("cidr {:?}: expected a.b.c.d/len", c.cidr)))?;
-        let addr: Ipv4Addr = addr
             .parse()
-            .map_err(|_| bad(format!("cidr {:?}: bad address", c.cidr)))?;
-        let prefix_len: u8 = len
-            .parse()
-            .ok()
-            .filter(|l| (8..=30).contains(l))
-            .ok_or_else(|| bad(format!("cidr {:?}: prefix length must be 8..=30", c.cidr)))?;
-        let mask = u32::MAX << (32 - prefix_len);
-        let net = u32::from(addr) & mask;
-        let bcast = net | !mask;
+            .map_err(|_| bad(format!("cidr {:?}: expected a.b.c.d/len", c.cidr)))?;
+        let prefix_len = net.prefix_len();
+        if !(8..=30).contains(&prefix_len) {
+            return Err(bad(format!(
+                "cidr {:?}: prefix length must be 8..=30",
+                c.cidr
+            )));
+        }
+        let (net, bcast) = (u32::from(net.network()), u32::from(net.broadcast()));
         let inside = |ip: u32| ip > net && ip < bcast;
         if let Some(g) = c.gateway {
             if !inside(u32::from(g)) {

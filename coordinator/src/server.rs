@@ -1,23 +1,30 @@
-//! Starting and stopping a coordinator: engine, housekeeping loop, HTTP
-//! server. Used by `workspace-coordinator serve` and by `demo`.
+//! Starting, reloading and stopping a coordinator: engine, housekeeping
+//! loop, HTTP server (with its request metrics and log span). Used by
+//! `workspace-coordinator serve` and by `demo`.
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::engine::{Engine, EngineError};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use lrm_adapters::{LrmError, LrmKind};
+use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, Instrument};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("listening on {addr}: {source}")]
+    /// The cause (e.g. "Address already in use") is the source, printed once by the chain.
+    #[error("listening on {addr}")]
     Bind {
         addr: String,
         source: std::io::Error,
     },
-    #[error("batch system adapter: {0}")]
+    #[error("batch system adapter")]
     Lrm(#[from] LrmError),
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -38,18 +45,52 @@ pub struct Running {
     ticks: JoinHandle<()>,
 }
 
+impl ServerError {
+    /// True when the config is at fault (`serve` then exits 2): the batch
+    /// system adapter refused its settings, or the TLS files.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            ServerError::Lrm(LrmError::Config { .. }) | ServerError::Tls(_)
+        )
+    }
+}
+
 impl Running {
-    /// Stops serving; the LRM adapter's `shutdown` runs (the local batch
-    /// system ends its jobs, real ones keep theirs).
+    /// Stops serving and ends the batch system adapter's own work: the
+    /// local batch system ends its jobs (the demo, tests, and `serve
+    /// --end-leases-on-exit` after every lease ended); real ones keep theirs.
     pub async fn stop(self) {
+        self.stop_serving().await;
+        self.engine.shutdown().await;
+        info!("coordinator stopped");
+    }
+
+    /// Stops serving and leaves every pilot job running, on the local batch
+    /// system too (its job table is on disk): the next coordinator on the
+    /// same `data_dir` adopts the jobs, and the pilots, which keep retrying,
+    /// report to it. What `serve` does on SIGTERM.
+    pub async fn stop_leaving_leases(self) {
+        self.stop_serving().await;
+        info!("coordinator stopped; running leases stay with their pilots");
+    }
+
+    async fn stop_serving(&self) {
         let _ = self.stop.send(true);
         if let Some(h) = &self.tls_handle {
             h.graceful_shutdown(Some(Duration::from_secs(2)));
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.http).await;
-        let _ = self.ticks.await;
-        self.engine.shutdown().await;
-        info!("coordinator stopped");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.http.is_finished() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.http.is_finished() {
+            // Long-polls and slow clients: cut them rather than wait.
+            self.http.abort();
+        }
+        while !self.ticks.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Resolves when a stop was requested.
@@ -108,10 +149,14 @@ pub async fn start(
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{addr}");
     let public_url = cfg.public_url.clone().unwrap_or_else(|| url.clone());
-    if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == "sim" {
+    if cfg.lrm == LrmKind::Local && cfg.pilot.hypervisor == crate::config::Hypervisor::Sim {
         prepare_sim_nodes(&cfg).await?;
     }
-    let lrm = lrm_adapters::build(cfg.lrm, &cfg.lrm_settings())?;
+    let metrics = crate::metrics::Metrics::new();
+    let lrm = crate::lrm_meter::MeteredLrm::wrap(
+        lrm_adapters::build(cfg.lrm, &cfg.lrm_settings())?,
+        &metrics,
+    );
     // The grace pilots get must not exceed what the batch system allows.
     match lrm.check_grace().await {
         Ok(Some(site)) => {
@@ -136,9 +181,14 @@ pub async fn start(
             tracing::warn!(lrm = lrm.kind(), error = %e, "could not check the grace period against the batch system")
         }
     }
-    let engine = Engine::new(cfg, lrm, public_url.clone())?;
+    let engine = Engine::with_metrics(cfg, lrm, public_url.clone(), metrics)?;
     let (stop, stop_rx) = watch::channel(false);
-    let app = crate::api::router(engine.clone());
+    let app = crate::api::router(engine.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            observe_http,
+        ))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let (http, tls_handle) = match &engine.config().tls {
         None => {
             let mut http_stop = stop_rx.clone();
@@ -177,7 +227,7 @@ pub async fn start(
                 })?
                 .handle(handle.clone());
             let http = tokio::spawn(async move {
-                if let Err(e) = server.serve(app.into_make_service()).await {
+                if let Err(e) = server.serve(app).await {
                     tracing::error!(error = %e, "HTTPS server failed");
                 }
             });
@@ -199,6 +249,97 @@ pub async fn start(
         ticks,
         tls_handle,
     })
+}
+
+/// Every HTTP request: counted by route and status, timed, and run inside a
+/// span naming the peer, method and route, so that every log line of the
+/// request (a failed login, an error) says who asked for what.
+async fn observe_http(State(engine): State<Arc<Engine>>, req: Request, next: Next) -> Response {
+    let t = Instant::now();
+    // The declared route, never the raw path: ids and junk paths would
+    // each make a new label.
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let method: &'static str = match req.method().as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "PATCH" => "PATCH",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    };
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!("http", %peer, method, route = %route);
+    let resp = next.run(req).instrument(span).await;
+    engine
+        .metrics
+        .http(method, &route, resp.status().as_u16(), t.elapsed());
+    resp
+}
+
+/// Re-reads the config file (SIGHUP): the users and their tokens change at
+/// once; any other change is named in the answer and waits for a restart.
+/// A config that does not validate changes nothing.
+pub fn reload(engine: &Engine, path: &Path) -> Result<Reloaded, ConfigError> {
+    let new = Config::load(path)?;
+    if new.users.is_empty() {
+        return Err(ConfigError::Invalid(
+            "no [[users]]: nobody could use the API; the old users stay".into(),
+        ));
+    }
+    let old = engine.config();
+    let section = |c: &Config| -> toml::Table {
+        let mut t = toml::Table::try_from(c).unwrap_or_default();
+        t.remove("users");
+        t
+    };
+    let (was, now) = (section(old), section(&new));
+    let mut needs_restart: Vec<String> = now
+        .iter()
+        .filter(|(k, v)| was.get(*k) != Some(*v))
+        .map(|(k, _)| k.clone())
+        .chain(was.keys().filter(|k| !now.contains_key(*k)).cloned())
+        .collect();
+    needs_restart.sort();
+    needs_restart.dedup();
+    let before = engine.users().current();
+    let names =
+        |us: &[crate::config::User]| -> Vec<String> { us.iter().map(|u| u.name.clone()).collect() };
+    let added: Vec<String> = names(&new.users)
+        .into_iter()
+        .filter(|n| !before.iter().any(|u| &u.name == n))
+        .collect();
+    let removed: Vec<String> = names(&before)
+        .into_iter()
+        .filter(|n| !new.users.iter().any(|u| &u.name == n))
+        .collect();
+    let users = new.users.len();
+    engine.users().replace(new.users);
+    Ok(Reloaded {
+        users,
+        added,
+        removed,
+        needs_restart,
+    })
+}
+
+/// What a reload changed.
+#[derive(Debug)]
+pub struct Reloaded {
+    pub users: usize,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Top-level keys or sections that differ but only take effect on restart.
+    pub needs_restart: Vec<String>,
 }
 
 /// For `lrm = "local"` with `hypervisor = "sim"`: creates each virtual node's

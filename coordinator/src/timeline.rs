@@ -1,8 +1,10 @@
-//! Human-readable timelines and phase summaries (demo, `workspace watch`).
+//! Human-readable timelines and phase summaries (demo, `workspace watch`),
+//! and how durations are written for people.
 
 use protocol::view::{Phase, TimelineEntry};
 
-/// Milliseconds with three significant digits: `0.412 ms`, `12.3 ms`, `1530 ms`.
+/// A measured duration in milliseconds, three significant digits: `0.412 ms`,
+/// `12.3 ms`, `153 ms`, `1.53 s`, `90.3 s`, `1 min 30 s`, `1 h 30 min`.
 pub fn fmt_ms(ms: f64) -> String {
     if ms < 1.0 {
         format!("{ms:.3} ms")
@@ -10,18 +12,59 @@ pub fn fmt_ms(ms: f64) -> String {
         format!("{ms:.2} ms")
     } else if ms < 100.0 {
         format!("{ms:.1} ms")
+    } else if ms < 999.5 {
+        format!("{ms:.0} ms")
     } else {
-        format!("{:.0} ms", ms)
+        fmt_long(ms)
     }
+}
+
+/// A duration between two whole-millisecond stamps: `8 ms`, `412 ms`,
+/// `1.53 s`, `1 h 30 min`. No decimals below a second: the stamps have none.
+pub fn fmt_stamp_ms(ms: u64) -> String {
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else {
+        fmt_long(ms as f64)
+    }
+}
+
+/// A second or more.
+fn fmt_long(ms: f64) -> String {
+    let s = ms / 1000.0;
+    if s < 9.995 {
+        format!("{s:.2} s")
+    } else if s < 59.95 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        let whole = s.round() as u64;
+        match (whole / 60, whole % 60) {
+            (m, 0) => format!("{m} min"),
+            (m, sec) => format!("{m} min {sec} s"),
+        }
+    } else {
+        let whole_min = (s / 60.0).round() as u64;
+        match (whole_min / 60, whole_min % 60) {
+            (h, 0) => format!("{h} h"),
+            (h, m) => format!("{h} h {m} min"),
+        }
+    }
+}
+
+/// Sorts entries by when they happened (the recording order, `seq`, breaks
+/// ties). Pilots' events are stored as they arrive, so a node that reported
+/// late is stored after a later step on another node.
+pub fn in_time_order(entries: &mut [TimelineEntry]) {
+    entries.sort_by_key(|e| (e.ts_ms, e.seq));
 }
 
 /// One line per entry, times relative to `t0_ms`.
 pub fn format_entry(e: &TimelineEntry, t0_ms: u64) -> String {
-    let rel = e.ts_ms as f64 - t0_ms as f64;
+    let rel = e.ts_ms.saturating_sub(t0_ms);
     let where_ = e.node.clone().unwrap_or_default();
     format!(
-        "{:>10}  {:<17} {:<8} {}",
-        format!("+{}", fmt_ms(rel.max(0.0))),
+        "{:>12}  {:<17} {:<8} {}",
+        format!("+{}", fmt_stamp_ms(rel)),
         e.phase.as_str(),
         where_,
         e.detail
@@ -107,4 +150,54 @@ pub fn phase_summary(es: &[TimelineEntry]) -> Vec<(String, Option<f64>)> {
             d(end_start, ended),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_have_the_precision_their_source_has() {
+        assert_eq!(fmt_stamp_ms(8), "8 ms");
+        assert_eq!(fmt_stamp_ms(412), "412 ms");
+        assert_eq!(fmt_stamp_ms(1234), "1.23 s");
+        assert_eq!(fmt_stamp_ms(12_345), "12.3 s");
+        assert_eq!(fmt_stamp_ms(90_259), "1 min 30 s");
+        assert_eq!(fmt_stamp_ms(120_000), "2 min");
+        assert_eq!(fmt_stamp_ms(5_400_000), "1 h 30 min");
+        assert_eq!(fmt_stamp_ms(7_200_000), "2 h");
+        assert_eq!(fmt_ms(0.4123), "0.412 ms");
+        assert_eq!(fmt_ms(8.0), "8.00 ms");
+        assert_eq!(fmt_ms(153.2), "153 ms");
+        assert_eq!(fmt_ms(1530.0), "1.53 s");
+        assert_eq!(fmt_ms(59_990.0), "1 min");
+    }
+
+    fn entry(seq: u64, ts_ms: u64, phase: Phase) -> TimelineEntry {
+        TimelineEntry {
+            seq,
+            ts_ms,
+            recorded_ms: ts_ms,
+            phase,
+            slot_id: None,
+            node: None,
+            vm_id: None,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn entries_are_put_in_time_order_and_printed_relative_to_the_first() {
+        // node2 reported its reservation (ts 30) after node1's VM started (ts 40).
+        let mut es = vec![
+            entry(1, 10, Phase::Requested),
+            entry(2, 40, Phase::VmStarted),
+            entry(3, 30, Phase::MemoryReserved),
+            entry(4, 30, Phase::PilotStarted),
+        ];
+        in_time_order(&mut es);
+        let seqs: Vec<u64> = es.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 3, 4, 2]);
+        assert!(format_entry(&es[3], 10).trim_start().starts_with("+30 ms "));
+    }
 }

@@ -30,6 +30,18 @@ pub enum WorkspaceState {
 }
 
 impl WorkspaceState {
+    /// Every state, in the order of a workspace's life (for gauges that must
+    /// show each state, zero included).
+    pub const ALL: [WorkspaceState; 8] = [
+        Self::Pending,
+        Self::Starting,
+        Self::Running,
+        Self::Destroying,
+        Self::Destroyed,
+        Self::Preempted,
+        Self::Expired,
+        Self::Failed,
+    ];
     pub fn is_terminal(self) -> bool {
         matches!(
             self,

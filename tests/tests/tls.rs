@@ -63,7 +63,14 @@ fn coordinator_serves_https_and_pilots_and_clients_verify_it_with_the_site_ca() 
     // Without the CA: refused by certificate verification, nothing created.
     let (code, _, err) = workspace(&["list"], None);
     assert_eq!(code, Some(1), "{err}");
-    assert!(err.to_lowercase().contains("unreachable"), "{err}");
+    assert!(
+        err.contains("cannot reach the coordinator") && err.contains("certificate"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint:") && err.contains("WORKSPACE_CA_FILE"),
+        "{err}"
+    );
     // With it: the whole lease over TLS, pilots included.
     let (code, out, err) = workspace(
         &[

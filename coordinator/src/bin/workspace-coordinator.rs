@@ -1,15 +1,28 @@
-//! `workspace-coordinator`: the head-node server (`serve`), the local demo
-//! (`demo`), and a helper to mint client tokens (`token`).
+//! `workspace-coordinator`: the head-node server (`serve`), a config check
+//! (`check`), the local demo (`demo`), a helper to mint client tokens
+//! (`token`), and its own shell completions and man pages.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use coordinator::config::Config;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const EXIT_CODES: &str = "Exit codes:
   0  success (demo: every node ended with its original memory and no VM)
   1  failure (demo: a step failed or a node was not restored)
-  2  bad arguments or configuration";
+  2  bad arguments or configuration (the message names the key)
+
+Signals (serve): SIGTERM/SIGINT stop serving and leave running leases to
+their pilots (picked up on restart); SIGHUP re-reads the config's users.";
+
+/// How `serve` writes its log lines (stderr).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for journald/ELK/Loki pipelines).
+    Json,
+}
 
 #[derive(Parser)]
 #[command(name = "workspace-coordinator", version, about = "Workspace pilot coordinator: VM leases through the batch system", after_help = EXIT_CODES)]
@@ -33,6 +46,14 @@ enum Cmd {
         /// Longest wait for leases to settle with --end-leases-on-exit, seconds.
         #[arg(long, default_value_t = 120)]
         end_timeout: u64,
+        /// Log line format (level filter: RUST_LOG, default info).
+        #[arg(long, value_enum, env = "WSP_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Check a config file as `serve` would, and say what it configures.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
     },
     /// Run the local demo: local batch system, simulated nodes, one lease
     /// destroyed and one preempted, with a timeline.
@@ -42,7 +63,7 @@ enum Cmd {
         nodes: u32,
         /// Hypervisor the pilots drive (`sim` works anywhere).
         #[arg(long, default_value = "sim")]
-        hypervisor: String,
+        hypervisor: coordinator::config::Hypervisor,
         /// Keep the working directory (database, job logs, node states).
         #[arg(long)]
         keep: bool,
@@ -59,17 +80,36 @@ enum Cmd {
         #[arg(long)]
         admin: bool,
     },
+    /// Print a shell completion script for workspace-coordinator.
+    Completions { shell: clap_complete::Shell },
+    /// Write man pages (workspace-coordinator.1 and one per subcommand).
+    Man {
+        /// Directory to write them into.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
-fn init_logs(default: &str) {
+fn init_logs(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_current_span(true).try_init(),
         // Colour codes only on a terminal: logs usually land in files.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+}
+
+/// Tells systemd (Type=notify) how we are; nothing without NOTIFY_SOCKET.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
 }
 
 /// The async runtime; its threads are named so `top -H` and profiles tell
@@ -87,12 +127,63 @@ fn main() {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("workspace-coordinator: {e:#}");
-            e.downcast_ref::<coordinator::config::ConfigError>()
-                .map_or(1, |_| 2)
+            eprintln!(
+                "workspace-coordinator: {}",
+                coordinator::report::one_line(e.as_ref())
+            );
+            exit_code(&e)
         }
     };
     std::process::exit(code);
+}
+
+/// 2 when the config is at fault (as `--help` says), else 1.
+fn exit_code(e: &anyhow::Error) -> i32 {
+    let config = e.chain().any(|c| {
+        c.downcast_ref::<coordinator::config::ConfigError>()
+            .is_some()
+            || c.downcast_ref::<coordinator::server::ServerError>()
+                .is_some_and(|s| s.is_config())
+    });
+    if config {
+        2
+    } else {
+        1
+    }
+}
+
+/// Loads and checks the config as `serve` needs it.
+fn load_for_serving(path: &Path) -> Result<Config, coordinator::config::ConfigError> {
+    let cfg = Config::load(path)?;
+    if cfg.users.is_empty() {
+        return Err(coordinator::config::ConfigError::Invalid(
+            "no [[users]] in the config: nobody could use the API (make one with `workspace-coordinator token --user NAME`)".into(),
+        ));
+    }
+    Ok(cfg)
+}
+
+fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = Cli::command();
+    let mut pages = vec![(cmd.get_name().to_string(), cmd.clone())];
+    for sub in cmd.get_subcommands() {
+        let name = format!("{}-{}", cmd.get_name(), sub.get_name());
+        let page = sub.clone().display_name(name.clone()).bin_name(format!(
+            "{} {}",
+            cmd.get_name(),
+            sub.get_name()
+        ));
+        pages.push((name, page));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -103,26 +194,85 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("\n# add to the coordinator's config:\n[[users]]\nname = {user:?}\ntoken_sha256 = \"{}\"\nadmin = {admin}", protocol::auth::token_hash(&token));
             Ok(0)
         }
+        Cmd::Check { config } => {
+            let cfg = load_for_serving(&config)?;
+            println!(
+                "{}: ok (lrm {:?}, hypervisor {}, {} users, listen {})",
+                config.display(),
+                cfg.lrm,
+                cfg.pilot.hypervisor,
+                cfg.users.len(),
+                cfg.listen
+            );
+            Ok(0)
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "workspace-coordinator",
+                &mut std::io::stdout(),
+            );
+            Ok(0)
+        }
+        Cmd::Man { dir } => {
+            write_man_pages(&dir)?;
+            Ok(0)
+        }
         Cmd::Serve {
             config,
             end_leases_on_exit,
             end_timeout,
+            log_format,
         } => {
-            init_logs("info");
-            let cfg = Config::load(&config)?;
-            if cfg.users.is_empty() {
-                anyhow::bail!(coordinator::config::ConfigError::Invalid(
-                    "no [[users]] in the config: nobody could use the API (make one with `workspace-coordinator token --user NAME`)".into()
-                ));
-            }
+            init_logs("info", log_format);
+            let cfg = load_for_serving(&config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let running = coordinator::server::start(cfg, None).await?;
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+                use tokio::signal::unix::{signal, SignalKind};
+                // Installed before anything can take long, so that no signal
+                // meets the default action (SIGHUP would kill us silently).
+                let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+                let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+                let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+                let running = coordinator::server::start(cfg, None)
+                    .await
+                    .context("starting the coordinator")?;
+                notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status("serving")]);
+                let signal = loop {
+                    tokio::select! {
+                        _ = int.recv() => break "SIGINT",
+                        _ = term.recv() => break "SIGTERM",
+                        _ = hup.recv() => {
+                            let mut states = vec![sd_notify::NotifyState::Reloading];
+                            if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+                                states.push(now);
+                            }
+                            notify(&states);
+                            match coordinator::server::reload(&running.engine, &config) {
+                                Ok(r) => {
+                                    tracing::info!(
+                                        config = %config.display(),
+                                        users = r.users,
+                                        added = ?r.added,
+                                        removed = ?r.removed,
+                                        "SIGHUP: users reloaded"
+                                    );
+                                    if !r.needs_restart.is_empty() {
+                                        tracing::warn!(changed = ?r.needs_restart, "SIGHUP: these settings changed but take effect only on restart");
+                                    }
+                                }
+                                Err(e) => tracing::error!(
+                                    error = %coordinator::report::one_line(&e),
+                                    "SIGHUP: config not reloaded; the running one stays"
+                                ),
+                            }
+                            notify(&[sd_notify::NotifyState::Ready]);
+                        }
+                    }
+                };
+                notify(&[sd_notify::NotifyState::Stopping]);
+                tracing::info!(signal, "stopping");
                 if end_leases_on_exit {
                     let ended = running.engine.end_all()?;
                     tracing::info!(workspaces = ended.len(), "stopping: ending every lease first");
@@ -139,10 +289,11 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     }
+                    running.stop().await;
                 } else {
-                    tracing::info!("stopping: running leases stay with their pilots and are picked up on restart (local batch system: its jobs end with it)");
+                    tracing::info!("stopping: running leases stay with their pilots and are picked up on restart");
+                    running.stop_leaving_leases().await;
                 }
-                running.stop().await;
                 Ok::<_, anyhow::Error>(0)
             })
         }
@@ -152,7 +303,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             keep,
             log,
         } => {
-            init_logs(&log);
+            init_logs(&log, LogFormat::Text);
             let rt = runtime()?;
             let ok = rt.block_on(coordinator::demo::run(coordinator::demo::DemoOptions {
                 nodes,
