@@ -33,12 +33,13 @@ impl HypervisorRecord {
         state_dir.join(Self::FILE)
     }
 
-    /// Writes the record (creating the state dir), atomically.
+    /// Writes the record (creating the state dir), atomically, mode 0600
+    /// like every file of the state dir.
     pub fn write(&self, state_dir: &Path) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(state_dir)?;
         let path = Self::path(state_dir);
         let text = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
-        write_atomic(&path, &text, 0o644)?;
+        write_atomic(&path, &text, 0o600)?;
         Ok(path)
     }
 
