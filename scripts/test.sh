@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine with Rust:
-# installs what the tests need (Slurm, munge), builds every binary, checks
-# formatting and lints, runs every test. Daemons the tests need are started
+# installs what the tests need and verifies every command is there
+# (scripts/install-deps.sh), builds every binary, checks formatting and
+# lints, runs every test. Daemons the tests need are started
 # by the tests themselves through scripts/*-up.sh (idempotent).
 set -euo pipefail
 cd "$(dirname "$0")/.."

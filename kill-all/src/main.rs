@@ -5,12 +5,16 @@
 //! `wsp-` name tag; `--all` for every guest), restores dom0 memory and prints
 //! what it did. It is not a pilot and never talks to the coordinator.
 //!
+//! Which driver to open comes from `--hypervisor`, else from what the node's
+//! pilots recorded in the state dir (`hypervisor.json`, the slot files); it
+//! refuses to guess when nothing says, or when the records disagree.
+//!
 //! Exit codes: 0 everything succeeded (or nothing to do), 1 something failed,
-//! 2 usage error (bad flags, hypervisor or state dir unusable).
+//! 2 usage error (bad flags, hypervisor unknown or unusable, state dir unusable).
 
 use clap::Parser;
 use pilot::hypervisor::{self, set_dom0_target_and_wait, HvOptions, Hypervisor};
-use pilot::node::{expand_node, node_name};
+use pilot::node::{expand_node, hypervisor_kind, node_name, HypervisorRecord};
 use pilot::state::{list_state_files, remove_state_file, NodeLock, NodeStateFile, VmRecordState};
 use protocol::{SlotId, VmName};
 use serde::Serialize;
@@ -21,7 +25,7 @@ use std::time::{Duration, Instant};
 const EXIT_HELP: &str = "Exit codes:
   0  everything succeeded, or there was nothing to do
   1  something could not be undone (see the report)
-  2  usage error: bad flags, hypervisor or state directory unusable";
+  2  usage error: bad flags, hypervisor unknown or unusable, state directory unusable";
 
 /// Destroy what workspace pilots left on this node and restore dom0 memory.
 #[derive(Parser)]
@@ -30,12 +34,15 @@ struct Cli {
     /// Directory of the pilots' node state files (`%n` = node name).
     #[arg(long, default_value = "/run/workspace-pilot/%n/state")]
     state_dir: String,
-    #[arg(long, default_value = "sim")]
-    hypervisor: String,
-    /// Directory of the simulated node (`%n` = node name).
+    /// sim, kvm or xen. Default: what the node's pilots recorded in the
+    /// state dir; refused when nothing recorded one.
+    #[arg(long)]
+    hypervisor: Option<String>,
+    /// Directory of the simulated node (`%n` = node name; default: recorded).
     #[arg(long)]
     sim_dir: Option<String>,
-    /// Node configuration, the same file the pilot uses (`%n` = node name).
+    /// Node configuration, the same file the pilot uses (`%n` = node name;
+    /// default: the one the pilots recorded).
     #[arg(long)]
     node_config: Option<String>,
     /// Node name (default: $WSP_NODE, $SLURMD_NODENAME, hostname).
@@ -104,12 +111,22 @@ fn main() {
     let cli = Cli::parse();
     let node = node_name(cli.node.as_deref());
     let state_dir = expand_node(&cli.state_dir, &node);
+    let driver = match which_driver(&cli, &state_dir) {
+        Ok(d) => d,
+        Err(e) => usage(e),
+    };
     let opts = HvOptions {
-        sim_dir: cli.sim_dir.as_deref().map(|d| expand_node(d, &node)),
+        sim_dir: cli
+            .sim_dir
+            .as_deref()
+            .map(|d| expand_node(d, &node))
+            .or(driver.sim_dir),
         node: match cli
             .node_config
             .as_deref()
-            .map(|p| hypervisor::NodeConfig::load(&expand_node(p, &node)))
+            .map(|p| expand_node(p, &node))
+            .or(driver.node_config)
+            .map(|p| hypervisor::NodeConfig::load(&p))
         {
             None => hypervisor::NodeConfig::default(),
             Some(Ok(c)) => c,
@@ -117,7 +134,7 @@ fn main() {
         },
         node_name: node.clone(),
     };
-    let hv = match hypervisor::open(&cli.hypervisor, &opts) {
+    let hv = match hypervisor::open(&driver.kind, &opts) {
         Ok(hv) => hv,
         Err(e) => usage(e),
     };
@@ -145,6 +162,80 @@ fn main() {
         print_lines(&report);
     }
     std::process::exit(if report.ok { 0 } else { 1 });
+}
+
+/// The driver to open and the files the pilots used with it.
+struct Driver {
+    kind: String,
+    node_config: Option<PathBuf>,
+    sim_dir: Option<PathBuf>,
+}
+
+/// `--hypervisor`, else what the pilots recorded: `hypervisor.json` and the
+/// `hypervisor` of each slot file this run handles. Refuses when nothing
+/// says, when the records disagree, or when `--hypervisor` contradicts one
+/// (the wrong driver finds none of the recorded VMs, and the records would
+/// then be removed as if the node were clean).
+fn which_driver(cli: &Cli, state_dir: &std::path::Path) -> Result<Driver, String> {
+    let record = HypervisorRecord::read(state_dir)?;
+    let mut said: Vec<(String, String)> = Vec::new();
+    if let Some(r) = &record {
+        said.push((
+            r.kind.clone(),
+            HypervisorRecord::path(state_dir).display().to_string(),
+        ));
+    }
+    for path in list_state_files(state_dir).map_err(|e| e.to_string())? {
+        // Unreadable files are reported (and kept) by kill_all.
+        if let Ok(f) = NodeStateFile::read(&path) {
+            if slot_matches(cli, &f.slot_id) {
+                let kind = hypervisor_kind(&f.hypervisor).to_string();
+                said.push((kind, path.display().to_string()));
+            }
+        }
+    }
+    let how = "pass --hypervisor sim|kvm|xen (with --sim-dir or --node-config as the pilots \
+               were given them)";
+    let kind = match &cli.hypervisor {
+        Some(h) => {
+            if let Some((k, file)) = said.iter().find(|(k, _)| k != h) {
+                return Err(format!(
+                    "--hypervisor {h}, but {file} records {k}: the {h} driver would find none \
+                     of the recorded VMs; pass --hypervisor {k}, or remove the file if it is stale"
+                ));
+            }
+            h.clone()
+        }
+        None => {
+            let kinds: BTreeSet<&str> = said.iter().map(|(k, _)| k.as_str()).collect();
+            match kinds.len() {
+                0 => {
+                    return Err(format!(
+                        "cannot tell which hypervisor this node uses: no pilot recorded one in {} \
+                         (no {} or slot-*.json); {how}, or --state-dir if the pilots use another",
+                        state_dir.display(),
+                        HypervisorRecord::FILE
+                    ))
+                }
+                1 => said[0].0.clone(),
+                _ => {
+                    let list: Vec<String> =
+                        said.iter().map(|(k, f)| format!("{k} in {f}")).collect();
+                    return Err(format!(
+                        "the records disagree about this node's hypervisor ({}); {how} \
+                         and --slot for the slots of each",
+                        list.join(", ")
+                    ));
+                }
+            }
+        }
+    };
+    let record = record.filter(|r| r.kind == kind);
+    Ok(Driver {
+        kind,
+        node_config: record.as_ref().and_then(|r| r.node_config.clone()),
+        sim_dir: record.and_then(|r| r.sim_dir),
+    })
 }
 
 fn usage(e: impl std::fmt::Display) -> ! {

@@ -3,6 +3,7 @@
 
 use pilot::hypervisor::sim::{Sim, SimNode};
 use pilot::hypervisor::{set_dom0_target_and_wait, Hypervisor};
+use pilot::node::HypervisorRecord;
 use pilot::state::{list_state_files, NodeStateFile, PilotState, VmRecord, VmRecordState};
 use protocol::pilot::VmLaunch;
 use protocol::{PilotId, SlotId, VmId, VmName};
@@ -107,13 +108,19 @@ impl Leftovers {
     }
 
     fn kill_all(&self, extra: &[&str]) -> Output {
+        let sim_dir = self.sim_dir.display().to_string();
+        let mut args = vec!["--sim-dir", &sim_dir, "--hypervisor", "sim"];
+        args.extend(extra);
+        self.kill_all_bare(&args)
+    }
+
+    /// kill-all with only the state dir, the node and `args`.
+    fn kill_all_bare(&self, args: &[&str]) -> Output {
         std::process::Command::new(KILL_ALL)
             .arg("--state-dir")
             .arg(&self.state_dir)
-            .arg("--sim-dir")
-            .arg(&self.sim_dir)
-            .args(["--hypervisor", "sim", "--node", "n1"])
-            .args(extra)
+            .args(["--node", "n1"])
+            .args(args)
             .output()
             .unwrap()
     }
@@ -230,12 +237,105 @@ fn clean_node_has_nothing_to_do() {
         .arg(tmp.path().join("state"))
         .arg("--sim-dir")
         .arg(&sim_dir)
-        .args(["--node", "n1", "--json"])
+        .args(["--hypervisor", "sim", "--node", "n1", "--json"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["actions"].as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn with_no_record_and_no_flag_kill_all_refuses_to_guess_the_hypervisor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sim_dir = tmp.path().join("sim");
+    Sim::init(&sim_dir, &SimNode::new(2048, 1, None), false).unwrap();
+    let out = std::process::Command::new(KILL_ALL)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--sim-dir")
+        .arg(&sim_dir)
+        .args(["--node", "n1", "--all"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("cannot tell which hypervisor this node uses")
+            && err.contains("pass --hypervisor sim|kvm|xen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_hypervisor_and_its_files_come_from_the_pilots_record() {
+    let l = Leftovers::new();
+    HypervisorRecord {
+        kind: "sim".into(),
+        node_config: None,
+        sim_dir: Some(l.sim_dir.clone()),
+        updated_ms: 0,
+    }
+    .write(&l.state_dir)
+    .unwrap();
+    let out = l.kill_all_bare(&[]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(l.names(), vec!["alien".to_string()]);
+    assert_eq!(l.dom0(), (3840, 3840));
+    assert!(list_state_files(&l.state_dir).unwrap().is_empty());
+    assert!(
+        HypervisorRecord::path(&l.state_dir).exists(),
+        "the node's record stays"
+    );
+}
+
+#[test]
+fn a_slot_file_says_which_driver_when_no_node_record_does() {
+    let l = Leftovers::new();
+    let sim_dir = l.sim_dir.display().to_string();
+    let out = l.kill_all_bare(&["--sim-dir", &sim_dir]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(l.names(), vec!["alien".to_string()]);
+}
+
+#[test]
+fn a_flag_contradicting_the_records_is_refused_and_nothing_is_touched() {
+    let l = Leftovers::new();
+    let before = l.names();
+    let out = l.kill_all_bare(&["--hypervisor", "xen"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--hypervisor xen, but") && err.contains("records sim"),
+        "{err}"
+    );
+    assert_eq!(l.names(), before);
+    assert_eq!(list_state_files(&l.state_dir).unwrap().len(), 1);
+
+    // Two records that disagree: refused without a flag too.
+    HypervisorRecord {
+        kind: "kvm".into(),
+        node_config: None,
+        sim_dir: None,
+        updated_ms: 0,
+    }
+    .write(&l.state_dir)
+    .unwrap();
+    let out = l.kill_all_bare(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the records disagree"), "{err}");
+    assert_eq!(l.names(), before);
 }
 
 #[test]

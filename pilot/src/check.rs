@@ -1,11 +1,16 @@
 //! `workspace-pilot check` (part of the binary, not the library): is this
-//! node fit for pilots? Every check prints `ok` or `FAIL` with what to fix.
+//! node fit for pilots? Every check prints `ok`, `warn` or `FAIL`, with
+//! what to fix.
 //!
 //! Generic checks (driver opens, dom0 figures, guests listable, coordinator
 //! reachable, key accepted) apply to every driver; `xen` adds its own
-//! (xl present and safe, sudo without a password, xenstore reachable).
+//! (xl present and safe, sudo without a password, xenstore reachable);
+//! `kvm` each program it runs (with its package) and whether hardware KVM
+//! really works. A node is fit when nothing FAILs; warnings do not change
+//! the exit code (see docs/KVM.md for what TCG-only means).
 
 use clap::Args;
+use pilot::hypervisor::kvm::{self, HardwareKvm, Kvm};
 use pilot::hypervisor::xen::{Check, Xen};
 use pilot::hypervisor::{self, HvOptions, Hypervisor};
 use pilot::node::{expand_node, node_name};
@@ -16,7 +21,8 @@ use std::time::Duration;
 
 #[derive(Args)]
 pub struct CheckArgs {
-    #[arg(long, default_value = "sim")]
+    /// The driver the pilots on this node use: sim, kvm or xen.
+    #[arg(long)]
     hypervisor: String,
     /// Directory of the simulated node (`%n` = node name).
     #[arg(long)]
@@ -68,22 +74,31 @@ pub fn check(a: CheckArgs) -> i32 {
         node_name: node.clone(),
     };
     // Opened first: the xen driver applies xenstored_path before any thread starts.
-    match hypervisor::open(&a.hypervisor, &opts) {
+    let hv = if a.hypervisor == "kvm" {
+        // Once, as the Kvm itself: its checks need more than the trait.
+        Kvm::open(&opts.node.kvm, &opts).map(|k| Box::new(k) as Box<dyn Hypervisor>)
+    } else {
+        hypervisor::open(&a.hypervisor, &opts)
+    };
+    match hv {
         Ok(hv) => {
             checks.push(Check::new(
                 "hypervisor driver opens",
-                Ok(a.hypervisor.clone()),
+                Ok(hv.name().to_string()),
             ));
-            if a.hypervisor == "xen" {
-                match Xen::open(&opts.node.xen, &opts) {
+            match a.hypervisor.as_str() {
+                "xen" => match Xen::open(&opts.node.xen, &opts) {
                     Ok(x) => checks.extend(x.checks()),
                     Err(e) => checks.push(Check::new(
                         "xen driver",
                         fail(e, "fix [xen] in the node config"),
                     )),
+                },
+                "kvm" => {
+                    generic_checks(hv.as_ref(), &mut checks);
+                    kvm_checks(&opts.node.kvm, &node, &mut checks);
                 }
-            } else {
-                generic_checks(hv.as_ref(), &mut checks);
+                _ => generic_checks(hv.as_ref(), &mut checks),
             }
         }
         Err(e) => checks.push(Check::new(
@@ -100,6 +115,7 @@ pub fn check(a: CheckArgs) -> i32 {
         checks.push(key_check(kf).1);
     }
     let ok = checks.iter().all(|c| c.ok);
+    let warnings = checks.iter().filter(|c| c.warning).count();
     if a.json {
         println!(
             "{}",
@@ -107,16 +123,24 @@ pub fn check(a: CheckArgs) -> i32 {
         );
     } else {
         for c in &checks {
-            if c.ok {
-                println!("ok    {}: {}", c.name, c.detail);
-            } else {
-                println!("FAIL  {}: {}", c.name, c.detail);
-                if let Some(fix) = &c.fix {
-                    println!("      fix: {fix}");
-                }
+            let label = match (c.ok, c.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "warn",
+                (true, false) => "ok",
+            };
+            println!("{label:<5} {}: {}", c.name, c.detail);
+            if let (Some(fix), true) = (&c.fix, !c.ok || c.warning) {
+                println!("      fix: {fix}");
             }
         }
-        println!("{}", if ok { "node is fit" } else { "node is NOT fit" });
+        match (ok, warnings) {
+            (false, _) => println!("node is NOT fit"),
+            (true, 0) => println!("node is fit"),
+            (true, n) => println!(
+                "node is fit, with {n} warning{}",
+                if n == 1 { "" } else { "s" }
+            ),
+        }
     }
     if ok {
         0
@@ -146,6 +170,90 @@ fn generic_checks(hv: &dyn Hypervisor, checks: &mut Vec<Check>) {
             .map(|d| format!("{} guests", d.len()))
             .or_else(|e| fail(e, "repair the node or pass the right driver options")),
     ));
+}
+
+/// Each program the kvm driver runs (named with its package when missing),
+/// and whether hardware KVM really works here.
+fn kvm_checks(cfg: &kvm::KvmConfig, node: &str, checks: &mut Vec<Check>) {
+    for u in Kvm::tools(cfg) {
+        let name = format!("{} ({})", u.program, u.purpose);
+        let found = if u.privileged {
+            pilot::tools::find_privileged(&u.program)
+        } else {
+            pilot::tools::find(&u.program)
+        };
+        checks.push(Check::new(
+            &name,
+            found
+                .map(|p| p.display().to_string())
+                .map_err(|m| (m.to_string(), tool_fix(&u, &m))),
+        ));
+    }
+    let name = "hardware KVM";
+    let hw = kvm::hardware_kvm(cfg, node);
+    let enable = "enable VT-x/AMD-V in the firmware, load kvm_intel or kvm_amd, and let the \
+                  pilot's user open /dev/kvm (group kvm)";
+    checks.push(match (cfg.accelerator.as_str(), &hw) {
+        ("tcg", HardwareKvm::Works(r)) => Check::warn(
+            name,
+            format!("works ({r}), but [kvm] accelerator = \"tcg\": VMs run emulated"),
+            "set [kvm] accelerator = \"auto\" to use it".into(),
+        ),
+        ("tcg", hw) => Check::new(
+            name,
+            Ok(format!(
+                "not used: [kvm] accelerator = \"tcg\", VMs run under TCG emulation ({})",
+                hw.reason()
+            )),
+        ),
+        (_, HardwareKvm::Works(r)) => Check::new(name, Ok(format!("works: {r}"))),
+        (_, HardwareKvm::Unconfirmed(r)) => Check::warn(
+            name,
+            format!("claimed, not confirmed: {r}"),
+            "set [kvm] kernel (and initrd) to a kernel printing canary_marker, so check and \
+             the pilot confirm KVM with a canary boot"
+                .into(),
+        ),
+        ("kvm", HardwareKvm::Unusable(r)) => Check::new(
+            name,
+            fail(
+                format!("[kvm] accelerator = \"kvm\" but it does not work here: {r}"),
+                &format!("{enable}; or set [kvm] accelerator = \"tcg\" to run VMs emulated"),
+            ),
+        ),
+        (_, HardwareKvm::Unusable(r)) => Check::warn(
+            name,
+            format!("{r}; VMs will run under TCG emulation, several times slower"),
+            format!(
+                "to use KVM: {enable}; to accept TCG on this node: set [kvm] accelerator = \"tcg\""
+            ),
+        ),
+    });
+}
+
+fn tool_fix(u: &kvm::ToolUse, m: &pilot::tools::Missing) -> String {
+    if u.key == "compressor" {
+        return format!(
+            "apt-get install {}, or set [kvm] compressor = \"none\"",
+            m.package.unwrap_or("zstd")
+        );
+    }
+    if let Some(at) = &m.elsewhere {
+        return format!(
+            "add {} to the pilot's PATH, or set [kvm] {} = \"{}\"",
+            at.parent().unwrap_or(std::path::Path::new("/")).display(),
+            u.key,
+            at.display()
+        );
+    }
+    let install = m.package.map_or_else(
+        || format!("install {}", u.program),
+        |p| format!("apt-get install {p}"),
+    );
+    match u.key {
+        "privileged_prefix" => format!("{install}, or change [kvm] privileged_prefix"),
+        key => format!("{install}, or set [kvm] {key} to the program's path"),
+    }
 }
 
 fn key_check(kf: &std::path::Path) -> (Option<SlotKey>, Check) {

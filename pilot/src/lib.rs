@@ -18,6 +18,7 @@ pub mod node;
 pub mod notify;
 pub mod run;
 pub mod state;
+pub mod tools;
 
 /// Exit codes of `workspace-pilot run`; `workspace-kill-all` uses 0, 1 and 2.
 pub mod exit {

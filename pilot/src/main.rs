@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use pilot::hypervisor::sim::{Sim, SimNode};
 use pilot::hypervisor::{self, HvOptions};
-use pilot::node::{expand_node, job_id_from_env, node_name};
+use pilot::node::{expand_node, job_id_from_env, node_name, HypervisorRecord};
 use pilot::run::RunConfig;
 use protocol::auth::SlotKey;
 use protocol::SlotId;
@@ -225,6 +225,22 @@ fn run(a: RunArgs) -> i32 {
     if let Err(e) = hv.dom0_memory() {
         return usage(format!("node not usable: {e}"));
     }
+    let state_dir = expand_node(&a.state_dir, &node);
+    let record = HypervisorRecord {
+        kind: a.hypervisor.clone(),
+        node_config: a
+            .node_config
+            .as_deref()
+            .map(|p| absolute(&expand_node(p, &node))),
+        sim_dir: opts.sim_dir.as_deref().map(absolute),
+        updated_ms: protocol::now_ms(),
+    };
+    if let Err(e) = record.write(&state_dir) {
+        return usage(format!(
+            "cannot record the hypervisor in {}: {e}",
+            HypervisorRecord::path(&state_dir).display()
+        ));
+    }
     let ca_pem = match &a.ca_file {
         None => None,
         Some(p) => match std::fs::read(p) {
@@ -240,7 +256,7 @@ fn run(a: RunArgs) -> i32 {
         memory_mb: a.memory_mb,
         duration: Duration::from_secs(a.duration_s),
         grace: Duration::from_secs(a.grace_s),
-        state_dir: expand_node(&a.state_dir, &node),
+        state_dir,
         node,
         job_id: job_id_from_env(),
         coordinator_wait_fraction: a.coordinator_wait_fraction,
@@ -268,6 +284,11 @@ fn run(a: RunArgs) -> i32 {
     // Do not drop the runtime: it would wait for stuck blocking calls.
     std::mem::forget(rt);
     code
+}
+
+/// `p` made absolute against the working directory (as given if that fails).
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn sim(cmd: SimCmd) -> anyhow::Result<()> {

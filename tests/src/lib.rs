@@ -18,6 +18,54 @@ pub const OTHER_TOKEN: &str = "e2e-bob-token";
 /// A user with the admin role.
 pub const ADMIN_TOKEN: &str = "e2e-ops-token";
 
+/// The repository's root (for `scripts/`).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Makes sure the external programs a test runs are there: if one is
+/// missing, runs `scripts/install-deps.sh` once, then fails naming each
+/// program still missing and its package (`qemu-img not found: install
+/// qemu-utils`), never with a bare "No such file or directory" later.
+pub fn need_tools(programs: &[&str]) {
+    let missing = || -> Vec<pilot::tools::Missing> {
+        programs
+            .iter()
+            .filter_map(|p| pilot::tools::find(p).err())
+            .collect()
+    };
+    if missing().is_empty() {
+        return;
+    }
+    let st = Command::new(repo().join("scripts/install-deps.sh")).status();
+    let left = missing();
+    assert!(
+        left.is_empty(),
+        "{} (scripts/install-deps.sh {})",
+        pilot::tools::describe(&left),
+        match st {
+            Ok(s) if s.success() => "ran but did not install it".to_string(),
+            Ok(s) => format!("failed: {s}"),
+            Err(e) => format!("could not run: {e}"),
+        }
+    );
+}
+
+/// Runs an external program to completion; a program that cannot start
+/// fails the test with its name and package.
+pub fn run_tool(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| match pilot::tools::spawn_error(args[0], &e) {
+            Some(m) => panic!("{m} (to run {args:?})"),
+            None => panic!("cannot run {args:?}: {e}"),
+        })
+}
+
 /// Path of a workspace binary in the same target directory as this test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

@@ -427,9 +427,9 @@ fn a_pilot_that_goes_silent_fails_its_workspace_and_kill_all_restores_its_node()
     assert!(phases.iter().any(|p| p == "pilot_lost"), "{phases:?}");
     // The job was cancelled: the frozen pilot got SIGKILL after the grace period.
     wait_gone(pid, Duration::from_secs(10)).expect("the lost pilot's job is cancelled");
+    // The admin names only the node's state dir: the pilots recorded which
+    // hypervisor and which simulated node they used.
     let out = Command::new(bin("workspace-kill-all"))
-        .args(["--hypervisor", "sim", "--sim-dir"])
-        .arg(c.sim_dir(&node))
         .arg("--state-dir")
         .arg(c.state_dir(&node))
         .output()

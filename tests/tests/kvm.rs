@@ -8,7 +8,7 @@
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use wsp_e2e::*;
@@ -32,13 +32,6 @@ memory_mb = 128
 cpus = 1
 image = "kernel:"
 "#;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
 
 fn nr_hugepages() -> u64 {
     std::fs::read_to_string(NR)
@@ -69,19 +62,7 @@ impl KvmCluster {
         let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
             .map_err(|(_, e)| e)
             .expect("take the kvm test lock");
-        if Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            let st = Command::new(repo().join("scripts/install-deps.sh"))
-                .status()
-                .expect("run scripts/install-deps.sh");
-            assert!(
-                st.success(),
-                "scripts/install-deps.sh failed: cannot install QEMU"
-            );
-        }
+        need_tools(&["qemu-system-x86_64", "qemu-img"]);
         let out = Command::new(repo().join("scripts/kvm-payload.sh"))
             .output()
             .expect("run scripts/kvm-payload.sh");

@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,18 +40,8 @@ fn nr_hugepages() -> u64 {
         .expect("nr_hugepages is a number")
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
-}
-
 fn sh(args: &[&str]) -> std::process::Output {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    let out = run_tool(args);
     assert!(
         out.status.success(),
         "{args:?} failed: {}",
@@ -124,25 +114,15 @@ impl Drop for Netns {
 }
 
 fn need_tools() {
-    for tool in [
+    wsp_e2e::need_tools(&[
         "qemu-system-x86_64",
+        "qemu-img",
         "dnsmasq",
         "nft",
         "mkfs.vfat",
         "mcopy",
         "ip",
-    ] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-            .unwrap_or(false);
-        if !found {
-            let st = Command::new(repo().join("scripts/install-deps.sh")).status();
-            assert!(
-                matches!(st, Ok(s) if s.success()),
-                "{tool} is missing and scripts/install-deps.sh could not install it"
-            );
-        }
-    }
+    ]);
     assert!(
         nix::unistd::geteuid().is_root(),
         "the workspace control test creates a network namespace: run it as root"

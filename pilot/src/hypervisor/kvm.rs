@@ -14,6 +14,7 @@ pub mod seed;
 use super::{Dom0Memory, Domain, HvError, HvOptions, Hypervisor};
 use crate::files::write_atomic;
 use crate::node::expand_node;
+use crate::tools;
 use hugepages::HugePages;
 use protocol::pilot::VmLaunch;
 use qmp::{MigrationInfo, Qmp, QmpError};
@@ -204,9 +205,13 @@ pub(crate) fn run_bounded(
         message,
         output,
     };
+    let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd
         .spawn()
-        .map_err(|e| fail(format!("cannot start: {e}"), String::new()))?;
+        .map_err(|e| match tools::spawn_error(&program, &e) {
+            Some(m) => HvError::from(m),
+            None => fail(format!("cannot start: {e}"), String::new()),
+        })?;
     if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
         let _ = pipe.write_all(&bytes);
     }
@@ -297,6 +302,9 @@ pub struct Kvm {
     image_dir: PathBuf,
     accel: Accel,
     accel_reason: String,
+    /// `accelerator = "kvm"` on a host without usable KVM: why (VM starts
+    /// are refused with it; kill-all still works).
+    accel_problem: Option<String>,
     pages: HugePages,
     /// The most "dom0" may hold: host memory minus the hugepages other nodes
     /// (and the host itself) held when this driver opened.
@@ -307,7 +315,40 @@ pub struct Kvm {
     net: net::Net,
 }
 
-static HOST_ACCEL: OnceLock<(Accel, String)> = OnceLock::new();
+static HOST_KVM: OnceLock<HardwareKvm> = OnceLock::new();
+
+/// Whether hardware KVM works on this host, as far as can be told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HardwareKvm {
+    /// The static checks pass and a canary boot under `-accel kvm` printed
+    /// its marker.
+    Works(String),
+    /// The static checks pass; no `[kvm] kernel` to confirm it with a
+    /// canary boot.
+    Unconfirmed(String),
+    /// Not usable: module, CPU flag, `/dev/kvm`, `kvm_pvm`, or the canary.
+    Unusable(String),
+}
+
+impl HardwareKvm {
+    pub fn reason(&self) -> &str {
+        match self {
+            HardwareKvm::Works(r) | HardwareKvm::Unconfirmed(r) | HardwareKvm::Unusable(r) => r,
+        }
+    }
+}
+
+/// One external program the driver runs, and what for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ToolUse {
+    /// As configured (a bare name or a path).
+    pub program: String,
+    /// The `[kvm]` key that sets it.
+    pub key: &'static str,
+    pub purpose: &'static str,
+    /// Run through `privileged_prefix` (sudo also looks in the sbin dirs).
+    pub privileged: bool,
+}
 
 fn io(path: &Path, source: std::io::Error) -> HvError {
     HvError::Io {
@@ -330,18 +371,27 @@ pub fn host_claims_kvm() -> (bool, String) {
         })
         .unwrap_or(false);
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let dev = Path::new("/dev/kvm").exists();
-    match (module, flags, dev) {
-        (Some(m), true, true) => (true, format!("{m} loaded, vmx/svm present, /dev/kvm")),
+    // QEMU opens it read-write: a pilot's user outside group kvm cannot.
+    let dev = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("absent".to_string()),
+        Err(e) => Err(format!("present but cannot be opened ({e})")),
+    };
+    match (module, flags, &dev) {
+        (Some(m), true, Ok(())) => (true, format!("{m} loaded, vmx/svm present, /dev/kvm opens")),
         _ => (
             false,
             format!(
                 "no usable KVM: kvm_intel/kvm_amd {}, vmx/svm {}, /dev/kvm {}{}",
                 module.map_or("absent", |_| "loaded"),
                 if flags { "present" } else { "absent" },
-                if dev { "present" } else { "absent" },
+                dev.as_ref().err().map_or("opens", String::as_str),
                 if pvm {
-                    " (kvm_pvm cannot run stock kernels)"
+                    "; it is kvm_pvm's, which cannot run stock kernels"
                 } else {
                     ""
                 }
@@ -432,10 +482,20 @@ impl Kvm {
         let mine_mb = ledger.held_pages * ledger.page_kb.max(1) / 1024;
         let others_mb = pages.host_total_mb()?.saturating_sub(mine_mb);
         let max_mb = total_mb.saturating_sub(others_mb);
+        let mut accel_problem = None;
         let (accel, accel_reason) = match cfg.accelerator.as_str() {
-            "kvm" => (Accel::Kvm, "configured (accelerator = \"kvm\")".to_string()),
+            "kvm" => {
+                let (claims, why) = host_claims_kvm();
+                if !claims {
+                    accel_problem = Some(why);
+                }
+                (Accel::Kvm, "configured (accelerator = \"kvm\")".to_string())
+            }
             "tcg" => (Accel::Tcg, "configured (accelerator = \"tcg\")".to_string()),
-            "auto" => HOST_ACCEL.get_or_init(|| detect_accel(cfg, &node)).clone(),
+            "auto" => match hardware_kvm(cfg, &node) {
+                HardwareKvm::Works(r) | HardwareKvm::Unconfirmed(r) => (Accel::Kvm, r),
+                HardwareKvm::Unusable(r) => (Accel::Tcg, r),
+            },
             other => {
                 return Err(HvError::Config(format!(
                     "[kvm] accelerator {other:?}: expected auto, kvm or tcg"
@@ -460,6 +520,7 @@ impl Kvm {
             image_dir,
             accel,
             accel_reason,
+            accel_problem,
             pages,
             max_mb,
             children: Mutex::new(HashMap::new()),
@@ -470,6 +531,65 @@ impl Kvm {
     /// The accelerator VMs run under, and why it was chosen.
     pub fn accelerator(&self) -> (Accel, &str) {
         (self.accel, &self.accel_reason)
+    }
+
+    /// Every program this node's VMs may need, as configured: QEMU,
+    /// qemu-img (disk images), the seed tools (every VM the coordinator
+    /// starts has a seed), zstd (suspend files), and with `bridge` set the
+    /// network tools. `workspace-pilot check` lists them.
+    pub fn tools(c: &KvmConfig) -> Vec<ToolUse> {
+        let mut t = qemu_tools(c);
+        t.push(tool(
+            &c.qemu_img,
+            "qemu_img",
+            "overlays of disk images",
+            false,
+        ));
+        t.extend(seed_tools(c));
+        if c.compressor == "zstd" {
+            t.push(tool("zstd", "compressor", "suspend files", false));
+        }
+        if !c.bridge.is_empty() {
+            t.extend(net_tools(c));
+        }
+        if c.hugepages {
+            t.extend(prefix_tool(c, "the privileged write of nr_hugepages"));
+        }
+        dedup(t)
+    }
+
+    /// What starting this VM runs, given how it boots.
+    fn tools_for(&self, vm: &VmLaunch, boot: &Boot) -> Vec<ToolUse> {
+        let c = &self.cfg;
+        let mut t = qemu_tools(c);
+        if matches!(boot, Boot::Disk { .. }) {
+            t.push(tool(
+                &c.qemu_img,
+                "qemu_img",
+                "overlays of disk images",
+                false,
+            ));
+        }
+        if vm.context.is_some() || !vm.nics.is_empty() {
+            t.extend(seed_tools(c));
+        }
+        if !vm.nics.is_empty() {
+            t.extend(net_tools(c));
+        }
+        dedup(t)
+    }
+
+    /// The programs of `uses` that cannot be found.
+    pub fn missing(uses: &[ToolUse]) -> Vec<tools::Missing> {
+        uses.iter()
+            .filter_map(|u| {
+                if u.privileged {
+                    tools::find_privileged(&u.program).err()
+                } else {
+                    tools::find(&u.program).err()
+                }
+            })
+            .collect()
     }
 
     pub fn run_dir(&self) -> &Path {
@@ -784,11 +904,17 @@ impl Kvm {
             .stdout(log)
             .stderr(log2)
             .process_group(0);
-        let child = cmd.spawn().map_err(|e| HvError::KvmCommand {
-            command: format!("{} -name {name} ...", self.cfg.qemu),
-            message: format!("cannot start: {e}"),
-            output: String::new(),
-        })?;
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .map_err(|e| match tools::spawn_error(&program, &e) {
+                Some(m) => HvError::from(m),
+                None => HvError::KvmCommand {
+                    command: format!("{} -name {name} ...", self.cfg.qemu),
+                    message: format!("cannot start: {e}"),
+                    output: String::new(),
+                },
+            })?;
         let pid = child.id();
         if let Ok(mut c) = self.children.lock() {
             c.insert(name.to_string(), child);
@@ -1161,6 +1287,58 @@ impl Kvm {
     }
 }
 
+fn qemu_tools(c: &KvmConfig) -> Vec<ToolUse> {
+    let mut t = vec![tool(&c.qemu, "qemu", "runs the VMs", false)];
+    if !c.netns.is_empty() {
+        t.push(tool(&c.ip, "ip", "ip netns exec", false));
+    }
+    t
+}
+
+fn seed_tools(c: &KvmConfig) -> Vec<ToolUse> {
+    vec![
+        tool(&c.mkfs_vfat, "mkfs_vfat", "the VMs' seed images", false),
+        tool(&c.mcopy, "mcopy", "the VMs' seed images", false),
+    ]
+}
+
+fn net_tools(c: &KvmConfig) -> Vec<ToolUse> {
+    let p = !c.privileged_prefix.is_empty();
+    let mut t: Vec<ToolUse> = prefix_tool(c, "the VMs' network").into_iter().collect();
+    t.push(tool(&c.ip, "ip", "the VMs' taps", p));
+    t.push(tool(&c.dnsmasq, "dnsmasq", "DHCP for the VMs", p));
+    if c.guard {
+        t.push(tool(&c.nft, "nft", "anti-spoofing (guard)", p));
+    }
+    t
+}
+
+fn prefix_tool(c: &KvmConfig, purpose: &'static str) -> Option<ToolUse> {
+    c.privileged_prefix
+        .first()
+        .map(|p| tool(p, "privileged_prefix", purpose, false))
+}
+
+fn tool(program: &str, key: &'static str, purpose: &'static str, privileged: bool) -> ToolUse {
+    ToolUse {
+        program: program.to_string(),
+        key,
+        purpose,
+        privileged,
+    }
+}
+
+/// Keeps the first use of each program.
+fn dedup(uses: impl IntoIterator<Item = ToolUse>) -> Vec<ToolUse> {
+    let mut out: Vec<ToolUse> = Vec::new();
+    for u in uses {
+        if !out.iter().any(|o| o.program == u.program) {
+            out.push(u);
+        }
+    }
+    out
+}
+
 fn qmp_err(vm: &str, e: QmpError) -> HvError {
     HvError::Qmp {
         vm: vm.to_string(),
@@ -1168,28 +1346,29 @@ fn qmp_err(vm: &str, e: QmpError) -> HvError {
     }
 }
 
-/// Decides KVM or TCG once per process: static checks, then a canary boot
-/// with the configured kernel when the host claims KVM.
-fn detect_accel(cfg: &KvmConfig, node: &str) -> (Accel, String) {
+/// Whether hardware KVM works here, decided once per process: the static
+/// checks ([`host_claims_kvm`]), then a canary boot with the configured
+/// kernel when they pass.
+pub fn hardware_kvm(cfg: &KvmConfig, node: &str) -> HardwareKvm {
+    HOST_KVM.get_or_init(|| detect_kvm(cfg, node)).clone()
+}
+
+fn detect_kvm(cfg: &KvmConfig, node: &str) -> HardwareKvm {
     let (claims, why) = host_claims_kvm();
     if !claims {
-        return (Accel::Tcg, why);
+        return HardwareKvm::Unusable(why);
     }
     let Some(kernel) = cfg.kernel.as_deref().map(|k| expand_node(k, node)) else {
-        return (
-            Accel::Kvm,
-            format!("{why}; no [kvm] kernel configured for a canary boot"),
-        );
+        return HardwareKvm::Unconfirmed(format!(
+            "{why}; no [kvm] kernel configured for a canary boot"
+        ));
     };
     let dir = std::env::temp_dir().join(format!("wsp-kvm-canary-{}", std::process::id()));
     let result = canary_boot(cfg, node, &kernel, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     match result {
-        Ok(ms) => (Accel::Kvm, format!("{why}; canary boot in {ms} ms")),
-        Err(e) => (
-            Accel::Tcg,
-            format!("{why}, but the canary boot failed: {e}"),
-        ),
+        Ok(ms) => HardwareKvm::Works(format!("{why}; canary boot in {ms} ms")),
+        Err(e) => HardwareKvm::Unusable(format!("{why}, but the canary boot failed: {e}")),
     }
 }
 
@@ -1220,7 +1399,12 @@ fn canary_boot(cfg: &KvmConfig, node: &str, kernel: &Path, dir: &Path) -> Result
     .stdin(Stdio::null())
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    let mut child = cmd.spawn().map_err(|e| format!("cannot start QEMU: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| match tools::spawn_error(&cfg.qemu, &e) {
+            Some(m) => m.to_string(),
+            None => format!("cannot start QEMU: {e}"),
+        })?;
     let start = Instant::now();
     let bound = Duration::from_secs(cfg.canary_timeout_s.max(1));
     let result = loop {
@@ -1350,8 +1534,20 @@ impl Hypervisor for Kvm {
             tracing::warn!(vm = %name, "removing the files of a dead VM of the same name");
             self.remove_files(name, false);
         }
+        if let Some(why) = &self.accel_problem {
+            return Err(HvError::Config(format!(
+                "[kvm] accelerator = \"kvm\" but this host has {why}: set accelerator = \"auto\" \
+                 or \"tcg\", or make KVM work (workspace-pilot check --hypervisor kvm)"
+            )));
+        }
         let t0 = Instant::now();
         let boot = self.resolve_image(&vm.image)?;
+        // Before anything is written: a missing tool names itself and its
+        // package, not "No such file or directory" halfway through.
+        let missing = Self::missing(&self.tools_for(vm, &boot));
+        if !missing.is_empty() {
+            return Err(HvError::ToolsMissing(missing));
+        }
         match self.create_inner(vm, &boot) {
             Ok(()) => {
                 tracing::info!(

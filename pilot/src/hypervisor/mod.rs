@@ -81,6 +81,10 @@ pub enum HvError {
         current_mb: u64,
         target_now_mb: u64,
     },
+    /// A program the driver runs is not installed or not on PATH; each is
+    /// named with its package (`qemu-img not found: install qemu-utils`).
+    #[error("{}", crate::tools::describe(.0))]
+    ToolsMissing(Vec<crate::tools::Missing>),
     /// kvm: an external command (qemu, qemu-img, a privileged write) failed;
     /// `output` keeps its raw stderr/stdout.
     #[error("{command} failed: {message}{}", if output.is_empty() { String::new() } else { format!(": {output:?}") })]
@@ -127,6 +131,12 @@ pub enum HvError {
     /// xen: a create or destroy did not show in the domain list in time.
     #[error("{what} within {waited_ms} ms")]
     XenNotVerified { what: String, waited_ms: u64 },
+}
+
+impl From<crate::tools::Missing> for HvError {
+    fn from(m: crate::tools::Missing) -> Self {
+        HvError::ToolsMissing(vec![m])
+    }
 }
 
 /// What a node's hypervisor can do for the pilot. Calls may block (a real

@@ -295,10 +295,13 @@ pub fn run_bounded(argv: &[String], timeout: Duration) -> Result<String, HvError
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| HvError::XlCommand {
-            command: command.clone(),
-            status: "could not start".into(),
-            output: e.to_string(),
+        .map_err(|e| match crate::tools::spawn_error(program, &e) {
+            Some(m) => HvError::from(m),
+            None => HvError::XlCommand {
+                command: command.clone(),
+                status: "could not start".into(),
+                output: e.to_string(),
+            },
         })?;
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         std::thread::spawn(move || {
@@ -550,8 +553,11 @@ fn parse_xl_list_dom0_mb(text: &str) -> Option<u64> {
 pub struct Check {
     pub name: String,
     pub ok: bool,
+    /// Passed, but the admin should know (e.g. VMs will run without KVM).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
     pub detail: String,
-    /// What to do when it failed.
+    /// What to do when it failed (or warned).
     pub fix: Option<String>,
 }
 
@@ -561,15 +567,28 @@ impl Check {
             Ok(detail) => Self {
                 name: name.into(),
                 ok: true,
+                warning: false,
                 detail,
                 fix: None,
             },
             Err((detail, fix)) => Self {
                 name: name.into(),
                 ok: false,
+                warning: false,
                 detail,
                 fix: Some(fix),
             },
+        }
+    }
+
+    /// A check that passes with a warning.
+    pub fn warn(name: &str, detail: String, fix: String) -> Self {
+        Self {
+            name: name.into(),
+            ok: true,
+            warning: true,
+            detail,
+            fix: Some(fix),
         }
     }
 }
@@ -813,20 +832,25 @@ impl Xen {
     /// Is this node fit for the pilot? Each check says what to fix.
     pub fn checks(&self) -> Vec<Check> {
         let mut out = Vec::new();
-        let xl_path = resolve_program(&self.cfg.xl);
+        let xl_path = if self.cfg.command_prefix.is_empty() {
+            crate::tools::find(&self.cfg.xl)
+        } else {
+            crate::tools::find_privileged(&self.cfg.xl)
+        };
         out.push(Check::new(
             "xl found",
             xl_path
-                .clone()
+                .as_ref()
                 .map(|p| p.display().to_string())
-                .ok_or_else(|| {
+                .map_err(|m| {
                     (
-                        format!("{} not found", self.cfg.xl),
+                        m.to_string(),
                         "install Xen's tools or set [xen] xl to the xl program's absolute path"
                             .into(),
                     )
                 }),
         ));
+        let xl_path = xl_path.ok();
         if let Some(p) = &xl_path {
             out.push(Check::new(
                 "xl not writable by others",
@@ -931,18 +955,6 @@ fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
     let p = dir.join(format!(".probe-{}", std::process::id()));
     std::fs::write(&p, b"")?;
     std::fs::remove_file(&p)
-}
-
-/// `name` itself when it has a slash, else the first match on PATH.
-pub fn resolve_program(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        return Path::new(name).is_file().then(|| PathBuf::from(name));
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
 }
 
 fn xl_safe(p: &Path, run_as_root: bool) -> Result<String, (String, String)> {

@@ -424,11 +424,17 @@ impl Net {
             cmd.process_group(0);
         }
         state.subnets = subnets;
-        let child = cmd.spawn().map_err(|e| HvError::KvmCommand {
-            command: shown.clone(),
-            message: format!("cannot start: {e}"),
-            output: String::new(),
-        })?;
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        let child = cmd
+            .spawn()
+            .map_err(|e| match crate::tools::spawn_error(&program, &e) {
+                Some(m) => HvError::from(m),
+                None => HvError::KvmCommand {
+                    command: shown.clone(),
+                    message: format!("cannot start: {e}"),
+                    output: String::new(),
+                },
+            })?;
         state.dnsmasq_pid = Some(child.id());
         self.write_state(state)?;
         let mut child = child;
