@@ -19,7 +19,20 @@ pub enum LockError {
 }
 
 /// A held exclusive lock; released when dropped (or when the process dies).
-pub struct FileLock(#[allow(dead_code)] Flock<File>);
+pub struct FileLock(Flock<File>);
+
+impl FileLock {
+    /// Whether `path` still names the locked file. A lock file that others
+    /// may remove must be checked after locking: a lock taken on a file
+    /// unlinked meanwhile excludes nobody.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.0.metadata(), std::fs::metadata(path)) {
+            (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+            _ => false,
+        }
+    }
+}
 
 /// Takes an exclusive `flock` on `path` (created if missing), retrying for
 /// at most `timeout`.
