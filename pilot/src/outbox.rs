@@ -354,21 +354,17 @@ pub async fn deliver_left_behind(
         if opts.skip.as_ref() == Some(&pilot) {
             continue;
         }
-        let lock = if opts.dry_run {
-            None
-        } else {
-            match lock_pilot(dir, &pilot, Duration::ZERO) {
-                Ok(l) => Some(l),
-                Err(OutboxError::Busy { .. }) => {
-                    report.extend(
-                        files
-                            .iter()
-                            .map(|(seq, _)| unread(&pilot, *seq, Outcome::PilotAlive)),
-                    );
-                    continue;
-                }
-                Err(e) => return Err(e),
+        let lock = match lock_pilot(dir, &pilot, Duration::ZERO) {
+            Ok(l) => l,
+            Err(OutboxError::Busy { .. }) => {
+                report.extend(
+                    files
+                        .iter()
+                        .map(|(seq, _)| unread(&pilot, *seq, Outcome::PilotAlive)),
+                );
+                continue;
             }
+            Err(e) => return Err(e),
         };
         let mut left = 0usize;
         for (seq, path) in files {
@@ -454,12 +450,10 @@ pub async fn deliver_left_behind(
             }
             report.push(d);
         }
-        if let Some(lock) = lock {
-            if left == 0 {
-                let _ = std::fs::remove_file(dir.join(lock_file_name(&pilot)));
-            }
-            drop(lock);
+        if left == 0 && !opts.dry_run {
+            let _ = std::fs::remove_file(dir.join(lock_file_name(&pilot)));
         }
+        drop(lock);
     }
     Ok(report)
 }
