@@ -366,6 +366,9 @@ pub async fn deliver_left_behind(
             }
             Err(e) => return Err(e),
         };
+        if !opts.dry_run {
+            remove_partial_writes(dir, &pilot);
+        }
         let mut left = 0usize;
         for (seq, path) in files {
             let letter = match read_letter(&path) {
@@ -456,6 +459,18 @@ pub async fn deliver_left_behind(
         drop(lock);
     }
     Ok(report)
+}
+
+/// Removes the temporary files of letters `pilot` was writing when it died
+/// (`.<letter>.tmp.<pid>`, see [`write_durable`]); its lock must be held.
+fn remove_partial_writes(dir: &Path, pilot: &PilotId) {
+    let prefix = format!(".{pilot}.");
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(&prefix) && name.contains(".json.tmp.") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn unread(pilot: &PilotId, seq: u64, outcome: Outcome) -> Delivery {
@@ -645,6 +660,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let pilot = PilotId::generate();
         std::fs::write(tmp.path().join(letter_file_name(&pilot, 1)), b"{trunc").unwrap();
+        // And the temporary file of a letter it was writing when it died.
+        let partial = tmp
+            .path()
+            .join(format!(".{}.tmp.4242", letter_file_name(&pilot, 2)));
+        std::fs::write(&partial, b"{").unwrap();
         let opts = DeliverOptions {
             slot: None,
             skip: None,
@@ -657,6 +677,7 @@ mod tests {
                 .unwrap();
         assert!(matches!(report[0].outcome, Outcome::Unreadable { .. }));
         assert!(scan(tmp.path()).unwrap().is_empty());
+        assert!(!partial.exists(), "a partial write is removed");
         assert!(tmp
             .path()
             .join(format!("{}.unreadable", letter_file_name(&pilot, 1)))
