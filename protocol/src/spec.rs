@@ -517,6 +517,15 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_error_is_what_a_user_sees() {
+        let readme = ENSEMBLE.trim_start().replace("cpus = 2", "cpus = 0");
+        assert_eq!(
+            err(&readme),
+            "group[1].cpus: 0 is out of range (1 to 1024) (line 13, column 8)"
+        );
+    }
+
+    #[test]
     fn json_errors_name_the_field_and_position() {
         let json = serde_json::to_string(&WorkspaceSpec::parse(ENSEMBLE).unwrap()).unwrap();
         let bad = json.replacen("\"count\":3", "\"count\":\"3\"", 1);
