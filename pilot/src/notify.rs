@@ -92,6 +92,8 @@ pub(crate) fn http_client(
     ca_pem: Option<&[u8]>,
 ) -> Result<reqwest::Client, NotifyError> {
     let mut builder = reqwest::Client::builder()
+        // An answer is the coordinator's or nobody's: never follow elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
         .tcp_nodelay(true)
         .connect_timeout(timeout)
         .pool_idle_timeout(Duration::from_secs(30));

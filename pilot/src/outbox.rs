@@ -75,6 +75,8 @@ pub enum OutboxError {
     Busy { path: PathBuf },
     #[error("cannot encode the letter for event {seq}: {message}")]
     Encode { seq: u64, message: String },
+    #[error("outbox {path} is owned by uid {uid} with mode {mode:o}: others could have written its letters; not delivering them (it must be the pilot's, 0700)")]
+    Unsafe { path: PathBuf, uid: u32, mode: u32 },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutboxError + '_ {
@@ -280,8 +282,34 @@ pub struct DeliverOptions {
     pub dry_run: bool,
 }
 
+/// Refuses an outbox others could have written to: a letter names the URL
+/// that kill-all (root) then posts to.
+fn check_owner(dir: &Path) -> Result<(), OutboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(OutboxError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    if (m.uid() != me && m.uid() != 0) || m.mode() & 0o022 != 0 {
+        return Err(OutboxError::Unsafe {
+            path: dir.to_path_buf(),
+            uid: m.uid(),
+            mode: m.mode() & 0o7777,
+        });
+    }
+    Ok(())
+}
+
 /// Letters on disk, by pilot instance, in sequence order.
 fn scan(dir: &Path) -> Result<BTreeMap<PilotId, Vec<(u64, PathBuf)>>, OutboxError> {
+    check_owner(dir)?;
     let mut by_pilot: BTreeMap<PilotId, Vec<(u64, PathBuf)>> = BTreeMap::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -653,6 +681,24 @@ mod tests {
             "{report:?}"
         );
         assert_eq!(scan(tmp.path()).unwrap()[&pilot].len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_outbox_others_may_write_is_not_delivered() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let opts = DeliverOptions {
+            slot: None,
+            skip: None,
+            request_timeout: Duration::from_millis(200),
+            dry_run: true,
+        };
+        let r = deliver_left_behind(tmp.path(), &opts, Instant::now()).await;
+        assert!(
+            matches!(r, Err(OutboxError::Unsafe { mode: 0o777, .. })),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
