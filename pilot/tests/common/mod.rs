@@ -46,6 +46,9 @@ pub struct Coord {
     /// Further slots it knows, with their keys (pilots of other slots).
     more_slots: Mutex<Vec<(SlotId, SlotKey)>>,
     addr: SocketAddr,
+    /// Set between `go_down` and `come_back`: a request that still reaches
+    /// the stopped server on a connection it had is never answered.
+    gone: AtomicBool,
     /// Ends the server that listens now.
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
@@ -71,6 +74,7 @@ impl Coord {
             served: AtomicU64::new(0),
             more_slots: Mutex::new(Vec::new()),
             addr,
+            gone: AtomicBool::new(false),
             stop: Mutex::new(None),
         });
         coord.serve(listener);
@@ -96,6 +100,7 @@ impl Coord {
     /// Stops listening: from now on connections are refused (as when the
     /// coordinator's process is gone). Returns once they are.
     pub async fn go_down(&self) {
+        self.gone.store(true, Ordering::SeqCst);
         if let Some(stop) = self.stop.lock().unwrap().take() {
             let _ = stop.send(());
         }
@@ -108,6 +113,7 @@ impl Coord {
 
     /// Listens again on the same address.
     pub fn come_back(self: &Arc<Self>) {
+        self.gone.store(false, Ordering::SeqCst);
         self.serve(listen(self.addr));
     }
 
@@ -162,7 +168,7 @@ impl Coord {
     }
 
     async fn hang_if_dead(&self) {
-        if self.dead.load(Ordering::SeqCst) {
+        if self.dead.load(Ordering::SeqCst) || self.gone.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
