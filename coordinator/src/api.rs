@@ -1,12 +1,14 @@
 //! HTTP routes: the client API (bearer tokens, JSON) and the pilot API
 //! (HMAC-signed bodies). Handlers only translate between HTTP and the
 //! [`Engine`]; every rule lives there. Errors are `{"error": "..."}` with a
-//! 4xx status that says whose fault it is.
+//! 4xx status that says whose fault it is: the handlers' own, and (through
+//! [`json_errors`] and the fallback) axum's rejections, 404, 405 and 413 too.
 
 use crate::engine::{Caller, Engine, EngineError};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -35,12 +37,83 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route(EVENTS_PATH, post(pilot_event))
         .route(POLL_PATH, post(pilot_poll))
         .layer(DefaultBodyLimit::max(MAX_PILOT_BODY));
-    Router::new()
+    let routes = Router::new()
         .merge(client)
         .merge(pilot)
         .route("/healthz", get(crate::health::healthz))
         .route("/metrics", get(metrics))
-        .with_state(engine)
+        .fallback(unknown_route)
+        .with_state(engine);
+    // Outside the routes, so it sees their final answers (axum adds a 405's
+    // `Allow` header after any layer on the routes has run).
+    Router::new()
+        .fallback_service(routes)
+        .layer(axum::middleware::from_fn(json_errors))
+}
+
+async fn unknown_route(method: Method, uri: Uri) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such route: {method} {}", uri.path()),
+    )
+}
+
+/// Gives every error answer the documented body `{"error": "..."}`: axum
+/// answers some requests before any handler runs (body too large, a query
+/// string or path that does not parse, a method a route does not have) with
+/// plain text or nothing. Answers that already are JSON pass unchanged.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // axum's rejection texts are one short line; a body that is not text
+    // or too long is replaced by the status' reason.
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            let limit = if path.starts_with("/pilot/") {
+                MAX_PILOT_BODY
+            } else {
+                MAX_CLIENT_BODY
+            };
+            format!(
+                "request body too large: {path} accepts at most {limit} bytes ({} KiB)",
+                limit / 1024
+            )
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?");
+            format!("method {method} is not allowed on {path} (allowed: {allowed})")
+        }
+        _ if text.is_empty() => reason.to_lowercase(),
+        _ => text,
+    };
+    let body = serde_json::to_vec(&ErrorBody { error }).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// An error as the client sees it.
@@ -92,10 +165,13 @@ fn bearer_caller(engine: &Engine, headers: &HeaderMap) -> Result<Caller, ApiErro
         .ok_or_else(|| unauthorized("missing Authorization: Bearer <token>"))?
         .to_str()
         .map_err(|_| unauthorized("Authorization header is not text"))?;
+    // The scheme is case-insensitive (RFC 9110, 11.1).
     let token = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| unauthorized("Authorization must be \"Bearer <token>\""))?
-        .trim();
+        .trim()
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| unauthorized("Authorization must be \"Bearer <token>\""))?;
     let hash = token_hash(token);
     engine
         .users()

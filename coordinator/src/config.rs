@@ -230,7 +230,9 @@ pub struct Config {
     pub lrm_poll_s: f64,
     /// Housekeeping tick: lease timers, cancel retries.
     pub tick_ms: u64,
-    /// Pilot events whose timestamp is further than this from our clock are refused.
+    /// Pilot events stamped further ahead of our clock than this, and polls
+    /// further off either way, are refused (a late event is not: see
+    /// `Engine::check_clock`).
     pub max_clock_skew_s: u64,
     /// A pilot neither polling nor sending events for this long is declared
     /// lost: its workspace fails and its batch job is cancelled. Must exceed

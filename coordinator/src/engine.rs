@@ -655,13 +655,40 @@ impl Engine {
         }
     }
 
-    fn check_clock(&self, ts_ms: u64) -> Result<(), EngineError> {
-        let skew = now_ms().abs_diff(ts_ms);
-        if skew > self.cfg.max_clock_skew_s * 1000 {
+    /// Refuses a pilot's timestamp ahead of our clock by more than
+    /// `max_clock_skew_s` and, unless `late_ok`, as far behind it. Events are
+    /// `late_ok`: a pilot resends them from its durable outbox after an
+    /// outage of any length, and their signature, sequence number and slot
+    /// already say they are honest; [`Engine::made_after_slot`] bounds them
+    /// from below.
+    fn check_clock(&self, ts_ms: u64, late_ok: bool) -> Result<(), EngineError> {
+        let now = now_ms();
+        let skew_ms = self.cfg.max_clock_skew_s * 1000;
+        let (ahead, behind) = (ts_ms.saturating_sub(now), now.saturating_sub(ts_ms));
+        if ahead > skew_ms || (!late_ok && behind > skew_ms) {
+            self.metrics.refused("stale");
+            let (by, side) = if ahead > 0 {
+                (ahead, "ahead of")
+            } else {
+                (behind, "behind")
+            };
+            return Err(EngineError::Forbidden(format!(
+                "timestamp {ts_ms} is {by} ms {side} the coordinator's clock (more than max_clock_skew_s = {})",
+                self.cfg.max_clock_skew_s
+            )));
+        }
+        Ok(())
+    }
+
+    /// A pilot event cannot be older than its slot: the lower bound of a late
+    /// event's timestamp is the slot's creation, less `max_clock_skew_s`.
+    fn made_after_slot(&self, slot: &SlotRow, ts_ms: u64) -> Result<(), EngineError> {
+        let skew_s = self.cfg.max_clock_skew_s;
+        if ts_ms < slot.created_ms.saturating_sub(skew_s * 1000) {
             self.metrics.refused("stale");
             return Err(EngineError::Forbidden(format!(
-                "timestamp {ts_ms} is {skew} ms from the coordinator's clock (more than max_clock_skew_s = {})",
-                self.cfg.max_clock_skew_s
+                "timestamp {ts_ms} is before slot {} was created ({} ms; max_clock_skew_s = {skew_s})",
+                slot.id, slot.created_ms
             )));
         }
         Ok(())
@@ -717,7 +744,7 @@ impl Engine {
                 "node name must be 1-253 printable characters".into(),
             ));
         }
-        self.check_clock(event.ts_ms)?;
+        self.check_clock(event.ts_ms, true)?;
         Ok(Pending {
             slot_id,
             event,
@@ -736,6 +763,7 @@ impl Engine {
                 let (slot_id, event) = (&p.slot_id, &p.event);
                 let slot = store::get_slot(tx, slot_id)?
                     .ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
+                self.made_after_slot(&slot, event.ts_ms)?;
                 if !store::insert_pilot_event(tx, event, &p.body, p.received_ms)? {
                     return Err(EngineError::Duplicate {
                         pilot: event.pilot_id.to_string(),
@@ -792,7 +820,7 @@ impl Engine {
                 req.slot_id
             )));
         }
-        self.check_clock(req.ts_ms)?;
+        self.check_clock(req.ts_ms, false)?;
         // Never longer than we told pilots to wait: silence detection relies on it.
         let wait =
             Duration::from_millis(req.wait_ms.min(self.cfg.pilot.poll_wait_ms)).min(MAX_WAIT);

@@ -1,6 +1,7 @@
 //! 100,000 malformed and hostile requests against the client and pilot APIs,
 //! through the real router and engine (batch system faked in memory):
-//! never a panic, never a 5xx, and the database unchanged by every refusal.
+//! never a panic, never a 5xx, always a JSON `{"error": ...}` body, and the
+//! database unchanged by every refusal.
 
 use axum::body::Body;
 use axum::http::{Method, Request};
@@ -249,6 +250,17 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
         assert!(
             (400..500).contains(&status),
             "request #{i} (kind {kind}) answered {status}: every one of these must be refused"
+        );
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let error = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string));
+        assert!(
+            error.is_some_and(|e| !e.is_empty()),
+            "request #{i} (kind {kind}) answered {status} without a JSON error: {:?}",
+            String::from_utf8_lossy(&body)
         );
         if i % 10_000 == 0 {
             assert_eq!(

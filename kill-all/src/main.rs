@@ -2,19 +2,22 @@
 //!
 //! It reads the node state files, SIGKILLs pilots still alive (so they cannot
 //! create more VMs), destroys the slots' guests in parallel (by state file and
-//! `wsp-` name tag; `--all` for every guest), restores dom0 memory and prints
-//! what it did. It is not a pilot and never talks to the coordinator.
+//! `wsp-` name tag; `--all` for every guest), restores dom0 memory, delivers
+//! the reports departed pilots left in the outbox to their coordinator, and
+//! prints what it did. It is not a pilot: it signs nothing.
 //!
 //! Which driver to open comes from `--hypervisor`, else from what the node's
 //! pilots recorded in the state dir (`hypervisor.json`, the slot files); it
 //! refuses to guess when nothing says, or when the records disagree.
 //!
 //! Exit codes: 0 everything succeeded (or nothing to do), 1 something failed,
-//! 2 usage error (bad flags, hypervisor unknown or unusable, state dir unusable).
+//! 2 usage error (bad flags, hypervisor unknown or unusable, state dir unusable), 3 the node is
+//! restored but some pilot reports could not be delivered (kept; run again).
 
 use clap::Parser;
 use pilot::hypervisor::{self, set_dom0_target_and_wait, HvOptions, Hypervisor};
 use pilot::node::{expand_node, hypervisor_kind, node_name, HypervisorRecord};
+use pilot::outbox::{self, DeliverOptions, Delivery, Outcome};
 use pilot::state::{list_state_files, remove_state_file, NodeLock, NodeStateFile, VmRecordState};
 use protocol::{SlotId, VmName};
 use serde::Serialize;
@@ -25,7 +28,9 @@ use std::time::{Duration, Instant};
 const EXIT_HELP: &str = "Exit codes:
   0  everything succeeded, or there was nothing to do
   1  something could not be undone (see the report)
-  2  usage error: bad flags, hypervisor unknown or unusable, state directory unusable";
+  2  usage error: bad flags, hypervisor unknown or unusable, state directory unusable
+  3  the node is restored, but reports the pilots left for the coordinator
+     could not all be delivered (they stay in the outbox: run again later)";
 
 /// Destroy what workspace pilots left on this node and restore dom0 memory.
 #[derive(Parser)]
@@ -63,6 +68,12 @@ struct Cli {
     /// Bound on the dom0 balloon, ms.
     #[arg(long, default_value_t = 10000)]
     balloon_timeout_ms: u64,
+    /// Do not deliver the reports departed pilots left (in <state-dir>/outbox).
+    #[arg(long)]
+    no_deliver: bool,
+    /// Bound on delivering those reports to their coordinator, seconds.
+    #[arg(long, default_value_t = 10)]
+    deliver_timeout_s: u64,
 }
 
 #[derive(Serialize)]
@@ -82,6 +93,8 @@ struct Report {
     dry_run: bool,
     ok: bool,
     actions: Vec<Action>,
+    /// The pilots' undelivered events, and what became of each.
+    deliveries: Vec<Delivery>,
 }
 
 impl Report {
@@ -151,8 +164,12 @@ fn main() {
         dry_run: cli.dry_run,
         ok: true,
         actions: Vec::new(),
+        deliveries: Vec::new(),
     };
     kill_all(&cli, hv.as_ref(), &state_dir, files, &mut report);
+    if !cli.no_deliver {
+        deliver(&cli, &state_dir, &mut report);
+    }
     if cli.json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -161,7 +178,42 @@ fn main() {
     } else {
         print_lines(&report);
     }
-    std::process::exit(if report.ok { 0 } else { 1 });
+    let kept = report
+        .deliveries
+        .iter()
+        .any(|d| matches!(d.outcome, Outcome::Kept { .. }));
+    std::process::exit(match (report.ok, kept) {
+        (false, _) => 1,
+        (true, true) => 3,
+        (true, false) => 0,
+    });
+}
+
+/// Delivers the events departed pilots left in the outbox (after the node is
+/// restored: that comes first), each pilot's in order, to the coordinator
+/// each letter names. Needs no key: the letters are signed.
+fn deliver(cli: &Cli, state_dir: &std::path::Path, r: &mut Report) {
+    let opts = DeliverOptions {
+        slot: cli.slot.clone(),
+        skip: None,
+        request_timeout: Duration::from_secs(cli.deliver_timeout_s.clamp(1, 5)),
+        dry_run: cli.dry_run,
+    };
+    let dir = outbox::outbox_dir(state_dir);
+    match outbox::deliver_left_behind_blocking(
+        &dir,
+        &opts,
+        Duration::from_secs(cli.deliver_timeout_s),
+    ) {
+        Ok(d) => r.deliveries = d,
+        Err(e) => {
+            r.record(
+                "deliver-reports",
+                dir.display().to_string(),
+                Some(Err(e.to_string())),
+            );
+        }
+    }
 }
 
 /// The driver to open and the files the pilots used with it.
@@ -245,7 +297,7 @@ fn usage(e: impl std::fmt::Display) -> ! {
 
 fn print_lines(r: &Report) {
     let verb = if r.dry_run { "would" } else { "did" };
-    if r.actions.is_empty() {
+    if r.actions.is_empty() && r.deliveries.is_empty() {
         println!("{}: nothing to do", r.node);
     }
     for a in &r.actions {
@@ -254,6 +306,30 @@ fn print_lines(r: &Report) {
             (None, "planned") => println!("{}: {verb} {} {}", r.node, a.action, a.target),
             (None, _) => println!("{}: {} {} ok", r.node, a.action, a.target),
         }
+    }
+    for d in &r.deliveries {
+        let what = format!(
+            "report {} #{} of pilot {} (slot {}) to {}",
+            d.kind,
+            d.seq,
+            d.pilot_id,
+            d.slot_id
+                .as_ref()
+                .map_or("?".to_string(), |s| s.to_string()),
+            d.coordinator
+        );
+        let result = match &d.outcome {
+            Outcome::Delivered => "delivered".to_string(),
+            Outcome::AlreadyDelivered => "delivered (the coordinator had it)".to_string(),
+            Outcome::Refused { status, error } => {
+                format!("REFUSED by the coordinator (HTTP {status}: {error}); dropped")
+            }
+            Outcome::Kept { error } => format!("NOT DELIVERED ({error}); kept for later"),
+            Outcome::Planned => "would be delivered".to_string(),
+            Outcome::PilotAlive => "left to its pilot, which still runs".to_string(),
+            Outcome::Unreadable { error } => format!("UNREADABLE ({error}); moved aside"),
+        };
+        println!("{}: {what}: {result}", r.node);
     }
 }
 

@@ -1,7 +1,7 @@
 //! The two file habits the pilot relies on: bounded exclusive locks and atomic writes.
 //!
-//! Used by the sim node (several pilots on one node) and the node state files.
-//! Not a general file utility module.
+//! Used by the sim node (several pilots on one node), the node state files and
+//! the outbox (durable writes). Not a general file utility module.
 
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
@@ -19,7 +19,20 @@ pub enum LockError {
 }
 
 /// A held exclusive lock; released when dropped (or when the process dies).
-pub struct FileLock(#[allow(dead_code)] Flock<File>);
+pub struct FileLock(Flock<File>);
+
+impl FileLock {
+    /// Whether `path` still names the locked file. A lock file that others
+    /// may remove must be checked after locking: a lock taken on a file
+    /// unlinked meanwhile excludes nobody.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self.0.metadata(), std::fs::metadata(path)) {
+            (Ok(held), Ok(named)) => held.dev() == named.dev() && held.ino() == named.ino(),
+            _ => false,
+        }
+    }
+}
 
 /// Takes an exclusive `flock` on `path` (created if missing), retrying for
 /// at most `timeout`.
@@ -64,7 +77,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 }
 
 /// [`write_atomic`] plus an fsync of the file and of its directory before
-/// returning: for what must survive a power loss (the image cache).
+/// returning: for what must survive a power loss (the image cache, the
+/// pilot's outbox when its state directory is on a disk).
 pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     write_via_rename(path, bytes, mode, true)
 }

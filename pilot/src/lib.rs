@@ -12,10 +12,12 @@
 //! at start (memory given back).
 
 pub mod files;
+pub mod grace;
 pub mod hypervisor;
 pub mod images;
 pub mod node;
 pub mod notify;
+pub mod outbox;
 pub mod run;
 pub mod state;
 pub mod tools;

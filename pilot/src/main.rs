@@ -96,6 +96,11 @@ struct RunArgs {
     /// How long to try reaching the coordinator at start, seconds.
     #[arg(long, default_value_t = 30)]
     startup_budget_s: u64,
+    /// After giving the slot back, keep trying to report it for this long
+    /// (never past the job's end), seconds. Reports still undelivered stay in
+    /// the state directory's outbox for the next pilot or workspace-kill-all.
+    #[arg(long, default_value_t = 600)]
+    report_linger_s: u64,
 }
 
 #[derive(Subcommand)]
@@ -267,6 +272,7 @@ fn run(a: RunArgs) -> i32 {
         poll_wait: Duration::from_millis(a.poll_wait_ms),
         startup_budget: Duration::from_secs(a.startup_budget_s),
         images: opts.node.images.clone(),
+        report_linger: Duration::from_secs(a.report_linger_s),
     };
     // One thread is plenty for a pilot (hypervisor calls go to the blocking
     // pool) and starts faster: a node may start many pilots at once.

@@ -1,18 +1,22 @@
-//! Signed HTTP to the coordinator: the event outbox and the command long-poll.
+//! Signed HTTP to the coordinator: sending events and the command long-poll.
 //!
-//! Events are numbered 1, 2, 3…, serialized once, and sent in order from an
-//! outbox with retries inside a caller-given deadline; every request has a
-//! timeout. Bodies are HMAC-signed with the slot key. Not for deciding what
-//! to do with commands (that is the run loop).
+//! Events are numbered 1, 2, 3…, serialized and signed once into a
+//! [`Letter`] kept in the [`Outbox`] (durable: see outbox.rs), and sent in
+//! order with retries and backoff until a caller-given deadline; every
+//! request has a timeout. Bodies are HMAC-signed with the slot key. Not for
+//! deciding what to do with commands (that is the run loop).
 
+use crate::outbox::{Letter, Outbox};
 use protocol::auth::{SlotKey, SIGNATURE_HEADER, SLOT_HEADER};
 use protocol::pilot::{
     EventAck, EventKind, PilotEvent, PollRequest, PollResponse, EVENTS_PATH, POLL_PATH,
 };
 use protocol::{PilotId, SlotId};
-use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Longest pause between two tries of an event.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Errors talking to the coordinator.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +31,9 @@ pub enum NotifyError {
         attempts: u32,
         last: String,
     },
+    /// Nothing listens at the coordinator's address: it is not running.
+    #[error("coordinator {url} is down: {last}")]
+    Down { url: String, last: String },
     #[error("coordinator refused {what} with HTTP {status}: {body}")]
     Refused {
         what: String,
@@ -40,6 +47,7 @@ pub enum NotifyError {
 /// The pilot's side of the pilot protocol.
 pub struct Notifier {
     client: reqwest::Client,
+    base: String,
     events_url: String,
     poll_url: String,
     key: SlotKey,
@@ -47,17 +55,148 @@ pub struct Notifier {
     pilot: PilotId,
     node: String,
     next_seq: u64,
-    outbox: VecDeque<(u64, &'static str, Vec<u8>)>,
+    outbox: Outbox,
     request_timeout: Duration,
+    ca_pem: Option<String>,
 }
 
 enum Answer {
     Status(u16, Vec<u8>),
-    Failed(String),
+    /// No answer; `down` when the connection was refused.
+    Failed {
+        error: String,
+        down: bool,
+    },
+}
+
+/// What one try of a letter came to.
+pub(crate) enum Sent {
+    /// Stored now, or (`duplicate`) by an earlier try.
+    Acked { duplicate: bool },
+    /// A 4xx other than a duplicate: it will never be taken.
+    Refused { status: u16, body: String },
+    /// Not delivered. `down`: the connection was refused (nobody listens);
+    /// `retry`: the coordinator answered 5xx (up but busy).
+    Failed {
+        error: String,
+        down: bool,
+        retry: bool,
+    },
+}
+
+/// An HTTP client for `coordinator` (trusting exactly `ca_pem` for https,
+/// when given) whose connects time out after `timeout`.
+pub(crate) fn http_client(
+    coordinator: &str,
+    timeout: Duration,
+    ca_pem: Option<&[u8]>,
+) -> Result<reqwest::Client, NotifyError> {
+    let mut builder = reqwest::Client::builder()
+        // An answer is the coordinator's or nobody's: never follow elsewhere.
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .connect_timeout(timeout)
+        .pool_idle_timeout(Duration::from_secs(30));
+    if !coordinator.starts_with("https://") {
+        // Plain HTTP: no need to load the built-in CA store.
+        builder = builder.tls_built_in_root_certs(false);
+    }
+    if let Some(pem) = ca_pem {
+        // Trust exactly the site's CA for an https coordinator.
+        let ca = reqwest::Certificate::from_pem(pem)
+            .map_err(|e| NotifyError::Client(format!("CA file is not a PEM certificate: {e}")))?;
+        builder = builder
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca);
+    }
+    builder
+        .build()
+        .map_err(|e| NotifyError::Client(e.to_string()))
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    slot: &str,
+    signature: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Answer {
+    let sent = client
+        .post(url)
+        .timeout(timeout)
+        .header(SLOT_HEADER, slot)
+        .header(SIGNATURE_HEADER, signature)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await;
+    match sent {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            match resp.bytes().await {
+                Ok(b) => Answer::Status(status, b.to_vec()),
+                Err(e) => Answer::Failed {
+                    error: format!("HTTP {status}, body not read: {e}"),
+                    down: false,
+                },
+            }
+        }
+        Err(e) => Answer::Failed {
+            error: describe(&e),
+            down: connection_refused(&e),
+        },
+    }
+}
+
+/// One try of a letter.
+pub(crate) async fn send_letter(
+    client: &reqwest::Client,
+    letter: &Letter,
+    timeout: Duration,
+) -> Sent {
+    let url = format!("{}{EVENTS_PATH}", letter.coordinator.trim_end_matches('/'));
+    let body = letter.body.clone().into_bytes();
+    match post(
+        client,
+        &url,
+        letter.slot_id.as_str(),
+        &letter.signature,
+        body,
+        timeout,
+    )
+    .await
+    {
+        Answer::Status(200, b) if serde_json::from_slice::<EventAck>(&b).is_ok() => {
+            Sent::Acked { duplicate: false }
+        }
+        Answer::Status(409, b)
+            if serde_json::from_slice::<EventAck>(&b)
+                .map(|a| a.duplicate)
+                .unwrap_or(false) =>
+        {
+            Sent::Acked { duplicate: true }
+        }
+        Answer::Status(status, b) if (400..500).contains(&status) => Sent::Refused {
+            status,
+            body: String::from_utf8_lossy(&b).into_owned(),
+        },
+        Answer::Status(status, b) => Sent::Failed {
+            error: format!("HTTP {status}: {}", String::from_utf8_lossy(&b)),
+            down: false,
+            retry: true,
+        },
+        Answer::Failed { error, down } => Sent::Failed {
+            error,
+            down,
+            retry: false,
+        },
+    }
 }
 
 impl Notifier {
-    /// `coordinator` is the base URL; `request_timeout` bounds each event POST.
+    /// `coordinator` is the base URL; `request_timeout` bounds each event
+    /// POST. Events are kept in memory only until [`Notifier::with_outbox`].
     pub fn new(
         coordinator: &str,
         key: SlotKey,
@@ -67,29 +206,11 @@ impl Notifier {
         request_timeout: Duration,
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, NotifyError> {
-        let mut builder = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .connect_timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(30));
-        if !coordinator.starts_with("https://") {
-            // Plain HTTP: no need to load the built-in CA store.
-            builder = builder.tls_built_in_root_certs(false);
-        }
-        if let Some(pem) = ca_pem {
-            // Trust exactly the site's CA for an https coordinator.
-            let ca = reqwest::Certificate::from_pem(pem).map_err(|e| {
-                NotifyError::Client(format!("CA file is not a PEM certificate: {e}"))
-            })?;
-            builder = builder
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(ca);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| NotifyError::Client(e.to_string()))?;
+        let client = http_client(coordinator, request_timeout, ca_pem)?;
         let base = coordinator.trim_end_matches('/');
         Ok(Self {
             client,
+            base: base.to_string(),
             events_url: format!("{base}{EVENTS_PATH}"),
             poll_url: format!("{base}{POLL_PATH}"),
             key,
@@ -97,9 +218,22 @@ impl Notifier {
             pilot,
             node,
             next_seq: 1,
-            outbox: VecDeque::new(),
+            outbox: Outbox::in_memory(),
             request_timeout,
+            ca_pem: ca_pem.map(|p| String::from_utf8_lossy(p).into_owned()),
         })
+    }
+
+    /// Keeps every event from now on in `outbox` (before it is sent).
+    pub fn with_outbox(mut self, mut outbox: Outbox) -> Self {
+        while let Some(letter) = self.outbox.front().cloned() {
+            self.outbox.pop_front();
+            if let Err(e) = outbox.put(letter) {
+                tracing::error!(error = %e, "event not stored on disk; kept in memory only");
+            }
+        }
+        self.outbox = outbox;
+        self
     }
 
     pub fn pilot_id(&self) -> &PilotId {
@@ -111,7 +245,8 @@ impl Notifier {
         self.outbox.len()
     }
 
-    /// Numbers, stamps and queues an event; returns its sequence number.
+    /// Numbers, stamps, signs and queues an event (on disk first when the
+    /// outbox is durable); returns its sequence number.
     pub fn push(&mut self, kind: EventKind) -> Result<u64, NotifyError> {
         let seq = self.next_seq;
         let name = kind.name();
@@ -123,49 +258,56 @@ impl Notifier {
             ts_ms: protocol::now_ms(),
             kind,
         };
-        let body = serde_json::to_vec(&event).map_err(|e| NotifyError::Encode {
+        let encode = |message: String| NotifyError::Encode {
             what: format!("event {name}"),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let body = serde_json::to_vec(&event).map_err(|e| encode(e.to_string()))?;
+        let body = String::from_utf8(body).map_err(|e| encode(e.to_string()))?;
+        let letter = Letter {
+            coordinator: self.base.clone(),
+            ca_pem: self.ca_pem.clone(),
+            slot_id: self.slot.clone(),
+            pilot_id: self.pilot.clone(),
+            seq,
+            kind: name.to_string(),
+            ts_ms: event.ts_ms,
+            signature: self.key.sign(body.as_bytes()),
+            body,
+        };
         self.next_seq += 1;
-        self.outbox.push_back((seq, name, body));
-        Ok(seq)
-    }
-
-    async fn post(&self, url: &str, body: Vec<u8>, timeout: Duration) -> Answer {
-        let signature = self.key.sign(&body);
-        let sent = self
-            .client
-            .post(url)
-            .timeout(timeout)
-            .header(SLOT_HEADER, self.slot.as_str())
-            .header(SIGNATURE_HEADER, signature)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await;
-        match sent {
-            Ok(resp) => {
-                let status = resp.status().as_u16();
-                match resp.bytes().await {
-                    Ok(b) => Answer::Status(status, b.to_vec()),
-                    Err(e) => Answer::Failed(format!("HTTP {status}, body not read: {e}")),
-                }
-            }
-            Err(e) => Answer::Failed(describe(&e)),
+        if let Err(e) = self.outbox.put(letter) {
+            tracing::error!(seq, event = name, error = %e, "event not stored on disk; kept in memory only");
         }
+        Ok(seq)
     }
 
     /// Sends queued events in order, one at a time (the coordinator's
     /// duplicate check relies on it: see `protocol::pilot`), until the
     /// outbox is empty or `deadline` passes. Acked (200, or 409 duplicate)
     /// and refused (other 4xx, logged) events leave the outbox; 5xx and
-    /// network errors are retried.
+    /// network errors are retried with backoff (up to [`MAX_BACKOFF`]).
     pub async fn flush(&mut self, deadline: Instant) -> Result<(), NotifyError> {
+        self.flush_inner(deadline, false).await
+    }
+
+    /// As [`Notifier::flush`], but a refused connection (nothing listens:
+    /// the coordinator is not running) ends it at once with
+    /// [`NotifyError::Down`]: for when waiting for the coordinator is only
+    /// worth it if it is there.
+    pub async fn flush_unless_down(&mut self, deadline: Instant) -> Result<(), NotifyError> {
+        self.flush_inner(deadline, true).await
+    }
+
+    async fn flush_inner(
+        &mut self,
+        deadline: Instant,
+        stop_if_down: bool,
+    ) -> Result<(), NotifyError> {
         let mut attempts = 0u32;
         let mut backoff = Duration::from_millis(25);
         let mut last = String::from("no attempt made before the deadline");
-        while let Some((seq, name, body)) = self.outbox.front().cloned() {
+        while let Some(letter) = self.outbox.front() {
             let now = Instant::now();
             if now >= deadline {
                 return Err(NotifyError::Unreachable {
@@ -175,43 +317,42 @@ impl Notifier {
                 });
             }
             attempts += 1;
+            let (seq, name) = (letter.seq, letter.kind.clone());
             let timeout = self.request_timeout.min(deadline - now);
-            match self.post(&self.events_url, body, timeout).await {
-                Answer::Status(200, b) if serde_json::from_slice::<EventAck>(&b).is_ok() => {
-                    tracing::debug!(seq, event = name, "event acknowledged");
+            match send_letter(&self.client, letter, timeout).await {
+                Sent::Acked { duplicate } => {
+                    tracing::debug!(seq, event = %name, duplicate, "event acknowledged");
                     self.outbox.pop_front();
                     backoff = Duration::from_millis(25);
                     continue;
                 }
-                Answer::Status(409, b)
-                    if serde_json::from_slice::<EventAck>(&b)
-                        .map(|a| a.duplicate)
-                        .unwrap_or(false) =>
-                {
-                    tracing::debug!(seq, event = name, "event was already stored (duplicate)");
-                    self.outbox.pop_front();
-                    continue;
-                }
-                Answer::Status(status, b) if (400..500).contains(&status) => {
+                Sent::Refused { status, body } => {
                     tracing::error!(
                         seq,
-                        event = name,
+                        event = %name,
                         status,
-                        body = %String::from_utf8_lossy(&b),
+                        body = %body,
                         "coordinator refused event; dropping it"
                     );
                     self.outbox.pop_front();
                     continue;
                 }
-                Answer::Status(status, b) => {
-                    last = format!("HTTP {status}: {}", String::from_utf8_lossy(&b));
+                Sent::Failed { error, down, .. } => {
+                    if down && stop_if_down {
+                        return Err(NotifyError::Down {
+                            url: self.events_url.clone(),
+                            last: error,
+                        });
+                    }
+                    last = error;
                 }
-                Answer::Failed(e) => last = e,
             }
-            tracing::warn!(seq, event = name, attempt = attempts, error = %last, "event not delivered; retrying");
+            if attempts.is_power_of_two() {
+                tracing::warn!(seq, event = %name, attempt = attempts, error = %last, "event not delivered; retrying");
+            }
             let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         Ok(())
     }
@@ -231,9 +372,16 @@ impl Notifier {
             what: "poll".to_string(),
             message: e.to_string(),
         })?;
-        match self
-            .post(&self.poll_url, body, wait + self.request_timeout)
-            .await
+        let signature = self.key.sign(&body);
+        match post(
+            &self.client,
+            &self.poll_url,
+            self.slot.as_str(),
+            &signature,
+            body,
+            wait + self.request_timeout,
+        )
+        .await
         {
             Answer::Status(200, b) => {
                 serde_json::from_slice(&b).map_err(|e| NotifyError::BadAnswer {
@@ -253,13 +401,31 @@ impl Notifier {
                 attempts: 1,
                 last: format!("HTTP {status}: {}", String::from_utf8_lossy(&b)),
             }),
-            Answer::Failed(last) => Err(NotifyError::Unreachable {
+            Answer::Failed { error, down: true } => Err(NotifyError::Down {
+                url: self.poll_url.clone(),
+                last: error,
+            }),
+            Answer::Failed { error, .. } => Err(NotifyError::Unreachable {
                 url: self.poll_url.clone(),
                 attempts: 1,
-                last,
+                last: error,
             }),
         }
     }
+}
+
+/// Whether the connection was refused (an RST to our SYN: nothing listens).
+fn connection_refused(e: &reqwest::Error) -> bool {
+    let mut src = std::error::Error::source(e);
+    while let Some(cause) = src {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        src = cause.source();
+    }
+    false
 }
 
 /// reqwest's errors with their causes, on one line.

@@ -6,8 +6,10 @@
 //! parsing the command line (main.rs) nor for talking HTTP (notify.rs).
 
 use crate::exit;
+use crate::grace::{self, EXIT_SHARE_OF_GRACE};
 use crate::hypervisor::{set_dom0_target_and_wait, HvError, Hypervisor};
 use crate::notify::{Notifier, NotifyError};
+use crate::outbox::{self, Outbox};
 use crate::state::{
     remove_state_file, state_file_path, transition, Input, NodeLock, NodeStateFile, PilotState,
     StateError, VmRecord, VmRecordState,
@@ -23,8 +25,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-/// Share of the grace period by which the pilot has exited after a signal.
-const EXIT_SHARE_OF_GRACE: f64 = 0.85;
 /// Consecutive refused polls (4xx) after which the pilot gives up.
 const MAX_POLL_REFUSALS: u32 = 3;
 
@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// The node's image cache (opened on the first VM with an image source).
     pub images: crate::images::ImagesConfig,
+    /// After the slot is given back, how long to keep trying to report it
+    /// (never past the job's end); what is left stays in the outbox.
+    pub report_linger: Duration,
 }
 
 /// Failure of one bounded hypervisor call.
@@ -124,6 +127,8 @@ struct Pilot {
     after: u64,
     /// The node's image cache, once a VM needed it.
     image_cache: Option<Arc<crate::images::ImageCache>>,
+    /// Reserve and VM start times, to plan a cleanup.
+    measured: grace::Measured,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -171,6 +176,27 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
             return exit::USAGE;
         }
     };
+    let outbox_dir = outbox::outbox_dir(&cfg.state_dir);
+    let notifier = match Outbox::open(&outbox_dir, &pilot_id) {
+        Ok(o) => notifier.with_outbox(o),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the outbox");
+            return exit::USAGE;
+        }
+    };
+    // What pilots before us left undelivered on this node goes out beside our work.
+    tokio::spawn(
+        outbox::keep_delivering(
+            outbox_dir,
+            outbox::DeliverOptions {
+                slot: None,
+                skip: Some(pilot_id.clone()),
+                request_timeout: cfg.notify_timeout,
+                dry_run: false,
+            },
+        )
+        .in_current_span(),
+    );
     let record = NodeStateFile {
         slot_id: cfg.slot.clone(),
         pilot_id,
@@ -194,6 +220,7 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         started,
         after: 0,
         image_cache: None,
+        measured: grace::Measured::default(),
     };
     pilot.live().await
 }
@@ -247,7 +274,9 @@ async fn exchange(
         tokio::time::sleep(pause).await;
     }
     if notifier.pending() > 0 {
-        notifier.flush(Instant::now() + flush_budget).await?;
+        notifier
+            .flush_unless_down(Instant::now() + flush_budget)
+            .await?;
     }
     notifier.poll(after, wait).await
 }
@@ -306,6 +335,14 @@ impl Pilot {
             r = self.notifier.flush(startup_end) => if let Err(e) = r {
                 tracing::error!(error = %e, "coordinator unreachable at start; nothing was reserved");
                 let _ = remove_state_file(&self.state_path());
+                // Kept in the outbox with `started`: whoever delivers them
+                // later tells the coordinator this node was left untouched.
+                self.push(EventKind::ReserveFailed {
+                    reason: format!(
+                        "the pilot could not reach the coordinator within {} s of starting; nothing was reserved",
+                        self.cfg.startup_budget.as_secs()
+                    ),
+                });
                 return exit::COORDINATOR_UNREACHABLE;
             },
         }
@@ -326,6 +363,7 @@ impl Pilot {
                     balloon_ms = r.balloon_ms,
                     "memory reserved"
                 );
+                self.measured.reserve = Duration::from_millis(r.balloon_ms);
                 let cached_images = self.cached_images();
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,
@@ -640,7 +678,11 @@ impl Pilot {
                 }
             }
         }
+        let t_create = Instant::now();
         let r = hv_call(&self.hv, bound, "creating a VM", move |hv| hv.create(&l)).await;
+        if r.is_ok() {
+            self.measured.vm_start = self.measured.vm_start.max(t_create.elapsed());
+        }
         let state = if r.is_ok() {
             VmRecordState::Running
         } else {
@@ -745,17 +787,32 @@ impl Pilot {
     }
 
     /// The batch system's warning: say so at once, give the coordinator its
-    /// share of the grace period, then clean up and be gone before it ends.
+    /// share of the grace period (what the cleanup's planned need leaves of
+    /// it, and nothing once it is known to be down), then clean up and be
+    /// gone before it ends.
     async fn preempt(&mut self, signal: &'static str) -> i32 {
         let now = Instant::now();
         let grace = self.cfg.grace;
-        let exit_by = now + grace.mul_f64(EXIT_SHARE_OF_GRACE);
-        let wait_end = (now + grace.mul_f64(self.cfg.coordinator_wait_fraction)).min(exit_by);
         let notify_share = self.cfg.notify_timeout.min(grace / 10);
-        tracing::warn!(signal, grace_ms = grace.as_millis() as u64, "preempted");
+        let plan = grace::preemption(
+            now,
+            grace,
+            self.cfg.coordinator_wait_fraction,
+            notify_share,
+            self.measured,
+        );
+        let (exit_by, hv_end, mut wait_end) = (plan.exit_by, plan.hv_end, plan.wait_end);
+        tracing::warn!(
+            signal,
+            grace_ms = grace.as_millis() as u64,
+            coordinator_wait_ms = (wait_end - now).as_millis() as u64,
+            cleanup_planned_ms =
+                (self.measured.destroy_need() + self.measured.restore_need()).as_millis() as u64,
+            "preempted"
+        );
         if self.record.state != PilotState::Reserved {
             let (clean, _) = self
-                .cleanup(ReleaseReason::Preempted, exit_by - notify_share, exit_by)
+                .cleanup(ReleaseReason::Preempted, hv_end, exit_by)
                 .await;
             return exit_code(ReleaseReason::Preempted, clean);
         }
@@ -770,8 +827,13 @@ impl Pilot {
                     .saturating_duration_since(Instant::now())
                     .as_millis() as u64,
         });
-        if let Err(e) = self.notifier.flush(now + notify_share).await {
-            tracing::warn!(error = %e, "coordinator did not hear preempting in time");
+        match self.notifier.flush_unless_down(now + notify_share).await {
+            Ok(()) => {}
+            Err(e @ NotifyError::Down { .. }) => {
+                tracing::warn!(error = %e, "coordinator is down: cleaning up without waiting for it");
+                wait_end = Instant::now();
+            }
+            Err(e) => tracing::warn!(error = %e, "coordinator did not hear preempting in time"),
         }
         let mut pause = Duration::ZERO;
         loop {
@@ -796,6 +858,10 @@ impl Pilot {
                         break;
                     }
                 }
+                Err(e @ NotifyError::Down { .. }) => {
+                    tracing::warn!(error = %e, "coordinator is down: cleaning up without waiting for it");
+                    break;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "poll during preemption failed");
                     pause = Duration::from_millis(100);
@@ -803,13 +869,16 @@ impl Pilot {
             }
         }
         let (clean, _) = self
-            .cleanup(ReleaseReason::Preempted, exit_by - notify_share, exit_by)
+            .cleanup(ReleaseReason::Preempted, hv_end, exit_by)
             .await;
         exit_code(ReleaseReason::Preempted, clean)
     }
 
     /// Destroys every VM of this slot, restores memory, reports `released`.
-    /// hypervisor work must end by `hv_end`, the notification by `notify_end`.
+    /// hypervisor work must end by `hv_end` (destroys earlier, so that
+    /// restore gets its planned need: see [`grace::cleanup`]), the
+    /// notification by `notify_end` (and then, unless preempted, the
+    /// report may linger: [`Pilot::report`]).
     /// Returns whether everything was undone and the VMs destroyed.
     async fn cleanup(
         &mut self,
@@ -826,10 +895,11 @@ impl Pilot {
         }
         let mut problems = Vec::new();
         let mut destroyed = Vec::new();
+        let destroy_end = grace::cleanup(Instant::now(), hv_end, self.measured).destroy_end;
 
         // Which guests are ours: those the state file names, and those the
         // hypervisor lists with this slot's tag. Never anything else.
-        let listing = hv_call(&self.hv, hv_end, "listing domains", |hv| hv.domains()).await;
+        let listing = hv_call(&self.hv, destroy_end, "listing domains", |hv| hv.domains()).await;
         let mut targets: Vec<(VmId, String)> = self
             .record
             .vms
@@ -869,7 +939,10 @@ impl Pilot {
             let hv = Arc::clone(&self.hv);
             tasks.spawn(async move {
                 let n = name.clone();
-                let r = hv_call(&hv, hv_end, "destroying a VM", move |hv| hv.destroy(&n)).await;
+                let r = hv_call(&hv, destroy_end, "destroying a VM", move |hv| {
+                    hv.destroy(&n)
+                })
+                .await;
                 (vm_id, name, r)
             });
         }
@@ -927,9 +1000,41 @@ impl Pilot {
             clean,
             problems,
         });
-        if let Err(e) = self.notifier.flush(notify_end).await {
-            tracing::error!(error = %e, "coordinator did not hear released");
-        }
+        self.report(reason, notify_end).await;
         (clean, destroyed)
+    }
+
+    /// Sends what is queued by `notify_end`; then, if something is left and
+    /// the slot was not preempted (whose grace period is over), keeps trying
+    /// for `report_linger`, never past the job's end, until a new signal.
+    /// What is still undelivered stays in the outbox.
+    async fn report(&mut self, reason: ReleaseReason, notify_end: Instant) {
+        if let Err(e) = self.notifier.flush(notify_end).await {
+            tracing::warn!(error = %e, pending = self.notifier.pending(), "coordinator did not hear everything yet");
+        }
+        let linger_end = (Instant::now() + self.cfg.report_linger).min(self.hard_end());
+        if self.notifier.pending() == 0
+            || reason == ReleaseReason::Preempted
+            || linger_end <= Instant::now()
+        {
+            return;
+        }
+        // Signals that came during the cleanup were answered by it.
+        while self.signals.try_recv().is_ok() {}
+        tracing::warn!(
+            pending = self.notifier.pending(),
+            for_s = linger_end
+                .saturating_duration_since(Instant::now())
+                .as_secs(),
+            "the slot is given back; still trying to report it"
+        );
+        tokio::select! {
+            biased;
+            sig = self.signals.recv() => tracing::warn!(signal = sig.unwrap_or("?"), "signal: leaving the report to the outbox"),
+            r = self.notifier.flush(linger_end) => match r {
+                Ok(()) => tracing::info!("every event delivered"),
+                Err(e) => tracing::error!(error = %e, "coordinator did not hear everything; the rest stays in the outbox"),
+            },
+        }
     }
 }

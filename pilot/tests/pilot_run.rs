@@ -72,29 +72,43 @@ impl Harness {
         grace_s: u64,
         extra: &[&str],
     ) -> tokio::process::Child {
+        self.pilot_of(
+            &self.slot,
+            &self.key_file,
+            memory_mb,
+            duration_s,
+            grace_s,
+            extra,
+        )
+    }
+
+    /// A pilot of `slot` (whose key is in `key_file`) on this node.
+    fn pilot_of(
+        &self,
+        slot: &SlotId,
+        key_file: &Path,
+        memory_mb: u64,
+        duration_s: u64,
+        grace_s: u64,
+        extra: &[&str],
+    ) -> tokio::process::Child {
         let mut cmd = tokio::process::Command::new(PILOT);
-        cmd.args([
-            "run",
-            "--slot",
-            self.slot.as_str(),
-            "--coordinator",
-            &self.url,
-        ])
-        .arg("--key-file")
-        .arg(&self.key_file)
-        .args(["--memory-mb", &memory_mb.to_string()])
-        .args([
-            "--duration-s",
-            &duration_s.to_string(),
-            "--grace-s",
-            &grace_s.to_string(),
-        ])
-        .arg("--state-dir")
-        .arg(&self.state_dir)
-        .args(["--node", "n1", "--hypervisor", "sim"])
-        .arg("--sim-dir")
-        .arg(&self.sim_dir)
-        .args(extra);
+        cmd.args(["run", "--slot", slot.as_str(), "--coordinator", &self.url])
+            .arg("--key-file")
+            .arg(key_file)
+            .args(["--memory-mb", &memory_mb.to_string()])
+            .args([
+                "--duration-s",
+                &duration_s.to_string(),
+                "--grace-s",
+                &grace_s.to_string(),
+            ])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--node", "n1", "--hypervisor", "sim"])
+            .arg("--sim-dir")
+            .arg(&self.sim_dir)
+            .args(extra);
         let defaults = [
             ("--margin-s", "1"),
             ("--notify-timeout-ms", "300"),
@@ -128,6 +142,52 @@ impl Harness {
 
     fn state_files(&self) -> Vec<PathBuf> {
         pilot::state::list_state_files(&self.state_dir).unwrap()
+    }
+
+    /// Names of the files in the node's outbox (letters and lock files).
+    fn outbox(&self) -> Vec<String> {
+        let dir = pilot::outbox::outbox_dir(&self.state_dir);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    fn letters(&self) -> usize {
+        self.outbox()
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .count()
+    }
+
+    /// The kinds of the letters in the outbox, in sequence order.
+    fn letter_kinds(&self) -> Vec<String> {
+        let dir = pilot::outbox::outbox_dir(&self.state_dir);
+        self.outbox()
+            .iter()
+            .filter(|n| n.ends_with(".json"))
+            .map(|n| {
+                let l: pilot::outbox::Letter =
+                    serde_json::from_slice(&std::fs::read(dir.join(n)).unwrap()).unwrap();
+                l.kind
+            })
+            .collect()
+    }
+
+    /// Asserts the outbox ends with the report of a preemption (an event
+    /// before it may be there too: stored, but its ack lost to the outage).
+    fn assert_preemption_kept(&self) {
+        let kinds = self.letter_kinds();
+        assert!(
+            kinds.ends_with(&["preempting".to_string(), "released".to_string()])
+                && kinds.len() <= 3,
+            "{kinds:?}"
+        );
     }
 }
 
@@ -367,6 +427,163 @@ async fn preempted_pilot_cleans_up_within_grace_when_the_coordinator_is_gone() {
     assert!(h.domain_names().is_empty());
     assert_eq!(h.dom0(), (4096, 4096));
     assert!(h.state_files().is_empty());
+}
+
+/// A node whose balloon takes 1 s to move and whose VMs take 0.6 s to start
+/// and to destroy: a 5 s grace leaves no room for a cleanup that starts late.
+fn slow_node() -> SimNode {
+    let mut n = node(4096);
+    n.latency.balloon_ms = 1000;
+    n.latency.create_ms = 600;
+    n.latency.destroy_ms = 600;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preempted_with_the_coordinator_down_cleans_up_at_once_and_the_next_pilot_reports_it() {
+    let h = Harness::new(slow_node()).await;
+    let grace = Duration::from_secs(5);
+    let (mut child, vm) = reserved_with_vm(&h, grace.as_secs(), &[]).await;
+    let first = h.coord.events()[0].pilot_id.clone();
+    h.coord.go_down().await;
+    let t0 = Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    // A refused connection ends the wait for the coordinator at once: the
+    // 1.6 s cleanup fits, memory is back within 2 s, the exit is clean.
+    let restored = loop {
+        if h.dom0() == (4096, 4096) {
+            break t0.elapsed();
+        }
+        assert!(t0.elapsed() < grace, "memory not restored within the grace");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        restored < Duration::from_millis(2500),
+        "restored after {restored:?}"
+    );
+    assert_eq!(exit_code(&mut child, grace * 2).await, 0);
+    assert!(t0.elapsed() < grace, "exited after {:?}", t0.elapsed());
+    assert!(h.domain_names().is_empty());
+    assert!(h.state_files().is_empty());
+    // What the coordinator did not hear is on the node.
+    h.assert_preemption_kept();
+    let before_back = protocol::now_ms();
+
+    // The coordinator is back; the next pilot on the node (another slot)
+    // delivers the first pilot's letters beside its own work.
+    h.coord.come_back();
+    let key2 = h.sim_dir.parent().unwrap().join("slot2.key");
+    let slot2 = h.coord.add_slot(&key2);
+    let mut second = h.pilot_of(&slot2, &key2, 1024, 60, 3, &[]);
+    let start = Instant::now();
+    while h.coord.events_of(&first).len() < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the first pilot's letters were not delivered: {:?}",
+            h.coord.kinds()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = h.coord.events_of(&first);
+    let kinds: Vec<_> = events.iter().map(|e| e.kind.name()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "started",
+            "reserved",
+            "vm_started",
+            "preempting",
+            "released"
+        ]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert!(
+        events[3..].iter().all(|e| e.ts_ms < before_back),
+        "delivered with the times they were made"
+    );
+    assert_eq!(
+        released(&events[4]),
+        (ReleaseReason::Preempted, vec![vm.vm_id], true)
+    );
+    h.coord.wait_for("reserved", Duration::from_secs(10)).await;
+    h.coord.command(CommandKind::Release);
+    assert_eq!(exit_code(&mut second, Duration::from_secs(10)).await, 0);
+    assert_eq!(h.letters(), 0, "{:?}", h.outbox());
+    assert!(h.outbox().is_empty(), "lock files go too: {:?}", h.outbox());
+    assert_eq!(h.coord.out_of_order.load(Ordering::SeqCst), 0);
+    assert_eq!(h.coord.bad_signatures.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn preempted_with_the_coordinator_hanging_waits_only_what_the_cleanup_leaves() {
+    let h = Harness::new(slow_node()).await;
+    let grace = Duration::from_secs(5);
+    let (mut child, _vm) = reserved_with_vm(&h, grace.as_secs(), &[]).await;
+    h.coord.dead.store(true, Ordering::SeqCst);
+    let t0 = Instant::now();
+    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    // Half the grace (2.5 s) for a coordinator that never answers would
+    // leave 1.25 s for 0.6 s of destroy and 1 s of restore.
+    assert_eq!(exit_code(&mut child, grace * 2).await, 0);
+    assert!(t0.elapsed() < grace, "exited after {:?}", t0.elapsed());
+    assert!(h.domain_names().is_empty());
+    assert_eq!(h.dom0(), (4096, 4096));
+    assert!(h.state_files().is_empty());
+    h.assert_preemption_kept();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn release_during_a_30_s_coordinator_outage_is_reported_when_it_is_back() {
+    let mut n = node(4096);
+    n.latency.destroy_ms = 500;
+    let h = Harness::new(n).await;
+    let (mut child, vm) = reserved_with_vm(&h, 3, &[]).await;
+    h.coord.command(CommandKind::Release);
+    let start = Instant::now();
+    while h.coord.served.load(Ordering::SeqCst) < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "release not fetched"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Gone while the pilot destroys its VM, for 30 s.
+    h.coord.go_down().await;
+    let outage = Instant::now();
+    let mut cleaned = false;
+    while outage.elapsed() < Duration::from_secs(30) {
+        if !cleaned && h.dom0() == (4096, 4096) && h.domain_names().is_empty() {
+            cleaned = true;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pilot gave up after {:?} of outage",
+            outage.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(cleaned, "the node was cleaned up during the outage");
+    assert_eq!(h.coord.kinds(), vec!["started", "reserved", "vm_started"]);
+    assert_eq!(h.letters(), 1, "released waits on disk: {:?}", h.outbox());
+    let back_ms = protocol::now_ms();
+    h.coord.come_back();
+    assert_eq!(exit_code(&mut child, Duration::from_secs(10)).await, 0);
+    assert_eq!(
+        h.coord.kinds(),
+        vec!["started", "reserved", "vm_started", "released"]
+    );
+    let events = h.coord.events();
+    assert_eq!(events[3].seq, 4);
+    assert!(events[3].ts_ms < back_ms);
+    assert_eq!(
+        released(&events[3]),
+        (ReleaseReason::Commanded, vec![vm.vm_id], true)
+    );
+    assert!(h.outbox().is_empty(), "{:?}", h.outbox());
+    assert_eq!(h.coord.out_of_order.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -56,19 +56,121 @@ impl Serialize for LeaseDuration {
 
 impl<'de> Deserialize<'de> for LeaseDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = LeaseDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(
+                    f,
+                    "a duration like \"2h\", \"90m\" or a number of seconds from 1 to {}",
+                    MAX_DURATION.as_secs()
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<LeaseDuration, E> {
+                parse_duration(t).map(LeaseDuration).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<LeaseDuration, E> {
+                Ok(LeaseDuration(Duration::from_secs(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LeaseDuration, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(duration_out_of_range(v))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<LeaseDuration, E> {
+                match whole(v) {
+                    Some(w) if w < 0 => Err(E::custom(duration_out_of_range(v))),
+                    Some(w) => self.visit_u64(u64::try_from(w).unwrap_or(u64::MAX)),
+                    None => Err(E::custom(format!("{v} is not a whole number of seconds"))),
+                }
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(LeaseDuration(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t)
-                .map(LeaseDuration)
-                .map_err(serde::de::Error::custom),
+        d.deserialize_any(Visitor)
+    }
+}
+
+fn duration_out_of_range(secs: impl std::fmt::Display) -> String {
+    format!(
+        "{secs}s is out of range ({}s to {}s)",
+        MIN_DURATION.as_secs(),
+        MAX_DURATION.as_secs()
+    )
+}
+
+/// `v` as an integer when it is a finite float with no fractional part.
+fn whole(v: f64) -> Option<i128> {
+    // Beyond 2^100 the exact value does not matter: it is out of every range.
+    (v.is_finite() && v.fract() == 0.0).then(|| v.clamp(-1e30, 1e30) as i128)
+}
+
+/// Reads a whole number in `min..=max` from any number a spec may hold
+/// (TOML and JSON integers of any size and sign, floats like `1e3`), with a
+/// message that says what is wrong with the value rather than with its Rust type.
+fn whole_in_range<'de, D: Deserializer<'de>>(d: D, min: u64, max: u64) -> Result<u64, D::Error> {
+    struct Visitor {
+        min: u64,
+        max: u64,
+    }
+    impl Visitor {
+        fn check<E: serde::de::Error>(
+            &self,
+            v: i128,
+            shown: &dyn std::fmt::Display,
+        ) -> Result<u64, E> {
+            match u64::try_from(v) {
+                Ok(v) if (self.min..=self.max).contains(&v) => Ok(v),
+                _ => Err(E::custom(out_of_range(shown, self.min, self.max))),
+            }
         }
     }
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = u64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a whole number from {} to {}", self.min, self.max)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u64, E> {
+            self.check(i128::from(v), &v)
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u64, E> {
+            self.check(i128::from(v), &v)
+        }
+        fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<u64, E> {
+            self.check(i128::try_from(v).unwrap_or(i128::MAX), &v)
+        }
+        fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<u64, E> {
+            self.check(v, &v)
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u64, E> {
+            match whole(v) {
+                Some(w) => self.check(w, &v),
+                None => Err(E::custom(format!("{v} is not a whole number"))),
+            }
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<u64, E> {
+            Err(E::custom(format!(
+                "expected a whole number from {} to {}, got the string {v:?} (write it without quotes)",
+                self.min, self.max
+            )))
+        }
+    }
+    d.deserialize_any(Visitor { min, max })
+}
+
+fn out_of_range(v: &dyn std::fmt::Display, min: u64, max: u64) -> String {
+    format!("{v} is out of range ({min} to {max})")
+}
+
+fn de_count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    whole_in_range(d, 1, u64::from(MAX_VMS)).map(|v| v as u32)
+}
+
+fn de_cpus<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    whole_in_range(d, 1, u64::from(MAX_CPUS)).map(|v| v as u32)
+}
+
+fn de_memory_mb<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    whole_in_range(d, MIN_MEMORY_MB, MAX_MEMORY_MB)
 }
 
 /// Parses `"2h"`, `"1h 30m"`, `"45s"` or a bare number of seconds.
@@ -86,9 +188,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
     pub name: String,
+    #[serde(deserialize_with = "de_count")]
     pub count: u32,
+    #[serde(deserialize_with = "de_memory_mb")]
     pub memory_mb: u64,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "de_cpus")]
     pub cpus: u32,
     pub image: String,
     /// Expected SHA-256 (64 hex digits) of the image; the pilot refuses a
@@ -137,6 +241,49 @@ pub enum SpecError {
     Invalid { field: String, message: String },
 }
 
+/// An error at key `path` (`.` for the document itself) and 1-based
+/// (line, column): a field error when a key is known, else a syntax error.
+fn located(
+    format: &'static str,
+    path: &str,
+    message: &str,
+    at: Option<(usize, usize)>,
+) -> SpecError {
+    match (path, at) {
+        (".", Some((line, column))) => SpecError::Syntax {
+            format,
+            message: format!("line {line}, column {column}: {message}"),
+        },
+        (".", None) => SpecError::Syntax {
+            format,
+            message: message.to_string(),
+        },
+        (field, Some((line, column))) => {
+            invalid(field, format!("{message} (line {line}, column {column})"))
+        }
+        (field, None) => invalid(field, message),
+    }
+}
+
+/// serde_json's message without the position it appends, and the position.
+fn json_message(e: &serde_json::Error) -> (String, Option<(usize, usize)>) {
+    let text = e.to_string();
+    if e.line() == 0 {
+        return (text, None);
+    }
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let message = text.strip_suffix(&suffix).unwrap_or(&text).to_string();
+    (message, Some((e.line(), e.column())))
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
     SpecError::Invalid {
         field: field.into(),
@@ -163,19 +310,40 @@ fn check_name(field: &str, name: &str) -> Result<(), SpecError> {
 
 impl WorkspaceSpec {
     /// Parses TOML (or JSON when the text starts with `{`) and validates it.
+    /// A value of the wrong type or size is named by its key path and
+    /// position (`group[0].count: 4294967296 is out of range (1 to 4096)
+    /// (line 7, column 9)`), a syntax error by its position.
     pub fn parse(text: &str) -> Result<Self, SpecError> {
-        let spec: WorkspaceSpec = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| SpecError::Syntax {
-                format: "JSON",
-                message: e.to_string(),
-            })?
+        let spec = if text.trim_start().starts_with('{') {
+            Self::from_json(text)?
         } else {
-            toml::from_str(text).map_err(|e| SpecError::Syntax {
-                format: "TOML",
-                message: e.message().to_string(),
-            })?
+            Self::from_toml(text)?
         };
         spec.validate()?;
+        Ok(spec)
+    }
+
+    fn from_toml(text: &str) -> Result<Self, SpecError> {
+        serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let at = inner.span().map(|s| line_column(text, s.start));
+            located("TOML", &path, inner.message().trim_end(), at)
+        })
+    }
+
+    fn from_json(text: &str) -> Result<Self, SpecError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let (message, at) = json_message(&inner);
+            located("JSON", &path, &message, at)
+        })?;
+        de.end().map_err(|e| {
+            let (message, at) = json_message(&e);
+            located("JSON", ".", &message, at)
+        })?;
         Ok(spec)
     }
 
@@ -184,14 +352,7 @@ impl WorkspaceSpec {
         check_name("name", &self.name)?;
         let d = self.duration.0;
         if d < MIN_DURATION || d > MAX_DURATION {
-            return Err(invalid(
-                "duration",
-                format!(
-                    "{}s is out of range (1s to {}s)",
-                    d.as_secs(),
-                    MAX_DURATION.as_secs()
-                ),
-            ));
+            return Err(invalid("duration", duration_out_of_range(d.as_secs())));
         }
         if self.groups.is_empty() {
             return Err(invalid("group", "at least one [[group]] is required"));
@@ -212,22 +373,19 @@ impl WorkspaceSpec {
             if g.count == 0 || g.count > MAX_VMS {
                 return Err(invalid(
                     f("count"),
-                    format!("{} is out of range (1 to {MAX_VMS})", g.count),
+                    out_of_range(&g.count, 1, u64::from(MAX_VMS)),
                 ));
             }
             if g.memory_mb < MIN_MEMORY_MB || g.memory_mb > MAX_MEMORY_MB {
                 return Err(invalid(
                     f("memory_mb"),
-                    format!(
-                        "{} is out of range ({MIN_MEMORY_MB} to {MAX_MEMORY_MB})",
-                        g.memory_mb
-                    ),
+                    out_of_range(&g.memory_mb, MIN_MEMORY_MB, MAX_MEMORY_MB),
                 ));
             }
             if g.cpus == 0 || g.cpus > MAX_CPUS {
                 return Err(invalid(
                     f("cpus"),
-                    format!("{} is out of range (1 to {MAX_CPUS})", g.cpus),
+                    out_of_range(&g.cpus, 1, u64::from(MAX_CPUS)),
                 ));
             }
             if g.image.trim().is_empty() || g.image.len() > 1024 || g.image.contains('\0') {
@@ -307,16 +465,115 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("soon"));
-        let bad = ENSEMBLE.replace("cpus = 1", "cpu = 1");
-        assert!(matches!(
-            WorkspaceSpec::parse(&bad),
-            Err(SpecError::Syntax { .. })
-        ));
         let bad = ENSEMBLE.replace("name = \"head\"", "name = \"worker\"");
         assert!(WorkspaceSpec::parse(&bad)
             .unwrap_err()
             .to_string()
             .contains("another group"));
+    }
+
+    fn err(text: &str) -> String {
+        WorkspaceSpec::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn numbers_of_the_wrong_size_sign_or_type_name_their_field_and_line() {
+        // (replace, with, the whole error)
+        let cases = [
+            (
+                "count = 3",
+                "count = 1e12",
+                "group[0].count: 1000000000000 is out of range (1 to 4096) (line 6, column 9)",
+            ),
+            (
+                "count = 3",
+                "count = 4294967296",
+                "group[0].count: 4294967296 is out of range (1 to 4096) (line 6, column 9)",
+            ),
+            (
+                "count = 3",
+                "count = 2.5",
+                "group[0].count: 2.5 is not a whole number (line 6, column 9)",
+            ),
+            (
+                "memory_mb = 1024",
+                "memory_mb = -1",
+                "group[0].memory_mb: -1 is out of range (16 to 4194304) (line 7, column 13)",
+            ),
+            (
+                "cpus = 2",
+                "cpus = \"two\"",
+                "group[1].cpus: expected a whole number from 1 to 1024, got the string \"two\" (write it without quotes) (line 14, column 8)",
+            ),
+            (
+                "duration = \"2h\"",
+                "duration = -5",
+                "duration: -5s is out of range (1s to 31622400s) (line 3, column 12)",
+            ),
+        ];
+        for (from, to, want) in cases {
+            assert_eq!(err(&ENSEMBLE.replace(from, to)), want, "{to}");
+        }
+    }
+
+    #[test]
+    fn the_readme_example_error_is_what_a_user_sees() {
+        let readme = ENSEMBLE.trim_start().replace("cpus = 2", "cpus = 0");
+        assert_eq!(
+            err(&readme),
+            "group[1].cpus: 0 is out of range (1 to 1024) (line 13, column 8)"
+        );
+    }
+
+    #[test]
+    fn json_errors_name_the_field_and_position() {
+        let json = serde_json::to_string(&WorkspaceSpec::parse(ENSEMBLE).unwrap()).unwrap();
+        let bad = json.replacen("\"count\":3", "\"count\":\"3\"", 1);
+        let e = err(&bad);
+        assert!(
+            e.starts_with(
+                "group[0].count: expected a whole number from 1 to 4096, got the string \"3\""
+            ),
+            "{e}"
+        );
+        assert!(e.contains("(line 1, column "), "{e}");
+        let bad = json.replacen("\"duration\":7200", "\"duration\":-5", 1);
+        assert!(
+            err(&bad).starts_with("duration: -5s is out of range"),
+            "{}",
+            err(&bad)
+        );
+        let e = err(&format!("{json} trailing"));
+        assert!(
+            e.starts_with("spec is not valid JSON: line 1, column "),
+            "{e}"
+        );
+        let e = err("{\"name\": \"x\",\n \"duration\": }");
+        assert_eq!(e, "duration: expected value (line 2, column 14)");
+    }
+
+    #[test]
+    fn toml_syntax_errors_give_line_and_column() {
+        let bad = ENSEMBLE.replace("duration = \"2h\"", "duration = \"2h");
+        assert_eq!(
+            err(&bad),
+            "spec is not valid TOML: line 3, column 15: invalid basic string"
+        );
+        let e = err("name = \"x\"\nduration = 5\ngroup = [ = ]\n");
+        assert!(
+            e.starts_with("spec is not valid TOML: line 3, column 11: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_named_with_their_group() {
+        let e = err(&ENSEMBLE.replace("cpus = 1", "cpu = 1"));
+        assert!(e.starts_with("group[0]"), "{e}");
+        assert!(e.contains("unknown field `cpu`"), "{e}");
+        let e = err(&ENSEMBLE.replace("image = \"head.qcow2\"", ""));
+        assert!(e.starts_with("group[1]"), "{e}");
+        assert!(e.contains("missing field `image`"), "{e}");
     }
 
     #[test]

@@ -299,3 +299,61 @@ fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up
     assert!(v["state"] == "preempted" || v["state"] == "failed", "{v:#}");
     assert_nothing_left(&c, &v);
 }
+
+#[test]
+fn reports_a_preempted_pilot_left_during_a_long_outage_reach_the_coordinator_through_kill_all() {
+    // An outage longer than the clock-skew window: the late events must
+    // still be taken (signed, new, of the slot), however old they are.
+    let mut c = Cluster::start(Options {
+        nodes: 2,
+        kill_grace_s: GRACE_S,
+        top: "max_clock_skew_s = 1\n".into(),
+        ..Options::default()
+    });
+    let id = ws_id(&c.create(PAIR));
+    let v = c.wait_running(&id);
+    let (slot, node) = slot_and_node(&v, "head");
+    let pid = c.pilot_pid_on(&slot, &node);
+    c.kill_coordinator();
+    signal(pid, Signal::SIGTERM);
+    wait_gone(pid, Duration::from_secs(GRACE_S + 2)).expect("preempted pilot exits");
+    std::thread::sleep(Duration::from_millis(1500));
+    c.restart_coordinator();
+    let out = Command::new(bin("workspace-kill-all"))
+        .args([
+            "--hypervisor",
+            "sim",
+            "--json",
+            "--node",
+            &node,
+            "--sim-dir",
+        ])
+        .arg(c.sim_dir(&node))
+        .arg("--state-dir")
+        .arg(c.state_dir(&node))
+        .output()
+        .expect("run kill-all");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
+    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let delivered: Vec<(&str, &str)> = report["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["kind"].as_str().unwrap(), d["result"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        delivered,
+        vec![("preempting", "delivered"), ("released", "delivered")],
+        "{report:#}"
+    );
+    let v = c.get(&id);
+    let pilot = &v["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == slot.as_str())
+        .unwrap()["pilots"][0];
+    assert_eq!(pilot["last_event"], "released", "{v:#}");
+    let v = c.wait_settled(&id);
+    assert_nothing_left(&c, &v);
+}

@@ -3,6 +3,8 @@
 //! records events (one at or below its pilot's highest stored seq is
 //! answered 409-duplicate, as the real one does, which relies on pilots
 //! sending in order), and serves the commands a test scripts, by long-poll.
+//! It can hang (`dead`), stop listening (`go_down`: connections refused) and
+//! listen again on the same address (`come_back`).
 
 // Each test binary uses its own part of this module.
 #![allow(dead_code)]
@@ -18,8 +20,9 @@ use protocol::pilot::{
 };
 use protocol::SlotId;
 use serde::de::DeserializeOwned;
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,16 @@ pub struct Coord {
     /// one was skipped, which the real coordinator would then take for a
     /// replay and drop.
     pub out_of_order: AtomicUsize,
+    /// Highest command id a poll has been answered with.
+    pub served: AtomicU64,
+    /// Further slots it knows, with their keys (pilots of other slots).
+    more_slots: Mutex<Vec<(SlotId, SlotKey)>>,
+    addr: SocketAddr,
+    /// Set between `go_down` and `come_back`: a request that still reaches
+    /// the stopped server on a connection it had is never answered.
+    gone: AtomicBool,
+    /// Ends the server that listens now.
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Coord {
@@ -47,6 +60,8 @@ impl Coord {
         let slot = SlotId::generate();
         let key = SlotKey::derive(b"test master", &slot).unwrap();
         std::fs::write(key_file, format!("{}\n", key.to_hex())).unwrap();
+        let listener = listen("127.0.0.1:0".parse().unwrap());
+        let addr = listener.local_addr().unwrap();
         let coord = Arc::new(Coord {
             key,
             slot,
@@ -56,27 +71,76 @@ impl Coord {
             dead: AtomicBool::new(false),
             fail_events: AtomicUsize::new(0),
             out_of_order: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            more_slots: Mutex::new(Vec::new()),
+            addr,
+            gone: AtomicBool::new(false),
+            stop: Mutex::new(None),
         });
+        coord.serve(listener);
+        (coord, format!("http://{addr}"))
+    }
+
+    fn serve(self: &Arc<Self>, listener: tokio::net::TcpListener) {
         let app = Router::new()
             .route(EVENTS_PATH, post(events_handler))
             .route(POLL_PATH, post(poll_handler))
-            .with_state(Arc::clone(&coord));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+            .with_state(Arc::clone(self));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        *self.stop.lock().unwrap() = Some(tx);
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
         });
-        (coord, url)
+    }
+
+    /// Stops listening: from now on connections are refused (as when the
+    /// coordinator's process is gone). Returns once they are.
+    pub async fn go_down(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        if let Some(stop) = self.stop.lock().unwrap().take() {
+            let _ = stop.send(());
+        }
+        let start = Instant::now();
+        while tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            assert!(start.elapsed() < Duration::from_secs(5), "still listening");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Listens again on the same address.
+    pub fn come_back(self: &Arc<Self>) {
+        self.gone.store(false, Ordering::SeqCst);
+        self.serve(listen(self.addr));
+    }
+
+    /// A further slot this coordinator knows; its key is written to `key_file`.
+    pub fn add_slot(&self, key_file: &Path) -> SlotId {
+        let slot = SlotId::generate();
+        let key = SlotKey::derive(b"test master", &slot).unwrap();
+        std::fs::write(key_file, format!("{}\n", key.to_hex())).unwrap();
+        self.more_slots.lock().unwrap().push((slot.clone(), key));
+        slot
     }
 
     fn signed(&self, headers: &HeaderMap, body: &[u8]) -> bool {
-        let slot_ok =
-            headers.get(SLOT_HEADER).and_then(|v| v.to_str().ok()) == Some(self.slot.as_str());
+        let slot = headers.get(SLOT_HEADER).and_then(|v| v.to_str().ok());
+        let key = if slot == Some(self.slot.as_str()) {
+            Some(self.key.clone())
+        } else {
+            let more = self.more_slots.lock().unwrap();
+            more.iter()
+                .find(|(s, _)| Some(s.as_str()) == slot)
+                .map(|(_, k)| k.clone())
+        };
         let sig = headers
             .get(SIGNATURE_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let ok = slot_ok && self.key.verify(body, sig).unwrap_or(false);
+        let ok = key.is_some_and(|k| k.verify(body, sig).unwrap_or(false));
         if !ok {
             self.bad_signatures.fetch_add(1, Ordering::SeqCst);
         }
@@ -104,7 +168,7 @@ impl Coord {
     }
 
     async fn hang_if_dead(&self) {
-        if self.dead.load(Ordering::SeqCst) {
+        if self.dead.load(Ordering::SeqCst) || self.gone.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
     }
@@ -115,6 +179,14 @@ impl Coord {
 
     pub fn kinds(&self) -> Vec<&'static str> {
         self.events().iter().map(|e| e.kind.name()).collect()
+    }
+
+    /// The events of one pilot instance, in the order they were stored.
+    pub fn events_of(&self, pilot: &protocol::PilotId) -> Vec<PilotEvent> {
+        self.events()
+            .into_iter()
+            .filter(|e| &e.pilot_id == pilot)
+            .collect()
     }
 
     /// Queues a command for the pilot (ids 1, 2, 3…).
@@ -203,6 +275,9 @@ async fn poll_handler(
             .cloned()
             .collect();
         if !commands.is_empty() || Instant::now() >= until {
+            if let Some(last) = commands.iter().map(|c| c.id).max() {
+                c.served.fetch_max(last, Ordering::SeqCst);
+            }
             return (
                 StatusCode::OK,
                 serde_json::to_string(&PollResponse { commands }).unwrap(),
@@ -211,4 +286,12 @@ async fn poll_handler(
         c.hang_if_dead().await;
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A listener on `addr` that may take over an address just left.
+fn listen(addr: SocketAddr) -> tokio::net::TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(addr).unwrap();
+    socket.listen(128).unwrap()
 }
