@@ -2,11 +2,14 @@
 //!
 //! It reads the node state files, SIGKILLs pilots still alive (so they cannot
 //! create more VMs), destroys the slots' guests in parallel (by state file and
-//! `wsp-` name tag; `--all` for every guest), restores dom0 memory and prints
-//! what it did. It is not a pilot and never talks to the coordinator.
+//! `wsp-` name tag; `--all` for every guest), restores dom0 memory, removes
+//! checkpoints a killed pilot left unfinished and prints what it did. It is
+//! not a pilot and never talks to the coordinator.
 //!
 //! Exit codes: 0 everything succeeded (or nothing to do), 1 something failed,
 //! 2 usage error (bad flags, hypervisor or state dir unusable).
+
+mod checkpoints;
 
 use clap::Parser;
 use pilot::hypervisor::{self, set_dom0_target_and_wait, HvOptions, Hypervisor};
@@ -26,7 +29,7 @@ const EXIT_HELP: &str = "Exit codes:
 /// Destroy what workspace pilots left on this node and restore dom0 memory.
 #[derive(Parser)]
 #[command(name = "workspace-kill-all", version, after_help = EXIT_HELP)]
-struct Cli {
+pub(crate) struct Cli {
     /// Directory of the pilots' node state files (`%n` = node name).
     #[arg(long, default_value = "/run/workspace-pilot/%n/state")]
     state_dir: String,
@@ -56,6 +59,10 @@ struct Cli {
     /// Bound on the dom0 balloon, ms.
     #[arg(long, default_value_t = 10000)]
     balloon_timeout_ms: u64,
+    /// Also remove the complete checkpoints the state files name (suspended
+    /// VMs a coordinator could still resume); unfinished ones always go.
+    #[arg(long)]
+    purge_checkpoints: bool,
 }
 
 #[derive(Serialize)]
@@ -70,7 +77,7 @@ struct Action {
 }
 
 #[derive(Serialize)]
-struct Report {
+pub(crate) struct Report {
     node: String,
     dry_run: bool,
     ok: bool,
@@ -78,7 +85,7 @@ struct Report {
 }
 
 impl Report {
-    fn record(
+    pub(crate) fn record(
         &mut self,
         action: &'static str,
         target: String,
@@ -125,6 +132,7 @@ fn main() {
     if let Err(e) = hv.dom0_memory() {
         usage(format!("node not usable: {e}"));
     }
+    let checkpoints = opts.node.checkpoints.clone();
     let files = match list_state_files(&state_dir) {
         Ok(f) => f,
         Err(e) => usage(e),
@@ -135,7 +143,14 @@ fn main() {
         ok: true,
         actions: Vec::new(),
     };
-    kill_all(&cli, hv.as_ref(), &state_dir, files, &mut report);
+    kill_all(
+        &cli,
+        hv.as_ref(),
+        &state_dir,
+        files,
+        &checkpoints,
+        &mut report,
+    );
     if cli.json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),
@@ -205,6 +220,7 @@ fn kill_all(
     hv: &dyn Hypervisor,
     state_dir: &std::path::Path,
     files: Vec<PathBuf>,
+    checkpoints: &pilot::checkpoint::CheckpointsConfig,
     r: &mut Report,
 ) {
     let dry = cli.dry_run;
@@ -236,7 +252,7 @@ fn kill_all(
         .flat_map(|(_, f)| {
             f.vms
                 .iter()
-                .filter(|v| v.state != VmRecordState::Destroyed)
+                .filter(|v| !matches!(v.state, VmRecordState::Destroyed | VmRecordState::Suspended))
                 .map(|v| v.name.clone())
         })
         .collect();
@@ -301,8 +317,11 @@ fn kill_all(
     }
     // 5. Memory.
     let restored = restore_memory(cli, hv, state_dir, &handled, r);
-    // 6. State files whose slot is fully undone.
-    if destroyed_all && restored {
+    // 6. Checkpoints left unfinished (never restorable, but they take space).
+    let node = r.node.clone();
+    let stored = checkpoints::clean(cli, checkpoints, &node, &handled, r);
+    // 7. State files whose slot is fully undone.
+    if destroyed_all && restored && stored {
         for (path, _) in &handled {
             let outcome = (!dry).then(|| remove_state_file(path).map_err(|e| e.to_string()));
             r.record("remove-state-file", path.display().to_string(), outcome);

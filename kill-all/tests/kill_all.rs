@@ -33,6 +33,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 
@@ -73,6 +75,7 @@ impl Leftovers {
                 memory_mb: 512,
                 state: VmRecordState::Running,
                 nics: Vec::new(),
+                checkpoint: None,
             }],
             updated_ms: 0,
         };

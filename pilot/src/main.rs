@@ -118,6 +118,12 @@ enum SimCmd {
         create_ms: u64,
         #[arg(long, default_value_t = 0)]
         destroy_ms: u64,
+        /// Saving a guest to a checkpoint takes this long per GB of its memory.
+        #[arg(long, default_value_t = 0)]
+        save_ms_per_gb: u64,
+        /// Restoring a guest from a checkpoint takes this long per GB.
+        #[arg(long, default_value_t = 0)]
+        restore_ms_per_gb: u64,
         /// The balloon never shrinks dom0 below this, MB.
         #[arg(long)]
         balloon_floor_mb: Option<u64>,
@@ -251,6 +257,7 @@ fn run(a: RunArgs) -> i32 {
         poll_wait: Duration::from_millis(a.poll_wait_ms),
         startup_budget: Duration::from_secs(a.startup_budget_s),
         images: opts.node.images.clone(),
+        checkpoints: opts.node.checkpoints.clone(),
     };
     // One thread is plenty for a pilot (hypervisor calls go to the blocking
     // pool) and starts faster: a node may start many pilots at once.
@@ -280,6 +287,8 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             balloon_ms,
             create_ms,
             destroy_ms,
+            save_ms_per_gb,
+            restore_ms_per_gb,
             balloon_floor_mb,
             force,
         } => {
@@ -291,6 +300,8 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             node.latency.balloon_ms = balloon_ms;
             node.latency.create_ms = create_ms;
             node.latency.destroy_ms = destroy_ms;
+            node.latency.save_ms_per_gb = save_ms_per_gb;
+            node.latency.restore_ms_per_gb = restore_ms_per_gb;
             node.balloon_floor_mb = balloon_floor_mb;
             Sim::init(&dir, &node, force)?;
         }

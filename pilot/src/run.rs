@@ -5,6 +5,8 @@
 //! once memory may have been taken, and every wait is bounded. Not for
 //! parsing the command line (main.rs) nor for talking HTTP (notify.rs).
 
+mod suspend;
+
 use crate::exit;
 use crate::hypervisor::{set_dom0_target_and_wait, HvError, Hypervisor};
 use crate::notify::{Notifier, NotifyError};
@@ -13,8 +15,11 @@ use crate::state::{
     StateError, VmRecord, VmRecordState,
 };
 use protocol::auth::SlotKey;
-use protocol::pilot::{CommandKind, EventKind, PollResponse, ReleaseReason, VmLaunch};
+use protocol::pilot::{
+    CommandKind, EventKind, PollResponse, ReleaseReason, SuspendTrigger, VmLaunch,
+};
 use protocol::{PilotId, SlotId, VmId, VmName};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,6 +56,8 @@ pub struct RunConfig {
     pub ca_pem: Option<Vec<u8>>,
     /// The node's image cache (opened on the first VM with an image source).
     pub images: crate::images::ImagesConfig,
+    /// The checkpoint store, for suspend and resume (`[checkpoints]`).
+    pub checkpoints: crate::checkpoint::CheckpointsConfig,
 }
 
 /// Failure of one bounded hypervisor call.
@@ -124,6 +131,10 @@ struct Pilot {
     after: u64,
     /// The node's image cache, once a VM needed it.
     image_cache: Option<Arc<crate::images::ImageCache>>,
+    /// The launch of each VM on the node (its preemption choice, its image).
+    launches: HashMap<VmId, VmLaunch>,
+    /// Set on preemption: when saves must be done to leave time for cleanup.
+    save_deadline: Option<Instant>,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -194,6 +205,8 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         started,
         after: 0,
         image_cache: None,
+        launches: HashMap::new(),
+        save_deadline: None,
     };
     pilot.live().await
 }
@@ -327,12 +340,14 @@ impl Pilot {
                     "memory reserved"
                 );
                 let cached_images = self.cached_images();
+                let checkpoints = self.checkpoint_capability();
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,
                     dom0_after_mb: r.after_mb,
                     reserved_mb: self.cfg.memory_mb,
                     balloon_ms: r.balloon_ms,
                     cached_images,
+                    checkpoints,
                 });
             }
             Err(e) => return self.reserve_failed(e).await,
@@ -568,6 +583,13 @@ impl Pilot {
                 CommandKind::StartVm(launch) => self.start_vm(launch, deadline).await.err(),
                 CommandKind::DestroyVm { vm_id } => self.destroy_vm(vm_id, deadline).await.err(),
                 CommandKind::Release => Some(End::Release(ReleaseReason::Commanded)),
+                CommandKind::SuspendVm { vm_id, to } => self
+                    .suspend_vm(vm_id, to, SuspendTrigger::Commanded, deadline)
+                    .await
+                    .err(),
+                CommandKind::DeleteCheckpoint { checkpoint } => {
+                    self.delete_checkpoint(checkpoint).await.err()
+                }
             };
             self.after = cmd.id;
             if end.is_some() {
@@ -577,11 +599,13 @@ impl Pilot {
         None
     }
 
-    async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
-        let vm_id = launch.vm_id.clone();
+    /// Why a launch cannot start here (name not tagged for this slot, or
+    /// the slot not in a state to start VMs), if it cannot.
+    fn launch_refusal(&self, launch: &VmLaunch) -> Option<String> {
+        let vm_id = &launch.vm_id;
         let tagged =
-            VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && n.vm == vm_id);
-        let refusal = if !tagged {
+            VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && &n.vm == vm_id);
+        if !tagged {
             Some(format!(
                 "name {:?} is not wsp-{}-{}",
                 launch.name, self.cfg.slot, vm_id
@@ -590,8 +614,15 @@ impl Pilot {
             Some(format!("slot is {:?}; not starting VMs", self.record.state).to_lowercase())
         } else {
             None
-        };
-        if let Some(reason) = refusal {
+        }
+    }
+
+    async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
+        if launch.restore.is_some() {
+            return self.resume_vm(launch, deadline).await;
+        }
+        let vm_id = launch.vm_id.clone();
+        if let Some(reason) = self.launch_refusal(&launch) {
             tracing::warn!(vm_id = %vm_id, reason = %reason, "VM not started");
             self.push(EventKind::VmFailed { vm_id, reason });
             return Ok(());
@@ -602,44 +633,26 @@ impl Pilot {
             memory_mb: launch.memory_mb,
             state: VmRecordState::Creating,
             nics: launch.nics.clone(),
+            checkpoint: None,
         });
         self.persist().map_err(|e| End::Fatal(e.to_string()))?;
         let t0 = Instant::now();
         let bound = deadline.max(t0 + Duration::from_secs(1));
-        let mut l = launch.clone();
         // Stage the image first; the hold keeps it from eviction until the
         // hypervisor has opened it.
-        let mut staged = None;
-        if let Some(src) = &launch.image_source {
-            let r = match self.image_cache() {
-                Ok(cache) => tokio::time::timeout_at(bound, cache.stage(src))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(crate::images::ImageError::Timeout {
-                            url: src.url.clone(),
-                            what: "staging before the command's deadline",
-                            after_ms: t0.elapsed().as_millis() as u64,
-                        })
-                    }),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(s) => {
-                    l.image = s.path.display().to_string();
-                    staged = Some(s);
-                }
-                Err(e) => {
-                    tracing::error!(vm_id = %vm_id, error = %e, "image not staged");
-                    self.set_vm_state(&vm_id, VmRecordState::Failed);
-                    self.persist().map_err(|e| End::Fatal(e.to_string()))?;
-                    self.push(EventKind::VmFailed {
-                        vm_id,
-                        reason: e.to_string(),
-                    });
-                    return Ok(());
-                }
+        let (l, staged) = match self.stage_image(&launch, bound, t0).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm_id = %vm_id, error = %e, "image not staged");
+                self.set_vm_state(&vm_id, VmRecordState::Failed);
+                self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+                self.push(EventKind::VmFailed {
+                    vm_id,
+                    reason: e.to_string(),
+                });
+                return Ok(());
             }
-        }
+        };
         let r = hv_call(&self.hv, bound, "creating a VM", move |hv| hv.create(&l)).await;
         let state = if r.is_ok() {
             VmRecordState::Running
@@ -652,6 +665,7 @@ impl Pilot {
             Ok(()) => {
                 let create_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(vm_id = %vm_id, name = %launch.name, create_ms, "VM started");
+                self.launches.insert(vm_id.clone(), launch.clone());
                 self.push(EventKind::VmStarted {
                     vm_id,
                     name: launch.name,
@@ -701,6 +715,32 @@ impl Pilot {
             }
         }
         Ok(())
+    }
+
+    /// Stages the launch's image into the node cache (if it has a source):
+    /// returns the launch with the staged path as its image, and the staging.
+    async fn stage_image(
+        &mut self,
+        launch: &VmLaunch,
+        bound: Instant,
+        t0: Instant,
+    ) -> Result<(VmLaunch, Option<crate::images::Staged>), crate::images::ImageError> {
+        let mut l = launch.clone();
+        let Some(src) = &launch.image_source else {
+            return Ok((l, None));
+        };
+        let cache = self.image_cache()?;
+        let s = tokio::time::timeout_at(bound, cache.stage(src))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::images::ImageError::Timeout {
+                    url: src.url.clone(),
+                    what: "staging before the command's deadline",
+                    after_ms: t0.elapsed().as_millis() as u64,
+                })
+            })?;
+        l.image = s.path.display().to_string();
+        Ok((l, Some(s)))
     }
 
     /// The node's image cache, opened on first use.
@@ -762,6 +802,10 @@ impl Pilot {
         if let Err(e) = self.advance(Input::Signal) {
             tracing::error!(error = %e, "cannot record preemption");
         }
+        // VMs whose launch asks for it are suspended if the save fits.
+        let save_deadline = suspend::save_deadline(now, exit_by, notify_share, grace);
+        self.save_deadline = Some(save_deadline);
+        let plan = self.preempt_plan(save_deadline.saturating_duration_since(now + notify_share));
         self.push(EventKind::Preempting {
             signal: signal.to_string(),
             coordinator_wait_ms: wait_end.saturating_duration_since(now).as_millis() as u64,
@@ -769,10 +813,13 @@ impl Pilot {
                 + exit_by
                     .saturating_duration_since(Instant::now())
                     .as_millis() as u64,
+            suspending: plan.suspend.iter().map(|(v, _)| v.clone()).collect(),
+            not_suspending: plan.not_suspending.clone(),
         });
         if let Err(e) = self.notifier.flush(now + notify_share).await {
             tracing::warn!(error = %e, "coordinator did not hear preempting in time");
         }
+        self.suspend_on_preempt(plan, save_deadline).await;
         let mut pause = Duration::ZERO;
         loop {
             let left = wait_end.saturating_duration_since(Instant::now());
@@ -834,7 +881,7 @@ impl Pilot {
             .record
             .vms
             .iter()
-            .filter(|v| v.state != VmRecordState::Destroyed)
+            .filter(|v| !matches!(v.state, VmRecordState::Destroyed | VmRecordState::Suspended))
             .map(|v| (v.vm_id.clone(), v.name.clone()))
             .collect();
         match &listing {
@@ -919,6 +966,13 @@ impl Pilot {
         } else {
             tracing::error!(problems = ?problems, "cleanup incomplete: run workspace-kill-all on this node");
         }
+        let vms_suspended = self
+            .record
+            .vms
+            .iter()
+            .filter(|v| v.state == VmRecordState::Suspended)
+            .map(|v| v.vm_id.clone())
+            .collect();
         self.push(EventKind::Released {
             reason,
             vms_destroyed: destroyed.clone(),
@@ -926,6 +980,7 @@ impl Pilot {
             restore_ms,
             clean,
             problems,
+            vms_suspended,
         });
         if let Err(e) = self.notifier.flush(notify_end).await {
             tracing::error!(error = %e, "coordinator did not hear released");

@@ -144,6 +144,8 @@ fn launch(memory_mb: u64, image: &str) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 

@@ -123,6 +123,8 @@ impl Harness {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: Default::default(),
+            restore: None,
         }
     }
 

@@ -58,6 +58,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 

@@ -1111,6 +1111,8 @@ mod tests {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: Default::default(),
+            restore: None,
         }
     }
 
