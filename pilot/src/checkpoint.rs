@@ -523,7 +523,7 @@ impl Store {
                 }
             }
         }
-        out.sort_by(|a, b| a.id.to_string().cmp(&b.id.to_string()));
+        out.sort_by_key(|l| l.id.to_string());
         Ok(out)
     }
 }
