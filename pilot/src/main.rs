@@ -6,6 +6,7 @@
 //! lives in the `pilot` library.
 
 mod check;
+mod checkpoint_cmd;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Cmd {
     Sim(SimCmd),
     /// Check this node is fit for pilots; print each check and what to fix (exit 0 all ok, 1 not).
     Check(check::CheckArgs),
+    /// List, verify or delete checkpoints in the node's checkpoint store (exit 0 ok, 1 failed, 2 usage).
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::CheckpointCmd),
 }
 
 #[derive(Args)]
@@ -162,6 +166,7 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Run(args) => run(args),
         Cmd::Check(args) => check::check(args),
+        Cmd::Checkpoint(cmd) => checkpoint_cmd::checkpoint(cmd),
         Cmd::Sim(cmd) => match sim(cmd) {
             Ok(()) => 0,
             Err(e) => {

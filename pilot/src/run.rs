@@ -133,8 +133,9 @@ struct Pilot {
     image_cache: Option<Arc<crate::images::ImageCache>>,
     /// The launch of each VM on the node (its preemption choice, its image).
     launches: HashMap<VmId, VmLaunch>,
-    /// Set on preemption: when saves must be done to leave time for cleanup.
-    save_deadline: Option<Instant>,
+    /// Set on preemption: when saves must be done to leave time for
+    /// cleanup, and when the pilot stops waiting for a save at the latest.
+    save_deadline: Option<(Instant, Instant)>,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -804,7 +805,7 @@ impl Pilot {
         }
         // VMs whose launch asks for it are suspended if the save fits.
         let save_deadline = suspend::save_deadline(now, exit_by, notify_share, grace);
-        self.save_deadline = Some(save_deadline);
+        self.save_deadline = Some((save_deadline, exit_by - notify_share));
         let plan = self.preempt_plan(save_deadline.saturating_duration_since(now + notify_share));
         self.push(EventKind::Preempting {
             signal: signal.to_string(),

@@ -140,6 +140,22 @@ impl Node {
     }
 }
 
+/// `workspace-pilot checkpoint <args>`: exit code and stdout.
+fn checkpoint_cli(args: &[&str], store: &Path) -> (i32, String) {
+    let o = std::process::Command::new(PILOT)
+        .arg("checkpoint")
+        .args(&args[..1])
+        .arg("--store")
+        .arg(store)
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
 fn logs() -> Stdio {
     if std::env::var_os("WSP_TEST_LOGS").is_some() {
         Stdio::inherit()
@@ -622,6 +638,22 @@ async fn a_corrupted_checkpoint_or_a_wrong_digest_is_refused_and_nothing_runs() 
         file.exists(),
         "the checkpoint is kept for the coordinator to decide"
     );
+
+    // The admin sees it too, and removes it.
+    let id = to.to_string();
+    let (code, out) = checkpoint_cli(&["list"], &store_dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("{id}  complete")), "{out}");
+    let (code, out) = checkpoint_cli(&["verify", &id], &store_dir);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("FAILED: checksum mismatch") && out.contains("sim-state"),
+        "{out}"
+    );
+    let (code, out) = checkpoint_cli(&["delete", &id], &store_dir);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("deleted"), "{out}");
+    assert!(Store::at(&store_dir).unwrap().list().unwrap().is_empty());
     b.coord.command(CommandKind::Release);
     assert_eq!(exit_code(&mut child, Duration::from_secs(10)).await, 0);
     assert_eq!(b.dom0_mb(), 4096);
@@ -697,6 +729,14 @@ async fn a_pilot_killed_mid_save_leaves_no_usable_checkpoint_and_kill_all_cleans
         ListedState::Incomplete { writing: false, .. }
     ));
     assert_eq!(a.domains().len(), 1, "the guest is left, stopped");
+    let (_, out) = checkpoint_cli(&["list"], &store_dir);
+    assert!(
+        out.contains("UNFINISHED") && out.contains("abandoned; never restored"),
+        "{out}"
+    );
+    let (code, out) = checkpoint_cli(&["verify", &to.to_string()], &store_dir);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("incomplete"), "{out}");
     assert!(a.dom0_mb() < 4096, "memory still taken");
 
     // The admin restores the node, the unfinished checkpoint included.

@@ -228,6 +228,28 @@ impl std::fmt::Display for CheckpointId {
     }
 }
 
+impl std::str::FromStr for CheckpointId {
+    type Err = String;
+    /// Parses the `Display` form, `ws-…/vm-…/g<generation>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("checkpoint {s:?}: expected ws-<hex>/vm-<hex>/g<generation>");
+        let mut parts = s.split('/');
+        let (Some(ws), Some(vm), Some(g), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        Ok(Self {
+            workspace_id: WorkspaceId::parse(ws).map_err(|e| e.to_string())?,
+            vm_id: VmId::parse(vm).map_err(|e| e.to_string())?,
+            generation: g
+                .strip_prefix('g')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?,
+        })
+    }
+}
+
 /// What the pilot does with a VM when the batch system warns it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -546,6 +568,18 @@ mod tests {
             generation: 2,
         };
         assert_eq!(to.to_string(), "ws-0000abcd/vm-0000abcd/g2");
+        assert_eq!(
+            "ws-0000abcd/vm-0000abcd/g2".parse::<CheckpointId>(),
+            Ok(to.clone())
+        );
+        for bad in [
+            "ws-0000abcd/vm-0000abcd",
+            "ws-0000abcd/vm-0000abcd/2",
+            "../x/g1",
+            "ws-0000abcd/vm-0000abcd/g1/x",
+        ] {
+            assert!(bad.parse::<CheckpointId>().is_err(), "{bad}");
+        }
         let mut l = VmLaunch::basic(to.vm_id.clone(), "n".into(), 1, 1, "i".into());
         l.on_preempt = OnPreempt::Suspend { to: to.clone() };
         l.restore = Some(RestoreFrom {

@@ -282,12 +282,16 @@ impl Pilot {
         deadline: Instant,
     ) -> Result<(), End> {
         let t0 = Instant::now();
-        let bound = match (trigger, self.save_deadline) {
-            (_, Some(d)) => d,
+        // The driver honours `bound`; the pilot waits for it a little
+        // longer, but never, on preemption, past its own exit deadline.
+        let (bound, call_bound) = match (trigger, self.save_deadline) {
+            (_, Some((d, hard))) => (d, (d + DRIVER_SLACK).min(hard).max(d)),
             (SuspendTrigger::Commanded, None) => {
-                deadline.min(t0 + Duration::from_secs(self.cfg.checkpoints.save_timeout_s.max(1)))
+                let d = deadline
+                    .min(t0 + Duration::from_secs(self.cfg.checkpoints.save_timeout_s.max(1)));
+                (d, d + DRIVER_SLACK)
             }
-            (SuspendTrigger::Preempted, None) => deadline,
+            (SuspendTrigger::Preempted, None) => (deadline, deadline + DRIVER_SLACK),
         };
         let preempted = trigger == SuspendTrigger::Preempted || self.save_deadline.is_some();
         let fail = |p: &mut Pilot, cause: SuspendFailure, reason: String, vm_running: bool| {
@@ -369,7 +373,7 @@ impl Pilot {
         // its unfinished checkpoint when it ends (the writer's Drop).
         let r = hv_call(
             &self.hv,
-            bound + DRIVER_SLACK,
+            call_bound,
             "saving a VM",
             move |hv| {
                 let s0 = std::time::Instant::now();
