@@ -237,7 +237,7 @@ fi
 if [ "$FILL" -gt 0 ] 2>/dev/null; then
   mkdir -p /fill
   mount -t tmpfs -o size="${FILL}m" tmpfs /fill
-  head -c "${FILL}M" /dev/urandom > /fill/data
+  head -c "${FILL}m" /dev/urandom > /fill/data
   echo "WSP-FILLED $FILL"
 fi
 echo "WSP-VM-READY $(hostname)"
