@@ -495,6 +495,24 @@ async fn a_save_that_would_not_fit_the_grace_destroys_the_vm_and_says_so() {
         }
         other => panic!("{other:?}"),
     }
+    match a
+        .coord
+        .wait_for("vm_suspend_failed", Duration::ZERO)
+        .await
+        .kind
+    {
+        EventKind::VmSuspendFailed {
+            cause,
+            reason,
+            vm_running,
+            ..
+        } => {
+            assert_eq!(cause, SuspendFailure::WouldNotFit);
+            assert!(reason.starts_with("save did not fit the grace"), "{reason}");
+            assert!(!vm_running);
+        }
+        other => panic!("{other:?}"),
+    }
     match a.coord.wait_for("released", Duration::ZERO).await.kind {
         EventKind::Released {
             vms_destroyed,

@@ -113,6 +113,9 @@ pub(super) struct PreemptPlan {
     pub suspend: Vec<(VmId, CheckpointId)>,
     /// Why VMs that asked for suspend will be destroyed instead.
     pub not_suspending: Option<String>,
+    /// Those VMs, and why in one word.
+    pub refused: Vec<(VmId, CheckpointId)>,
+    pub cause: SuspendFailure,
 }
 
 fn suspend_cause(e: &CallError) -> SuspendFailure {
@@ -202,17 +205,24 @@ impl Pilot {
             return PreemptPlan {
                 suspend: Vec::new(),
                 not_suspending: None,
+                refused: Vec::new(),
+                cause: SuspendFailure::WouldNotFit,
             };
         }
-        let refuse = |why: String| {
+        let refuse = |why: String, cause: SuspendFailure| {
             tracing::warn!(reason = %why, vms = want.len(), "not suspending on preemption; the VMs will be destroyed");
             PreemptPlan {
                 suspend: Vec::new(),
                 not_suspending: Some(why),
+                refused: want
+                    .iter()
+                    .map(|(v, c, _)| (v.clone(), c.clone()))
+                    .collect(),
+                cause,
             }
         };
         if self.cfg.checkpoints.dir.is_none() {
-            return refuse(CkError::NoStore.to_string());
+            return refuse(CkError::NoStore.to_string(), SuspendFailure::NoStore);
         }
         let mb: u64 = want.iter().map(|w| w.2).sum();
         let (rate, measured) = save_rate(
@@ -222,13 +232,16 @@ impl Pilot {
         );
         let needs = estimate(mb, rate);
         if needs > left {
-            return refuse(format!(
+            return refuse(
+                format!(
                 "save did not fit the grace: needs ~{} for {} VM(s) of {mb} MB at {rate:.0} MB/s ({}), {} left",
                 secs(needs),
                 want.len(),
                 if measured { "measured on this node" } else { "assumed: [checkpoints] save_mb_per_s" },
                 secs(left)
-            ));
+            ),
+                SuspendFailure::WouldNotFit,
+            );
         }
         tracing::info!(
             vms = want.len(),
@@ -240,12 +253,26 @@ impl Pilot {
         PreemptPlan {
             suspend: want.into_iter().map(|(v, c, _)| (v, c)).collect(),
             not_suspending: None,
+            refused: Vec::new(),
+            cause: SuspendFailure::WouldNotFit,
         }
     }
 
     /// Suspends the planned VMs one after another, each bounded by
     /// `deadline`; a VM not saved in time stays to be destroyed by cleanup.
     pub(super) async fn suspend_on_preempt(&mut self, plan: PreemptPlan, deadline: Instant) {
+        // Each VM that asked for suspend gets its answer.
+        if let Some(reason) = &plan.not_suspending {
+            for (vm_id, to) in plan.refused {
+                self.push(EventKind::VmSuspendFailed {
+                    vm_id,
+                    checkpoint: to,
+                    cause: plan.cause,
+                    reason: reason.clone(),
+                    vm_running: false,
+                });
+            }
+        }
         for (vm_id, to) in plan.suspend {
             if Instant::now() >= deadline {
                 let reason = format!(
