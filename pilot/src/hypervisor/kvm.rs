@@ -74,7 +74,8 @@ pub struct KvmConfig {
     pub kill_timeout_s: u64,
     /// Bound for qemu-img and other commands.
     pub command_timeout_s: u64,
-    /// Bound for a save and a restore when the caller gives none.
+    /// The driver's own bound on one checkpoint save or restore (the
+    /// pilot's deadline, e.g. the grace period's budget, may be shorter).
     pub save_timeout_s: u64,
     /// Checkpoint memory compression: `zstd` (level 1, the `zstd` program) or `none`.
     pub compressor: String,
@@ -134,7 +135,7 @@ impl Default for KvmConfig {
             shutdown_timeout_s: 0,
             kill_timeout_s: 5,
             command_timeout_s: 60,
-            save_timeout_s: 120,
+            save_timeout_s: 600,
             compressor: "zstd".into(),
             zstd: "zstd".into(),
             canary_timeout_s: 15,

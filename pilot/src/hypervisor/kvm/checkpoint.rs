@@ -148,6 +148,7 @@ impl Kvm {
         deadline: Instant,
     ) -> Result<serde_json::Value, HvError> {
         let t0 = Instant::now();
+        let deadline = deadline.min(t0 + Kvm::timeout(self.cfg.save_timeout_s));
         let meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
             name: name.to_string(),
         })?;
@@ -362,6 +363,7 @@ impl Kvm {
         deadline: Instant,
     ) -> Result<(), HvError> {
         let t0 = Instant::now();
+        let deadline = deadline.min(t0 + Kvm::timeout(self.cfg.save_timeout_s));
         let name = &vm.name;
         if !super::valid_name(name) {
             return Err(HvError::Config(format!(
