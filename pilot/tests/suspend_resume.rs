@@ -209,11 +209,13 @@ fn resume_failed(e: &PilotEvent) -> (ResumeFailure, String) {
     }
 }
 
-/// Node a: a VM that asks to be suspended, suspended by SIGTERM. Returns
-/// node a, the VM, its checkpoint, the manifest digest and its boot id.
-async fn suspended_on_sigterm(
+/// Node a: a VM that asks to be suspended, suspended by the batch system's
+/// warning `sig`. Returns node a, the VM, its checkpoint, the manifest
+/// digest and its boot id.
+async fn suspended_on(
     root: &Path,
     store: &Path,
+    sig: nix::sys::signal::Signal,
 ) -> (Node, VmId, CheckpointId, String, String) {
     let a = Node::new(
         root,
@@ -230,7 +232,7 @@ async fn suspended_on_sigterm(
     a.start(launch, "vm_started").await;
     let boot_id = a.domains()[0].boot_id.clone();
     assert_eq!(boot_id.len(), 16, "a boot id: {boot_id:?}");
-    signal(&child, nix::sys::signal::Signal::SIGTERM);
+    signal(&child, sig);
     assert_eq!(exit_code(&mut child, Duration::from_secs(6)).await, 0);
     let (sha, _, trigger) = suspended(&a.coord.wait_for("vm_suspended", Duration::ZERO).await);
     assert_eq!(trigger, SuspendTrigger::Preempted);
@@ -241,7 +243,8 @@ async fn suspended_on_sigterm(
 async fn sim_vm_suspended_on_sigterm_resumes_on_another_node_with_its_boot_id() {
     let tmp = tempfile::tempdir().unwrap();
     let store_dir = tmp.path().join("store");
-    let (a, vm_id, to, sha, boot_id) = suspended_on_sigterm(tmp.path(), &store_dir).await;
+    let (a, vm_id, to, sha, boot_id) =
+        suspended_on(tmp.path(), &store_dir, nix::sys::signal::Signal::SIGTERM).await;
 
     // Node a: the VM left as a checkpoint, not destroyed; memory is back.
     assert_eq!(
@@ -597,7 +600,9 @@ async fn a_save_that_does_not_finish_in_the_grace_is_abandoned_and_leaves_nothin
 async fn a_corrupted_checkpoint_or_a_wrong_digest_is_refused_and_nothing_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let store_dir = tmp.path().join("store");
-    let (_a, vm_id, to, sha, _) = suspended_on_sigterm(tmp.path(), &store_dir).await;
+    // Grid Engine warns with SIGUSR2: the same suspend.
+    let (_a, vm_id, to, sha, _) =
+        suspended_on(tmp.path(), &store_dir, nix::sys::signal::Signal::SIGUSR2).await;
     let b = Node::new(
         tmp.path(),
         "b",
@@ -681,7 +686,8 @@ async fn a_corrupted_checkpoint_or_a_wrong_digest_is_refused_and_nothing_runs() 
 async fn a_resume_on_a_slot_without_the_memory_is_refused_with_the_figures() {
     let tmp = tempfile::tempdir().unwrap();
     let store_dir = tmp.path().join("store");
-    let (_a, vm_id, to, sha, _) = suspended_on_sigterm(tmp.path(), &store_dir).await;
+    let (_a, vm_id, to, sha, _) =
+        suspended_on(tmp.path(), &store_dir, nix::sys::signal::Signal::SIGTERM).await;
     let b = Node::new(
         tmp.path(),
         "b",
