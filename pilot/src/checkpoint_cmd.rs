@@ -45,7 +45,7 @@ pub enum CheckpointCmd {
 
 #[derive(Args)]
 pub struct StoreArgs {
-    /// Node configuration whose [checkpoints] dir is the store (`%n` = node name).
+    /// Node configuration whose `[checkpoints] dir` is the store (`%n` = node name).
     #[arg(long, conflicts_with = "store")]
     node_config: Option<String>,
     /// The store directory itself.

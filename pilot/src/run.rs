@@ -3,7 +3,7 @@
 //! Side effects (balloon, VMs, notifications, state file) happen here around
 //! [`crate::state::transition`]. Every exit path goes through [`Pilot::cleanup`]
 //! once memory may have been taken, and every wait is bounded. Suspend and
-//! resume live in [`suspend`]. Not for parsing the command line (main.rs)
+//! resume live in `run/suspend.rs`. Not for parsing the command line (main.rs)
 //! nor for talking HTTP (notify.rs).
 
 mod suspend;
