@@ -212,6 +212,7 @@ fn main() {
         cfg
     };
     let mut rows = Vec::new();
+    let mut failed = false;
     let host = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -249,110 +250,161 @@ fn main() {
         let page_mb = 2;
         kvm0.set_dom0_target(m.current_mb - mb - page_mb)
             .expect("reserve hugepages");
-        let vm_id = VmId::generate();
-        let mut vm = VmLaunch::basic(
-            vm_id.clone(),
-            VmName::new(SlotId::generate(), vm_id.clone()).to_string(),
-            mb,
-            1,
-            "kernel:".into(),
-        );
-        let t = Instant::now();
-        kvm0.create(&vm).expect("boot");
-        wait_serial(kvm0, &vm.name, "WSP-VM-READY", Duration::from_secs(600));
-        eprintln!(
-            "{mb} MB: booted and filled {fill} MB in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
-        let run_dir = kvm0.run_dir().to_path_buf();
-        for (comp, kvm) in &drivers {
-            let zstd = comp == "zstd";
-            let mut s = Samples::default();
-            for r in 0..args.repeats {
-                // Baseline save (the VM goes on running after it).
-                let file = tmp.path().join("baseline.state");
-                s.base_save
-                    .push(baseline_save(&run_dir, &vm.name, &file, zstd));
-                s.base_bytes
-                    .push(std::fs::metadata(&file).unwrap().len() as f64);
-                let meta: VmMeta = serde_json::from_slice(
-                    &std::fs::read(run_dir.join(format!("{}.vm.json", vm.name))).unwrap(),
+        // Whatever happens to this size, its VMs and pages go back.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            bench_size(&args, &drivers, &store, tmp.path(), mb, fill)
+        }));
+        for (_, kvm) in &drivers {
+            for d in kvm.domains().unwrap_or_default() {
+                let _ = kvm.destroy(&d.name);
+            }
+        }
+        let m = kvm0.dom0_memory().unwrap();
+        let _ = kvm0.set_dom0_target(m.max_mb);
+        match outcome {
+            Ok(r) => rows.extend(r),
+            Err(_) => {
+                eprintln!(
+                    "{mb} MB: FAILED (see above); its VMs destroyed and its pages given back"
+                );
+                failed = true;
+            }
+        }
+    }
+    let out = json!({
+        "host": host,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "accelerator": pilot::hypervisor::kvm::host_claims_kvm().1,
+        "fill_percent": args.fill_percent,
+        "rows": rows,
+    });
+    let path = args
+        .json
+        .clone()
+        .unwrap_or_else(|| repo.join("target/checkpoint-bench.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
+    println!("JSON: {}", path.display());
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// One guest size on a booted-for-it VM: the repeats for each compressor.
+/// Returns a row per compressor.
+fn bench_size(
+    args: &Args,
+    drivers: &[(String, Kvm)],
+    store: &Store,
+    tmp: &Path,
+    mb: u64,
+    fill: u64,
+) -> Vec<serde_json::Value> {
+    let kvm0 = &drivers[0].1;
+    let mut rows = Vec::new();
+    let vm_id = VmId::generate();
+    let mut vm = VmLaunch::basic(
+        vm_id.clone(),
+        VmName::new(SlotId::generate(), vm_id.clone()).to_string(),
+        mb,
+        1,
+        "kernel:".into(),
+    );
+    let t = Instant::now();
+    kvm0.create(&vm).expect("boot");
+    wait_serial(kvm0, &vm.name, "WSP-VM-READY", Duration::from_secs(600));
+    eprintln!(
+        "{mb} MB: booted and filled {fill} MB in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let run_dir = kvm0.run_dir().to_path_buf();
+    for (comp, kvm) in drivers {
+        let zstd = comp == "zstd";
+        let mut s = Samples::default();
+        for r in 0..args.repeats {
+            // Baseline save (the VM goes on running after it).
+            let file = tmp.join("baseline.state");
+            s.base_save
+                .push(baseline_save(&run_dir, &vm.name, &file, zstd));
+            s.base_bytes
+                .push(std::fs::metadata(&file).unwrap().len() as f64);
+            let meta: VmMeta = serde_json::from_slice(
+                &std::fs::read(run_dir.join(format!("{}.vm.json", vm.name))).unwrap(),
+            )
+            .unwrap();
+
+            // Ours: save into the store, commit, destroy.
+            let id = CheckpointId {
+                workspace_id: WorkspaceId::generate(),
+                vm_id: vm_id.clone(),
+                generation: r as u32 + 1,
+            };
+            let t = Instant::now();
+            let mut w = store
+                .begin(
+                    &id,
+                    WriterInfo {
+                        node: "bench".into(),
+                        slot: "sl-00000000".into(),
+                        pid: std::process::id(),
+                        started_ms: 0,
+                    },
                 )
                 .unwrap();
+            let driver = kvm
+                .save(&vm.name, &mut w, Instant::now() + Duration::from_secs(600))
+                .expect("save");
+            let save_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let c = w
+                .commit(ManifestInfo {
+                    vm_name: vm.name.clone(),
+                    hypervisor: kvm.name().to_string(),
+                    memory_mb: mb,
+                    cpus: 1,
+                    image: vm.image.clone(),
+                    image_sha256: None,
+                    node: "bench".into(),
+                    slot: SlotId::generate(),
+                    save_ms: save_ms as u64,
+                    driver,
+                })
+                .unwrap();
+            kvm.destroy(&vm.name).expect("destroy");
+            s.ours_save.push(save_ms);
+            s.ours_suspend.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.ours_bytes.push(c.bytes as f64);
 
-                // Ours: save into the store, commit, destroy.
-                let id = CheckpointId {
-                    workspace_id: WorkspaceId::generate(),
-                    vm_id: vm_id.clone(),
-                    generation: r as u32 + 1,
-                };
-                let t = Instant::now();
-                let mut w = store
-                    .begin(
-                        &id,
-                        WriterInfo {
-                            node: "bench".into(),
-                            slot: "sl-00000000".into(),
-                            pid: std::process::id(),
-                            started_ms: 0,
-                        },
-                    )
-                    .unwrap();
-                let driver = kvm
-                    .save(&vm.name, &mut w, Instant::now() + Duration::from_secs(600))
-                    .expect("save");
-                let save_ms = t.elapsed().as_secs_f64() * 1000.0;
-                let c = w
-                    .commit(ManifestInfo {
-                        vm_name: vm.name.clone(),
-                        hypervisor: kvm.name().to_string(),
-                        memory_mb: mb,
-                        cpus: 1,
-                        image: vm.image.clone(),
-                        image_sha256: None,
-                        node: "bench".into(),
-                        slot: SlotId::generate(),
-                        save_ms: save_ms as u64,
-                        driver,
-                    })
-                    .unwrap();
-                kvm.destroy(&vm.name).expect("destroy");
-                s.ours_save.push(save_ms);
-                s.ours_suspend.push(t.elapsed().as_secs_f64() * 1000.0);
-                s.ours_bytes.push(c.bytes as f64);
-
-                // Baseline restore (then quit), ours restore (the VM lives on).
-                s.base_restore
-                    .push(baseline_restore(&run_dir, &meta, &file, zstd));
-                let _ = std::fs::remove_file(&file);
-                let mut next = vm.clone();
-                next.name = VmName::new(SlotId::generate(), vm_id.clone()).to_string();
-                let from = store.open_verified(&id, Some(&c.sha256)).unwrap();
-                let t = Instant::now();
-                kvm.restore(&next, &from, Instant::now() + Duration::from_secs(600))
-                    .expect("restore");
-                s.ours_restore.push(t.elapsed().as_secs_f64() * 1000.0);
-                store.delete(&id).unwrap();
-                // The old name's files are gone with its destroy; go on with the new one.
-                let _ = std::fs::remove_file(run_dir.join(format!("{}.serial", vm.name)));
-                vm = next;
-            }
-            let gb = mb as f64 / 1024.0;
-            let row = json!({
-                "memory_mb": mb,
-                "filled_mb": fill,
-                "compressor": comp,
-                "repeats": args.repeats,
-                "baseline_save_ms": median(&mut s.base_save),
-                "ours_save_ms": median(&mut s.ours_save),
-                "ours_suspend_ms": median(&mut s.ours_suspend),
-                "baseline_restore_ms": median(&mut s.base_restore),
-                "ours_restore_ms": median(&mut s.ours_restore),
-                "baseline_bytes": median(&mut s.base_bytes),
-                "ours_bytes": median(&mut s.ours_bytes),
-            });
-            let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
-            println!(
+            // Baseline restore (then quit), ours restore (the VM lives on).
+            s.base_restore
+                .push(baseline_restore(&run_dir, &meta, &file, zstd));
+            let _ = std::fs::remove_file(&file);
+            let mut next = vm.clone();
+            next.name = VmName::new(SlotId::generate(), vm_id.clone()).to_string();
+            let from = store.open_verified(&id, Some(&c.sha256)).unwrap();
+            let t = Instant::now();
+            kvm.restore(&next, &from, Instant::now() + Duration::from_secs(600))
+                .expect("restore");
+            s.ours_restore.push(t.elapsed().as_secs_f64() * 1000.0);
+            store.delete(&id).unwrap();
+            // The old name's files are gone with its destroy; go on with the new one.
+            let _ = std::fs::remove_file(run_dir.join(format!("{}.serial", vm.name)));
+            vm = next;
+        }
+        let gb = mb as f64 / 1024.0;
+        let row = json!({
+            "memory_mb": mb,
+            "filled_mb": fill,
+            "compressor": comp,
+            "repeats": args.repeats,
+            "baseline_save_ms": median(&mut s.base_save),
+            "ours_save_ms": median(&mut s.ours_save),
+            "ours_suspend_ms": median(&mut s.ours_suspend),
+            "baseline_restore_ms": median(&mut s.base_restore),
+            "ours_restore_ms": median(&mut s.ours_restore),
+            "baseline_bytes": median(&mut s.base_bytes),
+            "ours_bytes": median(&mut s.ours_bytes),
+        });
+        let f = |k: &str| row[k].as_f64().unwrap_or(f64::NAN);
+        println!(
                 "{mb:>5} MB {comp:>4}: suspend ours {:>6.0} ms (save {:>6.0}) vs bare {:>6.0} ms = x{:.2}, {:>5.0} ms/GB; \
                  resume ours {:>6.0} ms vs bare {:>6.0} ms = x{:.2}, {:>5.0} ms/GB; {:.0} MB stored",
                 f("ours_suspend_ms"),
@@ -366,26 +418,7 @@ fn main() {
                 f("ours_restore_ms") / gb,
                 f("ours_bytes") / 1e6,
             );
-            rows.push(row);
-        }
-        for (_, kvm) in &drivers {
-            for d in kvm.domains().unwrap_or_default() {
-                let _ = kvm.destroy(&d.name);
-            }
-        }
-        let m = kvm0.dom0_memory().unwrap();
-        let _ = kvm0.set_dom0_target(m.max_mb);
+        rows.push(row);
     }
-    let out = json!({
-        "host": host,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "accelerator": pilot::hypervisor::kvm::host_claims_kvm().1,
-        "fill_percent": args.fill_percent,
-        "rows": rows,
-    });
-    let path = args
-        .json
-        .unwrap_or_else(|| repo.join("target/checkpoint-bench.json"));
-    std::fs::write(&path, serde_json::to_vec_pretty(&out).unwrap()).unwrap();
-    println!("JSON: {}", path.display());
+    rows
 }

@@ -283,6 +283,14 @@ impl Kvm {
         let copied = join_by(copier, until);
         let zstd_done = child.map(|c| wait_child(c, until, "zstd -1 (checkpoint compression)"));
         if let Some(err) = failed {
+            // QEMU says "Broken pipe" when the pilot stopped reading because
+            // its write failed (a full store): report that cause.
+            if let Some(Ok(Err(io))) = copied {
+                return Err(HvError::Checkpoint(CkError::Io {
+                    path: out.dir().join(file),
+                    source: io,
+                }));
+            }
             return Err(err);
         }
         let part = match copied {
