@@ -548,14 +548,8 @@ impl Pilot {
             fail(self, ResumeFailure::Failed, reason);
             return Ok(());
         }
-        if from.checkpoint.vm_id != vm_id {
-            let reason = format!(
-                "checkpoint {} belongs to another VM than {vm_id}",
-                from.checkpoint
-            );
-            fail(self, ResumeFailure::Incompatible, reason);
-            return Ok(());
-        }
+        // A checkpoint may start another VM than the one saved (a warm VM
+        // from a clean checkpoint, issue 17): the shape checks below apply.
         let (used, n) = self.memory_in_use();
         let free = self.cfg.memory_mb.saturating_sub(used);
         if launch.memory_mb > free {
