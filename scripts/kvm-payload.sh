@@ -5,19 +5,30 @@
 #                    "WSP-VM-READY <hostname>" on the serial console, then waits
 #                    (with wsp.tick=1 on the kernel command line it prints
 #                    "WSP-TICK n" every second).
+#   With wsp.count=1 it prints "WSP-COUNT <boot id> <n>" every half second
+#   (the boot id is the kernel's random one: a rebooted guest has another).
+#   With wsp.disk=1 it mounts the vfat disk labelled WSPDATA read-write,
+#   writes "<boot id>" to its wsp-file once (printing "WSP-FILE-WRITTEN
+#   <boot id>"), and with wsp.count=1 prints "WSP-DISK <contents>" every 5
+#   counts, read back after dropping the page cache.
+#   With wsp.fill=<MB> it first fills a tmpfs with that much random data
+#   ("WSP-FILLED <MB>"): guest memory that is neither zero nor compressible.
 #   With wsp.net=1 the init also loads virtio net/blk + vfat modules, runs
 #   udhcpc on every ethN, mounts the NoCloud seed (label cidata) and prints
 #   "WSP-NET <hostname> <ip,...>", "WSP-PEER <name> <group> <ips>" for each
 #   line of the seed's wsp-peers, and "WSP-PING <peer> ok|FAIL" for each
 #   peer's first address; with wsp.spoof=<hostname>, that VM then changes its
 #   IP, then its MAC, and prints "WSP-SPOOF ip|mac reached=<n>".
-# DIR = $WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload. Idempotent: prints
-# DIR and exits at once when the files of this payload VERSION exist. The kernel comes from its
-# package (apt-get download + dpkg -x); nothing is installed. Needs
+# DIR = $WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload/v<VERSION> (one
+# directory per version, so checkouts of different versions on one host
+# never rebuild each other's). Idempotent: prints DIR and exits at once when
+# the files of this payload VERSION exist. The kernel comes from its
+# package (apt-get download + dpkg -x), or from an older payload's directory
+# above DIR when it has one; nothing is installed. Needs
 # busybox-static, cpio, python3 (scripts/install-deps.sh installs them).
 set -euo pipefail
-DIR=${WSP_KVM_PAYLOAD:-/var/cache/wsp-kvm-payload}
-VERSION=3   # bump when the initramfs changes: older caches are rebuilt
+VERSION=4   # bump when the initramfs changes: a new directory is built
+DIR=${WSP_KVM_PAYLOAD:-/var/cache/wsp-kvm-payload/v$VERSION}
 ready() { [ -s "$DIR/vmlinux" ] && [ -s "$DIR/initrd.gz" ] && [ "$(cat "$DIR/VERSION" 2>/dev/null)" = "$VERSION" ]; }
 if ready; then
   echo "$DIR"
@@ -39,7 +50,14 @@ WORK=$(mktemp -d "$DIR/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # 1. Kernel (and its modules for the guest's network and seed disk): the
-#    package linux-image-amd64 depends on, downloaded and unpacked.
+#    package linux-image-amd64 depends on, downloaded and unpacked (or the
+#    same files of an older payload version in the directory above).
+UP=$(dirname "$DIR")
+if [ ! -s "$DIR/vmlinux" ] && [ -s "$UP/vmlinux" ] && [ -s "$UP/vmlinuz" ] && [ -s "$UP/modules/load.order" ]; then
+  cp "$UP/vmlinuz" "$DIR/vmlinuz"
+  rm -rf "$DIR/modules"; cp -r "$UP/modules" "$DIR/modules"
+  cp "$UP/vmlinux" "$DIR/vmlinux.new" && mv "$DIR/vmlinux.new" "$DIR/vmlinux"
+fi
 if [ ! -s "$DIR/vmlinux" ] || [ ! -s "$DIR/modules/load.order" ]; then
   PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
   [ -n "$PKG" ] || { echo "kvm-payload: cannot find the kernel package linux-image-amd64 depends on (apt-get update?)" >&2; exit 1; }
@@ -134,11 +152,14 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
-HN=wspvm TICK=0 NET=0 SPOOF=
+HN=wspvm TICK=0 NET=0 SPOOF= COUNT=0 DISK=0 FILL=0
 for a in $(cat /proc/cmdline); do
   case "$a" in
     wsp.hostname=*) HN="${a#*=}";;
     wsp.tick=*) TICK="${a#*=}";;
+    wsp.count=*) COUNT="${a#*=}";;
+    wsp.disk=*) DISK="${a#*=}";;
+    wsp.fill=*) FILL="${a#*=}";;
     wsp.net=*) NET="${a#*=}";;
     wsp.spoof=*) SPOOF="${a#*=}";;
   esac
@@ -195,8 +216,43 @@ if [ "$NET" = 1 ]; then
   fi
 fi
 hostname "$HN"
+BOOT=$(cat /proc/sys/kernel/random/boot_id)
+if [ "$DISK" = 1 ]; then
+  if [ "$NET" != 1 ]; then
+    while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/load.order
+  fi
+  mkdir -p /disk
+  DEV=
+  for i in 1 2 3 4 5 6 7 8 9 10; do
+    DEV=$(findfs LABEL=WSPDATA 2>/dev/null) && break; sleep 0.2
+  done
+  if mount -t vfat -o rw "${DEV:-/dev/vda}" /disk; then
+    if [ ! -s /disk/wsp-file ]; then
+      echo "$BOOT" > /disk/wsp-file && sync && echo "WSP-FILE-WRITTEN $BOOT"
+    fi
+  else
+    echo "WSP-DISK-FAIL ${DEV:-/dev/vda}"
+  fi
+fi
+if [ "$FILL" -gt 0 ] 2>/dev/null; then
+  mkdir -p /fill
+  mount -t tmpfs -o size="${FILL}m" tmpfs /fill
+  head -c "${FILL}m" /dev/urandom > /fill/data
+  echo "WSP-FILLED $FILL"
+fi
 echo "WSP-VM-READY $(hostname)"
 n=0
+if [ "$COUNT" = 1 ]; then
+  while :; do
+    n=$((n+1))
+    echo "WSP-COUNT $BOOT $n"
+    if [ "$DISK" = 1 ] && [ $((n % 5)) = 0 ]; then
+      echo 3 > /proc/sys/vm/drop_caches
+      echo "WSP-DISK $(cat /disk/wsp-file 2>&1)"
+    fi
+    sleep 0.5
+  done
+fi
 if [ "$TICK" = 1 ]; then
   while :; do n=$((n+1)); echo "WSP-TICK $n"; sleep 1; done
 fi

@@ -67,10 +67,10 @@ fn nr_hugepages() -> Option<u64> {
 }
 
 /// Writes the node config for `--hypervisor kvm`: the payload built by
-/// scripts/kvm-payload.sh ($WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload).
+/// scripts/kvm-payload.sh ($WSP_KVM_PAYLOAD, else its versioned default).
 fn kvm_node_config(root: &std::path::Path) -> Result<PathBuf, DemoError> {
     let payload = PathBuf::from(
-        std::env::var("WSP_KVM_PAYLOAD").unwrap_or_else(|_| "/var/cache/wsp-kvm-payload".into()),
+        std::env::var("WSP_KVM_PAYLOAD").unwrap_or_else(|_| "/var/cache/wsp-kvm-payload/v4".into()),
     );
     let (kernel, initrd) = (payload.join("vmlinux"), payload.join("initrd.gz"));
     if !kernel.is_file() || !initrd.is_file() {

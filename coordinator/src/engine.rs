@@ -1474,6 +1474,8 @@ fn start_vms(
                 peers: Vec::new(),
                 ssh_key: ws.spec.ssh_key.clone(),
             }),
+            on_preempt: Default::default(),
+            restore: None,
         };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
         store::push_timeline(
@@ -1696,6 +1698,7 @@ fn apply_event(
             reserved_mb,
             balloon_ms,
             cached_images,
+            ..
         } => {
             store::set_pilot_flags(c, &slot.id, node, Some(true), None)?;
             store::set_node_images(c, &slot.id, node, cached_images)?;
@@ -1843,6 +1846,7 @@ fn apply_event(
             restore_ms,
             clean,
             problems,
+            ..
         } => {
             store::set_pilot_flags(c, &slot.id, node, None, Some(true))?;
             let mut detail = format!(
@@ -1888,6 +1892,16 @@ fn apply_event(
             }
             slot_maybe_released(c, &ws, &slot.id, now)?;
             maybe_settle(c, &mut ws, now)?;
+        }
+        // Suspend/resume (docs/CHECKPOINTS.md) is not driven by the
+        // coordinator yet: it never sends the commands these answer.
+        EventKind::VmSuspended { .. }
+        | EventKind::VmSuspendFailed { .. }
+        | EventKind::VmResumed { .. }
+        | EventKind::VmResumeFailed { .. }
+        | EventKind::CheckpointDeleted { .. }
+        | EventKind::CheckpointDeleteFailed { .. } => {
+            warn!(workspace_id = %ws.id, slot_id = %slot.id, node, event = e.kind.name(), "checkpoint event not yet supported by the coordinator; recorded only");
         }
     }
     Ok(())

@@ -95,6 +95,7 @@ async fn an_event_older_than_the_skew_window_is_accepted_once_if_it_is_newer_tha
             reserved_mb: 512,
             balloon_ms: 5,
             cached_images: vec![],
+            checkpoints: None,
         },
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -127,6 +128,7 @@ async fn an_event_older_than_the_skew_window_is_accepted_once_if_it_is_newer_tha
                 restore_ms: 5,
                 clean: true,
                 problems: vec![],
+                vms_suspended: vec![],
             },
         )
     };

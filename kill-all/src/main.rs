@@ -2,9 +2,10 @@
 //!
 //! It reads the node state files, SIGKILLs pilots still alive (so they cannot
 //! create more VMs), destroys the slots' guests in parallel (by state file and
-//! `wsp-` name tag; `--all` for every guest), restores dom0 memory, delivers
-//! the reports departed pilots left in the outbox to their coordinator, and
-//! prints what it did. It is not a pilot: it signs nothing.
+//! `wsp-` name tag; `--all` for every guest), restores dom0 memory, removes
+//! checkpoints a killed pilot left unfinished, delivers the reports departed
+//! pilots left in the outbox to their coordinator, and prints what it did.
+//! It is not a pilot: it signs nothing.
 //!
 //! Which driver to open comes from `--hypervisor`, else from what the node's
 //! pilots recorded in the state dir (`hypervisor.json`, the slot files); it
@@ -13,6 +14,8 @@
 //! Exit codes: 0 everything succeeded (or nothing to do), 1 something failed,
 //! 2 usage error (bad flags, hypervisor unknown or unusable, state dir unusable), 3 the node is
 //! restored but some pilot reports could not be delivered (kept; run again).
+
+mod checkpoints;
 
 use clap::Parser;
 use pilot::hypervisor::{self, set_dom0_target_and_wait, HvOptions, Hypervisor};
@@ -35,7 +38,7 @@ const EXIT_HELP: &str = "Exit codes:
 /// Destroy what workspace pilots left on this node and restore dom0 memory.
 #[derive(Parser)]
 #[command(name = "workspace-kill-all", version, after_help = EXIT_HELP)]
-struct Cli {
+pub(crate) struct Cli {
     /// Directory of the pilots' node state files (`%n` = node name).
     #[arg(long, default_value = "/run/workspace-pilot/%n/state")]
     state_dir: String,
@@ -74,6 +77,10 @@ struct Cli {
     /// Bound on delivering those reports to their coordinator, seconds.
     #[arg(long, default_value_t = 10)]
     deliver_timeout_s: u64,
+    /// Also remove the complete checkpoints the state files name (suspended
+    /// VMs a coordinator could still resume); unfinished ones always go.
+    #[arg(long)]
+    purge_checkpoints: bool,
 }
 
 #[derive(Serialize)]
@@ -88,7 +95,7 @@ struct Action {
 }
 
 #[derive(Serialize)]
-struct Report {
+pub(crate) struct Report {
     node: String,
     dry_run: bool,
     ok: bool,
@@ -98,7 +105,7 @@ struct Report {
 }
 
 impl Report {
-    fn record(
+    pub(crate) fn record(
         &mut self,
         action: &'static str,
         target: String,
@@ -155,6 +162,7 @@ fn main() {
     if let Err(e) = hv.dom0_memory() {
         usage(format!("node not usable: {e}"));
     }
+    let checkpoints = opts.node.checkpoints.clone();
     let files = match list_state_files(&state_dir) {
         Ok(f) => f,
         Err(e) => usage(e),
@@ -166,7 +174,14 @@ fn main() {
         actions: Vec::new(),
         deliveries: Vec::new(),
     };
-    kill_all(&cli, hv.as_ref(), &state_dir, files, &mut report);
+    kill_all(
+        &cli,
+        hv.as_ref(),
+        &state_dir,
+        files,
+        &checkpoints,
+        &mut report,
+    );
     if !cli.no_deliver {
         deliver(&cli, &state_dir, &mut report);
     }
@@ -372,6 +387,7 @@ fn kill_all(
     hv: &dyn Hypervisor,
     state_dir: &std::path::Path,
     files: Vec<PathBuf>,
+    checkpoints: &pilot::checkpoint::CheckpointsConfig,
     r: &mut Report,
 ) {
     let dry = cli.dry_run;
@@ -403,7 +419,7 @@ fn kill_all(
         .flat_map(|(_, f)| {
             f.vms
                 .iter()
-                .filter(|v| v.state != VmRecordState::Destroyed)
+                .filter(|v| !matches!(v.state, VmRecordState::Destroyed | VmRecordState::Suspended))
                 .map(|v| v.name.clone())
         })
         .collect();
@@ -468,8 +484,11 @@ fn kill_all(
     }
     // 5. Memory.
     let restored = restore_memory(cli, hv, state_dir, &handled, r);
-    // 6. State files whose slot is fully undone.
-    if destroyed_all && restored {
+    // 6. Checkpoints left unfinished (never restorable, but they take space).
+    let node = r.node.clone();
+    let stored = checkpoints::clean(cli, checkpoints, &node, &handled, r);
+    // 7. State files whose slot is fully undone.
+    if destroyed_all && restored && stored {
         for (path, _) in &handled {
             let outcome = (!dry).then(|| remove_state_file(path).map_err(|e| e.to_string()));
             r.record("remove-state-file", path.display().to_string(), outcome);

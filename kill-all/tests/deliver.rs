@@ -47,6 +47,8 @@ async fn departed_pilot(url: &str, key_file: &Path, slot: &SlotId, state_dir: &P
         signal: "SIGTERM".into(),
         coordinator_wait_ms: 0,
         cleanup_deadline_ms: 0,
+        suspending: vec![],
+        not_suspending: None,
     })
     .unwrap();
     n.push(EventKind::Released {
@@ -56,6 +58,7 @@ async fn departed_pilot(url: &str, key_file: &Path, slot: &SlotId, state_dir: &P
         restore_ms: 3,
         clean: true,
         problems: vec![],
+        vms_suspended: vec![],
     })
     .unwrap();
     let r = n

@@ -34,6 +34,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 
@@ -74,6 +76,7 @@ impl Leftovers {
                 memory_mb: 512,
                 state: VmRecordState::Running,
                 nics: Vec::new(),
+                checkpoint: None,
             }],
             updated_ms: 0,
         };

@@ -56,6 +56,7 @@ impl Leftovers {
                 memory_mb: 96,
                 state: VmRecordState::Running,
                 nics: Vec::new(),
+                checkpoint: None,
             });
         }
         vms.truncate(1);

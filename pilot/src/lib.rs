@@ -11,6 +11,7 @@
 //! 4 cleanup incomplete (run `workspace-kill-all`), 5 coordinator unreachable
 //! at start (memory given back).
 
+pub mod checkpoint;
 pub mod files;
 pub mod grace;
 pub mod hypervisor;

@@ -6,6 +6,7 @@
 //! lives in the `pilot` library.
 
 mod check;
+mod checkpoint_cmd;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -36,6 +37,9 @@ enum Cmd {
     Sim(SimCmd),
     /// Check this node is fit for pilots; print each check and what to fix (exit 0 all ok, 1 not).
     Check(check::CheckArgs),
+    /// List, verify or delete checkpoints in the node's checkpoint store (exit 0 ok, 1 failed, 2 usage).
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::CheckpointCmd),
 }
 
 #[derive(Args)]
@@ -123,6 +127,12 @@ enum SimCmd {
         create_ms: u64,
         #[arg(long, default_value_t = 0)]
         destroy_ms: u64,
+        /// Saving a guest to a checkpoint takes this long per GB of its memory.
+        #[arg(long, default_value_t = 0)]
+        save_ms_per_gb: u64,
+        /// Restoring a guest from a checkpoint takes this long per GB.
+        #[arg(long, default_value_t = 0)]
+        restore_ms_per_gb: u64,
         /// The balloon never shrinks dom0 below this, MB.
         #[arg(long)]
         balloon_floor_mb: Option<u64>,
@@ -161,6 +171,7 @@ fn main() {
     let code = match cli.cmd {
         Cmd::Run(args) => run(args),
         Cmd::Check(args) => check::check(args),
+        Cmd::Checkpoint(cmd) => checkpoint_cmd::checkpoint(cmd),
         Cmd::Sim(cmd) => match sim(cmd) {
             Ok(()) => 0,
             Err(e) => {
@@ -273,6 +284,7 @@ fn run(a: RunArgs) -> i32 {
         startup_budget: Duration::from_secs(a.startup_budget_s),
         images: opts.node.images.clone(),
         report_linger: Duration::from_secs(a.report_linger_s),
+        checkpoints: opts.node.checkpoints.clone(),
     };
     // One thread is plenty for a pilot (hypervisor calls go to the blocking
     // pool) and starts faster: a node may start many pilots at once.
@@ -307,6 +319,8 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             balloon_ms,
             create_ms,
             destroy_ms,
+            save_ms_per_gb,
+            restore_ms_per_gb,
             balloon_floor_mb,
             force,
         } => {
@@ -318,6 +332,8 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             node.latency.balloon_ms = balloon_ms;
             node.latency.create_ms = create_ms;
             node.latency.destroy_ms = destroy_ms;
+            node.latency.save_ms_per_gb = save_ms_per_gb;
+            node.latency.restore_ms_per_gb = restore_ms_per_gb;
             node.balloon_floor_mb = balloon_floor_mb;
             Sim::init(&dir, &node, force)?;
         }

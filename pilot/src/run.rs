@@ -2,8 +2,11 @@
 //!
 //! Side effects (balloon, VMs, notifications, state file) happen here around
 //! [`crate::state::transition`]. Every exit path goes through [`Pilot::cleanup`]
-//! once memory may have been taken, and every wait is bounded. Not for
-//! parsing the command line (main.rs) nor for talking HTTP (notify.rs).
+//! once memory may have been taken, and every wait is bounded. Suspend and
+//! resume live in `run/suspend.rs`. Not for parsing the command line (main.rs)
+//! nor for talking HTTP (notify.rs).
+
+mod suspend;
 
 use crate::exit;
 use crate::grace::{self, EXIT_SHARE_OF_GRACE};
@@ -15,8 +18,11 @@ use crate::state::{
     StateError, VmRecord, VmRecordState,
 };
 use protocol::auth::SlotKey;
-use protocol::pilot::{CommandKind, EventKind, PollResponse, ReleaseReason, VmLaunch};
+use protocol::pilot::{
+    CommandKind, EventKind, PollResponse, ReleaseReason, SuspendTrigger, VmLaunch,
+};
 use protocol::{PilotId, SlotId, VmId, VmName};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,6 +60,8 @@ pub struct RunConfig {
     /// After the slot is given back, how long to keep trying to report it
     /// (never past the job's end); what is left stays in the outbox.
     pub report_linger: Duration,
+    /// The checkpoint store, for suspend and resume (`[checkpoints]`).
+    pub checkpoints: crate::checkpoint::CheckpointsConfig,
 }
 
 /// Failure of one bounded hypervisor call.
@@ -129,6 +137,11 @@ struct Pilot {
     image_cache: Option<Arc<crate::images::ImageCache>>,
     /// Reserve and VM start times, to plan a cleanup.
     measured: grace::Measured,
+    /// The launch of each VM on the node (its preemption choice, its image).
+    launches: HashMap<VmId, VmLaunch>,
+    /// Set on preemption: when saves must be done to leave time for
+    /// cleanup, and when the pilot stops waiting for a save at the latest.
+    save_deadline: Option<(Instant, Instant)>,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -221,6 +234,8 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         after: 0,
         image_cache: None,
         measured: grace::Measured::default(),
+        launches: HashMap::new(),
+        save_deadline: None,
     };
     pilot.live().await
 }
@@ -365,12 +380,14 @@ impl Pilot {
                 );
                 self.measured.reserve = Duration::from_millis(r.balloon_ms);
                 let cached_images = self.cached_images();
+                let checkpoints = self.checkpoint_capability();
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,
                     dom0_after_mb: r.after_mb,
                     reserved_mb: self.cfg.memory_mb,
                     balloon_ms: r.balloon_ms,
                     cached_images,
+                    checkpoints,
                 });
             }
             Err(e) => return self.reserve_failed(e).await,
@@ -606,6 +623,13 @@ impl Pilot {
                 CommandKind::StartVm(launch) => self.start_vm(launch, deadline).await.err(),
                 CommandKind::DestroyVm { vm_id } => self.destroy_vm(vm_id, deadline).await.err(),
                 CommandKind::Release => Some(End::Release(ReleaseReason::Commanded)),
+                CommandKind::SuspendVm { vm_id, to } => self
+                    .suspend_vm(vm_id, to, SuspendTrigger::Commanded, deadline)
+                    .await
+                    .err(),
+                CommandKind::DeleteCheckpoint { checkpoint } => {
+                    self.delete_checkpoint(checkpoint).await.err()
+                }
             };
             self.after = cmd.id;
             if end.is_some() {
@@ -615,11 +639,13 @@ impl Pilot {
         None
     }
 
-    async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
-        let vm_id = launch.vm_id.clone();
+    /// Why a launch cannot start here (name not tagged for this slot, or
+    /// the slot not in a state to start VMs), if it cannot.
+    fn launch_refusal(&self, launch: &VmLaunch) -> Option<String> {
+        let vm_id = &launch.vm_id;
         let tagged =
-            VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && n.vm == vm_id);
-        let refusal = if !tagged {
+            VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && &n.vm == vm_id);
+        if !tagged {
             Some(format!(
                 "name {:?} is not wsp-{}-{}",
                 launch.name, self.cfg.slot, vm_id
@@ -628,8 +654,15 @@ impl Pilot {
             Some(format!("slot is {:?}; not starting VMs", self.record.state).to_lowercase())
         } else {
             None
-        };
-        if let Some(reason) = refusal {
+        }
+    }
+
+    async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
+        if launch.restore.is_some() {
+            return self.resume_vm(launch, deadline).await;
+        }
+        let vm_id = launch.vm_id.clone();
+        if let Some(reason) = self.launch_refusal(&launch) {
             tracing::warn!(vm_id = %vm_id, reason = %reason, "VM not started");
             self.push(EventKind::VmFailed { vm_id, reason });
             return Ok(());
@@ -640,44 +673,26 @@ impl Pilot {
             memory_mb: launch.memory_mb,
             state: VmRecordState::Creating,
             nics: launch.nics.clone(),
+            checkpoint: None,
         });
         self.persist().map_err(|e| End::Fatal(e.to_string()))?;
         let t0 = Instant::now();
         let bound = deadline.max(t0 + Duration::from_secs(1));
-        let mut l = launch.clone();
         // Stage the image first; the hold keeps it from eviction until the
         // hypervisor has opened it.
-        let mut staged = None;
-        if let Some(src) = &launch.image_source {
-            let r = match self.image_cache() {
-                Ok(cache) => tokio::time::timeout_at(bound, cache.stage(src))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(crate::images::ImageError::Timeout {
-                            url: src.url.clone(),
-                            what: "staging before the command's deadline",
-                            after_ms: t0.elapsed().as_millis() as u64,
-                        })
-                    }),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(s) => {
-                    l.image = s.path.display().to_string();
-                    staged = Some(s);
-                }
-                Err(e) => {
-                    tracing::error!(vm_id = %vm_id, error = %e, "image not staged");
-                    self.set_vm_state(&vm_id, VmRecordState::Failed);
-                    self.persist().map_err(|e| End::Fatal(e.to_string()))?;
-                    self.push(EventKind::VmFailed {
-                        vm_id,
-                        reason: e.to_string(),
-                    });
-                    return Ok(());
-                }
+        let (l, staged) = match self.stage_image(&launch, bound, t0).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm_id = %vm_id, error = %e, "image not staged");
+                self.set_vm_state(&vm_id, VmRecordState::Failed);
+                self.persist().map_err(|e| End::Fatal(e.to_string()))?;
+                self.push(EventKind::VmFailed {
+                    vm_id,
+                    reason: e.to_string(),
+                });
+                return Ok(());
             }
-        }
+        };
         let t_create = Instant::now();
         let r = hv_call(&self.hv, bound, "creating a VM", move |hv| hv.create(&l)).await;
         if r.is_ok() {
@@ -694,6 +709,7 @@ impl Pilot {
             Ok(()) => {
                 let create_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(vm_id = %vm_id, name = %launch.name, create_ms, "VM started");
+                self.launches.insert(vm_id.clone(), launch.clone());
                 self.push(EventKind::VmStarted {
                     vm_id,
                     name: launch.name,
@@ -743,6 +759,32 @@ impl Pilot {
             }
         }
         Ok(())
+    }
+
+    /// Stages the launch's image into the node cache (if it has a source):
+    /// returns the launch with the staged path as its image, and the staging.
+    async fn stage_image(
+        &mut self,
+        launch: &VmLaunch,
+        bound: Instant,
+        t0: Instant,
+    ) -> Result<(VmLaunch, Option<crate::images::Staged>), crate::images::ImageError> {
+        let mut l = launch.clone();
+        let Some(src) = &launch.image_source else {
+            return Ok((l, None));
+        };
+        let cache = self.image_cache()?;
+        let s = tokio::time::timeout_at(bound, cache.stage(src))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::images::ImageError::Timeout {
+                    url: src.url.clone(),
+                    what: "staging before the command's deadline",
+                    after_ms: t0.elapsed().as_millis() as u64,
+                })
+            })?;
+        l.image = s.path.display().to_string();
+        Ok((l, Some(s)))
     }
 
     /// The node's image cache, opened on first use.
@@ -819,6 +861,10 @@ impl Pilot {
         if let Err(e) = self.advance(Input::Signal) {
             tracing::error!(error = %e, "cannot record preemption");
         }
+        // VMs whose launch asks for it are suspended if the save fits.
+        let save_deadline = suspend::save_deadline(now, exit_by, notify_share, grace);
+        self.save_deadline = Some((save_deadline, exit_by - notify_share));
+        let plan = self.preempt_plan(save_deadline.saturating_duration_since(now + notify_share));
         self.push(EventKind::Preempting {
             signal: signal.to_string(),
             coordinator_wait_ms: wait_end.saturating_duration_since(now).as_millis() as u64,
@@ -826,6 +872,8 @@ impl Pilot {
                 + exit_by
                     .saturating_duration_since(Instant::now())
                     .as_millis() as u64,
+            suspending: plan.suspend.iter().map(|(v, _)| v.clone()).collect(),
+            not_suspending: plan.not_suspending.clone(),
         });
         match self.notifier.flush_unless_down(now + notify_share).await {
             Ok(()) => {}
@@ -835,6 +883,7 @@ impl Pilot {
             }
             Err(e) => tracing::warn!(error = %e, "coordinator did not hear preempting in time"),
         }
+        self.suspend_on_preempt(plan, save_deadline).await;
         let mut pause = Duration::ZERO;
         loop {
             let left = wait_end.saturating_duration_since(Instant::now());
@@ -904,7 +953,7 @@ impl Pilot {
             .record
             .vms
             .iter()
-            .filter(|v| v.state != VmRecordState::Destroyed)
+            .filter(|v| !matches!(v.state, VmRecordState::Destroyed | VmRecordState::Suspended))
             .map(|v| (v.vm_id.clone(), v.name.clone()))
             .collect();
         match &listing {
@@ -992,6 +1041,13 @@ impl Pilot {
         } else {
             tracing::error!(problems = ?problems, "cleanup incomplete: run workspace-kill-all on this node");
         }
+        let vms_suspended = self
+            .record
+            .vms
+            .iter()
+            .filter(|v| v.state == VmRecordState::Suspended)
+            .map(|v| v.vm_id.clone())
+            .collect();
         self.push(EventKind::Released {
             reason,
             vms_destroyed: destroyed.clone(),
@@ -999,6 +1055,7 @@ impl Pilot {
             restore_ms,
             clean,
             problems,
+            vms_suspended,
         });
         self.report(reason, notify_end).await;
         (clean, destroyed)

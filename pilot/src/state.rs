@@ -85,6 +85,22 @@ pub enum VmRecordState {
     Destroying,
     Destroyed,
     Failed,
+    /// Being saved to `checkpoint` (still on the node).
+    Suspending,
+    /// Saved to `checkpoint` and gone from the node.
+    Suspended,
+    /// Being restored from `checkpoint`.
+    Resuming,
+}
+
+impl VmRecordState {
+    /// Whether a VM in this state may be on the node (and hold memory).
+    pub fn on_node(self) -> bool {
+        !matches!(
+            self,
+            VmRecordState::Destroyed | VmRecordState::Failed | VmRecordState::Suspended
+        )
+    }
 }
 
 /// One VM of the slot on this node.
@@ -99,6 +115,10 @@ pub struct VmRecord {
     /// DHCP entries and guard rules of kvm are in the driver's run dir.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<protocol::pilot::Nic>,
+    /// The checkpoint it is being saved to, was saved to or is restored from;
+    /// kill-all removes it when unfinished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<protocol::pilot::CheckpointId>,
 }
 
 /// The node state file of one pilot: `<state-dir>/slot-<slot id>.json`, mode 0600.

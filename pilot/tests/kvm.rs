@@ -144,6 +144,8 @@ fn launch(memory_mb: u64, image: &str) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 
@@ -248,34 +250,73 @@ fn kvm_vm_boots_to_its_marker_pauses_resumes_suspends_to_file_and_comes_back() {
         Duration::from_secs(20),
     );
 
-    // Suspend to a file: the process ends, the VM is listed as saved.
-    let state = node._dir.path().join("vm.state.zst");
-    let pid = pid_of(kvm, &vm.name).expect("pid");
-    let saved = kvm.save_to(&vm.name, &state).expect("suspend to file");
+    // Save into a checkpoint: the guest stops (still there) until the
+    // checkpoint is committed and the guest destroyed; then it comes back
+    // under another name (another slot), where it goes on ticking.
+    let store = pilot::checkpoint::Store::at(&node._dir.path().join("store")).unwrap();
+    let id = protocol::pilot::CheckpointId {
+        workspace_id: protocol::WorkspaceId::generate(),
+        vm_id: vm.vm_id.clone(),
+        generation: 1,
+    };
+    let mut w = store
+        .begin(
+            &id,
+            pilot::checkpoint::WriterInfo {
+                node: "n1".into(),
+                slot: "sl-00000000".into(),
+                pid: std::process::id(),
+                started_ms: 0,
+            },
+        )
+        .unwrap();
+    let t = Instant::now();
+    let driver = kvm
+        .save(&vm.name, &mut w, Instant::now() + Duration::from_secs(60))
+        .expect("save");
+    let save_ms = t.elapsed().as_millis() as u64;
+    assert_eq!(
+        kvm.status(&vm.name).unwrap(),
+        "postmigrate",
+        "stopped, not gone"
+    );
     let last = max_tick(kvm, &vm.name);
-    eprintln!(
-        "suspend to file: {} ms, {} bytes",
-        saved.as_millis(),
-        std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0)
-    );
-    assert!(
-        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
-            || std::fs::read(format!("/proc/{pid}/cmdline"))
-                .unwrap_or_default()
-                .is_empty()
-    );
-    assert_eq!(kvm.domains().unwrap()[0].state, "saved");
-    let restored = kvm
-        .restore_from(&vm.name, &state)
-        .expect("resume from file");
-    eprintln!("resume from file: {} ms", restored.as_millis());
-    assert_eq!(kvm.status(&vm.name).unwrap(), "running");
+    let c = w
+        .commit(pilot::checkpoint::ManifestInfo {
+            vm_name: vm.name.clone(),
+            hypervisor: kvm.name().to_string(),
+            memory_mb: 128,
+            cpus: 1,
+            image: vm.image.clone(),
+            image_sha256: None,
+            node: "n1".into(),
+            slot: SlotId::generate(),
+            save_ms,
+            driver,
+        })
+        .unwrap();
+    eprintln!("save: {save_ms} ms, {} bytes", c.bytes);
+    kvm.destroy(&vm.name).expect("destroy the saved guest");
+    let mut moved = launch(128, "kernel:");
+    moved.vm_id = vm.vm_id.clone();
+    let from = store.open_verified(&id, Some(&c.sha256)).unwrap();
+    let t = Instant::now();
+    kvm.restore(&moved, &from, Instant::now() + Duration::from_secs(60))
+        .expect("restore");
+    eprintln!("restore: {} ms", t.elapsed().as_millis());
+    assert_eq!(kvm.status(&moved.name).unwrap(), "running");
     wait_serial(
         kvm,
-        &vm.name,
+        &moved.name,
         &format!("WSP-TICK {}", last + 2),
         Duration::from_secs(20),
     );
+    let serial = std::fs::read_to_string(kvm.serial_path(&moved.name)).unwrap();
+    assert!(
+        !serial.contains("WSP-VM-READY") && !serial.lines().any(|l| l.trim() == "WSP-TICK 1"),
+        "a resumed guest does not boot again:\n{serial}"
+    );
+    let vm = moved;
 
     // Destroy: process and files gone; give the pages back.
     let pid = pid_of(kvm, &vm.name).expect("pid");

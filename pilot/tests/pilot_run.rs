@@ -137,6 +137,8 @@ impl Harness {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: Default::default(),
+            restore: None,
         }
     }
 

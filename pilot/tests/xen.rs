@@ -13,10 +13,13 @@ mod harness;
 
 use common::Coord;
 use harness::{target_bin, Standin};
+use pilot::checkpoint::{ManifestInfo, Store, WriterInfo};
 use pilot::hypervisor::xen::Xen;
 use pilot::hypervisor::{set_dom0_target_and_wait, HvError, HvOptions, Hypervisor, NodeConfig};
-use protocol::pilot::{CommandKind, EventKind, ReleaseReason, VmLaunch};
-use protocol::{SlotId, VmId, VmName};
+use protocol::pilot::{
+    CheckpointId, CommandKind, EventKind, OnPreempt, ReleaseReason, RestoreFrom, VmLaunch,
+};
+use protocol::{SlotId, VmId, VmName, WorkspaceId};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -58,6 +61,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         nics: Vec::new(),
         hostname: None,
         context: None,
+        on_preempt: Default::default(),
+        restore: None,
     }
 }
 
@@ -161,21 +166,85 @@ fn guest_is_created_from_a_generated_config_paused_saved_restored_and_destroyed(
     xen.pause(&vm.name).unwrap();
     assert!(s.xl_ok(&["list", &vm.name]).contains("--p---"));
     xen.unpause(&vm.name).unwrap();
-    let save = s.dir.join("vm.save");
-    xen.save(&vm.name, &save).unwrap();
-    assert!(xen.domains().unwrap().is_empty());
-    xen.restore(&save, &vm.name).unwrap();
-    assert_eq!(s.guests(), vec![vm.name.clone()]);
-    xen.set_sched_credit(&vm.name, None, None, true).unwrap();
-    assert!(s.xl_ok(&["sched-credit", "-d", &vm.name]).contains("1024"));
 
+    // Saved into a checkpoint (left paused until destroyed), restored under
+    // another slot's name: the same guest, its count frozen while saved.
+    let store = Store::at(&s.dir.join("store")).unwrap();
+    let id = CheckpointId {
+        workspace_id: WorkspaceId::generate(),
+        vm_id: vm.vm_id.clone(),
+        generation: 1,
+    };
+    let mut w = store
+        .begin(
+            &id,
+            WriterInfo {
+                node: "n1".into(),
+                slot: slot.to_string(),
+                pid: std::process::id(),
+                started_ms: 0,
+            },
+        )
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let driver_info = xen.save(&vm.name, &mut w, deadline).unwrap();
+    assert!(s.xl_ok(&["list", &vm.name]).contains("--p---"), "paused");
+    let (boot, count) = standin_guest(&s, &vm.name);
+    let c = w
+        .commit(ManifestInfo {
+            vm_name: vm.name.clone(),
+            hypervisor: "xen".into(),
+            memory_mb: 512,
+            cpus: 2,
+            image: vm.image.clone(),
+            image_sha256: None,
+            node: "n1".into(),
+            slot: slot.clone(),
+            save_ms: 1,
+            driver: driver_info,
+        })
+        .unwrap();
+    assert!(c.bytes > 512 * 1024, "{}", c.bytes);
     xen.destroy(&vm.name).unwrap();
+    assert!(xen.domains().unwrap().is_empty());
+    let mut moved = launch(&SlotId::generate(), 512);
+    moved.vm_id = vm.vm_id.clone();
+    let from = store.open_verified(&id, Some(&c.sha256)).unwrap();
+    xen.restore(&moved, &from, deadline).unwrap();
+    assert_eq!(s.guests(), vec![moved.name.clone()]);
+    assert!(
+        s.xl_calls().iter().any(|c| c.starts_with("restore -p ")),
+        "{:?}",
+        s.xl_calls()
+    );
+    let (boot2, count2) = standin_guest(&s, &moved.name);
+    assert_eq!(boot2, boot, "the same guest");
+    assert!(
+        count2 >= count && count2 < count + 20,
+        "{count} then {count2}"
+    );
+    xen.set_sched_credit(&moved.name, None, None, true).unwrap();
+    assert!(s
+        .xl_ok(&["sched-credit", "-d", &moved.name])
+        .contains("1024"));
+
+    xen.destroy(&moved.name).unwrap();
     assert!(s.guests().is_empty());
-    assert!(!s.run_dir.join(format!("{}.cfg", vm.name)).exists());
+    assert!(!s.run_dir.join(format!("{}.cfg", moved.name)).exists());
     assert!(matches!(
-        xen.destroy(&vm.name),
+        xen.destroy(&moved.name),
         Err(HvError::NoSuchDomain { .. })
     ));
+}
+
+/// The stand-in guest's boot id and count (`xl list -l`, `standin`).
+fn standin_guest(s: &Standin, name: &str) -> (String, u64) {
+    let v: serde_json::Value = serde_json::from_str(&s.xl_ok(&["list", "-l", name])).unwrap();
+    let g = &v[0]["standin"];
+    (
+        g["boot_id"].as_str().unwrap().to_string(),
+        g["count"].as_u64().unwrap(),
+    )
 }
 
 fn create_without_free_memory_fails_with_xls_own_words(root: &Path) {
@@ -412,6 +481,103 @@ fn sigterm_on_xen_destroys_only_this_slots_guests_and_restores_memory(root: &Pat
     });
 }
 
+fn sigterm_on_xen_suspends_the_guest_and_another_node_resumes_the_same_one(root: &Path) {
+    rt().block_on(async {
+        let store = root.join("xen-store");
+        let a = PilotHarness::new(root, "suspend-a", &[]).await;
+        let b = PilotHarness::new(root, "suspend-b", &[]).await;
+        for h in [&a, &b] {
+            let cfg = format!(
+                "{}[checkpoints]\ndir = \"{}\"\nsave_mb_per_s = 1000\n",
+                h.node.node_config(""),
+                store.display()
+            );
+            std::fs::write(&h.node_config, cfg).unwrap();
+        }
+        let mut child = a.pilot(1024, 5, &[]);
+        a.coord.wait_for("reserved", Duration::from_secs(10)).await;
+        let vm_id = VmId::generate();
+        let to = CheckpointId {
+            workspace_id: WorkspaceId::generate(),
+            vm_id: vm_id.clone(),
+            generation: 1,
+        };
+        let mut l = VmLaunch::basic(
+            vm_id.clone(),
+            VmName::new(a.slot.clone(), vm_id.clone()).to_string(),
+            512,
+            2,
+            "debian.qcow2".into(),
+        );
+        l.on_preempt = OnPreempt::Suspend { to: to.clone() };
+        a.coord.command(CommandKind::StartVm(l.clone()));
+        a.coord
+            .wait_for("vm_started", Duration::from_secs(10))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (boot, _) = standin_guest(&a.node, &l.name);
+        let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert_eq!(exit_code(&mut child, Duration::from_secs(6)).await, 0);
+        let sha = match a.coord.wait_for("vm_suspended", Duration::ZERO).await.kind {
+            EventKind::VmSuspended { sha256, bytes, .. } => {
+                assert!(bytes > 512 * 1024, "{bytes}");
+                sha256
+            }
+            other => panic!("{other:?}"),
+        };
+        match a.coord.wait_for("released", Duration::ZERO).await.kind {
+            EventKind::Released {
+                vms_suspended,
+                vms_destroyed,
+                clean,
+                ..
+            } => {
+                assert_eq!(vms_suspended, vec![vm_id.clone()]);
+                assert!(vms_destroyed.is_empty() && clean);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(a.node.guests().is_empty());
+        assert_eq!(a.node.dom0(), (4096, 4096));
+        // The count the guest had when it was saved (the save file's record).
+        let saved = std::fs::read(Store::at(&store).unwrap().path(&to).join("xl.save")).unwrap();
+        let line = saved.split(|b| *b == b'\n').next().unwrap();
+        let record: serde_json::Value = serde_json::from_slice(line).unwrap();
+        let saved_count = record["count"].as_u64().unwrap();
+        assert!(saved_count >= 2, "it counted before the save: {record}");
+
+        let mut child = b.pilot(1024, 5, &[]);
+        b.coord.wait_for("reserved", Duration::from_secs(10)).await;
+        let mut r = VmLaunch::basic(
+            vm_id.clone(),
+            VmName::new(b.slot.clone(), vm_id.clone()).to_string(),
+            512,
+            2,
+            "debian.qcow2".into(),
+        );
+        r.restore = Some(RestoreFrom {
+            checkpoint: to.clone(),
+            sha256: sha,
+        });
+        b.coord.command(CommandKind::StartVm(r.clone()));
+        b.coord
+            .wait_for("vm_resumed", Duration::from_secs(10))
+            .await;
+        assert_eq!(b.node.guests(), vec![r.name.clone()]);
+        let (boot2, count2) = standin_guest(&b.node, &r.name);
+        assert_eq!(boot2, boot, "the same guest on node b");
+        assert!(
+            count2 >= saved_count && count2 < saved_count + 30,
+            "counts on from {saved_count}: {count2}"
+        );
+        b.coord.command(CommandKind::Release);
+        assert_eq!(exit_code(&mut child, Duration::from_secs(10)).await, 0);
+        assert!(b.node.guests().is_empty());
+        assert_eq!(b.node.dom0(), (4096, 4096));
+    });
+}
+
 fn balloon_that_never_reaches_its_target_on_xen_exits_3_with_memory_restored(root: &Path) {
     rt().block_on(async {
         let h = PilotHarness::new(
@@ -551,6 +717,10 @@ fn main() {
         (
             "sigterm_on_xen_destroys_only_this_slots_guests_and_restores_memory",
             sigterm_on_xen_destroys_only_this_slots_guests_and_restores_memory,
+        ),
+        (
+            "sigterm_on_xen_suspends_the_guest_and_another_node_resumes_the_same_one",
+            sigterm_on_xen_suspends_the_guest_and_another_node_resumes_the_same_one,
         ),
         (
             "balloon_that_never_reaches_its_target_on_xen_exits_3_with_memory_restored",

@@ -10,8 +10,16 @@
 //! per pilot instance, and answers any event at or below it `409` with
 //! [`EventAck::duplicate`] set, which the pilot treats as acknowledged (it
 //! means an earlier try got through; from anyone else it is a replay).
+//!
+//! Suspend and resume (docs/CHECKPOINTS.md): a launch says what the pilot
+//! does with its VM on the batch system's warning ([`VmLaunch::on_preempt`])
+//! and may start it from a checkpoint instead of booting it
+//! ([`VmLaunch::restore`]); [`CommandKind::SuspendVm`] and
+//! [`CommandKind::DeleteCheckpoint`] act on the node's checkpoint store; the
+//! pilot answers with `vm_suspended` / `vm_suspend_failed`, `vm_resumed` /
+//! `vm_resume_failed` and `checkpoint_deleted` / `checkpoint_delete_failed`.
 
-use crate::ids::{PilotId, SlotId, VmId};
+use crate::ids::{PilotId, SlotId, VmId, WorkspaceId};
 use serde::{Deserialize, Serialize};
 
 /// HTTP path for pilot events.
@@ -70,6 +78,10 @@ pub enum EventKind {
         /// coordinator can prefer nodes that already hold a VM's image.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         cached_images: Vec<String>,
+        /// Whether this node can suspend VMs (a checkpoint store is
+        /// configured) and how fast it expects to save; absent: it cannot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        checkpoints: Option<CheckpointCapability>,
     },
     /// The node could not be adapted; nothing is left reserved.
     ReserveFailed {
@@ -102,6 +114,14 @@ pub enum EventKind {
         signal: String,
         coordinator_wait_ms: u64,
         cleanup_deadline_ms: u64,
+        /// VMs the pilot is suspending now (their launch said
+        /// `on_preempt = suspend` and the save fits the grace period).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        suspending: Vec<VmId>,
+        /// Why VMs whose launch asked for suspend will be destroyed instead
+        /// (e.g. "save did not fit the grace: needs ~12.5 s, 4.1 s left").
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        not_suspending: Option<String>,
     },
     /// The slot is given back: no VM of this slot left, memory restored.
     Released {
@@ -113,7 +133,193 @@ pub enum EventKind {
         clean: bool,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         problems: Vec<String>,
+        /// VMs of this slot that left the node as checkpoints (not destroyed).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vms_suspended: Vec<VmId>,
     },
+    /// The VM's state is in the checkpoint store and the VM is gone from the
+    /// node; `sha256` is the digest of the checkpoint's manifest, which a
+    /// resume must present ([`RestoreFrom::sha256`]).
+    VmSuspended {
+        vm_id: VmId,
+        checkpoint: CheckpointId,
+        sha256: String,
+        /// Bytes stored (memory state and disk overlay).
+        bytes: u64,
+        memory_mb: u64,
+        /// Time the hypervisor took to save the VM (pause to state written).
+        save_ms: u64,
+        /// The whole suspend, from the command or signal to the committed
+        /// checkpoint and the VM destroyed.
+        total_ms: u64,
+        trigger: SuspendTrigger,
+    },
+    /// The VM could not be suspended; nothing usable was left in the store.
+    VmSuspendFailed {
+        vm_id: VmId,
+        checkpoint: CheckpointId,
+        cause: SuspendFailure,
+        reason: String,
+        /// Whether the VM still runs on the node (a commanded suspend that
+        /// failed) or was destroyed (preemption: the slot is going away).
+        vm_running: bool,
+    },
+    /// The VM runs again from its checkpoint (the same guest, not a reboot).
+    VmResumed {
+        vm_id: VmId,
+        name: String,
+        checkpoint: CheckpointId,
+        /// Bytes read from the store.
+        bytes: u64,
+        /// Time the hypervisor took to load the state (verification included).
+        restore_ms: u64,
+        /// The whole resume, image staging included.
+        total_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stage_ms: Option<u64>,
+    },
+    /// The VM was not resumed; nothing of it runs on the node and the
+    /// checkpoint is left as it was.
+    VmResumeFailed {
+        vm_id: VmId,
+        checkpoint: CheckpointId,
+        cause: ResumeFailure,
+        reason: String,
+    },
+    CheckpointDeleted {
+        checkpoint: CheckpointId,
+        /// Bytes freed (0 when it did not exist).
+        bytes: u64,
+    },
+    CheckpointDeleteFailed {
+        checkpoint: CheckpointId,
+        reason: String,
+    },
+}
+
+/// A node's ability to suspend VMs, as its pilot reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointCapability {
+    /// Guest memory the pilot expects to save per second (MB/s): the median
+    /// of its recent saves on this node, else the configured assumption.
+    pub save_mb_per_s: f64,
+    /// Whether `save_mb_per_s` comes from saves measured on this node.
+    pub measured: bool,
+}
+
+/// Names one checkpoint in the checkpoint store:
+/// `<store>/<workspace_id>/<vm_id>/g<generation>/`. The coordinator picks a
+/// new generation for each suspend of a VM, so a new checkpoint never
+/// overwrites one a resume may still need.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CheckpointId {
+    pub workspace_id: WorkspaceId,
+    pub vm_id: VmId,
+    pub generation: u32,
+}
+
+impl std::fmt::Display for CheckpointId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}/g{}",
+            self.workspace_id, self.vm_id, self.generation
+        )
+    }
+}
+
+impl std::str::FromStr for CheckpointId {
+    type Err = String;
+    /// Parses the `Display` form, `ws-…/vm-…/g<generation>`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("checkpoint {s:?}: expected ws-<hex>/vm-<hex>/g<generation>");
+        let mut parts = s.split('/');
+        let (Some(ws), Some(vm), Some(g), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        Ok(Self {
+            workspace_id: WorkspaceId::parse(ws).map_err(|e| e.to_string())?,
+            vm_id: VmId::parse(vm).map_err(|e| e.to_string())?,
+            generation: g
+                .strip_prefix('g')
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(bad)?,
+        })
+    }
+}
+
+/// What the pilot does with a VM when the batch system warns it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnPreempt {
+    /// Destroy it (the workspace ends `preempted`).
+    #[default]
+    End,
+    /// Suspend it to this checkpoint if the save fits the grace period,
+    /// else destroy it and say why.
+    Suspend { to: CheckpointId },
+}
+
+impl OnPreempt {
+    pub fn is_end(&self) -> bool {
+        matches!(self, OnPreempt::End)
+    }
+}
+
+/// A checkpoint to start a VM from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreFrom {
+    pub checkpoint: CheckpointId,
+    /// The manifest digest `vm_suspended` reported; anything else is refused.
+    pub sha256: String,
+}
+
+/// What started a suspend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuspendTrigger {
+    /// A `suspend_vm` command.
+    Commanded,
+    /// The batch system's warning signal (the launch's `on_preempt`).
+    Preempted,
+}
+
+/// Why a suspend failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuspendFailure {
+    /// The node has no checkpoint store configured.
+    NoStore,
+    /// The estimated save time did not fit what was left of the grace period.
+    WouldNotFit,
+    /// The save did not finish in time (grace period or save timeout).
+    TimedOut,
+    /// The VM is not on this node (unknown, already gone or suspended).
+    NoSuchVm,
+    /// The hypervisor or the store failed.
+    Failed,
+}
+
+/// Why a resume failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeFailure {
+    /// The node has no checkpoint store configured.
+    NoStore,
+    /// No such checkpoint in the store.
+    NotFound,
+    /// The checkpoint was never completed (no manifest, or files missing).
+    Incomplete,
+    /// The manifest or a file does not match its recorded SHA-256.
+    ChecksumMismatch,
+    /// The slot lacks the memory the checkpoint needs.
+    NoMemory,
+    /// Taken by another hypervisor, accelerator or VM shape than this launch.
+    Incompatible,
+    /// The hypervisor or the store failed.
+    Failed,
 }
 
 impl EventKind {
@@ -128,6 +334,12 @@ impl EventKind {
             EventKind::VmDestroyed { .. } => "vm_destroyed",
             EventKind::Preempting { .. } => "preempting",
             EventKind::Released { .. } => "released",
+            EventKind::VmSuspended { .. } => "vm_suspended",
+            EventKind::VmSuspendFailed { .. } => "vm_suspend_failed",
+            EventKind::VmResumed { .. } => "vm_resumed",
+            EventKind::VmResumeFailed { .. } => "vm_resume_failed",
+            EventKind::CheckpointDeleted { .. } => "checkpoint_deleted",
+            EventKind::CheckpointDeleteFailed { .. } => "checkpoint_delete_failed",
         }
     }
 }
@@ -163,6 +375,13 @@ pub struct VmLaunch {
     /// What the VM learns about its workspace (cloud-init NoCloud seed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<Context>,
+    /// What the pilot does with the VM on the batch system's warning.
+    #[serde(default, skip_serializing_if = "OnPreempt::is_end")]
+    pub on_preempt: OnPreempt,
+    /// Start the VM from this checkpoint (a resume) instead of booting it.
+    /// `name` is the VM's name in its new slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreFrom>,
 }
 
 /// An image to stage: `url` is `http(s)://...`, `file:///...` or an absolute path.
@@ -222,6 +441,8 @@ impl VmLaunch {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: OnPreempt::End,
+            restore: None,
         }
     }
 }
@@ -239,6 +460,17 @@ pub enum CommandKind {
     },
     /// Destroy every VM of the slot, restore memory, report, exit.
     Release,
+    /// Save the VM to the checkpoint `to` and take it off the node
+    /// (answered by `vm_suspended` or `vm_suspend_failed`).
+    SuspendVm {
+        vm_id: VmId,
+        to: CheckpointId,
+    },
+    /// Remove a checkpoint from the store (answered by `checkpoint_deleted`
+    /// or `checkpoint_delete_failed`).
+    DeleteCheckpoint {
+        checkpoint: CheckpointId,
+    },
 }
 
 /// A command with its per-pilot-node sequence number (1, 2, 3…).
@@ -289,6 +521,8 @@ mod tests {
                 signal: "SIGTERM".into(),
                 coordinator_wait_ms: 100,
                 cleanup_deadline_ms: 200,
+                suspending: Vec::new(),
+                not_suspending: None,
             },
         };
         let j = serde_json::to_value(&e).unwrap();
@@ -308,6 +542,73 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(r, EventKind::Reserved { cached_images, .. } if cached_images.is_empty()));
+    }
+
+    #[test]
+    fn old_preempting_and_released_json_still_read() {
+        let p: EventKind = serde_json::from_str(
+            r#"{"type":"preempting","signal":"SIGTERM","coordinator_wait_ms":1,"cleanup_deadline_ms":2}"#,
+        )
+        .unwrap();
+        assert!(
+            matches!(p, EventKind::Preempting { suspending, not_suspending: None, .. } if suspending.is_empty())
+        );
+        let r: EventKind = serde_json::from_str(
+            r#"{"type":"released","reason":"preempted","vms_destroyed":[],"dom0_restored_mb":1,"restore_ms":0,"clean":true}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, EventKind::Released { vms_suspended, .. } if vms_suspended.is_empty()));
+    }
+
+    #[test]
+    fn a_resume_is_a_launch_with_a_checkpoint_and_suspend_commands_name_theirs() {
+        let to = CheckpointId {
+            workspace_id: WorkspaceId::parse("ws-0000abcd").unwrap(),
+            vm_id: VmId::parse("vm-0000abcd").unwrap(),
+            generation: 2,
+        };
+        assert_eq!(to.to_string(), "ws-0000abcd/vm-0000abcd/g2");
+        assert_eq!(
+            "ws-0000abcd/vm-0000abcd/g2".parse::<CheckpointId>(),
+            Ok(to.clone())
+        );
+        for bad in [
+            "ws-0000abcd/vm-0000abcd",
+            "ws-0000abcd/vm-0000abcd/2",
+            "../x/g1",
+            "ws-0000abcd/vm-0000abcd/g1/x",
+        ] {
+            assert!(bad.parse::<CheckpointId>().is_err(), "{bad}");
+        }
+        let mut l = VmLaunch::basic(to.vm_id.clone(), "n".into(), 1, 1, "i".into());
+        l.on_preempt = OnPreempt::Suspend { to: to.clone() };
+        l.restore = Some(RestoreFrom {
+            checkpoint: to.clone(),
+            sha256: "ab".into(),
+        });
+        let j = serde_json::to_value(&l).unwrap();
+        assert_eq!(j["on_preempt"]["suspend"]["to"]["generation"], 2);
+        assert_eq!(j["restore"]["checkpoint"]["workspace_id"], "ws-0000abcd");
+        assert_eq!(serde_json::from_value::<VmLaunch>(j).unwrap(), l);
+        let c = Command {
+            id: 4,
+            kind: CommandKind::SuspendVm {
+                vm_id: to.vm_id.clone(),
+                to: to.clone(),
+            },
+        };
+        let s = serde_json::to_string(&c).unwrap();
+        assert!(s.contains(r#""type":"suspend_vm""#), "{s}");
+        assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c);
+        let e = EventKind::VmResumeFailed {
+            vm_id: to.vm_id.clone(),
+            checkpoint: to,
+            cause: ResumeFailure::ChecksumMismatch,
+            reason: "x".into(),
+        };
+        let j = serde_json::to_value(&e).unwrap();
+        assert_eq!(j["type"], "vm_resume_failed");
+        assert_eq!(j["cause"], "checksum_mismatch");
     }
 
     #[test]

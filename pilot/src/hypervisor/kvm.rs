@@ -4,8 +4,10 @@
 //! The node's "dom0 memory" is the host memory not held as hugepages by this
 //! node: reserving = adding hugepages to the host pool (see [`hugepages`]).
 //! Each VM's files (`<name>.pid/.qmp/.vm.json/.qcow2/.serial/.log`) live in the
-//! run dir, so a later process (kill-all) finds and removes them.
+//! run dir, so a later process (kill-all) finds and removes them. Saving to
+//! and restoring from a checkpoint is in [`checkpoint`].
 
+pub mod checkpoint;
 pub mod hugepages;
 pub mod net;
 pub mod qmp;
@@ -17,9 +19,8 @@ use crate::node::expand_node;
 use crate::tools;
 use hugepages::HugePages;
 use protocol::pilot::VmLaunch;
-use qmp::{MigrationInfo, Qmp, QmpError};
+use qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
@@ -74,10 +75,13 @@ pub struct KvmConfig {
     pub kill_timeout_s: u64,
     /// Bound for qemu-img and other commands.
     pub command_timeout_s: u64,
-    /// Bound for suspend to file and resume from it.
+    /// The driver's own bound on one checkpoint save or restore (the
+    /// pilot's deadline, e.g. the grace period's budget, may be shorter).
     pub save_timeout_s: u64,
-    /// Suspend file compression: `zstd` or `none`.
+    /// Checkpoint memory compression: `zstd` (level 1, the `zstd` program) or `none`.
     pub compressor: String,
+    /// The `zstd` program.
+    pub zstd: String,
     /// Bound for the KVM canary boot.
     pub canary_timeout_s: u64,
     /// Serial line the canary boot must print.
@@ -132,8 +136,9 @@ impl Default for KvmConfig {
             shutdown_timeout_s: 0,
             kill_timeout_s: 5,
             command_timeout_s: 60,
-            save_timeout_s: 120,
+            save_timeout_s: 600,
             compressor: "zstd".into(),
+            zstd: "zstd".into(),
             canary_timeout_s: 15,
             canary_marker: "WSP-VM-READY".into(),
             bridge: String::new(),
@@ -262,13 +267,25 @@ pub(crate) fn run_bounded(
 /// How a VM boots, from its `image`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Boot {
-    /// `-kernel`/`-initrd`/`-append`, no disk.
+    /// `-kernel`/`-initrd`/`-append`; a kernel directory may add a disk
+    /// (`disk.qcow2` or `disk.img`), used through a per-VM overlay.
     Kernel {
         kernel: PathBuf,
         initrd: Option<PathBuf>,
+        disk: Option<PathBuf>,
     },
     /// A disk image, used through a per-VM copy-on-write overlay.
     Disk { base: PathBuf },
+}
+
+impl Boot {
+    /// The image the VM's copy-on-write overlay sits on, if it has a disk.
+    pub fn disk_base(&self) -> Option<&Path> {
+        match self {
+            Boot::Kernel { disk, .. } => disk.as_deref(),
+            Boot::Disk { base } => Some(base),
+        }
+    }
 }
 
 /// What the run dir keeps about one VM (`<name>.vm.json`).
@@ -283,9 +300,6 @@ pub struct VmMeta {
     pub argv: Vec<String>,
     pub overlay: Option<PathBuf>,
     pub created_ms: u64,
-    /// Set while the VM is suspended to this file (no process).
-    #[serde(default)]
-    pub saved_to: Option<PathBuf>,
     /// Its taps on the node (recorded before they are created).
     #[serde(default)]
     pub taps: Vec<net::TapRecord>,
@@ -430,16 +444,6 @@ fn valid_name(name: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
         && !name.starts_with('.')
-}
-
-fn shell_quote(p: &Path) -> Result<String, HvError> {
-    let s = p.display().to_string();
-    if s.contains('\'') {
-        return Err(HvError::Config(format!(
-            "{s}: suspend file paths may not contain a single quote"
-        )));
-    }
-    Ok(format!("'{s}'"))
 }
 
 impl Kvm {
@@ -634,12 +638,21 @@ impl Kvm {
             .iter()
             .map(|n| dir.join(n))
             .find(|p| p.is_file());
-        Ok(Boot::Kernel { kernel, initrd })
+        let disk = ["disk.qcow2", "disk.img"]
+            .iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.is_file());
+        Ok(Boot::Kernel {
+            kernel,
+            initrd,
+            disk,
+        })
     }
 
     /// The image convention: `kernel:` (the node config's kernel + initrd),
-    /// `kernel:DIR` or a directory (its vmlinux/vmlinuz + initrd.gz), else a
-    /// qcow2/raw disk image file.
+    /// `kernel:DIR` or a directory (its vmlinux/vmlinuz + initrd.gz, and
+    /// `disk.qcow2`/`disk.img` as its disk if present), else a qcow2/raw
+    /// disk image file.
     pub fn resolve_image(&self, image: &str) -> Result<Boot, HvError> {
         if let Some(rest) = image.strip_prefix("kernel:") {
             if rest.is_empty() || rest == "default" {
@@ -666,7 +679,11 @@ impl Kvm {
                         i.display()
                     )));
                 }
-                return Ok(Boot::Kernel { kernel, initrd });
+                return Ok(Boot::Kernel {
+                    kernel,
+                    initrd,
+                    disk: None,
+                });
             }
             return Self::kernel_dir(&self.image_path(rest));
         }
@@ -783,22 +800,18 @@ impl Kvm {
         if !machine.is_empty() {
             a.extend(["-machine".into(), machine.join(",")]);
         }
-        match boot {
-            Boot::Kernel { kernel, initrd } => {
-                a.extend(["-kernel".into(), kernel.display().to_string()]);
-                if let Some(i) = initrd {
-                    a.extend(["-initrd".into(), i.display().to_string()]);
-                }
-                a.extend(["-append".into(), self.cfg.append.replace("%v", name)]);
+        if let Boot::Kernel { kernel, initrd, .. } = boot {
+            a.extend(["-kernel".into(), kernel.display().to_string()]);
+            if let Some(i) = initrd {
+                a.extend(["-initrd".into(), i.display().to_string()]);
             }
-            Boot::Disk { .. } => {
-                if let Some(o) = overlay {
-                    a.extend([
-                        "-drive".into(),
-                        format!("file={},format=qcow2,if=virtio", o.display()),
-                    ]);
-                }
-            }
+            a.extend(["-append".into(), self.cfg.append.replace("%v", name)]);
+        }
+        if let Some(o) = overlay {
+            a.extend([
+                "-drive".into(),
+                format!("file={},format=qcow2,if=virtio", o.display()),
+            ]);
         }
         a.extend(self.cfg.extra_args.iter().cloned());
         a
@@ -1031,139 +1044,6 @@ impl Kvm {
         Ok(())
     }
 
-    fn compress_cmd(&self) -> Result<(&'static str, &'static str), HvError> {
-        match self.cfg.compressor.as_str() {
-            "zstd" => Ok(("zstd -1 -q >", "zstd -dcq")),
-            "none" => Ok(("cat >", "cat")),
-            other => Err(HvError::Config(format!(
-                "[kvm] compressor {other:?}: expected zstd or none"
-            ))),
-        }
-    }
-
-    /// Suspends the VM to `path`: stop, migrate to `exec:` (QEMU 7.2 has no
-    /// `file:` URI), quit. The overlay and the VM's record stay, so
-    /// [`Kvm::restore_from`] can bring it back. Returns how long it took.
-    pub fn save_to(&self, name: &str, path: &Path) -> Result<Duration, HvError> {
-        let t0 = Instant::now();
-        let mut meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
-            name: name.to_string(),
-        })?;
-        let pid = self
-            .read_pid(name)
-            .filter(|p| is_our_qemu(*p, name))
-            .ok_or_else(|| HvError::NoSuchDomain {
-                name: name.to_string(),
-            })?;
-        let (compress, _) = self.compress_cmd()?;
-        let uri = format!("exec:{compress} {}", shell_quote(path)?);
-        let mut q = self.qmp(name)?;
-        let e = |err| qmp_err(name, err);
-        q.execute("stop", None).map_err(e)?;
-        q.execute(
-            "migrate-set-parameters",
-            Some(json!({ "max-bandwidth": 10_737_418_240u64 })),
-        )
-        .map_err(e)?;
-        q.execute("migrate", Some(json!({ "uri": uri })))
-            .map_err(e)?;
-        let bound = Self::timeout(self.cfg.save_timeout_s);
-        loop {
-            let m: MigrationInfo = q.query("query-migrate").map_err(e)?;
-            match m.status.as_deref() {
-                Some("completed") => break,
-                Some("failed") | Some("cancelled") => {
-                    let _ = q.execute("cont", None);
-                    return Err(HvError::Qmp {
-                        vm: name.to_string(),
-                        message: format!(
-                            "suspend to {} failed: {}",
-                            path.display(),
-                            m.error_desc.unwrap_or_default()
-                        ),
-                    });
-                }
-                _ => {}
-            }
-            if t0.elapsed() >= bound {
-                let _ = q.execute("migrate_cancel", None);
-                let _ = q.execute("cont", None);
-                return Err(HvError::KvmTimeout {
-                    what: format!("suspending {name} to {}", path.display()),
-                    after_ms: t0.elapsed().as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        meta.saved_to = Some(path.to_path_buf());
-        self.write_meta(&meta)?;
-        let _ = q.quit();
-        drop(q);
-        self.stop_process(name, pid)?;
-        for ext in ["pid", "qmp"] {
-            let _ = std::fs::remove_file(self.file(name, ext));
-        }
-        let took = t0.elapsed();
-        tracing::info!(node = %self.node, vm = name, path = %path.display(), took_ms = took.as_millis() as u64, "VM suspended to file");
-        Ok(took)
-    }
-
-    /// Resumes a VM suspended by [`Kvm::save_to`]: same QEMU arguments plus
-    /// `-incoming exec:...`, wait for the state to load, `cont`.
-    pub fn restore_from(&self, name: &str, path: &Path) -> Result<Duration, HvError> {
-        let t0 = Instant::now();
-        let mut meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
-            name: name.to_string(),
-        })?;
-        if let Some(pid) = self.read_pid(name).filter(|p| is_our_qemu(*p, name)) {
-            return Err(HvError::DomainExists {
-                name: format!("{name} (running as pid {pid})"),
-            });
-        }
-        if !path.is_file() {
-            return Err(HvError::Config(format!(
-                "suspend file {} does not exist",
-                path.display()
-            )));
-        }
-        let (_, decompress) = self.compress_cmd()?;
-        let mut args = meta.argv.clone();
-        args.extend([
-            "-incoming".into(),
-            format!("exec:{decompress} {}", shell_quote(path)?),
-        ]);
-        let mut q = self.spawn_qemu(name, &args)?;
-        let bound = Self::timeout(self.cfg.save_timeout_s);
-        let e = |err| qmp_err(name, err);
-        loop {
-            let s = q.status().map_err(e)?;
-            match s.status.as_str() {
-                "inmigrate" | "prelaunch" => {}
-                "paused" | "postmigrate" => break,
-                "running" => break,
-                other => {
-                    return Err(HvError::Qmp {
-                        vm: name.to_string(),
-                        message: format!("resume from {}: state {other}", path.display()),
-                    })
-                }
-            }
-            if t0.elapsed() >= bound {
-                return Err(HvError::KvmTimeout {
-                    what: format!("resuming {name} from {}", path.display()),
-                    after_ms: t0.elapsed().as_millis() as u64,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        q.execute("cont", None).map_err(e)?;
-        meta.saved_to = None;
-        self.write_meta(&meta)?;
-        let took = t0.elapsed();
-        tracing::info!(node = %self.node, vm = name, path = %path.display(), took_ms = took.as_millis() as u64, "VM resumed from file");
-        Ok(took)
-    }
-
     /// Every tap of the node's VM records, except `skip`'s.
     fn node_taps(&self, skip: Option<&str>) -> Vec<net::TapRecord> {
         let mut out = Vec::new();
@@ -1223,14 +1103,35 @@ impl Kvm {
 
     fn create_inner(&self, vm: &VmLaunch, boot: &Boot) -> Result<(), HvError> {
         let name = &vm.name;
-        let overlay = match boot {
-            Boot::Disk { base } => {
+        let overlay = match boot.disk_base() {
+            Some(base) => {
                 let o = self.file(name, "qcow2");
                 self.make_overlay(base, &o)?;
                 Some(o)
             }
-            Boot::Kernel { .. } => None,
+            None => None,
         };
+        let meta = self.prepare(vm, boot, overlay)?;
+        let mut q = self.launch_qemu(&meta, &[])?;
+        let s = q.status().map_err(|e| qmp_err(name, e))?;
+        if !s.running {
+            return Err(HvError::Qmp {
+                vm: name.clone(),
+                message: format!("started but its state is {}", s.status),
+            });
+        }
+        Ok(())
+    }
+
+    /// The VM's record: QEMU's arguments (its overlay, seed image and taps
+    /// included), the seed built, the taps planned (not yet created).
+    fn prepare(
+        &self,
+        vm: &VmLaunch,
+        boot: &Boot,
+        overlay: Option<PathBuf>,
+    ) -> Result<VmMeta, HvError> {
+        let name = &vm.name;
         let mut args = self.qemu_args(vm, boot, overlay.as_deref());
         let taps = self.net.plan(name, vm.hostname.as_deref(), &vm.nics)?;
         let seed = if vm.context.is_some() || !vm.nics.is_empty() {
@@ -1258,32 +1159,31 @@ impl Kvm {
                 format!("virtio-net-pci,netdev=wsp-n{i},mac={}", t.mac),
             ]);
         }
-        let meta = VmMeta {
+        Ok(VmMeta {
             name: name.clone(),
             memory_mb: vm.memory_mb,
             cpus: vm.cpus,
             image: vm.image.clone(),
             accel: self.accel,
-            argv: args.clone(),
+            argv: args,
             overlay,
             created_ms: protocol::now_ms(),
-            saved_to: None,
-            taps: taps.clone(),
+            taps,
             seed,
-        };
-        self.write_meta(&meta)?;
-        if !taps.is_empty() {
-            self.net.setup(name, &taps, &|| self.node_taps(None))?;
+        })
+    }
+
+    /// Records the VM, sets up its taps and starts QEMU with its arguments
+    /// plus `extra`; returns once QMP answers.
+    fn launch_qemu(&self, meta: &VmMeta, extra: &[&str]) -> Result<Qmp, HvError> {
+        self.write_meta(meta)?;
+        if !meta.taps.is_empty() {
+            self.net
+                .setup(&meta.name, &meta.taps, &|| self.node_taps(None))?;
         }
-        let mut q = self.spawn_qemu(name, &args)?;
-        let s = q.status().map_err(|e| qmp_err(name, e))?;
-        if !s.running {
-            return Err(HvError::Qmp {
-                vm: name.clone(),
-                message: format!("started but its state is {}", s.status),
-            });
-        }
-        Ok(())
+        let mut args = meta.argv.clone();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.spawn_qemu(&meta.name, &args)
     }
 }
 
@@ -1493,21 +1393,19 @@ impl Hypervisor for Kvm {
                         argv: Vec::new(),
                         overlay: None,
                         created_ms: 0,
-                        saved_to: None,
                         taps: Vec::new(),
                         seed: None,
                     }
                 }
             };
             let alive = self.read_pid(name).filter(|p| is_our_qemu(*p, name));
-            let state = match (alive, &meta.saved_to) {
-                (Some(_), _) => self
+            let state = match alive {
+                Some(_) => self
                     .qmp(name)
                     .and_then(|mut q| q.status().map_err(|e| qmp_err(name, e)))
                     .map(|s| s.status)
                     .unwrap_or_else(|_| "running".to_string()),
-                (None, Some(_)) => "saved".to_string(),
-                (None, None) => "dead".to_string(),
+                None => "dead".to_string(),
             };
             out.push(Domain {
                 name: name.to_string(),
@@ -1575,6 +1473,28 @@ impl Hypervisor for Kvm {
 
     fn sweep_node(&self) -> Vec<String> {
         self.sweep_impl()
+    }
+
+    fn save(
+        &self,
+        name: &str,
+        out: &mut crate::checkpoint::CheckpointWriter,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, HvError> {
+        self.save_checkpoint(name, out, deadline)
+    }
+
+    fn resume_after_save(&self, name: &str) -> Result<(), HvError> {
+        self.resume(name)
+    }
+
+    fn restore(
+        &self,
+        vm: &VmLaunch,
+        from: &crate::checkpoint::CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        self.restore_checkpoint(vm, from, deadline)
     }
 
     fn destroy(&self, name: &str) -> Result<(), HvError> {
@@ -1653,11 +1573,5 @@ mod tests {
         assert!(!c.hugepages);
         assert_eq!(c.accelerator, "auto");
         assert!(toml::from_str::<KvmConfig>("hugepage = true").is_err());
-    }
-
-    #[test]
-    fn suspend_paths_with_quotes_are_refused() {
-        assert_eq!(shell_quote(Path::new("/tmp/a b")).unwrap(), "'/tmp/a b'");
-        assert!(shell_quote(Path::new("/tmp/a'b")).is_err());
     }
 }

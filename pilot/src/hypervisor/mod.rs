@@ -1,7 +1,9 @@
 //! The hypervisor seam: one small synchronous trait, one file per driver.
 //!
 //! A driver reads and sets dom0's memory target and lists, creates and
-//! destroys guests. The pilot and kill-all only talk to a node through it.
+//! destroys guests, and saves a guest into a checkpoint and restores one
+//! from it (one argument order for every driver: the guest, then the
+//! checkpoint). The pilot and kill-all only talk to a node through it.
 //! The shared bounded "set target and wait for the balloon" lives here once.
 //! Drivers do not know about slots, state files or the coordinator.
 
@@ -9,6 +11,7 @@ pub mod kvm;
 pub mod sim;
 pub mod xen;
 
+use crate::checkpoint::{CheckpointReader, CheckpointWriter, CkError};
 use protocol::pilot::VmLaunch;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -131,6 +134,19 @@ pub enum HvError {
     /// xen: a create or destroy did not show in the domain list in time.
     #[error("{what} within {waited_ms} ms")]
     XenNotVerified { what: String, waited_ms: u64 },
+    /// A bounded operation (save, restore) ran out of time.
+    #[error("{what} did not finish within {after_ms} ms")]
+    Timeout { what: String, after_ms: u64 },
+    /// The driver has no such capability.
+    #[error("the {driver} driver cannot {what}")]
+    NotSupported { driver: String, what: String },
+    /// Writing or reading a checkpoint failed (checksums included).
+    #[error(transparent)]
+    Checkpoint(#[from] CkError),
+    /// A checkpoint cannot be restored as this launch asks (other shape,
+    /// accelerator or disk layout).
+    #[error("checkpoint does not fit this VM: {0}")]
+    Incompatible(String),
 }
 
 impl From<crate::tools::Missing> for HvError {
@@ -155,6 +171,48 @@ pub trait Hypervisor: Send + Sync {
     /// dnsmasq and anti-spoofing table); returns what could not be removed.
     fn sweep_node(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Saves the running guest `name` into `out` and leaves it stopped: not
+    /// running, still on the node, holding its memory. The caller then
+    /// commits the checkpoint and destroys the guest, or, when it cannot
+    /// commit, lets it run again with [`Hypervisor::resume_after_save`].
+    /// Gives up by `deadline` (leaving the guest running where it can).
+    /// Returns what a restore needs to know, for the manifest.
+    fn save(
+        &self,
+        name: &str,
+        out: &mut CheckpointWriter,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, HvError> {
+        let _ = (name, out, deadline);
+        Err(HvError::NotSupported {
+            driver: self.name().to_string(),
+            what: "save guests".into(),
+        })
+    }
+    /// Lets a guest that [`Hypervisor::save`] left stopped run again.
+    fn resume_after_save(&self, name: &str) -> Result<(), HvError> {
+        let _ = name;
+        Err(HvError::NotSupported {
+            driver: self.name().to_string(),
+            what: "resume guests".into(),
+        })
+    }
+    /// Starts `vm` (named, sized and networked as the launch says, as for
+    /// [`Hypervisor::create`]) from checkpoint `from`: the same guest, not a
+    /// boot. Every file is verified against the manifest before the guest
+    /// runs; on any failure nothing of it is left on the node.
+    fn restore(
+        &self,
+        vm: &VmLaunch,
+        from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        let _ = (vm, from, deadline);
+        Err(HvError::NotSupported {
+            driver: self.name().to_string(),
+            what: "restore guests".into(),
+        })
     }
 }
 
@@ -196,6 +254,8 @@ pub struct NodeConfig {
     pub kvm: kvm::KvmConfig,
     /// The node's image cache (`[images] cache_dir`, `max_bytes`).
     pub images: crate::images::ImagesConfig,
+    /// The checkpoint store (`[checkpoints] dir`, ...).
+    pub checkpoints: crate::checkpoint::CheckpointsConfig,
 }
 
 impl NodeConfig {

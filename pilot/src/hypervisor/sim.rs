@@ -3,14 +3,21 @@
 //! `<dir>/node.json` holds the node (memory, dom0 balloon, guests, latencies);
 //! every read-modify-write holds an exclusive flock on `<dir>/node.lock`, and
 //! writes are atomic, so several pilots on one node are safe. Balloon latency
-//! is computed from timestamps: no background process. Not a VM runner.
+//! is computed from timestamps: no background process. Saving a guest to a
+//! checkpoint and restoring it take a configurable time per GB of its
+//! memory and carry its identity (`boot_id`); nothing runs. Not a VM runner.
 
 use super::{Dom0Memory, Domain, HvError, Hypervisor};
+use crate::checkpoint::{CheckpointReader, CheckpointWriter, CkError};
 use crate::files::{lock_exclusive, write_atomic, FileLock, LockError};
 use protocol::pilot::VmLaunch;
 use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The file a sim checkpoint holds.
+const SIM_STATE: &str = "sim-state";
 
 /// File name of the node inside the sim directory.
 pub const NODE_FILE: &str = "node.json";
@@ -59,6 +66,31 @@ pub struct SimLatency {
     pub create_ms: u64,
     #[serde(default)]
     pub destroy_ms: u64,
+    /// Saving a guest to a checkpoint, per GB of its memory.
+    #[serde(default)]
+    pub save_ms_per_gb: u64,
+    /// Restoring a guest from a checkpoint, per GB of its memory.
+    #[serde(default)]
+    pub restore_ms_per_gb: u64,
+}
+
+impl SimLatency {
+    fn per_gb(ms_per_gb: u64, memory_mb: u64) -> Duration {
+        Duration::from_millis(ms_per_gb.saturating_mul(memory_mb) / 1024)
+    }
+}
+
+/// What a sim checkpoint records of its guest (the first line of its file;
+/// a filler of 1 KiB per MB of memory follows, so sizes and checksums mean
+/// something).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SimSaved {
+    name: String,
+    memory_mb: u64,
+    cpus: u32,
+    image: String,
+    boot_id: String,
+    created_ms: u64,
 }
 
 /// One guest of the simulated node.
@@ -75,6 +107,16 @@ pub struct SimDomain {
     /// The addresses the coordinator gave the VM (recorded, not simulated).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nics: Vec<protocol::pilot::Nic>,
+    /// Random at create, carried through save and restore: a resumed guest
+    /// has its boot id, a rebooted one would not.
+    #[serde(default)]
+    pub boot_id: String,
+}
+
+fn random_boot_id() -> String {
+    let v = protocol::SlotId::generate();
+    let w = protocol::SlotId::generate();
+    format!("{}{}", &v.as_str()[3..], &w.as_str()[3..])
 }
 
 impl SimNode {
@@ -270,9 +312,24 @@ impl Sim {
                     image: String::new(),
                     created_ms: now,
                     nics: Vec::new(),
+                    boot_id: random_boot_id(),
                 },
                 now,
             )
+        })
+    }
+
+    fn set_state(&self, name: &str, state: &str) -> Result<(), HvError> {
+        self.update(|node, _| {
+            let d = node
+                .domains
+                .iter_mut()
+                .find(|d| d.name == name)
+                .ok_or_else(|| HvError::NoSuchDomain {
+                    name: name.to_string(),
+                })?;
+            d.state = state.to_string();
+            Ok(())
         })
     }
 
@@ -337,6 +394,7 @@ impl Hypervisor for Sim {
                     image: vm.image.clone(),
                     created_ms: now,
                     nics: vm.nics.clone(),
+                    boot_id: random_boot_id(),
                 },
                 now,
             )?;
@@ -365,6 +423,140 @@ impl Hypervisor for Sim {
             Ok(())
         })
     }
+
+    /// Takes `save_ms_per_gb` of the guest's memory (stopped meanwhile);
+    /// one that would end past `deadline` waits until then and fails,
+    /// leaving the guest running, as a real save that runs out of time.
+    fn save(
+        &self,
+        name: &str,
+        out: &mut CheckpointWriter,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, HvError> {
+        let t0 = Instant::now();
+        let n = self.node()?;
+        let d = n
+            .domains
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| HvError::NoSuchDomain {
+                name: name.to_string(),
+            })?
+            .clone();
+        if d.state != "running" {
+            return Err(HvError::Config(format!(
+                "{name} is {}, not running: nothing to save",
+                d.state
+            )));
+        }
+        self.set_state(name, "paused")?;
+        let cost = SimLatency::per_gb(n.latency.save_ms_per_gb, d.memory_mb);
+        if t0 + cost > deadline {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            self.set_state(name, "running")?;
+            return Err(HvError::Timeout {
+                what: format!(
+                    "saving {name} ({} MB at {} ms/GB)",
+                    d.memory_mb, n.latency.save_ms_per_gb
+                ),
+                after_ms: t0.elapsed().as_millis() as u64,
+            });
+        }
+        std::thread::sleep(cost);
+        let saved = SimSaved {
+            name: d.name.clone(),
+            memory_mb: d.memory_mb,
+            cpus: d.cpus,
+            image: d.image.clone(),
+            boot_id: d.boot_id.clone(),
+            created_ms: d.created_ms,
+        };
+        let result = (|| {
+            let mut f = out.create(SIM_STATE)?;
+            let mut line = serde_json::to_vec(&saved).map_err(|e| HvError::Corrupt {
+                path: self.node_path(),
+                message: e.to_string(),
+            })?;
+            line.push(b'\n');
+            let ioerr = |e| {
+                HvError::Checkpoint(CkError::Io {
+                    path: out.dir().join(SIM_STATE),
+                    source: e,
+                })
+            };
+            f.write_all(&line).map_err(ioerr)?;
+            let block: Vec<u8> = (0..1024u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+                .collect();
+            for _ in 0..d.memory_mb {
+                f.write_all(&block).map_err(ioerr)?;
+            }
+            let e = f.finish()?;
+            out.add(e);
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = self.set_state(name, "running");
+            return Err(e);
+        }
+        self.set_state(name, "saved")?;
+        Ok(serde_json::json!({ "sim": 1 }))
+    }
+
+    fn resume_after_save(&self, name: &str) -> Result<(), HvError> {
+        self.set_state(name, "running")
+    }
+
+    /// Reads and verifies the checkpoint, takes `restore_ms_per_gb`, and
+    /// adds the guest under the launch's name with the saved boot id.
+    fn restore(
+        &self,
+        vm: &VmLaunch,
+        from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        let t0 = Instant::now();
+        let mut text = Vec::new();
+        let path = self.node_path();
+        from.open(SIM_STATE)?
+            .read_to_end(&mut text)
+            .map_err(|e| CkError::from_io(e, &path))?;
+        let line = text.split(|b| *b == b'\n').next().unwrap_or_default();
+        let saved: SimSaved = serde_json::from_slice(line).map_err(|e| HvError::Corrupt {
+            path: path.clone(),
+            message: format!("checkpoint {}: {e}", from.id()),
+        })?;
+        if saved.memory_mb != vm.memory_mb || saved.cpus != vm.cpus {
+            return Err(HvError::Incompatible(format!(
+                "saved with {} MB and {} CPUs, launched with {} MB and {} CPUs",
+                saved.memory_mb, saved.cpus, vm.memory_mb, vm.cpus
+            )));
+        }
+        let cost = SimLatency::per_gb(self.latency()?.restore_ms_per_gb, vm.memory_mb);
+        if t0 + cost > deadline {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            return Err(HvError::Timeout {
+                what: format!("restoring {}", vm.name),
+                after_ms: t0.elapsed().as_millis() as u64,
+            });
+        }
+        std::thread::sleep(cost.saturating_sub(t0.elapsed()));
+        self.update(|node, now| {
+            node.add_domain(
+                SimDomain {
+                    name: vm.name.clone(),
+                    memory_mb: vm.memory_mb,
+                    cpus: vm.cpus,
+                    state: "running".to_string(),
+                    image: vm.image.clone(),
+                    created_ms: now,
+                    nics: vm.nics.clone(),
+                    boot_id: saved.boot_id.clone(),
+                },
+                now,
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -385,6 +577,8 @@ mod tests {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: Default::default(),
+            restore: None,
         }
     }
 
@@ -459,6 +653,7 @@ mod tests {
             image: String::new(),
             created_ms: 0,
             nics: Vec::new(),
+            boot_id: String::new(),
         });
         node.dom0.target_mb = 4096;
         node.dom0.from_mb = 3072;

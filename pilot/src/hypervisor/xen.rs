@@ -8,9 +8,13 @@
 //! Guests are listed from xenstore (or `xl list -l`), created from a
 //! generated xl config file, destroyed, paused, saved and restored through
 //! `<command_prefix> xl ...` as an argv (never a shell), each command
-//! bounded and its raw output kept for errors. Not a libxl binding.
+//! bounded and its raw output kept for errors. A checkpoint holds what
+//! `xl save -p` wrote (hashed once written); `xl restore -p` takes it with a
+//! config generated for the guest's new name, after it was verified whole.
+//! Not a libxl binding.
 
 use super::{Dom0Memory, Domain, HvError, HvOptions, Hypervisor};
+use crate::checkpoint::{CheckpointReader, CheckpointWriter};
 use protocol::pilot::VmLaunch;
 use protocol::VmName;
 use serde::{Deserialize, Serialize};
@@ -788,20 +792,34 @@ impl Xen {
         self.xl(&["unpause", name]).map(|_| ())
     }
 
-    /// Saves the guest's memory to `file` (the guest stops), for suspend.
-    pub fn save(&self, name: &str, file: &Path) -> Result<(), HvError> {
-        check_name(name)?;
-        let f = file.to_string_lossy();
-        self.xl(&["save", name, f.as_ref()])?;
-        self.wait_for(name, false, "still listed after xl save")
+    /// `xl <args>` bounded by `deadline` (and the configured command timeout).
+    fn xl_until(&self, args: &[&str], deadline: Instant) -> Result<String, HvError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HvError::Timeout {
+                what: format!("xl {}", args.join(" ")),
+                after_ms: 0,
+            });
+        }
+        let timeout = left.min(Duration::from_millis(self.cfg.command_timeout_ms));
+        run_bounded(&self.argv(args), timeout)
     }
 
-    /// Restores a guest saved with [`Xen::save`]; returns once it is listed.
-    pub fn restore(&self, file: &Path, name: &str) -> Result<(), HvError> {
-        check_name(name)?;
-        let f = file.to_string_lossy();
-        self.xl(&["restore", f.as_ref()])?;
-        self.wait_for(name, true, "not listed after xl restore")
+    /// Writes the guest's config file (for create and restore).
+    fn write_config(&self, vm: &VmLaunch) -> Result<PathBuf, HvError> {
+        let text = self.cfg.domain_config(vm, &self.node)?;
+        std::fs::create_dir_all(&self.run_dir).map_err(|source| HvError::Io {
+            path: self.run_dir.clone(),
+            source,
+        })?;
+        let path = self.config_path(&vm.name);
+        crate::files::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
+            HvError::Io {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        Ok(path)
     }
 
     /// Credit scheduler weight and cap (cap 0: none); `urgent` uses
@@ -1039,24 +1057,13 @@ impl Hypervisor for Xen {
         let slot = VmName::parse(&vm.name)
             .map(|n| n.slot.to_string())
             .unwrap_or_default();
-        let text = self.cfg.domain_config(vm, &self.node)?;
+        self.cfg.domain_config(vm, &self.node)?;
         if self.exists(&vm.name)? {
             return Err(HvError::DomainExists {
                 name: vm.name.clone(),
             });
         }
-        let io = |source| HvError::Io {
-            path: self.run_dir.clone(),
-            source,
-        };
-        std::fs::create_dir_all(&self.run_dir).map_err(io)?;
-        let path = self.config_path(&vm.name);
-        crate::files::write_atomic(&path, text.as_bytes(), 0o644).map_err(|source| {
-            HvError::Io {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let path = self.write_config(vm)?;
         let t0 = Instant::now();
         let p = path.to_string_lossy();
         self.xl(&["create", p.as_ref()])?;
@@ -1104,7 +1111,92 @@ impl Hypervisor for Xen {
         tracing::info!(node = %self.node, slot = %slot, vm = %name, ms = t0.elapsed().as_millis() as u64, "xl destroy");
         Ok(())
     }
+
+    /// `xl save -p`: the guest's state into the checkpoint, the guest left
+    /// paused (and listed) until the caller destroys or unpauses it.
+    fn save(
+        &self,
+        name: &str,
+        out: &mut CheckpointWriter,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, HvError> {
+        check_name(name)?;
+        if !self.exists(name)? {
+            return Err(HvError::NoSuchDomain {
+                name: name.to_string(),
+            });
+        }
+        let t0 = Instant::now();
+        let part = out.part_path(XL_SAVE)?;
+        let p = part.to_string_lossy();
+        let r = self
+            .xl_until(&["save", "-p", name, p.as_ref()], deadline)
+            .and_then(|_| out.adopt(XL_SAVE).map_err(HvError::from));
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&part);
+            if self.exists(name).unwrap_or(false) {
+                if let Err(u) = self.unpause(name) {
+                    tracing::error!(vm = name, error = %u, "guest not unpaused after a failed save");
+                }
+            }
+            return Err(e);
+        }
+        tracing::info!(node = %self.node, vm = name, ms = t0.elapsed().as_millis() as u64, "xl save");
+        Ok(serde_json::json!({ "file": XL_SAVE, "saved_with": "xl save -p" }))
+    }
+
+    fn resume_after_save(&self, name: &str) -> Result<(), HvError> {
+        self.unpause(name)
+    }
+
+    /// `xl restore -p <config> <file>` with a config generated for the
+    /// launch (its name in its new slot), once the file was verified whole;
+    /// then the scheduler settings and `unpause`.
+    fn restore(
+        &self,
+        vm: &VmLaunch,
+        from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        let name = &vm.name;
+        check_name(name)?;
+        if self.exists(name)? {
+            return Err(HvError::DomainExists { name: name.clone() });
+        }
+        let t0 = Instant::now();
+        let file = from.verified_path(XL_SAVE)?;
+        let cfg = self.write_config(vm)?;
+        let (c, f) = (cfg.to_string_lossy(), file.to_string_lossy());
+        let r = self
+            .xl_until(&["restore", "-p", c.as_ref(), f.as_ref()], deadline)
+            .and_then(|_| self.wait_for(name, true, "not listed after xl restore"))
+            .and_then(|_| {
+                if self.cfg.sched_weight.is_some() || self.cfg.sched_cap.is_some() {
+                    if let Err(e) = self.set_sched_credit(
+                        name,
+                        self.cfg.sched_weight,
+                        self.cfg.sched_cap,
+                        false,
+                    ) {
+                        tracing::warn!(vm = %name, error = %e, "scheduler settings not applied");
+                    }
+                }
+                self.unpause(name)
+            });
+        if let Err(e) = r {
+            if self.exists(name).unwrap_or(false) {
+                let _ = self.xl(&["destroy", name]);
+            }
+            let _ = std::fs::remove_file(&cfg);
+            return Err(e);
+        }
+        tracing::info!(node = %self.node, vm = %name, checkpoint = %from.id(), ms = t0.elapsed().as_millis() as u64, "xl restore");
+        Ok(())
+    }
 }
+
+/// The file `xl save` writes into a checkpoint.
+const XL_SAVE: &str = "xl.save";
 
 #[cfg(test)]
 mod tests {
@@ -1123,6 +1215,8 @@ mod tests {
             nics: Vec::new(),
             hostname: None,
             context: None,
+            on_preempt: Default::default(),
+            restore: None,
         }
     }
 

@@ -166,6 +166,8 @@ fn run() -> Result<(), String> {
                 nics: Vec::new(),
                 hostname: None,
                 context: None,
+                on_preempt: Default::default(),
+                restore: None,
             })
             .map_err(|e| e.to_string())?;
         }

@@ -3,8 +3,15 @@
 //! Tests put it on PATH as `xl` (a symlink). It talks to `$XENSTORED_PATH`
 //! like the driver does, keeps guests under `/local/domain/<id>` as libxl
 //! does and its own bookkeeping under `/tool/standin`. Subcommands: list
-//! [-l] [dom], create FILE, destroy, mem-set, pause, unpause, save, restore,
-//! sched-credit, info (and xenstore-read/-write for tests).
+//! [-l] [dom], create FILE, destroy, mem-set, pause, unpause, save [-c|-p]
+//! DOM FILE, restore [-p] [CONFIG] FILE, sched-credit, info (and
+//! xenstore-read/-write for tests).
+//! Each guest has a boot id (random at create) and a count that goes up
+//! ten times a second while it is not paused (`list -l` shows both under
+//! `standin`): save files carry them, so a restored guest is the same one
+//! and counts on from where it stopped. A save file is one JSON line and a
+//! filler of 1 KiB per MB of the guest's memory; restore refuses a file
+//! whose filler is not whole.
 //! `WSP_FAKE_XL_LOG=<file>` appends each argv there; `WSP_FAKE_XL_DESTROY_MS`
 //! makes each destroy take that long.
 
@@ -31,6 +38,30 @@ struct Dom {
     state: String,
     weight: u32,
     cap: u32,
+    boot_id: String,
+    count: u64,
+}
+
+/// Milliseconds per count of a running guest.
+const COUNT_MS: u64 = 100;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A guest's identity and where its count stands.
+struct Guest {
+    boot_id: String,
+    count: u64,
+}
+
+fn new_boot_id() -> R<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .map(|u| u.trim().replace('-', ""))
+        .map_err(|e| format!("/proc/sys/kernel/random/uuid: {e}"))
 }
 
 fn num(xs: &mut XsClient, path: &str) -> R<u64> {
@@ -73,6 +104,8 @@ fn domains(xs: &mut XsClient) -> R<Vec<Dom>> {
                 .map_err(xs_err)?
                 .unwrap_or_else(|| d.to_string()))
         };
+        let base: u64 = get(xs, "count-base", "0")?.parse().unwrap_or(0);
+        let since: Option<u64> = get(xs, "run-since-ms", "")?.parse().ok();
         out.push(Dom {
             id: idn,
             name,
@@ -81,6 +114,8 @@ fn domains(xs: &mut XsClient) -> R<Vec<Dom>> {
             state: get(xs, "state", "running")?,
             weight: get(xs, "weight", "256")?.parse().unwrap_or(256),
             cap: get(xs, "cap", "0")?.parse().unwrap_or(0),
+            boot_id: get(xs, "boot-id", "")?,
+            count: base + since.map_or(0, |s| now_ms().saturating_sub(s) / COUNT_MS),
         });
     }
     out.sort_by_key(|d| d.id);
@@ -158,8 +193,36 @@ fn parse_config(text: &str) -> R<BTreeMap<String, Value>> {
     Ok(out)
 }
 
+/// Pauses or unpauses a guest, freezing or restarting its count.
+fn set_paused(xs: &mut XsClient, d: &Dom, paused: bool) -> R<()> {
+    let tool = format!("{TOOL_ROOT}/domain/{}", d.id);
+    xs.write(&format!("{tool}/count-base"), &d.count.to_string())
+        .map_err(xs_err)?;
+    let since = if paused {
+        String::new()
+    } else {
+        now_ms().to_string()
+    };
+    xs.write(&format!("{tool}/run-since-ms"), &since)
+        .map_err(xs_err)?;
+    xs.write(
+        &format!("{tool}/state"),
+        if paused { "paused" } else { "running" },
+    )
+    .map_err(xs_err)
+}
+
 /// Makes a guest: checks name and free memory like libxl, writes its nodes.
-fn make_domain(xs: &mut XsClient, name: &str, mem_mb: u64, vcpus: u32, origin: &str) -> R<u32> {
+/// `guest` is the identity a restore carries (a new one otherwise).
+fn make_domain(
+    xs: &mut XsClient,
+    name: &str,
+    mem_mb: u64,
+    vcpus: u32,
+    origin: &str,
+    guest: Option<Guest>,
+    paused: bool,
+) -> R<u32> {
     let _lock = tool_lock()?;
     let doms = domains(xs)?;
     if doms.iter().any(|d| d.name == name) {
@@ -179,9 +242,30 @@ fn make_domain(xs: &mut XsClient, name: &str, mem_mb: u64, vcpus: u32, origin: &
         .map_err(xs_err)?;
     let base = format!("/local/domain/{id}");
     let tool = format!("{TOOL_ROOT}/domain/{id}");
-    xs.write(&format!("{tool}/state"), "running")
-        .map_err(xs_err)?;
+    let guest = match guest {
+        Some(g) => g,
+        None => Guest {
+            boot_id: new_boot_id()?,
+            count: 0,
+        },
+    };
+    xs.write(
+        &format!("{tool}/state"),
+        if paused { "paused" } else { "running" },
+    )
+    .map_err(xs_err)?;
     xs.write(&format!("{tool}/origin"), origin)
+        .map_err(xs_err)?;
+    xs.write(&format!("{tool}/boot-id"), &guest.boot_id)
+        .map_err(xs_err)?;
+    xs.write(&format!("{tool}/count-base"), &guest.count.to_string())
+        .map_err(xs_err)?;
+    let since = if paused {
+        String::new()
+    } else {
+        now_ms().to_string()
+    };
+    xs.write(&format!("{tool}/run-since-ms"), &since)
         .map_err(xs_err)?;
     xs.write(&format!("{base}/domid"), &id.to_string())
         .map_err(xs_err)?;
@@ -254,6 +338,7 @@ fn list(xs: &mut XsClient, args: &[String]) -> R<()> {
                         },
                     },
                     "state": d.state,
+                    "standin": { "boot_id": d.boot_id, "count": d.count },
                 })
             })
             .collect();
@@ -283,7 +368,31 @@ fn list(xs: &mut XsClient, args: &[String]) -> R<()> {
 }
 
 fn save_record(d: &Dom) -> Value {
-    json!({ "name": d.name, "memory_mb": d.mem_kb / 1024, "vcpus": d.vcpus })
+    json!({
+        "name": d.name,
+        "memory_mb": d.mem_kb / 1024,
+        "vcpus": d.vcpus,
+        "boot_id": d.boot_id,
+        "count": d.count,
+    })
+}
+
+/// 1 KiB of the save file's filler.
+fn filler_block() -> Vec<u8> {
+    (0..1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect()
+}
+
+/// Splits `args` into flags (`-x`) and the rest, in order.
+fn flags_and_rest(args: &[String]) -> (Vec<&str>, Vec<&String>) {
+    let flags = args
+        .iter()
+        .filter(|a| a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let rest = args.iter().filter(|a| !a.starts_with('-')).collect();
+    (flags, rest)
 }
 
 fn run(args: &[String]) -> R<()> {
@@ -323,7 +432,7 @@ fn run(args: &[String]) -> R<()> {
                     }
                 }
             }
-            let id = make_domain(&mut xs, name, mem, vcpus, file)?;
+            let id = make_domain(&mut xs, name, mem, vcpus, file, None, false)?;
             eprintln!("Parsing config from {file}");
             let _ = id;
             Ok(())
@@ -350,25 +459,93 @@ fn run(args: &[String]) -> R<()> {
         }
         "pause" | "unpause" => {
             let d = find(&mut xs, arg(0)?)?;
-            let st = if cmd == "pause" { "paused" } else { "running" };
-            xs.write(&format!("{TOOL_ROOT}/domain/{}/state", d.id), st)
-                .map_err(xs_err)
+            set_paused(&mut xs, &d, cmd == "pause")
         }
         "save" => {
-            let d = find(&mut xs, arg(0)?)?;
-            let file = arg(1)?;
-            let text = serde_json::to_vec(&save_record(&d)).map_err(|e| e.to_string())?;
+            // save [-c|-p] <Domain> <CheckpointFile> [<ConfigFile>]
+            let (flags, pos) = flags_and_rest(rest);
+            let which = pos.first().ok_or("xl save: no domain")?;
+            let file = pos.get(1).ok_or("xl save: no checkpoint file")?;
+            let d = find(&mut xs, which)?;
+            let mut text = serde_json::to_vec(&save_record(&d)).map_err(|e| e.to_string())?;
+            text.push(b'\n');
+            let block = filler_block();
+            for _ in 0..d.mem_kb / 1024 {
+                text.extend_from_slice(&block);
+            }
             std::fs::write(file, text).map_err(|e| format!("{file}: {e}"))?;
-            remove_domain(&mut xs, &d)
+            if flags.contains(&"-p") {
+                set_paused(&mut xs, &d, true)
+            } else if flags.contains(&"-c") {
+                Ok(())
+            } else {
+                remove_domain(&mut xs, &d)
+            }
         }
         "restore" => {
-            let file = arg(0)?;
-            let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
-            let v: Value = serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
-            let name = v["name"].as_str().ok_or("save file has no name")?;
-            let mem = v["memory_mb"].as_u64().ok_or("save file has no memory")?;
-            let vcpus = v["vcpus"].as_u64().unwrap_or(1) as u32;
-            make_domain(&mut xs, name, mem, vcpus, file).map(|_| ())
+            // restore [-p] [<ConfigFile>] <CheckpointFile>
+            let (flags, pos) = flags_and_rest(rest);
+            let (config, file) = match pos.as_slice() {
+                [file] => (None, *file),
+                [config, file] => (Some(*config), *file),
+                _ => return Err("xl restore: [-p] [<ConfigFile>] <CheckpointFile>".into()),
+            };
+            let bytes = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
+            let nl = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .unwrap_or(bytes.len());
+            let v: Value =
+                serde_json::from_slice(&bytes[..nl]).map_err(|e| format!("{file}: {e}"))?;
+            let saved_mem = v["memory_mb"].as_u64().ok_or("save file has no memory")?;
+            let filler = &bytes[(nl + 1).min(bytes.len())..];
+            let block = filler_block();
+            if filler.len() as u64 != saved_mem * 1024
+                || filler.chunks(1024).any(|c| c != block.as_slice())
+            {
+                return Err(format!(
+                    "{file}: damaged checkpoint (memory image does not match)"
+                ));
+            }
+            let mut name = v["name"]
+                .as_str()
+                .ok_or("save file has no name")?
+                .to_string();
+            let mut vcpus = v["vcpus"].as_u64().unwrap_or(1) as u32;
+            if let Some(cfg_file) = config {
+                let text =
+                    std::fs::read_to_string(cfg_file).map_err(|e| format!("{cfg_file}: {e}"))?;
+                let cfg = parse_config(&text)?;
+                name = cfg
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or("config has no name")?
+                    .to_string();
+                let mem = cfg
+                    .get("memory")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(saved_mem);
+                if mem != saved_mem {
+                    return Err(format!(
+                        "memory = {mem} in {cfg_file} differs from the saved domain's {saved_mem} MB"
+                    ));
+                }
+                vcpus = cfg.get("vcpus").and_then(Value::as_u64).unwrap_or(1) as u32;
+            }
+            let guest = Guest {
+                boot_id: v["boot_id"].as_str().unwrap_or_default().to_string(),
+                count: v["count"].as_u64().unwrap_or(0),
+            };
+            make_domain(
+                &mut xs,
+                &name,
+                saved_mem,
+                vcpus,
+                file,
+                Some(guest),
+                flags.contains(&"-p"),
+            )
+            .map(|_| ())
         }
         "sched-credit" => {
             let mut dom = None;

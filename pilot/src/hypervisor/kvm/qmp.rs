@@ -2,12 +2,15 @@
 //! capabilities, run one command at a time and read its typed answer.
 //!
 //! Every read and write is bounded by the socket timeout. Asynchronous events
-//! QEMU sends between answers are skipped. Not a full QAPI binding: only the
-//! answers the kvm driver reads are typed (status, migration).
+//! QEMU sends between answers are skipped. A command may carry a file
+//! descriptor (`getfd`, for migration to and from a pipe the pilot holds).
+//! Not a full QAPI binding: only the answers the kvm driver reads are typed
+//! (status, migration).
 
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -106,13 +109,48 @@ impl Qmp {
 
     /// Runs `command` and returns its `return` value (events are skipped).
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None)
+    }
+
+    /// Runs `command` with `fd` passed along (SCM_RIGHTS), as `getfd` wants.
+    /// QEMU keeps its own copy; the caller closes its own.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: RawFd,
+    ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, Some(fd))
+    }
+
+    fn execute_inner(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<RawFd>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         let mut bytes = msg.to_string().into_bytes();
         bytes.push(b'\n');
-        self.writer.write_all(&bytes)?;
+        match fd {
+            None => self.writer.write_all(&bytes)?,
+            Some(fd) => {
+                use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+                let fds = [fd];
+                let sent = sendmsg::<UnixAddr>(
+                    self.writer.as_raw_fd(),
+                    &[std::io::IoSlice::new(&bytes)],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)?;
+                self.writer.write_all(&bytes[sent..])?;
+            }
+        }
         loop {
             let m = self.read_message()?;
             if m.get("event").is_some() {
