@@ -7,6 +7,14 @@
 #   export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
 # Env: WSP_SGE_DIR (scratch, default /tmp/wsp-sge), WSP_SGE_WAIT_S (30).
 set -euo pipefail
+# The daemons started here must not inherit our caller's descriptors: a
+# `flock LOCK cmd` lock held by munged or slurmctld would never be released,
+# and a test harness's pipe would never see its end. Keep 0-2 and bash's own
+# script descriptor (255).
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 here=$(cd "$(dirname "$0")" && pwd)
 export SGE_ROOT=/var/lib/gridengine SGE_CELL=default
 W=${WSP_SGE_DIR:-/tmp/wsp-sge}

@@ -6,6 +6,14 @@
 # Env: WSP_SLURM_DIR (default /tmp/wsp-slurm), WSP_SLURM_PORT (6817),
 #      WSP_SLURM_NODE_PORT (17001: n1, +1: n2), WSP_SLURM_WAIT_S (30).
 set -euo pipefail
+# The daemons started here must not inherit our caller's descriptors: a
+# `flock LOCK cmd` lock held by munged or slurmctld would never be released,
+# and a test harness's pipe would never see its end. Keep 0-2 and bash's own
+# script descriptor (255).
+for fd in /proc/$$/fd/*; do
+    fd=${fd##*/}
+    if [ "$fd" -gt 2 ] && [ "$fd" -ne 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 here=$(cd "$(dirname "$0")" && pwd)
 D=${WSP_SLURM_DIR:-/tmp/wsp-slurm}
 PORT=${WSP_SLURM_PORT:-6817}
