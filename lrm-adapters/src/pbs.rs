@@ -13,7 +13,7 @@
 //! |---|---|---|
 //! | resources | `-l nodes=N:ppn=P`, `-l mem=<job total>mb` | `-l select=N:ncpus=P:mem=<M>mb`, `-l place=scatter` |
 //! | launch | `pbsdsh -u` (one per unique node) | `pbsdsh --` (one per chunk) |
-//! | status | `qstat -x id...` (XML) | `qstat -x -f -F json id...` |
+//! | status | `qstat -x id...` (XML) | `qstat -x -f id...` (text) |
 //! | finished | `C` (while `keep_completed`) | `F` (job history) |
 //! | walltime kill | `exit_status` -11 | `Exit_status` -29 |
 //! | default `kill_delay` | 2 s | 10 s |
@@ -32,6 +32,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// When OpenPBS SIGKILLs pbsdsh's tasks after qdel (see `site_kill_delay`).
+const PBSPRO_TASK_KILL: Duration = Duration::from_secs(10);
 
 /// Which PBS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,7 +166,8 @@ impl Pbs {
 
     /// The `kill_delay` the server applies to our jobs: the queue's (ours,
     /// or the server's `default_queue`), else the server's, else the
-    /// flavour's default. Read with `qstat -B -f` and `qstat -Q -f <queue>`,
+    /// flavour's default; on PBS Pro at most 10 s (its pbsdsh tasks are
+    /// SIGKILLed then). Read with `qstat -B -f` and `qstat -Q -f <queue>`,
     /// which any user may run.
     pub async fn site_kill_delay(&self) -> Result<Duration, LrmError> {
         let server = self.qstat_records(&["-B", "-f"]).await?;
@@ -190,7 +194,13 @@ impl Pbs {
             .and_then(batch_common::hms_seconds)
             .map(Duration::from_secs)
             .unwrap_or(self.flavour.default_kill_delay());
-        Ok(delay)
+        Ok(match self.flavour {
+            // OpenPBS 23.06 SIGKILLs the tasks pbsdsh started (the pilots)
+            // 10 s after qdel whatever the queue's kill_delay (seen with 5
+            // and 20): a longer kill_delay does not give the pilot longer.
+            Flavour::PbsPro => delay.min(PBSPRO_TASK_KILL),
+            Flavour::Torque => delay,
+        })
     }
 
     /// `qstat <args>` in its text form (`Server: x` / `Queue: x` records).
@@ -200,19 +210,21 @@ impl Pbs {
         Ok(parse_records(&out.stdout))
     }
 
-    /// One structured `qstat` (Torque XML, PBS Pro JSON) of `ids`, or of
-    /// every job when `ids` is empty.
+    /// One `qstat` of `ids`, or of every job when `ids` is empty: Torque's
+    /// XML; PBS Pro's `-f` text, because its `-F json` lists only the first
+    /// of several ids (seen on OpenPBS 23.06: `qstat -x -f -F json 8.s 9.s`
+    /// exits 0 with job 8 alone).
     async fn qstat_jobs(&self, ids: &[JobId]) -> Result<(Vec<PbsRecord>, CommandOutput), LrmError> {
         let mut args: Vec<String> = match self.flavour {
             Flavour::Torque => vec!["-x".into()],
             // -x: finished jobs too (job history); harmless without it.
-            Flavour::PbsPro => vec!["-x".into(), "-f".into(), "-F".into(), "json".into()],
+            Flavour::PbsPro => vec!["-x".into(), "-f".into()],
         };
         args.extend(ids.iter().map(|i| i.0.clone()));
         let out = self.runner.run(&self.qstat, &args).await?;
         let parsed = match self.flavour {
             Flavour::Torque => parse_torque_xml(&out.stdout),
-            Flavour::PbsPro => parse_pbspro_json(&out.stdout),
+            Flavour::PbsPro => Ok(parse_records(&out.stdout)),
         };
         let jobs = parsed.map_err(|reason| LrmError::UnparsableStatus {
             command: out.command.clone(),
@@ -459,7 +471,7 @@ pub(crate) struct PbsRecord {
 
 impl PbsRecord {
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.attrs.get(key).map(String::as_str)
+        self.attrs.get(key).map(|v| v.trim())
     }
 }
 
@@ -549,51 +561,13 @@ fn flatten_xml(node: roxmltree::Node, prefix: &str, out: &mut HashMap<String, St
     }
 }
 
-/// PBS Pro's `qstat -f -F json`: `{"Jobs": {"1.s": {"job_state": "R",
-/// "Resource_List": {"walltime": "00:10:00"}, "Exit_status": 271, ...}}}`.
-/// Without a `Jobs` key (no job, or only unknown ids): no job.
-pub(crate) fn parse_pbspro_json(text: &str) -> Result<Vec<PbsRecord>, String> {
-    if text.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-    let Some(jobs) = v.get("Jobs") else {
-        return Ok(Vec::new());
-    };
-    let jobs = jobs.as_object().ok_or("\"Jobs\" is not an object")?;
-    Ok(jobs
-        .iter()
-        .map(|(id, attrs)| {
-            let mut rec = PbsRecord {
-                id: id.clone(),
-                attrs: HashMap::new(),
-            };
-            flatten_json(attrs, "", &mut rec.attrs);
-            rec
-        })
-        .collect())
-}
-
-fn flatten_json(v: &serde_json::Value, prefix: &str, out: &mut HashMap<String, String>) {
-    use serde_json::Value;
-    if let Value::Object(map) = v {
-        for (k, v) in map {
-            match v {
-                Value::Object(_) => flatten_json(v, &format!("{prefix}{k}."), out),
-                Value::String(s) => {
-                    out.insert(format!("{prefix}{k}"), s.clone());
-                }
-                other => {
-                    out.insert(format!("{prefix}{k}"), other.to_string());
-                }
-            }
-        }
-    }
-}
-
-/// Reads the text form of `qstat -B -f` / `qstat -Q -f` (both flavours):
+/// Reads the text form of `qstat -f` (PBS Pro jobs) and of `qstat -B -f` /
+/// `qstat -Q -f` (both flavours):
 ///
 /// ```text
+/// Job Id: 12.pbshost
+///     job_state = R
+///     Resource_List.walltime = 00:10:00
 /// Queue: workq
 ///     queue_type = Execution
 ///     kill_delay = 5
@@ -615,12 +589,15 @@ pub(crate) fn parse_records(text: &str) -> Vec<PbsRecord> {
             continue;
         }
         let Some(rec) = recs.last_mut() else { continue };
+        // qstat wraps long values at a fixed width, also right after a
+        // space: keep trailing spaces until the value is complete.
         if line.starts_with('\t') {
             if let Some(v) = last_key.as_ref().and_then(|k| rec.attrs.get_mut(k)) {
-                v.push_str(line.trim_start_matches('\t').trim_end());
+                v.push_str(line.trim_start_matches('\t').trim_end_matches('\r'));
             }
-        } else if let Some((k, v)) = line.trim().split_once(" = ") {
-            rec.attrs.insert(k.trim().to_string(), v.trim().to_string());
+        } else if let Some((k, v)) = line.trim_start().split_once(" = ") {
+            rec.attrs
+                .insert(k.trim().to_string(), v.trim_end_matches('\r').to_string());
             last_key = Some(k.trim().to_string());
         }
     }
@@ -709,6 +686,71 @@ fn finished_state(job: &PbsRecord, walltime_code: i64) -> JobState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const PBSPRO_XF: &str = include_str!("../tests/fixtures/pbspro/qstat-xf-mixed.txt");
+    const PBSPRO_XF_ERR: &str = include_str!("../tests/fixtures/pbspro/qstat-xf-mixed.stderr");
+    const PBSPRO_GONE: &str = include_str!("../tests/fixtures/pbspro/qstat-f-gone.stderr");
+    const PBSPRO_BF: &str = include_str!("../tests/fixtures/pbspro/qstat-Bf.txt");
+    const PBSPRO_QF: &str = include_str!("../tests/fixtures/pbspro/qstat-Qf.txt");
+
+    fn states(flavour: Flavour, jobs: &[PbsRecord]) -> BTreeMap<String, JobState> {
+        let pbs = Pbs::new(flavour, PbsConfig::default()).unwrap();
+        jobs.iter()
+            .map(|j| (j.get("Job_Name").unwrap_or("").to_string(), pbs.map_job(j)))
+            .collect()
+    }
+
+    #[test]
+    fn recorded_openpbs_qstat_xf_maps_every_job() {
+        let jobs = parse_records(PBSPRO_XF);
+        assert_eq!(jobs.len(), 6);
+        let s = states(Flavour::PbsPro, &jobs);
+        assert_eq!(s["wsp-fx-run"], JobState::Running);
+        assert_eq!(s["wsp-fx-held"], JobState::Held);
+        assert_eq!(s["wsp-fx-big"], JobState::Queued);
+        assert_eq!(s["wsp-sl-done"], JobState::Completed, "Exit_status 0");
+        assert_eq!(s["wsp-sl-cancel"], JobState::Cancelled, "qdel: 271");
+        assert_eq!(s["wsp-sl-wall"], JobState::Timeout, "Exit_status -29");
+        assert_eq!(seq(&jobs[0].id), "17");
+    }
+
+    #[test]
+    fn wrapped_values_are_joined_with_their_spaces() {
+        let jobs = parse_records(PBSPRO_XF);
+        let big = jobs
+            .iter()
+            .find(|j| j.get("Job_Name") == Some("wsp-fx-big"))
+            .unwrap();
+        assert_eq!(
+            big.get("comment"),
+            Some("Can Never Run: Insufficient amount of resource: ncpus (R: 8 A: 2 T: 2)")
+        );
+        assert!(big
+            .get("Variable_List")
+            .unwrap()
+            .ends_with("PBS_O_HOST=pbshost"));
+    }
+
+    #[test]
+    fn recorded_openpbs_complaints_name_the_gone_jobs() {
+        let c = parse_complaints(PBSPRO_XF_ERR);
+        assert_eq!(c.gone, ["987654"]);
+        assert!(c.other.is_empty(), "{:?}", c.other);
+        let c = parse_complaints(PBSPRO_GONE);
+        assert_eq!(c.gone, ["12", "987654"], "finished without -x, and unknown");
+        assert!(c.other.is_empty(), "{:?}", c.other);
+    }
+
+    #[test]
+    fn recorded_openpbs_server_and_queue_give_the_kill_delay() {
+        let server = parse_records(PBSPRO_BF);
+        assert_eq!(server.len(), 1);
+        assert_eq!(server[0].id, "pbshost");
+        assert_eq!(server[0].get("default_queue"), Some("workq"));
+        let queue = parse_records(PBSPRO_QF);
+        assert_eq!(queue[0].id, "workq");
+        assert_eq!(queue[0].get("kill_delay"), Some("5"));
+    }
 
     #[test]
     fn pbs_job_id_is_the_last_id_line_whatever_wrappers_print() {
