@@ -5,7 +5,8 @@
 //! `pbsdsh`, which starts one pilot per node through that node's MOM, so
 //! `qdel`'s and the walltime's SIGTERM reach every pilot (SIGKILL follows
 //! after the queue's `kill_delay`); one `qstat` for many jobs; `qdel` with
-//! retry; the grace checked against the queue's `kill_delay`.
+//! retry (none when the job is already ending); the grace checked against
+//! the queue's `kill_delay`.
 //!
 //! What differs, and only here:
 //!
@@ -381,13 +382,29 @@ impl Lrm for Pbs {
         Ok(answer)
     }
 
-    /// `qdel id` with retry; a job the server no longer has counts as done.
+    /// `qdel id` with retry, unless the job is already ending; a job the
+    /// server no longer has counts as done.
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
         if !plausible_id(id) {
             return Err(LrmError::UnknownJob {
                 lrm: self.flavour.name(),
                 job: id.clone(),
             });
+        }
+        // A job already ending (its pilots have their SIGTERM) is left
+        // alone: a second qdel of a job being deleted SIGKILLs its tasks at
+        // once on OpenPBS (seen: the pilot killed mid-cleanup when the
+        // coordinator cancelled a job an admin had just qdel'd). If the
+        // query fails, qdel decides.
+        if let Ok(answer) = self.status(std::slice::from_ref(id)).await {
+            match answer.get(id) {
+                Some(JobStatus::Known(s)) if s.is_finished() || *s == JobState::Completing => {
+                    tracing::info!(lrm = self.flavour.name(), job = %id, state = ?s, "cancel: job already ending, no qdel");
+                    return Ok(());
+                }
+                Some(JobStatus::NotFound) => return Ok(()),
+                _ => {}
+            }
         }
         let args = vec![id.0.clone()];
         cancel_with_retry(self.flavour.name(), id, self.cancel_attempts, || async {

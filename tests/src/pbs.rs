@@ -268,6 +268,11 @@ pub fn qdel_is_handled_as_preemption_within_kill_delay(s: &PbsServer) {
     let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
         v["settled"] == true
     });
+    eprintln!(
+        "--- job output ---\n{}\n--- coordinator log ---\n{}",
+        job_output(&c),
+        c.log()
+    );
     assert_eq!(v["state"], "preempted", "{v:#}");
     assert!(
         v["reason"].as_str().unwrap_or("").contains("SIGTERM"),
@@ -328,4 +333,22 @@ pub fn coordinator_refuses_a_grace_longer_than_kill_delay(s: &PbsServer) {
         err.contains("kill_delay is 5 s"),
         "the message names the queue's setting: {err}"
     );
+}
+
+/// What the pilot jobs printed (`<data_dir>/jobs/<slot>/*.out`), for failures.
+pub fn job_output(c: &Cluster) -> String {
+    let mut out = String::new();
+    let jobs = c.root().join("coordinator/jobs");
+    for slot in std::fs::read_dir(jobs).into_iter().flatten().flatten() {
+        for f in std::fs::read_dir(slot.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if f.path().extension().is_some_and(|e| e == "out") {
+                out.push_str(&std::fs::read_to_string(f.path()).unwrap_or_default());
+            }
+        }
+    }
+    out
 }
