@@ -137,6 +137,7 @@ build_openpbs() {
     # authentication of non-root clients (resvport) and pbs_rcp need setuid root
     chmod 4755 "$p/sbin/pbs_iff" "$p/sbin/pbs_rcp"
     echo "$id" >"$p/.wsp-build-stamp"
+    rm -rf "$ROOT/build/openpbs-$id" # the build tree (180 MB) is not needed any more
     say "openpbs: built in $((SECONDS - t0)) s, $(du -sh "$p" | cut -f1) in $p"
 }
 
@@ -181,6 +182,7 @@ build_torque() {
         die "torque: $p/bin/qsub does not find its libraries: $(ldd "$p/bin/qsub" | grep 'not found')"
     fi
     echo "$id" >"$p/.wsp-build-stamp"
+    rm -rf "$ROOT/build/torque-$id" # the build tree (290 MB) is not needed any more
     say "torque: built in $((SECONDS - t0)) s, $(du -sh "$p" | cut -f1) in $p"
 }
 
