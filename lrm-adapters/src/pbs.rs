@@ -279,7 +279,17 @@ impl Lrm for Pbs {
                 format!(
                     "# One pilot per node (-u), each started by its node's MOM: qdel's and the walltime's SIGTERM reach them all.\n\
                      # POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n\
-                     POSIXLY_CORRECT=1 exec {pbsdsh} -u {}\n",
+                     # pbsdsh runs in a session of its own: on SIGTERM it would exit at once, and Torque\n\
+                     # SIGKILLs every task of a job whose script has ended (seen: the pilots killed 86 ms\n\
+                     # after qdel). This shell survives the SIGTERM and waits until the pilots are done or\n\
+                     # kill_delay is over.\n\
+                     trap 'echo \"wsp: SIGTERM (the pilots have until SIGKILL)\" >&2' TERM\n\
+                     POSIXLY_CORRECT=1 setsid {pbsdsh} -u {} &\n\
+                     pid=$!\n\
+                     status=0\n\
+                     # wait returns early when a trapped signal arrives: wait again until pbsdsh is gone.\n\
+                     while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; status=$?; done\n\
+                     exit $status\n",
                     node_command(job, true)
                 ),
             ),
@@ -540,29 +550,34 @@ fn plausible_id(id: &JobId) -> bool {
 }
 
 /// Torque's `qstat -x`: `<Data><Job><Job_Id>1.s</Job_Id><job_state>R</job_state>
-/// <Resource_List><walltime>00:10:00</walltime></Resource_List>...</Job></Data>`.
-/// No output at all is no job.
-pub(crate) fn parse_torque_xml(xml: &str) -> Result<Vec<PbsRecord>, String> {
-    if xml.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let doc = roxmltree::Document::parse(xml.trim()).map_err(|e| format!("not XML: {e}"))?;
-    let data = doc.root_element();
-    if data.tag_name().name() != "Data" {
-        return Err(format!(
-            "root element <{}>, not <Data>",
-            data.tag_name().name()
-        ));
-    }
+/// <Resource_List><walltime>00:10:00</walltime></Resource_List>...</Job></Data>`,
+/// one whole document (`<?xml ...?>` and `<Data>`) per id asked for (seen on
+/// Torque 6.1: `qstat -x 1.s 2.s` prints two). No output at all is no job.
+pub(crate) fn parse_torque_xml(text: &str) -> Result<Vec<PbsRecord>, String> {
     let mut jobs = Vec::new();
-    for job in data.children().filter(|n| n.has_tag_name("Job")) {
-        let mut rec = PbsRecord::default();
-        flatten_xml(job, "", &mut rec.attrs);
-        rec.id = rec
-            .attrs
-            .remove("Job_Id")
-            .ok_or("a <Job> without <Job_Id>")?;
-        jobs.push(rec);
+    let docs = text
+        .split("<?xml")
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("<?xml{d}"));
+    for doc in docs {
+        let doc = roxmltree::Document::parse(&doc).map_err(|e| format!("not XML: {e}"))?;
+        let data = doc.root_element();
+        if data.tag_name().name() != "Data" {
+            return Err(format!(
+                "root element <{}>, not <Data>",
+                data.tag_name().name()
+            ));
+        }
+        for job in data.children().filter(|n| n.has_tag_name("Job")) {
+            let mut rec = PbsRecord::default();
+            flatten_xml(job, "", &mut rec.attrs);
+            rec.id = rec
+                .attrs
+                .remove("Job_Id")
+                .ok_or("a <Job> without <Job_Id>")?;
+            jobs.push(rec);
+        }
     }
     Ok(jobs)
 }
@@ -664,6 +679,7 @@ fn qdel_says_gone(out: &CommandOutput) -> bool {
     let text = format!("{}\n{}", out.stdout, out.stderr).to_ascii_lowercase();
     [
         "unknown job id",
+        "nonexistent job id",
         "job has finished",
         "invalid state for job - complete",
         "job already in exit state",
@@ -715,6 +731,51 @@ mod tests {
         jobs.iter()
             .map(|j| (j.get("Job_Name").unwrap_or("").to_string(), pbs.map_job(j)))
             .collect()
+    }
+
+    const TORQUE_X: &str = include_str!("../tests/fixtures/torque/qstat-x-mixed.xml");
+    const TORQUE_X_ERR: &str = include_str!("../tests/fixtures/torque/qstat-x-mixed.stderr");
+    const TORQUE_X_ALL: &str = include_str!("../tests/fixtures/torque/qstat-x-all.xml");
+    const TORQUE_BF: &str = include_str!("../tests/fixtures/torque/qstat-Bf.txt");
+    const TORQUE_QF: &str = include_str!("../tests/fixtures/torque/qstat-Qf.txt");
+
+    #[test]
+    fn recorded_torque_qstat_x_one_document_per_id_maps_every_job() {
+        let jobs = parse_torque_xml(TORQUE_X).unwrap();
+        assert_eq!(jobs.len(), 6, "six <?xml?> documents");
+        assert_eq!(
+            parse_torque_xml(TORQUE_X_ALL).unwrap(),
+            jobs,
+            "the same jobs as one document"
+        );
+        let s = states(Flavour::Torque, &jobs);
+        assert_eq!(s["wsp-fx-run"], JobState::Running);
+        assert_eq!(s["wsp-fx-held"], JobState::Held);
+        assert_eq!(s["wsp-sl-cancel"], JobState::Cancelled, "qdel: 271");
+        assert_eq!(s["wsp-sl-wall"], JobState::Timeout, "exit_status -11");
+        assert_eq!(s["wsp-sl-live"], JobState::Failed("exit status 1".into()));
+        let wall = jobs
+            .iter()
+            .find(|j| j.get("Job_Name") == Some("wsp-sl-wall"))
+            .unwrap();
+        assert_eq!(wall.get("Resource_List.walltime"), Some("00:00:03"));
+        assert_eq!(parse_complaints(TORQUE_X_ERR).gone, ["987654"]);
+        assert!(parse_torque_xml("").unwrap().is_empty());
+        assert!(parse_torque_xml("qstat: cannot connect").is_err());
+        assert!(parse_torque_xml("<?xml version=\"1.0\"?><Data><Job>").is_err());
+    }
+
+    #[test]
+    fn recorded_torque_server_and_queue_give_the_kill_delay() {
+        let server = parse_records(TORQUE_BF);
+        assert_eq!(server[0].get("default_queue"), Some("batch"));
+        let queue = parse_records(TORQUE_QF);
+        assert_eq!(queue[0].id, "batch");
+        assert_eq!(queue[0].get("kill_delay"), Some("5"));
+        assert!(
+            queue[0].get("state_count").unwrap().ends_with("Complete:4"),
+            "wrapped value joined"
+        );
     }
 
     #[test]

@@ -144,14 +144,29 @@ env = {{ {env} }}
             .unwrap_or_else(|e| panic!("{cmd}: {e}"))
     }
 
-    /// Ids of the jobs the server has not finished (`qselect`).
+    /// Waits (30 s at most) until the server has finished `job`.
+    pub fn wait_job_gone(&self, job: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.unfinished_jobs().iter().any(|j| j == job) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {job} still in the batch system 30 s after the lease ended"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Ids of the jobs the server has not finished: plain `qstat` (id, name,
+    /// user, time, state, queue), without Torque's `C` and PBS's `F`.
     pub fn unfinished_jobs(&self) -> Vec<String> {
-        let out = self.admin("qselect", &["-s", "EHQRTWS"]);
+        let out = self.admin("qstat", &[]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
+            .filter_map(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 6 && w[0].contains('.') && !matches!(w[4], "C" | "F"))
+                    .then(|| w[0].to_string())
+            })
             .collect()
     }
 }
@@ -229,14 +244,7 @@ pub fn lease_runs_on_the_node_and_destroy_leaves_nothing(s: &PbsServer) {
     });
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.unfinished_jobs().contains(&job) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job {job} still in the batch system after destroy"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    s.wait_job_gone(&job);
     assert!(c.pilot_pids(None).is_empty());
 }
 
@@ -279,7 +287,7 @@ pub fn qdel_is_handled_as_preemption_within_kill_delay(s: &PbsServer) {
         "{v:#}"
     );
     c.assert_nodes_restored();
-    assert!(!s.unfinished_jobs().contains(&job));
+    s.wait_job_gone(&job);
 }
 
 /// The lease ends before the walltime: the pilot leaves, the job ends.
@@ -298,14 +306,7 @@ pub fn lease_end_releases_the_node_and_ends_the_job(s: &PbsServer) {
     });
     assert_eq!(v["state"], "expired", "{v:#}");
     c.assert_nodes_restored();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while s.unfinished_jobs().contains(&job) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job {job} still in the batch system"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    s.wait_job_gone(&job);
 }
 
 /// `serve` refuses a grace longer than the queue's kill_delay, naming it.

@@ -41,7 +41,6 @@ pub struct Server {
     pub env: BTreeMap<String, String>,
     /// qsub/qstat/qdel wrappers that run the real ones as `user`.
     pub wrappers: PathBuf,
-    pub server_lock: PathBuf,
 }
 
 static STARTED: OnceLock<Flavour> = OnceLock::new();
@@ -139,13 +138,6 @@ fn start(flavour: Flavour) -> Result<Option<Server>, String> {
         std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
     }
-    let server_lock = match flavour {
-        Flavour::Torque => PathBuf::from("/var/spool/wsp-torque/server_priv/server.lock"),
-        Flavour::PbsPro => PathBuf::from(
-            std::env::var("WSP_OPENPBS_HOME").unwrap_or("/var/spool/wsp-openpbs".into()),
-        )
-        .join("server_priv/server.lock"),
-    };
     Ok(Some(Server {
         flavour,
         prefix,
@@ -157,7 +149,6 @@ fn start(flavour: Flavour) -> Result<Option<Server>, String> {
         user,
         env,
         wrappers,
-        server_lock,
     }))
 }
 
@@ -205,13 +196,18 @@ impl Server {
             .unwrap()
     }
 
-    /// PID of pbs_server (its lock file).
+    /// PID of pbs_server (the process running the prefix's binary).
     pub fn server_pid(&self) -> i32 {
-        std::fs::read_to_string(&self.server_lock)
-            .unwrap_or_else(|e| panic!("{}: {e}", self.server_lock.display()))
-            .trim()
-            .parse()
+        let bin = match self.flavour {
+            Flavour::Torque => self.prefix.join("sbin/pbs_server"),
+            Flavour::PbsPro => self.prefix.join("sbin/pbs_server.bin"),
+        };
+        std::fs::read_dir("/proc")
             .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == bin))
+            .unwrap_or_else(|| panic!("no process runs {}", bin.display()))
     }
 }
 
