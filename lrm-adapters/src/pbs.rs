@@ -279,17 +279,7 @@ impl Lrm for Pbs {
                 format!(
                     "# One pilot per node (-u), each started by its node's MOM: qdel's and the walltime's SIGTERM reach them all.\n\
                      # POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n\
-                     # pbsdsh runs in a session of its own: on SIGTERM it would exit at once, and Torque\n\
-                     # SIGKILLs every task of a job whose script has ended (seen: the pilots killed 86 ms\n\
-                     # after qdel). This shell survives the SIGTERM and waits until the pilots are done or\n\
-                     # kill_delay is over.\n\
-                     trap 'echo \"wsp: SIGTERM (the pilots have until SIGKILL)\" >&2' TERM\n\
-                     POSIXLY_CORRECT=1 setsid {pbsdsh} -u {} &\n\
-                     pid=$!\n\
-                     status=0\n\
-                     # wait returns early when a trapped signal arrives: wait again until pbsdsh is gone.\n\
-                     while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; status=$?; done\n\
-                     exit $status\n",
+                     POSIXLY_CORRECT=1 exec {pbsdsh} -u {}\n",
                     node_command(job, true)
                 ),
             ),
