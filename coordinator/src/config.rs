@@ -247,8 +247,8 @@ pub struct Config {
     pub local: lrm_adapters::local::LocalConfig,
     pub slurm: lrm_adapters::slurm::SlurmConfig,
     pub gridengine: lrm_adapters::gridengine::GridEngineConfig,
-    pub torque: lrm_adapters::torque::TorqueConfig,
-    pub pbspro: lrm_adapters::pbspro::PbsProConfig,
+    pub torque: lrm_adapters::pbs::PbsConfig,
+    pub pbspro: lrm_adapters::pbs::PbsConfig,
 }
 
 impl Default for Config {

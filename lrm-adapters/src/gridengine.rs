@@ -218,40 +218,50 @@ pub(crate) fn map_state(state: &str) -> JobState {
     }
 }
 
-/// The text of `<name>…</name>` inside one `<job_list>` block.
-fn xml_tag(block: &str, name: &str) -> Option<String> {
-    let open = format!("<{name}>");
-    let start = block.find(&open)? + open.len();
-    let end = block[start..].find(&format!("</{name}>"))? + start;
-    Some(block[start..end].trim().to_string())
-}
-
-/// The `<job_list>` blocks of `qstat -xml` output.
-fn job_blocks(xml: &str) -> Result<impl Iterator<Item = &str>, String> {
-    if !xml.contains("<job_info") {
-        return Err("no <job_info> element".into());
+/// The `<job_list>` elements of `qstat -xml` (running ones under
+/// `<queue_info>`, pending ones under the inner `<job_info>`), each as a
+/// map of its child elements' names to their (entity-decoded) text.
+fn job_lists(xml: &str) -> Result<Vec<HashMap<String, String>>, String> {
+    let doc = roxmltree::Document::parse(xml.trim()).map_err(|e| format!("not XML: {e}"))?;
+    if doc.root_element().tag_name().name() != "job_info" {
+        return Err(format!(
+            "root element <{}>, not <job_info>",
+            doc.root_element().tag_name().name()
+        ));
     }
-    Ok(xml
-        .split("<job_list")
-        .skip(1)
-        .map(|b| b.split("</job_list>").next().unwrap_or(b)))
+    Ok(doc
+        .descendants()
+        .filter(|n| n.has_tag_name("job_list"))
+        .map(|job| {
+            job.children()
+                .filter(|c| c.is_element())
+                .map(|c| {
+                    let text = c.text().unwrap_or("").trim().to_string();
+                    (c.tag_name().name().to_string(), text)
+                })
+                .collect()
+        })
+        .collect())
 }
 
 /// Reads `qstat -xml`: job number -> state of every `<job_list>` element.
 pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, String> {
     let mut jobs = HashMap::new();
-    for block in job_blocks(xml)? {
-        let id = xml_tag(block, "JB_job_number").ok_or("a <job_list> without <JB_job_number>")?;
-        let state = xml_tag(block, "state").unwrap_or_default();
-        jobs.insert(id, map_state(&state));
+    for job in job_lists(xml)? {
+        let id = job
+            .get("JB_job_number")
+            .ok_or("a <job_list> without <JB_job_number>")?;
+        let state = job.get("state").map(String::as_str).unwrap_or_default();
+        jobs.insert(id.clone(), map_state(state));
     }
     Ok(jobs)
 }
 
 /// Reads `qstat -xml`: (job number, job name) of every `<job_list>` element.
 pub(crate) fn parse_qstat_xml_names(xml: &str) -> Result<Vec<(JobId, String)>, String> {
-    Ok(job_blocks(xml)?
-        .filter_map(|b| Some((JobId(xml_tag(b, "JB_job_number")?), xml_tag(b, "JB_name")?)))
+    Ok(job_lists(xml)?
+        .into_iter()
+        .filter_map(|mut j| Some((JobId(j.remove("JB_job_number")?), j.remove("JB_name")?)))
         .collect())
 }
 
@@ -260,7 +270,7 @@ pub(crate) fn parse_notify(text: &str) -> Option<Duration> {
     let line = text
         .lines()
         .find(|l| l.split_whitespace().next() == Some("notify"))?;
-    batch_common::pbs_seconds(line.split_whitespace().nth(1)?).map(Duration::from_secs)
+    batch_common::hms_seconds(line.split_whitespace().nth(1)?).map(Duration::from_secs)
 }
 
 fn plausible_id(id: &JobId) -> bool {
@@ -424,6 +434,19 @@ mod tests {
             "{jobs:?}"
         );
         assert!(parse_qstat_xml_names("garbage").is_err());
+    }
+
+    #[test]
+    fn qstat_xml_entities_are_decoded() {
+        let xml = "<?xml version='1.0'?>\n<job_info>\n <queue_info>\n  <job_list state=\"running\">\n   \
+                   <JB_job_number>12</JB_job_number>\n   <JB_name>a&amp;b&lt;c&gt;</JB_name>\n   \
+                   <state>r</state>\n  </job_list>\n </queue_info>\n <job_info>\n </job_info>\n</job_info>\n";
+        assert_eq!(
+            parse_qstat_xml_names(xml).unwrap(),
+            [(JobId("12".into()), "a&b<c>".to_string())]
+        );
+        assert_eq!(parse_qstat_xml(xml).unwrap()["12"], JobState::Running);
+        assert!(parse_qstat_xml("<?xml version='1.0'?><job_info><job_list>").is_err());
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Batch systems behind one small trait: submit a pilot job, ask the state of
 //! many jobs at once, cancel one.
 //!
-//! One module per flavour (`local`, `slurm`, `gridengine`, `torque`,
-//! `pbspro`); the shared parts (running a command with a timeout and keeping
+//! One module per batch system (`local`, `slurm`, `gridengine`, and `pbs`
+//! for both Torque and PBS Pro); the shared parts (running a command with a timeout and keeping
 //! its raw output for errors) live in [`command`]. This crate knows nothing of
 //! workspaces or VMs: it runs a pilot command on N nodes for a walltime.
 
@@ -11,9 +11,8 @@ pub mod command;
 pub mod gridengine;
 pub mod local;
 pub mod memory;
-pub mod pbspro;
+pub mod pbs;
 pub mod slurm;
-pub mod torque;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -169,7 +168,7 @@ pub trait Lrm: Send + Sync {
     /// Cancelling a job that already ended is not an error.
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError>;
     /// Compares the configured grace with what the batch system really allows
-    /// (Slurm KillWait, Grid Engine notify): `Err(LrmError::Config)` if ours is
+    /// (Slurm KillWait, Grid Engine notify, PBS kill_delay): `Err(LrmError::Config)` if ours is
     /// longer (pilots would be killed mid-cleanup), `Ok(Some(site value))`
     /// when checked, `Ok(None)` when this LRM cannot be asked.
     async fn check_grace(&self) -> Result<Option<Duration>, LrmError> {
@@ -194,8 +193,8 @@ pub struct LrmSettings {
     pub local: local::LocalConfig,
     pub slurm: slurm::SlurmConfig,
     pub gridengine: gridengine::GridEngineConfig,
-    pub torque: torque::TorqueConfig,
-    pub pbspro: pbspro::PbsProConfig,
+    pub torque: pbs::PbsConfig,
+    pub pbspro: pbs::PbsConfig,
 }
 
 /// The batch systems we can drive (`lrm = "..."` in the coordinator's config).
@@ -215,8 +214,14 @@ pub fn build(kind: LrmKind, settings: &LrmSettings) -> Result<Arc<dyn Lrm>, LrmE
         LrmKind::Local => Arc::new(local::LocalLrm::new(settings.local.clone())?),
         LrmKind::Slurm => Arc::new(slurm::Slurm::new(settings.slurm.clone())?),
         LrmKind::Gridengine => Arc::new(gridengine::GridEngine::new(settings.gridengine.clone())?),
-        LrmKind::Torque => Arc::new(torque::Torque::new(settings.torque.clone())?),
-        LrmKind::Pbspro => Arc::new(pbspro::PbsPro::new(settings.pbspro.clone())?),
+        LrmKind::Torque => Arc::new(pbs::Pbs::new(
+            pbs::Flavour::Torque,
+            settings.torque.clone(),
+        )?),
+        LrmKind::Pbspro => Arc::new(pbs::Pbs::new(
+            pbs::Flavour::PbsPro,
+            settings.pbspro.clone(),
+        )?),
     })
 }
 

@@ -5,9 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 use wsp_lrm_adapters::gridengine::{GridEngine, GridEngineConfig};
-use wsp_lrm_adapters::pbspro::{PbsPro, PbsProConfig};
+use wsp_lrm_adapters::pbs::{Flavour, Pbs, PbsConfig};
 use wsp_lrm_adapters::slurm::{Slurm, SlurmConfig};
-use wsp_lrm_adapters::torque::{Torque, TorqueConfig};
 use wsp_lrm_adapters::{Lrm, SlotJob};
 
 fn job() -> SlotJob {
@@ -74,32 +73,32 @@ fn slurm_scripts_match_golden_files() {
 fn torque_scripts_match_golden_files() {
     check(
         "torque-default",
-        &Torque::new(TorqueConfig::default()).unwrap(),
+        &Pbs::new(Flavour::Torque, PbsConfig::default()).unwrap(),
     );
-    let site = TorqueConfig {
+    let site = PbsConfig {
         queue: Some("vms".into()),
         account: Some("proj42".into()),
         extra_directives: vec!["-l feature=vmx".into()],
-        pbsdsh: "/opt/torque/bin/pbsdsh".into(),
-        ..TorqueConfig::default()
+        pbsdsh: Some("/opt/torque/bin/pbsdsh".into()),
+        ..PbsConfig::default()
     };
-    check("torque-site", &Torque::new(site).unwrap());
+    check("torque-site", &Pbs::new(Flavour::Torque, site).unwrap());
 }
 
 #[test]
 fn pbspro_scripts_match_golden_files() {
     check(
         "pbspro-default",
-        &PbsPro::new(PbsProConfig::default()).unwrap(),
+        &Pbs::new(Flavour::PbsPro, PbsConfig::default()).unwrap(),
     );
-    let site = PbsProConfig {
+    let site = PbsConfig {
         queue: Some("vms".into()),
         account: Some("proj42".into()),
-        place: "scatter:excl".into(),
+        place: Some("scatter:excl".into()),
         extra_directives: vec!["-l select=host=cn001".into()],
-        ..PbsProConfig::default()
+        ..PbsConfig::default()
     };
-    check("pbspro-site", &PbsPro::new(site).unwrap());
+    check("pbspro-site", &Pbs::new(Flavour::PbsPro, site).unwrap());
 }
 
 #[test]

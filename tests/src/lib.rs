@@ -6,6 +6,8 @@
 //! `scripts/test.sh` does it). Everything a test starts is stopped when its
 //! [`Cluster`] is dropped, pilots included.
 
+pub mod pbs;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
@@ -106,6 +108,10 @@ pub struct Options {
     pub hypervisor: String,
     /// `[pilot] node_config`: the node config file the pilots get (`%n` allowed).
     pub node_config: Option<String>,
+    /// Run the coordinator (and so the batch jobs it submits, and their
+    /// pilots) as this user instead of root, as a site runs it for Torque and
+    /// PBS: the cluster's folder and copies of the binaries are given to it.
+    pub run_as: Option<String>,
 }
 
 /// A real batch system for [`Options::lrm`].
@@ -137,6 +143,7 @@ impl Default for Options {
             lrm: None,
             hypervisor: "sim".into(),
             node_config: None,
+            run_as: None,
         }
     }
 }
@@ -149,6 +156,7 @@ pub struct Cluster {
     coordinator: Option<Child>,
     http: reqwest::blocking::Client,
     serve_args: Vec<String>,
+    run_as: Option<nix::unistd::User>,
 }
 
 pub struct Reply {
@@ -163,6 +171,24 @@ impl Cluster {
             .tempdir()
             .expect("temp dir");
         let root = dir.path();
+        let run_as = opts.run_as.as_deref().map(|name| {
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| panic!("run_as: no user {name} (scripts/pbs-up.sh creates it)"))
+        });
+        // Pilots started by the batch system as run_as need binaries they can reach.
+        let pilot_program = match &run_as {
+            Some(_) => {
+                let b = root.join("bin");
+                std::fs::create_dir_all(&b).expect("bin dir");
+                for name in ["workspace-pilot", "workspace-coordinator"] {
+                    std::fs::copy(bin(name), b.join(name)).expect("copy binary");
+                }
+                b.join("workspace-pilot")
+            }
+            None => bin("workspace-pilot"),
+        };
         let cfg = format!(
             r#"
 listen = "127.0.0.1:{port}"
@@ -213,7 +239,7 @@ admin = true
                 .max_walltime_s
                 .map(|s| format!("max_walltime_s = {s}"))
                 .unwrap_or_default(),
-            pilot = bin("workspace-pilot").display(),
+            pilot = pilot_program.display(),
             frac = opts.coordinator_wait_fraction,
             alice = protocol::auth::token_hash(TOKEN),
             bob = protocol::auth::token_hash(OTHER_TOKEN),
@@ -253,7 +279,10 @@ admin = true
         }
         let cfg_path = root.join("coordinator.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
-        let (child, url) = spawn_coordinator(root, &opts.serve_args);
+        if let Some(u) = &run_as {
+            chown_tree(root, u);
+        }
+        let (child, url) = spawn_coordinator(root, &opts.serve_args, run_as.as_ref());
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(40))
             .build()
@@ -269,6 +298,7 @@ admin = true
             coordinator: Some(child),
             http,
             serve_args: opts.serve_args.clone(),
+            run_as,
         }
     }
 
@@ -573,9 +603,30 @@ admin = true
     }
 }
 
-/// Starts `workspace-coordinator serve` on `<root>/coordinator.toml`, its
-/// log appended to `<root>/coordinator.log`; returns it and its URL.
-fn spawn_coordinator(root: &Path, serve_args: &[String]) -> (Child, String) {
+/// Gives `root` and everything in it to `user`.
+fn chown_tree(root: &Path, user: &nix::unistd::User) {
+    let (uid, gid) = (Some(user.uid.as_raw()), Some(user.gid.as_raw()));
+    std::os::unix::fs::chown(root, uid, gid).expect("chown");
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                chown_tree(&p, user);
+            } else {
+                std::os::unix::fs::chown(&p, uid, gid).expect("chown");
+            }
+        }
+    }
+}
+
+/// Starts `workspace-coordinator serve` on `<root>/coordinator.toml` (as
+/// `run_as`, from the copy in `<root>/bin`, when given), its log appended
+/// to `<root>/coordinator.log`; returns it and its URL.
+fn spawn_coordinator(
+    root: &Path,
+    serve_args: &[String],
+    run_as: Option<&nix::unistd::User>,
+) -> (Child, String) {
     let url_file = root.join("coordinator/coordinator.url");
     let _ = std::fs::remove_file(&url_file);
     let log = std::fs::OpenOptions::new()
@@ -583,7 +634,20 @@ fn spawn_coordinator(root: &Path, serve_args: &[String]) -> (Child, String) {
         .append(true)
         .open(root.join("coordinator.log"))
         .expect("log file");
-    let child = Command::new(bin("workspace-coordinator"))
+    let mut cmd = match run_as {
+        Some(u) => {
+            use std::os::unix::process::CommandExt;
+            let mut c = Command::new(root.join("bin/workspace-coordinator"));
+            c.uid(u.uid.as_raw())
+                .gid(u.gid.as_raw())
+                .env("HOME", &u.dir)
+                .env("USER", &u.name)
+                .env("LOGNAME", &u.name);
+            c
+        }
+        None => Command::new(bin("workspace-coordinator")),
+    };
+    let child = cmd
         .args(["serve", "--config"])
         .arg(root.join("coordinator.toml"))
         .args(serve_args)
@@ -638,7 +702,8 @@ impl Cluster {
             .and_then(|mut f| {
                 std::io::Write::write_all(&mut f, b"\n===== coordinator restarted =====\n")
             });
-        let (child, url) = spawn_coordinator(self.dir.path(), &self.serve_args);
+        let (child, url) =
+            spawn_coordinator(self.dir.path(), &self.serve_args, self.run_as.as_ref());
         assert_eq!(
             url, self.url,
             "the restarted coordinator listens where the pilots look"

@@ -1,0 +1,599 @@
+//! Shared by `openpbs_real.rs` and `torque_real.rs`: the PBS adapter of one
+//! flavour against its real server on this host (scripts/pbs-up.sh), jobs
+//! owned by the service user, as a site runs them.
+//!
+//! The server is started once per test binary and stopped when the binary
+//! exits if this binary started it. Skipped, with the reason, only when
+//! the flavour is neither built nor buildable (no source tarball); a server
+//! that is built but does not come up fails the tests.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+use wsp_lrm_adapters::pbs::{Flavour, Pbs, PbsConfig};
+use wsp_lrm_adapters::{JobId, JobState, JobStatus, Lrm, SlotJob};
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn script_name(f: Flavour) -> &'static str {
+    match f {
+        Flavour::Torque => "torque",
+        Flavour::PbsPro => "openpbs",
+    }
+}
+
+/// A running server: where its commands are and who submits.
+pub struct Server {
+    pub flavour: Flavour,
+    pub prefix: PathBuf,
+    pub user: String,
+    pub node: String,
+    pub env: BTreeMap<String, String>,
+    /// qsub/qstat/qdel wrappers that run the real ones as `user`.
+    pub wrappers: PathBuf,
+}
+
+static STARTED: OnceLock<Flavour> = OnceLock::new();
+
+extern "C" fn stop_at_exit() {
+    if let Some(f) = STARTED.get() {
+        let _ = Command::new(repo_root().join("scripts/pbs-down.sh"))
+            .arg(script_name(*f))
+            .output();
+    }
+}
+
+/// The server of `flavour`, started if needed; `None` (after saying why)
+/// when the flavour is neither built nor has a source to build from.
+pub fn server(flavour: Flavour) -> Option<&'static Server> {
+    static SERVER: OnceLock<Result<Option<Server>, String>> = OnceLock::new();
+    let r = SERVER.get_or_init(|| start(flavour));
+    match r {
+        Ok(Some(s)) => Some(s),
+        Ok(None) => None,
+        Err(e) => panic!(
+            "real {} is needed for this test and did not come up: {e}",
+            script_name(flavour)
+        ),
+    }
+}
+
+fn start(flavour: Flavour) -> Result<Option<Server>, String> {
+    let name = script_name(flavour);
+    let out = Command::new(repo_root().join("scripts/pbs-up.sh"))
+        .arg(name)
+        .output()
+        .map_err(|e| format!("cannot run scripts/pbs-up.sh: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.code() == Some(2) {
+        // Not built: a failure when its source is there, a skip otherwise.
+        let src = Command::new(repo_root().join("scripts/pbs-build.sh"))
+            .args(["source", name])
+            .output()
+            .map_err(|e| format!("cannot run scripts/pbs-build.sh: {e}"))?;
+        if src.status.success() {
+            return Err(format!(
+                "{name} is not built but its source is at {}: run scripts/pbs-build.sh {name} (scripts/test.sh does). {text}",
+                String::from_utf8_lossy(&src.stdout).trim()
+            ));
+        }
+        eprintln!("SKIPPED: {name} is not built and no source tarball was found (set WSP_{}_TARBALL or put shared/lrm beside the repo): {text}", name.to_uppercase());
+        return Ok(None);
+    }
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/pbs-up.sh {name} failed ({}): {text}",
+            out.status
+        ));
+    }
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("export ").map(str::to_string))
+        .ok_or(format!("no export line: {text}"))?;
+    let vars: BTreeMap<String, String> = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if vars.get("WSP_PBS_STARTED").map(String::as_str) == Some("1") {
+        let _ = STARTED.set(flavour);
+        // SAFETY: registers a plain extern "C" function, once.
+        unsafe { nix::libc::atexit(stop_at_exit) };
+    }
+    let prefix = PathBuf::from(&vars["WSP_PBS_PREFIX"]);
+    let user = vars["WSP_PBS_USER"].clone();
+    let env: BTreeMap<String, String> = vars
+        .iter()
+        .filter(|(k, _)| k.starts_with("PBS_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let wrappers =
+        std::env::temp_dir().join(format!("wsp-pbs-{name}-wrappers-{}", std::process::id()));
+    std::fs::create_dir_all(&wrappers).map_err(|e| e.to_string())?;
+    for cmd in ["qsub", "qstat", "qdel"] {
+        let w = wrappers.join(cmd);
+        std::fs::write(
+            &w,
+            format!(
+                "#!/bin/sh\n# {cmd} as the service user, as a site's coordinator runs it\nexec /usr/sbin/runuser -u {user} -- {} \"$@\"\n",
+                prefix.join("bin").join(cmd).display()
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&w, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(Some(Server {
+        flavour,
+        prefix,
+        node: vars["WSP_PBS_NODES"]
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        user,
+        env,
+        wrappers,
+    }))
+}
+
+/// One test at a time: they share the node, and one stops the server.
+pub async fn turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
+impl Server {
+    pub fn config(&self) -> PbsConfig {
+        PbsConfig {
+            qsub: Some(self.wrappers.join("qsub")),
+            qstat: Some(self.wrappers.join("qstat")),
+            qdel: Some(self.wrappers.join("qdel")),
+            pbsdsh: Some(self.prefix.join("bin/pbsdsh")),
+            kill_delay_s: Some(5),
+            command_timeout_s: Some(20),
+            env: self.env.clone(),
+            ..PbsConfig::default()
+        }
+    }
+
+    pub fn lrm(&self) -> Pbs {
+        Pbs::new(self.flavour, self.config()).unwrap()
+    }
+
+    /// A work directory the service user owns.
+    pub fn workdir(&self) -> tempfile::TempDir {
+        let d = tempfile::Builder::new()
+            .prefix("wsp-pbs-test-")
+            .tempdir()
+            .unwrap();
+        let u = nix::unistd::User::from_name(&self.user).unwrap().unwrap();
+        std::os::unix::fs::chown(d.path(), Some(u.uid.as_raw()), Some(u.gid.as_raw())).unwrap();
+        d
+    }
+
+    /// Runs a PBS command as root (an admin's qdel, qstat).
+    pub fn admin(&self, cmd: &str, args: &[&str]) -> std::process::Output {
+        Command::new(self.prefix.join("bin").join(cmd))
+            .args(args)
+            .envs(&self.env)
+            .output()
+            .unwrap()
+    }
+
+    /// PID of pbs_server (the process running the prefix's binary).
+    pub fn server_pid(&self) -> i32 {
+        let bin = match self.flavour {
+            Flavour::Torque => self.prefix.join("sbin/pbs_server"),
+            Flavour::PbsPro => self.prefix.join("sbin/pbs_server.bin"),
+        };
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|e| e == bin))
+            .unwrap_or_else(|| panic!("no process runs {}", bin.display()))
+    }
+}
+
+/// Cancels its jobs as root (`qdel`) when dropped: a failed test leaves nothing.
+pub struct Cleanup<'a>(pub &'a Server, pub Vec<JobId>);
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if !self.1.is_empty() {
+            let ids: Vec<&str> = self.1.iter().map(|i| i.0.as_str()).collect();
+            let _ = self.0.admin("qdel", &ids);
+        }
+    }
+}
+
+/// A stand-in pilot: records its node, its second argument and SIGTERM.
+/// Mode (third argument): `trap` ignores SIGTERM (waits for SIGKILL),
+/// `term` exits on it, `exit0` ends at once with status 0.
+pub const PILOT: &str = r#"#!/bin/sh
+d=$1
+node=$(hostname)
+echo "$node $$" >> "$d/starts"
+printf '%s\n' "$2" > "$d/arg-$node"
+case $3 in
+exit0) exit 0 ;;
+term) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"; exit 0' TERM ;;
+*) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"' TERM ;;
+esac
+while :; do sleep 0.1; done
+"#;
+
+pub fn pilot_job(dir: &Path, name: &str, nodes: u32, walltime: Duration, mode: &str) -> SlotJob {
+    let pilot = dir.join("pilot.sh");
+    std::fs::write(&pilot, PILOT).unwrap();
+    std::fs::set_permissions(&pilot, std::fs::Permissions::from_mode(0o755)).unwrap();
+    SlotJob {
+        name: name.into(),
+        nodes,
+        cores_per_node: 1,
+        memory_mb_per_node: 64,
+        walltime,
+        pilot_argv: vec![
+            pilot.display().to_string(),
+            dir.display().to_string(),
+            "it's %n --x".into(),
+            mode.into(),
+        ],
+        workdir: dir.to_path_buf(),
+    }
+}
+
+pub async fn wait_for<F: std::future::Future<Output = bool>>(
+    what: &str,
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) -> Duration {
+    let t = Instant::now();
+    while !f().await {
+        assert!(
+            t.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    t.elapsed()
+}
+
+pub async fn one(lrm: &dyn Lrm, id: &JobId) -> JobStatus {
+    lrm.status(std::slice::from_ref(id))
+        .await
+        .unwrap()
+        .remove(id)
+        .unwrap()
+}
+
+pub fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+}
+
+// ---------------------------------------------------------------------------
+// The scenarios, run by both flavours' test files.
+
+/// Pilots start through pbsdsh on the node with their argv intact; qdel
+/// (through cancel) sends SIGTERM at once and SIGKILL after kill_delay; the
+/// job then reads as Cancelled, and a second cancel is fine.
+pub async fn cancel_sends_sigterm_then_sigkill_after_kill_delay(s: &Server) {
+    let lrm = s.lrm();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-cancel",
+            1,
+            Duration::from_secs(600),
+            "trap",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    assert!(id.0.contains('.'), "ids are N.server: {id}");
+    wait_for("the pilot to start", Duration::from_secs(60), || async {
+        d.join("starts").exists()
+    })
+    .await;
+    let starts = std::fs::read_to_string(d.join("starts")).unwrap();
+    assert_eq!(
+        starts.lines().count(),
+        1,
+        "one pilot on the one node: {starts}"
+    );
+    let (node, pid) = starts.trim().split_once(' ').unwrap();
+    let pid: i32 = pid.parse().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(d.join(format!("arg-{node}"))).unwrap(),
+        "it's %n --x\n",
+        "argv intact through pbsdsh"
+    );
+    assert_eq!(one(&lrm, &id).await, JobStatus::Known(JobState::Running));
+    let listed = lrm.list_jobs().await.unwrap().unwrap();
+    assert!(
+        listed.contains(&(id.clone(), "wsp-sl-cancel".to_string())),
+        "{listed:?}"
+    );
+
+    let t0 = Instant::now();
+    lrm.cancel(&id).await.unwrap();
+    let sigterm = wait_for("SIGTERM at the pilot", Duration::from_secs(10), || async {
+        d.join(format!("signals-{node}")).exists()
+    })
+    .await;
+    assert!(
+        sigterm < Duration::from_secs(3),
+        "SIGTERM after {sigterm:?}"
+    );
+    let deadline = t0 + Duration::from_secs(30);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "pilot {pid} still alive 30 s after qdel"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let killed = t0.elapsed();
+    assert!(
+        killed >= Duration::from_secs(4) && killed < Duration::from_secs(15),
+        "a pilot that ignores SIGTERM is SIGKILLed after kill_delay (5 s): {killed:?}"
+    );
+    wait_for(
+        "the job to read as cancelled",
+        Duration::from_secs(60),
+        || async { one(&lrm, &id).await == JobStatus::Known(JobState::Cancelled) },
+    )
+    .await;
+    assert!(
+        !lrm.list_jobs()
+            .await
+            .unwrap()
+            .unwrap()
+            .iter()
+            .any(|(i, _)| *i == id),
+        "finished jobs are not listed"
+    );
+    lrm.cancel(&id)
+        .await
+        .expect("cancelling a finished job is fine");
+    eprintln!(
+        "{}: SIGTERM {sigterm:?} after qdel, pilot SIGKILLed after {killed:?}",
+        script_name(s.flavour)
+    );
+}
+
+/// One status query answers a running, a finished, an unknown and a bogus id.
+pub async fn batched_status_of_live_finished_and_unknown_ids(s: &Server) {
+    let lrm = s.lrm();
+    let (a, b) = (s.workdir(), s.workdir());
+    let live = lrm
+        .submit(&pilot_job(
+            a.path(),
+            "wsp-sl-live",
+            1,
+            Duration::from_secs(600),
+            "term",
+        ))
+        .await
+        .unwrap();
+    let done = lrm
+        .submit(&pilot_job(
+            b.path(),
+            "wsp-sl-done",
+            1,
+            Duration::from_secs(600),
+            "exit0",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![live.clone(), done.clone()]);
+    wait_for(
+        "the short job to complete",
+        Duration::from_secs(60),
+        || async { one(&lrm, &done).await == JobStatus::Known(JobState::Completed) },
+    )
+    .await;
+    wait_for("the long job to run", Duration::from_secs(60), || async {
+        one(&lrm, &live).await == JobStatus::Known(JobState::Running)
+    })
+    .await;
+    let unknown = JobId(format!("987654.{}", s.node));
+    let bogus = JobId("-x".into());
+    let answer = lrm
+        .status(&[live.clone(), done.clone(), unknown.clone(), bogus.clone()])
+        .await
+        .unwrap();
+    assert_eq!(answer[&live], JobStatus::Known(JobState::Running));
+    assert_eq!(answer[&done], JobStatus::Known(JobState::Completed));
+    assert_eq!(answer[&unknown], JobStatus::NotFound);
+    assert_eq!(answer[&bogus], JobStatus::NotFound);
+    assert_eq!(answer.len(), 4);
+    // Only unknown ids: still an answer for each.
+    let answer = lrm.status(std::slice::from_ref(&unknown)).await.unwrap();
+    assert_eq!(answer[&unknown], JobStatus::NotFound);
+    lrm.cancel(&live).await.unwrap();
+}
+
+/// A job past its walltime is ended by the mom and reads as Timeout.
+pub async fn walltime_ends_the_job_as_timeout(s: &Server) {
+    let lrm = s.lrm();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-wall",
+            1,
+            Duration::from_secs(3),
+            "term",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    wait_for("the pilot to start", Duration::from_secs(60), || async {
+        d.join("starts").exists()
+    })
+    .await;
+    let t = wait_for("the walltime kill", Duration::from_secs(150), || async {
+        one(&lrm, &id).await.clone() == JobStatus::Known(JobState::Timeout)
+    })
+    .await;
+    let signals: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("signals-"))
+        .collect();
+    assert_eq!(signals.len(), 1, "the pilot got SIGTERM before the end");
+    eprintln!(
+        "{}: walltime 3 s, Timeout seen after {t:?}",
+        script_name(s.flavour)
+    );
+}
+
+/// While the server does not answer, cancel retries; it succeeds once the
+/// server is back. When it never answers, cancel fails and the job is kept.
+pub async fn cancel_is_retried_while_the_server_does_not_answer(s: &Server) {
+    use nix::sys::signal::{kill, Signal};
+    let lrm = Pbs::new(
+        s.flavour,
+        PbsConfig {
+            command_timeout_s: Some(2),
+            cancel_attempts: Some(4),
+            ..s.config()
+        },
+    )
+    .unwrap();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-retry",
+            1,
+            Duration::from_secs(600),
+            "term",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    wait_for("the pilot to start", Duration::from_secs(60), || async {
+        d.join("starts").exists()
+    })
+    .await;
+    let server = nix::unistd::Pid::from_raw(s.server_pid());
+
+    // Never back within the attempts: an error naming the timeout; the job is untouched.
+    let short = Pbs::new(
+        s.flavour,
+        PbsConfig {
+            command_timeout_s: Some(1),
+            cancel_attempts: Some(2),
+            ..s.config()
+        },
+    )
+    .unwrap();
+    kill(server, Signal::SIGSTOP).unwrap();
+    let e = short.cancel(&id).await;
+    kill(server, Signal::SIGCONT).unwrap();
+    let e = e.expect_err("the server never answered");
+    assert!(e.to_string().contains("did not finish"), "{e}");
+    assert_eq!(
+        one(&lrm, &id).await,
+        JobStatus::Known(JobState::Running),
+        "job kept"
+    );
+
+    // Back after 3 s: the second or third attempt gets through.
+    kill(server, Signal::SIGSTOP).unwrap();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        kill(server, Signal::SIGCONT).unwrap();
+    });
+    let t = Instant::now();
+    let r = lrm.cancel(&id).await;
+    resume.join().unwrap();
+    r.expect("cancel gets through once the server answers");
+    assert!(
+        t.elapsed() >= Duration::from_secs(2),
+        "at least one attempt timed out: {:?}",
+        t.elapsed()
+    );
+    wait_for("the job to end", Duration::from_secs(60), || async {
+        matches!(
+            one(&lrm, &id).await,
+            JobStatus::Known(JobState::Cancelled) | JobStatus::NotFound
+        )
+    })
+    .await;
+}
+
+/// The grace is checked against the queue's kill_delay (5 s, pbs-up.sh).
+pub async fn grace_is_checked_against_the_queues_kill_delay(s: &Server) {
+    let lrm = s.lrm();
+    assert_eq!(lrm.warning().signal, "SIGTERM");
+    assert_eq!(
+        lrm.check_grace().await.unwrap(),
+        Some(Duration::from_secs(5))
+    );
+    let too_long = Pbs::new(
+        s.flavour,
+        PbsConfig {
+            kill_delay_s: Some(30),
+            ..s.config()
+        },
+    )
+    .unwrap();
+    let e = too_long.check_grace().await.unwrap_err().to_string();
+    assert!(e.contains("kill_delay is 5 s"), "{e}");
+}
+
+/// A submit the server refuses keeps qsub's message; nothing is queued.
+pub async fn a_refused_submit_keeps_the_servers_message(s: &Server) {
+    let lrm = Pbs::new(
+        s.flavour,
+        PbsConfig {
+            queue: Some("nosuchq".into()),
+            ..s.config()
+        },
+    )
+    .unwrap();
+    let dir = s.workdir();
+    let e = lrm
+        .submit(&pilot_job(
+            dir.path(),
+            "wsp-sl-refused",
+            1,
+            Duration::from_secs(60),
+            "term",
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.to_lowercase().contains("queue"), "{e}");
+}
