@@ -43,6 +43,12 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/healthz", get(crate::health::healthz))
         .route("/metrics", get(metrics))
         .fallback(unknown_route)
+        // Inside the routes, where the matched route is known (the outer
+        // router below has none: every request would be "unmatched").
+        .layer(axum::middleware::from_fn_with_state(
+            engine.clone(),
+            crate::server::observe_http,
+        ))
         .with_state(engine);
     // Outside the routes, so it sees their final answers (axum adds a 405's
     // `Allow` header after any layer on the routes has run).

@@ -183,12 +183,8 @@ pub async fn start(
     }
     let engine = Engine::with_metrics(cfg, lrm, public_url.clone(), metrics)?;
     let (stop, stop_rx) = watch::channel(false);
-    let app = crate::api::router(engine.clone())
-        .layer(axum::middleware::from_fn_with_state(
-            engine.clone(),
-            observe_http,
-        ))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let app =
+        crate::api::router(engine.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let (http, tls_handle) = match &engine.config().tls {
         None => {
             let mut http_stop = stop_rx.clone();
@@ -254,7 +250,11 @@ pub async fn start(
 /// Every HTTP request: counted by route and status, timed, and run inside a
 /// span naming the peer, method and route, so that every log line of the
 /// request (a failed login, an error) says who asked for what.
-async fn observe_http(State(engine): State<Arc<Engine>>, req: Request, next: Next) -> Response {
+pub(crate) async fn observe_http(
+    State(engine): State<Arc<Engine>>,
+    req: Request,
+    next: Next,
+) -> Response {
     let t = Instant::now();
     // The declared route, never the raw path: ids and junk paths would
     // each make a new label.
