@@ -982,7 +982,7 @@ pub fn commands_after(
 }
 
 /// Stores a workspace's peer list once for all its launches (see
-/// `engine::poll_answer`): N launches that each carried all N peers made a
+/// `engine::signed::poll_answer`): N launches that each carried all N peers made a
 /// lease O(N^2) in stored, parsed and re-encoded bytes.
 pub fn set_workspace_peers(
     c: &Connection,
