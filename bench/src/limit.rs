@@ -1,7 +1,7 @@
 //! The machine's limit for the event path, measured in the same run as the
 //! load part: a bare loop that writes the rows a `vm_destroyed` event writes
-//! (the replay mark, the event log, the pilot's row, the VM's row, a
-//! timeline entry), through the same store functions, with the same group
+//! (the replay mark, the event log, the pilot's row, the VM's row through
+//! its state table, a timeline entry), through the same store functions, with the same group
 //! commit (one transaction per batch, one savepoint per event), on a fresh
 //! database of the same size, on one thread. No HTTP, signature, JSON
 //! parsing, rules or reads: what the event path could reach if everything
@@ -10,6 +10,7 @@
 //! between machines where absolute events/s do not.
 
 use anyhow::Result;
+use coordinator::lifecycle::vm::Input::Gone;
 use coordinator::store::{self, Store, VmRow};
 use protocol::pilot::{EventKind, PilotEvent};
 use protocol::view::{Phase, VmState};
@@ -114,7 +115,7 @@ pub fn run(pilots: usize, per_ws: usize, batch: usize, seconds: f64) -> Result<L
             let now = now_ms();
             store::insert_pilot_event(c, e, body, now)?;
             store::touch_pilot(c, &r.slot, &r.node, r.pilot.as_str(), "vm_destroyed", now)?;
-            store::set_vm_state(c, &r.vm, VmState::Destroyed)?;
+            store::advance_vm(c, &r.vm, Gone { preempted: false })?;
             store::push_timeline(
                 c,
                 &r.ws,

@@ -5,6 +5,9 @@
 //! WAL mode with `synchronous = NORMAL`: a committed transaction survives a
 //! crash of the coordinator process (not necessarily a power loss).
 
+use crate::lifecycle::pilot::{self, PilotState};
+use crate::lifecycle::slot::{self, Job, JobInput};
+use crate::lifecycle::{vm, workspace};
 use protocol::pilot::{CommandKind, Nic, PilotEvent};
 use protocol::spec::WorkspaceSpec;
 use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
@@ -37,15 +40,19 @@ CREATE TABLE IF NOT EXISTS workspaces (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, spec TEXT NOT NULL,
   state TEXT NOT NULL, reason TEXT, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
   expires_ms INTEGER);
+-- state: the slot's table (lifecycle::slot::next); job_state and job_id: its
+-- batch job's (lifecycle::slot::next_job), an id once the submit is answered.
 CREATE TABLE IF NOT EXISTS slots (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, grp TEXT NOT NULL, job_id TEXT,
   nodes INTEGER NOT NULL, cores INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
-  state TEXT NOT NULL, cancel_pending INTEGER NOT NULL DEFAULT 0, job_ended INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL, job_state TEXT NOT NULL DEFAULT 'unsubmitted',
   created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id);
+-- state: the pilot's table (lifecycle::pilot::next); last_event is what the
+-- view shows (the kind of its last event, or 'lost').
 CREATE TABLE IF NOT EXISTS pilots (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, pilot_id TEXT NOT NULL, last_event TEXT NOT NULL,
-  reserved INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL DEFAULT 'started',
   last_seen_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node));
 CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, slot_id TEXT NOT NULL, grp TEXT NOT NULL,
@@ -106,32 +113,34 @@ END;
 CREATE TRIGGER IF NOT EXISTS vm_counts_delete AFTER DELETE ON vms BEGIN
   UPDATE vm_counts SET n = n - 1 WHERE workspace_id = old.workspace_id AND state = old.state;
 END;
--- holding: reserved and not released.
+-- holding: pilots that hold their node (reserved, preempting); released:
+-- pilots that are gone (released, failed, lost).
 CREATE TABLE IF NOT EXISTS pilot_counts (
   slot_id TEXT PRIMARY KEY, pilots INTEGER NOT NULL, holding INTEGER NOT NULL,
   released INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_insert AFTER INSERT ON pilots BEGIN
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    VALUES (new.slot_id, 1, new.state IN ('reserved', 'preempting'),
+      new.state IN ('released', 'failed', 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
-CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF reserved, released, slot_id ON pilots
-  WHEN old.reserved IS NOT new.reserved OR old.released IS NOT new.released
-    OR old.slot_id IS NOT new.slot_id BEGIN
+CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF state, slot_id ON pilots
+  WHEN old.state IS NOT new.state OR old.slot_id IS NOT new.slot_id BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.reserved = 1 AND old.released = 0),
-      released = released - (old.released = 1)
+      holding = holding - (old.state IN ('reserved', 'preempting')),
+      released = released - (old.state IN ('released', 'failed', 'lost'))
     WHERE slot_id = old.slot_id;
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    VALUES (new.slot_id, 1, new.state IN ('reserved', 'preempting'),
+      new.state IN ('released', 'failed', 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_delete AFTER DELETE ON pilots BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.reserved = 1 AND old.released = 0),
-      released = released - (old.released = 1)
+      holding = holding - (old.state IN ('reserved', 'preempting')),
+      released = released - (old.state IN ('released', 'failed', 'lost'))
     WHERE slot_id = old.slot_id;
 END;
 "#;
@@ -139,7 +148,7 @@ END;
 /// The schema version this build writes (`PRAGMA user_version`). Opening an
 /// older database upgrades it in one transaction (see [`migrate`]); a newer
 /// one is refused rather than misread.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub struct Store {
     conn: Connection,
@@ -204,6 +213,42 @@ impl Store {
     }
 }
 
+/// Version 2 -> 3: a slot's batch job and a pilot each get one state column
+/// (`slots.job_state`, `pilots.state`) in place of flags. From the flags:
+/// - job: no id -> `never` if the slot ended, else `unsubmitted` (a submit
+///   the coordinator died in: recovery fails it at start); `job_ended` ->
+///   `ended`; `cancel_pending` -> `cancel_owed`; an ended slot with neither
+///   -> `cancelled` (its cancel was taken); else `live`. A live slot whose
+///   cancel was already taken reads `live` and may be cancelled once more,
+///   which batch systems accept.
+/// - pilot: `last_event = 'lost'` -> `lost`; released -> `failed` if it never
+///   reserved and its last word was `reserve_failed`, else `released`;
+///   reserved -> `preempting` after a `preempting` event, else `reserved`;
+///   else `started`.
+const MIGRATE_TO_3: &str = "
+DROP TRIGGER IF EXISTS pilot_counts_insert;
+DROP TRIGGER IF EXISTS pilot_counts_update;
+DROP TRIGGER IF EXISTS pilot_counts_delete;
+DROP INDEX IF EXISTS pilots_flags;
+ALTER TABLE slots ADD COLUMN job_state TEXT NOT NULL DEFAULT 'unsubmitted';
+UPDATE slots SET job_state = CASE
+  WHEN job_id IS NULL THEN CASE WHEN state IN ('released', 'failed') THEN 'never' ELSE 'unsubmitted' END
+  WHEN job_ended = 1 THEN 'ended'
+  WHEN cancel_pending = 1 THEN 'cancel_owed'
+  WHEN state IN ('released', 'failed') THEN 'cancelled'
+  ELSE 'live' END;
+ALTER TABLE slots DROP COLUMN cancel_pending;
+ALTER TABLE slots DROP COLUMN job_ended;
+ALTER TABLE pilots ADD COLUMN state TEXT NOT NULL DEFAULT 'started';
+UPDATE pilots SET state = CASE
+  WHEN last_event = 'lost' THEN 'lost'
+  WHEN released = 1 THEN CASE WHEN reserved = 0 AND last_event = 'reserve_failed' THEN 'failed' ELSE 'released' END
+  WHEN reserved = 1 THEN CASE WHEN last_event = 'preempting' THEN 'preempting' ELSE 'reserved' END
+  ELSE 'started' END;
+ALTER TABLE pilots DROP COLUMN reserved;
+ALTER TABLE pilots DROP COLUMN released;
+";
+
 /// Creates the schema, or brings an older database up to [`SCHEMA_VERSION`],
 /// in one transaction: a failure leaves the database as it was.
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -220,18 +265,24 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         [],
         |r| r.get(0),
     )?;
+    if !fresh && version < 3 {
+        // 2 -> 3 (and older): slots and pilots get their state tables. Done
+        // before the schema below, whose pilot counters read `state`; the
+        // old counters' triggers and index read the columns that go.
+        tx.execute_batch(MIGRATE_TO_3)?;
+    }
     tx.execute_batch(SCHEMA)?;
-    if !fresh && version < 1 {
-        // 0 -> 1: the counter tables start empty; fill them from the rows
-        // they count. The index the counts used to read goes.
+    if !fresh && version < 3 {
+        // The counter tables of a version-0 database start empty, and the
+        // pilots' counters now count states: fill both from the rows.
         tx.execute_batch(
-            "DROP INDEX IF EXISTS pilots_flags;
-             DELETE FROM vm_counts;
+            "DELETE FROM vm_counts;
              INSERT INTO vm_counts (workspace_id, state, n)
                SELECT workspace_id, state, COUNT(*) FROM vms GROUP BY workspace_id, state;
              DELETE FROM pilot_counts;
              INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-               SELECT slot_id, COUNT(*), SUM(reserved = 1 AND released = 0), SUM(released = 1)
+               SELECT slot_id, COUNT(*), SUM(state IN ('reserved', 'preempting')),
+                 SUM(state IN ('released', 'failed', 'lost'))
                FROM pilots GROUP BY slot_id;",
         )?;
     }
@@ -367,7 +418,7 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {WS_COLS} FROM workspaces w WHERE state IN ('pending','starting','running','destroying')
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state NOT IN ('released','failed'))
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.cancel_pending = 1)"
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.job_state = 'cancel_owed')"
     ))?;
     let rows = st.query_map([], ws_from_row)?;
     rows.map(|r| ws_build(r?)).collect()
@@ -382,14 +433,42 @@ pub fn expired_workspaces(c: &Connection, now_ms: u64) -> Result<Vec<WorkspaceRo
     rows.map(|r| ws_build(r?)).collect()
 }
 
-pub fn set_workspace_state(
+/// Moves a workspace through its table (`lifecycle::workspace::next`): the
+/// only write of a workspace's state. `reason`, when given, replaces the
+/// stored one. Returns the new state, or `None` when the input changed
+/// nothing (or the workspace is unknown).
+pub fn advance_workspace(
     c: &Connection,
     id: &WorkspaceId,
-    state: WorkspaceState,
+    input: workspace::Input,
     reason: Option<&str>,
     now: u64,
+) -> Result<Option<WorkspaceState>> {
+    let state: Option<String> = c
+        .prepare_cached("SELECT state FROM workspaces WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(state) = state else { return Ok(None) };
+    let state = WorkspaceState::parse(&state).ok_or_else(|| corrupt("workspace state", &state))?;
+    let Some(to) = workspace::next(state, input) else {
+        return Ok(None);
+    };
+    c.prepare_cached(
+        "UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1",
+    )?
+    .execute(params![id.as_str(), to.as_str(), reason, now as i64])?;
+    Ok(Some(to))
+}
+
+/// Replaces the reason of a workspace whose state stays as it is.
+pub fn set_workspace_reason(
+    c: &Connection,
+    id: &WorkspaceId,
+    reason: &str,
+    now: u64,
 ) -> Result<()> {
-    c.prepare_cached("UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1")?.execute(params![id.as_str(), state.as_str(), reason, now as i64])?;
+    c.prepare_cached("UPDATE workspaces SET reason = ?2, updated_ms = ?3 WHERE id = ?1")?
+        .execute(params![id.as_str(), reason, now as i64])?;
     Ok(())
 }
 
@@ -406,17 +485,17 @@ pub struct SlotRow {
     pub id: SlotId,
     pub workspace_id: WorkspaceId,
     pub group: String,
-    pub job_id: Option<String>,
     pub nodes: u32,
     pub cores: u32,
     pub memory_mb: u64,
     pub state: SlotState,
-    pub cancel_pending: bool,
-    pub job_ended: bool,
+    /// Its batch job (with the job id once there is one).
+    pub job: Job,
     pub created_ms: u64,
 }
 
-const SLOT_COLS: &str = "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms";
+const SLOT_COLS: &str =
+    "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, job_state, created_ms";
 
 /// A slots row as SQLite returns it, before parsing.
 type SlotRaw = (
@@ -428,8 +507,7 @@ type SlotRaw = (
     i64,
     i64,
     String,
-    bool,
-    bool,
+    String,
     i64,
 );
 
@@ -445,7 +523,6 @@ fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<SlotRaw> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
-        r.get(10)?,
     ))
 }
 
@@ -454,32 +531,30 @@ fn slot_build(t: SlotRaw) -> Result<SlotRow> {
         id: parse_id("slot id", t.0)?,
         workspace_id: parse_id("workspace id", t.1)?,
         group: t.2,
-        job_id: t.3,
+        job: Job::from_parts(&t.8, t.3.clone())
+            .ok_or_else(|| corrupt("slot job", format!("{} with job id {:?}", t.8, t.3)))?,
         nodes: t.4 as u32,
         cores: t.5 as u32,
         memory_mb: t.6 as u64,
         state: SlotState::parse(&t.7).ok_or_else(|| corrupt("slot state", &t.7))?,
-        cancel_pending: t.8,
-        job_ended: t.9,
-        created_ms: t.10 as u64,
+        created_ms: t.9 as u64,
     })
 }
 
 pub fn insert_slot(c: &Connection, s: &SlotRow) -> Result<()> {
     c.prepare_cached(&format!(
-        "INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        "INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))?
     .execute(params![
         s.id.as_str(),
         s.workspace_id.as_str(),
         s.group,
-        s.job_id,
+        s.job.id(),
         s.nodes,
         s.cores,
         s.memory_mb as i64,
         s.state.as_str(),
-        s.cancel_pending,
-        s.job_ended,
+        s.job.as_str(),
         s.created_ms as i64
     ])?;
     Ok(())
@@ -504,7 +579,7 @@ pub fn slots_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<SlotRow>> {
 /// Slots whose batch job may still exist (for the LRM status backstop).
 pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {SLOT_COLS} FROM slots WHERE job_id IS NOT NULL AND job_ended = 0 ORDER BY created_ms"
+        "SELECT {SLOT_COLS} FROM slots WHERE job_state IN ('live', 'cancel_owed', 'cancelled') ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
@@ -512,34 +587,49 @@ pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
 
 pub fn slots_to_cancel(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {SLOT_COLS} FROM slots WHERE cancel_pending = 1 ORDER BY created_ms"
+        "SELECT {SLOT_COLS} FROM slots WHERE job_state = 'cancel_owed' ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
 }
 
-pub fn set_slot_state(c: &Connection, id: &SlotId, state: SlotState) -> Result<()> {
+/// Moves the slot through its table (`lifecycle::slot::next`): the only
+/// write of a slot's state. Returns the new state, or `None` when the input
+/// changed nothing (or the slot is unknown).
+pub fn advance_slot(c: &Connection, id: &SlotId, input: slot::Input) -> Result<Option<SlotState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM slots WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = SlotState::parse(&now).ok_or_else(|| corrupt("slot state", &now))?;
+    let Some(to) = slot::next(now, input) else {
+        return Ok(None);
+    };
     c.prepare_cached("UPDATE slots SET state = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), state.as_str()])?;
-    Ok(())
+        .execute(params![id.as_str(), to.as_str()])?;
+    Ok(Some(to))
 }
 
-pub fn set_slot_job(c: &Connection, id: &SlotId, job_id: &str) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET job_id = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), job_id])?;
-    Ok(())
-}
-
-pub fn set_slot_cancel_pending(c: &Connection, id: &SlotId, pending: bool) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET cancel_pending = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), pending])?;
-    Ok(())
-}
-
-pub fn set_slot_job_ended(c: &Connection, id: &SlotId) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET job_ended = 1 WHERE id = ?1")?
-        .execute(params![id.as_str()])?;
-    Ok(())
+/// Moves the slot's batch job through its table (`lifecycle::slot::next_job`):
+/// the only write of a job's state or id. Returns the new job, or `None`
+/// when the input changed nothing (or the slot is unknown).
+pub fn advance_job(c: &Connection, id: &SlotId, input: &JobInput) -> Result<Option<Job>> {
+    let row: Option<(String, Option<String>)> = c
+        .prepare_cached("SELECT job_state, job_id FROM slots WHERE id = ?1")?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((state, job_id)) = row else {
+        return Ok(None);
+    };
+    let job = Job::from_parts(&state, job_id.clone())
+        .ok_or_else(|| corrupt("slot job", format!("{state} with job id {job_id:?}")))?;
+    let Some(to) = slot::next_job(&job, input) else {
+        return Ok(None);
+    };
+    c.prepare_cached("UPDATE slots SET job_state = ?2, job_id = ?3 WHERE id = ?1")?
+        .execute(params![id.as_str(), to.as_str(), to.id()])?;
+    Ok(Some(to))
 }
 
 // ---- pilots ----------------------------------------------------------------
@@ -550,39 +640,43 @@ pub struct PilotRow {
     pub node: String,
     pub pilot_id: String,
     pub last_event: String,
-    pub reserved: bool,
-    pub released: bool,
+    pub state: PilotState,
     pub last_seen_ms: u64,
 }
 
-pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare_cached(
-        "SELECT slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms FROM pilots WHERE slot_id = ?1 ORDER BY node",
-    )?;
-    let rows = st.query_map([slot.as_str()], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
-    rows.map(|r| {
-        let t = r?;
-        Ok(PilotRow {
-            slot_id: parse_id("slot id", t.0)?,
-            node: t.1,
-            pilot_id: t.2,
-            last_event: t.3,
-            reserved: t.4,
-            released: t.5,
-            last_seen_ms: t.6 as u64,
-        })
+const PILOT_COLS: &str = "p.slot_id, p.node, p.pilot_id, p.last_event, p.state, p.last_seen_ms";
+
+/// A pilots row as SQLite returns it, before parsing.
+type PilotRaw = (String, String, String, String, String, i64);
+
+fn pilot_from_row(r: &rusqlite::Row) -> rusqlite::Result<PilotRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn pilot_build(t: PilotRaw) -> Result<PilotRow> {
+    Ok(PilotRow {
+        slot_id: parse_id("slot id", t.0)?,
+        node: t.1,
+        pilot_id: t.2,
+        last_event: t.3,
+        state: PilotState::parse(&t.4).ok_or_else(|| corrupt("pilot state", &t.4))?,
+        last_seen_ms: t.5 as u64,
     })
-    .collect()
+}
+
+pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {PILOT_COLS} FROM pilots p WHERE slot_id = ?1 ORDER BY node"
+    ))?;
+    let rows = st.query_map([slot.as_str()], pilot_from_row)?;
+    rows.map(|r| pilot_build(r?)).collect()
 }
 
 /// Records that a pilot said something; creates the pilot row on first sight.
@@ -612,55 +706,42 @@ pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result
 
 /// Pilots that hold (or may hold) a node but have said nothing since `before_ms`.
 pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare_cached(
-        "SELECT p.slot_id, p.node, p.pilot_id, p.last_event, p.reserved, p.released, p.last_seen_ms
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {PILOT_COLS}
          FROM pilots p JOIN slots s ON s.id = p.slot_id
-         WHERE p.released = 0 AND p.last_seen_ms < ?1 AND s.state NOT IN ('released', 'failed')",
-    )?;
-    let rows = st.query_map([before_ms as i64], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
-    rows.map(|r| {
-        let t = r?;
-        Ok(PilotRow {
-            slot_id: parse_id("slot id", t.0)?,
-            node: t.1,
-            pilot_id: t.2,
-            last_event: t.3,
-            reserved: t.4,
-            released: t.5,
-            last_seen_ms: t.6 as u64,
-        })
-    })
-    .collect()
+         WHERE p.state NOT IN ('released', 'failed', 'lost') AND p.last_seen_ms < ?1
+           AND s.state NOT IN ('released', 'failed')"
+    ))?;
+    let rows = st.query_map([before_ms as i64], pilot_from_row)?;
+    rows.map(|r| pilot_build(r?)).collect()
 }
 
-/// Marks a pilot lost: it counts as gone for the slot's accounting.
-pub fn mark_pilot_lost(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
-    c.prepare_cached(
-        "UPDATE pilots SET released = 1, last_event = 'lost' WHERE slot_id = ?1 AND node = ?2",
-    )?
-    .execute(params![slot.as_str(), node])?;
-    Ok(())
-}
-
-pub fn set_pilot_flags(
+/// Moves the pilot of (slot, node) through its table (`lifecycle::pilot::next`):
+/// the only write of a pilot's state. A lost pilot's last event reads `lost`
+/// (the view shows it). Returns the new state, or `None` when the input
+/// changed nothing (or the pilot is unknown).
+pub fn advance_pilot(
     c: &Connection,
     slot: &SlotId,
     node: &str,
-    reserved: Option<bool>,
-    released: Option<bool>,
-) -> Result<()> {
-    c.prepare_cached("UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2")?.execute(params![slot.as_str(), node, reserved, released])?;
-    Ok(())
+    input: pilot::Input,
+) -> Result<Option<PilotState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM pilots WHERE slot_id = ?1 AND node = ?2")?
+        .query_row(params![slot.as_str(), node], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = PilotState::parse(&now).ok_or_else(|| corrupt("pilot state", &now))?;
+    let Some(to) = pilot::next(now, input) else {
+        return Ok(None);
+    };
+    c.prepare_cached(
+        "UPDATE pilots SET state = ?3,
+           last_event = CASE WHEN ?3 = 'lost' THEN 'lost' ELSE last_event END
+         WHERE slot_id = ?1 AND node = ?2",
+    )?
+    .execute(params![slot.as_str(), node, to.as_str()])?;
+    Ok(Some(to))
 }
 
 // ---- VMs -------------------------------------------------------------------
@@ -766,14 +847,26 @@ pub fn get_vm(c: &Connection, id: &VmId) -> Result<Option<VmRow>> {
     t.map(vm_build).transpose()
 }
 
-/// Sets a VM's state; a terminal state frees its addresses in the same transaction.
-pub fn set_vm_state(c: &Connection, id: &VmId, state: VmState) -> Result<()> {
+/// Moves a VM through its table (`lifecycle::vm::next`): the only write of a
+/// VM's state. A terminal state frees its addresses in the same transaction.
+/// Returns the new state, or `None` when the input changed nothing (or the
+/// VM is unknown).
+pub fn advance_vm(c: &Connection, id: &VmId, input: vm::Input) -> Result<Option<VmState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM vms WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = VmState::parse(&now).ok_or_else(|| corrupt("vm state", &now))?;
+    let Some(to) = vm::next(now, input) else {
+        return Ok(None);
+    };
     c.prepare_cached("UPDATE vms SET state = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), state.as_str()])?;
-    if state.is_terminal() {
+        .execute(params![id.as_str(), to.as_str()])?;
+    if to.is_terminal() {
         free_addresses_of_vm(c, id)?;
     }
-    Ok(())
+    Ok(Some(to))
 }
 
 pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
@@ -1210,8 +1303,8 @@ mod tests {
         let counted = c
             .query_row(
                 "SELECT (SELECT COUNT(*) * 1000 + COALESCE(SUM(state = 'running'), 0) FROM vms WHERE workspace_id = ?1),
-                        (SELECT COUNT(*) * 1000 + COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?2),
-                        (SELECT COUNT(*) FROM pilots WHERE slot_id = ?2 AND reserved = 1 AND released = 0)",
+                        (SELECT COUNT(*) * 1000 + COALESCE(SUM(state IN ('released', 'failed', 'lost')), 0) FROM pilots WHERE slot_id = ?2),
+                        (SELECT COUNT(*) FROM pilots WHERE slot_id = ?2 AND state IN ('reserved', 'preempting'))",
                 params![ws.as_str(), slot.as_str()],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
             )
@@ -1242,21 +1335,26 @@ mod tests {
         };
         check((5000, 4000, 0));
         for v in &vms[..3] {
-            set_vm_state(c, &v.id, VmState::Running).expect("running");
+            advance_vm(c, &v.id, vm::Input::Mapped).expect("starting");
+            advance_vm(c, &v.id, vm::Input::Started).expect("running");
         }
-        // Writing the same state again changes nothing.
-        set_vm_state(c, &vms[0].id, VmState::Running).expect("same state");
+        // An input that changes nothing writes nothing.
+        assert_eq!(
+            advance_vm(c, &vms[0].id, vm::Input::Started).expect("again"),
+            None
+        );
         check((5003, 4000, 0));
         for n in 0..3 {
-            set_pilot_flags(c, &slot, &format!("n{n}"), Some(true), None).expect("reserved");
+            advance_pilot(c, &slot, &format!("n{n}"), pilot::Input::Reserved).expect("reserved");
         }
-        set_pilot_flags(c, &slot, "n0", Some(true), None).expect("reserved again");
-        // Touching a pilot (every event) leaves its flags and the counts alone.
+        advance_pilot(c, &slot, "n0", pilot::Input::Reserved).expect("reserved again");
+        advance_pilot(c, &slot, "n1", pilot::Input::Preempting).expect("preempting");
+        // Touching a pilot (every event) leaves its state and the counts alone.
         touch_pilot(c, &slot, "n1", "p", "vm_started", 2).expect("touch");
         check((5003, 4000, 3));
-        set_pilot_flags(c, &slot, "n0", None, Some(true)).expect("released");
-        mark_pilot_lost(c, &slot, "n3").expect("lost");
-        set_vm_state(c, &vms[1].id, VmState::Destroyed).expect("destroyed");
+        advance_pilot(c, &slot, "n0", pilot::Input::Released).expect("released");
+        advance_pilot(c, &slot, "n3", pilot::Input::Lost).expect("lost");
+        advance_vm(c, &vms[1].id, vm::Input::Gone { preempted: false }).expect("destroyed");
         check((5002, 4002, 2));
         c.execute("DELETE FROM vms WHERE id = ?1", [vms[2].id.as_str()])
             .expect("delete a vm");
@@ -1277,28 +1375,158 @@ mod tests {
         );
     }
 
+    /// A database as a version-2 coordinator left it: the given slots
+    /// (state, job id, cancel_pending, job_ended) and pilots (slot index,
+    /// reserved, released, last event), all of one workspace.
+    #[allow(clippy::type_complexity)]
+    fn version_2_database(
+        path: &Path,
+        slots: &[(&str, Option<&str>, bool, bool)],
+        pilots: &[(usize, bool, bool, &str)],
+    ) -> (WorkspaceId, Vec<SlotId>) {
+        let c = Connection::open(path).expect("open");
+        c.execute_batch(include_str!("testdata/schema-v2.sql"))
+            .expect("version 2 schema");
+        let ws = WorkspaceId::generate();
+        let ids: Vec<SlotId> = slots.iter().map(|_| SlotId::generate()).collect();
+        for (id, (state, job, cancel, ended)) in ids.iter().zip(slots) {
+            c.execute(
+                "INSERT INTO slots (id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms)
+                 VALUES (?1, ?2, 'g', ?3, 2, 1, 256, ?4, ?5, ?6, 1)",
+                params![id.as_str(), ws.as_str(), job, state, cancel, ended],
+            )
+            .expect("slot");
+        }
+        for (n, (slot, reserved, released, last)) in pilots.iter().enumerate() {
+            c.execute(
+                "INSERT INTO pilots (slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms)
+                 VALUES (?1, ?2, 'p', ?3, ?4, ?5, 1)",
+                params![ids[*slot].as_str(), format!("n{n}"), last, reserved, released],
+            )
+            .expect("pilot");
+        }
+        (ws, ids)
+    }
+
     #[test]
-    fn an_older_database_gets_its_counters_filled_and_a_newer_one_is_refused() {
+    fn a_version_2_database_gets_state_tables_for_its_slot_jobs_and_pilots() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
-        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        let (ws, ids) = version_2_database(
+            &path,
+            &[
+                ("submitted", None, false, false),     // a submit in flight
+                ("failed", None, false, false),        // never submitted
+                ("reserved", Some("1"), false, false), // live
+                ("releasing", Some("2"), true, false), // cancel owed
+                ("released", Some("3"), false, false), // cancel taken
+                ("released", Some("4"), false, true),  // ended
+            ],
+            &[
+                (2, false, false, "started"),
+                (2, true, false, "vm_started"),
+                (2, true, false, "preempting"),
+                (3, true, true, "released"),
+                (3, false, true, "reserve_failed"),
+                (3, true, true, "lost"),
+            ],
+        );
+        let store = Store::open(&path).expect("an older database is upgraded");
+        let c = store.conn();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let jobs: Vec<Job> = ids
+            .iter()
+            .map(|id| get_slot(c, id).expect("slot").expect("stored").job)
+            .collect();
+        assert_eq!(
+            jobs,
+            [
+                Job::Unsubmitted,
+                Job::Never,
+                Job::Live("1".into()),
+                Job::CancelOwed("2".into()),
+                Job::Cancelled("3".into()),
+                Job::Ended("4".into()),
+            ]
+        );
+        let states = |slot: &SlotId| -> Vec<PilotState> {
+            pilots_of(c, slot)
+                .expect("pilots")
+                .into_iter()
+                .map(|p| p.state)
+                .collect()
+        };
+        use PilotState as P;
+        assert_eq!(states(&ids[2]), [P::Started, P::Reserved, P::Preempting]);
+        assert_eq!(states(&ids[3]), [P::Released, P::Failed, P::Lost]);
+        // The counters count states now, and agree with the rows.
+        for slot in &ids {
+            let [kept, counted] = counts_both_ways(c, &ws, slot);
+            assert_eq!(kept, counted);
+        }
+        assert_eq!(count_reserved_pilots(c, &ids[2]).expect("holding"), 2);
+        assert_eq!(count_released_pilots(c, &ids[3]).expect("gone"), (3, 3));
+        // What is owed is still owed: the cancel is retried, the workspace unsettled.
+        let owed: Vec<SlotId> = slots_to_cancel(c)
+            .expect("to cancel")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(owed, [ids[3].clone()]);
+        assert_eq!(
+            slots_with_live_jobs(c).expect("live").len(),
+            3,
+            "live, cancel owed, cancelled"
+        );
+        // And the tables move on from there.
+        assert_eq!(
+            advance_job(c, &ids[3], &JobInput::CancelAccepted).expect("advance"),
+            Some(Job::Cancelled("2".into()))
+        );
+        assert_eq!(
+            advance_pilot(c, &ids[2], "n0", pilot::Input::Reserved).expect("advance"),
+            Some(P::Reserved)
+        );
+    }
+
+    #[test]
+    fn a_version_0_database_gets_its_counters_filled_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let (ws, slots) = version_2_database(
+            &path,
+            &[("reserving", Some("1"), false, false)],
+            &[
+                (0, true, true, "released"),
+                (0, true, false, "reserved"),
+                (0, false, false, "started"),
+            ],
+        );
+        let slot = slots[0].clone();
         {
-            let store = Store::open(&path).expect("open");
-            let c = store.conn();
+            let c = Connection::open(&path).expect("open");
             for i in 0..3 {
-                insert_vm(c, &vm(&ws, &slot, i)).expect("insert vm");
-                touch_pilot(c, &slot, &format!("n{i}"), "p", "started", 1).expect("touch");
+                let mut v = vm(&ws, &slot, i);
+                if i < 2 {
+                    v.state = VmState::Running;
+                }
+                c.execute(
+                    "INSERT INTO vms (id, workspace_id, slot_id, grp, idx, name, node, state, memory_mb, cpus, image)
+                     VALUES (?1, ?2, ?3, 'g', ?4, 'n', NULL, ?5, 256, 1, 'i')",
+                    params![v.id.as_str(), ws.as_str(), slot.as_str(), i, v.state.as_str()],
+                )
+                .expect("vm");
             }
-            // Back to what a version-0 coordinator left: no counters, and
-            // rows written without them.
+            // Back to what a version-0 coordinator left: no counters, an
+            // index on the flags, and the event log keyed by (pilot, seq).
             c.execute_batch(
                 "DROP TABLE vm_counts; DROP TABLE pilot_counts;
                  DROP TRIGGER vm_counts_insert; DROP TRIGGER vm_counts_update; DROP TRIGGER vm_counts_delete;
                  DROP TRIGGER pilot_counts_insert; DROP TRIGGER pilot_counts_update; DROP TRIGGER pilot_counts_delete;
                  CREATE INDEX pilots_flags ON pilots(slot_id, reserved, released);
-                 UPDATE vms SET state = 'running' WHERE idx < 2;
-                 UPDATE pilots SET reserved = 1 WHERE node <> 'n2';
-                 UPDATE pilots SET released = 1 WHERE node = 'n0';
                  DROP TABLE pilot_seqs; DROP TABLE pilot_events;
                  CREATE TABLE pilot_events (
                    pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,

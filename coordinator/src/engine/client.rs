@@ -7,6 +7,7 @@
 use super::rules::{end_slots, fail_workspace, maybe_settle, must_ws, transition, visible_ws};
 use super::views::{build_view, is_settled};
 use super::{Caller, Engine, EngineError, MAX_WAIT};
+use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
 use crate::lifecycle::{self, Input};
 use crate::network::{self, NetError, Pools};
 use crate::policy::{self};
@@ -61,13 +62,11 @@ impl Engine {
                         id: SlotId::generate(),
                         workspace_id: ws.id.clone(),
                         group: plan.group.clone(),
-                        job_id: None,
                         nodes: plan.nodes,
                         cores: plan.cores_per_node,
                         memory_mb: plan.memory_mb_per_node,
                         state: SlotState::Submitted,
-                        cancel_pending: false,
-                        job_ended: false,
+                        job: Job::Unsubmitted,
                         created_ms: now,
                     };
                     store::insert_slot(tx, &slot)?;
@@ -124,7 +123,8 @@ impl Engine {
                 );
                 self.with_store(|s| {
                     s.tx(|tx| {
-                        store::set_slot_state(tx, &slot.id, SlotState::Failed)?;
+                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
+                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
                         let mut w = must_ws(tx, &ws.id)?;
                         fail_workspace(tx, &mut w, &reason, now_ms())?;
                         maybe_settle(tx, &mut w, now_ms())?;
@@ -192,7 +192,7 @@ impl Engine {
         let now = now_ms();
         self.with_store(|s| {
             s.tx(|tx| {
-                store::set_slot_job(tx, &slot.id, &job_id.0)?;
+                store::advance_job(tx, &slot.id, &JobInput::Submitted(job_id.0.clone()))?;
                 store::push_timeline(
                     tx,
                     &slot.workspace_id,

@@ -10,9 +10,12 @@ use super::rules::{
     end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
 };
 use super::{Engine, EngineError};
+use crate::lifecycle::pilot as pilot_life;
+use crate::lifecycle::slot as slot_life;
+use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::network::{self};
-use crate::store::{self, SlotRow, StoreError, VmRow};
+use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
 use protocol::pilot::{CommandKind, EventAck, EventKind, PilotEvent, ReleaseReason};
 use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
 use protocol::{SlotId, VmId};
@@ -85,6 +88,7 @@ impl Engine {
     }
 }
 
+/// Applies one stored event: the pilot is seen, then its kind's handler runs.
 pub(super) fn apply_event(
     c: &Connection,
     slot: &SlotRow,
@@ -92,43 +96,29 @@ pub(super) fn apply_event(
     now: u64,
     images: &network::ImagesConfig,
 ) -> Result<(), EngineError> {
-    let mut ws = must_ws(c, &slot.workspace_id)?;
-    let node = e.node.as_str();
-    store::touch_pilot(c, &slot.id, node, e.pilot_id.as_str(), e.kind.name(), now)?;
-    let tl = |phase: Phase, vm: Option<&VmId>, detail: &str| {
-        store::push_timeline(
-            c,
-            &ws.id,
-            e.ts_ms,
-            now,
-            phase,
-            Some(&slot.id),
-            Some(node),
-            vm,
-            detail,
-        )
+    let ws = must_ws(c, &slot.workspace_id)?;
+    store::touch_pilot(
+        c,
+        &slot.id,
+        &e.node,
+        e.pilot_id.as_str(),
+        e.kind.name(),
+        now,
+    )?;
+    let mut ev = Ev {
+        c,
+        slot,
+        e,
+        node: &e.node,
+        now,
+        ws,
     };
     match &e.kind {
         EventKind::Started {
             pid,
             hypervisor,
             job_id,
-        } => {
-            tl(
-                Phase::PilotStarted,
-                None,
-                &format!(
-                    "pid {pid}, hypervisor {hypervisor}, job {}",
-                    job_id.as_deref().unwrap_or("?")
-                ),
-            )?;
-            if slot.state == SlotState::Submitted {
-                store::set_slot_state(c, &slot.id, SlotState::Reserving)?;
-            }
-            if !lifecycle::wants_slots(ws.state) && !store::has_release(c, &slot.id, node)? {
-                store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
-            }
-        }
+        } => on_started(&ev, *pid, hypervisor, job_id.as_deref()),
         EventKind::Reserved {
             dom0_before_mb,
             dom0_after_mb,
@@ -136,145 +126,27 @@ pub(super) fn apply_event(
             balloon_ms,
             cached_images,
         } => {
-            store::set_pilot_flags(c, &slot.id, node, Some(true), None)?;
-            store::set_node_images(c, &slot.id, node, cached_images)?;
-            tl(
-                Phase::MemoryReserved,
-                None,
-                &format!(
-                    "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
-                    now.saturating_sub(e.ts_ms)
-                ),
-            )?;
-            if !lifecycle::wants_slots(ws.state) {
-                if !store::has_release(c, &slot.id, node)? {
-                    store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
-                }
-                return Ok(());
-            }
-            let reserved = store::count_reserved_pilots(c, &slot.id)?;
-            if reserved >= u64::from(slot.nodes)
-                && matches!(slot.state, SlotState::Submitted | SlotState::Reserving)
-            {
-                store::set_slot_state(c, &slot.id, SlotState::Reserved)?;
-            }
-            let all = store::slots_of(c, &ws.id)?
-                .iter()
-                .all(|s| s.state == SlotState::Reserved);
-            if all && ws.state == WorkspaceState::Pending {
-                start_vms(c, &mut ws, now, images)?;
-            }
+            let detail = format!(
+                "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
+                now.saturating_sub(e.ts_ms)
+            );
+            on_reserved(&mut ev, &detail, cached_images, images)
         }
-        EventKind::ReserveFailed { reason } => {
-            store::set_pilot_flags(c, &slot.id, node, Some(false), Some(true))?;
-            tl(Phase::ReserveFailed, None, reason)?;
-            fail_workspace(
-                c,
-                &mut ws,
-                &format!(
-                    "node {node} could not reserve {} MB: {reason}",
-                    slot.memory_mb
-                ),
-                now,
-            )?;
-            slot_maybe_released(c, &ws, &slot.id, now)?;
-            maybe_settle(c, &mut ws, now)?;
-        }
+        EventKind::ReserveFailed { reason } => on_reserve_failed(&mut ev, reason),
         EventKind::VmStarted {
             vm_id,
             name,
             create_ms,
             stage_ms,
             cache_hit,
-        } => {
-            let Some(vm) = own_vm(c, slot, vm_id)? else {
-                return Ok(());
-            };
-            if let Some(ms) = stage_ms {
-                let how = match cache_hit {
-                    Some(true) => "already in the node cache",
-                    Some(false) => "fetched into the node cache",
-                    None => "staged",
-                };
-                tl(
-                    Phase::ImageStaged,
-                    Some(vm_id),
-                    &format!("image {} {how} in {ms} ms", vm.image),
-                )?;
-            }
-            if vm.state == VmState::Starting {
-                store::set_vm_state(c, vm_id, VmState::Running)?;
-            }
-            tl(
-                Phase::VmStarted,
-                Some(vm_id),
-                &format!("{name} created in {create_ms} ms"),
-            )?;
-            let (vm_count, running) = store::count_vms(c, &ws.id, VmState::Running)?;
-            if vm_count == running && transition(c, &mut ws, Input::AllVmsRunning, None, now)? {
-                let expires = now + ws.spec.duration.0.as_millis() as u64;
-                store::set_workspace_expiry(c, &ws.id, expires)?;
-                store::push_timeline(
-                    c,
-                    &ws.id,
-                    now,
-                    now,
-                    Phase::Running,
-                    None,
-                    None,
-                    None,
-                    &format!(
-                        "all {} VMs running; lease ends {}",
-                        vm_count,
-                        protocol::time::format_ms(expires)
-                    ),
-                )?;
-            }
-        }
-        EventKind::VmFailed { vm_id, reason } => {
-            let Some(_) = own_vm(c, slot, vm_id)? else {
-                return Ok(());
-            };
-            store::set_vm_state(c, vm_id, VmState::Failed)?;
-            tl(Phase::VmFailed, Some(vm_id), reason)?;
-            fail_workspace(
-                c,
-                &mut ws,
-                &format!("VM {vm_id} on node {node} failed to start: {reason}"),
-                now,
-            )?;
-        }
-        EventKind::VmDestroyed { vm_id, destroy_ms } => {
-            let Some(_) = own_vm(c, slot, vm_id)? else {
-                return Ok(());
-            };
-            let to = if ws.state == WorkspaceState::Preempted {
-                VmState::Preempted
-            } else {
-                VmState::Destroyed
-            };
-            store::set_vm_state(c, vm_id, to)?;
-            tl(
-                Phase::VmDestroyed,
-                Some(vm_id),
-                &format!("destroyed in {destroy_ms} ms"),
-            )?;
-        }
+        } => on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit),
+        EventKind::VmFailed { vm_id, reason } => on_vm_failed(&mut ev, vm_id, reason),
+        EventKind::VmDestroyed { vm_id, destroy_ms } => on_vm_destroyed(&ev, vm_id, *destroy_ms),
         EventKind::Preempting {
             signal,
             coordinator_wait_ms,
             ..
-        } => {
-            let job = slot.job_id.as_deref().unwrap_or("?");
-            tl(Phase::Preempting, None, &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"))?;
-            let reason =
-                format!("batch system preempted pilot job {job} on node {node} ({signal})");
-            if transition(c, &mut ws, Input::Preempted, Some(&reason), now)? {
-                end_slots(c, &ws, now)?;
-            } else if !store::has_release(c, &slot.id, node)? {
-                store::push_command(c, &slot.id, node, &CommandKind::Release, now)?;
-            }
-        }
+        } => on_preempting(&mut ev, signal, *coordinator_wait_ms),
         EventKind::Released {
             reason,
             vms_destroyed,
@@ -283,7 +155,6 @@ pub(super) fn apply_event(
             clean,
             problems,
         } => {
-            store::set_pilot_flags(c, &slot.id, node, None, Some(true))?;
             let mut detail = format!(
                 "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({})",
                 vms_destroyed.len(),
@@ -291,58 +162,272 @@ pub(super) fn apply_event(
             );
             if !clean {
                 detail.push_str(&format!(
-                    "; NOT CLEAN: {}; run workspace-kill-all on {node}",
-                    problems.join("; ")
+                    "; NOT CLEAN: {}; run workspace-kill-all on {}",
+                    problems.join("; "),
+                    e.node
                 ));
-                warn!(workspace_id = %ws.id, slot_id = %slot.id, node, "pilot released with problems: {problems:?}");
+                warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
             }
-            tl(Phase::MemoryRestored, None, &detail)?;
-            let vm_final =
-                if ws.state == WorkspaceState::Preempted || *reason == ReleaseReason::Preempted {
-                    VmState::Preempted
-                } else {
-                    VmState::Destroyed
-                };
-            for vm in store::live_vms_on(c, &slot.id, node)? {
-                store::set_vm_state(c, &vm, vm_final)?;
-            }
-            if lifecycle::wants_slots(ws.state) {
-                // The pilot left on its own: the lease cannot go on.
-                let (input, why) = match reason {
-                    ReleaseReason::Deadline => (
-                        Input::LeaseExpired,
-                        format!("pilot on {node} reached the end of its slot"),
-                    ),
-                    ReleaseReason::Preempted => {
-                        (Input::Preempted, format!("pilot on {node} was preempted"))
-                    }
-                    _ => (
-                        Input::Failed,
-                        format!("pilot on {node} released its slot ({reason:?})"),
-                    ),
-                };
-                if transition(c, &mut ws, input, Some(&why), now)? {
-                    end_slots(c, &ws, now)?;
-                }
-            }
-            slot_maybe_released(c, &ws, &slot.id, now)?;
-            maybe_settle(c, &mut ws, now)?;
+            on_released(&mut ev, *reason, &detail)
         }
+    }
+}
+
+/// What every handler works on: one event of one pilot, inside its savepoint.
+struct Ev<'a> {
+    c: &'a Connection,
+    slot: &'a SlotRow,
+    e: &'a PilotEvent,
+    node: &'a str,
+    /// When the coordinator received the event.
+    now: u64,
+    ws: WorkspaceRow,
+}
+
+impl Ev<'_> {
+    /// A timeline entry about this event (at the pilot's time, recorded now).
+    fn timeline(&self, phase: Phase, vm: Option<&VmId>, detail: &str) -> Result<(), EngineError> {
+        store::push_timeline(
+            self.c,
+            &self.ws.id,
+            self.e.ts_ms,
+            self.now,
+            phase,
+            Some(&self.slot.id),
+            Some(self.node),
+            vm,
+            detail,
+        )?;
+        Ok(())
+    }
+
+    /// Moves this event's pilot through its table.
+    fn pilot(&self, input: pilot_life::Input) -> Result<(), EngineError> {
+        store::advance_pilot(self.c, &self.slot.id, self.node, input)?;
+        Ok(())
+    }
+
+    /// Tells this pilot to release, unless it was told already.
+    fn release(&self) -> Result<(), EngineError> {
+        if !store::has_release(self.c, &self.slot.id, self.node)? {
+            store::push_command(
+                self.c,
+                &self.slot.id,
+                self.node,
+                &CommandKind::Release,
+                self.now,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The VM if it belongs to this slot (events about other slots' VMs change nothing).
+    fn own_vm(&self, vm_id: &VmId) -> Result<Option<VmRow>, EngineError> {
+        match store::get_vm(self.c, vm_id)? {
+            Some(vm) if vm.slot_id == self.slot.id => Ok(Some(vm)),
+            _ => {
+                warn!(slot_id = %self.slot.id, vm_id = %vm_id, "event names a VM that is not in this slot; ignored");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The pilot is up: the slot is reserving; a pilot of a lease that is over
+/// is told to release at once.
+fn on_started(
+    ev: &Ev,
+    pid: u32,
+    hypervisor: &str,
+    job_id: Option<&str>,
+) -> Result<(), EngineError> {
+    ev.timeline(
+        Phase::PilotStarted,
+        None,
+        &format!(
+            "pid {pid}, hypervisor {hypervisor}, job {}",
+            job_id.unwrap_or("?")
+        ),
+    )?;
+    store::advance_slot(ev.c, &ev.slot.id, slot_life::Input::PilotStarted)?;
+    if !lifecycle::wants_slots(ev.ws.state) {
+        ev.release()?;
     }
     Ok(())
 }
 
-/// The VM if it belongs to this slot (events about other slots' VMs change nothing).
-pub(super) fn own_vm(
-    c: &Connection,
-    slot: &SlotRow,
+/// The node's memory is the slot's: when every node of every slot holds
+/// its memory, the workspace's VMs are mapped and started.
+fn on_reserved(
+    ev: &mut Ev,
+    detail: &str,
+    cached_images: &[String],
+    images: &network::ImagesConfig,
+) -> Result<(), EngineError> {
+    let (c, slot) = (ev.c, ev.slot);
+    ev.pilot(pilot_life::Input::Reserved)?;
+    store::set_node_images(c, &slot.id, ev.node, cached_images)?;
+    ev.timeline(Phase::MemoryReserved, None, detail)?;
+    if !lifecycle::wants_slots(ev.ws.state) {
+        return ev.release();
+    }
+    if store::count_reserved_pilots(c, &slot.id)? >= u64::from(slot.nodes) {
+        store::advance_slot(c, &slot.id, slot_life::Input::AllReserved)?;
+    }
+    let all = store::slots_of(c, &ev.ws.id)?
+        .iter()
+        .all(|s| s.state == SlotState::Reserved);
+    if all && ev.ws.state == WorkspaceState::Pending {
+        start_vms(c, &mut ev.ws, ev.now, images)?;
+    }
+    Ok(())
+}
+
+/// The node could not give the slot its memory: the workspace fails.
+fn on_reserve_failed(ev: &mut Ev, reason: &str) -> Result<(), EngineError> {
+    let (c, now) = (ev.c, ev.now);
+    ev.pilot(pilot_life::Input::ReserveFailed)?;
+    ev.timeline(Phase::ReserveFailed, None, reason)?;
+    let why = format!(
+        "node {} could not reserve {} MB: {reason}",
+        ev.node, ev.slot.memory_mb
+    );
+    fail_workspace(c, &mut ev.ws, &why, now)?;
+    slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
+    maybe_settle(c, &mut ev.ws, now)
+}
+
+/// A VM runs: when all do, the workspace is running and its lease starts.
+fn on_vm_started(
+    ev: &mut Ev,
     vm_id: &VmId,
-) -> Result<Option<VmRow>, EngineError> {
-    match store::get_vm(c, vm_id)? {
-        Some(vm) if vm.slot_id == slot.id => Ok(Some(vm)),
-        _ => {
-            warn!(slot_id = %slot.id, vm_id = %vm_id, "event names a VM that is not in this slot; ignored");
-            Ok(None)
+    name: &str,
+    create_ms: u64,
+    stage_ms: Option<u64>,
+    cache_hit: Option<bool>,
+) -> Result<(), EngineError> {
+    let Some(vm) = ev.own_vm(vm_id)? else {
+        return Ok(());
+    };
+    let (c, now) = (ev.c, ev.now);
+    if let Some(ms) = stage_ms {
+        let how = match cache_hit {
+            Some(true) => "already in the node cache",
+            Some(false) => "fetched into the node cache",
+            None => "staged",
+        };
+        ev.timeline(
+            Phase::ImageStaged,
+            Some(vm_id),
+            &format!("image {} {how} in {ms} ms", vm.image),
+        )?;
+    }
+    store::advance_vm(c, vm_id, vm_life::Input::Started)?;
+    ev.timeline(
+        Phase::VmStarted,
+        Some(vm_id),
+        &format!("{name} created in {create_ms} ms"),
+    )?;
+    let (vm_count, running) = store::count_vms(c, &ev.ws.id, VmState::Running)?;
+    if vm_count == running && transition(c, &mut ev.ws, Input::AllVmsRunning, None, now)? {
+        let expires = now + ev.ws.spec.duration.0.as_millis() as u64;
+        store::set_workspace_expiry(c, &ev.ws.id, expires)?;
+        store::push_timeline(
+            c,
+            &ev.ws.id,
+            now,
+            now,
+            Phase::Running,
+            None,
+            None,
+            None,
+            &format!(
+                "all {} VMs running; lease ends {}",
+                vm_count,
+                protocol::time::format_ms(expires)
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// A VM failed (to start, or to be destroyed): the workspace fails.
+fn on_vm_failed(ev: &mut Ev, vm_id: &VmId, reason: &str) -> Result<(), EngineError> {
+    if ev.own_vm(vm_id)?.is_none() {
+        return Ok(());
+    }
+    store::advance_vm(ev.c, vm_id, vm_life::Input::Failed)?;
+    ev.timeline(Phase::VmFailed, Some(vm_id), reason)?;
+    let why = format!("VM {vm_id} on node {} failed to start: {reason}", ev.node);
+    fail_workspace(ev.c, &mut ev.ws, &why, ev.now)
+}
+
+/// A VM is gone (destroyed by itself, not with its slot).
+fn on_vm_destroyed(ev: &Ev, vm_id: &VmId, destroy_ms: u64) -> Result<(), EngineError> {
+    if ev.own_vm(vm_id)?.is_none() {
+        return Ok(());
+    }
+    let gone = vm_life::Input::Gone {
+        preempted: ev.ws.state == WorkspaceState::Preempted,
+    };
+    store::advance_vm(ev.c, vm_id, gone)?;
+    ev.timeline(
+        Phase::VmDestroyed,
+        Some(vm_id),
+        &format!("destroyed in {destroy_ms} ms"),
+    )
+}
+
+/// The batch system warned the pilot: the whole workspace is preempted
+/// (ensembles are all or nothing) and every slot told to release.
+fn on_preempting(ev: &mut Ev, signal: &str, coordinator_wait_ms: u64) -> Result<(), EngineError> {
+    let (c, now, node) = (ev.c, ev.now, ev.node);
+    ev.pilot(pilot_life::Input::Preempting)?;
+    let job = ev.slot.job.id().unwrap_or("?");
+    ev.timeline(
+        Phase::Preempting,
+        None,
+        &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"),
+    )?;
+    let reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+    if transition(c, &mut ev.ws, Input::Preempted, Some(&reason), now)? {
+        end_slots(c, &ev.ws, now)?;
+    } else {
+        ev.release()?;
+    }
+    Ok(())
+}
+
+/// The pilot gave its node back. If the lease still wanted it, the lease
+/// cannot go on (the pilot reached its deadline, was preempted, or failed).
+fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), EngineError> {
+    let (c, now, node) = (ev.c, ev.now, ev.node);
+    ev.pilot(pilot_life::Input::Released)?;
+    ev.timeline(Phase::MemoryRestored, None, detail)?;
+    let gone = vm_life::Input::Gone {
+        preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
+    };
+    for vm in store::live_vms_on(c, &ev.slot.id, node)? {
+        store::advance_vm(c, &vm, gone)?;
+    }
+    if lifecycle::wants_slots(ev.ws.state) {
+        let (input, why) = match reason {
+            ReleaseReason::Deadline => (
+                Input::LeaseExpired,
+                format!("pilot on {node} reached the end of its slot"),
+            ),
+            ReleaseReason::Preempted => {
+                (Input::Preempted, format!("pilot on {node} was preempted"))
+            }
+            _ => (
+                Input::Failed,
+                format!("pilot on {node} released its slot ({reason:?})"),
+            ),
+        };
+        if transition(c, &mut ev.ws, input, Some(&why), now)? {
+            end_slots(c, &ev.ws, now)?;
         }
     }
+    slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
+    maybe_settle(c, &mut ev.ws, now)
 }

@@ -9,10 +9,12 @@ use super::rules::{
     end_slots, fail_workspace, job_ended, maybe_settle, must_ws, slot_maybe_released, transition,
 };
 use super::{Engine, EngineError};
+use crate::lifecycle::pilot as pilot_life;
+use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
 use crate::lifecycle::Input;
 use crate::store::{self, Store};
 use lrm_adapters::{JobId, JobState, JobStatus};
-use protocol::view::{Phase, SlotState};
+use protocol::view::Phase;
 use protocol::{now_ms, SlotId};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -104,7 +106,7 @@ impl Engine {
                     let mut ws = must_ws(tx, &slot.workspace_id)?;
                     let quiet_s = now.saturating_sub(p.last_seen_ms) / 1000;
                     warn!(workspace_id = %ws.id, slot_id = %slot.id, node = %p.node, quiet_s, "pilot lost");
-                    store::mark_pilot_lost(tx, &slot.id, &p.node)?;
+                    store::advance_pilot(tx, &slot.id, &p.node, pilot_life::Input::Lost)?;
                     store::push_timeline(
                         tx,
                         &ws.id,
@@ -116,9 +118,7 @@ impl Engine {
                         None,
                         &format!("no word from the pilot for {quiet_s} s; its job is cancelled; run workspace-kill-all on {}", p.node),
                     )?;
-                    if slot.job_id.is_some() && !slot.job_ended {
-                        store::set_slot_cancel_pending(tx, &slot.id, true)?;
-                    }
+                    store::advance_job(tx, &slot.id, &JobInput::CancelNeeded)?;
                     let reason = format!("pilot on node {} went silent (nothing for {quiet_s} s)", p.node);
                     fail_workspace(tx, &mut ws, &reason, now)?;
                     slot_maybe_released(tx, &ws, &slot.id, now)?;
@@ -143,10 +143,8 @@ impl Engine {
             }
         };
         for slot in slots {
-            let Some(job) = slot.job_id.clone() else {
-                let _ = self
-                    .with_store(|s| Ok(store::set_slot_cancel_pending(s.conn(), &slot.id, false)?));
-                continue;
+            let Some(job) = slot.job.id().map(str::to_string) else {
+                continue; // a job owed a cancel always has an id
             };
             {
                 let mut attempts = self
@@ -167,12 +165,11 @@ impl Engine {
                     let now = now_ms();
                     let r = self.with_store(|s| {
                         s.tx(|tx| {
-                            store::set_slot_cancel_pending(tx, &slot.id, false)?;
+                            store::advance_job(tx, &slot.id, &JobInput::CancelAccepted)?;
                             let pilots = store::pilots_of(tx, &slot.id)?;
-                            let fresh = store::get_slot(tx, &slot.id)?;
-                            if let Some(fresh) = fresh {
-                                if !fresh.state.is_terminal() && pilots.iter().all(|p| p.released) {
-                                    store::set_slot_state(tx, &slot.id, SlotState::Released)?;
+                            if pilots.iter().all(|p| p.state.is_terminal()) {
+                                let input = slot_life::Input::CancelledBeforePilots;
+                                if store::advance_slot(tx, &slot.id, input)?.is_some() {
                                     store::push_timeline(
                                         tx,
                                         &slot.workspace_id,
@@ -235,8 +232,8 @@ impl Engine {
             let orphan = match &slot {
                 None => true,
                 // Submission in flight: the id is about to be recorded.
-                Some(s) if s.job_id.is_none() => s.state.is_terminal(),
-                Some(s) => s.job_id.as_deref() != Some(job.0.as_str()),
+                Some(s) if s.job == Job::Unsubmitted => false,
+                Some(s) => s.job.id() != Some(job.0.as_str()),
             };
             if !orphan {
                 continue;
@@ -283,7 +280,7 @@ impl Engine {
         }
         let ids: Vec<JobId> = slots
             .iter()
-            .filter_map(|s| s.job_id.clone().map(JobId))
+            .filter_map(|s| s.job.id().map(|j| JobId(j.to_string())))
             .collect();
         let states = match self.lrm.status(&ids).await {
             Ok(s) => s,
@@ -295,7 +292,7 @@ impl Engine {
         let now = now_ms();
         let mut changed = false;
         for slot in slots {
-            let Some(job) = slot.job_id.clone() else {
+            let Some(job) = slot.job.id().map(str::to_string) else {
                 continue;
             };
             let ended = match states.get(&JobId(job.clone())) {
@@ -329,7 +326,7 @@ pub(super) fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), Engine
         for mut ws in store::active_workspaces(tx)? {
             let unsubmitted = store::slots_of(tx, &ws.id)?
                 .iter()
-                .any(|s| s.job_id.is_none() && !s.state.is_terminal());
+                .any(|s| s.job == Job::Unsubmitted && !s.state.is_terminal());
             if unsubmitted {
                 warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's pilot jobs");
                 fail_workspace(tx, &mut ws, "the coordinator stopped while submitting the pilot jobs", now)?;

@@ -7,12 +7,15 @@
 //! I/O besides SQLite, no clock of their own.
 
 use super::{Caller, EngineError};
+use crate::lifecycle::pilot::PilotState;
+use crate::lifecycle::slot::{self as slot_life, JobInput};
+use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::network::{self};
 use crate::policy::{self, NodeRoom, VmNeed};
 use crate::store::{self, VmRow, WorkspaceRow};
 use protocol::pilot::{CommandKind, VmLaunch};
-use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
+use protocol::view::{Phase, VmState, WorkspaceState};
 use protocol::{SlotId, VmId, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::{HashMap, HashSet};
@@ -34,7 +37,8 @@ pub(super) fn visible_ws(
     }
 }
 
-/// Applies `lifecycle::next`; records the state and returns whether it changed.
+/// Moves the workspace through its table (`lifecycle::workspace::next`),
+/// recording the state and reason; returns whether it changed.
 pub(super) fn transition(
     c: &Connection,
     ws: &mut WorkspaceRow,
@@ -42,18 +46,15 @@ pub(super) fn transition(
     reason: Option<&str>,
     now: u64,
 ) -> Result<bool, EngineError> {
-    match lifecycle::next(ws.state, input) {
-        Some(to) => {
-            info!(workspace_id = %ws.id, from = %ws.state, to = %to, ?input, "workspace state");
-            store::set_workspace_state(c, &ws.id, to, reason, now)?;
-            ws.state = to;
-            if reason.is_some() {
-                ws.reason = reason.map(str::to_string);
-            }
-            Ok(true)
-        }
-        None => Ok(false),
+    let Some(to) = store::advance_workspace(c, &ws.id, input, reason, now)? else {
+        return Ok(false);
+    };
+    info!(workspace_id = %ws.id, from = %ws.state, to = %to, ?input, "workspace state");
+    ws.state = to;
+    if reason.is_some() {
+        ws.reason = reason.map(str::to_string);
     }
+    Ok(true)
 }
 
 pub(super) fn fail_workspace(
@@ -77,20 +78,23 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
             continue;
         }
         let pilots = store::pilots_of(c, &slot.id)?;
-        for p in pilots.iter().filter(|p| !p.released) {
+        for p in pilots.iter().filter(|p| !p.state.is_terminal()) {
             if !store::has_release(c, &slot.id, &p.node)? {
                 store::push_command(c, &slot.id, &p.node, &CommandKind::Release, now)?;
             }
         }
-        if (pilots.len() as u32) < slot.nodes && slot.job_id.is_some() && !slot.job_ended {
-            // Some nodes have no pilot yet (job queued or starting): cancel the job.
-            store::set_slot_cancel_pending(c, &slot.id, true)?;
+        if slot.job.id().is_none() {
+            // Never submitted (or its submit never answered): nothing anywhere.
+            store::advance_job(c, &slot.id, &JobInput::Abandoned)?;
+            store::advance_slot(c, &slot.id, slot_life::Input::NotSubmitted)?;
+            continue;
         }
-        if slot.job_id.is_none() {
-            // Never submitted: nothing anywhere.
-            store::set_slot_state(c, &slot.id, SlotState::Failed)?;
-        } else if pilots.is_empty() || pilots.iter().any(|p| !p.released) {
-            store::set_slot_state(c, &slot.id, SlotState::Releasing)?;
+        if (pilots.len() as u32) < slot.nodes {
+            // Some nodes have no pilot yet (job queued or starting): cancel the job.
+            store::advance_job(c, &slot.id, &JobInput::CancelNeeded)?;
+        }
+        if pilots.is_empty() || pilots.iter().any(|p| !p.state.is_terminal()) {
+            store::advance_slot(c, &slot.id, slot_life::Input::ReleaseAsked)?;
         }
     }
     Ok(())
@@ -107,23 +111,17 @@ pub(super) fn maybe_settle(
         return Ok(());
     }
     if transition(c, ws, Input::AllSlotsEnded, None, now)? && ws.state == WorkspaceState::Failed {
-        store::set_workspace_state(
-            c,
-            &ws.id,
-            ws.state,
-            Some("every slot ended while the workspace was live"),
-            now,
-        )?;
+        let reason = "every slot ended while the workspace was live";
+        store::set_workspace_reason(c, &ws.id, reason, now)?;
+        ws.reason = Some(reason.to_string());
     }
     // Any VM not yet accounted for is gone with its slot.
+    let gone = vm_life::Input::Gone {
+        preempted: ws.state == WorkspaceState::Preempted,
+    };
     for vm in store::vms_of(c, &ws.id)? {
         if !vm.state.is_terminal() {
-            let to = if ws.state == WorkspaceState::Preempted {
-                VmState::Preempted
-            } else {
-                VmState::Destroyed
-            };
-            store::set_vm_state(c, &vm.id, to)?;
+            store::advance_vm(c, &vm.id, gone)?;
         }
     }
     let already = store::has_phase(c, &ws.id, Phase::Ended)?;
@@ -155,7 +153,7 @@ pub(super) fn start_vms(
     for s in &slots {
         for p in store::pilots_of(c, &s.id)?
             .into_iter()
-            .filter(|p| p.reserved && !p.released)
+            .filter(|p| p.state.holds())
         {
             rooms.push(NodeRoom {
                 slot: s.id.clone(),
@@ -212,7 +210,7 @@ pub(super) fn start_vms(
             continue;
         };
         store::set_vm_node(c, &vm.id, &node)?;
-        store::set_vm_state(c, &vm.id, VmState::Starting)?;
+        store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
         let launch = VmLaunch {
             vm_id: vm.id.clone(),
             name: vm.name.clone(),
@@ -272,8 +270,8 @@ pub(super) fn workspace_context(
     Ok((nics, peers))
 }
 
-/// When every pilot of the slot has released, the slot is released; the batch
-/// job is cancelled too, in case it lingers (a no-op if it has ended).
+/// When every pilot of the slot is gone, the slot is released (failed if a
+/// pilot was lost); the batch job is cancelled too, in case it lingers.
 pub(super) fn slot_maybe_released(
     c: &Connection,
     ws: &WorkspaceRow,
@@ -291,27 +289,22 @@ pub(super) fn slot_maybe_released(
         let pilots = store::pilots_of(c, slot_id)?;
         let lost: Vec<&str> = pilots
             .iter()
-            .filter(|p| p.last_event == "lost")
+            .filter(|p| p.state == PilotState::Lost)
             .map(|p| p.node.as_str())
             .collect();
-        let (state, detail) = if lost.is_empty() {
-            (
-                SlotState::Released,
-                format!("all {} pilot(s) released", pilots.len()),
-            )
+        let detail = if lost.is_empty() {
+            format!("all {} pilot(s) released", pilots.len())
         } else {
-            (
-                SlotState::Failed,
-                format!(
-                    "ended with lost pilot(s) on {}: run workspace-kill-all there",
-                    lost.join(", ")
-                ),
+            format!(
+                "ended with lost pilot(s) on {}: run workspace-kill-all there",
+                lost.join(", ")
             )
         };
-        store::set_slot_state(c, slot_id, state)?;
-        if !slot.job_ended {
-            store::set_slot_cancel_pending(c, slot_id, true)?;
-        }
+        let gone = slot_life::Input::PilotsGone {
+            lost: !lost.is_empty(),
+        };
+        store::advance_slot(c, slot_id, gone)?;
+        store::advance_job(c, slot_id, &JobInput::CancelNeeded)?;
         store::push_timeline(
             c,
             &ws.id,
@@ -339,8 +332,7 @@ pub(super) fn job_ended(
     let Some(slot) = store::get_slot(c, slot_id)? else {
         return Ok(());
     };
-    store::set_slot_job_ended(c, slot_id)?;
-    store::set_slot_cancel_pending(c, slot_id, false)?;
+    store::advance_job(c, slot_id, &JobInput::Ended)?;
     let mut ws = must_ws(c, &slot.workspace_id)?;
     store::push_timeline(
         c,
@@ -357,13 +349,14 @@ pub(super) fn job_ended(
         let pilots = store::pilots_of(c, slot_id)?;
         let stuck: Vec<&str> = pilots
             .iter()
-            .filter(|p| !p.released)
+            .filter(|p| !p.state.is_terminal())
             .map(|p| p.node.as_str())
             .collect();
-        if stuck.is_empty() {
-            store::set_slot_state(c, slot_id, SlotState::Released)?;
-        } else {
-            store::set_slot_state(c, slot_id, SlotState::Failed)?;
+        let ended = slot_life::Input::JobEnded {
+            stuck: !stuck.is_empty(),
+        };
+        store::advance_slot(c, slot_id, ended)?;
+        if !stuck.is_empty() {
             warn!(slot_id = %slot_id, job, ?stuck, "batch job ended before its pilots reported release");
             store::push_timeline(
                 c,

@@ -40,14 +40,14 @@ pub(super) fn is_settled(state: WorkspaceState, slots: &[SlotRow]) -> bool {
     state.is_terminal()
         && slots
             .iter()
-            .all(|s| s.state.is_terminal() && !s.cancel_pending)
+            .all(|s| s.state.is_terminal() && !s.job.owes_cancel())
 }
 
 pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceView, EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     let jobs: HashMap<SlotId, Option<String>> = slots
         .iter()
-        .map(|s| (s.id.clone(), s.job_id.clone()))
+        .map(|s| (s.id.clone(), s.job.id().map(str::to_string)))
         .collect();
     let mut nics: HashMap<VmId, Vec<protocol::pilot::Nic>> = HashMap::new();
     for (vm, nic) in store::addresses_of(c, &ws.id)? {
@@ -83,7 +83,7 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
         slot_views.push(SlotView {
             id: s.id,
             group: s.group,
-            job_id: s.job_id,
+            job_id: s.job.id().map(str::to_string),
             nodes: s.nodes,
             cores_per_node: s.cores,
             memory_mb_per_node: s.memory_mb,
