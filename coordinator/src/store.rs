@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS workspaces (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, spec TEXT NOT NULL,
   state TEXT NOT NULL, reason TEXT, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
   expires_ms INTEGER);
+-- The leases to expire, and the next to (every tick reads it).
+CREATE INDEX IF NOT EXISTS workspaces_expiry ON workspaces(state, expires_ms);
 -- state: the slot's table (lifecycle::slot::next); job_state and job_id: its
 -- batch job's (lifecycle::slot::next_job), an id once the submit is answered.
 CREATE TABLE IF NOT EXISTS slots (
@@ -48,6 +50,8 @@ CREATE TABLE IF NOT EXISTS slots (
   state TEXT NOT NULL, job_state TEXT NOT NULL DEFAULT 'unsubmitted',
   created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id);
+-- Jobs whose status is asked, and cancels owed, are found by their state.
+CREATE INDEX IF NOT EXISTS slots_job_state ON slots(job_state);
 -- state: the pilot's table (lifecycle::pilot::next); last_event is what the
 -- view shows (the kind of its last event, or 'lost').
 CREATE TABLE IF NOT EXISTS pilots (
@@ -157,7 +161,16 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut conn = Connection::open(path)?;
+        Self::setup(Connection::open(path)?)
+    }
+
+    /// A database in memory (the simulator's): the same schema and queries,
+    /// gone when dropped.
+    pub fn open_in_memory() -> Result<Self> {
+        Self::setup(Connection::open_in_memory()?)
+    }
+
+    fn setup(mut conn: Connection) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -422,6 +435,14 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     ))?;
     let rows = st.query_map([], ws_from_row)?;
     rows.map(|r| ws_build(r?)).collect()
+}
+
+/// The earliest end of a running lease (from the `workspaces_expiry` index).
+pub fn next_expiry(c: &Connection) -> Result<Option<u64>> {
+    let t: Option<i64> = c
+        .prepare_cached("SELECT MIN(expires_ms) FROM workspaces WHERE state = 'running'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(t.map(|t| t as u64))
 }
 
 /// Running workspaces whose lease ended at or before `now_ms`.

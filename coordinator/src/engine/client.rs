@@ -10,13 +10,13 @@ use super::{Caller, Engine, EngineError, MAX_WAIT};
 use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
 use crate::lifecycle::{self, Input};
 use crate::network::{self, NetError, Pools};
-use crate::policy::{self};
+use crate::policy::{Action, Cluster, SlotPlan};
 use crate::store::{self, SlotRow, VmRow, WorkspaceRow};
 use lrm_adapters::{LrmError, SlotJob};
 use protocol::auth::SlotKey;
 use protocol::spec::WorkspaceSpec;
 use protocol::view::{EventsPage, Phase, SlotState, VmState, WorkspaceState, WorkspaceView};
-use protocol::{now_ms, SlotId, VmId, VmName, WorkspaceId};
+use protocol::{SlotId, VmId, VmName, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::path::Path;
@@ -31,7 +31,19 @@ impl Engine {
         spec: WorkspaceSpec,
     ) -> Result<WorkspaceView, EngineError> {
         spec.validate()?;
-        let plans = policy::plan_slots(&spec, &self.capacity, self.cfg.pilot.min_dom0_mb)?;
+        let cluster = Cluster {
+            capacity: self.capacity,
+            min_dom0_mb: self.cfg.pilot.min_dom0_mb,
+        };
+        let plans: Vec<SlotPlan> = self
+            .policy
+            .plan_lease(&spec, &cluster)?
+            .actions
+            .into_iter()
+            .map(|a| match a {
+                Action::Submit(plan) => plan,
+            })
+            .collect();
         if self.pools.public.is_none() {
             if let Some(g) = spec.groups.iter().find(|g| g.public_ip) {
                 return Err(NetError::NoPublicPool {
@@ -40,7 +52,7 @@ impl Engine {
                 .into());
             }
         }
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let ws = WorkspaceRow {
             id: WorkspaceId::generate(),
             name: spec.name.clone(),
@@ -126,8 +138,8 @@ impl Engine {
                         store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
                         store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
                         let mut w = must_ws(tx, &ws.id)?;
-                        fail_workspace(tx, &mut w, &reason, now_ms())?;
-                        maybe_settle(tx, &mut w, now_ms())?;
+                        fail_workspace(tx, &mut w, &reason, self.clock.now_ms())?;
+                        maybe_settle(tx, &mut w, self.clock.now_ms())?;
                         Ok::<_, EngineError>(())
                     })
                 })?;
@@ -185,11 +197,13 @@ impl Engine {
             pilot_argv: self.pilot_argv(slot, &key_path, pilot_duration),
             workdir,
         };
+        // Real time spent submitting (a measurement, not a rule: the clock
+        // of the rules may be virtual).
         let started = Instant::now();
         let job_id = self.lrm.submit(&job).await?;
         let took = started.elapsed();
         info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.with_store(|s| {
             s.tx(|tx| {
                 store::advance_job(tx, &slot.id, &JobInput::Submitted(job_id.0.clone()))?;
@@ -285,7 +299,7 @@ impl Engine {
 
     /// Starts the end of a workspace: release every slot. Idempotent.
     pub fn destroy(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let view = self.with_store(|s| {
             s.tx(|tx| {
                 let mut ws = visible_ws(tx, caller, id)?;

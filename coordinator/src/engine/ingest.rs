@@ -1,22 +1,27 @@
-//! Pilot events into the rules: the typed entry ([`Incoming`], applied in
-//! group commits by [`Engine::apply_events`]) and one handler per event kind.
+//! Pilots in process: the typed entry for their events ([`Incoming`],
+//! applied in group commits by [`Engine::apply_events`]), one handler per
+//! event kind, and their commands as they would receive them
+//! ([`Engine::pilot_commands`]).
 //!
 //! Every event is checked before it gets here (over HTTP by `signed`; the
-//! simulator builds them itself), stored in the event log, then applied in
-//! its own savepoint. Not here: signatures, the rules shared with the other
-//! entries (`rules`).
+//! simulator and the rule tests build them themselves), stored in the event
+//! log, then applied in its own savepoint. Not here: signatures, the rules
+//! shared with the other entries (`rules`).
 
 use super::rules::{
     end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
+    Setting,
 };
+use super::signed::poll_answer;
 use super::{Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
 use crate::lifecycle::slot as slot_life;
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
-use crate::network::{self};
 use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
-use protocol::pilot::{CommandKind, EventAck, EventKind, PilotEvent, ReleaseReason};
+use protocol::pilot::{
+    Command, CommandKind, EventAck, EventKind, PilotEvent, PollResponse, ReleaseReason,
+};
 use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
 use protocol::{SlotId, VmId};
 use rusqlite::Connection;
@@ -36,11 +41,34 @@ pub struct Incoming {
 /// What becomes of one event: acknowledged, or refused with the reason.
 pub type Outcome = Result<EventAck, EngineError>;
 
+impl Incoming {
+    /// An event made in process (the simulator, tests), received at
+    /// `received_ms`; the event log keeps its JSON as the body.
+    pub fn new(event: PilotEvent, received_ms: u64) -> Result<Self, EngineError> {
+        let body = serde_json::to_string(&event)
+            .map_err(|e| EngineError::BadRequest(format!("event does not encode: {e}")))?;
+        Ok(Self {
+            slot_id: event.slot_id.clone(),
+            event,
+            body,
+            received_ms,
+        })
+    }
+}
+
 impl Engine {
     /// The writer thread's turn: stores and applies a batch of checked events
     /// in one transaction (one savepoint each), commits, then tells watchers.
     /// One outcome per event, in order; an Ok event is committed.
+    ///
+    /// This is the typed entry for pilot events: the HTTP handlers reach it
+    /// through the writer thread, the simulator and the rule tests call it
+    /// directly.
     pub fn apply_events(&self, batch: &[Incoming]) -> Vec<Outcome> {
+        let setting = Setting {
+            images: &self.cfg.images,
+            policy: self.policy.as_ref(),
+        };
         let stored = {
             let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
             guard.tx_each(batch, |tx, p| {
@@ -53,7 +81,7 @@ impl Engine {
                         seq: event.seq,
                     });
                 }
-                apply_event(tx, &slot, event, p.received_ms, &self.cfg.images)?;
+                apply_event(tx, &slot, event, p.received_ms, &setting)?;
                 Ok(EventAck {
                     seq: event.seq,
                     duplicate: false,
@@ -88,13 +116,49 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The commands for the pilot of (slot, node) after command `after`, as
+    /// the pilot receives them over HTTP; the pilot counts as heard from.
+    /// The in-process twin of the signed long-poll, without the wait.
+    pub fn pilot_commands(
+        &self,
+        slot: &SlotId,
+        node: &str,
+        after: u64,
+    ) -> Result<Vec<Command>, EngineError> {
+        let answer = self.with_store(|s| {
+            store::seen_pilot(s.conn(), slot, node, self.clock.now_ms())?;
+            let rows = store::commands_after(s.conn(), slot, node, after)?;
+            if rows.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(poll_answer(s.conn(), rows)?))
+        })?;
+        let Some(answer) = answer else {
+            return Ok(Vec::new());
+        };
+        let resp: PollResponse =
+            serde_json::from_str(&answer.0).map_err(|e| StoreError::Corrupt {
+                what: "commands",
+                detail: e.to_string(),
+            })?;
+        Ok(resp.commands)
+    }
+
+    /// The (slot, node) of every pilot with a command stored after row
+    /// `after`, and the newest row: who has news since the last look.
+    pub fn commanded_since(&self, after: i64) -> Result<(Vec<(SlotId, String)>, i64), EngineError> {
+        self.with_store(|s| Ok(store::commanded_since(s.conn(), after)?))
+    }
+}
+
 /// Applies one stored event: the pilot is seen, then its kind's handler runs.
 pub(super) fn apply_event(
     c: &Connection,
     slot: &SlotRow,
     e: &PilotEvent,
     now: u64,
-    images: &network::ImagesConfig,
+    setting: &Setting,
 ) -> Result<(), EngineError> {
     let ws = must_ws(c, &slot.workspace_id)?;
     store::touch_pilot(
@@ -130,7 +194,7 @@ pub(super) fn apply_event(
                 "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
                 now.saturating_sub(e.ts_ms)
             );
-            on_reserved(&mut ev, &detail, cached_images, images)
+            on_reserved(&mut ev, &detail, cached_images, setting)
         }
         EventKind::ReserveFailed { reason } => on_reserve_failed(&mut ev, reason),
         EventKind::VmStarted {
@@ -262,7 +326,7 @@ fn on_reserved(
     ev: &mut Ev,
     detail: &str,
     cached_images: &[String],
-    images: &network::ImagesConfig,
+    setting: &Setting,
 ) -> Result<(), EngineError> {
     let (c, slot) = (ev.c, ev.slot);
     ev.pilot(pilot_life::Input::Reserved)?;
@@ -278,7 +342,7 @@ fn on_reserved(
         .iter()
         .all(|s| s.state == SlotState::Reserved);
     if all && ev.ws.state == WorkspaceState::Pending {
-        start_vms(c, &mut ev.ws, ev.now, images)?;
+        start_vms(c, &mut ev.ws, ev.now, setting)?;
     }
     Ok(())
 }

@@ -16,27 +16,30 @@
 mod client;
 mod ingest;
 mod reconcile;
+#[cfg(test)]
+mod rule_tests;
 mod rules;
 mod signed;
 mod views;
 
 pub use signed::PollAnswer;
 
+use crate::clock::{Clock, WallClock};
 use crate::config::Config;
 use crate::network::{NetError, Pools};
-use crate::policy::FitError;
+use crate::policy::{ExactFit, FitError, Policy};
 use crate::store::{self, Store, StoreError};
 use crate::writer::{Writer, WriterError};
 pub use ingest::{Incoming, Outcome};
 use lrm_adapters::{Capacity, Lrm, LrmError};
 use protocol::spec::SpecError;
-use protocol::{now_ms, SlotId, WorkspaceId};
+use protocol::{SlotId, WorkspaceId};
 use reconcile::fail_unsubmitted;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
@@ -94,8 +97,32 @@ impl Caller {
     }
 }
 
+/// How an engine is put together besides its config: the server takes the
+/// defaults (wall clock, exact fit, the database file); the simulator and the
+/// rule tests bring a virtual clock, and the simulator a database in memory.
+pub struct Parts {
+    /// Where the rules and timers take the time from.
+    pub clock: Arc<dyn Clock>,
+    /// Sizing and placement.
+    pub policy: Arc<dyn Policy>,
+    /// Keep the database in memory instead of `data_dir/coordinator.db`.
+    pub in_memory: bool,
+}
+
+impl Default for Parts {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(WallClock),
+            policy: Arc::new(ExactFit),
+            in_memory: false,
+        }
+    }
+}
+
 pub struct Engine {
     store: Mutex<Store>,
+    clock: Arc<dyn Clock>,
+    policy: Arc<dyn Policy>,
     /// Pilot events go through here: one thread stores them in group commits.
     writer: Writer<Incoming, Outcome>,
     lrm: Arc<dyn Lrm>,
@@ -115,7 +142,8 @@ pub struct Engine {
     /// Row id of the newest command whose pilot was woken.
     commands_woken: AtomicI64,
     kick: Notify,
-    cancel_attempts: Mutex<HashMap<SlotId, Instant>>,
+    /// When each owed cancel was last tried (clock ms): retried after a second.
+    cancel_attempts: Mutex<HashMap<SlotId, u64>>,
     /// Address pools of `[network]` (parsed once; the config was validated).
     pools: Pools,
     /// When this coordinator process started (pilot silence counts from here at the earliest).
@@ -172,10 +200,25 @@ impl Engine {
         lrm: Arc<dyn Lrm>,
         public_url: String,
     ) -> Result<Arc<Self>, EngineError> {
+        Self::with_parts(cfg, lrm, public_url, Parts::default())
+    }
+
+    /// As [`Engine::new`], with the clock, policy and database given.
+    pub fn with_parts(
+        cfg: Config,
+        lrm: Arc<dyn Lrm>,
+        public_url: String,
+        parts: Parts,
+    ) -> Result<Arc<Self>, EngineError> {
         mkdir_private(&cfg.data_dir)?;
         mkdir_private(&cfg.data_dir.join("keys"))?;
         mkdir_private(&cfg.data_dir.join("jobs"))?;
-        let store = Store::open(&cfg.data_dir.join("coordinator.db"))?;
+        let store = if parts.in_memory {
+            Store::open_in_memory()?
+        } else {
+            Store::open(&cfg.data_dir.join("coordinator.db"))?
+        };
+        let clock = parts.clock;
         let master = load_master(&cfg.data_dir)?;
         let capacity = lrm.capacity().or(cfg.cluster).ok_or_else(|| {
             EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into())
@@ -189,7 +232,7 @@ impl Engine {
         let (changed, _) = watch::channel(0);
         let mut store = store;
         let commands_woken = store::last_command_rowid(store.conn())?;
-        fail_unsubmitted(&mut store, now_ms())?;
+        fail_unsubmitted(&mut store, clock.now_ms())?;
         // Addresses of VMs that are gone are free; those of live VMs never are.
         let freed =
             store.tx(|tx| store::free_addresses_of_gone_vms(tx).map_err(EngineError::from))?;
@@ -200,6 +243,9 @@ impl Engine {
         let (writer, writer_thread) = Writer::new();
         let engine = Arc::new(Self {
             store: Mutex::new(store),
+            started_ms: clock.now_ms(),
+            clock,
+            policy: parts.policy,
             writer,
             lrm,
             capacity,
@@ -215,7 +261,6 @@ impl Engine {
             kick: Notify::new(),
             cancel_attempts: Mutex::new(HashMap::new()),
             pools,
-            started_ms: now_ms(),
             metrics: crate::metrics::Metrics::new(),
         });
         let weak = Arc::downgrade(&engine);
@@ -229,6 +274,11 @@ impl Engine {
 
     pub fn lrm(&self) -> &Arc<dyn Lrm> {
         &self.lrm
+    }
+
+    /// The clock the rules run on.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
     }
 
     pub(super) fn with_store<T>(

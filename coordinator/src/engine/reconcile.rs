@@ -15,45 +15,83 @@ use crate::lifecycle::Input;
 use crate::store::{self, Store};
 use lrm_adapters::{JobId, JobState, JobStatus};
 use protocol::view::Phase;
-use protocol::{now_ms, SlotId};
+use protocol::SlotId;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+/// Time between two tries of a cancel the batch system refused.
+pub const CANCEL_RETRY_MS: u64 = 1_000;
+
 impl Engine {
-    /// Runs the housekeeping loop until `stop` fires.
+    /// Runs the housekeeping loop until `stop` fires: every `tick_ms` (or
+    /// sooner, when something asks), and the batch system's status every
+    /// `lrm_poll_s` of the engine's clock.
     pub async fn run_ticks(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let tick = Duration::from_millis(self.cfg.tick_ms.max(10));
-        let lrm_every = Duration::from_secs_f64(self.cfg.lrm_poll_s);
-        let mut last_lrm = Instant::now();
+        let lrm_every_ms = (self.cfg.lrm_poll_s * 1000.0) as u64;
+        let mut last_lrm = self.clock.now_ms();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
                 _ = self.kick.notified() => {}
                 _ = stop.changed() => return,
             }
-            if let Err(e) = self.expire_leases() {
-                warn!(error = %e, "lease expiry check failed");
+            let now = self.clock.now_ms();
+            let lrm_due = now.saturating_sub(last_lrm) >= lrm_every_ms;
+            if lrm_due {
+                last_lrm = now;
             }
-            if let Err(e) = self.find_lost_pilots() {
-                warn!(error = %e, "pilot silence check failed");
+            self.housekeeping(lrm_due).await;
+        }
+    }
+
+    /// One round of housekeeping, as a tick of the server runs it: leases
+    /// whose time is over, silent pilots, owed cancels and, when `lrm_due`,
+    /// the batch system's status and its orphan jobs. Failures are logged;
+    /// what they left undone is done by a later round.
+    pub async fn housekeeping(&self, lrm_due: bool) {
+        if let Err(e) = self.expire_leases() {
+            warn!(error = %e, "lease expiry check failed");
+        }
+        if let Err(e) = self.find_lost_pilots() {
+            warn!(error = %e, "pilot silence check failed");
+        }
+        self.retry_cancels().await;
+        if lrm_due {
+            if let Err(e) = self.poll_lrm().await {
+                warn!(error = %e, "batch system status query failed; will retry");
             }
-            self.retry_cancels().await;
-            if last_lrm.elapsed() >= lrm_every {
-                last_lrm = Instant::now();
-                if let Err(e) = self.poll_lrm().await {
-                    warn!(error = %e, "batch system status query failed; will retry");
-                }
-                if let Err(e) = self.cancel_orphans().await {
-                    warn!(error = %e, "orphan job scan failed; will retry");
-                }
+            if let Err(e) = self.cancel_orphans().await {
+                warn!(error = %e, "orphan job scan failed; will retry");
             }
         }
     }
 
-    fn expire_leases(&self) -> Result<(), EngineError> {
-        let now = now_ms();
+    /// When the next lease runs out (its workspace then expires), if any runs.
+    pub fn next_lease_end_ms(&self) -> Result<Option<u64>, EngineError> {
+        self.with_store(|s| Ok(store::next_expiry(s.conn())?))
+    }
+
+    /// When an owed cancel is next due (now for one never tried; a second
+    /// after the last try otherwise), if any is owed.
+    pub fn next_cancel_ms(&self) -> Result<Option<u64>, EngineError> {
+        let owed = self.with_store(|s| Ok(store::slots_to_cancel(s.conn())?))?;
+        let attempts = self
+            .cancel_attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now_ms();
+        Ok(owed
+            .iter()
+            .map(|s| attempts.get(&s.id).map_or(now, |t| t + CANCEL_RETRY_MS))
+            .min())
+    }
+
+    /// Ends the leases whose time is over.
+    pub fn expire_leases(&self) -> Result<(), EngineError> {
+        let now = self.clock.now_ms();
         let changed = self.with_store(|s| {
             s.tx(|tx| {
                 let mut changed = false;
@@ -92,8 +130,8 @@ impl Engine {
     /// Pilots silent past `pilot_silence_s` (counted from this process's start
     /// at the earliest, so a restart does not condemn every pilot) are lost:
     /// their workspace fails, their job is cancelled, the node is named for kill-all.
-    fn find_lost_pilots(&self) -> Result<(), EngineError> {
-        let now = now_ms();
+    pub fn find_lost_pilots(&self) -> Result<(), EngineError> {
+        let now = self.clock.now_ms();
         let silence = self.cfg.pilot_silence_s * 1000;
         if now.saturating_sub(self.started_ms) < silence {
             return Ok(());
@@ -133,8 +171,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Cancels batch jobs flagged for cancel; failures stay flagged and are retried.
-    async fn retry_cancels(&self) {
+    /// Cancels batch jobs owed a cancel; a failed cancel stays owed and is
+    /// retried a second later, until the batch system takes it.
+    pub async fn retry_cancels(&self) {
         let slots = match self.with_store(|s| Ok(store::slots_to_cancel(s.conn())?)) {
             Ok(s) => s,
             Err(e) => {
@@ -151,18 +190,19 @@ impl Engine {
                     .cancel_attempts
                     .lock()
                     .unwrap_or_else(|p| p.into_inner());
+                let now = self.clock.now_ms();
                 if attempts
                     .get(&slot.id)
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+                    .is_some_and(|t| now < t + CANCEL_RETRY_MS)
                 {
                     continue;
                 }
-                attempts.insert(slot.id.clone(), Instant::now());
+                attempts.insert(slot.id.clone(), now);
             }
             match self.lrm.cancel(&JobId(job.clone())).await {
                 Ok(()) => {
                     info!(slot_id = %slot.id, job_id = %job, "batch job cancelled");
-                    let now = now_ms();
+                    let now = self.clock.now_ms();
                     let r = self.with_store(|s| {
                         s.tx(|tx| {
                             store::advance_job(tx, &slot.id, &JobInput::CancelAccepted)?;
@@ -243,7 +283,7 @@ impl Engine {
                 Ok(()) => {
                     self.metrics.orphan_jobs_cancelled.inc();
                     if let Some(s) = &slot {
-                        let now = now_ms();
+                        let now = self.clock.now_ms();
                         let detail = format!(
                             "orphan batch job {job} ({name}) cancelled: the slot does not own it"
                         );
@@ -289,7 +329,7 @@ impl Engine {
                 return Ok(());
             }
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut changed = false;
         for slot in slots {
             let Some(job) = slot.job.id().map(str::to_string) else {

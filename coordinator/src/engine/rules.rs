@@ -12,7 +12,7 @@ use crate::lifecycle::slot::{self as slot_life, JobInput};
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::network::{self};
-use crate::policy::{self, NodeRoom, VmNeed};
+use crate::policy::{NodeRoom, Policy, VmNeed};
 use crate::store::{self, VmRow, WorkspaceRow};
 use protocol::pilot::{CommandKind, VmLaunch};
 use protocol::view::{Phase, VmState, WorkspaceState};
@@ -20,6 +20,13 @@ use protocol::{SlotId, VmId, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::{HashMap, HashSet};
 use tracing::{info, warn};
+
+/// What the rules take from the engine's setup besides the database and
+/// the time: the image repository and the scheduling policy.
+pub(super) struct Setting<'a> {
+    pub images: &'a network::ImagesConfig,
+    pub policy: &'a dyn Policy,
+}
 
 pub(super) fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
     store::get_workspace(c, id)?.ok_or_else(|| EngineError::NotFound(format!("no workspace {id}")))
@@ -146,7 +153,7 @@ pub(super) fn start_vms(
     c: &Connection,
     ws: &mut WorkspaceRow,
     now: u64,
-    images: &network::ImagesConfig,
+    setting: &Setting,
 ) -> Result<(), EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     let mut rooms = Vec::new();
@@ -185,7 +192,10 @@ pub(super) fn start_vms(
         .iter()
         .map(|v| {
             let g = ws.spec.groups.iter().find(|g| g.name == v.group);
-            (&v.id, g.and_then(|g| network::image_source(images, g)))
+            (
+                &v.id,
+                g.and_then(|g| network::image_source(setting.images, g)),
+            )
         })
         .collect();
     let holds = |vm: &VmId, node: &str| {
@@ -199,8 +209,8 @@ pub(super) fn start_vms(
     // Stored once; each launch is stored without them and gets them when
     // delivered (`poll_answer`).
     store::set_workspace_peers(c, &ws.id, &peers)?;
-    let mapping = match policy::map_vms_preferring(&needs, &rooms, &holds) {
-        Ok(m) => m,
+    let mapping = match setting.policy.place(&needs, &rooms, &holds) {
+        Ok(p) => p.starts,
         Err(e) => return fail_workspace(c, ws, &e.to_string(), now),
     };
     transition(c, ws, Input::AllSlotsReserved, None, now)?;

@@ -9,7 +9,7 @@ use super::{Engine, EngineError, MAX_WAIT};
 use crate::store::{self, StoreError};
 use protocol::auth::SlotKey;
 use protocol::pilot::{CommandKind, EventAck, PilotEvent, PollRequest};
-use protocol::{now_ms, SlotId};
+use protocol::SlotId;
 use rusqlite::Connection;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,7 @@ impl Engine {
     }
 
     fn check_clock(&self, ts_ms: u64) -> Result<(), EngineError> {
-        let skew = now_ms().abs_diff(ts_ms);
+        let skew = self.clock.now_ms().abs_diff(ts_ms);
         if skew > self.cfg.max_clock_skew_s * 1000 {
             self.metrics.refused("stale");
             return Err(EngineError::Forbidden(format!(
@@ -110,7 +110,7 @@ impl Engine {
             slot_id,
             event,
             body: String::from_utf8_lossy(body).into_owned(),
-            received_ms: now_ms(),
+            received_ms: self.clock.now_ms(),
         })
     }
 
@@ -172,7 +172,7 @@ impl Engine {
             tokio::pin!(woken);
             woken.as_mut().enable();
             let answer = self.with_store(|s| {
-                store::seen_pilot(s.conn(), slot_id, &req.node, now_ms())?;
+                store::seen_pilot(s.conn(), slot_id, &req.node, self.clock.now_ms())?;
                 let rows = store::commands_after(s.conn(), slot_id, &req.node, req.after)?;
                 if rows.is_empty() {
                     return Ok(None);
@@ -369,7 +369,7 @@ mod tests {
                 node: "node1".into(),
                 after: 0,
                 wait_ms,
-                ts_ms: now_ms(),
+                ts_ms: protocol::now_ms(),
             })
             .expect("json");
             let sig = key.sign(&body);
