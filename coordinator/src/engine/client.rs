@@ -11,7 +11,7 @@ use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
 use crate::lifecycle::{self, Input};
 use crate::network::{self, NetError, Pools};
 use crate::policy::{Action, Cluster, SlotPlan};
-use crate::store::{self, SlotRow, VmRow, WorkspaceRow};
+use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
 use lrm_adapters::{LrmError, SlotJob};
 use protocol::auth::SlotKey;
 use protocol::spec::WorkspaceSpec;
@@ -53,7 +53,7 @@ impl Engine {
             }
         }
         let now = self.clock.now_ms();
-        let ws = WorkspaceRow {
+        let mut ws = WorkspaceRow {
             id: WorkspaceId::generate(),
             name: spec.name.clone(),
             owner: caller.user.clone(),
@@ -67,11 +67,17 @@ impl Engine {
         let mut slots = Vec::new();
         self.with_store(|s| {
             s.tx(|tx| {
+                ws.id = unused(WorkspaceId::generate, |id| {
+                    Ok(store::get_workspace(tx, id)?.is_some())
+                })?;
                 store::insert_workspace(tx, &ws)?;
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
                     let slot = SlotRow {
-                        id: SlotId::generate(),
+                        id: unused(
+                            SlotId::generate,
+                            |id| Ok(store::get_slot(tx, id)?.is_some()),
+                        )?,
                         workspace_id: ws.id.clone(),
                         group: plan.group.clone(),
                         nodes: plan.nodes,
@@ -84,7 +90,7 @@ impl Engine {
                     store::insert_slot(tx, &slot)?;
                     let group = spec.groups.iter().find(|g| g.name == plan.group);
                     for idx in 0..plan.nodes {
-                        let vm = VmId::generate();
+                        let vm = unused(VmId::generate, |id| Ok(store::get_vm(tx, id)?.is_some()))?;
                         addrs.assign(tx, &ws.id, &vm, group.is_some_and(|g| g.public_ip))?;
                         store::insert_vm(
                             tx,
@@ -446,5 +452,47 @@ impl<'p> AddressPlan<'p> {
             idx += 1;
         }
         Ok(())
+    }
+}
+
+/// Most draws of an id before giving up (each collides with odds of rows / 2^32).
+const ID_DRAWS: u32 = 64;
+
+/// A fresh id no row holds yet. Ids are 32 random bits: a coordinator that
+/// has made tens of thousands of workspaces or VMs would otherwise draw one
+/// it already holds, and fail that create (the simulator did, at 11,000 VMs).
+fn unused<T>(
+    mut draw: impl FnMut() -> T,
+    taken: impl Fn(&T) -> Result<bool, StoreError>,
+) -> Result<T, EngineError> {
+    for _ in 0..ID_DRAWS {
+        let id = draw();
+        if !taken(&id)? {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Corrupt {
+        what: "ids",
+        detail: format!("{ID_DRAWS} random ids in a row are taken"),
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_already_held_is_drawn_again() {
+        let held = [WorkspaceId::parse("ws-00000001").expect("id")];
+        let mut draws = ["ws-00000001", "ws-00000001", "ws-00000002"].into_iter();
+        let id = unused(
+            || WorkspaceId::parse(draws.next().expect("a draw")).expect("id"),
+            |id| Ok(held.contains(id)),
+        )
+        .expect("a fresh id");
+        assert_eq!(id.as_str(), "ws-00000002");
+        let e = unused(WorkspaceId::generate, |_| Ok(true)).expect_err("never free");
+        assert!(e.to_string().contains("64 random ids"), "{e}");
     }
 }
