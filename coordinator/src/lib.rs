@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod network;
 pub mod policy;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod timeline;
 pub mod writer;

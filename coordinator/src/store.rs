@@ -165,9 +165,25 @@ impl Store {
     }
 
     /// A database in memory (the simulator's): the same schema and queries,
-    /// gone when dropped.
+    /// gone when dropped. It lives in SQLite's `memdb` file system, behind
+    /// an ordinary pager and page cache: a plain `:memory:` database keeps
+    /// every page in the page cache, which SQLite walks on every commit, so
+    /// each commit cost more the bigger the database grew.
     pub fn open_in_memory() -> Result<Self> {
-        Self::setup(Connection::open_in_memory()?)
+        use rusqlite::OpenFlags;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // No leading '/': a database this connection alone sees (a shared
+        // one takes a lock on every page it reads).
+        let name = format!(
+            "file:wsp-{}-{}?vfs=memdb",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        Self::setup(Connection::open_with_flags(name, flags)?)
     }
 
     fn setup(mut conn: Connection) -> Result<Self> {
@@ -606,6 +622,13 @@ pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     rows.map(|r| slot_build(r?)).collect()
 }
 
+/// Ids of the slots whose job is owed a cancel (from the `slots_job_state` index).
+pub fn owed_cancels(c: &Connection) -> Result<Vec<SlotId>> {
+    let mut st = c.prepare_cached("SELECT id FROM slots WHERE job_state = 'cancel_owed'")?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.map(|r| parse_id("slot id", r?)).collect()
+}
+
 pub fn slots_to_cancel(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {SLOT_COLS} FROM slots WHERE job_state = 'cancel_owed' ORDER BY created_ms"
@@ -700,7 +723,8 @@ pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
     rows.map(|r| pilot_build(r?)).collect()
 }
 
-/// Records that a pilot said something; creates the pilot row on first sight.
+/// Records that a pilot said something; creates the pilot row on first
+/// sight. Returns the pilot's state.
 pub fn touch_pilot(
     c: &Connection,
     slot: &SlotId,
@@ -708,10 +732,15 @@ pub fn touch_pilot(
     pilot_id: &str,
     event: &str,
     now: u64,
-) -> Result<()> {
-    c.prepare_cached("INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5")?.execute(params![slot.as_str(), node, pilot_id, event, now as i64])?;
-    Ok(())
+) -> Result<PilotState> {
+    let state: String = c
+        .prepare_cached(
+            "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5
+             RETURNING state",
+        )?
+        .query_row(params![slot.as_str(), node, pilot_id, event, now as i64], |r| r.get(0))?;
+    PilotState::parse(&state).ok_or_else(|| corrupt("pilot state", &state))
 }
 
 /// A poll from a pilot we know: it is alive.
@@ -753,6 +782,18 @@ pub fn advance_pilot(
         .optional()?;
     let Some(now) = now else { return Ok(None) };
     let now = PilotState::parse(&now).ok_or_else(|| corrupt("pilot state", &now))?;
+    advance_pilot_from(c, slot, node, now, input)
+}
+
+/// [`advance_pilot`] for a caller that has just read the pilot's state
+/// (`touch_pilot` returns it), in the same transaction.
+pub fn advance_pilot_from(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    now: PilotState,
+    input: pilot::Input,
+) -> Result<Option<PilotState>> {
     let Some(to) = pilot::next(now, input) else {
         return Ok(None);
     };
@@ -1028,18 +1069,16 @@ pub fn push_command(
     kind: &CommandKind,
     now: u64,
 ) -> Result<u64> {
-    let next: i64 = c
-        .prepare_cached(
-            "SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2",
-        )?
-        .query_row(params![slot.as_str(), node], |r| r.get(0))?;
     let body = serde_json::to_string(kind).map_err(|e| corrupt("command", e))?;
-    c.prepare_cached(
-        "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![slot.as_str(), node, next, body, now as i64])?;
+    let id: i64 = c
+        .prepare_cached(
+            "INSERT INTO commands (slot_id, node, id, body, created_ms)
+             SELECT ?1, ?2, COALESCE(MAX(id), 0) + 1, ?3, ?4 FROM commands WHERE slot_id = ?1 AND node = ?2
+             RETURNING id",
+        )?
+        .query_row(params![slot.as_str(), node, body, now as i64], |r| r.get(0))?;
     COMMANDS_PUSHED.fetch_add(1, Ordering::SeqCst);
-    Ok(next as u64)
+    Ok(id as u64)
 }
 
 /// The newest command's row id (0 when there is none).
@@ -1166,22 +1205,26 @@ pub fn push_timeline(
     vm: Option<&VmId>,
     detail: &str,
 ) -> Result<u64> {
-    let next: i64 = c
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1")?
-        .query_row([ws.as_str()], |r| r.get(0))?;
-    c.prepare_cached("INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
-            ws.as_str(),
-            next,
-            ts_ms as i64,
-            now as i64,
-            phase.as_str(),
-            slot.map(|s| s.as_str()),
-            node,
-            vm.map(|v| v.as_str()),
-            detail
-        ])?;
-    Ok(next as u64)
+    let seq: i64 = c
+        .prepare_cached(
+            "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
+             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 FROM timeline WHERE workspace_id = ?1
+             RETURNING seq",
+        )?
+        .query_row(
+            params![
+                ws.as_str(),
+                ts_ms as i64,
+                now as i64,
+                phase.as_str(),
+                slot.map(|s| s.as_str()),
+                node,
+                vm.map(|v| v.as_str()),
+                detail
+            ],
+            |r| r.get(0),
+        )?;
+    Ok(seq as u64)
 }
 
 pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Vec<TimelineEntry>> {
@@ -1214,6 +1257,52 @@ pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Ve
             node: t.5,
             vm_id: t.6.map(|s| parse_id("vm id", s)).transpose()?,
             detail: t.7,
+        })
+    })
+    .collect()
+}
+
+/// When a workspace was asked for, first ran and ended (`recorded_ms` of
+/// its `running` and `ended` timeline entries), and whether it settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTimes {
+    pub id: WorkspaceId,
+    pub state: WorkspaceState,
+    pub created_ms: u64,
+    pub running_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub settled: bool,
+}
+
+pub fn lease_times(c: &Connection) -> Result<Vec<LeaseTimes>> {
+    let mut st = c.prepare_cached(
+        "SELECT w.id, w.state, w.created_ms,
+           (SELECT MIN(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'running'),
+           (SELECT MAX(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'ended'),
+           w.state IN ('destroyed', 'preempted', 'expired', 'failed')
+             AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
+               AND (s.state NOT IN ('released', 'failed') OR s.job_state = 'cancel_owed'))
+         FROM workspaces w ORDER BY w.created_ms, w.id",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, bool>(5)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        Ok(LeaseTimes {
+            id: parse_id("workspace id", t.0)?,
+            state: WorkspaceState::parse(&t.1).ok_or_else(|| corrupt("workspace state", &t.1))?,
+            created_ms: t.2 as u64,
+            running_ms: t.3.map(|v| v as u64),
+            ended_ms: t.4.map(|v| v as u64),
+            settled: t.5,
         })
     })
     .collect()

@@ -12,19 +12,17 @@ use super::rules::{
     end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
     Setting,
 };
-use super::signed::poll_answer;
 use super::{Engine, EngineError};
-use crate::lifecycle::pilot as pilot_life;
+use crate::lifecycle::pilot::{self as pilot_life, PilotState};
 use crate::lifecycle::slot as slot_life;
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
-use protocol::pilot::{
-    Command, CommandKind, EventAck, EventKind, PilotEvent, PollResponse, ReleaseReason,
-};
+use protocol::pilot::{Command, CommandKind, EventAck, EventKind, Peer, PilotEvent, ReleaseReason};
 use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
 use protocol::{SlotId, VmId};
 use rusqlite::Connection;
+use std::collections::HashMap;
 use tracing::{debug, warn};
 
 /// One pilot event for the rules: already checked by whoever received it
@@ -116,33 +114,56 @@ impl Engine {
     }
 }
 
+/// A stored value that does not read back.
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
 impl Engine {
     /// The commands for the pilot of (slot, node) after command `after`, as
-    /// the pilot receives them over HTTP; the pilot counts as heard from.
-    /// The in-process twin of the signed long-poll, without the wait.
+    /// the pilot receives them over HTTP (`signed::poll_answer`; a test
+    /// holds the two to it); the pilot counts as heard from. The in-process
+    /// twin of the signed long-poll, without the wait.
     pub fn pilot_commands(
         &self,
         slot: &SlotId,
         node: &str,
         after: u64,
     ) -> Result<Vec<Command>, EngineError> {
-        let answer = self.with_store(|s| {
-            store::seen_pilot(s.conn(), slot, node, self.clock.now_ms())?;
-            let rows = store::commands_after(s.conn(), slot, node, after)?;
-            if rows.is_empty() {
-                return Ok(None);
+        self.with_store(|s| {
+            let c = s.conn();
+            store::seen_pilot(c, slot, node, self.clock.now_ms())?;
+            let mut peers: HashMap<String, Vec<Peer>> = HashMap::new();
+            let mut out = Vec::new();
+            for (id, body) in store::commands_after(c, slot, node, after)? {
+                let mut kind: CommandKind =
+                    serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
+                // As `poll_answer` does on the wire: a launch stored without
+                // its workspace's peers gets them.
+                if let CommandKind::StartVm(l) = &mut kind {
+                    if let Some(ctx) = l.context.as_mut().filter(|c| c.peers.is_empty()) {
+                        if !peers.contains_key(&ctx.workspace_id) {
+                            let stored =
+                                store::workspace_peers(c, &ctx.workspace_id)?.ok_or_else(|| {
+                                    corrupt(
+                                        "peers",
+                                        format!("none stored for workspace {}", ctx.workspace_id),
+                                    )
+                                })?;
+                            let list =
+                                serde_json::from_str(&stored).map_err(|e| corrupt("peers", e))?;
+                            peers.insert(ctx.workspace_id.clone(), list);
+                        }
+                        ctx.peers = peers[&ctx.workspace_id].clone();
+                    }
+                }
+                out.push(Command { id, kind });
             }
-            Ok(Some(poll_answer(s.conn(), rows)?))
-        })?;
-        let Some(answer) = answer else {
-            return Ok(Vec::new());
-        };
-        let resp: PollResponse =
-            serde_json::from_str(&answer.0).map_err(|e| StoreError::Corrupt {
-                what: "commands",
-                detail: e.to_string(),
-            })?;
-        Ok(resp.commands)
+            Ok(out)
+        })
     }
 
     /// The (slot, node) of every pilot with a command stored after row
@@ -161,7 +182,7 @@ pub(super) fn apply_event(
     setting: &Setting,
 ) -> Result<(), EngineError> {
     let ws = must_ws(c, &slot.workspace_id)?;
-    store::touch_pilot(
+    let pilot = store::touch_pilot(
         c,
         &slot.id,
         &e.node,
@@ -176,6 +197,7 @@ pub(super) fn apply_event(
         node: &e.node,
         now,
         ws,
+        pilot,
     };
     match &e.kind {
         EventKind::Started {
@@ -246,6 +268,8 @@ struct Ev<'a> {
     /// When the coordinator received the event.
     now: u64,
     ws: WorkspaceRow,
+    /// The pilot's state as this event found it.
+    pilot: PilotState,
 }
 
 impl Ev<'_> {
@@ -266,8 +290,11 @@ impl Ev<'_> {
     }
 
     /// Moves this event's pilot through its table.
-    fn pilot(&self, input: pilot_life::Input) -> Result<(), EngineError> {
-        store::advance_pilot(self.c, &self.slot.id, self.node, input)?;
+    fn pilot(&mut self, input: pilot_life::Input) -> Result<(), EngineError> {
+        let (slot, node) = (&self.slot.id, self.node);
+        if let Some(to) = store::advance_pilot_from(self.c, slot, node, self.pilot, input)? {
+            self.pilot = to;
+        }
         Ok(())
     }
 

@@ -289,6 +289,12 @@ impl Engine {
         f(&mut guard)
     }
 
+    /// A count of the changes committed so far: equal counts, same state.
+    pub fn version(&self) -> u64 {
+        *self.changed.borrow()
+    }
+
+    /// Tells watchers (event streams, pilots' polls) that something changed.
     pub(super) fn bump(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         let pushed = store::commands_pushed();

@@ -77,7 +77,7 @@ impl Engine {
     /// When an owed cancel is next due (now for one never tried; a second
     /// after the last try otherwise), if any is owed.
     pub fn next_cancel_ms(&self) -> Result<Option<u64>, EngineError> {
-        let owed = self.with_store(|s| Ok(store::slots_to_cancel(s.conn())?))?;
+        let owed = self.with_store(|s| Ok(store::owed_cancels(s.conn())?))?;
         let attempts = self
             .cancel_attempts
             .lock()
@@ -85,7 +85,7 @@ impl Engine {
         let now = self.clock.now_ms();
         Ok(owed
             .iter()
-            .map(|s| attempts.get(&s.id).map_or(now, |t| t + CANCEL_RETRY_MS))
+            .map(|id| attempts.get(id).map_or(now, |t| t + CANCEL_RETRY_MS))
             .min())
     }
 

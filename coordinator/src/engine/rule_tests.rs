@@ -544,3 +544,31 @@ async fn a_coordinator_restarted_mid_lease_keeps_the_lease_its_end_and_its_pilot
     rig.engine.housekeeping(false).await;
     assert!(rig.view(&ws.id).settled);
 }
+
+#[tokio::test]
+async fn a_pilots_commands_in_process_are_what_it_gets_over_http() {
+    let rig = Rig::new();
+    let ws = rig.lease(3, 600).await;
+    rig.bring_up(&ws);
+    rig.engine.destroy(&admin(), &ws.id).expect("destroy");
+    let slot = ws.slots[0].id.clone();
+    for node in ["node1", "node2", "node3"] {
+        let typed = rig.engine.pilot_commands(&slot, node, 0).expect("typed");
+        let wire = rig
+            .engine
+            .with_store(|s| {
+                let rows = crate::store::commands_after(s.conn(), &slot, node, 0)?;
+                Ok(super::signed::poll_answer(s.conn(), rows)?)
+            })
+            .expect("wire");
+        let wire: protocol::pilot::PollResponse =
+            serde_json::from_str(&wire.0).expect("a poll response");
+        assert_eq!(typed, wire.commands, "{node}");
+        let peers = match &typed[0].kind {
+            CommandKind::StartVm(l) => l.context.as_ref().map_or(0, |c| c.peers.len()),
+            other => panic!("a launch first, not {other:?}"),
+        };
+        assert_eq!(peers, 3, "every VM gets every peer");
+        assert_eq!(typed.last().map(|c| &c.kind), Some(&CommandKind::Release));
+    }
+}

@@ -10,6 +10,12 @@ use rusqlite::Connection;
 use std::collections::HashMap;
 
 impl Engine {
+    /// When each workspace was asked for, ran and ended, from its own
+    /// records (the simulator's figures and `replay`'s are both read so).
+    pub fn lease_times(&self) -> Result<Vec<store::LeaseTimes>, EngineError> {
+        self.with_store(|s| Ok(store::lease_times(s.conn())?))
+    }
+
     /// Row counts of every table (for tests proving a refused request changed nothing).
     pub fn row_counts(&self) -> Result<Vec<(String, i64)>, EngineError> {
         self.with_store(|s| Ok(store::row_counts(s.conn())?))
