@@ -261,8 +261,7 @@ pub fn replay(args: ReplayArgs) -> i32 {
     };
     eprintln!("replay: {} requests to {} ...", reqs.len(), args.url);
     let limit = Duration::from_secs(args.limit_s);
-    let cores = cfg.cluster.cores_per_node;
-    let report = match rt.block_on(super::replay::replay(&client, &reqs, cores, limit, |m| {
+    let report = match rt.block_on(super::replay::replay(&client, &reqs, limit, |m| {
         eprintln!("  {m}")
     })) {
         Ok(r) => r,

@@ -71,15 +71,16 @@ pub struct Request {
 }
 
 impl Request {
-    /// The spec a client would send for this request.
-    pub fn spec_toml(&self, cores_per_node: u32) -> String {
+    /// The spec a client would send for this request: one VM per node (of
+    /// one vCPU: the model has no CPU, so more would change nothing but
+    /// which clusters it fits).
+    pub fn spec_toml(&self) -> String {
         format!(
-            "name = \"job-{}\"\nduration = {}\n[[group]]\nname = \"job\"\ncount = {}\nmemory_mb = {}\ncpus = {}\nimage = \"{}\"\n",
+            "name = \"job-{}\"\nduration = {}\n[[group]]\nname = \"job\"\ncount = {}\nmemory_mb = {}\ncpus = 1\nimage = \"{}\"\n",
             self.id,
             self.lease_ms / 1000,
             self.nodes,
             self.memory_mb,
-            cores_per_node,
             self.image
         )
     }

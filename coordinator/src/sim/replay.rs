@@ -28,7 +28,6 @@ pub struct ReplayReport {
 pub async fn replay(
     client: &Client,
     requests: &[Request],
-    cores_per_node: u32,
     limit: Duration,
     mut progress: impl FnMut(&str),
 ) -> Result<ReplayReport, ClientError> {
@@ -49,7 +48,7 @@ pub async fn replay(
             wait_s: None,
             state: "rejected".into(),
         };
-        match client.create(&r.spec_toml(cores_per_node)).await {
+        match client.create(&r.spec_toml()).await {
             Ok(view) => made.push((lease, Some(view.id.to_string()))),
             Err(e @ ClientError::Refused { .. }) => {
                 progress(&format!("request {i} (job {}) refused: {e}", r.id));

@@ -329,7 +329,7 @@ impl Sim<'_> {
                 name: "job".into(),
                 count: r.nodes,
                 memory_mb: r.memory_mb,
-                cpus: self.cfg.cluster.cores_per_node,
+                cpus: 1,
                 image: r.image.clone(),
                 image_sha256: None,
                 public_ip: false,
