@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS slots (
   nodes INTEGER NOT NULL, cores INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
   state TEXT NOT NULL, job_state TEXT NOT NULL DEFAULT 'unsubmitted',
   created_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id);
+-- In the order slots_of reads them (no sort each time).
+CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id, created_ms, id);
 -- Jobs whose status is asked, and cancels owed, are found by their state.
 CREATE INDEX IF NOT EXISTS slots_job_state ON slots(job_state);
 -- state: the pilot's table (lifecycle::pilot::next); last_event is what the
@@ -62,7 +63,7 @@ CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, slot_id TEXT NOT NULL, grp TEXT NOT NULL,
   idx INTEGER NOT NULL, name TEXT NOT NULL, node TEXT, state TEXT NOT NULL,
   memory_mb INTEGER NOT NULL, cpus INTEGER NOT NULL, image TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id);
+CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id, grp, idx);
 CREATE INDEX IF NOT EXISTS vms_slot_node ON vms(slot_id, node);
 CREATE TABLE IF NOT EXISTS commands (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
@@ -118,33 +119,34 @@ CREATE TRIGGER IF NOT EXISTS vm_counts_delete AFTER DELETE ON vms BEGIN
   UPDATE vm_counts SET n = n - 1 WHERE workspace_id = old.workspace_id AND state = old.state;
 END;
 -- holding: pilots that hold their node (reserved, preempting); released:
--- pilots that are gone (released, failed, lost).
+-- pilots that are gone (released, failed, lost). Spelled as ORs: SQLite
+-- builds a temporary table for an IN list of three or more each time it runs.
 CREATE TABLE IF NOT EXISTS pilot_counts (
   slot_id TEXT PRIMARY KEY, pilots INTEGER NOT NULL, holding INTEGER NOT NULL,
   released INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_insert AFTER INSERT ON pilots BEGIN
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.state IN ('reserved', 'preempting'),
-      new.state IN ('released', 'failed', 'lost'))
+    VALUES (new.slot_id, 1, (new.state = 'reserved' OR new.state = 'preempting'),
+      (new.state = 'released' OR new.state = 'failed' OR new.state = 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF state, slot_id ON pilots
   WHEN old.state IS NOT new.state OR old.slot_id IS NOT new.slot_id BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.state IN ('reserved', 'preempting')),
-      released = released - (old.state IN ('released', 'failed', 'lost'))
+      holding = holding - (old.state = 'reserved' OR old.state = 'preempting'),
+      released = released - ((old.state = 'released' OR old.state = 'failed' OR old.state = 'lost'))
     WHERE slot_id = old.slot_id;
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.state IN ('reserved', 'preempting'),
-      new.state IN ('released', 'failed', 'lost'))
+    VALUES (new.slot_id, 1, (new.state = 'reserved' OR new.state = 'preempting'),
+      (new.state = 'released' OR new.state = 'failed' OR new.state = 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_delete AFTER DELETE ON pilots BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.state IN ('reserved', 'preempting')),
-      released = released - (old.state IN ('released', 'failed', 'lost'))
+      holding = holding - (old.state = 'reserved' OR old.state = 'preempting'),
+      released = released - ((old.state = 'released' OR old.state = 'failed' OR old.state = 'lost'))
     WHERE slot_id = old.slot_id;
 END;
 "#;
@@ -259,6 +261,8 @@ DROP TRIGGER IF EXISTS pilot_counts_insert;
 DROP TRIGGER IF EXISTS pilot_counts_update;
 DROP TRIGGER IF EXISTS pilot_counts_delete;
 DROP INDEX IF EXISTS pilots_flags;
+DROP INDEX IF EXISTS slots_ws;
+DROP INDEX IF EXISTS vms_ws;
 ALTER TABLE slots ADD COLUMN job_state TEXT NOT NULL DEFAULT 'unsubmitted';
 UPDATE slots SET job_state = CASE
   WHEN job_id IS NULL THEN CASE WHEN state IN ('released', 'failed') THEN 'never' ELSE 'unsubmitted' END
@@ -445,8 +449,9 @@ pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<Worksp
 /// Workspaces not yet settled (state not terminal, or slots still active).
 pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {WS_COLS} FROM workspaces w WHERE state IN ('pending','starting','running','destroying')
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state NOT IN ('released','failed'))
+        "SELECT {WS_COLS} FROM workspaces w
+         WHERE state = 'pending' OR state = 'starting' OR state = 'running' OR state = 'destroying'
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state <> 'released' AND s.state <> 'failed')
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.job_state = 'cancel_owed')"
     ))?;
     let rows = st.query_map([], ws_from_row)?;
@@ -616,7 +621,9 @@ pub fn slots_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<SlotRow>> {
 /// Slots whose batch job may still exist (for the LRM status backstop).
 pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {SLOT_COLS} FROM slots WHERE job_state IN ('live', 'cancel_owed', 'cancelled') ORDER BY created_ms"
+        "SELECT {SLOT_COLS} FROM slots
+         WHERE job_state = 'live' OR job_state = 'cancel_owed' OR job_state = 'cancelled'
+         ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
@@ -653,6 +660,27 @@ pub fn advance_slot(c: &Connection, id: &SlotId, input: slot::Input) -> Result<O
     c.prepare_cached("UPDATE slots SET state = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), to.as_str()])?;
     Ok(Some(to))
+}
+
+/// [`advance_slot`] for a caller that read the slot's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `from` (else the state is read again).
+pub fn advance_slot_from(
+    c: &Connection,
+    id: &SlotId,
+    from: SlotState,
+    input: slot::Input,
+) -> Result<Option<SlotState>> {
+    let Some(to) = slot::next(from, input) else {
+        return Ok(None);
+    };
+    let changed = c
+        .prepare_cached("UPDATE slots SET state = ?3 WHERE id = ?1 AND state = ?2")?
+        .execute(params![id.as_str(), from.as_str(), to.as_str()])?;
+    if changed == 1 {
+        return Ok(Some(to));
+    }
+    advance_slot(c, id, input)
 }
 
 /// Moves the slot's batch job through its table (`lifecycle::slot::next_job`):
@@ -723,8 +751,7 @@ pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
     rows.map(|r| pilot_build(r?)).collect()
 }
 
-/// Records that a pilot said something; creates the pilot row on first
-/// sight. Returns the pilot's state.
+/// Records that a pilot said something; creates the pilot row on first sight.
 pub fn touch_pilot(
     c: &Connection,
     slot: &SlotId,
@@ -732,15 +759,13 @@ pub fn touch_pilot(
     pilot_id: &str,
     event: &str,
     now: u64,
-) -> Result<PilotState> {
-    let state: String = c
-        .prepare_cached(
-            "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5
-             RETURNING state",
-        )?
-        .query_row(params![slot.as_str(), node, pilot_id, event, now as i64], |r| r.get(0))?;
-    PilotState::parse(&state).ok_or_else(|| corrupt("pilot state", &state))
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5",
+    )?
+    .execute(params![slot.as_str(), node, pilot_id, event, now as i64])?;
+    Ok(())
 }
 
 /// A poll from a pilot we know: it is alive.
@@ -759,8 +784,8 @@ pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {PILOT_COLS}
          FROM pilots p JOIN slots s ON s.id = p.slot_id
-         WHERE p.state NOT IN ('released', 'failed', 'lost') AND p.last_seen_ms < ?1
-           AND s.state NOT IN ('released', 'failed')"
+         WHERE p.state <> 'released' AND p.state <> 'failed' AND p.state <> 'lost'
+           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'"
     ))?;
     let rows = st.query_map([before_ms as i64], pilot_from_row)?;
     rows.map(|r| pilot_build(r?)).collect()
@@ -785,8 +810,9 @@ pub fn advance_pilot(
     advance_pilot_from(c, slot, node, now, input)
 }
 
-/// [`advance_pilot`] for a caller that has just read the pilot's state
-/// (`touch_pilot` returns it), in the same transaction.
+/// [`advance_pilot`] for a caller that read the pilot's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `now` (else the state is read again).
 pub fn advance_pilot_from(
     c: &Connection,
     slot: &SlotId,
@@ -797,12 +823,16 @@ pub fn advance_pilot_from(
     let Some(to) = pilot::next(now, input) else {
         return Ok(None);
     };
-    c.prepare_cached(
-        "UPDATE pilots SET state = ?3,
-           last_event = CASE WHEN ?3 = 'lost' THEN 'lost' ELSE last_event END
-         WHERE slot_id = ?1 AND node = ?2",
-    )?
-    .execute(params![slot.as_str(), node, to.as_str()])?;
+    let changed = c
+        .prepare_cached(
+            "UPDATE pilots SET state = ?4,
+               last_event = CASE WHEN ?4 = 'lost' THEN 'lost' ELSE last_event END
+             WHERE slot_id = ?1 AND node = ?2 AND state = ?3",
+        )?
+        .execute(params![slot.as_str(), node, now.as_str(), to.as_str()])?;
+    if changed != 1 {
+        return advance_pilot(c, slot, node, input);
+    }
     Ok(Some(to))
 }
 
@@ -925,6 +955,30 @@ pub fn advance_vm(c: &Connection, id: &VmId, input: vm::Input) -> Result<Option<
     };
     c.prepare_cached("UPDATE vms SET state = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), to.as_str()])?;
+    if to.is_terminal() {
+        free_addresses_of_vm(c, id)?;
+    }
+    Ok(Some(to))
+}
+
+/// [`advance_vm`] for a caller that read the VM's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `from` (else the state is read again).
+pub fn advance_vm_from(
+    c: &Connection,
+    id: &VmId,
+    from: VmState,
+    input: vm::Input,
+) -> Result<Option<VmState>> {
+    let Some(to) = vm::next(from, input) else {
+        return Ok(None);
+    };
+    let changed = c
+        .prepare_cached("UPDATE vms SET state = ?3 WHERE id = ?1 AND state = ?2")?
+        .execute(params![id.as_str(), from.as_str(), to.as_str()])?;
+    if changed != 1 {
+        return advance_vm(c, id, input);
+    }
     if to.is_terminal() {
         free_addresses_of_vm(c, id)?;
     }
@@ -1068,17 +1122,17 @@ pub fn push_command(
     node: &str,
     kind: &CommandKind,
     now: u64,
-) -> Result<u64> {
+) -> Result<()> {
     let body = serde_json::to_string(kind).map_err(|e| corrupt("command", e))?;
-    let id: i64 = c
-        .prepare_cached(
-            "INSERT INTO commands (slot_id, node, id, body, created_ms)
-             SELECT ?1, ?2, COALESCE(MAX(id), 0) + 1, ?3, ?4 FROM commands WHERE slot_id = ?1 AND node = ?2
-             RETURNING id",
-        )?
-        .query_row(params![slot.as_str(), node, body, now as i64], |r| r.get(0))?;
+    // VALUES with a subquery: an INSERT ... SELECT from the table it inserts
+    // into, or a RETURNING clause, makes SQLite build a temporary table.
+    c.prepare_cached(
+        "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2,
+           (SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2), ?3, ?4)",
+    )?
+    .execute(params![slot.as_str(), node, body, now as i64])?;
     COMMANDS_PUSHED.fetch_add(1, Ordering::SeqCst);
-    Ok(id as u64)
+    Ok(())
 }
 
 /// The newest command's row id (0 when there is none).
@@ -1204,27 +1258,24 @@ pub fn push_timeline(
     node: Option<&str>,
     vm: Option<&VmId>,
     detail: &str,
-) -> Result<u64> {
-    let seq: i64 = c
-        .prepare_cached(
-            "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
-             SELECT ?1, COALESCE(MAX(seq), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 FROM timeline WHERE workspace_id = ?1
-             RETURNING seq",
-        )?
-        .query_row(
-            params![
-                ws.as_str(),
-                ts_ms as i64,
-                now as i64,
-                phase.as_str(),
-                slot.map(|s| s.as_str()),
-                node,
-                vm.map(|v| v.as_str()),
-                detail
-            ],
-            |r| r.get(0),
-        )?;
-    Ok(seq as u64)
+) -> Result<()> {
+    // One statement (see `push_command` for why not INSERT ... SELECT).
+    c.prepare_cached(
+        "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1),
+           ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        ws.as_str(),
+        ts_ms as i64,
+        now as i64,
+        phase.as_str(),
+        slot.map(|s| s.as_str()),
+        node,
+        vm.map(|v| v.as_str()),
+        detail
+    ])?;
+    Ok(())
 }
 
 pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Vec<TimelineEntry>> {
@@ -1367,12 +1418,20 @@ pub fn count_released_pilots(c: &Connection, slot: &SlotId) -> Result<(u64, u64)
 }
 
 /// Ids of the VMs on one node of one slot that have not ended.
-pub fn live_vms_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<VmId>> {
+pub fn live_vms_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<(VmId, VmState)>> {
     let mut st = c.prepare_cached(
-        "SELECT id FROM vms WHERE slot_id = ?1 AND node = ?2 AND state NOT IN ('destroyed', 'preempted', 'failed')",
+        "SELECT id, state FROM vms WHERE slot_id = ?1 AND node = ?2
+         AND state <> 'destroyed' AND state <> 'preempted' AND state <> 'failed'",
     )?;
-    let rows = st.query_map(params![slot.as_str(), node], |r| r.get::<_, String>(0))?;
-    rows.map(|r| parse_id("vm id", r?)).collect()
+    let rows = st.query_map(params![slot.as_str(), node], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    rows.map(|r| {
+        let (id, state) = r?;
+        let state = VmState::parse(&state).ok_or_else(|| corrupt("vm state", &state))?;
+        Ok((parse_id("vm id", id)?, state))
+    })
+    .collect()
 }
 
 /// True when the workspace's timeline already has an entry of this phase.
@@ -1701,6 +1760,62 @@ mod tests {
                 job_id: None,
             },
         }
+    }
+
+    #[test]
+    fn an_advance_from_a_state_read_earlier_falls_back_when_it_is_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let c = store.conn();
+        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        insert_slot(
+            c,
+            &SlotRow {
+                id: slot.clone(),
+                workspace_id: ws.clone(),
+                group: "g".into(),
+                nodes: 1,
+                cores: 1,
+                memory_mb: 256,
+                state: SlotState::Submitted,
+                job: Job::Unsubmitted,
+                created_ms: 1,
+            },
+        )
+        .expect("slot");
+        let v = vm(&ws, &slot, 0);
+        insert_vm(c, &v).expect("vm");
+        // Fresh: one statement does it.
+        let started = slot::Input::PilotStarted;
+        assert_eq!(
+            advance_slot_from(c, &slot, SlotState::Submitted, started).expect("advance"),
+            Some(SlotState::Reserving)
+        );
+        // Stale (the slot moved since it was read): read again, never
+        // written from the old state.
+        advance_slot(c, &slot, slot::Input::ReleaseAsked).expect("releasing");
+        let all = slot::Input::AllReserved;
+        assert_eq!(
+            advance_slot_from(c, &slot, SlotState::Reserving, all).expect("advance"),
+            None,
+            "releasing does not become reserved"
+        );
+        assert_eq!(
+            get_slot(c, &slot).expect("read").map(|s| s.state),
+            Some(SlotState::Releasing)
+        );
+        advance_vm(c, &v.id, vm::Input::Mapped).expect("starting");
+        let gone = vm::Input::Gone { preempted: false };
+        assert_eq!(
+            advance_vm_from(c, &v.id, VmState::Pending, gone).expect("advance"),
+            Some(VmState::Destroyed),
+            "a stale pending still ends"
+        );
+        assert_eq!(
+            advance_vm_from(c, &v.id, VmState::Starting, vm::Input::Started).expect("advance"),
+            None,
+            "a destroyed VM never runs"
+        );
     }
 
     #[test]

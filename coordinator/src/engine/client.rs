@@ -24,12 +24,23 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 impl Engine {
-    /// Creates a workspace: sizes its slots, stores it, submits its pilot jobs.
+    /// Creates a workspace: sizes its slots, stores it, submits its pilot
+    /// jobs; answers with its view.
     pub async fn create(
         &self,
         caller: &Caller,
         spec: WorkspaceSpec,
     ) -> Result<WorkspaceView, EngineError> {
+        let id = self.create_workspace(caller, spec).await?;
+        self.get(caller, &id)
+    }
+
+    /// [`Engine::create`] without the view: the new workspace's id.
+    pub async fn create_workspace(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+    ) -> Result<WorkspaceId, EngineError> {
         spec.validate()?;
         let cluster = Cluster {
             capacity: self.capacity,
@@ -158,7 +169,7 @@ impl Engine {
             }
         }
         self.bump();
-        self.get(caller, &ws.id)
+        Ok(ws.id)
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.

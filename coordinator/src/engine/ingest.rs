@@ -13,7 +13,7 @@ use super::rules::{
     Setting,
 };
 use super::{Engine, EngineError};
-use crate::lifecycle::pilot::{self as pilot_life, PilotState};
+use crate::lifecycle::pilot as pilot_life;
 use crate::lifecycle::slot as slot_life;
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
@@ -133,36 +133,49 @@ impl Engine {
         node: &str,
         after: u64,
     ) -> Result<Vec<Command>, EngineError> {
+        let polls = [(slot.clone(), node.to_string(), after)];
+        Ok(self.pilot_commands_of(&polls)?.pop().unwrap_or_default())
+    }
+
+    /// [`Engine::pilot_commands`] for many pilots at once: one answer per
+    /// (slot, node, after), in order. A workspace's peer list is read once
+    /// for all the launches of the batch.
+    pub fn pilot_commands_of(
+        &self,
+        polls: &[(SlotId, String, u64)],
+    ) -> Result<Vec<Vec<Command>>, EngineError> {
         self.with_store(|s| {
             let c = s.conn();
-            store::seen_pilot(c, slot, node, self.clock.now_ms())?;
+            let now = self.clock.now_ms();
             let mut peers: HashMap<String, Vec<Peer>> = HashMap::new();
-            let mut out = Vec::new();
-            for (id, body) in store::commands_after(c, slot, node, after)? {
-                let mut kind: CommandKind =
-                    serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
-                // As `poll_answer` does on the wire: a launch stored without
-                // its workspace's peers gets them.
-                if let CommandKind::StartVm(l) = &mut kind {
-                    if let Some(ctx) = l.context.as_mut().filter(|c| c.peers.is_empty()) {
-                        if !peers.contains_key(&ctx.workspace_id) {
-                            let stored =
-                                store::workspace_peers(c, &ctx.workspace_id)?.ok_or_else(|| {
-                                    corrupt(
-                                        "peers",
-                                        format!("none stored for workspace {}", ctx.workspace_id),
-                                    )
+            let mut answers = Vec::with_capacity(polls.len());
+            for (slot, node, after) in polls {
+                store::seen_pilot(c, slot, node, now)?;
+                let mut out = Vec::new();
+                for (id, body) in store::commands_after(c, slot, node, *after)? {
+                    let mut kind: CommandKind =
+                        serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
+                    // As `poll_answer` does on the wire: a launch stored
+                    // without its workspace's peers gets them.
+                    if let CommandKind::StartVm(l) = &mut kind {
+                        if let Some(ctx) = l.context.as_mut().filter(|c| c.peers.is_empty()) {
+                            if !peers.contains_key(&ctx.workspace_id) {
+                                let ws = &ctx.workspace_id;
+                                let stored = store::workspace_peers(c, ws)?.ok_or_else(|| {
+                                    corrupt("peers", format!("none stored for workspace {ws}"))
                                 })?;
-                            let list =
-                                serde_json::from_str(&stored).map_err(|e| corrupt("peers", e))?;
-                            peers.insert(ctx.workspace_id.clone(), list);
+                                let list = serde_json::from_str(&stored)
+                                    .map_err(|e| corrupt("peers", e))?;
+                                peers.insert(ws.clone(), list);
+                            }
+                            ctx.peers = peers[&ctx.workspace_id].clone();
                         }
-                        ctx.peers = peers[&ctx.workspace_id].clone();
                     }
+                    out.push(Command { id, kind });
                 }
-                out.push(Command { id, kind });
+                answers.push(out);
             }
-            Ok(out)
+            Ok(answers)
         })
     }
 
@@ -182,7 +195,7 @@ pub(super) fn apply_event(
     setting: &Setting,
 ) -> Result<(), EngineError> {
     let ws = must_ws(c, &slot.workspace_id)?;
-    let pilot = store::touch_pilot(
+    store::touch_pilot(
         c,
         &slot.id,
         &e.node,
@@ -197,7 +210,6 @@ pub(super) fn apply_event(
         node: &e.node,
         now,
         ws,
-        pilot,
     };
     match &e.kind {
         EventKind::Started {
@@ -268,8 +280,6 @@ struct Ev<'a> {
     /// When the coordinator received the event.
     now: u64,
     ws: WorkspaceRow,
-    /// The pilot's state as this event found it.
-    pilot: PilotState,
 }
 
 impl Ev<'_> {
@@ -290,11 +300,8 @@ impl Ev<'_> {
     }
 
     /// Moves this event's pilot through its table.
-    fn pilot(&mut self, input: pilot_life::Input) -> Result<(), EngineError> {
-        let (slot, node) = (&self.slot.id, self.node);
-        if let Some(to) = store::advance_pilot_from(self.c, slot, node, self.pilot, input)? {
-            self.pilot = to;
-        }
+    fn pilot(&self, input: pilot_life::Input) -> Result<(), EngineError> {
+        store::advance_pilot(self.c, &self.slot.id, self.node, input)?;
         Ok(())
     }
 
@@ -340,7 +347,8 @@ fn on_started(
             job_id.unwrap_or("?")
         ),
     )?;
-    store::advance_slot(ev.c, &ev.slot.id, slot_life::Input::PilotStarted)?;
+    let started = slot_life::Input::PilotStarted;
+    store::advance_slot_from(ev.c, &ev.slot.id, ev.slot.state, started)?;
     if !lifecycle::wants_slots(ev.ws.state) {
         ev.release()?;
     }
@@ -363,7 +371,8 @@ fn on_reserved(
         return ev.release();
     }
     if store::count_reserved_pilots(c, &slot.id)? >= u64::from(slot.nodes) {
-        store::advance_slot(c, &slot.id, slot_life::Input::AllReserved)?;
+        let all = slot_life::Input::AllReserved;
+        store::advance_slot_from(c, &slot.id, slot.state, all)?;
     }
     let all = store::slots_of(c, &ev.ws.id)?
         .iter()
@@ -413,7 +422,7 @@ fn on_vm_started(
             &format!("image {} {how} in {ms} ms", vm.image),
         )?;
     }
-    store::advance_vm(c, vm_id, vm_life::Input::Started)?;
+    store::advance_vm_from(c, vm_id, vm.state, vm_life::Input::Started)?;
     ev.timeline(
         Phase::VmStarted,
         Some(vm_id),
@@ -498,8 +507,8 @@ fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), E
     let gone = vm_life::Input::Gone {
         preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
     };
-    for vm in store::live_vms_on(c, &ev.slot.id, node)? {
-        store::advance_vm(c, &vm, gone)?;
+    for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {
+        store::advance_vm_from(c, &vm, state, gone)?;
     }
     if lifecycle::wants_slots(ev.ws.state) {
         let (input, why) = match reason {

@@ -77,6 +77,8 @@ pub struct Job {
     pub signalled: Option<Cause>,
     /// Its processes still running (one per node).
     pub alive: u32,
+    /// What the simulator tagged it with when it was submitted (its request).
+    pub tag: Option<usize>,
     /// A process died without being told to (node failure).
     pub crashed: bool,
 }
@@ -90,6 +92,8 @@ struct State {
     free: BTreeSet<u32>,
     /// The estimate for the jobs submitted next (the trace's requested time).
     estimate_next: Option<u64>,
+    /// The tag of the jobs submitted next.
+    tag_next: Option<usize>,
     effects: Vec<Effect>,
     /// The earliest status change the coordinator has not asked about yet.
     unseen_change: Option<u64>,
@@ -129,9 +133,12 @@ impl BatchModel {
         self.st.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The estimate for jobs submitted from now on (`None`: their walltime).
-    pub fn set_estimate(&self, ms: Option<u64>) {
-        self.st().estimate_next = ms;
+    /// The estimate for jobs submitted from now on (`None`: their
+    /// walltime), and the tag they carry (the request they are for).
+    pub fn expect(&self, estimate_ms: Option<u64>, tag: Option<usize>) {
+        let mut st = self.st();
+        st.estimate_next = estimate_ms;
+        st.tag_next = tag;
     }
 
     /// What the engine's calls asked for since the last look.
@@ -329,6 +336,7 @@ impl Lrm for BatchModel {
         st.next += 1;
         let walltime_ms = job.walltime.as_millis() as u64;
         let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
+        let tag = st.tag_next;
         st.jobs.insert(
             number,
             Job {
@@ -345,6 +353,7 @@ impl Lrm for BatchModel {
                 signalled: None,
                 alive: 0,
                 crashed: false,
+                tag,
             },
         );
         st.queue.push_back(number);
@@ -422,7 +431,7 @@ mod tests {
     }
 
     async fn submit(m: &BatchModel, nodes: u32, estimate_s: u64) -> u64 {
-        m.set_estimate(Some(estimate_s * 1000));
+        m.expect(Some(estimate_s * 1000), None);
         let id = m.submit(&job(nodes, estimate_s)).await.expect("submit");
         id.0.parse().expect("number")
     }

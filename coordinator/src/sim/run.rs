@@ -21,7 +21,7 @@ use protocol::{PilotId, SlotId, VmId, WorkspaceId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,7 +122,6 @@ struct Sim<'a> {
     pilots: Vec<PilotModel>,
     pilot_of: HashMap<(SlotId, String), usize>,
     job_pilots: HashMap<u64, Vec<usize>>,
-    slot_request: HashMap<SlotId, usize>,
     workspaces: Vec<Result<WorkspaceId, String>>,
     jobs: HashMap<u64, JobRecord>,
     commands_seen: i64,
@@ -186,7 +185,6 @@ pub fn run(
         pilots: Vec::new(),
         pilot_of: HashMap::new(),
         job_pilots: HashMap::new(),
-        slot_request: HashMap::new(),
         workspaces: vec![Err("not reached".into()); requests.len()],
         jobs: HashMap::new(),
         commands_seen: 0,
@@ -312,7 +310,7 @@ impl Sim<'_> {
                 }
             }
             Ev::Kill(job) => self.kill(job),
-            Ev::Die(p) => self.die(p),
+            Ev::Die(p) => self.die(p)?,
             Ev::Timers => self.timers()?,
         }
         Ok(())
@@ -336,15 +334,12 @@ impl Sim<'_> {
             }],
             ssh_key: None,
         };
-        self.batch.set_estimate(Some(r.estimate_ms));
-        let created = self.rt.block_on(self.engine.create(&self.caller, spec));
+        self.batch.expect(Some(r.estimate_ms), Some(i));
+        let created = self
+            .rt
+            .block_on(self.engine.create_workspace(&self.caller, spec));
         match created {
-            Ok(view) => {
-                for s in &view.slots {
-                    self.slot_request.insert(s.id.clone(), i);
-                }
-                self.workspaces[i] = Ok(view.id);
-            }
+            Ok(id) => self.workspaces[i] = Ok(id),
             Err(e @ (EngineError::Store(_) | EngineError::Io { .. } | EngineError::Writer(_))) => {
                 return Err(e)
             }
@@ -358,11 +353,7 @@ impl Sim<'_> {
     fn pass(&mut self) {
         self.pass_at = None;
         for job in self.batch.pass() {
-            let slot = self.slot_of(&job.name);
-            let request = slot
-                .as_ref()
-                .and_then(|s| self.slot_request.get(s))
-                .copied();
+            let request = job.tag;
             self.jobs.insert(
                 job.number,
                 JobRecord {
@@ -414,10 +405,7 @@ impl Sim<'_> {
             self.batch.process_ended(job, false);
             return Ok(());
         };
-        let duration_ms = self
-            .slot_request
-            .get(&slot)
-            .map_or(0, |r| self.requests[*r].lease_ms)
+        let duration_ms = j.tag.map_or(0, |r| self.requests[r].lease_ms)
             + self.cfg.coordinator.startup_slack_s * 1000;
         let p = self.pilots.len();
         let name = format!("node{node}");
@@ -460,10 +448,9 @@ impl Sim<'_> {
             return Ok(());
         }
         self.pilots[p].phase = Phase::Holding;
-        let mb = self
-            .slot_request
-            .get(&self.pilots[p].slot)
-            .map_or(0, |r| self.requests[*r].memory_mb);
+        let job = self.pilots[p].job;
+        let request = self.jobs.get(&job).and_then(|j| j.request);
+        let mb = request.map_or(0, |r| self.requests[r].memory_mb);
         let total = self.cfg.cluster.memory_mb_per_node;
         self.send(
             p,
@@ -641,16 +628,20 @@ impl Sim<'_> {
     }
 
     /// The pilot's node crashes: it says nothing more, its VMs are gone.
-    fn die(&mut self, p: usize) {
+    fn die(&mut self, p: usize) -> Result<(), EngineError> {
         if matches!(self.pilots[p].phase, Phase::Gone) {
-            return;
+            return Ok(());
         }
+        // Its last poll: it was heard from until now (silence counts from here).
+        self.flush()?;
+        self.deliver(&[p])?;
         self.end_vms(p, self.now());
         self.pilots[p].phase = Phase::Gone;
         self.dead.push_back((self.now(), p));
         let job = self.pilots[p].job;
         self.batch.process_ended(job, true);
         self.job_ended(job);
+        Ok(())
     }
 
     /// Records the job's end once the batch model has ended it.
@@ -722,46 +713,51 @@ impl Sim<'_> {
         self.commands_pushed = pushed;
         let (keys, last) = self.engine.commanded_since(self.commands_seen)?;
         self.commands_seen = last;
-        let keys: HashSet<(SlotId, String)> = keys.into_iter().collect();
-        for key in keys {
-            if let Some(&p) = self.pilot_of.get(&key) {
-                self.deliver(p)?;
-            }
-        }
-        Ok(())
+        let mut polled: Vec<usize> = keys
+            .iter()
+            .filter_map(|k| self.pilot_of.get(k).copied())
+            .filter(|p| self.pilots[*p].phase != Phase::Gone)
+            .collect();
+        polled.sort_unstable();
+        polled.dedup();
+        self.deliver(&polled)
     }
 
-    /// The pilot's poll: its new commands, acted on.
-    fn deliver(&mut self, p: usize) -> Result<(), EngineError> {
-        if self.pilots[p].phase == Phase::Gone {
-            return Ok(());
-        }
-        let (slot, node, after) = {
-            let pl = &self.pilots[p];
-            (pl.slot.clone(), pl.node.clone(), pl.cursor)
-        };
-        for c in self.engine.pilot_commands(&slot, &node, after)? {
-            self.pilots[p].cursor = c.id;
-            match c.kind {
-                CommandKind::StartVm(launch) => {
-                    let delay = self.vm_delay(&node, &launch.image);
-                    let vm = self.pilots[p].vms.len();
-                    self.pilots[p].vms.push(VmModel {
-                        id: launch.vm_id,
-                        name: launch.name,
-                        up_ms: None,
-                    });
-                    self.after(delay, Ev::VmUp { pilot: p, vm });
+    /// The pilots' polls: their new commands, acted on.
+    fn deliver(&mut self, pilots: &[usize]) -> Result<(), EngineError> {
+        let polls: Vec<(SlotId, String, u64)> = pilots
+            .iter()
+            .map(|p| {
+                let pl = &self.pilots[*p];
+                (pl.slot.clone(), pl.node.clone(), pl.cursor)
+            })
+            .collect();
+        let answers = self.engine.pilot_commands_of(&polls)?;
+        for (&p, commands) in pilots.iter().zip(answers) {
+            for c in commands {
+                self.pilots[p].cursor = c.id;
+                match c.kind {
+                    CommandKind::StartVm(launch) => {
+                        let node = self.pilots[p].node.clone();
+                        let delay = self.vm_delay(&node, &launch.image);
+                        let vm = self.pilots[p].vms.len();
+                        self.pilots[p].vms.push(VmModel {
+                            id: launch.vm_id,
+                            name: launch.name,
+                            up_ms: None,
+                        });
+                        self.after(delay, Ev::VmUp { pilot: p, vm });
+                    }
+                    CommandKind::Release => {
+                        let reason = if self.pilots[p].phase == Phase::Preempting {
+                            ReleaseReason::Preempted
+                        } else {
+                            ReleaseReason::Commanded
+                        };
+                        self.cleanup(p, reason);
+                    }
+                    _ => {}
                 }
-                CommandKind::Release => {
-                    let reason = if self.pilots[p].phase == Phase::Preempting {
-                        ReleaseReason::Preempted
-                    } else {
-                        ReleaseReason::Commanded
-                    };
-                    self.cleanup(p, reason);
-                }
-                _ => {}
             }
         }
         Ok(())
@@ -789,11 +785,10 @@ impl Sim<'_> {
         }
         if self.silence_due().is_some_and(|t| t <= now) {
             // Live pilots poll every few seconds: they are heard from.
-            for p in 0..self.pilots.len() {
-                if !matches!(self.pilots[p].phase, Phase::Gone) {
-                    self.deliver(p)?;
-                }
-            }
+            let live: Vec<usize> = (0..self.pilots.len())
+                .filter(|p| self.pilots[*p].phase != Phase::Gone)
+                .collect();
+            self.deliver(&live)?;
             self.engine.find_lost_pilots()?;
             let silence = self.cfg.coordinator.pilot_silence_s * 1000;
             while self.dead.front().is_some_and(|(t, _)| t + silence <= now) {
