@@ -236,3 +236,22 @@ fn shared_trace(name: &str) -> Option<PathBuf> {
     dirs.push(repo.join("../../shared/traces"));
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
+
+#[test]
+fn injected_requests_arrive_on_top_of_the_trace_and_are_counted_apart() {
+    let mut cfg = small(30);
+    let extra = "[[inject]]\nat_s = 600\ncount = 3\nevery_s = 3600\nnodes = 4\nrun_s = 120\n";
+    cfg.inject = SimConfig::parse(extra).expect("inject").inject;
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!((r.trace.replayed, r.trace.injected), (30, 3));
+    let injected: Vec<_> = r.requests.iter().filter(|q| q.injected).collect();
+    let at: Vec<f64> = injected.iter().map(|q| q.submit_s).collect();
+    assert_eq!(at, [600.0, 4200.0, 7800.0]);
+    assert!(
+        injected
+            .iter()
+            .all(|q| q.nodes == 4 && q.state == "expired"),
+        "{injected:?}"
+    );
+}
