@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod ids;
 pub mod pilot;
+pub mod lease;
 pub mod spec;
 pub mod time;
 pub mod view;

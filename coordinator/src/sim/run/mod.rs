@@ -336,6 +336,8 @@ impl Sim<'_> {
                 public_ip: false,
             }],
             ssh_key: None,
+            kind: None,
+            start: None,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self
