@@ -140,7 +140,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
-            EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::Duplicate { .. } | EngineError::Refused(_) => StatusCode::CONFLICT,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.

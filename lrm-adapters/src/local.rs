@@ -259,7 +259,11 @@ impl LocalLrm {
     }
 
     /// Queues a job, inside reservation `reservation` when given.
-    async fn submit_with(&self, job: &SlotJob, reservation: Option<String>) -> Result<JobId, LrmError> {
+    async fn submit_with(
+        &self,
+        job: &SlotJob,
+        reservation: Option<String>,
+    ) -> Result<JobId, LrmError> {
         resume(&self.shared);
         self.check_fits(job)?;
         if self.shared.lock().shut_down {

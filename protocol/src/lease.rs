@@ -145,7 +145,10 @@ impl<'de> Deserialize<'de> for Start {
             }
             // A bare TOML datetime (`start = 2026-12-01T10:00:00Z`) arrives as a
             // one-entry map; a local one (no offset) is refused by the parser.
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Start, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Start, A::Error> {
                 let _key: Option<String> = map.next_key()?;
                 let text: String = map.next_value()?;
                 Start::parse(&text).map_err(serde::de::Error::custom)

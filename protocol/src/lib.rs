@@ -7,8 +7,8 @@
 
 pub mod auth;
 pub mod ids;
-pub mod pilot;
 pub mod lease;
+pub mod pilot;
 pub mod spec;
 pub mod time;
 pub mod view;

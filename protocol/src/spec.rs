@@ -644,18 +644,32 @@ mod tests {
         let bare = format!("start = 2026-12-01T10:00:00Z\n{ENSEMBLE}");
         assert_eq!(WorkspaceSpec::parse(&bare).unwrap().start, s.start);
         let json = serde_json::to_string(&s).unwrap();
-        assert!(json.contains("\"start\":\"2026-12-01T10:00:00Z\""), "{json}");
+        assert!(
+            json.contains("\"start\":\"2026-12-01T10:00:00Z\""),
+            "{json}"
+        );
         assert_eq!(WorkspaceSpec::parse(&json).unwrap(), s);
         let imm = format!("kind = \"immediate\"\n{ENSEMBLE}");
-        assert_eq!(WorkspaceSpec::parse(&imm).unwrap().lease_kind(), LeaseKind::Immediate);
+        assert_eq!(
+            WorkspaceSpec::parse(&imm).unwrap().lease_kind(),
+            LeaseKind::Immediate
+        );
         let e = err(&format!("kind = \"reservation\"\n{ENSEMBLE}"));
         assert!(e.starts_with("start: a reservation needs a start"), "{e}");
-        let e = err(&format!("kind = \"immediate\"\nstart = \"+1h\"\n{ENSEMBLE}"));
-        assert!(e.starts_with("start: only a reservation has a start"), "{e}");
+        let e = err(&format!(
+            "kind = \"immediate\"\nstart = \"+1h\"\n{ENSEMBLE}"
+        ));
+        assert!(
+            e.starts_with("start: only a reservation has a start"),
+            "{e}"
+        );
         let e = err(&format!("kind = \"soon\"\n{ENSEMBLE}"));
         assert!(e.starts_with("kind: unknown variant `soon`"), "{e}");
         let e = err(&format!("start = \"next tuesday\"\n{ENSEMBLE}"));
-        assert!(e.starts_with("start: \"next tuesday\" is not a time"), "{e}");
+        assert!(
+            e.starts_with("start: \"next tuesday\" is not a time"),
+            "{e}"
+        );
         let e = err(&format!("start = 2026-12-01T10:00:00\n{ENSEMBLE}"));
         assert!(e.starts_with("start: "), "{e}");
     }

@@ -66,6 +66,9 @@ impl Engine {
             if let Err(e) = self.cancel_orphans().await {
                 warn!(error = %e, "orphan job scan failed; will retry");
             }
+            if let Err(e) = self.release_reservations().await {
+                warn!(error = %e, "releasing batch system reservations failed; will retry");
+            }
         }
     }
 

@@ -79,7 +79,12 @@ pub(super) fn inside(st: &State, id: &str, now: u64) -> Option<Vec<bool>> {
     if now < r.start_ms {
         return None;
     }
-    Some(st.nodes.iter().map(|n| !r.nodes.contains(&n.name)).collect())
+    Some(
+        st.nodes
+            .iter()
+            .map(|n| !r.nodes.contains(&n.name))
+            .collect(),
+    )
 }
 
 /// Wakes the scheduler at the reservation's start, and drops the
@@ -154,9 +159,9 @@ impl Reservations for super::LocalLrm {
                 .filter(|&t| t > start)
                 .collect();
             candidates.sort_unstable();
-            let earliest = candidates.into_iter().find(|&t| {
-                free_nodes(st, grace, t, t.saturating_add(len)).len() >= want
-            });
+            let earliest = candidates
+                .into_iter()
+                .find(|&t| free_nodes(st, grace, t, t.saturating_add(len)).len() >= want);
             return Err(ReserveError::Unavailable {
                 reason: format!(
                     "the local batch system has {} of the {want} node(s) free from {} for {}s",
@@ -368,7 +373,10 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(state(&lrm, &other).await, JobStatus::Known(JobState::Queued));
+        assert_eq!(
+            state(&lrm, &other).await,
+            JobStatus::Known(JobState::Queued)
+        );
         lrm.delete(&r.id).await.unwrap();
         assert_eq!(lrm.query(&r.id).await.unwrap(), None);
         lrm.delete(&r.id).await.unwrap(); // gone already: fine
