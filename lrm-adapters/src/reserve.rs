@@ -65,3 +65,76 @@ pub trait Reservations: Send + Sync {
     /// Submits a pilot job that runs only inside reservation `id`, from its start.
     async fn submit_into(&self, job: &SlotJob, id: &str) -> Result<JobId, LrmError>;
 }
+
+/// `YYYY-MM-DDTHH:MM:SS` in UTC for `ms` (whole seconds, rounded up so a
+/// reservation never begins before it was asked to). Batch-system clients
+/// read such times in their `TZ`, so the adapters run them with `TZ=UTC`.
+pub fn utc_stamp(ms: u64) -> String {
+    let secs = ms.div_ceil(1000);
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Reads `YYYY-MM-DDTHH:MM:SS` (UTC) back into ms.
+pub fn parse_utc_stamp(text: &str) -> Option<u64> {
+    let (date, time) = text.trim().split_once('T')?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut t = time.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, s) = (t.next()??, t.next()??, t.next().unwrap_or(Some(0))?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, m, day);
+    u64::try_from(days * 86_400 + h * 3600 + min * 60 + s)
+        .ok()
+        .map(|s| s * 1000)
+}
+
+// Howard Hinnant's civil-calendar conversions (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_stamps_round_trip_and_round_up_to_the_second() {
+        // 2026-12-01T10:00:00Z
+        let t = 1_796_119_200_000;
+        assert_eq!(utc_stamp(t), "2026-12-01T10:00:00");
+        assert_eq!(utc_stamp(t + 1), "2026-12-01T10:00:01");
+        assert_eq!(parse_utc_stamp("2026-12-01T10:00:00"), Some(t));
+        assert_eq!(utc_stamp(951_782_400_000), "2000-02-29T00:00:00");
+        for ms in [0, 86_399_000, 4_102_444_800_000, 1_795_946_075_000] {
+            assert_eq!(parse_utc_stamp(&utc_stamp(ms)), Some(ms));
+        }
+        assert_eq!(parse_utc_stamp("Unknown"), None);
+        assert_eq!(parse_utc_stamp("2026-13-01T10:00:00"), None);
+    }
+}
