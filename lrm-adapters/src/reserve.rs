@@ -66,6 +66,41 @@ pub trait Reservations: Send + Sync {
     async fn submit_into(&self, job: &SlotJob, id: &str) -> Result<JobId, LrmError>;
 }
 
+/// The earliest start at or after `after_ms` at which `granted(t)` holds,
+/// for a batch system that cannot tell it: `granted` tries a reservation at
+/// `t` (and deletes it at once). Tries 1, 2, 4, ... 2048 minutes later,
+/// then narrows the last gap down to 15 s: at most 22 tries. `None` when
+/// nothing within about 34 hours is granted.
+pub(crate) async fn earliest_by_probing<F, Fut>(
+    after_ms: u64,
+    mut granted: F,
+) -> Result<Option<u64>, LrmError>
+where
+    F: FnMut(u64) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<bool, LrmError>> + Send,
+{
+    let mut lo = after_ms;
+    let mut hi = None;
+    for minutes in (0..12).map(|k| 1u64 << k) {
+        let t = after_ms + minutes * 60_000;
+        if granted(t).await? {
+            hi = Some(t);
+            break;
+        }
+        lo = t;
+    }
+    let Some(mut hi) = hi else { return Ok(None) };
+    while hi - lo > 15_000 {
+        let mid = lo + (hi - lo) / 2;
+        if granted(mid).await? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(Some(hi))
+}
+
 /// `YYYY-MM-DDTHH:MM:SS` in UTC for `ms` (whole seconds, rounded up so a
 /// reservation never begins before it was asked to). Batch-system clients
 /// read such times in their `TZ`, so the adapters run them with `TZ=UTC`.
@@ -136,5 +171,22 @@ mod tests {
         }
         assert_eq!(parse_utc_stamp("Unknown"), None);
         assert_eq!(parse_utc_stamp("2026-13-01T10:00:00"), None);
+    }
+
+    #[tokio::test]
+    async fn probing_finds_the_earliest_start_within_15_s_in_few_tries() {
+        let free_from = 1_000_000 + 37 * 60_000 + 7_000;
+        let mut tries = 0;
+        let found = earliest_by_probing(1_000_000, |t| {
+            tries += 1;
+            async move { Ok(t >= free_from) }
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!((free_from..free_from + 15_000).contains(&found), "{found}");
+        assert!(tries <= 22, "{tries} tries");
+        let never = earliest_by_probing(0, |_| async { Ok(false) }).await.unwrap();
+        assert_eq!(never, None);
     }
 }
