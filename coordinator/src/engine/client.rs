@@ -173,7 +173,7 @@ impl Engine {
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
-    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+    pub(super) async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
