@@ -1122,6 +1122,17 @@ pub fn placements_of(c: &Connection, id: &VmId) -> Result<Vec<protocol::view::Pl
     .collect()
 }
 
+/// True when a VM of the workspace is in this slot (a resumed workspace's
+/// VMs left their old slots).
+pub fn slot_has_vms(c: &Connection, slot: &SlotId) -> Result<bool> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM vms WHERE slot_id = ?1 LIMIT 1")?
+            .query_row([slot.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
+}
+
 /// A slot's batch job ids, in order of submission.
 pub fn jobs_of_slot(c: &Connection, slot: &SlotId) -> Result<Vec<String>> {
     let mut st =

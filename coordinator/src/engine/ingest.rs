@@ -9,8 +9,8 @@
 //! shared with the other entries (`rules`).
 
 use super::rules::{
-    end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
-    Setting,
+    end_slots, fail_workspace, maybe_settle, must_ws, needs_slot, slot_maybe_released, start_vms,
+    transition, Setting,
 };
 use super::{suspend, Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
@@ -664,7 +664,7 @@ fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), E
         store::advance_vm_from(c, &vm, state, gone)?;
     }
     suspend::after_release(c, &mut ev.ws, node, &unsaved, now)?;
-    if lifecycle::wants_slots(ev.ws.state) {
+    if needs_slot(c, &ev.ws, &ev.slot.id)? {
         let (input, why) = match reason {
             ReleaseReason::Deadline => (
                 Input::LeaseExpired,

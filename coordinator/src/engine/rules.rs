@@ -107,6 +107,16 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
     Ok(())
 }
 
+/// True while the workspace needs this slot: it wants slots and its VMs are
+/// in this one (not an old slot its VMs left when they were suspended).
+pub(super) fn needs_slot(
+    c: &Connection,
+    ws: &WorkspaceRow,
+    slot: &SlotId,
+) -> Result<bool, EngineError> {
+    Ok(lifecycle::wants_slots(ws.state) && store::slot_has_vms(c, slot)?)
+}
+
 /// When every slot has ended, the workspace settles (destroying -> destroyed, ...).
 pub(super) fn maybe_settle(
     c: &Connection,
@@ -413,7 +423,7 @@ pub(super) fn job_ended(
                 ),
             )?;
         }
-        if lifecycle::wants_slots(ws.state) {
+        if needs_slot(c, &ws, slot_id)? {
             let reason = format!(
                 "batch job {job} ended ({how}) while the workspace was {}",
                 ws.state

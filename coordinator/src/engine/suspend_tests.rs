@@ -649,3 +649,34 @@ async fn a_suspended_workspace_destroyed_settles_and_its_checkpoints_are_removed
         .iter()
         .all(|v| v.state == VmState::Destroyed));
 }
+
+#[tokio::test]
+async fn old_slots_that_end_after_the_resume_began_do_not_fail_the_workspace() {
+    let rig = Rig::new();
+    let ws = rig.ensemble(2, "").await;
+    let placed = rig.come_up(&ws.id, true);
+    let mut all: Vec<&Placed> = placed.values().collect();
+    all.sort_by_key(|p| p.launch.vm_id.to_string());
+    rig.preempting(all[0], vec![all[0].launch.vm_id.clone()], None);
+    rig.saved(all[0], &checkpoint_of(all[0]), SuspendTrigger::Preempted);
+    rig.saved(all[1], &checkpoint_of(all[1]), SuspendTrigger::Commanded);
+    assert_eq!(rig.state(&ws.id), WorkspaceState::Suspended);
+    // New slots are asked for before the old pilots have released.
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.state(&ws.id), WorkspaceState::Resuming);
+    rig.send(&all[0].slot, "node1", released(ReleaseReason::Preempted))
+        .expect("released");
+    rig.send(&all[1].slot, "node1", released(ReleaseReason::Commanded))
+        .expect("released");
+    let old = rig.view(&ws.id).slots[0].job_id.clone().expect("job");
+    rig.lrm.set(&old, JobState::Completed);
+    rig.engine.poll_lrm().await.expect("poll");
+    assert_eq!(
+        rig.state(&ws.id),
+        WorkspaceState::Resuming,
+        "{:?}",
+        rig.view(&ws.id).reason
+    );
+    rig.come_up(&ws.id, true);
+    assert_eq!(rig.state(&ws.id), WorkspaceState::Running);
+}
