@@ -321,17 +321,23 @@ pub(super) fn apply_event(
             reason,
             vm_running,
         } => match ev.ws_vm(vm_id)? {
-            Some(vm) => suspend::on_vm_suspend_failed(
-                c,
-                &mut ev.ws,
-                &vm,
-                &e.node,
-                checkpoint,
-                *cause,
-                reason,
-                *vm_running,
-                now,
-            ),
+            Some(vm) => {
+                let preempting = store::pilots_of(c, &slot.id)?
+                    .iter()
+                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting);
+                suspend::on_vm_suspend_failed(
+                    c,
+                    &mut ev.ws,
+                    &vm,
+                    &e.node,
+                    checkpoint,
+                    *cause,
+                    reason,
+                    *vm_running,
+                    preempting,
+                    now,
+                )
+            }
             None => Ok(()),
         },
         EventKind::VmResumed {

@@ -378,12 +378,19 @@ pub(super) fn on_vm_suspend_failed(
     cause: SuspendFailure,
     reason: &str,
     vm_running: bool,
+    pilot_preempting: bool,
     now: u64,
 ) -> Result<(), EngineError> {
-    store::set_checkpoint(c, checkpoint, "failed", None, None, now)?;
     if vm.state != VmState::Suspending {
         return Ok(()); // late or repeated (e.g. saved already on the warning)
     }
+    if cause == SuspendFailure::NoSuchVm && !vm_running && pilot_preempting {
+        // A `suspend_vm` that crossed the pilot's own save on the warning:
+        // that save reports for itself (and a release without it ends the
+        // workspace, see `after_release`).
+        return Ok(());
+    }
+    store::set_checkpoint(c, checkpoint, "failed", None, None, now)?;
     timeline(
         c,
         &ws.id,
@@ -754,6 +761,17 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Suspended workspaces that resume by themselves, oldest suspension
+    /// first (the simulator resumes them one by one with [`Engine::resume_now`]).
+    pub fn resumable(&self) -> Result<Vec<WorkspaceId>, EngineError> {
+        self.with_store(|s| Ok(store::workspaces_to_resume(s.conn())?))
+    }
+
+    /// Resumes one suspended workspace now (new slots asked for).
+    pub async fn resume_now(&self, id: &WorkspaceId) -> Result<(), EngineError> {
+        self.resume_workspace(id, "after preemption").await
     }
 
     /// Suspended -> resuming: new slots sized as at create, stored, then

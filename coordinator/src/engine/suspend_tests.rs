@@ -680,3 +680,29 @@ async fn old_slots_that_end_after_the_resume_began_do_not_fail_the_workspace() {
     rig.come_up(&ws.id, true);
     assert_eq!(rig.state(&ws.id), WorkspaceState::Running);
 }
+
+#[tokio::test]
+async fn a_suspend_command_that_crosses_the_pilots_own_save_on_the_warning_changes_nothing() {
+    let rig = Rig::new();
+    let ws = rig.ensemble(2, "").await;
+    let placed = rig.come_up(&ws.id, true);
+    let mut all: Vec<&Placed> = placed.values().collect();
+    all.sort_by_key(|p| p.launch.vm_id.to_string());
+    // Both members' pilots are warned; the first report sends the second
+    // a `suspend_vm`, which reaches it while it saves on its own.
+    rig.preempting(all[0], vec![all[0].launch.vm_id.clone()], None);
+    rig.preempting(all[1], vec![all[1].launch.vm_id.clone()], None);
+    let crossed = EventKind::VmSuspendFailed {
+        vm_id: all[1].launch.vm_id.clone(),
+        checkpoint: checkpoint_of(all[1]),
+        cause: SuspendFailure::NoSuchVm,
+        reason: "not on this node".into(),
+        vm_running: false,
+    };
+    rig.send(&all[1].slot, &all[1].node, crossed)
+        .expect("crossed");
+    assert_eq!(rig.state(&ws.id), WorkspaceState::Suspending);
+    rig.saved(all[0], &checkpoint_of(all[0]), SuspendTrigger::Preempted);
+    rig.saved(all[1], &checkpoint_of(all[1]), SuspendTrigger::Preempted);
+    assert_eq!(rig.state(&ws.id), WorkspaceState::Suspended);
+}
