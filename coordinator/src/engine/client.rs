@@ -173,7 +173,7 @@ impl Engine {
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
-    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+    pub(super) async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
@@ -198,13 +198,22 @@ impl Engine {
             source,
         })?;
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
-        let spec = self
-            .with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec))
+        // A resumed lease needs the time it had left, not its whole duration.
+        let lease = self
+            .with_store(|s| {
+                let ws = must_ws(s.conn(), &slot.workspace_id)?;
+                let left = match ws.state {
+                    WorkspaceState::Resuming => store::get_suspension(s.conn(), &ws.id)?
+                        .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
+                    _ => None,
+                };
+                Ok(left.unwrap_or(ws.spec.duration.0))
+            })
             .map_err(|e| LrmError::Config {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
-        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        let pilot_duration = lease + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,

@@ -59,9 +59,15 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
     for (vm, nic) in store::addresses_of(c, &ws.id)? {
         nics.entry(vm).or_default().push(nic);
     }
-    let vms = store::vms_of(c, &ws.id)?
-        .into_iter()
-        .map(|v| VmView {
+    let mut vms = Vec::new();
+    for v in store::vms_of(c, &ws.id)? {
+        let checkpoint = store::latest_checkpoint(c, &v.id)?
+            .filter(|k| k.state != "failed")
+            .map(|k| k.id().to_string());
+        let placements = store::placements_of(c, &v.id)?;
+        vms.push(VmView {
+            checkpoint,
+            placements,
             hostname: Some(network::hostname(&v.group, v.idx)),
             nics: nics.remove(&v.id).unwrap_or_default(),
             job_id: jobs.get(&v.slot_id).cloned().flatten(),
@@ -73,8 +79,8 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
             state: v.state,
             memory_mb: v.memory_mb,
             cpus: v.cpus,
-        })
-        .collect();
+        });
+    }
     let settled = is_settled(ws.state, &slots);
     let mut slot_views = Vec::new();
     for s in slots {
