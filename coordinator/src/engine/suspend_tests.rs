@@ -661,6 +661,9 @@ async fn old_slots_that_end_after_the_resume_began_do_not_fail_the_workspace() {
     rig.saved(all[0], &checkpoint_of(all[0]), SuspendTrigger::Preempted);
     rig.saved(all[1], &checkpoint_of(all[1]), SuspendTrigger::Commanded);
     assert_eq!(rig.state(&ws.id), WorkspaceState::Suspended);
+    // The old batch job, taken before housekeeping asks for the new ones:
+    // afterwards the slot's view names its newest job.
+    let old = rig.view(&ws.id).slots[0].job_id.clone().expect("job");
     // New slots are asked for before the old pilots have released.
     rig.engine.housekeeping(false).await;
     assert_eq!(rig.state(&ws.id), WorkspaceState::Resuming);
@@ -668,7 +671,6 @@ async fn old_slots_that_end_after_the_resume_began_do_not_fail_the_workspace() {
         .expect("released");
     rig.send(&all[1].slot, "node1", released(ReleaseReason::Commanded))
         .expect("released");
-    let old = rig.view(&ws.id).slots[0].job_id.clone().expect("job");
     rig.lrm.set(&old, JobState::Completed);
     rig.engine.poll_lrm().await.expect("poll");
     assert_eq!(
