@@ -259,6 +259,10 @@ pub struct Config {
     /// lost: its workspace fails and its batch job is cancelled. Must exceed
     /// the longest poll (30 s).
     pub pilot_silence_s: u64,
+    /// The checkpoint store as this host mounts it (the nodes' `[checkpoints]
+    /// dir`), if it does: checkpoints of leases that ended are removed from
+    /// here. Unset: they are named on the timeline for an admin.
+    pub checkpoint_dir: Option<PathBuf>,
     pub pilot: PilotConfig,
     pub reservations: ReservationsConfig,
     /// Address pools (`[network.private]`, `[network.public]`).
@@ -286,6 +290,7 @@ impl Default for Config {
             tick_ms: 250,
             max_clock_skew_s: 300,
             pilot_silence_s: 90,
+            checkpoint_dir: None,
             pilot: PilotConfig::default(),
             reservations: ReservationsConfig::default(),
             network: Default::default(),

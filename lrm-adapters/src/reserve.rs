@@ -186,7 +186,9 @@ mod tests {
         .unwrap();
         assert!((free_from..free_from + 15_000).contains(&found), "{found}");
         assert!(tries <= 22, "{tries} tries");
-        let never = earliest_by_probing(0, |_| async { Ok(false) }).await.unwrap();
+        let never = earliest_by_probing(0, |_| async { Ok(false) })
+            .await
+            .unwrap();
         assert_eq!(never, None);
     }
 }

@@ -226,6 +226,22 @@ pub struct WorkspaceSpec {
     /// A reservation's start (see [`crate::lease`]); absolute once accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start: Option<Start>,
+    /// What happens when the batch system takes a node of the lease back:
+    /// `"suspend"` (every VM saved, resumed in new slots) or `"end"` (the
+    /// workspace is `preempted`). Unset: suspend where every node of the
+    /// lease has a checkpoint store, else end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_preempt: Option<PreemptChoice>,
+}
+
+/// The spec's `on_preempt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreemptChoice {
+    /// Suspend every VM of the workspace and resume them in new slots.
+    Suspend,
+    /// End the workspace (`preempted`).
+    End,
 }
 
 /// Longest SSH public key accepted in a spec.

@@ -203,7 +203,7 @@ impl Engine {
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
-    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+    pub(super) async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
@@ -228,21 +228,28 @@ impl Engine {
             source,
         })?;
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
-        let (spec, held) = self
+        // A resumed lease needs the time it had left, not its whole
+        // duration; in a reservation the pilot starts `lead` before the lease.
+        let (lease, held) = self
             .with_store(|s| {
                 let c = s.conn();
+                let ws = must_ws(c, &slot.workspace_id)?;
+                let left = match ws.state {
+                    WorkspaceState::Resuming => store::get_suspension(c, &ws.id)?
+                        .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
+                    _ => None,
+                };
                 Ok((
-                    must_ws(c, &slot.workspace_id)?.spec,
-                    store::reservation_of(c, &slot.workspace_id)?,
+                    left.unwrap_or(ws.spec.duration.0),
+                    store::reservation_of(c, &ws.id)?,
                 ))
             })
             .map_err(|e: EngineError| LrmError::Config {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
-        // In a reservation the pilot starts `lead` before the lease does.
         let pilot_duration = super::reserve::lead(held.as_ref())
-            + spec.duration.0
+            + lease
             + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),

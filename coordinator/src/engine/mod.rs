@@ -21,6 +21,7 @@ mod reserve;
 mod rule_tests;
 mod rules;
 mod signed;
+pub mod suspend;
 mod views;
 
 pub use reserve::Refusal;
@@ -66,6 +67,9 @@ pub enum EngineError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request does not fit the workspace's state (answered 409).
+    #[error("{0}")]
+    Conflict(String),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]

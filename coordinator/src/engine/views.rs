@@ -65,13 +65,19 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
         Some(_) => store::vm_started_at(c, &ws.id)?,
         None => HashMap::new(),
     };
-    let vms = store::vms_of(c, &ws.id)?
-        .into_iter()
-        .map(|v| VmView {
+    let mut vms = Vec::new();
+    for v in store::vms_of(c, &ws.id)? {
+        let checkpoint = store::latest_checkpoint(c, &v.id)?
+            .filter(|k| k.state != "failed")
+            .map(|k| k.id().to_string());
+        let placements = store::placements_of(c, &v.id)?;
+        vms.push(VmView {
             start_offset_ms: held.as_ref().and_then(|r| {
                 let at = *started.get(&v.id)?;
                 Some(at as i64 - r.start_ms as i64)
             }),
+            checkpoint,
+            placements,
             hostname: Some(network::hostname(&v.group, v.idx)),
             nics: nics.remove(&v.id).unwrap_or_default(),
             job_id: jobs.get(&v.slot_id).cloned().flatten(),
@@ -83,8 +89,8 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
             state: v.state,
             memory_mb: v.memory_mb,
             cpus: v.cpus,
-        })
-        .collect();
+        });
+    }
     let settled = is_settled(ws.state, &slots);
     let mut slot_views = Vec::new();
     for s in slots {

@@ -198,13 +198,13 @@ mod tests {
     }
 
     #[test]
-    fn a_version_3_database_gains_the_reservations_table_and_keeps_its_rows_across_reopen() {
+    fn a_version_4_database_gains_the_reservations_table_and_keeps_its_rows_across_reopen() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("c.db");
         let ws = {
             let store = Store::open(&path).expect("open");
             let c = store.conn();
-            c.execute_batch("DROP TABLE lease_reservations; PRAGMA user_version = 3;")
+            c.execute_batch("DROP TABLE lease_reservations; PRAGMA user_version = 4;")
                 .expect("downgrade");
             workspace(c, WorkspaceState::Pending)
         };

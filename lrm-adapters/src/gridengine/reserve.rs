@@ -16,8 +16,8 @@
 use super::{GridEngine, PeSlots, LRM};
 use crate::batch_common::Runner;
 use crate::reserve::{
-    earliest_by_probing, parse_utc_stamp, utc_stamp, Reservation, ReservationRequest,
-    Reservations, ReserveError,
+    earliest_by_probing, parse_utc_stamp, utc_stamp, Reservation, ReservationRequest, Reservations,
+    ReserveError,
 };
 use crate::{CommandOutput, JobId, LrmError, SlotJob};
 use async_trait::async_trait;
@@ -94,7 +94,9 @@ impl GridEngine {
     }
 
     async fn run_ar(&self, tool: &str, args: &[String]) -> Result<CommandOutput, LrmError> {
-        self.utc_runner().run(Path::new(&self.tool(tool)), args).await
+        self.utc_runner()
+            .run(Path::new(&self.tool(tool)), args)
+            .await
     }
 
     async fn qrsub(
