@@ -220,6 +220,14 @@ pub struct ReservationsConfig {
     /// The batch system's reservation begins this long before the lease's
     /// start, so pilots boot and images are staged before it (seconds).
     pub lead_s: u64,
+    /// A reservation may take the nodes of running best-effort leases that
+    /// can be suspended (every node has a checkpoint store, `on_preempt` is
+    /// not `end`): they are suspended this long before the batch system's
+    /// reservation begins, and resume in new slots when capacity allows.
+    pub suspend_best_effort: bool,
+    /// Seconds before the reservation begins that its victims are suspended
+    /// (time for their VMs to be saved and their pilot jobs to end).
+    pub suspend_before_s: u64,
 }
 
 impl Default for ReservationsConfig {
@@ -227,6 +235,8 @@ impl Default for ReservationsConfig {
         Self {
             horizon_s: 30 * 24 * 3600,
             lead_s: 60,
+            suspend_best_effort: true,
+            suspend_before_s: 30,
         }
     }
 }

@@ -24,6 +24,10 @@ pub struct ReservationRequest {
     pub nodes: u32,
     pub cores_per_node: u32,
     pub memory_mb_per_node: u64,
+    /// Jobs the caller will end before the start (it suspends their
+    /// leases): the reservation may take their nodes. Adapters that cannot
+    /// tell the batch system so ignore it, and refuse as if they held on.
+    pub preemptible: Vec<JobId>,
 }
 
 /// A reservation as the batch system holds it.

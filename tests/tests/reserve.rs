@@ -262,3 +262,80 @@ fn an_accepted_reservation_survives_a_coordinator_restart() {
         "{v}"
     );
 }
+
+#[test]
+fn a_reservation_suspends_the_best_effort_lease_on_its_nodes_which_resumes_after_it() {
+    let store = tempfile::Builder::new()
+        .prefix("wsp-store-")
+        .tempdir()
+        .expect("store");
+    let node_cfg = store.path().join("node.toml");
+    let ckdir = store.path().join("checkpoints");
+    std::fs::create_dir_all(&ckdir).expect("checkpoint dir");
+    std::fs::write(
+        &node_cfg,
+        format!(
+            "[checkpoints]\ndir = \"{}\"\nsave_mb_per_s = 500\n",
+            ckdir.display()
+        ),
+    )
+    .expect("node config");
+    let c = Cluster::start(
+        Options {
+            nodes: 2,
+            kill_grace_s: 8,
+            node_config: Some(node_cfg.display().to_string()),
+            extra: format!(
+                "\n[reservations]\nlead_s = {LEAD_S}\nhorizon_s = 3600\nsuspend_before_s = 6\n"
+            ),
+            ..Options::default()
+        }
+        .with_top(&format!("checkpoint_dir = \"{}\"\n", ckdir.display())),
+    );
+    let be = c.create(&pair(""));
+    assert_eq!(be.status, 201, "{}", be.body);
+    let be_id = be.body["id"].as_str().unwrap().to_string();
+    let before = c.wait_running(&be_id);
+    let vms = |v: &Value| {
+        let mut ids: Vec<String> = v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|vm| vm["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // Both nodes are busy, but the lease on them can be suspended.
+    let r = c.create(&pair("start = \"+25s\""));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let v = c.wait_for(&id, "running", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
+    assert_vms_on_time(&v);
+    let suspended = c.get(&be_id);
+    assert!(
+        ["suspended", "resuming"].contains(&suspended["state"].as_str().unwrap()),
+        "{suspended:#}"
+    );
+    assert!(
+        c.timeline(&id).iter().any(|e| e["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("best-effort workspace {be_id} suspended"))),
+        "the reservation's timeline names its victim"
+    );
+    // Once the reservation gives its nodes back, the lease resumes, the same VMs.
+    assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
+    let after = c.wait_for(&be_id, "running again", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(vms(&after), vms(&before));
+    assert!(
+        phases(&c, &be_id).contains(&"resumed".to_string())
+            || phases(&c, &be_id).iter().any(|p| p.starts_with("resum")),
+        "{:?}",
+        phases(&c, &be_id)
+    );
+}

@@ -18,16 +18,22 @@
 //! Not here: best-effort leases (the rest of the engine), suspending
 //! best-effort leases for a reservation (issue 16's engine side, to come).
 
+use super::rules::must_ws;
 use super::{Engine, EngineError};
 use crate::policy::SlotPlan;
 use crate::store::{self, ReservationRow, ResvState, WorkspaceRow};
 use lrm_adapters::reserve::{ReservationRequest, ReserveError};
-use protocol::spec::{LeaseKind, SpecError, Start, WorkspaceSpec};
+use lrm_adapters::JobId;
+use protocol::spec::{LeaseKind, PreemptChoice, SpecError, Start, WorkspaceSpec};
 use protocol::time::format_ms;
 use protocol::view::Phase;
+use protocol::view::WorkspaceState;
 use protocol::WorkspaceId;
 use std::time::Duration;
 use tracing::{info, warn};
+
+/// A best-effort lease a reservation may take the nodes of.
+type Victim = (WorkspaceId, Vec<JobId>, Vec<String>);
 
 /// Why a guaranteed lease was refused.
 #[derive(Debug, PartialEq, Eq)]
@@ -131,8 +137,32 @@ impl Engine {
                 .map(|p| p.memory_mb_per_node)
                 .max()
                 .unwrap_or(0),
+            preemptible: Vec::new(),
         };
-        let granted = match resv.create(&req).await {
+        let mut created = resv.create(&req).await;
+        let mut victims = Vec::new();
+        if matches!(created, Err(ReserveError::Unavailable { .. }))
+            && kind == LeaseKind::Reservation
+            && rc.suspend_best_effort
+        {
+            // The nodes may be had by suspending best-effort leases on them.
+            let candidates = self.suspendable_at(begins)?;
+            if !candidates.is_empty() {
+                let mut again = req.clone();
+                again.preemptible = candidates.iter().flat_map(|c| c.1.clone()).collect();
+                if let Ok(r) = resv.create(&again).await {
+                    victims = candidates
+                        .into_iter()
+                        .filter(|(_, _, nodes)| {
+                            r.nodes.is_empty() || nodes.iter().any(|n| r.nodes.contains(n))
+                        })
+                        .map(|(id, _, _)| id)
+                        .collect();
+                    created = Ok(r);
+                }
+            }
+        }
+        let granted = match created {
             Ok(r) => r,
             Err(ReserveError::Unavailable {
                 reason,
@@ -165,7 +195,100 @@ impl Engine {
             begins_ms: granted.start_ms,
             end_ms: granted.end_ms,
             state: ResvState::Held,
+            victims,
         }))
+    }
+
+    /// Running best-effort leases that can be suspended and would still
+    /// run at `at`: (workspace, its batch jobs, its nodes).
+    fn suspendable_at(&self, at: u64) -> Result<Vec<Victim>, EngineError> {
+        self.with_store(|s| {
+            let c = s.conn();
+            let mut out = Vec::new();
+            for ws in store::list_workspaces(c, None)? {
+                if ws.state != WorkspaceState::Running
+                    || ws.spec.lease_kind() != LeaseKind::BestEffort
+                    || ws.spec.on_preempt == Some(PreemptChoice::End)
+                    || ws.expires_ms.is_some_and(|e| e <= at)
+                {
+                    continue;
+                }
+                let mut nodes = Vec::new();
+                let mut savable = true;
+                for v in store::vms_of(c, &ws.id)? {
+                    let Some(node) = v.node else { continue };
+                    savable &= store::node_save_rate(c, &v.slot_id, &node)?.is_some();
+                    nodes.push(node);
+                }
+                if !savable {
+                    continue;
+                }
+                let jobs = store::slots_of(c, &ws.id)?
+                    .iter()
+                    .filter_map(|s| s.job.id().map(|j| JobId(j.to_string())))
+                    .collect();
+                out.push((ws.id, jobs, nodes));
+            }
+            Ok(out)
+        })
+    }
+
+    /// Suspends the best-effort leases a reservation takes the nodes of,
+    /// `suspend_before_s` before it begins; they resume in new slots as
+    /// soon as the batch system gives them (after the reservation, or on
+    /// other nodes). A step of housekeeping.
+    pub fn suspend_for_reservations(&self) -> Result<(), EngineError> {
+        let now = self.clock.now_ms();
+        let by = now + self.cfg.reservations.suspend_before_s * 1000;
+        let due = self.with_store(|s| Ok(store::victims_due(s.conn(), by)?))?;
+        for row in due {
+            let wants = self.with_store(|s| {
+                Ok(crate::lifecycle::workspace::wants_slots(
+                    must_ws(s.conn(), &row.workspace_id)?.state,
+                ))
+            })?;
+            for v in row.victims.iter().filter(|_| wants) {
+                let reason = format!(
+                    "reservation {} ({} {}) begins at {}",
+                    row.workspace_id,
+                    row.lrm,
+                    row.lrm_id,
+                    format_ms(row.begins_ms)
+                );
+                let done = self.suspend_workspace(v, &reason, true);
+                let detail = match &done {
+                    Ok(()) => format!("best-effort workspace {v} suspended for this reservation"),
+                    Err(e) => format!("best-effort workspace {v} not suspended: {e}"),
+                };
+                match &done {
+                    Ok(()) => {
+                        info!(workspace_id = %row.workspace_id, victim = %v, "best-effort lease suspended for a reservation")
+                    }
+                    Err(e) => {
+                        warn!(workspace_id = %row.workspace_id, victim = %v, error = %e, "could not suspend a best-effort lease for a reservation")
+                    }
+                }
+                self.with_store(|s| {
+                    s.tx(|tx| {
+                        store::push_timeline(
+                            tx,
+                            &row.workspace_id,
+                            now,
+                            now,
+                            Phase::ReservationGranted,
+                            None,
+                            None,
+                            None,
+                            &detail,
+                        )?;
+                        Ok::<_, EngineError>(())
+                    })
+                })?;
+            }
+            self.with_store(|s| Ok(store::clear_victims(s.conn(), &row.workspace_id)?))?;
+            self.bump();
+        }
+        Ok(())
     }
 
     /// Deletes a reservation whose workspace could not be stored.

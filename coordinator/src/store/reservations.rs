@@ -12,7 +12,9 @@ pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS lease_reservations (
   workspace_id TEXT PRIMARY KEY, lrm TEXT NOT NULL, lrm_id TEXT NOT NULL,
   start_ms INTEGER NOT NULL, begins_ms INTEGER NOT NULL, end_ms INTEGER NOT NULL,
-  state TEXT NOT NULL, released_ms INTEGER);
+  state TEXT NOT NULL, released_ms INTEGER,
+  -- JSON list of the best-effort workspaces to suspend before it begins.
+  victims TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS lease_reservations_state ON lease_reservations(state);
 "#;
 
@@ -52,13 +54,16 @@ pub struct ReservationRow {
     pub begins_ms: u64,
     pub end_ms: u64,
     pub state: ResvState,
+    /// Best-effort workspaces on its nodes, to suspend before it begins
+    /// (emptied once they were asked to).
+    pub victims: Vec<WorkspaceId>,
 }
 
-const COLS: &str = "workspace_id, lrm, lrm_id, start_ms, begins_ms, end_ms, state";
+const COLS: &str = "workspace_id, lrm, lrm_id, start_ms, begins_ms, end_ms, state, victims";
 
-fn from_row(
-    r: &rusqlite::Row,
-) -> rusqlite::Result<(String, String, String, i64, i64, i64, String)> {
+type Raw = (String, String, String, i64, i64, i64, String, String);
+
+fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Raw> {
     Ok((
         r.get(0)?,
         r.get(1)?,
@@ -67,10 +72,11 @@ fn from_row(
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
-fn build(t: (String, String, String, i64, i64, i64, String)) -> Result<ReservationRow> {
+fn build(t: Raw) -> Result<ReservationRow> {
     let bad = |what: &str, v: &str| StoreError::Corrupt {
         what: "lease_reservations",
         detail: format!("{what} {v:?}"),
@@ -83,12 +89,16 @@ fn build(t: (String, String, String, i64, i64, i64, String)) -> Result<Reservati
         begins_ms: t.4 as u64,
         end_ms: t.5 as u64,
         state: ResvState::parse(&t.6).ok_or_else(|| bad("state", &t.6))?,
+        victims: serde_json::from_str::<Vec<String>>(&t.7)
+            .ok()
+            .and_then(|v| v.iter().map(|w| w.parse().ok()).collect())
+            .ok_or_else(|| bad("victims", &t.7))?,
     })
 }
 
 pub fn insert_reservation(c: &Connection, r: &ReservationRow) -> Result<()> {
     c.prepare_cached(&format!(
-        "INSERT INTO lease_reservations ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        "INSERT INTO lease_reservations ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     ))?
     .execute(params![
         r.workspace_id.as_str(),
@@ -97,7 +107,8 @@ pub fn insert_reservation(c: &Connection, r: &ReservationRow) -> Result<()> {
         r.start_ms as i64,
         r.begins_ms as i64,
         r.end_ms as i64,
-        r.state.as_str()
+        r.state.as_str(),
+        victims_json(&r.victims)
     ])?;
     Ok(())
 }
@@ -116,7 +127,7 @@ pub fn reservation_of(c: &Connection, ws: &WorkspaceId) -> Result<Option<Reserva
 /// failed, being destroyed, expired, preempted).
 pub fn reservations_to_release(c: &Connection) -> Result<Vec<ReservationRow>> {
     let mut st = c.prepare_cached(
-        "SELECT r.workspace_id, r.lrm, r.lrm_id, r.start_ms, r.begins_ms, r.end_ms, r.state
+        "SELECT r.workspace_id, r.lrm, r.lrm_id, r.start_ms, r.begins_ms, r.end_ms, r.state, r.victims
          FROM lease_reservations r JOIN workspaces w ON w.id = r.workspace_id
          WHERE r.state = 'held'
            AND NOT (w.state = 'pending' OR w.state = 'starting' OR w.state = 'running')",
@@ -125,6 +136,31 @@ pub fn reservations_to_release(c: &Connection) -> Result<Vec<ReservationRow>> {
         .query_map([], from_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(build).collect()
+}
+
+fn victims_json(v: &[WorkspaceId]) -> String {
+    serde_json::to_string(&v.iter().map(|w| w.as_str()).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+/// Held reservations with best-effort workspaces still to suspend, whose
+/// batch-system reservation begins by `by_ms`.
+pub fn victims_due(c: &Connection, by_ms: u64) -> Result<Vec<ReservationRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {COLS} FROM lease_reservations
+         WHERE state = 'held' AND victims != '[]' AND begins_ms <= ?1"
+    ))?;
+    let rows = st
+        .query_map([by_ms as i64], from_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(build).collect()
+}
+
+/// The victims were asked to suspend: none left to ask.
+pub fn clear_victims(c: &Connection, ws: &WorkspaceId) -> Result<()> {
+    c.prepare_cached("UPDATE lease_reservations SET victims = '[]' WHERE workspace_id = ?1")?
+        .execute([ws.as_str()])?;
+    Ok(())
 }
 
 /// `held` -> `released`; false if it was released already.
@@ -194,6 +230,7 @@ mod tests {
             begins_ms: 10_000,
             end_ms: 900_000,
             state: ResvState::Held,
+            victims: vec![ws.clone()],
         }
     }
 

@@ -41,8 +41,15 @@ fn job_end(job: &Job, grace: Duration) -> u64 {
         .saturating_add(ms(grace))
 }
 
-/// Nodes free of reservations and running jobs for all of `[start, end)`.
-fn free_nodes(st: &State, grace: Duration, start: u64, end: u64) -> Vec<usize> {
+/// Nodes free of reservations and running jobs (but `preemptible` ones)
+/// for all of `[start, end)`.
+fn free_nodes(
+    st: &State,
+    grace: Duration,
+    start: u64,
+    end: u64,
+    preemptible: &[JobId],
+) -> Vec<usize> {
     (0..st.nodes.len())
         .filter(|&i| {
             let name = &st.nodes[i].name;
@@ -50,8 +57,11 @@ fn free_nodes(st: &State, grace: Duration, start: u64, end: u64) -> Vec<usize> {
                 .reservations
                 .iter()
                 .any(|r| r.nodes.contains(name) && r.start_ms < end && r.end_ms > start);
-            let busy = st.jobs.values().any(|j| {
-                !j.state.is_finished() && j.alloc.contains(&i) && job_end(j, grace) > start
+            let busy = st.jobs.iter().any(|(id, j)| {
+                !j.state.is_finished()
+                    && j.alloc.contains(&i)
+                    && job_end(j, grace) > start
+                    && !preemptible.contains(id)
             });
             !reserved && !busy
         })
@@ -147,7 +157,13 @@ impl Reservations for super::LocalLrm {
         let start = req.start_ms.max(now);
         let len = ms(req.duration);
         let want = req.nodes as usize;
-        let free = free_nodes(st, grace, start, start.saturating_add(len));
+        let free = free_nodes(
+            st,
+            grace,
+            start,
+            start.saturating_add(len),
+            &req.preemptible,
+        );
         if free.len() < want {
             // Candidate starts: whenever a job or a reservation lets go of nodes.
             let mut candidates: Vec<u64> = st
@@ -159,9 +175,9 @@ impl Reservations for super::LocalLrm {
                 .filter(|&t| t > start)
                 .collect();
             candidates.sort_unstable();
-            let earliest = candidates
-                .into_iter()
-                .find(|&t| free_nodes(st, grace, t, t.saturating_add(len)).len() >= want);
+            let earliest = candidates.into_iter().find(|&t| {
+                free_nodes(st, grace, t, t.saturating_add(len), &req.preemptible).len() >= want
+            });
             return Err(ReserveError::Unavailable {
                 reason: format!(
                     "the local batch system has {} of the {want} node(s) free from {} for {}s",
@@ -263,6 +279,7 @@ mod tests {
             nodes,
             cores_per_node: 1,
             memory_mb_per_node: 100,
+            preemptible: Vec::new(),
         }
     }
 
