@@ -339,3 +339,30 @@ fn a_reservation_suspends_the_best_effort_lease_on_its_nodes_which_resumes_after
         phases(&c, &be_id)
     );
 }
+
+#[test]
+fn an_immediate_lease_runs_now_when_the_nodes_are_free() {
+    let c = cluster(2);
+    let t0 = protocol::now_ms();
+    let r = c.create(&pair("kind = \"immediate\""));
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["kind"], "immediate");
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let start = r.body["start_ms"].as_u64().unwrap();
+    assert!(
+        (t0..t0 + 2000).contains(&start),
+        "start {start}, asked at {t0}"
+    );
+    let v = c.wait_running(&id);
+    for vm in v["vms"].as_array().unwrap() {
+        let off = vm["start_offset_ms"].as_i64().expect("offset");
+        assert!((0..5000).contains(&off), "{off} ms after acceptance");
+    }
+    assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
+    c.wait_settled(&id);
+    c.wait_for(&id, "released", Duration::from_secs(10), |v| {
+        v["reservation"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("(released)"))
+    });
+}

@@ -123,14 +123,16 @@ pub fn reservation_of(c: &Connection, ws: &WorkspaceId) -> Result<Option<Reserva
     .transpose()
 }
 
-/// Held reservations whose workspace no longer wants its slots (ended,
-/// failed, being destroyed, expired, preempted).
+/// Held reservations whose workspace is over or going (destroying,
+/// expired, preempted, failed, destroyed). A suspended one keeps its
+/// reservation: it resumes into it.
 pub fn reservations_to_release(c: &Connection) -> Result<Vec<ReservationRow>> {
     let mut st = c.prepare_cached(
         "SELECT r.workspace_id, r.lrm, r.lrm_id, r.start_ms, r.begins_ms, r.end_ms, r.state, r.victims
          FROM lease_reservations r JOIN workspaces w ON w.id = r.workspace_id
          WHERE r.state = 'held'
-           AND NOT (w.state = 'pending' OR w.state = 'starting' OR w.state = 'running')",
+           AND NOT (w.state = 'pending' OR w.state = 'starting' OR w.state = 'running'
+             OR w.state = 'suspending' OR w.state = 'suspended' OR w.state = 'resuming')",
     )?;
     let rows = st
         .query_map([], from_row)?
@@ -265,6 +267,8 @@ mod tests {
         let store = Store::open_in_memory().expect("open");
         let c = store.conn();
         let live = workspace(c, WorkspaceState::Pending);
+        let saved = workspace(c, WorkspaceState::Suspended);
+        insert_reservation(c, &row(&saved)).expect("insert");
         let gone = workspace(c, WorkspaceState::Destroying);
         insert_reservation(c, &row(&live)).expect("insert");
         insert_reservation(c, &row(&gone)).expect("insert");
