@@ -152,6 +152,11 @@ fn a_reservation_that_cannot_be_guaranteed_is_refused_with_the_earliest_start_an
         ),
         "{error}"
     );
+    assert_eq!(
+        r.body["earliest_start"].as_str(),
+        Some(offered_start(&error).as_str()),
+        "the offer as a field too"
+    );
     let imm = c.create(&pair("kind = \"immediate\""));
     assert_eq!(imm.status, 409, "{}", imm.body);
     let imm_error = imm.body["error"].as_str().unwrap();
