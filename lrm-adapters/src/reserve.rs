@@ -59,6 +59,11 @@ pub enum ReserveError {
 /// A batch system's advance reservations.
 #[async_trait]
 pub trait Reservations: Send + Sync {
+    /// Whether [`ReservationRequest::preemptible`] is honoured (the
+    /// reservation may be granted over those jobs).
+    fn grants_over_preemptible(&self) -> bool {
+        false
+    }
     /// Makes the reservation, or says why not and the earliest start it could offer.
     async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError>;
     /// The reservation as the batch system has it now; `None` once it is gone.

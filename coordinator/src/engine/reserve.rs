@@ -144,6 +144,7 @@ impl Engine {
         if matches!(created, Err(ReserveError::Unavailable { .. }))
             && kind == LeaseKind::Reservation
             && rc.suspend_best_effort
+            && resv.grants_over_preemptible()
         {
             // The nodes may be had by suspending best-effort leases on them.
             let candidates = self.suspendable_at(begins)?;

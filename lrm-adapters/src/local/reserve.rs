@@ -139,6 +139,10 @@ fn view(r: &LocalResv) -> Reservation {
 
 #[async_trait]
 impl Reservations for super::LocalLrm {
+    fn grants_over_preemptible(&self) -> bool {
+        true
+    }
+
     async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError> {
         super::resume(&self.shared);
         self.check_fits(&SlotJob {
