@@ -142,7 +142,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
-            EngineError::Duplicate { .. } | EngineError::Conflict(_) => StatusCode::CONFLICT,
+            EngineError::Duplicate { .. } | EngineError::Conflict(_) | EngineError::Refused(_) => {
+                StatusCode::CONFLICT
+            }
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -204,8 +206,19 @@ async fn create(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
-    let view = engine.create(&who, spec).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    match engine.create(&who, spec).await {
+        Ok(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        // A refused guaranteed lease: the earliest start also as a field, for scripts.
+        Err(EngineError::Refused(r)) => Ok((
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({
+                "error": r.to_string(),
+                "earliest_start": r.earliest_ms.map(|ms| protocol::spec::Start::At(ms).to_string()),
+            })),
+        )
+            .into_response()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {

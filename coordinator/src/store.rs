@@ -18,6 +18,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod reservations;
+pub use reservations::*;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -183,7 +186,7 @@ END;
 /// The schema version this build writes (`PRAGMA user_version`). Opening an
 /// older database upgrades it in one transaction (see [`migrate`]); a newer
 /// one is refused rather than misread.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 pub struct Store {
     conn: Connection,
@@ -347,6 +350,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.execute_batch(MIGRATE_TO_3)?;
     }
     tx.execute_batch(SCHEMA)?;
+    // 4 -> 5: guaranteed leases' batch-system reservations (a new table).
+    tx.execute_batch(reservations::SCHEMA)?;
     if !fresh && version < 3 {
         // The counter tables of a version-0 database start empty, and the
         // pilots' counters now count states: fill both from the rows.

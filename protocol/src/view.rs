@@ -181,6 +181,10 @@ pub struct VmView {
     /// Addresses assigned to the VM (freed, and so empty, once it is gone).
     #[serde(default)]
     pub nics: Vec<crate::pilot::Nic>,
+    /// Guaranteed leases: when the VM started running relative to the
+    /// lease's start, ms (negative: early, positive: late).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_offset_ms: Option<i64>,
     /// Its latest checkpoint (`ws-…/vm-…/g<n>`), once it was suspended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
@@ -237,6 +241,16 @@ pub struct WorkspaceView {
     pub updated_ms: u64,
     /// When the lease ends (set once the workspace runs).
     pub expires_ms: Option<u64>,
+    /// `best_effort`, `reservation` or `immediate`.
+    #[serde(default)]
+    pub kind: crate::lease::LeaseKind,
+    /// When a guaranteed lease starts (a reservation's start, an immediate
+    /// lease's acceptance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
+    /// The batch system's reservation that holds it: `<lrm> <id> (held|released)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
     /// True once the state is terminal and every slot is released or failed:
     /// nothing of this workspace is left on any node or in the batch system.
     pub settled: bool,
@@ -254,6 +268,10 @@ pub struct WorkspaceList {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Requested,
+    /// The batch system granted the reservation of a guaranteed lease.
+    ReservationGranted,
+    /// The batch system's reservation was deleted (lease over or cancelled).
+    ReservationReleased,
     SlotSubmitted,
     PilotStarted,
     MemoryReserved,
@@ -296,6 +314,8 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requested => "requested",
+            Self::ReservationGranted => "reservation_granted",
+            Self::ReservationReleased => "reservation_released",
             Self::SlotSubmitted => "slot_submitted",
             Self::PilotStarted => "pilot_started",
             Self::MemoryReserved => "memory_reserved",

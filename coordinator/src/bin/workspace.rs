@@ -356,11 +356,22 @@ fn print_view(v: &WorkspaceView) {
         facts.push("not settled yet: slots are still being given back".into());
     }
     out(&format!("  {}", facts.join("; ")));
+    if v.kind != protocol::spec::LeaseKind::BestEffort {
+        let mut lease = format!("  {} lease", v.kind);
+        if let Some(start) = v.start_ms {
+            lease.push_str(&format!("; starts {} ({})", from_now(start), utc(start)));
+        }
+        if let Some(r) = &v.reservation {
+            lease.push_str(&format!("; batch system reservation {r}"));
+        }
+        out(&lease);
+    }
+    let guaranteed = v.vms.iter().any(|vm| vm.start_offset_ms.is_some());
     let rows = v
         .vms
         .iter()
         .map(|vm| {
-            vec![
+            let mut row = vec![
                 host(vm),
                 vm.group.clone(),
                 vm.state.as_str().to_string(),
@@ -370,23 +381,34 @@ fn print_view(v: &WorkspaceView) {
                 vm.memory_mb.to_string(),
                 vm.cpus.to_string(),
                 vm.name.clone(),
-            ]
+            ];
+            if guaranteed {
+                row.push(vm.start_offset_ms.map_or("-".into(), early_late));
+            }
+            row
         })
         .collect();
-    out(&table(
-        &[
-            "HOST",
-            "GROUP",
-            "STATE",
-            "ADDRESSES",
-            "NODE",
-            "JOB",
-            "MB",
-            "CPUS",
-            "VM NAME",
-        ],
-        rows,
-    ));
+    let mut header = vec![
+        "HOST",
+        "GROUP",
+        "STATE",
+        "ADDRESSES",
+        "NODE",
+        "JOB",
+        "MB",
+        "CPUS",
+        "VM NAME",
+    ];
+    if guaranteed {
+        header.push("AT START");
+    }
+    out(&table(&header, rows));
+}
+
+/// A VM's running time against its lease's start: `12.3 s early`, `850 ms late`.
+fn early_late(offset_ms: i64) -> String {
+    let word = if offset_ms <= 0 { "early" } else { "late" };
+    format!("{} {word}", fmt_stamp_ms(offset_ms.unsigned_abs()))
 }
 
 /// `head-0 10.77.0.5, worker-0 10.77.0.2, ... (+N)`: the first address of

@@ -566,7 +566,7 @@ fn on_vm_started(
     )?;
     let (vm_count, running) = store::count_vms(c, &ev.ws.id, VmState::Running)?;
     if vm_count == running && transition(c, &mut ev.ws, Input::AllVmsRunning, None, now)? {
-        let expires = now + ev.ws.spec.duration.0.as_millis() as u64;
+        let expires = super::reserve::lease_end(&ev.ws.spec, now);
         store::set_workspace_expiry(c, &ev.ws.id, expires)?;
         store::push_timeline(
             c,

@@ -16,6 +16,7 @@
 mod client;
 mod ingest;
 mod reconcile;
+mod reserve;
 #[cfg(test)]
 mod rule_tests;
 mod rules;
@@ -23,6 +24,7 @@ mod signed;
 pub mod suspend;
 mod views;
 
+pub use reserve::Refusal;
 pub use signed::PollAnswer;
 
 use crate::clock::{Clock, WallClock};
@@ -56,6 +58,9 @@ pub enum EngineError {
     /// No addresses for the workspace (pool exhausted, no public pool).
     #[error("{0}")]
     Network(#[from] NetError),
+    /// A reservation or immediate lease the batch system cannot guarantee.
+    #[error("{0}")]
+    Refused(reserve::Refusal),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

@@ -55,6 +55,9 @@ impl Engine {
         if let Err(e) = self.expire_leases() {
             warn!(error = %e, "lease expiry check failed");
         }
+        if let Err(e) = self.suspend_for_reservations() {
+            warn!(error = %e, "suspending best-effort leases for reservations failed; will retry");
+        }
         if let Err(e) = self.find_lost_pilots() {
             warn!(error = %e, "pilot silence check failed");
         }
@@ -71,6 +74,9 @@ impl Engine {
             }
             if let Err(e) = self.cancel_orphans().await {
                 warn!(error = %e, "orphan job scan failed; will retry");
+            }
+            if let Err(e) = self.release_reservations().await {
+                warn!(error = %e, "releasing batch system reservations failed; will retry");
             }
         }
     }

@@ -382,6 +382,8 @@ impl Sim<'_> {
                 public_ip: false,
             }],
             ssh_key: None,
+            kind: None,
+            start: None,
             on_preempt: None,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
