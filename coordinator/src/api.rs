@@ -139,7 +139,7 @@ impl From<EngineError> for ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
-            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
+            EngineError::Forbidden(_) | EngineError::OverLimit(_) => StatusCode::FORBIDDEN,
             EngineError::Duplicate { .. } => StatusCode::CONFLICT,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod engine;
 pub mod health;
 pub mod lifecycle;
+pub mod limits;
 pub mod lrm_meter;
 pub mod metrics;
 pub mod network;

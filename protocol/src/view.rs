@@ -82,6 +82,10 @@ pub enum VmState {
     Destroyed,
     Preempted,
     Failed,
+    /// Its pilot went silent: the VM may still run on its node until an
+    /// admin runs kill-all there, or a late report from the pilot says it
+    /// is gone. Not terminal: that report moves it on.
+    Unknown,
 }
 
 impl VmState {
@@ -97,6 +101,7 @@ impl VmState {
             Self::Destroyed => "destroyed",
             Self::Preempted => "preempted",
             Self::Failed => "failed",
+            Self::Unknown => "unknown",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -179,6 +184,11 @@ pub struct SlotView {
     pub memory_mb_per_node: u64,
     pub state: SlotState,
     pub pilots: Vec<PilotView>,
+    /// Why its batch job waits in the queue, in the batch system's words
+    /// (Slurm's REASON: `Resources`, `Priority`; PBS's comment; Grid
+    /// Engine's state), as of the coordinator's last batch-system poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -61,6 +61,9 @@ pub enum EngineError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// Over one of the caller's limits (`[[users]]`): refused, nothing stored.
+    #[error("{0}")]
+    OverLimit(#[from] crate::limits::OverLimit),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]
@@ -154,6 +157,8 @@ pub struct Engine {
     started_ms: u64,
     /// Who may call the client API; replaced on SIGHUP (`config.users` is the start value).
     users: crate::config::Users,
+    /// Why each waiting slot's batch job waits, from the last status poll.
+    queue_reasons: Mutex<HashMap<SlotId, String>>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -287,6 +292,7 @@ impl Engine {
             cancel_attempts: Mutex::new(HashMap::new()),
             pools,
             users,
+            queue_reasons: Mutex::new(HashMap::new()),
             metrics: parts.metrics,
         });
         let weak = Arc::downgrade(&engine);

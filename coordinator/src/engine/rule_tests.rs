@@ -577,3 +577,65 @@ async fn a_pilots_commands_in_process_are_what_it_gets_over_http() {
         assert_eq!(typed.last().map(|c| &c.kind), Some(&CommandKind::Release));
     }
 }
+
+/// Issue 19 item 7: after a pilot is lost, its VM is unknown (it may still
+/// run), not destroyed; the other node's VM, signalled by our own cancel, is
+/// destroyed, not preempted; and the scientist is not told to run kill-all.
+#[tokio::test]
+async fn a_lost_pilots_vm_is_unknown_and_our_cancel_is_not_a_preemption() {
+    let rig = Rig::new();
+    rig.clock.advance(100_000);
+    let ws = rig.lease(2, 3600).await;
+    rig.bring_up(&ws);
+    let slot = ws.slots[0].id.clone();
+    rig.clock.advance(60_000);
+    rig.commands(&slot, "node2");
+    rig.clock.advance(31_000);
+    rig.engine.housekeeping(false).await;
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Failed);
+    let on = |v: &WorkspaceView, node: &str| {
+        v.vms
+            .iter()
+            .find(|vm| vm.node.as_deref() == Some(node))
+            .expect("a VM there")
+            .state
+    };
+    assert_eq!(on(&v, "node1"), VmState::Unknown, "{v:?}");
+    // Our cancel of the job reaches node2's pilot as SIGTERM.
+    let job = rig.job_of(&ws);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    let preempting = EventKind::Preempting {
+        signal: "SIGTERM".into(),
+        coordinator_wait_ms: 2_000,
+        cleanup_deadline_ms: rig.clock.now_ms() + 4_000,
+        suspending: Vec::new(),
+        not_suspending: None,
+    };
+    rig.send(&slot, "node2", preempting).expect("preempting");
+    rig.send(&slot, "node2", released(ReleaseReason::Preempted))
+        .expect("released");
+    rig.engine.housekeeping(false).await;
+    let v = rig.view(&ws.id);
+    assert!(v.settled, "{v:?}");
+    assert_eq!(v.state, WorkspaceState::Failed, "not preempted: {v:?}");
+    assert_eq!(on(&v, "node2"), VmState::Destroyed, "{v:?}");
+    assert_eq!(on(&v, "node1"), VmState::Unknown, "still: {v:?}");
+    let page = rig
+        .engine
+        .events(&admin(), &ws.id, 0, Duration::ZERO)
+        .await
+        .expect("events");
+    let mut said: Vec<&str> = page.events.iter().map(|e| e.detail.as_str()).collect();
+    said.push(v.reason.as_deref().unwrap_or(""));
+    for s in &said {
+        assert!(!s.contains("run workspace-kill-all"), "{s}");
+        assert!(!s.contains("from the batch system"), "{s}");
+    }
+    assert!(said.iter().any(|s| s.contains("admins")), "{said:?}");
+    // A late report from the lost pilot (kill-all delivers it) settles its VM.
+    rig.send(&slot, "node1", released(ReleaseReason::Commanded))
+        .expect("stored");
+    assert_eq!(on(&rig.view(&ws.id), "node1"), VmState::Destroyed);
+}

@@ -40,6 +40,57 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Keeps why each queued job waits, as the batch system said it in
+    /// this poll (only in memory: the next poll says it again). True when
+    /// something changed, so watchers see the new reason.
+    pub(super) fn note_queue_reasons(
+        &self,
+        slots: &[SlotRow],
+        reports: &HashMap<lrm_adapters::JobId, lrm_adapters::JobReport>,
+    ) -> bool {
+        let now: HashMap<SlotId, String> = slots
+            .iter()
+            .filter_map(|s| {
+                let job = s.job.id()?;
+                let why = reports
+                    .get(&lrm_adapters::JobId(job.to_string()))?
+                    .reason
+                    .clone()?;
+                Some((s.id.clone(), why))
+            })
+            .collect();
+        let mut kept = self.queue_reasons.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = *kept != now;
+        *kept = now;
+        changed
+    }
+
+    /// Adds the batch system's reasons to a view: each waiting slot's, and
+    /// the workspace's own reason while it is pending without one
+    /// (`batch job 12 waits: Resources`), as squeue's REASON column says.
+    pub(super) fn with_queue_reasons(&self, mut v: WorkspaceView) -> WorkspaceView {
+        let kept = self.queue_reasons.lock().unwrap_or_else(|p| p.into_inner());
+        let mut waits = Vec::new();
+        for s in &mut v.slots {
+            if s.state != protocol::view::SlotState::Submitted {
+                continue;
+            }
+            if let Some(why) = kept.get(&s.id) {
+                s.queue_reason = Some(why.clone());
+                waits.push(format!(
+                    "batch job {} waits: {why}",
+                    s.job_id.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        if v.state == WorkspaceState::Pending && v.reason.is_none() && !waits.is_empty() {
+            v.reason = Some(waits.join("; "));
+        }
+        v
+    }
+}
+
 /// Settled: the state is final and every slot is given back with no cancel
 /// left to do — nothing of the workspace remains on a node or in the LRM.
 pub(super) fn is_settled(state: WorkspaceState, slots: &[SlotRow]) -> bool {
@@ -95,6 +146,7 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
             memory_mb_per_node: s.memory_mb,
             state: s.state,
             pilots,
+            queue_reason: None,
         });
     }
     Ok(WorkspaceView {

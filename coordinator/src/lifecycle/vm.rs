@@ -2,7 +2,9 @@
 //!
 //! `pending` until it is mapped onto a reserved node, `starting` once the
 //! pilot is told to start it, `running` when the pilot says so; it ends
-//! `destroyed`, `preempted` (its lease was preempted) or `failed`.
+//! `destroyed`, `preempted` (its lease was preempted) or `failed`. A VM whose
+//! pilot went silent is `unknown`: it may still run on its node until kill-all
+//! cleans the node or a late report from the pilot says it is gone.
 //! (`destroying`, in the view's states, is not reached yet: VMs are destroyed
 //! with their slot, not one by one.)
 
@@ -19,6 +21,8 @@ pub enum Input {
     Failed,
     /// It is gone with its slot (or destroyed); `preempted` when its lease was preempted.
     Gone { preempted: bool },
+    /// Its pilot went silent: nobody knows whether it still runs.
+    PilotLost,
 }
 
 /// The VM's next state, or `None` when the input does not change it.
@@ -33,6 +37,7 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
         (_, Input::Failed) => S::Failed,
         (_, Input::Gone { preempted: false }) => S::Destroyed,
         (_, Input::Gone { preempted: true }) => S::Preempted,
+        (S::Starting | S::Running | S::Destroying, Input::PilotLost) => S::Unknown,
         _ => return None,
     };
     Some(to)
@@ -43,7 +48,8 @@ mod tests {
     use super::*;
     use VmState as S;
 
-    const INPUTS: [Input; 5] = [
+    const INPUTS: [Input; 6] = [
+        Input::PilotLost,
         Input::Mapped,
         Input::Started,
         Input::Failed,
@@ -67,6 +73,20 @@ mod tests {
     fn a_vm_not_told_to_start_cannot_be_running() {
         assert_eq!(next(S::Pending, Input::Started), None);
         assert_eq!(next(S::Running, Input::Mapped), None);
+    }
+
+    #[test]
+    fn a_vm_of_a_lost_pilot_is_unknown_until_a_late_report_says_it_is_gone() {
+        let s = next(S::Running, Input::PilotLost).unwrap();
+        assert_eq!(s, S::Unknown);
+        assert!(!s.is_terminal(), "a late report still moves it");
+        assert_eq!(next(s, Input::Started), None);
+        assert_eq!(next(s, Input::PilotLost), None);
+        assert_eq!(
+            next(s, Input::Gone { preempted: false }),
+            Some(S::Destroyed)
+        );
+        assert_eq!(next(S::Pending, Input::PilotLost), None, "on no node");
     }
 
     #[test]
