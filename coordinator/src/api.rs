@@ -32,6 +32,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v1/workspaces", post(create).get(list))
         .route("/api/v1/workspaces/{id}", get(status).delete(destroy))
         .route("/api/v1/workspaces/{id}/events", get(events))
+        .route("/api/v1/workspaces/{id}/renew", post(renew))
+        .route("/api/v1/admin/nodes", get(admin_nodes))
+        .route("/api/v1/admin/nodes/{node}/cleaned", post(node_cleaned))
         .layer(DefaultBodyLimit::max(MAX_CLIENT_BODY));
     let pilot = Router::new()
         .route(EVENTS_PATH, post(pilot_event))
@@ -42,6 +45,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .merge(pilot)
         .route("/healthz", get(crate::health::healthz))
         .route("/metrics", get(metrics))
+        .route("/status", get(crate::status_page::page))
         .fallback(unknown_route)
         // Inside the routes, where the matched route is known (the outer
         // router below has none: every request would be "unmatched").
@@ -135,12 +139,12 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let status = match &e {
             EngineError::BadSpec(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            EngineError::DoesNotFit(_) | EngineError::Network(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            EngineError::DoesNotFit(_)
+            | EngineError::Network(_)
+            | EngineError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) | EngineError::OverLimit(_) => StatusCode::FORBIDDEN,
-            EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::Duplicate { .. } | EngineError::Conflict(_) => StatusCode::CONFLICT,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -228,6 +232,40 @@ async fn destroy(
 ) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.destroy(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn renew(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    let id = parse_ws_id(&id)?;
+    let req: protocol::view::RenewRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("renew body must be {{\"by_s\": <seconds>}}: {e}"),
+        )
+    })?;
+    Ok(Json(engine.renew(&who, &id, req.by_s)?).into_response())
+}
+
+async fn admin_nodes(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.cluster_view(&who)?).into_response())
+}
+
+async fn node_cleaned(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.node_cleaned(&who, &node)?).into_response())
 }
 
 #[derive(Deserialize)]

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod report;
 pub mod server;
 pub mod sim;
+pub mod status_page;
 pub mod store;
 pub mod timeline;
 pub mod writer;

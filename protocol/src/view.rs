@@ -240,6 +240,8 @@ pub enum Phase {
     SlotReleased,
     JobEnded,
     Ended,
+    /// The lease was renewed (`workspace renew`).
+    Renewed,
 }
 
 impl Phase {
@@ -264,6 +266,7 @@ impl Phase {
             Self::SlotReleased => "slot_released",
             Self::JobEnded => "job_ended",
             Self::Ended => "ended",
+            Self::Renewed => "renewed",
         }
     }
 }
@@ -290,6 +293,14 @@ pub struct EventsPage {
     pub events: Vec<TimelineEntry>,
     pub state: WorkspaceState,
     pub settled: bool,
+}
+
+/// Body of `POST /api/v1/workspaces/{id}/renew`: how much longer the lease
+/// should run, in seconds. The answer is the view (its new `expires_ms`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub by_s: u64,
 }
 
 /// Body of `POST /api/v1/workspaces` is a [`WorkspaceSpec`]; the answer is the view.

@@ -216,7 +216,9 @@ impl Engine {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
-        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        // The walltime bounds renewals: the lease's own end is the
+        // coordinator's timer, the pilot's deadline only a backstop.
+        let pilot_duration = spec.walltime() + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,

@@ -13,9 +13,11 @@
 //! event, see [`crate::writer`]). LRM calls happen outside the database lock; a cancel that fails
 //! stays flagged in the database and is retried by the tick until it works.
 
+mod admin;
 mod client;
 mod ingest;
 mod reconcile;
+mod renew;
 #[cfg(test)]
 mod rule_tests;
 mod rules;
@@ -61,6 +63,12 @@ pub enum EngineError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A request that cannot be done as asked (answered 422), saying why.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The request does not fit the thing's state (answered 409).
+    #[error("{0}")]
+    Conflict(String),
     /// Over one of the caller's limits (`[[users]]`): refused, nothing stored.
     #[error("{0}")]
     OverLimit(#[from] crate::limits::OverLimit),

@@ -336,6 +336,7 @@ impl Sim<'_> {
                 public_ip: false,
             }],
             ssh_key: None,
+            max_duration: None,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self
