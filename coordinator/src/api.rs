@@ -343,6 +343,9 @@ async fn pilot_poll(
 
 async fn metrics(State(engine): State<AppState>) -> Response {
     let states = engine.state_counts().unwrap_or_default();
+    if let Err(e) = engine.update_gauges() {
+        tracing::warn!(error = %e, "reading slot and node counts for /metrics");
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

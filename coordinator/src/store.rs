@@ -768,6 +768,14 @@ pub fn touch_pilot(
     Ok(())
 }
 
+/// The newest timeline row's rowid (0 for none): a cursor for what is new.
+pub fn last_timeline_rowid(c: &Connection) -> Result<i64> {
+    Ok(
+        c.prepare_cached("SELECT COALESCE(MAX(rowid), 0) FROM timeline")?
+            .query_row([], |r| r.get(0))?,
+    )
+}
+
 /// What `owner` holds over their live workspaces (pending to destroying):
 /// workspaces, VMs and the VMs' memory, for the limits per user.
 pub fn usage_of(c: &Connection, owner: &str) -> Result<crate::limits::Usage> {

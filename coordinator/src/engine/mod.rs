@@ -167,6 +167,8 @@ pub struct Engine {
     users: crate::config::Users,
     /// Why each waiting slot's batch job waits, from the last status poll.
     queue_reasons: Mutex<HashMap<SlotId, String>>,
+    /// Timeline rowid up to which lease durations were observed (metrics).
+    durations_seen: AtomicI64,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -269,6 +271,7 @@ impl Engine {
         let (changed, _) = watch::channel(0);
         let mut store = store;
         let commands_woken = store::last_command_rowid(store.conn())?;
+        let durations_seen = store::last_timeline_rowid(store.conn())?;
         fail_unsubmitted(&mut store, clock.now_ms())?;
         // Addresses of VMs that are gone are free; those of live VMs never are.
         let freed =
@@ -301,6 +304,7 @@ impl Engine {
             pools,
             users,
             queue_reasons: Mutex::new(HashMap::new()),
+            durations_seen: AtomicI64::new(durations_seen),
             metrics: parts.metrics,
         });
         let weak = Arc::downgrade(&engine);

@@ -61,6 +61,9 @@ impl Engine {
             warn!(error = %e, "pilot silence check failed");
         }
         self.retry_cancels().await;
+        if let Err(e) = self.observe_durations() {
+            warn!(error = %e, "observing lease durations failed");
+        }
         if lrm_due {
             if let Err(e) = self.poll_lrm().await {
                 warn!(error = %e, "batch system status query failed; will retry");
