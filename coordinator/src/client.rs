@@ -232,7 +232,7 @@ impl Client {
         &self,
         node: &str,
     ) -> Result<protocol::admin::CleanedAnswer, ClientError> {
-        let node: String = url::form_urlencoded::byte_serialize(node.as_bytes()).collect();
+        let node = utf8_percent_encode(node, SEGMENT);
         self.send(
             self.http
                 .post(format!("{}/api/v1/admin/nodes/{node}/cleaned", self.base)),

@@ -496,8 +496,24 @@ fn rendered_dom(c: &Cluster, url: &str) -> String {
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(url)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .expect("run chromium");
+    // Bounded: a browser that hangs fails the test, it does not stall it.
+    // Its output is read meanwhile, so a full pipe cannot stall it either.
+    let pid = out.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(out.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(90)) {
+        Ok(r) => r.expect("chromium's output"),
+        Err(_) => {
+            signal(pid, Signal::SIGKILL);
+            panic!("chromium did not finish within 90 s");
+        }
+    };
     assert!(
         out.status.success(),
         "chromium: {}",
