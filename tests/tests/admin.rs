@@ -166,6 +166,23 @@ fn a_waiting_workspace_shows_the_batch_systems_reason_as_squeue_would() {
     let (code, out, _) = workspace(&c, TOKEN, &["status", &second]);
     assert_eq!(code, 0);
     assert!(out.contains("waits: Resources"), "{out}");
+    // A wait shows it as progress (plain lines: stderr is not a terminal).
+    let file = c.root().join("fourth.toml");
+    std::fs::write(&file, whole("fourth")).unwrap();
+    let (code, _, err) = workspace(
+        &c,
+        TOKEN,
+        &[
+            "create",
+            "--file",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "4",
+        ],
+    );
+    assert_eq!(code, 4, "still queued: {err}");
+    assert!(err.contains("waits: Priority"), "{err}");
     let view = cluster_view(&c);
     let slot = view["slots"]
         .as_array()
