@@ -23,7 +23,7 @@ pub enum ConfigError {
 }
 
 /// A client allowed in by bearer token.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub name: String,
@@ -31,6 +31,30 @@ pub struct User {
     pub token_sha256: String,
     #[serde(default)]
     pub admin: bool,
+    /// Most VMs this user may hold at once, over all their live workspaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<u32>,
+    /// Most VM memory (MB) this user may hold at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    /// Longest lease (seconds), renewals included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lease_s: Option<u64>,
+    /// Most live workspaces at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_workspaces: Option<u32>,
+}
+
+impl User {
+    /// This user's limits (`crate::limits`).
+    pub fn limits(&self) -> crate::limits::Limits {
+        crate::limits::Limits {
+            max_vms: self.max_vms,
+            max_memory_mb: self.max_memory_mb,
+            max_lease_s: self.max_lease_s,
+            max_workspaces: self.max_workspaces,
+        }
+    }
 }
 
 /// `listen` must be `host:port` (a name or an address; `[::1]:8750` for IPv6).
@@ -450,6 +474,9 @@ impl Config {
                     u.name
                 ));
             }
+            u.limits()
+                .validate(&u.name)
+                .map_err(|m| ConfigError::Invalid(format!("users[{i}].{m}")))?;
             if !hashes.insert(u.token_sha256.to_ascii_lowercase()) {
                 return bad(format!(
                     "users[{i}].token_sha256 (user {:?}): another user has the same token",

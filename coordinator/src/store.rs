@@ -836,6 +836,42 @@ pub fn touch_pilot(
     Ok(())
 }
 
+/// The newest timeline row's rowid (0 for none): a cursor for what is new.
+pub fn last_timeline_rowid(c: &Connection) -> Result<i64> {
+    Ok(
+        c.prepare_cached("SELECT COALESCE(MAX(rowid), 0) FROM timeline")?
+            .query_row([], |r| r.get(0))?,
+    )
+}
+
+/// What `owner` holds over their live workspaces (pending to destroying):
+/// workspaces, VMs and the VMs' memory, for the limits per user.
+pub fn usage_of(c: &Connection, owner: &str) -> Result<crate::limits::Usage> {
+    let (workspaces, vms, memory_mb): (i64, i64, i64) = c
+        .prepare_cached(
+            "SELECT COUNT(DISTINCT w.id), COUNT(v.id), COALESCE(SUM(v.memory_mb), 0)
+             FROM workspaces w LEFT JOIN vms v ON v.workspace_id = w.id
+             WHERE w.owner = ?1 AND (w.state = 'pending' OR w.state = 'starting'
+               OR w.state = 'running' OR w.state = 'destroying')",
+        )?
+        .query_row(params![owner], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(crate::limits::Usage {
+        workspaces: workspaces as u32,
+        vms: vms as u32,
+        memory_mb: memory_mb as u64,
+    })
+}
+
+/// The pilot released its node but could not undo everything: its node
+/// needs kill-all (the admin view lists it by this mark).
+pub fn mark_pilot_unclean(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE pilots SET last_event = 'released_unclean' WHERE slot_id = ?1 AND node = ?2",
+    )?
+    .execute(params![slot.as_str(), node])?;
+    Ok(())
+}
+
 /// A poll from a pilot we know: it is alive.
 pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result<()> {
     c.prepare_cached(

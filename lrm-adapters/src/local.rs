@@ -13,7 +13,9 @@
 //! queued. Dropping a durable adapter leaves its jobs running (a crashed
 //! coordinator never runs `drop` either); without a state file, drop kills them.
 
-use crate::{shell_join, Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{
+    shell_join, Capacity, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+};
 use async_trait::async_trait;
 use nix::errno::Errno;
 use nix::sys::signal::{killpg, Signal};
@@ -1022,16 +1024,31 @@ impl Lrm for LocalLrm {
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
+    }
+
+    /// A queued job waits, as Slurm words it, for `Resources` (first in
+    /// the queue: the nodes it needs are busy) or `Priority` (behind it).
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
         resume(&self.shared);
         let st = self.shared.lock();
         Ok(ids
             .iter()
             .map(|id| {
-                let status = st
+                let report = st
                     .jobs
                     .get(id)
-                    .map_or(JobStatus::NotFound, |j| JobStatus::Known(j.state.clone()));
-                (id.clone(), status)
+                    .map_or(JobReport::bare(JobStatus::NotFound), |j| JobReport {
+                        status: JobStatus::Known(j.state.clone()),
+                        reason: (j.state == JobState::Queued).then(|| {
+                            let first = st.queue.front().is_none_or(|q| q == id);
+                            if first { "Resources" } else { "Priority" }.to_string()
+                        }),
+                    });
+                (id.clone(), report)
             })
             .collect())
     }
@@ -1385,6 +1402,14 @@ mod tests {
         assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Queued));
         assert_eq!(state(&lrm, &c).await, JobStatus::Known(JobState::Queued));
         assert!(!p("started-c").exists());
+        // Why each waits, in Slurm's words: b for nodes, c behind b.
+        let why = lrm
+            .status_with_reasons(&[a.clone(), b.clone(), c.clone()])
+            .await
+            .unwrap();
+        assert_eq!(why[&a].reason, None);
+        assert_eq!(why[&b].reason.as_deref(), Some("Resources"));
+        assert_eq!(why[&c].reason.as_deref(), Some("Priority"));
         touch(&p("stop-a"));
         assert_eq!(
             wait_state(&lrm, &a, JobState::is_finished, LONG).await,

@@ -5,7 +5,7 @@
 //! after `KillWait` (`scontrol show config`).
 
 use crate::batch_common::{self, Runner};
-use crate::{shell_join, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{shell_join, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -264,14 +264,26 @@ fn parse_id_name_lines(text: &str) -> Vec<(JobId, String)> {
 
 /// Parses `squeue --noheader --format=%i|%T|%r` lines into id -> state.
 /// Lines that are not three fields (site banners, warnings) are skipped.
+#[cfg(test)]
 pub(crate) fn parse_squeue(stdout: &str) -> HashMap<String, JobState> {
+    parse_squeue_reasons(stdout)
+        .into_iter()
+        .map(|(id, (st, _))| (id, st))
+        .collect()
+}
+
+/// [`parse_squeue`] with each job's pending reason (`%r`), as squeue prints
+/// it in its REASON column; `None` for a running job (`None`) or no reason.
+pub(crate) fn parse_squeue_reasons(stdout: &str) -> HashMap<String, (JobState, Option<String>)> {
     stdout
         .lines()
         .filter_map(|l| {
             let mut f = l.trim().splitn(3, '|');
             let (id, state, reason) = (f.next()?.trim(), f.next()?.trim(), f.next()?.trim());
-            (!id.is_empty() && !state.is_empty())
-                .then(|| (id.to_string(), map_state(state, reason)))
+            let st = map_state(state, reason);
+            let waits = matches!(st, JobState::Queued | JobState::Held);
+            let why = (waits && !reason.is_empty() && reason != "None").then(|| reason.to_string());
+            (!id.is_empty() && !state.is_empty()).then(|| (id.to_string(), (st, why)))
         })
         .collect()
 }
@@ -381,10 +393,21 @@ impl Lrm for Slurm {
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        let mut answer: HashMap<JobId, JobStatus> = HashMap::new();
+        Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
+    }
+
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
+        let mut answer: HashMap<JobId, JobReport> = HashMap::new();
         let (ask, bogus): (Vec<JobId>, Vec<JobId>) = ids.iter().cloned().partition(plausible_id);
         // An id squeue could not even parse would fail the whole query.
-        answer.extend(bogus.into_iter().map(|id| (id, JobStatus::NotFound)));
+        answer.extend(
+            bogus
+                .into_iter()
+                .map(|id| (id, JobReport::bare(JobStatus::NotFound))),
+        );
         if ask.is_empty() {
             return Ok(answer);
         }
@@ -395,13 +418,16 @@ impl Lrm for Slurm {
             out = self.squeue(None).await?;
         }
         let out = crate::command::check(out)?;
-        let states = parse_squeue(&out.stdout);
+        let states = parse_squeue_reasons(&out.stdout);
         for id in ask {
-            let st = states
-                .get(&id.0)
-                .cloned()
-                .map_or(JobStatus::NotFound, JobStatus::Known);
-            answer.insert(id, st);
+            let report = states.get(&id.0).cloned().map_or(
+                JobReport::bare(JobStatus::NotFound),
+                |(state, reason)| JobReport {
+                    status: JobStatus::Known(state),
+                    reason,
+                },
+            );
+            answer.insert(id, report);
         }
         Ok(answer)
     }
@@ -514,6 +540,10 @@ mod tests {
     #[test]
     fn squeue_lines_are_read_and_noise_is_skipped() {
         let s = parse_squeue("1|RUNNING|None\n2|PENDING|JobHeldAdmin\nsqueue: warning: something\n3|CANCELLED|None\n\n");
+        let r = parse_squeue_reasons("1|RUNNING|None\n4|PENDING|Resources\n5|PENDING|Priority\n");
+        assert_eq!(r["1"].1, None, "a running job waits for nothing");
+        assert_eq!(r["4"], (JobState::Queued, Some("Resources".into())));
+        assert_eq!(r["5"].1.as_deref(), Some("Priority"));
         assert_eq!(s.len(), 3);
         assert_eq!(s["1"], JobState::Running);
         assert_eq!(s["2"], JobState::Held);

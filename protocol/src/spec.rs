@@ -215,6 +215,12 @@ fn one() -> u32 {
 pub struct WorkspaceSpec {
     pub name: String,
     pub duration: LeaseDuration,
+    /// The longest the lease may be renewed to (`workspace renew`): the
+    /// pilot jobs ask the batch system for this walltime instead of
+    /// `duration`. At least `duration`; none means no room to renew beyond
+    /// the pilots' startup slack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_duration: Option<LeaseDuration>,
     #[serde(rename = "group")]
     pub groups: Vec<GroupSpec>,
     /// SSH public key put into every VM's context (cloud-init `ssh_authorized_keys`).
@@ -377,6 +383,19 @@ impl WorkspaceSpec {
         if d < MIN_DURATION || d > MAX_DURATION {
             return Err(invalid("duration", duration_out_of_range(d.as_secs())));
         }
+        if let Some(LeaseDuration(m)) = self.max_duration {
+            if m < d || m > MAX_DURATION {
+                return Err(invalid(
+                    "max_duration",
+                    format!(
+                        "{} s is not from duration ({} s) to {} s",
+                        m.as_secs(),
+                        d.as_secs(),
+                        MAX_DURATION.as_secs()
+                    ),
+                ));
+            }
+        }
         if self.groups.is_empty() {
             return Err(invalid("group", "at least one [[group]] is required"));
         }
@@ -470,6 +489,12 @@ impl WorkspaceSpec {
         } else {
             LeaseKind::BestEffort
         })
+    }
+
+    /// The walltime the lease's pilot jobs ask for: `max_duration`, else `duration`.
+    pub fn walltime(&self) -> Duration {
+        self.max_duration
+            .map_or(self.duration.0, |m| m.0.max(self.duration.0))
     }
 
     /// Number of VMs in all groups.

@@ -101,6 +101,10 @@ pub enum VmState {
     Destroyed,
     Preempted,
     Failed,
+    /// Its pilot went silent: the VM may still run on its node until an
+    /// admin runs kill-all there, or a late report from the pilot says it
+    /// is gone. Not terminal: that report moves it on.
+    Unknown,
 }
 
 impl VmState {
@@ -119,6 +123,7 @@ impl VmState {
             Self::Destroyed => "destroyed",
             Self::Preempted => "preempted",
             Self::Failed => "failed",
+            Self::Unknown => "unknown",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -227,6 +232,11 @@ pub struct SlotView {
     pub memory_mb_per_node: u64,
     pub state: SlotState,
     pub pilots: Vec<PilotView>,
+    /// Why its batch job waits in the queue, in the batch system's words
+    /// (Slurm's REASON: `Resources`, `Priority`; PBS's comment; Grid
+    /// Engine's state), as of the coordinator's last batch-system poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -308,6 +318,8 @@ pub enum Phase {
     /// A checkpoint removed from the store.
     CheckpointDeleted,
     Ended,
+    /// The lease was renewed (`workspace renew`).
+    Renewed,
 }
 
 impl Phase {
@@ -342,6 +354,7 @@ impl Phase {
             Self::ResumeFailed => "resume_failed",
             Self::CheckpointDeleted => "checkpoint_deleted",
             Self::Ended => "ended",
+            Self::Renewed => "renewed",
         }
     }
 }
@@ -368,6 +381,14 @@ pub struct EventsPage {
     pub events: Vec<TimelineEntry>,
     pub state: WorkspaceState,
     pub settled: bool,
+}
+
+/// Body of `POST /api/v1/workspaces/{id}/renew`: how much longer the lease
+/// should run, in seconds. The answer is the view (its new `expires_ms`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    pub by_s: u64,
 }
 
 /// Body of `POST /api/v1/workspaces` is a [`WorkspaceSpec`]; the answer is the view.

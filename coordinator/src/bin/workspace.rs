@@ -100,6 +100,17 @@ enum Cmd {
     },
     /// Follow a workspace's timeline until it settles.
     Watch { id: String },
+    /// Make a running lease end later (within the walltime its pilot jobs
+    /// were given, see the spec's max_duration, and your max_lease_s).
+    Renew {
+        id: String,
+        /// How much longer: "1h", "30m", "1h 30m" or seconds.
+        #[arg(long, value_parser = parse_by)]
+        by: Duration,
+    },
+    /// Cluster-wide views and actions for admins.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Log in to a VM with ssh (its public address if it has one, else its
     /// private one; the key is the spec's ssh_key).
     Ssh {
@@ -123,6 +134,24 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Nodes in use, slots with their pilots and queue reasons, and the
+    /// nodes that need kill-all with the command to run there.
+    Nodes,
+    /// Say that kill-all cleaned NODE: it is no longer listed, and the VMs
+    /// whose fate was unknown there count as destroyed.
+    Cleaned { node: String },
+}
+
+fn parse_by(text: &str) -> Result<Duration, String> {
+    let d = protocol::spec::parse_duration(text)?;
+    if d.as_secs() == 0 {
+        return Err("must be at least one second".into());
+    }
+    Ok(d)
 }
 
 /// An error with its exit code and, when there is one, what to do.
@@ -411,6 +440,101 @@ fn early_late(offset_ms: i64) -> String {
     format!("{} {word}", fmt_stamp_ms(offset_ms.unsigned_abs()))
 }
 
+/// `workspace admin nodes`: the summary, nodes, slots, then what to clean.
+fn print_cluster(c: &protocol::admin::ClusterView) {
+    let live: Vec<String> = c
+        .workspaces
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    out(&format!(
+        "{} batch system: {} node(s) of {} core(s), {} MB; {} in use; workspaces: {}",
+        c.batch_system,
+        c.capacity.nodes,
+        c.capacity.cores_per_node,
+        c.capacity.memory_mb_per_node,
+        c.nodes.iter().filter(|n| n.state == "in_use").count(),
+        if live.is_empty() {
+            "none".into()
+        } else {
+            live.join(", ")
+        }
+    ));
+    out("");
+    let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+    out(&table(
+        &["NODE", "STATE", "VMS", "VM MB", "SLOTS"],
+        c.nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.vms.to_string(),
+                    n.vm_memory_mb.to_string(),
+                    dash(
+                        n.slots
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ]
+            })
+            .collect(),
+    ));
+    out("");
+    out(&table(
+        &[
+            "SLOT",
+            "WORKSPACE",
+            "OWNER",
+            "STATE",
+            "JOB",
+            "REASON",
+            "PILOTS",
+        ],
+        c.slots
+            .iter()
+            .map(|s| {
+                vec![
+                    s.id.to_string(),
+                    s.workspace_id.to_string(),
+                    s.owner.clone(),
+                    s.state.as_str().to_string(),
+                    match &s.job_id {
+                        Some(j) => format!("{j} ({})", s.job_state),
+                        None => s.job_state.clone(),
+                    },
+                    s.queue_reason.clone().unwrap_or_else(|| "-".into()),
+                    dash(
+                        s.pilots
+                            .iter()
+                            .map(|p| format!("{}:{}", p.node, p.state))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ]
+            })
+            .collect(),
+    ));
+    if !c.needs_kill_all.is_empty() {
+        out("");
+        out("Nodes that need kill-all (run as root on the node, then `workspace admin cleaned NODE`):");
+        for k in &c.needs_kill_all {
+            out(&format!(
+                "  {}: {} (workspace {}, {} unknown VM(s))\n    {}",
+                k.node,
+                k.why,
+                k.workspace_id,
+                k.unknown_vms.len(),
+                k.command
+            ));
+        }
+    }
+}
+
 /// `head-0 10.77.0.5, worker-0 10.77.0.2, ... (+N)`: the first address of
 /// each VM that has one, at most four.
 fn list_addresses(v: &WorkspaceView) -> String {
@@ -474,7 +598,10 @@ impl Progress {
             .iter()
             .filter(|vm| vm.state == VmState::Running)
             .count();
-        let status = format!("{}: {}/{} VMs running", v.state, running, v.vms.len());
+        let mut status = format!("{}: {}/{} VMs running", v.state, running, v.vms.len());
+        if let (WorkspaceState::Pending, Some(why)) = (v.state, &v.reason) {
+            status.push_str(&format!(" ({why})"));
+        }
         match &self.bar {
             Some(b) => b.set_message(format!(
                 "{status}, {}",
@@ -742,6 +869,42 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 );
             }
             Ok(code)
+        }
+        Cmd::Renew { id, by } => {
+            let v = client.renew(&id, by).await?;
+            if json {
+                out_json(&v);
+            } else {
+                let ends = v
+                    .expires_ms
+                    .map(|e| format!("{} ({})", from_now(e), utc(e)))
+                    .unwrap_or_else(|| "-".into());
+                out(&format!("renewed {}: lease ends {ends}", v.id));
+            }
+            Ok(0)
+        }
+        Cmd::Admin(AdminCmd::Nodes) => {
+            let c = client.cluster().await?;
+            if json {
+                out_json(&c);
+            } else {
+                print_cluster(&c);
+            }
+            Ok(0)
+        }
+        Cmd::Admin(AdminCmd::Cleaned { node }) => {
+            let a = client.node_cleaned(&node).await?;
+            if json {
+                out_json(&a);
+            } else {
+                out(&format!(
+                    "{}: {} pilot record(s) settled, {} unknown VM(s) counted destroyed",
+                    a.node,
+                    a.pilots,
+                    a.vms.len()
+                ));
+            }
+            Ok(0)
         }
         Cmd::Status { id } => {
             let v = client.get(&id).await?;

@@ -79,8 +79,20 @@ impl Engine {
             expires_ms: None,
         };
         let mut slots = Vec::new();
+        let limits = self.limits_of(&caller.user);
+        let asked_vms: u32 = plans.iter().map(|p| p.nodes).sum();
+        let asked_mb: u64 = plans
+            .iter()
+            .map(|p| u64::from(p.nodes) * p.memory_mb_per_node)
+            .sum();
         let stored = self.with_store(|s| {
             s.tx(|tx| {
+                // In the transaction that stores it: two requests at once
+                // cannot both pass on the same room.
+                if limits != crate::limits::Limits::default() {
+                    let held = store::usage_of(tx, &caller.user)?;
+                    limits.check_new(held, asked_vms, asked_mb, spec.duration.0.as_secs())?;
+                }
                 if store::get_workspace(tx, &ws.id)?.is_some() {
                     ws.id = unused(WorkspaceId::generate, |id| {
                         Ok(store::get_workspace(tx, id)?.is_some())
@@ -239,8 +251,10 @@ impl Engine {
                         .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
                     _ => None,
                 };
+                // Room to renew: what `max_duration` asks beyond `duration`.
+                let room = ws.spec.walltime().saturating_sub(ws.spec.duration.0);
                 Ok((
-                    left.unwrap_or(ws.spec.duration.0),
+                    left.unwrap_or(ws.spec.duration.0) + room,
                     store::reservation_of(c, &ws.id)?,
                 ))
             })
@@ -248,6 +262,8 @@ impl Engine {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
+        // The walltime (`max_duration`) bounds renewals: the lease's own end
+        // is the coordinator's timer, the pilot's deadline only a backstop.
         let pilot_duration = super::reserve::lead(held.as_ref())
             + lease
             + Duration::from_secs(self.cfg.pilot.startup_slack_s);
@@ -360,11 +376,23 @@ impl Engine {
         argv
     }
 
+    /// The limits of user `name` as configured now (none for a user the
+    /// config does not list: the simulator's and tests' callers).
+    pub fn limits_of(&self, name: &str) -> crate::limits::Limits {
+        self.users()
+            .current()
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.limits())
+            .unwrap_or_default()
+    }
+
     pub fn get(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
         self.with_store(|s| {
             let ws = visible_ws(s.conn(), caller, id)?;
             build_view(s.conn(), ws)
         })
+        .map(|v| self.with_queue_reasons(v))
     }
 
     pub fn list(&self, caller: &Caller) -> Result<Vec<WorkspaceView>, EngineError> {
@@ -372,8 +400,9 @@ impl Engine {
             store::list_workspaces(s.conn(), caller.owner_filter())?
                 .into_iter()
                 .map(|w| build_view(s.conn(), w))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()
         })
+        .map(|vs| vs.into_iter().map(|v| self.with_queue_reasons(v)).collect())
     }
 
     /// Starts the end of a workspace: release every slot. Idempotent.

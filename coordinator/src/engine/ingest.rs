@@ -10,7 +10,7 @@
 
 use super::rules::{
     end_slots, fail_workspace, maybe_settle, must_ws, needs_slot, slot_maybe_released, start_vms,
-    transition, Setting,
+    transition, Setting, ADMINS_TOLD,
 };
 use super::{suspend, Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
@@ -289,10 +289,10 @@ pub(super) fn apply_event(
             );
             if !clean {
                 detail.push_str(&format!(
-                    "; NOT CLEAN: {}; run workspace-kill-all on {}",
-                    problems.join("; "),
-                    e.node
+                    "; NOT CLEAN: {}; {ADMINS_TOLD}",
+                    problems.join("; ")
                 ));
+                store::mark_pilot_unclean(c, &slot.id, &e.node)?;
                 warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
             }
             on_released(&mut ev, *reason, &detail)
@@ -626,6 +626,15 @@ fn on_preempting(
     let (c, now, node) = (ev.c, ev.now, ev.node);
     ev.pilot(pilot_life::Input::Preempting)?;
     let job = ev.slot.job.id().unwrap_or("?");
+    if we_cancelled(ev.slot) {
+        // Our own cancel reaching the pilot, not the batch system's choice.
+        ev.timeline(
+            Phase::Preempting,
+            None,
+            &format!("{signal} from our cancel of job {job}; pilot waits {coordinator_wait_ms} ms for us"),
+        )?;
+        return ev.release();
+    }
     let saving = if suspending.is_empty() {
         String::new()
     } else {
@@ -650,6 +659,15 @@ fn on_preempting(
     Ok(())
 }
 
+/// True when the slot's batch job is being (or was) cancelled by us: a
+/// signal its pilots get then is our cancel, not a preemption.
+fn we_cancelled(slot: &SlotRow) -> bool {
+    matches!(
+        slot.job,
+        slot_life::Job::CancelOwed(_) | slot_life::Job::Cancelled(_)
+    )
+}
+
 /// The pilot gave its node back. If the lease still wanted it, the lease
 /// cannot go on (the pilot reached its deadline, was preempted, or failed).
 fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), EngineError> {
@@ -657,7 +675,8 @@ fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), E
     ev.pilot(pilot_life::Input::Released)?;
     ev.timeline(Phase::MemoryRestored, None, detail)?;
     let gone = vm_life::Input::Gone {
-        preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
+        preempted: ev.ws.state == WorkspaceState::Preempted
+            || (reason == ReleaseReason::Preempted && !we_cancelled(ev.slot)),
     };
     let mut unsaved = Vec::new();
     for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {

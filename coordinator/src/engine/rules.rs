@@ -117,6 +117,12 @@ pub(super) fn needs_slot(
     Ok(lifecycle::wants_slots(ws.state) && store::slot_has_vms(c, slot)?)
 }
 
+/// What the scientist reads when a node is left for an admin to clean:
+/// kill-all is an admin's tool, so the user is told who knows, and the
+/// admins find the node, with the command, in `workspace admin nodes`.
+pub(super) const ADMINS_TOLD: &str =
+    "the node is listed for the cluster's admins to clean (kill-all)";
+
 /// When every slot has ended, the workspace settles (destroying -> destroyed, ...).
 pub(super) fn maybe_settle(
     c: &Connection,
@@ -141,7 +147,8 @@ pub(super) fn maybe_settle(
         preempted: ws.state == WorkspaceState::Preempted,
     };
     for vm in store::vms_of(c, &ws.id)? {
-        if !vm.state.is_terminal() {
+        // A VM on a lost pilot's node stays unknown: it may still run there.
+        if !vm.state.is_terminal() && vm.state != VmState::Unknown {
             store::advance_vm(c, &vm.id, gone)?;
         }
     }
@@ -346,8 +353,9 @@ pub(super) fn slot_maybe_released(
             format!("all {} pilot(s) released", pilots.len())
         } else {
             format!(
-                "ended with lost pilot(s) on {}: run workspace-kill-all there",
-                lost.join(", ")
+                "ended with lost pilot(s) on {}: {}",
+                lost.join(", "),
+                ADMINS_TOLD
             )
         };
         let gone = slot_life::Input::PilotsGone {
@@ -418,7 +426,7 @@ pub(super) fn job_ended(
                 None,
                 None,
                 &format!(
-                    "job ended before pilots on {} reported release: run workspace-kill-all there",
+                    "job ended before pilots on {} reported release: {ADMINS_TOLD}",
                     stuck.join(", ")
                 ),
             )?;

@@ -4,7 +4,9 @@
 //! pilot is told to start it, `running` when the pilot says so; it ends
 //! `destroyed`, `preempted` (its lease was preempted) or `failed`. A
 //! running VM may be saved (`suspending` -> `suspended`: a checkpoint, on no
-//! node) and restored elsewhere (`resuming` -> `running`).
+//! node) and restored elsewhere (`resuming` -> `running`). A VM whose
+//! pilot went silent is `unknown`: it may still run on its node until kill-all
+//! cleans the node or a late report from the pilot says it is gone.
 //! (`destroying`, in the view's states, is not reached yet: VMs are destroyed
 //! with their slot, not one by one.)
 
@@ -33,6 +35,8 @@ pub enum Input {
     Restored,
     /// The restore failed or was called off; its checkpoint is intact.
     RestoreAborted,
+    /// Its pilot went silent: nobody knows whether it still runs.
+    PilotLost,
 }
 
 /// The VM's next state, or `None` when the input does not change it.
@@ -55,6 +59,7 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
         (_, Input::Failed) => S::Failed,
         (_, Input::Gone { preempted: false }) => S::Destroyed,
         (_, Input::Gone { preempted: true }) => S::Preempted,
+        (S::Starting | S::Running | S::Destroying, Input::PilotLost) => S::Unknown,
         _ => return None,
     };
     Some(to)
@@ -65,7 +70,8 @@ mod tests {
     use super::*;
     use VmState as S;
 
-    const INPUTS: [Input; 11] = [
+    const INPUTS: [Input; 12] = [
+        Input::PilotLost,
         Input::Mapped,
         Input::Started,
         Input::Failed,
@@ -113,6 +119,20 @@ mod tests {
     fn a_vm_not_told_to_start_cannot_be_running() {
         assert_eq!(next(S::Pending, Input::Started), None);
         assert_eq!(next(S::Running, Input::Mapped), None);
+    }
+
+    #[test]
+    fn a_vm_of_a_lost_pilot_is_unknown_until_a_late_report_says_it_is_gone() {
+        let s = next(S::Running, Input::PilotLost).unwrap();
+        assert_eq!(s, S::Unknown);
+        assert!(!s.is_terminal(), "a late report still moves it");
+        assert_eq!(next(s, Input::Started), None);
+        assert_eq!(next(s, Input::PilotLost), None);
+        assert_eq!(
+            next(s, Input::Gone { preempted: false }),
+            Some(S::Destroyed)
+        );
+        assert_eq!(next(S::Pending, Input::PilotLost), None, "on no node");
     }
 
     #[test]

@@ -385,6 +385,7 @@ impl Sim<'_> {
             kind: None,
             start: None,
             on_preempt: None,
+            max_duration: None,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self
