@@ -67,11 +67,21 @@ cpus = 1
 image = "worker.qcow2"
 "#;
 
-fn squeue_ours(conf_hint: &Cluster) -> String {
-    let _ = conf_hint;
+/// The Slurm config this cluster's coordinator uses (`slurm_conf()` would
+/// restart Slurm, and so check a fresh one instead of this one).
+fn conf_of(c: &Cluster) -> String {
+    let cfg = std::fs::read_to_string(c.root().join("coordinator.toml")).expect("coordinator.toml");
+    cfg.split("SLURM_CONF = \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("SLURM_CONF in the coordinator's config")
+        .to_string()
+}
+
+fn squeue_ours(c: &Cluster) -> String {
     let out = Command::new("squeue")
         .args(["--noheader", "--format=%j %T"])
-        .env("SLURM_CONF", slurm_conf())
+        .env("SLURM_CONF", conf_of(c))
         .output()
         .expect("squeue");
     String::from_utf8_lossy(&out.stdout)
@@ -79,6 +89,19 @@ fn squeue_ours(conf_hint: &Cluster) -> String {
         .filter(|l| l.starts_with("wsp-") && !l.contains("COMPLETED") && !l.contains("CANCELLED"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Our pilot jobs still in Slurm's queue once `within` has passed (a job
+/// whose pilots have all released may be COMPLETING for a moment).
+fn squeue_ours_after(c: &Cluster, within: Duration) -> String {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = squeue_ours(c);
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 fn id_of(r: &Reply) -> String {
@@ -112,7 +135,11 @@ fn slurm_two_node_workspace_runs_on_both_nodes_and_destroy_restores_them() {
     });
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
-    assert_eq!(squeue_ours(&c), "", "no pilot job left running");
+    assert_eq!(
+        squeue_ours_after(&c, Duration::from_secs(30)),
+        "",
+        "no pilot job left running"
+    );
 }
 
 #[test]
@@ -128,7 +155,7 @@ fn scancel_of_a_pilot_job_is_handled_as_preemption() {
     assert_eq!(pids.len(), 2, "two pilots under srun");
     let out = Command::new("scancel")
         .arg(&job)
-        .env("SLURM_CONF", slurm_conf())
+        .env("SLURM_CONF", conf_of(&c))
         .output()
         .expect("scancel");
     assert!(
@@ -166,7 +193,11 @@ fn slurm_lease_end_releases_both_nodes_and_ends_the_pilot_job() {
     });
     assert_eq!(v["state"], "expired", "{v:#}");
     c.assert_nodes_restored();
-    assert_eq!(squeue_ours(&c), "", "no pilot job left running");
+    assert_eq!(
+        squeue_ours_after(&c, Duration::from_secs(30)),
+        "",
+        "no pilot job left running"
+    );
 }
 
 #[test]
@@ -214,7 +245,7 @@ token_sha256 = "{h}"
 fn a_batch_job_named_as_ours_that_no_slot_owns_is_cancelled_and_another_coordinators_is_not() {
     let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
     let c = cluster("");
-    let conf = slurm_conf();
+    let conf = conf_of(&c);
     let master = std::fs::read_to_string(c.root().join("coordinator/master.key")).unwrap();
     let ours = format!("{}sl-0000abcd", prefix_of(master.trim()));
     let theirs = "wsp-ffffffff-sl-0000abcd".to_string();
@@ -315,15 +346,8 @@ fn a_workspace_waiting_in_slurms_queue_shows_squeues_reason() {
         "Slurm's reason: {v2:#}"
     );
     assert_eq!(v2["reason"], format!("batch job {job} waits: {reason}"));
-    // What squeue itself says of that job (with this cluster's config:
-    // slurm_conf() would start a new Slurm).
-    let cfg = std::fs::read_to_string(c.root().join("coordinator.toml")).unwrap();
-    let conf = cfg
-        .split("SLURM_CONF = \"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .expect("SLURM_CONF in the coordinator's config")
-        .to_string();
+    // What squeue itself says of that job, with this cluster's config.
+    let conf = conf_of(&c);
     let out = Command::new("squeue")
         .args(["--noheader", "--format=%r", "--jobs", job])
         .env("SLURM_CONF", &conf)
