@@ -53,6 +53,8 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id, created_ms, id);
 -- Jobs whose status is asked, and cancels owed, are found by their state.
 CREATE INDEX IF NOT EXISTS slots_job_state ON slots(job_state);
+-- The few slots awaiting their pilots' late reports (read every tick).
+CREATE INDEX IF NOT EXISTS slots_awaiting ON slots(state) WHERE state = 'awaiting_report';
 -- state: the pilot's table (lifecycle::pilot::next); last_event is what the
 -- view shows (the kind of its last event, or 'lost').
 CREATE TABLE IF NOT EXISTS pilots (
@@ -451,7 +453,8 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {WS_COLS} FROM workspaces w
          WHERE state = 'pending' OR state = 'starting' OR state = 'running' OR state = 'destroying'
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state <> 'released' AND s.state <> 'failed')
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
+             AND s.state <> 'released' AND s.state <> 'failed' AND s.state <> 'unreported')
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.job_state = 'cancel_owed')"
     ))?;
     let rows = st.query_map([], ws_from_row)?;
@@ -629,6 +632,27 @@ pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     rows.map(|r| slot_build(r?)).collect()
 }
 
+/// Slots whose job ended before every pilot reported (from the `slots_awaiting` index).
+pub fn slots_awaiting_report(c: &Connection) -> Result<Vec<SlotRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {SLOT_COLS} FROM slots WHERE state = 'awaiting_report' ORDER BY created_ms"
+    ))?;
+    let rows = st.query_map([], slot_from_row)?;
+    rows.map(|r| slot_build(r?)).collect()
+}
+
+/// When the coordinator recorded that the slot's batch job ended (its
+/// `job_ended` timeline entry), if it did.
+pub fn job_ended_ms(c: &Connection, ws: &WorkspaceId, slot: &SlotId) -> Result<Option<u64>> {
+    let ms: Option<i64> = c
+        .prepare_cached(
+            "SELECT MAX(recorded_ms) FROM timeline
+             WHERE workspace_id = ?1 AND slot_id = ?2 AND phase = 'job_ended'",
+        )?
+        .query_row(params![ws.as_str(), slot.as_str()], |r| r.get(0))?;
+    Ok(ms.map(|m| m as u64))
+}
+
 /// Ids of the slots whose job is owed a cancel (from the `slots_job_state` index).
 pub fn owed_cancels(c: &Connection) -> Result<Vec<SlotId>> {
     let mut st = c.prepare_cached("SELECT id FROM slots WHERE job_state = 'cancel_owed'")?;
@@ -785,7 +809,8 @@ pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
         "SELECT {PILOT_COLS}
          FROM pilots p JOIN slots s ON s.id = p.slot_id
          WHERE p.state <> 'released' AND p.state <> 'failed' AND p.state <> 'lost'
-           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'"
+           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'
+           AND s.state <> 'awaiting_report' AND s.state <> 'unreported'"
     ))?;
     let rows = st.query_map([before_ms as i64], pilot_from_row)?;
     rows.map(|r| pilot_build(r?)).collect()
@@ -1332,7 +1357,7 @@ pub fn lease_times(c: &Connection) -> Result<Vec<LeaseTimes>> {
            (SELECT MAX(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'ended'),
            w.state IN ('destroyed', 'preempted', 'expired', 'failed')
              AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
-               AND (s.state NOT IN ('released', 'failed') OR s.job_state = 'cancel_owed'))
+               AND (s.state NOT IN ('released', 'failed', 'unreported') OR s.job_state = 'cancel_owed'))
          FROM workspaces w ORDER BY w.created_ms, w.id",
     )?;
     let rows = st.query_map([], |r| {

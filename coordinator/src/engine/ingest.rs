@@ -284,7 +284,7 @@ pub(super) fn apply_event(
                 ));
                 warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
             }
-            on_released(&mut ev, *reason, &detail)
+            on_released(&mut ev, *reason, &detail, *clean)
         }
         // Suspend/resume (docs/CHECKPOINTS.md) is not driven by the
         // coordinator yet: it never sends the commands these answer.
@@ -529,10 +529,38 @@ fn on_preempting(ev: &mut Ev, signal: &str, coordinator_wait_ms: u64) -> Result<
 
 /// The pilot gave its node back. If the lease still wanted it, the lease
 /// cannot go on (the pilot reached its deadline, was preempted, or failed).
-fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), EngineError> {
+fn on_released(
+    ev: &mut Ev,
+    reason: ReleaseReason,
+    detail: &str,
+    clean: bool,
+) -> Result<(), EngineError> {
     let (c, now, node) = (ev.c, ev.now, ev.node);
-    ev.pilot(pilot_life::Input::Released)?;
+    let moved = store::advance_pilot(c, &ev.slot.id, node, pilot_life::Input::Released)?;
     ev.timeline(Phase::MemoryRestored, None, detail)?;
+    if moved.is_some() && ev.slot.state == SlotState::Unreported {
+        // Too late to change the slot (it ended unreported, for good), not to
+        // correct what we told the admin about this node.
+        let verdict = if clean {
+            format!("its node was left clean: no workspace-kill-all needed on {node}")
+        } else {
+            format!("its node was NOT left clean: run workspace-kill-all on {node}")
+        };
+        store::push_timeline(
+            c,
+            &ev.ws.id,
+            now,
+            now,
+            Phase::SlotReleased,
+            Some(&ev.slot.id),
+            Some(node),
+            None,
+            &format!(
+                "late report from the pilot on {node} (made {}): {verdict}",
+                protocol::time::format_ms(ev.e.ts_ms)
+            ),
+        )?;
+    }
     let gone = vm_life::Input::Gone {
         preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
     };
