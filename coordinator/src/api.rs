@@ -141,6 +141,7 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
             EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -193,6 +194,12 @@ fn parse_ws_id(id: &str) -> Result<WorkspaceId, ApiError> {
     WorkspaceId::parse(id).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))
 }
 
+/// The header a client sends with a create it may retry (its value names the
+/// request; see `Engine::create_idempotent`).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set (to `true`) on the answer to a retried create.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 async fn create(
     State(engine): State<AppState>,
     headers: HeaderMap,
@@ -202,8 +209,26 @@ async fn create(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
-    let view = engine.create(&who, spec).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key header is not visible ASCII".into(),
+            )
+        })?),
+    };
+    let Some(key) = key else {
+        let view = engine.create(&who, spec).await?;
+        return Ok((StatusCode::CREATED, Json(view)).into_response());
+    };
+    // A retry gets what the first request made: 200 and the header saying so.
+    match engine.create_idempotent(&who, spec, key).await? {
+        (view, false) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        (view, true) => {
+            Ok((StatusCode::OK, [(IDEMPOTENT_REPLAYED, "true")], Json(view)).into_response())
+        }
+    }
 }
 
 async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {

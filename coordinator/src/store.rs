@@ -93,6 +93,12 @@ CREATE TABLE IF NOT EXISTS addresses (
 CREATE INDEX IF NOT EXISTS addresses_ws ON addresses(workspace_id);
 CREATE TABLE IF NOT EXISTS workspace_peers (
   workspace_id TEXT PRIMARY KEY, peers TEXT NOT NULL);
+-- A create's idempotency key (per user), the workspace it made and a hash
+-- of its spec; kept a day (engine::client::IDEMPOTENCY_TTL_MS).
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  owner TEXT NOT NULL, key TEXT NOT NULL, workspace_id TEXT NOT NULL,
+  spec_sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (owner, key));
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys(created_ms);
 CREATE TABLE IF NOT EXISTS node_images (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
   PRIMARY KEY (slot_id, node, image));
@@ -1268,6 +1274,47 @@ pub fn insert_pilot_event(c: &Connection, e: &PilotEvent, body: &str, now: u64) 
         body
     ])?;
     Ok(true)
+}
+
+// ---- idempotent creates ----------------------------------------------------
+
+/// The workspace a create with this key made for this user, and its spec's hash.
+pub fn idempotent_create(
+    c: &Connection,
+    owner: &str,
+    key: &str,
+) -> Result<Option<(WorkspaceId, String)>> {
+    let row: Option<(String, String)> = c
+        .prepare_cached(
+            "SELECT workspace_id, spec_sha256 FROM idempotency_keys WHERE owner = ?1 AND key = ?2",
+        )?
+        .query_row(params![owner, key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(id, fp)| Ok((parse_id("workspace id", id)?, fp)))
+        .transpose()
+}
+
+pub fn insert_idempotency_key(
+    c: &Connection,
+    owner: &str,
+    key: &str,
+    ws: &WorkspaceId,
+    spec_sha256: &str,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO idempotency_keys (owner, key, workspace_id, spec_sha256, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![owner, key, ws.as_str(), spec_sha256, now as i64])?;
+    Ok(())
+}
+
+/// Forgets the keys stored before `before_ms`.
+pub fn forget_idempotency_keys(c: &Connection, before_ms: u64) -> Result<()> {
+    c.prepare_cached("DELETE FROM idempotency_keys WHERE created_ms < ?1")?
+        .execute([before_ms as i64])?;
+    Ok(())
 }
 
 // ---- timeline --------------------------------------------------------------

@@ -23,6 +23,35 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+/// How long the coordinator keeps a create's idempotency key: a retry within
+/// this gets the workspace the key made (a day: longer than any client
+/// retries, short enough that the table stays small).
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// An idempotency key is 8 to 128 characters of letters, digits, `-`, `_`,
+/// `.` and `:` (a UUID, or any random string the client likes).
+fn check_idempotency_key(key: &str) -> Result<(), EngineError> {
+    let ok = (8..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::BadRequest(format!(
+            "Idempotency-Key {key:?}: must be 8 to 128 letters, digits, '-', '_', '.' or ':'"
+        )))
+    }
+}
+
+/// The spec as a retry must repeat it (SHA-256 of its JSON).
+fn spec_fingerprint(spec: &WorkspaceSpec) -> Result<String, EngineError> {
+    use sha2::Digest;
+    let json = serde_json::to_vec(spec)
+        .map_err(|e| EngineError::BadRequest(format!("spec does not encode: {e}")))?;
+    Ok(hex::encode(sha2::Sha256::digest(&json)))
+}
+
 impl Engine {
     /// Creates a workspace: sizes its slots, stores it, submits its pilot
     /// jobs; answers with its view.
@@ -35,12 +64,37 @@ impl Engine {
         self.get(caller, &id)
     }
 
+    /// [`Engine::create`] with the client's idempotency key: the first
+    /// request with a key creates; a retry with the same key and spec (by the
+    /// same user, within [`IDEMPOTENCY_TTL_MS`]) gets the same workspace,
+    /// `true` with it, and nothing is created or submitted again. The same
+    /// key with another spec is refused.
+    pub async fn create_idempotent(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+        key: &str,
+    ) -> Result<(WorkspaceView, bool), EngineError> {
+        check_idempotency_key(key)?;
+        let (id, replayed) = self.create_keyed(caller, spec, Some(key)).await?;
+        Ok((self.get(caller, &id)?, replayed))
+    }
+
     /// [`Engine::create`] without the view: the new workspace's id.
     pub async fn create_workspace(
         &self,
         caller: &Caller,
         spec: WorkspaceSpec,
     ) -> Result<WorkspaceId, EngineError> {
+        Ok(self.create_keyed(caller, spec, None).await?.0)
+    }
+
+    async fn create_keyed(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+        key: Option<&str>,
+    ) -> Result<(WorkspaceId, bool), EngineError> {
         spec.validate()?;
         let cluster = Cluster {
             capacity: self.capacity,
@@ -76,12 +130,28 @@ impl Engine {
             expires_ms: None,
         };
         let mut slots = Vec::new();
-        self.with_store(|s| {
+        let fingerprint = spec_fingerprint(&spec)?;
+        let earlier = self.with_store(|s| {
             s.tx(|tx| {
+                if let Some(key) = key {
+                    let since = now.saturating_sub(IDEMPOTENCY_TTL_MS);
+                    store::forget_idempotency_keys(tx, since)?;
+                    if let Some((id, fp)) = store::idempotent_create(tx, &caller.user, key)? {
+                        if fp != fingerprint {
+                            return Err(EngineError::KeyReused(format!(
+                                "Idempotency-Key {key:?} was used for another spec (workspace {id}); a new request needs a new key"
+                            )));
+                        }
+                        return Ok(Some(id));
+                    }
+                }
                 ws.id = unused(WorkspaceId::generate, |id| {
                     Ok(store::get_workspace(tx, id)?.is_some())
                 })?;
                 store::insert_workspace(tx, &ws)?;
+                if let Some(key) = key {
+                    store::insert_idempotency_key(tx, &caller.user, key, &ws.id, &fingerprint, now)?;
+                }
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
                     let slot = SlotRow {
@@ -138,9 +208,13 @@ impl Engine {
                         caller.user
                     ),
                 )?;
-                Ok::<_, EngineError>(())
+                Ok::<_, EngineError>(None)
             })
         })?;
+        if let Some(id) = earlier {
+            info!(workspace_id = %id, owner = %caller.user, "create retried with its idempotency key: the same workspace");
+            return Ok((id, true));
+        }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
         for slot in &slots {
@@ -169,7 +243,7 @@ impl Engine {
             }
         }
         self.bump();
-        Ok(ws.id)
+        Ok((ws.id, false))
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.

@@ -61,6 +61,9 @@ pub enum EngineError {
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A create's idempotency key came back with another spec.
+    #[error("{0}")]
+    KeyReused(String),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]

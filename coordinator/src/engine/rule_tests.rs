@@ -777,3 +777,66 @@ async fn a_pilots_commands_in_process_are_what_it_gets_over_http() {
         assert_eq!(typed.last().map(|c| &c.kind), Some(&CommandKind::Release));
     }
 }
+
+#[tokio::test]
+async fn a_create_repeated_with_its_key_gets_the_same_workspace_for_a_day_and_per_user() {
+    let rig = Rig::new();
+    let spec = || {
+        WorkspaceSpec::parse(
+            "name = \"t\"\nduration = 600\n[[group]]\nname = \"g\"\ncount = 1\nmemory_mb = 512\nimage = \"i\"\n",
+        )
+        .expect("spec")
+    };
+    let key = "wsk-0123456789abcdef";
+    let (first, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("created");
+    assert!(!again);
+    rig.clock.advance(30_000);
+    let (second, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("answered");
+    assert!(again, "a retry");
+    assert_eq!(second.id, first.id);
+    assert_eq!(
+        rig.lrm.jobs.lock().expect("lock").len(),
+        1,
+        "submitted once"
+    );
+
+    // Another spec under the same key is refused; another user's key is theirs.
+    let mut other = spec();
+    other.name = "u".into();
+    let refused = rig.engine.create_idempotent(&admin(), other, key).await;
+    assert!(
+        matches!(refused, Err(EngineError::KeyReused(_))),
+        "{refused:?}"
+    );
+    let bob = Caller {
+        user: "bob".into(),
+        admin: false,
+    };
+    let (bobs, again) = rig
+        .engine
+        .create_idempotent(&bob, spec(), key)
+        .await
+        .expect("bob's");
+    assert!(!again && bobs.id != first.id);
+
+    // A day later the key is forgotten: a new workspace.
+    rig.clock.advance(super::client::IDEMPOTENCY_TTL_MS);
+    let (later, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("created");
+    assert!(!again && later.id != first.id);
+    for bad in ["short", "has space in it", &"x".repeat(129)] {
+        let r = rig.engine.create_idempotent(&admin(), spec(), bad).await;
+        assert!(matches!(r, Err(EngineError::BadRequest(_))), "{bad}: {r:?}");
+    }
+}
