@@ -355,6 +355,11 @@ impl Engine {
             p.margin_s.to_string(),
             "--poll-wait-ms".into(),
             p.poll_wait_ms.to_string(),
+            // A coordinator restarting while the job starts is waited for as
+            // long as the slot's slack for starting up (the pilot's own
+            // default, 30 s, is shorter than a restart may take).
+            "--startup-budget-s".into(),
+            p.startup_slack_s.max(1).to_string(),
         ];
         if p.hypervisor == crate::config::Hypervisor::Sim {
             argv.push("--sim-dir".into());

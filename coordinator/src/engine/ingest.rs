@@ -284,7 +284,7 @@ pub(super) fn apply_event(
                 ));
                 warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
             }
-            on_released(&mut ev, *reason, &detail, *clean)
+            on_released(&mut ev, *reason, &detail, *clean, vms_destroyed)
         }
         // Suspend/resume (docs/CHECKPOINTS.md) is not driven by the
         // coordinator yet: it never sends the commands these answer.
@@ -534,9 +534,20 @@ fn on_released(
     reason: ReleaseReason,
     detail: &str,
     clean: bool,
+    vms_destroyed: &[VmId],
 ) -> Result<(), EngineError> {
     let (c, now, node) = (ev.c, ev.now, ev.node);
     let moved = store::advance_pilot(c, &ev.slot.id, node, pilot_life::Input::Released)?;
+    let gone = vm_life::Input::Gone {
+        preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
+    };
+    for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {
+        store::advance_vm_from(c, &vm, state, gone)?;
+        if vms_destroyed.contains(&vm) {
+            // Destroyed with its slot: on the timeline at the pilot's time.
+            ev.timeline(Phase::VmDestroyed, Some(&vm), "destroyed with its slot")?;
+        }
+    }
     ev.timeline(Phase::MemoryRestored, None, detail)?;
     if moved.is_some() && ev.slot.state == SlotState::Unreported {
         // Too late to change the slot (it ended unreported, for good), not to
@@ -560,12 +571,6 @@ fn on_released(
                 protocol::time::format_ms(ev.e.ts_ms)
             ),
         )?;
-    }
-    let gone = vm_life::Input::Gone {
-        preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
-    };
-    for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {
-        store::advance_vm_from(c, &vm, state, gone)?;
     }
     if lifecycle::wants_slots(ev.ws.state) {
         let (input, why) = match reason {
