@@ -157,7 +157,8 @@ fn assert_nothing_left(c: &Cluster, v: &Value) {
         std::thread::sleep(Duration::from_millis(50));
     }
     for s in v["slots"].as_array().unwrap() {
-        assert!(s["state"] == "released" || s["state"] == "failed", "{s}");
+        let ended = ["released", "failed", "unreported"];
+        assert!(ended.iter().any(|e| s["state"] == *e), "{s}");
     }
 }
 
@@ -277,9 +278,17 @@ fn coordinator_killed_during_destroy_finishes_the_destroy_on_restart() {
 }
 
 #[test]
-fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up_and_the_coordinator_ends_the_lease(
+fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up_and_its_unreported_node_is_named_until_kill_all_delivers(
 ) {
-    let mut c = cluster();
+    // Nobody delivers the dead pilot's letters within report_wait_s: the
+    // node is named for kill-all, which then delivers them and the record is
+    // corrected.
+    let mut c = Cluster::start(Options {
+        nodes: 2,
+        kill_grace_s: GRACE_S,
+        top: "report_wait_s = 3\n".into(),
+        ..Options::default()
+    });
     let id = ws_id(&c.create(PAIR));
     let v = c.wait_running(&id);
     let (slot, node) = slot_and_node(&v, "head");
@@ -296,8 +305,36 @@ fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up
     assert_eq!(n["domains"].as_array().unwrap().len(), 0, "{n:#}");
     c.restart_coordinator();
     let v = c.wait_settled(&id);
-    assert!(v["state"] == "preempted" || v["state"] == "failed", "{v:#}");
+    assert_eq!(v["state"], "failed", "{v:#}");
+    assert_eq!(slot_state(&v, &slot), "unreported", "{v:#}");
+    assert!(
+        v["reason"].as_str().unwrap_or_default().contains(&node),
+        "{v:#}"
+    );
+    let advice = c
+        .timeline(&id)
+        .iter()
+        .filter_map(|e| e["detail"].as_str().map(str::to_string))
+        .find(|d| d.contains("kill-all"))
+        .expect("the node is named for kill-all");
+    assert!(advice.contains(&node), "{advice}");
     assert_nothing_left(&c, &v);
+    let out = Command::new(bin("workspace-kill-all"))
+        .args(["--hypervisor", "sim", "--json", "--node", &node, "--sim-dir"])
+        .arg(c.sim_dir(&node))
+        .arg("--state-dir")
+        .arg(c.state_dir(&node))
+        .output()
+        .expect("run kill-all");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let last = c.timeline(&id).last().cloned().expect("entries");
+    let said = last["detail"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("late report") && said.contains("no workspace-kill-all needed"),
+        "{last:#}"
+    );
+    assert_eq!(c.get(&id)["state"], "failed", "terminal states never move");
+    assert_no_letter_left(&c);
 }
 
 #[test]
