@@ -286,7 +286,7 @@ fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up
     let mut c = Cluster::start(Options {
         nodes: 2,
         kill_grace_s: GRACE_S,
-        top: "report_wait_s = 3\n".into(),
+        report_wait_s: 3,
         ..Options::default()
     });
     let id = ws_id(&c.create(PAIR));
@@ -320,13 +320,25 @@ fn pilot_preempted_while_the_coordinator_is_down_longer_than_its_grace_cleans_up
     assert!(advice.contains(&node), "{advice}");
     assert_nothing_left(&c, &v);
     let out = Command::new(bin("workspace-kill-all"))
-        .args(["--hypervisor", "sim", "--json", "--node", &node, "--sim-dir"])
+        .args([
+            "--hypervisor",
+            "sim",
+            "--json",
+            "--node",
+            &node,
+            "--sim-dir",
+        ])
         .arg(c.sim_dir(&node))
         .arg("--state-dir")
         .arg(c.state_dir(&node))
         .output()
         .expect("run kill-all");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let last = c.timeline(&id).last().cloned().expect("entries");
     let said = last["detail"].as_str().unwrap_or_default();
     assert!(
@@ -550,7 +562,14 @@ fn an_outage_of_30_s_during_create_delays_the_leases_and_loses_nothing() {
 
 #[test]
 fn an_outage_of_30_s_through_a_preemption_ends_the_lease_preempted_from_the_next_pilots_delivery() {
-    let mut c = cluster();
+    // The coordinator's default wait for late reports: time for the next
+    // pilot on the node to start.
+    let mut c = Cluster::start(Options {
+        nodes: 2,
+        kill_grace_s: GRACE_S,
+        report_wait_s: 60,
+        ..Options::default()
+    });
     let id = ws_id(&c.create(PAIR));
     let v = c.wait_running(&id);
     let (slot, node) = slot_and_node(&v, "head");

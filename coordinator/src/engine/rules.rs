@@ -386,6 +386,15 @@ pub(super) fn job_ended(
         store::advance_slot(c, slot_id, ended)?;
         if !stuck.is_empty() {
             info!(slot_id = %slot_id, job, ?stuck, "batch job ended before its pilots reported release; awaiting their reports");
+            if !ws.state.is_terminal() {
+                // Said while it waits; the end (from the reports, or their
+                // absence) says its own.
+                let why = format!(
+                    "batch job {job} ended ({how}); waiting up to {report_wait_s} s for the pilots on {} to report how their nodes ended",
+                    stuck.join(", ")
+                );
+                store::set_workspace_reason(c, &ws.id, &why, now)?;
+            }
             return Ok(());
         }
         if lifecycle::wants_slots(ws.state) {
