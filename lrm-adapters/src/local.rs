@@ -378,28 +378,12 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
     tokio::spawn(supervise(shared.clone(), id, children, walltime));
 }
 
-/// The wrapper each node's script runs under: it waits for `<shell>
-/// <script>` (the signals reach both: one process group; the wrapper only
-/// traps them, so the script gets them as usual), writes the script's exit
-/// status to a file (atomically), then ends as the script did, by the same
-/// signal if it was killed by one. So the status of a job that ended while no
-/// coordinator watched is not lost: a restarted coordinator reads the file
-/// instead of guessing (a real batch system keeps it in its accounting).
-/// Nothing is written when the wrapper itself is SIGKILLed (the status is
-/// then unknown).
-const WRAPPER: &str = r#"trap : HUP INT TERM USR1 USR2
-"$0" "$1"
-s=$?
-echo "$s" > "$2.tmp" && mv -f "$2.tmp" "$2"
-if [ "$s" -gt 128 ]; then trap - HUP INT TERM USR1 USR2; kill -s "$(kill -l "$s")" $$; fi
-exit "$s""#;
-
-/// Where the wrapper on `node` writes the exit status of the job's script.
+/// Where the job's script on `node` writes the pilot's exit status (`WSP_EXIT_FILE`).
 fn exit_path(spec: &SlotJob, node: &str) -> PathBuf {
     spec.workdir.join(format!("{}.{node}.exit", spec.name))
 }
 
-/// What the wrapper recorded for the job's process on `node`, if anything:
+/// What the job's script recorded for `node`, if anything:
 /// a status over 128 is a death by signal (as shells say it).
 fn recorded_exit(spec: &SlotJob, node: &str) -> Option<ExitStatus> {
     let text = std::fs::read_to_string(exit_path(spec, node)).ok()?;
@@ -412,7 +396,7 @@ fn recorded_exit(spec: &SlotJob, node: &str) -> Option<ExitStatus> {
 }
 
 /// How the processes of a job that nobody was the parent of ended, by what
-/// their wrappers recorded (unknown counts as a success, as it always did).
+/// their scripts recorded (unknown counts as a success, as it always did).
 fn adopted_results(job: &Job) -> Vec<(String, std::io::Result<ExitStatus>)> {
     job.procs
         .iter()
@@ -426,8 +410,9 @@ fn adopted_results(job: &Job) -> Vec<(String, std::io::Result<ExitStatus>)> {
         .collect()
 }
 
-/// `<shell> <script>` on `node` under [`WRAPPER`], in its own process group,
-/// output appended to `<workdir>/<name>.<node>.log`.
+/// `<shell> <script>` on `node`, in its own process group, output appended
+/// to `<workdir>/<name>.<node>.log`; the script records its exit status in
+/// `WSP_EXIT_FILE` ([`exit_path`]).
 fn spawn_on_node(config: &LocalConfig, job: &Job, id: &JobId, node: &str) -> Result<Child, String> {
     let log_path = job
         .spec
@@ -448,11 +433,8 @@ fn spawn_on_node(config: &LocalConfig, job: &Job, id: &JobId, node: &str) -> Res
         Err(e) => return Err(format!("removing {}: {e}", exit_file.display())),
     }
     Command::new(&config.shell)
-        .arg("-c")
-        .arg(WRAPPER)
-        .arg(&config.shell)
         .arg(&job.script)
-        .arg(&exit_file)
+        .env("WSP_EXIT_FILE", &exit_file)
         .env("WSP_NODE", node)
         .env("WSP_JOB_ID", &id.0)
         .env("WSP_JOB_NAME", &job.spec.name)
@@ -835,7 +817,7 @@ fn restore(st: &mut State, saved: Saved) {
                 info!(job_id = %id, name = %job.spec.name, procs = job.procs.len(), "running job adopted");
                 st.adopted.push(id.clone());
             } else {
-                // Not our child: its exit status is what its wrapper
+                // Not our child: its exit status is what its script
                 // recorded. Unless we were ending it, a failure on any node
                 // fails it.
                 let failures: Vec<String> = adopted_results(&job)
@@ -970,8 +952,16 @@ impl Lrm for LocalLrm {
         format!(
             "#!{shell}\n\
              # wsp pilot job {name:?} (local adapter): {nodes} node(s), {cores} core(s) and {mem} MB per node, walltime {wall}s.\n\
-             # Run once per node with WSP_NODE, WSP_JOB_ID and WSP_JOB_NAME set; exec so the pilot gets the signals.\n\
-             exec {argv}\n",
+             # Run once per node with WSP_NODE, WSP_JOB_ID, WSP_JOB_NAME and WSP_EXIT_FILE set.\n\
+             # The pilot gets the batch signals (one process group); this shell only traps them to\n\
+             # wait for it, then records its exit status (a coordinator restarted after the job\n\
+             # ended reads it: as a batch system's accounting) and ends as it did.\n\
+             trap : HUP INT TERM USR1 USR2\n\
+             {argv}\n\
+             s=$?\n\
+             echo \"$s\" > \"$WSP_EXIT_FILE\"\n\
+             if [ \"$s\" -gt 128 ]; then trap - HUP INT TERM USR1 USR2; kill -s \"$(kill -l \"$s\")\" $$; fi\n\
+             exit \"$s\"\n",
             shell = self.shared.config.shell,
             name = job.name,
             nodes = job.nodes,
@@ -1770,7 +1760,7 @@ mod tests {
         );
         assert!(!script.contains("set -e"), "{script}");
         assert!(
-            script.ends_with(&format!("exec {}\n", shell_join(&spec.pilot_argv))),
+            script.contains(&format!("\n{}\n", shell_join(&spec.pilot_argv))),
             "{script}"
         );
         let id = lrm.submit(&spec).await.unwrap();
