@@ -434,3 +434,19 @@ pub(super) fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), Engine
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::how_it_ended;
+    use lrm_adapters::JobState;
+
+    #[test]
+    fn a_job_end_is_said_in_words_with_what_the_batch_system_knows() {
+        let failed = JobState::Failed("node2: exit code 4".into());
+        assert_eq!(how_it_ended(&failed), "failed: node2: exit code 4");
+        assert_eq!(how_it_ended(&JobState::Completed), "completed");
+        assert_eq!(how_it_ended(&JobState::Timeout), "timeout");
+        assert_eq!(how_it_ended(&JobState::NodeFail), "node failure");
+        assert_eq!(how_it_ended(&JobState::Unknown("BF".into())), "in state BF");
+    }
+}
