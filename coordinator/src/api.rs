@@ -149,6 +149,7 @@ impl From<EngineError> for ApiError {
             EngineError::Duplicate { .. } | EngineError::Conflict(_) | EngineError::Refused(_) => {
                 StatusCode::CONFLICT
             }
+            EngineError::KeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -201,6 +202,12 @@ fn parse_ws_id(id: &str) -> Result<WorkspaceId, ApiError> {
     WorkspaceId::parse(id).map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))
 }
 
+/// The header a client sends with a create it may retry (its value names the
+/// request; see `Engine::create_idempotent`).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set (to `true`) on the answer to a retried create.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 async fn create(
     State(engine): State<AppState>,
     headers: HeaderMap,
@@ -210,8 +217,25 @@ async fn create(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
-    match engine.create(&who, spec).await {
-        Ok(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                "Idempotency-Key header is not visible ASCII".into(),
+            )
+        })?),
+    };
+    let created = match key {
+        None => engine.create(&who, spec).await.map(|v| (v, false)),
+        Some(key) => engine.create_idempotent(&who, spec, key).await,
+    };
+    match created {
+        Ok((view, false)) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        // A retry gets what the first request made: 200 and the header saying so.
+        Ok((view, true)) => {
+            Ok((StatusCode::OK, [(IDEMPOTENT_REPLAYED, "true")], Json(view)).into_response())
+        }
         // A refused guaranteed lease: the earliest start also as a field, for scripts.
         Err(EngineError::Refused(r)) => Ok((
             StatusCode::CONFLICT,

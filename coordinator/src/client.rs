@@ -84,6 +84,14 @@ fn transport_cause(e: &reqwest::Error) -> String {
     root.to_string()
 }
 
+/// The header that makes a create repeatable (`Idempotency-Key`).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A fresh idempotency key: 128 random bits, in hex.
+pub fn new_idempotency_key() -> String {
+    format!("wsk-{}", hex::encode(rand::random::<[u8; 16]>()))
+}
+
 /// Characters kept as they are in a path segment; everything else is
 /// percent-encoded, `/` and `.` included.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_');
@@ -182,18 +190,62 @@ impl Client {
 
     /// Creates a workspace from a spec (TOML or JSON text).
     pub async fn create(&self, spec_text: &str) -> Result<WorkspaceView, ClientError> {
+        self.send(self.create_request(spec_text)).await
+    }
+
+    /// Creates a workspace under an idempotency key (see [`new_idempotency_key`]):
+    /// sending it again with the same key and spec answers with the
+    /// workspace the first one made, so a create whose answer was lost can
+    /// be repeated safely.
+    pub async fn create_keyed(
+        &self,
+        spec_text: &str,
+        key: &str,
+    ) -> Result<WorkspaceView, ClientError> {
+        self.send(self.create_request(spec_text).header(IDEMPOTENCY_KEY, key))
+            .await
+    }
+
+    /// [`Client::create_keyed`], repeated with the same key while the
+    /// coordinator cannot be reached (down, restarting, or the answer lost
+    /// on the way), with backoff from 0.5 s to 5 s, until `retry_for` has
+    /// passed. `on_retry` hears each failure before the next try. A refusal
+    /// is final: it is the coordinator's answer.
+    pub async fn create_retrying(
+        &self,
+        spec_text: &str,
+        key: &str,
+        retry_for: Duration,
+        mut on_retry: impl FnMut(&ClientError, Duration),
+    ) -> Result<WorkspaceView, ClientError> {
+        let end = tokio::time::Instant::now() + retry_for;
+        let mut pause = Duration::from_millis(500);
+        loop {
+            match self.create_keyed(spec_text, key).await {
+                Err(e @ ClientError::Unreachable { .. }) => {
+                    let left = end.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
+                    on_retry(&e, left);
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn create_request(&self, spec_text: &str) -> reqwest::RequestBuilder {
         let ct = if spec_text.trim_start().starts_with('{') {
             "application/json"
         } else {
             "application/toml"
         };
-        self.send(
-            self.http
-                .post(format!("{}/api/v1/workspaces", self.base))
-                .header(reqwest::header::CONTENT_TYPE, ct)
-                .body(spec_text.to_string()),
-        )
-        .await
+        self.http
+            .post(format!("{}/api/v1/workspaces", self.base))
+            .header(reqwest::header::CONTENT_TYPE, ct)
+            .body(spec_text.to_string())
     }
 
     pub async fn get(&self, id: &str) -> Result<WorkspaceView, ClientError> {

@@ -297,6 +297,13 @@ pub struct Config {
     /// dir`), if it does: checkpoints of leases that ended are removed from
     /// here. Unset: they are named on the timeline for an admin.
     pub checkpoint_dir: Option<PathBuf>,
+    /// When the batch system says a job ended before its pilots reported how
+    /// their nodes ended, the slot waits this long for their late reports
+    /// (a pilot resends every 2 s at most once the coordinator is back; the
+    /// next pilot on the node and kill-all deliver what a dead one left)
+    /// before it names the nodes for kill-all. Counted from the moment the
+    /// coordinator learned the job ended, or from its own start.
+    pub report_wait_s: u64,
     pub pilot: PilotConfig,
     pub reservations: ReservationsConfig,
     /// Address pools (`[network.private]`, `[network.public]`).
@@ -325,6 +332,7 @@ impl Default for Config {
             max_clock_skew_s: 300,
             pilot_silence_s: 90,
             checkpoint_dir: None,
+            report_wait_s: 60,
             pilot: PilotConfig::default(),
             reservations: ReservationsConfig::default(),
             network: Default::default(),
@@ -385,6 +393,12 @@ impl Config {
             return bad(format!(
                 "pilot_silence_s = {} must exceed the pilots' long-poll ({} s, pilot.poll_wait_ms) by at least 5 s",
                 self.pilot_silence_s, poll_s
+            ));
+        }
+        if self.report_wait_s < 3 {
+            return bad(format!(
+                "report_wait_s = {}: must be at least 3 s (a pilot resends every 2 s at most)",
+                self.report_wait_s
             ));
         }
         check_listen(&self.listen)?;
@@ -630,6 +644,7 @@ mod tests {
             ("public_url = \"https://head:8750\"\n", "public_url"),
             ("listen = \"8750\"\n", "listen"),
             ("tick_ms = 0\n", "tick_ms"),
+            ("report_wait_s = 1\n", "report_wait_s"),
             ("lrm_poll_s = nan\n", "lrm_poll_s"),
             ("max_clock_skew_s = 0\n", "max_clock_skew_s"),
             ("[local]\nmemory_mb_per_node = 100\n", "local.memory_mb_per_node"),

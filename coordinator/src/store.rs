@@ -56,6 +56,8 @@ CREATE TABLE IF NOT EXISTS slots (
 CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id, created_ms, id);
 -- Jobs whose status is asked, and cancels owed, are found by their state.
 CREATE INDEX IF NOT EXISTS slots_job_state ON slots(job_state);
+-- The few slots awaiting their pilots' late reports (read every tick).
+CREATE INDEX IF NOT EXISTS slots_awaiting ON slots(state) WHERE state = 'awaiting_report';
 -- state: the pilot's table (lifecycle::pilot::next); last_event is what the
 -- view shows (the kind of its last event, or 'lost').
 CREATE TABLE IF NOT EXISTS pilots (
@@ -94,6 +96,12 @@ CREATE TABLE IF NOT EXISTS addresses (
 CREATE INDEX IF NOT EXISTS addresses_ws ON addresses(workspace_id);
 CREATE TABLE IF NOT EXISTS workspace_peers (
   workspace_id TEXT PRIMARY KEY, peers TEXT NOT NULL);
+-- A create's idempotency key (per user), the workspace it made and a hash
+-- of its spec; kept a day (engine::client::IDEMPOTENCY_TTL_MS).
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+  owner TEXT NOT NULL, key TEXT NOT NULL, workspace_id TEXT NOT NULL,
+  spec_sha256 TEXT NOT NULL, created_ms INTEGER NOT NULL, PRIMARY KEY (owner, key));
+CREATE INDEX IF NOT EXISTS idempotency_keys_age ON idempotency_keys(created_ms);
 CREATE TABLE IF NOT EXISTS node_images (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
   PRIMARY KEY (slot_id, node, image));
@@ -504,7 +512,8 @@ pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
         "SELECT {WS_COLS} FROM workspaces w
          WHERE state = 'pending' OR state = 'starting' OR state = 'running' OR state = 'destroying'
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state <> 'released' AND s.state <> 'failed')
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
+             AND s.state <> 'released' AND s.state <> 'failed' AND s.state <> 'unreported')
            OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.job_state = 'cancel_owed')"
     ))?;
     let rows = st.query_map([], ws_from_row)?;
@@ -687,6 +696,27 @@ pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
+}
+
+/// Slots whose job ended before every pilot reported (from the `slots_awaiting` index).
+pub fn slots_awaiting_report(c: &Connection) -> Result<Vec<SlotRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {SLOT_COLS} FROM slots WHERE state = 'awaiting_report' ORDER BY created_ms"
+    ))?;
+    let rows = st.query_map([], slot_from_row)?;
+    rows.map(|r| slot_build(r?)).collect()
+}
+
+/// When the coordinator recorded that the slot's batch job ended (its
+/// `job_ended` timeline entry), if it did.
+pub fn job_ended_ms(c: &Connection, ws: &WorkspaceId, slot: &SlotId) -> Result<Option<u64>> {
+    let ms: Option<i64> = c
+        .prepare_cached(
+            "SELECT MAX(recorded_ms) FROM timeline
+             WHERE workspace_id = ?1 AND slot_id = ?2 AND phase = 'job_ended'",
+        )?
+        .query_row(params![ws.as_str(), slot.as_str()], |r| r.get(0))?;
+    Ok(ms.map(|m| m as u64))
 }
 
 /// Ids of the slots whose job is owed a cancel (from the `slots_job_state` index).
@@ -889,7 +919,8 @@ pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
         "SELECT {PILOT_COLS}
          FROM pilots p JOIN slots s ON s.id = p.slot_id
          WHERE p.state <> 'released' AND p.state <> 'failed' AND p.state <> 'lost'
-           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'"
+           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'
+           AND s.state <> 'awaiting_report' AND s.state <> 'unreported'"
     ))?;
     let rows = st.query_map([before_ms as i64], pilot_from_row)?;
     rows.map(|r| pilot_build(r?)).collect()
@@ -1436,6 +1467,47 @@ pub fn insert_pilot_event(c: &Connection, e: &PilotEvent, body: &str, now: u64) 
     Ok(true)
 }
 
+// ---- idempotent creates ----------------------------------------------------
+
+/// The workspace a create with this key made for this user, and its spec's hash.
+pub fn idempotent_create(
+    c: &Connection,
+    owner: &str,
+    key: &str,
+) -> Result<Option<(WorkspaceId, String)>> {
+    let row: Option<(String, String)> = c
+        .prepare_cached(
+            "SELECT workspace_id, spec_sha256 FROM idempotency_keys WHERE owner = ?1 AND key = ?2",
+        )?
+        .query_row(params![owner, key], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    row.map(|(id, fp)| Ok((parse_id("workspace id", id)?, fp)))
+        .transpose()
+}
+
+pub fn insert_idempotency_key(
+    c: &Connection,
+    owner: &str,
+    key: &str,
+    ws: &WorkspaceId,
+    spec_sha256: &str,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO idempotency_keys (owner, key, workspace_id, spec_sha256, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![owner, key, ws.as_str(), spec_sha256, now as i64])?;
+    Ok(())
+}
+
+/// Forgets the keys stored before `before_ms`.
+pub fn forget_idempotency_keys(c: &Connection, before_ms: u64) -> Result<()> {
+    c.prepare_cached("DELETE FROM idempotency_keys WHERE created_ms < ?1")?
+        .execute([before_ms as i64])?;
+    Ok(())
+}
+
 // ---- timeline --------------------------------------------------------------
 
 #[allow(clippy::too_many_arguments)]
@@ -1523,7 +1595,7 @@ pub fn lease_times(c: &Connection) -> Result<Vec<LeaseTimes>> {
            (SELECT MAX(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'ended'),
            w.state IN ('destroyed', 'preempted', 'expired', 'failed')
              AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
-               AND (s.state NOT IN ('released', 'failed') OR s.job_state = 'cancel_owed'))
+               AND (s.state NOT IN ('released', 'failed', 'unreported') OR s.job_state = 'cancel_owed'))
          FROM workspaces w ORDER BY w.created_ms, w.id",
     )?;
     let rows = st.query_map([], |r| {

@@ -456,8 +456,41 @@ fn start(shared: &Arc<Shared>, st: &mut State, id: JobId, alloc: Vec<usize>) {
     tokio::spawn(supervise(shared.clone(), id, children, walltime));
 }
 
-/// `<shell> <script>` on `node`, in its own process group, output appended to
-/// `<workdir>/<name>.<node>.log`.
+/// Where the job's script on `node` writes the pilot's exit status (`WSP_EXIT_FILE`).
+fn exit_path(spec: &SlotJob, node: &str) -> PathBuf {
+    spec.workdir.join(format!("{}.{node}.exit", spec.name))
+}
+
+/// What the job's script recorded for `node`, if anything:
+/// a status over 128 is a death by signal (as shells say it).
+fn recorded_exit(spec: &SlotJob, node: &str) -> Option<ExitStatus> {
+    let text = std::fs::read_to_string(exit_path(spec, node)).ok()?;
+    let code: i32 = text.trim().parse().ok()?;
+    Some(match code {
+        0..=128 => ExitStatus::from_raw(code << 8),
+        129..=255 => ExitStatus::from_raw(code - 128),
+        _ => return None,
+    })
+}
+
+/// How the processes of a job that nobody was the parent of ended, by what
+/// their scripts recorded (unknown counts as a success, as it always did).
+fn adopted_results(job: &Job) -> Vec<(String, std::io::Result<ExitStatus>)> {
+    job.procs
+        .iter()
+        .map(|p| {
+            let status = recorded_exit(&job.spec, &p.node).unwrap_or_else(|| {
+                warn!(node = %p.node, job = %job.spec.name, "exit status of a job process nobody watched is unknown");
+                ExitStatus::from_raw(0)
+            });
+            (p.node.clone(), Ok(status))
+        })
+        .collect()
+}
+
+/// `<shell> <script>` on `node`, in its own process group, output appended
+/// to `<workdir>/<name>.<node>.log`; the script records its exit status in
+/// `WSP_EXIT_FILE` ([`exit_path`]).
 fn spawn_on_node(config: &LocalConfig, job: &Job, id: &JobId, node: &str) -> Result<Child, String> {
     let log_path = job
         .spec
@@ -471,8 +504,15 @@ fn spawn_on_node(config: &LocalConfig, job: &Job, id: &JobId, node: &str) -> Res
     let log2 = log
         .try_clone()
         .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+    let exit_file = exit_path(&job.spec, node);
+    match std::fs::remove_file(&exit_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("removing {}: {e}", exit_file.display())),
+    }
     Command::new(&config.shell)
         .arg(&job.script)
+        .env("WSP_EXIT_FILE", &exit_file)
         .env("WSP_NODE", node)
         .env("WSP_JOB_ID", &id.0)
         .env("WSP_JOB_NAME", &job.spec.name)
@@ -867,13 +907,19 @@ fn restore(st: &mut State, saved: Saved) {
                 info!(job_id = %id, name = %job.spec.name, procs = job.procs.len(), "running job adopted");
                 st.adopted.push(id.clone());
             } else {
-                // Not our child: its exit status is unknowable. Unless we were
-                // ending it, it counts as completed.
+                // Not our child: its exit status is what its script
+                // recorded. Unless we were ending it, a failure on any node
+                // fails it.
+                let failures: Vec<String> = adopted_results(&job)
+                    .iter()
+                    .filter_map(|(node, r)| failure(node, r))
+                    .collect();
                 let state = match (&job.start_error, job.ending) {
                     (Some(e), _) => JobState::Failed(e.clone()),
                     (None, Some(Ending::Cancel)) => JobState::Cancelled,
                     (None, Some(Ending::Timeout)) => JobState::Timeout,
-                    (None, None) => JobState::Completed,
+                    (None, None) if failures.is_empty() => JobState::Completed,
+                    (None, None) => JobState::Failed(failures.join("; ")),
                 };
                 info!(job_id = %id, ?state, "job ended while nobody watched");
                 job.state = state;
@@ -938,11 +984,7 @@ async fn supervise_adopted(shared: Arc<Shared>, id: JobId) {
             return;
         }
         if !job.procs.iter().any(proc_running) {
-            let results = job
-                .procs
-                .iter()
-                .map(|p| (p.node.clone(), Ok(ExitStatus::from_raw(0))))
-                .collect();
+            let results = adopted_results(job);
             drop(guard);
             finish(&shared, &id, results);
             return;
@@ -1003,8 +1045,16 @@ impl Lrm for LocalLrm {
         format!(
             "#!{shell}\n\
              # wsp pilot job {name:?} (local adapter): {nodes} node(s), {cores} core(s) and {mem} MB per node, walltime {wall}s.\n\
-             # Run once per node with WSP_NODE, WSP_JOB_ID and WSP_JOB_NAME set; exec so the pilot gets the signals.\n\
-             exec {argv}\n",
+             # Run once per node with WSP_NODE, WSP_JOB_ID, WSP_JOB_NAME and WSP_EXIT_FILE set.\n\
+             # The pilot gets the batch signals (one process group); this shell only traps them to\n\
+             # wait for it, then records its exit status (a coordinator restarted after the job\n\
+             # ended reads it: as a batch system's accounting) and ends as it did.\n\
+             trap : HUP INT TERM USR1 USR2\n\
+             {argv}\n\
+             s=$?\n\
+             echo \"$s\" > \"$WSP_EXIT_FILE\"\n\
+             if [ \"$s\" -gt 128 ]; then trap - HUP INT TERM USR1 USR2; kill -s \"$(kill -l \"$s\")\" $$; fi\n\
+             exit \"$s\"\n",
             shell = self.shared.config.shell,
             name = job.name,
             nodes = job.nodes,
@@ -1798,7 +1848,7 @@ mod tests {
         );
         assert!(!script.contains("set -e"), "{script}");
         assert!(
-            script.ends_with(&format!("exec {}\n", shell_join(&spec.pilot_argv))),
+            script.contains(&format!("\n{}\n", shell_join(&spec.pilot_argv))),
             "{script}"
         );
         let id = lrm.submit(&spec).await.unwrap();
@@ -1829,6 +1879,46 @@ mod tests {
             state_file: Some(dir.join("lrm/local-lrm.json")),
             ..LocalConfig::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_that_fails_while_no_coordinator_watches_is_not_reported_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 1)).unwrap();
+        // As a pilot that could not clean up exits (4), and one killed by a signal.
+        let exits_4 = format!("{}; exit 4", wait_for_file(&p("stop-a")));
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &exits_4))
+            .await
+            .unwrap();
+        let killed = format!("{}; kill -USR1 $$", wait_for_file(&p("stop-b")));
+        let b = lrm.submit(&job(dir.path(), "b", 1, &killed)).await.unwrap();
+        for id in [&a, &b] {
+            wait_state(&lrm, id, |s| *s == JobState::Running, LONG).await;
+        }
+        let pids_a = lrm.job_pids(&a);
+        // The coordinator dies; job a ends while nobody watches.
+        drop(lrm);
+        touch(&p("stop-a"));
+        let t = Instant::now();
+        while pids_a.iter().any(|(_, pid)| is_alive(*pid)) {
+            assert!(t.elapsed() < LONG, "job a did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let lrm = LocalLrm::new(durable(dir.path(), 2, 1)).unwrap();
+        assert_eq!(
+            state(&lrm, &a).await,
+            JobStatus::Known(JobState::Failed("node1: exit code 4".into()))
+        );
+        // Job b was adopted running, then dies by a signal.
+        assert_eq!(state(&lrm, &b).await, JobStatus::Known(JobState::Running));
+        touch(&p("stop-b"));
+        let ended = wait_state(&lrm, &b, JobState::is_finished, LONG).await;
+        assert_eq!(
+            ended,
+            JobState::Failed("node2: killed by signal SIGUSR1".into())
+        );
     }
 
     #[tokio::test]

@@ -1087,7 +1087,17 @@ impl Pilot {
         );
         tokio::select! {
             biased;
-            sig = self.signals.recv() => tracing::warn!(signal = sig.unwrap_or("?"), "signal: leaving the report to the outbox"),
+            sig = self.signals.recv() => {
+                tracing::warn!(signal = sig.unwrap_or("?"), "signal: leaving the report to the outbox");
+                // The signal may have cut a send the coordinator took (its
+                // cancel follows a report it stored): one more short try
+                // settles it (acked, or "already there"), so no stale
+                // letter stays for the next pilot. Bounded by half the grace.
+                let bound = self.cfg.notify_timeout.min(self.cfg.grace / 2);
+                if let Err(e) = self.notifier.flush_unless_down(Instant::now() + bound).await {
+                    tracing::warn!(error = %e, pending = self.notifier.pending(), "left in the outbox");
+                }
+            }
             r = self.notifier.flush(linger_end) => match r {
                 Ok(()) => tracing::info!("every event delivered"),
                 Err(e) => tracing::error!(error = %e, "coordinator did not hear everything; the rest stays in the outbox"),

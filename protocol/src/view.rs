@@ -145,13 +145,24 @@ pub enum SlotState {
     Releasing,
     /// Every pilot released (or the job ended) and the batch job is gone.
     Released,
-    /// The slot could not be had (submit or reservation failed).
+    /// The slot could not be had (submit or reservation failed), or a pilot
+    /// was lost or reported its node not clean.
     Failed,
+    /// The batch job ended before every pilot reported how its node ended:
+    /// waiting (`report_wait_s`) for their reports, which a pilot's outbox
+    /// delivers late (the pilot after a coordinator outage, the next pilot
+    /// on the node, or kill-all).
+    AwaitingReport,
+    /// The batch job ended and some pilots never reported within
+    /// `report_wait_s`: their nodes are named for kill-all. A report that
+    /// still arrives is recorded (and withdraws that advice on the timeline),
+    /// but the slot stays unreported.
+    Unreported,
 }
 
 impl SlotState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Released | Self::Failed)
+        matches!(self, Self::Released | Self::Failed | Self::Unreported)
     }
     pub fn as_str(self) -> &'static str {
         match self {
@@ -161,6 +172,8 @@ impl SlotState {
             Self::Releasing => "releasing",
             Self::Released => "released",
             Self::Failed => "failed",
+            Self::AwaitingReport => "awaiting_report",
+            Self::Unreported => "unreported",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {

@@ -112,6 +112,10 @@ pub struct Options {
     /// pilots) as this user instead of root, as a site runs it for Torque and
     /// PBS: the cluster's folder and copies of the binaries are given to it.
     pub run_as: Option<String>,
+    /// `report_wait_s`: how long a slot whose job ended waits for its
+    /// pilots' late reports (short here, so that a SIGKILLed pilot's lease
+    /// ends quickly; the default is 60 s).
+    pub report_wait_s: u64,
 }
 
 /// A real batch system for [`Options::lrm`].
@@ -144,6 +148,7 @@ impl Default for Options {
             hypervisor: "sim".into(),
             node_config: None,
             run_as: None,
+            report_wait_s: 5,
         }
     }
 }
@@ -196,6 +201,7 @@ data_dir = "{root}/coordinator"
 {lrm_line}
 tick_ms = 50
 lrm_poll_s = 0.5
+report_wait_s = {report_wait}
 {top}
 {lrm_section}
 [local]
@@ -246,6 +252,7 @@ admin = true
             ops = protocol::auth::token_hash(ADMIN_TOKEN),
             extra = opts.extra,
             top = opts.top,
+            report_wait = opts.report_wait_s,
             pilot_extra = opts.pilot_extra,
             hv = opts.hypervisor,
             node_config = opts

@@ -568,3 +568,147 @@ fn the_node_binaries_write_their_man_pages_too() {
         );
     }
 }
+
+/// A proxy in front of the coordinator that forwards every request and its
+/// answer, except the answer to the first create: that connection is cut
+/// once the coordinator has answered (the workspace is stored), as a network
+/// that fails at the worst moment would. Returns its URL and a count of the
+/// creates that went through it.
+fn proxy_losing_the_first_create_answer(
+    upstream: &str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let up = upstream.trim_start_matches("http://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let creates = Arc::new(AtomicUsize::new(0));
+    let seen = creates.clone();
+    // One HTTP message: its head (lines up to the blank one) and body.
+    fn message(r: &mut BufReader<TcpStream>) -> Option<(String, Vec<u8>)> {
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let len = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some((head, body))
+    }
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let (up, seen) = (up.clone(), seen.clone());
+            std::thread::spawn(move || {
+                let mut from_client = BufReader::new(client.try_clone().expect("clone"));
+                let mut to_client = client;
+                while let Some((head, body)) = message(&mut from_client) {
+                    let is_create = head.starts_with("POST /api/v1/workspaces ");
+                    let Ok(server) = TcpStream::connect(&up) else {
+                        return;
+                    };
+                    let mut to_server = server.try_clone().expect("clone");
+                    let mut from_server = BufReader::new(server);
+                    if to_server.write_all(head.as_bytes()).is_err()
+                        || to_server.write_all(&body).is_err()
+                    {
+                        return;
+                    }
+                    let Some((rhead, rbody)) = message(&mut from_server) else {
+                        return;
+                    };
+                    if is_create && seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return; // the answer is lost: both connections close
+                    }
+                    if to_client.write_all(rhead.as_bytes()).is_err()
+                        || to_client.write_all(&rbody).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, creates)
+}
+
+#[test]
+fn a_create_whose_answer_is_lost_is_sent_again_with_its_key_and_makes_one_workspace() {
+    let c = Cluster::start(Options::default());
+    let (proxy, creates) = proxy_losing_the_first_create_answer(&c.url);
+    let spec = c.root().join("cluster.toml");
+    std::fs::write(&spec, ENSEMBLE).unwrap();
+    let out = Command::new(bin("workspace"))
+        .args(["create", "--file", spec.to_str().unwrap()])
+        .env("WORKSPACE_URL", &proxy)
+        .env("WORKSPACE_TOKEN", TOKEN)
+        .output()
+        .expect("run workspace");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert_eq!(
+        creates.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("sending the create again with the same key"),
+        "{stderr}"
+    );
+    let r = c.list_as(TOKEN);
+    let all = r.body["workspaces"].as_array().expect("list").clone();
+    assert_eq!(all.len(), 1, "one workspace, not two: {all:#?}");
+    let id = all[0]["id"].as_str().expect("id");
+    assert!(
+        stdout.starts_with(&format!("created {id} ")),
+        "the id of the one workspace is printed: {stdout}"
+    );
+
+    // The same key with another spec is refused, naming the key.
+    let other = c.root().join("other.toml");
+    std::fs::write(&other, ENSEMBLE.replace("name = \"", "name = \"x")).unwrap();
+    let (code, _, err) = workspace(
+        &c,
+        &[
+            "create",
+            "--file",
+            other.to_str().unwrap(),
+            "--idempotency-key",
+            "wsk-reused-0001",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = workspace(
+        &c,
+        &[
+            "create",
+            "--file",
+            spec.to_str().unwrap(),
+            "--idempotency-key",
+            "wsk-reused-0001",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("422") && err.contains("wsk-reused-0001"),
+        "{err}"
+    );
+}

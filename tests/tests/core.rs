@@ -163,8 +163,11 @@ fn lease_duration_over_releases_every_slot() {
 #[test]
 fn preempted_pilot_cleans_up_in_time_while_the_coordinator_is_unreachable() {
     let grace = 4;
+    // The pilot's `released` stays in its outbox (the coordinator was frozen
+    // until it exited): the slot waits report_wait_s for it, then names the node.
     let c = Cluster::start(Options {
         kill_grace_s: grace,
+        report_wait_s: 3,
         ..Options::default()
     });
     let id = ws_id(&c.create(ENSEMBLE));
@@ -193,7 +196,11 @@ fn preempted_pilot_cleans_up_in_time_while_the_coordinator_is_unreachable() {
 
 #[test]
 fn kill_all_restores_a_node_whose_pilot_was_sigkilled_and_dry_run_changes_nothing() {
-    let c = Cluster::start(Options::default());
+    // A SIGKILLed pilot never reports: its slot waits report_wait_s, then fails.
+    let c = Cluster::start(Options {
+        report_wait_s: 3,
+        ..Options::default()
+    });
     let id = ws_id(&c.create(ENSEMBLE));
     let v = c.wait_running(&id);
     let (slot, _) = slot_of(&v, "head");

@@ -64,6 +64,15 @@ enum Cmd {
         /// Print only the id (for scripts: `id=$(workspace create -q --file f)`).
         #[arg(long, short)]
         quiet: bool,
+        /// The create's idempotency key [default: a new random one]. A create
+        /// sent again with the same key and spec (within a day) answers with
+        /// the workspace the first one made instead of making a second.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// While the coordinator cannot be reached, or its answer is lost,
+        /// send the create again (same key) for this many seconds.
+        #[arg(long, default_value_t = 60)]
+        retry_for: u64,
     },
     /// Show one workspace: state, and per VM its host name, addresses, node and job.
     Status { id: String },
@@ -806,9 +815,33 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             wait: w,
             timeout,
             quiet,
+            idempotency_key,
+            retry_for,
         } => {
             let text = read_spec(&file)?;
-            let v = client.create(&text).await?;
+            let key = idempotency_key.unwrap_or_else(coordinator::client::new_idempotency_key);
+            let retried = |e: &ClientError, left: Duration| {
+                eprintln!(
+                    "workspace: {}; sending the create again with the same key ({} s left)",
+                    coordinator::report::one_line(e),
+                    left.as_secs()
+                );
+            };
+            let created = client
+                .create_retrying(&text, &key, Duration::from_secs(retry_for), retried)
+                .await;
+            let v = match created {
+                Ok(v) => v,
+                Err(e @ ClientError::Unreachable { .. }) => {
+                    let mut f = Failure::from(e);
+                    f.hint = Some(format!(
+                        "the workspace may have been created: `workspace create --file {} --idempotency-key {key}` answers with it if it was, and creates it if not",
+                        file.display()
+                    ));
+                    return Err(f);
+                }
+                Err(e) => return Err(e.into()),
+            };
             // The id first, before any wait, as sbatch does: whatever
             // happens next, the user knows what to destroy.
             if quiet {

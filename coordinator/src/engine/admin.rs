@@ -33,7 +33,7 @@ const NEEDS_KILL_ALL: &str = "
     WHERE p.last_event <> 'cleaned' AND (
       (p.state = 'lost' AND p.last_event <> 'released')
       OR p.last_event = 'released_unclean'
-      OR ((s.state = 'released' OR s.state = 'failed')
+      OR ((s.state = 'released' OR s.state = 'failed' OR s.state = 'unreported')
           AND (p.state = 'started' OR p.state = 'reserved' OR p.state = 'preempting')))
     ORDER BY p.node, p.slot_id";
 

@@ -23,6 +23,55 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+/// How long the coordinator keeps a create's idempotency key: a retry within
+/// this gets the workspace the key made (a day: longer than any client
+/// retries, short enough that the table stays small).
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// An idempotency key is 8 to 128 characters of letters, digits, `-`, `_`,
+/// `.` and `:` (a UUID, or any random string the client likes).
+fn check_idempotency_key(key: &str) -> Result<(), EngineError> {
+    let ok = (8..=128).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(EngineError::BadRequest(format!(
+            "Idempotency-Key {key:?}: must be 8 to 128 letters, digits, '-', '_', '.' or ':'"
+        )))
+    }
+}
+
+/// The spec as a retry must repeat it (SHA-256 of its JSON).
+fn spec_fingerprint(spec: &WorkspaceSpec) -> Result<String, EngineError> {
+    use sha2::Digest;
+    let json = serde_json::to_vec(spec)
+        .map_err(|e| EngineError::BadRequest(format!("spec does not encode: {e}")))?;
+    Ok(hex::encode(sha2::Sha256::digest(&json)))
+}
+
+/// The workspace an earlier create with this key made (keys older than
+/// [`IDEMPOTENCY_TTL_MS`] forgotten first), or the refusal when the key came
+/// with another spec.
+fn earlier_create(
+    tx: &Connection,
+    user: &str,
+    key: &str,
+    fingerprint: &str,
+    now: u64,
+) -> Result<Option<WorkspaceId>, EngineError> {
+    store::forget_idempotency_keys(tx, now.saturating_sub(IDEMPOTENCY_TTL_MS))?;
+    match store::idempotent_create(tx, user, key)? {
+        Some((id, fp)) if fp != fingerprint => Err(EngineError::KeyReused(format!(
+            "Idempotency-Key {key:?} was used for another spec (workspace {id}); a new request needs a new key"
+        ))),
+        Some((id, _)) => Ok(Some(id)),
+        None => Ok(None),
+    }
+}
+
 impl Engine {
     /// Creates a workspace: sizes its slots, stores it, submits its pilot
     /// jobs; answers with its view.
@@ -35,13 +84,51 @@ impl Engine {
         self.get(caller, &id)
     }
 
+    /// [`Engine::create`] with the client's idempotency key: the first
+    /// request with a key creates; a retry with the same key and spec (by the
+    /// same user, within [`IDEMPOTENCY_TTL_MS`]) gets the same workspace,
+    /// `true` with it, and nothing is created or submitted again. The same
+    /// key with another spec is refused.
+    pub async fn create_idempotent(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+        key: &str,
+    ) -> Result<(WorkspaceView, bool), EngineError> {
+        check_idempotency_key(key)?;
+        let (id, replayed) = self.create_keyed(caller, spec, Some(key)).await?;
+        Ok((self.get(caller, &id)?, replayed))
+    }
+
     /// [`Engine::create`] without the view: the new workspace's id.
     pub async fn create_workspace(
         &self,
         caller: &Caller,
-        mut spec: WorkspaceSpec,
+        spec: WorkspaceSpec,
     ) -> Result<WorkspaceId, EngineError> {
+        Ok(self.create_keyed(caller, spec, None).await?.0)
+    }
+
+    async fn create_keyed(
+        &self,
+        caller: &Caller,
+        mut spec: WorkspaceSpec,
+        key: Option<&str>,
+    ) -> Result<(WorkspaceId, bool), EngineError> {
         spec.validate()?;
+        // The spec as the client sent it (a relative start resolves anew on
+        // every retry), and a retry answered before anything is reserved.
+        let fingerprint = spec_fingerprint(&spec)?;
+        if let Some(key) = key {
+            let now = self.clock.now_ms();
+            let earlier = self.with_store(|s| {
+                s.tx(|tx| earlier_create(tx, &caller.user, key, &fingerprint, now))
+            })?;
+            if let Some(id) = earlier {
+                info!(workspace_id = %id, owner = %caller.user, "create retried with its idempotency key: the same workspace");
+                return Ok((id, true));
+            }
+        }
         let cluster = Cluster {
             capacity: self.capacity,
             min_dom0_mb: self.cfg.pilot.min_dom0_mb,
@@ -87,6 +174,12 @@ impl Engine {
             .sum();
         let stored = self.with_store(|s| {
             s.tx(|tx| {
+                // Two retries at once: the second finds the first's key here.
+                if let Some(key) = key {
+                    if let Some(id) = earlier_create(tx, &caller.user, key, &fingerprint, now)? {
+                        return Ok(Some(id));
+                    }
+                }
                 // In the transaction that stores it: two requests at once
                 // cannot both pass on the same room.
                 if limits != crate::limits::Limits::default() {
@@ -99,6 +192,16 @@ impl Engine {
                     })?;
                 }
                 store::insert_workspace(tx, &ws)?;
+                if let Some(key) = key {
+                    store::insert_idempotency_key(
+                        tx,
+                        &caller.user,
+                        key,
+                        &ws.id,
+                        &fingerprint,
+                        now,
+                    )?;
+                }
                 if let Some(row) = &held {
                     let row = store::ReservationRow {
                         workspace_id: ws.id.clone(),
@@ -174,14 +277,24 @@ impl Engine {
                         caller.user
                     ),
                 )?;
-                Ok::<_, EngineError>(())
+                Ok::<_, EngineError>(None)
             })
         });
-        if let Err(e) = stored {
+        let earlier = match stored {
+            Ok(earlier) => earlier,
+            Err(e) => {
+                if let Some(row) = &held {
+                    self.drop_unstored(row).await;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(id) = earlier {
             if let Some(row) = &held {
                 self.drop_unstored(row).await;
             }
-            return Err(e);
+            info!(workspace_id = %id, owner = %caller.user, "create retried with its idempotency key: the same workspace");
+            return Ok((id, true));
         }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
@@ -211,7 +324,7 @@ impl Engine {
             }
         }
         self.bump();
-        Ok(ws.id)
+        Ok((ws.id, false))
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
@@ -359,6 +472,11 @@ impl Engine {
             p.margin_s.to_string(),
             "--poll-wait-ms".into(),
             p.poll_wait_ms.to_string(),
+            // A coordinator restarting while the job starts is waited for as
+            // long as the slot's slack for starting up (the pilot's own
+            // default, 30 s, is shorter than a restart may take).
+            "--startup-budget-s".into(),
+            p.startup_slack_s.max(1).to_string(),
         ];
         if p.hypervisor == crate::config::Hypervisor::Sim {
             argv.push("--sim-dir".into());

@@ -295,7 +295,7 @@ pub(super) fn apply_event(
                 store::mark_pilot_unclean(c, &slot.id, &e.node)?;
                 warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
             }
-            on_released(&mut ev, *reason, &detail)
+            on_released(&mut ev, *reason, &detail, *clean, vms_destroyed)
         }
         // Suspend and resume: the rules are in `suspend`.
         EventKind::VmSuspended {
@@ -670,10 +670,15 @@ fn we_cancelled(slot: &SlotRow) -> bool {
 
 /// The pilot gave its node back. If the lease still wanted it, the lease
 /// cannot go on (the pilot reached its deadline, was preempted, or failed).
-fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), EngineError> {
+fn on_released(
+    ev: &mut Ev,
+    reason: ReleaseReason,
+    detail: &str,
+    clean: bool,
+    vms_destroyed: &[VmId],
+) -> Result<(), EngineError> {
     let (c, now, node) = (ev.c, ev.now, ev.node);
-    ev.pilot(pilot_life::Input::Released)?;
-    ev.timeline(Phase::MemoryRestored, None, detail)?;
+    let moved = store::advance_pilot(c, &ev.slot.id, node, pilot_life::Input::Released)?;
     let gone = vm_life::Input::Gone {
         preempted: ev.ws.state == WorkspaceState::Preempted
             || (reason == ReleaseReason::Preempted && !we_cancelled(ev.slot)),
@@ -687,6 +692,34 @@ fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), E
             unsaved.push(vm.clone());
         }
         store::advance_vm_from(c, &vm, state, gone)?;
+        if vms_destroyed.contains(&vm) {
+            // Destroyed with its slot: on the timeline at the pilot's time.
+            ev.timeline(Phase::VmDestroyed, Some(&vm), "destroyed with its slot")?;
+        }
+    }
+    ev.timeline(Phase::MemoryRestored, None, detail)?;
+    if moved.is_some() && ev.slot.state == SlotState::Unreported {
+        // Too late to change the slot (it ended unreported, for good), not to
+        // correct what we told the admin about this node.
+        let verdict = if clean {
+            format!("its node was left clean: no workspace-kill-all needed on {node}")
+        } else {
+            format!("its node was NOT left clean: {ADMINS_TOLD}")
+        };
+        store::push_timeline(
+            c,
+            &ev.ws.id,
+            now,
+            now,
+            Phase::SlotReleased,
+            Some(&ev.slot.id),
+            Some(node),
+            None,
+            &format!(
+                "late report from the pilot on {node} (made {}): {verdict}",
+                protocol::time::format_ms(ev.e.ts_ms)
+            ),
+        )?;
     }
     suspend::after_release(c, &mut ev.ws, node, &unsaved, now)?;
     if needs_slot(c, &ev.ws, &ev.slot.id)? {

@@ -78,6 +78,9 @@ pub enum EngineError {
     /// Over one of the caller's limits (`[[users]]`): refused, nothing stored.
     #[error("{0}")]
     OverLimit(#[from] crate::limits::OverLimit),
+    /// A create's idempotency key came back with another spec.
+    #[error("{0}")]
+    KeyReused(String),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]

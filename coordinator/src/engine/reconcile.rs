@@ -6,8 +6,8 @@
 //! Not here: the rules these steps apply (`rules`).
 
 use super::rules::{
-    end_slots, fail_workspace, job_ended, maybe_settle, must_ws, slot_maybe_released, transition,
-    ADMINS_TOLD,
+    end_slots, fail_workspace, job_ended, maybe_settle, must_ws, reports_overdue,
+    slot_maybe_released, transition, ADMINS_TOLD,
 };
 use super::{Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
@@ -84,6 +84,49 @@ impl Engine {
                 warn!(error = %e, "releasing batch system reservations failed; will retry");
             }
         }
+        if let Err(e) = self.give_up_on_reports() {
+            warn!(error = %e, "overdue report check failed");
+        }
+    }
+
+    /// Slots whose job ended before their pilots reported, and whose wait
+    /// for the reports (`report_wait_s`, counted from when we learned the job
+    /// ended, or from this process's start) is over, end `unreported`: their
+    /// silent nodes are named for kill-all.
+    pub fn give_up_on_reports(&self) -> Result<(), EngineError> {
+        let now = self.clock.now_ms();
+        let wait_s = self.cfg.report_wait_s;
+        let changed = self.with_store(|s| {
+            s.tx(|tx| {
+                let mut changed = false;
+                for slot in store::slots_awaiting_report(tx)? {
+                    let ended = store::job_ended_ms(tx, &slot.workspace_id, &slot.id)?;
+                    let since = ended.unwrap_or(now).max(self.started_ms);
+                    changed |= reports_overdue(tx, &slot, since, now, wait_s)?;
+                }
+                Ok::<_, EngineError>(changed)
+            })
+        })?;
+        if changed {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// When the next slot awaiting its pilots' reports gives up on them, if any waits.
+    pub fn next_report_deadline_ms(&self) -> Result<Option<u64>, EngineError> {
+        let wait_ms = self.cfg.report_wait_s * 1000;
+        self.with_store(|s| {
+            let c = s.conn();
+            let mut next: Option<u64> = None;
+            for slot in store::slots_awaiting_report(c)? {
+                let ended = store::job_ended_ms(c, &slot.workspace_id, &slot.id)?;
+                let since = ended.unwrap_or(self.started_ms).max(self.started_ms);
+                let due = since + wait_ms;
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+            Ok(next)
+        })
     }
 
     /// When the next lease runs out (its workspace then expires), if any runs.
@@ -369,9 +412,7 @@ impl Engine {
                 continue;
             };
             let ended = match states.get(&JobId(job.clone())) {
-                Some(JobStatus::Known(st)) if st.is_finished() => {
-                    Some(format!("{st:?}").to_lowercase())
-                }
+                Some(JobStatus::Known(st)) if st.is_finished() => Some(how_it_ended(st)),
                 Some(JobStatus::NotFound) => Some("no longer listed".to_string()),
                 _ => None,
             };
@@ -380,13 +421,28 @@ impl Engine {
                 states.get(&JobId(job.clone())),
                 Some(JobStatus::Known(JobState::Preempted))
             );
-            self.with_store(|s| s.tx(|tx| job_ended(tx, &slot.id, &job, &how, preempted, now)))?;
+            let wait_s = self.cfg.report_wait_s;
+            self.with_store(|s| {
+                s.tx(|tx| job_ended(tx, &slot.id, &job, &how, preempted, now, wait_s))
+            })?;
             changed = true;
         }
         if changed {
             self.bump();
         }
         Ok(())
+    }
+}
+
+/// How the batch system says a job ended, for people: `completed`,
+/// `failed: node2: exit code 4`, `timeout` ...
+fn how_it_ended(st: &JobState) -> String {
+    match st {
+        JobState::Failed(why) => format!("failed: {why}"),
+        JobState::Error(why) => format!("error: {why}"),
+        JobState::Unknown(raw) => format!("in state {raw}"),
+        JobState::NodeFail => "node failure".into(),
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 
@@ -412,4 +468,20 @@ pub(super) fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), Engine
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::how_it_ended;
+    use lrm_adapters::JobState;
+
+    #[test]
+    fn a_job_end_is_said_in_words_with_what_the_batch_system_knows() {
+        let failed = JobState::Failed("node2: exit code 4".into());
+        assert_eq!(how_it_ended(&failed), "failed: node2: exit code 4");
+        assert_eq!(how_it_ended(&JobState::Completed), "completed");
+        assert_eq!(how_it_ended(&JobState::Timeout), "timeout");
+        assert_eq!(how_it_ended(&JobState::NodeFail), "node failure");
+        assert_eq!(how_it_ended(&JobState::Unknown("BF".into())), "in state BF");
+    }
 }

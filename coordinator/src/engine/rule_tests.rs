@@ -183,6 +183,12 @@ impl Rig {
 
     /// The pilot of (slot, node) says `kind`, through the typed entry.
     fn send(&self, slot: &SlotId, node: &str, kind: EventKind) -> Outcome {
+        self.send_made_at(slot, node, kind, self.clock.now_ms())
+    }
+
+    /// [`Rig::send`] of an event the pilot made at `ts_ms` (a letter from
+    /// its outbox, delivered late).
+    fn send_made_at(&self, slot: &SlotId, node: &str, kind: EventKind, ts_ms: u64) -> Outcome {
         let seq = {
             let mut pilots = self.pilots.lock().expect("lock");
             let p = pilots
@@ -196,7 +202,7 @@ impl Rig {
             pilot_id: seq.0,
             node: node.into(),
             seq: seq.1,
-            ts_ms: self.clock.now_ms(),
+            ts_ms,
             kind,
         };
         *self.last.lock().expect("lock") = Some(event.clone());
@@ -370,8 +376,28 @@ async fn preempted_while_destroying_ends_preempted_with_every_vm_preempted() {
     assert!(phases.contains(&Phase::Preempting) && phases.ends_with(&[Phase::Ended]));
 }
 
+/// The timeline's details, in order.
+async fn details(rig: &Rig, ws: &WorkspaceView) -> Vec<(Phase, String)> {
+    let page = rig.engine.events(&admin(), &ws.id, 0, Duration::ZERO).await;
+    page.expect("events")
+        .events
+        .into_iter()
+        .map(|e| (e.phase, e.detail))
+        .collect()
+}
+
+fn preempting(now: u64) -> EventKind {
+    EventKind::Preempting {
+        signal: "SIGTERM".into(),
+        coordinator_wait_ms: 0,
+        cleanup_deadline_ms: now + 4_000,
+        suspending: Vec::new(),
+        not_suspending: None,
+    }
+}
+
 #[tokio::test]
-async fn a_job_that_ends_before_its_pilots_release_fails_the_lease_and_names_the_nodes() {
+async fn a_job_that_ends_before_its_pilots_report_waits_for_them_then_names_the_nodes() {
     let rig = Rig::new();
     let ws = rig.lease(2, 3600).await;
     rig.bring_up(&ws);
@@ -387,29 +413,203 @@ async fn a_job_that_ends_before_its_pilots_release_fails_the_lease_and_names_the
 
     rig.engine.housekeeping(true).await;
     let v = rig.view(&ws.id);
+    // The batch system cannot say how the nodes ended; the pilots' reports
+    // (late, from their outboxes) can: nothing is decided before they come.
+    assert_eq!(v.slots[0].state, SlotState::AwaitingReport, "{v:?}");
+    assert_eq!(v.state, WorkspaceState::Running);
+    assert!(!v.settled);
+    let due = T0 + 60_000 + 60_000;
+    assert_eq!(
+        rig.engine.next_report_deadline_ms().expect("due"),
+        Some(due)
+    );
+    rig.clock.set(due - 1);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.view(&ws.id).slots[0].state, SlotState::AwaitingReport);
+    let said = details(&rig, &ws).await;
+    assert!(
+        !said.iter().any(|(_, d)| d.contains("kill-all")),
+        "no kill-all advice while reports may come: {said:#?}"
+    );
+
+    rig.clock.set(due);
+    rig.engine.housekeeping(false).await;
+    let v = rig.view(&ws.id);
     assert_eq!(v.state, WorkspaceState::Failed);
     assert!(
         v.reason
             .as_deref()
             .unwrap_or("")
-            .contains(&format!("batch job {job} ended")),
+            .contains(&format!("batch job {job} ended"))
+            && v.reason.as_deref().unwrap_or("").contains("node1, node2"),
         "{v:?}"
     );
-    assert_eq!(v.slots[0].state, SlotState::Failed);
+    assert_eq!(v.slots[0].state, SlotState::Unreported);
     assert!(v.settled, "nothing is owed to a job that ended: {v:?}");
+    let said = details(&rig, &ws).await;
+    let note = said
+        .iter()
+        .find(|(p, _)| *p == Phase::SlotReleased)
+        .expect("the slot's end is on the timeline");
+    assert!(
+        note.1.contains("node1, node2") && note.1.contains("kill-all"),
+        "{note:?}"
+    );
+    let (phase, end) = said.last().expect("an end");
+    assert_eq!(*phase, Phase::Ended);
+    assert!(
+        !end.contains("every slot given back") && end.contains("node1, node2"),
+        "{end}"
+    );
+
+    // node1's report comes after all (kill-all delivered it): recorded, the
+    // advice for node1 withdrawn; the slot and the workspace do not move.
+    let made = T0 + 61_000;
+    rig.clock.advance(3_600_000);
+    rig.send_made_at(
+        &ws.slots[0].id,
+        "node1",
+        released(ReleaseReason::Preempted),
+        made,
+    )
+    .expect("a late report is taken");
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Failed);
+    assert_eq!(v.slots[0].state, SlotState::Unreported);
+    let said = details(&rig, &ws).await;
+    let (_, last) = said.last().expect("entries");
+    assert!(
+        last.contains("late report from the pilot on node1")
+            && last.contains("no workspace-kill-all needed"),
+        "{said:#?}"
+    );
+}
+
+#[tokio::test]
+async fn reports_that_arrive_after_a_long_outage_correct_the_record_of_a_destroy() {
+    let mut rig = Rig::new();
+    let ws = rig.lease(2, 3600).await;
+    rig.bring_up(&ws);
+    let slot = ws.slots[0].id.clone();
+    let job = rig.job_of(&ws);
+    rig.engine.destroy(&admin(), &ws.id).expect("destroy");
+    for node in ["node1", "node2"] {
+        assert!(rig.commands(&slot, node).contains(&CommandKind::Release));
+    }
+    // The coordinator goes away; the pilots destroy, restore, write their
+    // reports to their outboxes and exit; the job ends. 45 s later it is back
+    // and asks the batch system first.
+    let made = rig.clock.now_ms() + 500;
+    let vms = rig.view(&ws.id).vms;
+    rig.clock.advance(45_000);
+    rig.lrm.set(&job, JobState::Completed);
+    rig.restart();
+    rig.engine.housekeeping(true).await;
+    let v = rig.view(&ws.id);
+    assert_eq!(
+        v.state,
+        WorkspaceState::Destroying,
+        "not destroyed before it knows"
+    );
+    assert_eq!(v.slots[0].state, SlotState::AwaitingReport);
+    assert!(!details(&rig, &ws)
+        .await
+        .iter()
+        .any(|(p, _)| *p == Phase::Ended));
+
+    // The letters arrive (the next pilot on each node delivers them), in the
+    // order and with the times they were made.
+    rig.clock.advance(5_000);
+    for (i, node) in ["node1", "node2"].iter().enumerate() {
+        let at = made + 100 * i as u64;
+        for vm in vms.iter().filter(|vm| vm.node.as_deref() == Some(node)) {
+            let kind = EventKind::VmDestroyed {
+                vm_id: vm.id.clone(),
+                destroy_ms: 20,
+            };
+            rig.send_made_at(&slot, node, kind, at)
+                .expect("vm_destroyed");
+        }
+        rig.send_made_at(&slot, node, released(ReleaseReason::Commanded), at + 50)
+            .expect("released");
+    }
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Destroyed, "{v:?}");
+    assert_eq!(v.slots[0].state, SlotState::Released);
+    assert!(v.settled, "{v:?}");
     let page = rig
         .engine
         .events(&admin(), &ws.id, 0, Duration::ZERO)
         .await
         .expect("events");
-    let note = page
+    let said: Vec<_> = page
         .events
         .iter()
-        .find(|e| e.phase == Phase::SlotReleased)
-        .expect("the slot's end is on the timeline");
+        .map(|e| (e.phase, e.detail.clone()))
+        .collect();
     assert!(
-        note.detail.contains("node1, node2") && note.detail.contains("kill-all"),
-        "{note:?}"
+        !said.iter().any(|(_, d)| d.contains("kill-all")),
+        "no false kill-all advice: {said:#?}"
+    );
+    let late: Vec<u64> = page
+        .events
+        .iter()
+        .filter(|e| matches!(e.phase, Phase::VmDestroyed | Phase::MemoryRestored))
+        .map(|e| e.ts_ms)
+        .collect();
+    assert_eq!(late.len(), 4, "{said:#?}");
+    assert!(
+        late.windows(2).all(|w| w[0] <= w[1]),
+        "in time order: {late:?}"
+    );
+    assert!(
+        late.iter().all(|t| *t < made + 1_000),
+        "their own times: {late:?}"
+    );
+    let (phase, end) = said.last().expect("an end");
+    assert_eq!(
+        (*phase, end.as_str()),
+        (Phase::Ended, "destroyed: every slot given back")
+    );
+}
+
+#[tokio::test]
+async fn a_preemption_reported_late_ends_the_lease_preempted_naming_node_and_signal() {
+    let mut rig = Rig::new();
+    let ws = rig.lease(2, 3600).await;
+    rig.bring_up(&ws);
+    let slot = ws.slots[0].id.clone();
+    let job = rig.job_of(&ws);
+    // SIGTERM while the coordinator is away; the local batch system only
+    // knows that the job's processes are gone.
+    let made = rig.clock.now_ms() + 100;
+    rig.clock.advance(40_000);
+    rig.lrm.set(&job, JobState::Completed);
+    rig.restart();
+    rig.engine.housekeeping(true).await;
+    assert_eq!(rig.view(&ws.id).state, WorkspaceState::Running);
+    for node in ["node2", "node1"] {
+        rig.send_made_at(&slot, node, preempting(made), made)
+            .expect("preempting");
+        rig.send_made_at(&slot, node, released(ReleaseReason::Preempted), made + 900)
+            .expect("released");
+    }
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Preempted, "{v:?}");
+    let reason = v.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("node2") && reason.contains("SIGTERM") && !reason.contains("completed"),
+        "{reason}"
+    );
+    assert!(
+        v.vms.iter().all(|vm| vm.state == VmState::Preempted),
+        "{v:?}"
+    );
+    assert!(v.settled, "{v:?}");
+    let said = details(&rig, &ws).await;
+    assert!(
+        !said.iter().any(|(_, d)| d.contains("kill-all")),
+        "{said:#?}"
     );
 }
 
@@ -685,9 +885,21 @@ async fn unclean_releases_and_stuck_pilots_are_listed_for_kill_all_until_cleaned
         problems.push("guest wsp-x still there".into());
     }
     rig.send(&slot, "node1", unclean).expect("released");
-    // node2's pilot never says it released; the job ends under it.
+    // node2's pilot never says it released; the job ends under it, and the
+    // slot gives up waiting for its late report.
     let job = rig.job_of(&ws);
     rig.lrm.set(&job, JobState::Completed);
+    rig.engine.housekeeping(true).await;
+    assert!(
+        rig.engine
+            .cluster_view(&admin())
+            .expect("view")
+            .needs_kill_all
+            .iter()
+            .all(|k| k.node != "node2"),
+        "not listed while its report may still come"
+    );
+    rig.clock.advance((rig.engine.cfg.report_wait_s + 1) * 1000);
     rig.engine.housekeeping(true).await;
     let v = rig.engine.cluster_view(&admin()).expect("view");
     let todo: Vec<(&str, &str)> = v
@@ -738,4 +950,67 @@ async fn unclean_releases_and_stuck_pilots_are_listed_for_kill_all_until_cleaned
         .expect("view")
         .needs_kill_all
         .is_empty());
+}
+
+#[tokio::test]
+async fn a_create_repeated_with_its_key_gets_the_same_workspace_for_a_day_and_per_user() {
+    let rig = Rig::new();
+    let spec = || {
+        WorkspaceSpec::parse(
+            "name = \"t\"\nduration = 600\n[[group]]\nname = \"g\"\ncount = 1\nmemory_mb = 512\nimage = \"i\"\n",
+        )
+        .expect("spec")
+    };
+    let key = "wsk-0123456789abcdef";
+    let (first, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("created");
+    assert!(!again);
+    rig.clock.advance(30_000);
+    let (second, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("answered");
+    assert!(again, "a retry");
+    assert_eq!(second.id, first.id);
+    assert_eq!(
+        rig.lrm.jobs.lock().expect("lock").len(),
+        1,
+        "submitted once"
+    );
+
+    // Another spec under the same key is refused; another user's key is theirs.
+    let mut other = spec();
+    other.name = "u".into();
+    let refused = rig.engine.create_idempotent(&admin(), other, key).await;
+    assert!(
+        matches!(refused, Err(EngineError::KeyReused(_))),
+        "{refused:?}"
+    );
+    let bob = Caller {
+        user: "bob".into(),
+        admin: false,
+    };
+    let (bobs, again) = rig
+        .engine
+        .create_idempotent(&bob, spec(), key)
+        .await
+        .expect("bob's");
+    assert!(!again && bobs.id != first.id);
+
+    // A day later the key is forgotten: a new workspace.
+    rig.clock.advance(super::client::IDEMPOTENCY_TTL_MS);
+    let (later, again) = rig
+        .engine
+        .create_idempotent(&admin(), spec(), key)
+        .await
+        .expect("created");
+    assert!(!again && later.id != first.id);
+    for bad in ["short", "has space in it", &"x".repeat(129)] {
+        let r = rig.engine.create_idempotent(&admin(), spec(), bad).await;
+        assert!(matches!(r, Err(EngineError::BadRequest(_))), "{bad}: {r:?}");
+    }
 }

@@ -13,9 +13,9 @@ use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::network::{self};
 use crate::policy::{NodeRoom, Policy, VmNeed};
-use crate::store::{self, VmRow, WorkspaceRow};
+use crate::store::{self, SlotRow, VmRow, WorkspaceRow};
 use protocol::pilot::{CommandKind, VmLaunch};
-use protocol::view::{Phase, VmState, WorkspaceState};
+use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
 use protocol::{SlotId, VmId, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::{HashMap, HashSet};
@@ -154,17 +154,21 @@ pub(super) fn maybe_settle(
     }
     let already = store::has_phase(c, &ws.id, Phase::Ended)?;
     if !already && ws.state.is_terminal() {
-        store::push_timeline(
-            c,
-            &ws.id,
-            now,
-            now,
-            Phase::Ended,
-            None,
-            None,
-            None,
-            &format!("{}: every slot given back", ws.state),
-        )?;
+        // Only what is known: nodes whose pilots never reported are named.
+        let mut silent = Vec::new();
+        for s in slots.iter().filter(|s| s.state == SlotState::Unreported) {
+            silent.extend(unreported_nodes(c, &s.id)?);
+        }
+        let detail = if silent.is_empty() {
+            format!("{}: every slot given back", ws.state)
+        } else {
+            format!(
+                "{}: every slot ended; no report from the pilots on {} ({ADMINS_TOLD})",
+                ws.state,
+                silent.join(", ")
+            )
+        };
+        store::push_timeline(c, &ws.id, now, now, Phase::Ended, None, None, None, &detail)?;
     }
     Ok(())
 }
@@ -378,7 +382,11 @@ pub(super) fn slot_maybe_released(
     Ok(())
 }
 
-/// The LRM says the job is over (or gone).
+/// The LRM says the job is over (or gone). When every pilot had reported
+/// release, the slot is released; otherwise it awaits their late reports
+/// (`report_wait_s`, see [`reports_overdue`]), and so does its workspace:
+/// the reports say how the nodes ended and why (a preemption, a deadline),
+/// which the batch system cannot.
 pub(super) fn job_ended(
     c: &Connection,
     slot_id: &SlotId,
@@ -386,12 +394,26 @@ pub(super) fn job_ended(
     how: &str,
     preempted: bool,
     now: u64,
+    report_wait_s: u64,
 ) -> Result<(), EngineError> {
     let Some(slot) = store::get_slot(c, slot_id)? else {
         return Ok(());
     };
     store::advance_job(c, slot_id, &JobInput::Ended)?;
     let mut ws = must_ws(c, &slot.workspace_id)?;
+    let stuck = if slot.state.is_terminal() {
+        Vec::new()
+    } else {
+        unreported_nodes(c, slot_id)?
+    };
+    let detail = if stuck.is_empty() {
+        format!("batch job {job}: {how}")
+    } else {
+        format!(
+            "batch job {job}: {how}; waiting up to {report_wait_s} s for the pilots on {} to report how their nodes ended",
+            stuck.join(", ")
+        )
+    };
     store::push_timeline(
         c,
         &ws.id,
@@ -401,35 +423,25 @@ pub(super) fn job_ended(
         Some(slot_id),
         None,
         None,
-        &format!("batch job {job}: {how}"),
+        &detail,
     )?;
     if !slot.state.is_terminal() {
-        let pilots = store::pilots_of(c, slot_id)?;
-        let stuck: Vec<&str> = pilots
-            .iter()
-            .filter(|p| !p.state.is_terminal())
-            .map(|p| p.node.as_str())
-            .collect();
         let ended = slot_life::Input::JobEnded {
             stuck: !stuck.is_empty(),
         };
         store::advance_slot(c, slot_id, ended)?;
         if !stuck.is_empty() {
-            warn!(slot_id = %slot_id, job, ?stuck, "batch job ended before its pilots reported release");
-            store::push_timeline(
-                c,
-                &ws.id,
-                now,
-                now,
-                Phase::SlotReleased,
-                Some(slot_id),
-                None,
-                None,
-                &format!(
-                    "job ended before pilots on {} reported release: {ADMINS_TOLD}",
+            info!(slot_id = %slot_id, job, ?stuck, "batch job ended before its pilots reported release; awaiting their reports");
+            if !ws.state.is_terminal() {
+                // Said while it waits; the end (from the reports, or their
+                // absence) says its own.
+                let why = format!(
+                    "batch job {job} ended ({how}); waiting up to {report_wait_s} s for the pilots on {} to report how their nodes ended",
                     stuck.join(", ")
-                ),
-            )?;
+                );
+                store::set_workspace_reason(c, &ws.id, &why, now)?;
+            }
+            return Ok(());
         }
         if needs_slot(c, &ws, slot_id)? {
             let reason = format!(
@@ -448,4 +460,62 @@ pub(super) fn job_ended(
     }
     maybe_settle(c, &mut ws, now)?;
     Ok(())
+}
+
+/// The nodes of the slot whose pilots have not said how their node ended.
+pub(super) fn unreported_nodes(
+    c: &Connection,
+    slot_id: &SlotId,
+) -> Result<Vec<String>, EngineError> {
+    Ok(store::pilots_of(c, slot_id)?
+        .into_iter()
+        .filter(|p| !p.state.is_terminal())
+        .map(|p| p.node)
+        .collect())
+}
+
+/// A slot whose job ended `report_wait_s` ago (or before this coordinator
+/// started, then counted from its start) and whose pilots still have not all
+/// reported: it ends `unreported`, its silent nodes named for kill-all, and
+/// a workspace that still wanted it fails. Returns whether it did.
+pub(super) fn reports_overdue(
+    c: &Connection,
+    slot: &SlotRow,
+    since_ms: u64,
+    now: u64,
+    report_wait_s: u64,
+) -> Result<bool, EngineError> {
+    if now < since_ms.saturating_add(report_wait_s * 1000) {
+        return Ok(false);
+    }
+    let stuck = unreported_nodes(c, &slot.id)?;
+    if store::advance_slot(c, &slot.id, slot_life::Input::ReportsOverdue)?.is_none() {
+        return Ok(false);
+    }
+    let mut ws = must_ws(c, &slot.workspace_id)?;
+    let job = slot.job.id().unwrap_or("?");
+    warn!(workspace_id = %ws.id, slot_id = %slot.id, job, ?stuck, "pilots never reported after their job ended");
+    let nodes = stuck.join(", ");
+    store::push_timeline(
+        c,
+        &ws.id,
+        now,
+        now,
+        Phase::SlotReleased,
+        Some(&slot.id),
+        None,
+        None,
+        &format!(
+            "batch job {job} ended and the pilots on {nodes} did not report how their nodes ended within {report_wait_s} s: {ADMINS_TOLD}"
+        ),
+    )?;
+    if lifecycle::wants_slots(ws.state) {
+        let reason = format!(
+            "batch job {job} ended while the workspace was {}; no report from the pilots on {nodes}",
+            ws.state
+        );
+        fail_workspace(c, &mut ws, &reason, now)?;
+    }
+    maybe_settle(c, &mut ws, now)?;
+    Ok(true)
 }

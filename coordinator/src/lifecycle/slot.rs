@@ -22,10 +22,13 @@ pub enum Input {
     NotSubmitted,
     /// Every pilot is gone; `lost` when one went silent (its node wants kill-all).
     PilotsGone { lost: bool },
-    /// The batch system ended the job; `stuck` when pilots had not reported release.
+    /// The batch system ended the job; `stuck` when pilots had not reported
+    /// release (the slot then awaits their late reports).
     JobEnded { stuck: bool },
     /// The job was cancelled before any pilot held anything.
     CancelledBeforePilots,
+    /// The job ended `report_wait_s` ago and some pilots still have not reported.
+    ReportsOverdue,
 }
 
 /// The slot's next state, or `None` when the input does not change it.
@@ -36,6 +39,12 @@ pub fn next(state: SlotState, input: Input) -> Option<SlotState> {
         return None;
     }
     let to = match (state, input) {
+        // The job is over: only the pilots' reports (or their absence) can
+        // still say how the nodes ended.
+        (S::AwaitingReport, PilotsGone { lost: false }) => S::Released,
+        (S::AwaitingReport, PilotsGone { lost: true }) => S::Failed,
+        (S::AwaitingReport, ReportsOverdue) => S::Unreported,
+        (S::AwaitingReport, _) | (_, ReportsOverdue) => return None,
         (S::Submitted, PilotStarted) => S::Reserving,
         (S::Submitted | S::Reserving, AllReserved) => S::Reserved,
         (S::Submitted | S::Reserving | S::Reserved, ReleaseAsked) => S::Releasing,
@@ -43,7 +52,7 @@ pub fn next(state: SlotState, input: Input) -> Option<SlotState> {
         (_, PilotsGone { lost: false }) => S::Released,
         (_, PilotsGone { lost: true }) => S::Failed,
         (_, JobEnded { stuck: false }) => S::Released,
-        (_, JobEnded { stuck: true }) => S::Failed,
+        (_, JobEnded { stuck: true }) => S::AwaitingReport,
         (_, CancelledBeforePilots) => S::Released,
         _ => return None,
     };
@@ -153,7 +162,7 @@ mod tests {
     use Input::*;
     use SlotState as S;
 
-    const INPUTS: [Input; 9] = [
+    const INPUTS: [Input; 10] = [
         PilotStarted,
         AllReserved,
         ReleaseAsked,
@@ -163,6 +172,7 @@ mod tests {
         JobEnded { stuck: false },
         JobEnded { stuck: true },
         CancelledBeforePilots,
+        ReportsOverdue,
     ];
 
     #[test]
@@ -179,7 +189,37 @@ mod tests {
             next(S::Releasing, PilotsGone { lost: true }),
             Some(S::Failed)
         );
-        assert_eq!(next(S::Reserved, JobEnded { stuck: true }), Some(S::Failed));
+        assert_eq!(
+            next(S::Reserved, JobEnded { stuck: true }),
+            Some(S::AwaitingReport)
+        );
+    }
+
+    #[test]
+    fn a_job_that_ended_under_its_pilots_awaits_their_reports_for_a_while() {
+        let s = next(S::Reserved, JobEnded { stuck: true }).unwrap();
+        assert!(!s.is_terminal(), "the nodes' end is not known yet");
+        // Late reports: clean, or one of them lost.
+        assert_eq!(next(s, PilotsGone { lost: false }), Some(S::Released));
+        assert_eq!(next(s, PilotsGone { lost: true }), Some(S::Failed));
+        // None came in time: the nodes are named for kill-all, for good.
+        let u = next(s, ReportsOverdue).unwrap();
+        assert_eq!(u, S::Unreported);
+        assert!(u.is_terminal());
+        // Nothing else moves a slot that awaits reports.
+        for i in [
+            PilotStarted,
+            AllReserved,
+            ReleaseAsked,
+            NotSubmitted,
+            JobEnded { stuck: true },
+            JobEnded { stuck: false },
+            CancelledBeforePilots,
+        ] {
+            assert_eq!(next(s, i), None, "{i:?}");
+        }
+        // Only a slot that awaits reports can have them overdue.
+        assert_eq!(next(S::Reserved, ReportsOverdue), None);
     }
 
     #[test]
@@ -191,7 +231,7 @@ mod tests {
 
     #[test]
     fn terminal_slots_never_move() {
-        for t in [S::Released, S::Failed] {
+        for t in [S::Released, S::Failed, S::Unreported] {
             for i in INPUTS {
                 assert_eq!(next(t, i), None, "{t:?} {i:?}");
             }

@@ -168,7 +168,7 @@ struct Sim<'a> {
     /// The engine's version when its due times were last read, and those
     /// times (lease end, owed cancel): unchanged until it changes.
     due_version: Option<u64>,
-    due: [Option<u64>; 2],
+    due: [Option<u64>; 3],
 }
 
 fn secs(s: f64) -> u64 {
@@ -224,7 +224,7 @@ pub fn run(
         job_prefix: String::new(),
         commands_pushed: 0,
         due_version: None,
-        due: [None, None],
+        due: [None, None, None],
     };
     sim.job_prefix = sim.engine.job_prefix();
     for (i, r) in requests.iter().enumerate() {
@@ -522,6 +522,13 @@ impl Sim<'_> {
         if self.engine.next_cancel_ms()?.is_some_and(|t| t <= now) {
             self.rt.block_on(self.engine.retry_cancels());
         }
+        if self
+            .engine
+            .next_report_deadline_ms()?
+            .is_some_and(|t| t <= now)
+        {
+            self.engine.give_up_on_reports()?;
+        }
         if self.lrm_poll_due().is_some_and(|t| t <= now) {
             self.rt.block_on(self.engine.poll_lrm())?;
             self.rt.block_on(self.engine.cancel_orphans())?;
@@ -564,12 +571,14 @@ impl Sim<'_> {
             self.due = [
                 self.engine.next_lease_end_ms()?,
                 self.engine.next_cancel_ms()?,
+                self.engine.next_report_deadline_ms()?,
             ];
             self.due_version = Some(version);
         }
         let due = [
             self.due[0],
             self.due[1],
+            self.due[2],
             self.lrm_poll_due(),
             self.silence_due(),
         ]
