@@ -322,9 +322,12 @@ pub(super) fn apply_event(
             vm_running,
         } => match ev.ws_vm(vm_id)? {
             Some(vm) => {
+                // A `suspend_vm` answered by a pilot that saves the VM on
+                // its own warning: the answer crossed that save.
                 let preempting = store::pilots_of(c, &slot.id)?
                     .iter()
-                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting);
+                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting)
+                    && store::commanded_suspend(c, &slot.id, &e.node, vm_id)?;
                 suspend::on_vm_suspend_failed(
                     c,
                     &mut ev.ws,
