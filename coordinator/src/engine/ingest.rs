@@ -502,14 +502,16 @@ fn on_reserved(
         let all = slot_life::Input::AllReserved;
         store::advance_slot_from(c, &slot.id, slot.state, all)?;
     }
-    // The slots the VMs are in now (a resumed workspace's old slots are over).
-    let current: std::collections::HashSet<SlotId> = store::vms_of(c, &ev.ws.id)?
-        .into_iter()
-        .map(|v| v.slot_id)
-        .collect();
+    // Resuming: only the slots the VMs are in now count (the old ones are over).
+    let current: Option<std::collections::HashSet<SlotId>> =
+        if ev.ws.state == WorkspaceState::Resuming {
+            Some(store::vms_of(c, &ev.ws.id)?.into_iter().map(|v| v.slot_id).collect())
+        } else {
+            None
+        };
     let all = store::slots_of(c, &ev.ws.id)?
         .iter()
-        .filter(|s| current.contains(&s.id))
+        .filter(|s| current.as_ref().is_none_or(|cur| cur.contains(&s.id)))
         .all(|s| s.state == SlotState::Reserved);
     if all
         && matches!(
