@@ -505,7 +505,12 @@ fn on_reserved(
     // Resuming: only the slots the VMs are in now count (the old ones are over).
     let current: Option<std::collections::HashSet<SlotId>> =
         if ev.ws.state == WorkspaceState::Resuming {
-            Some(store::vms_of(c, &ev.ws.id)?.into_iter().map(|v| v.slot_id).collect())
+            Some(
+                store::vms_of(c, &ev.ws.id)?
+                    .into_iter()
+                    .map(|v| v.slot_id)
+                    .collect(),
+            )
         } else {
             None
         };
