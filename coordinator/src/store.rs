@@ -1205,6 +1205,17 @@ pub fn slot_has_vms(c: &Connection, slot: &SlotId) -> Result<bool> {
     )
 }
 
+/// True when (slot, node) was told to suspend `vm` (a `suspend_vm` command).
+pub fn commanded_suspend(c: &Connection, slot: &SlotId, node: &str, vm: &VmId) -> Result<bool> {
+    let pattern = format!("%\"type\":\"suspend_vm\",\"vm_id\":\"{vm}\"%");
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM commands WHERE slot_id = ?1 AND node = ?2 AND body LIKE ?3 LIMIT 1",
+    )?
+    .query_row(params![slot.as_str(), node, pattern], |_| Ok(()))
+    .optional()?
+    .is_some())
+}
+
 /// A slot's batch job ids, in order of submission.
 pub fn jobs_of_slot(c: &Connection, slot: &SlotId) -> Result<Vec<String>> {
     let mut st =

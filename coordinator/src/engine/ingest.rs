@@ -322,9 +322,12 @@ pub(super) fn apply_event(
             vm_running,
         } => match ev.ws_vm(vm_id)? {
             Some(vm) => {
+                // A `suspend_vm` answered by a pilot that saves the VM on
+                // its own warning: the answer crossed that save.
                 let preempting = store::pilots_of(c, &slot.id)?
                     .iter()
-                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting);
+                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting)
+                    && store::commanded_suspend(c, &slot.id, &e.node, vm_id)?;
                 suspend::on_vm_suspend_failed(
                     c,
                     &mut ev.ws,
@@ -499,14 +502,21 @@ fn on_reserved(
         let all = slot_life::Input::AllReserved;
         store::advance_slot_from(c, &slot.id, slot.state, all)?;
     }
-    // The slots the VMs are in now (a resumed workspace's old slots are over).
-    let current: std::collections::HashSet<SlotId> = store::vms_of(c, &ev.ws.id)?
-        .into_iter()
-        .map(|v| v.slot_id)
-        .collect();
+    // Resuming: only the slots the VMs are in now count (the old ones are over).
+    let current: Option<std::collections::HashSet<SlotId>> =
+        if ev.ws.state == WorkspaceState::Resuming {
+            Some(
+                store::vms_of(c, &ev.ws.id)?
+                    .into_iter()
+                    .map(|v| v.slot_id)
+                    .collect(),
+            )
+        } else {
+            None
+        };
     let all = store::slots_of(c, &ev.ws.id)?
         .iter()
-        .filter(|s| current.contains(&s.id))
+        .filter(|s| current.as_ref().is_none_or(|cur| cur.contains(&s.id)))
         .all(|s| s.state == SlotState::Reserved);
     if all
         && matches!(

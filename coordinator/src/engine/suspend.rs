@@ -378,13 +378,13 @@ pub(super) fn on_vm_suspend_failed(
     cause: SuspendFailure,
     reason: &str,
     vm_running: bool,
-    pilot_preempting: bool,
+    crossed: bool,
     now: u64,
 ) -> Result<(), EngineError> {
     if vm.state != VmState::Suspending {
         return Ok(()); // late or repeated (e.g. saved already on the warning)
     }
-    if cause == SuspendFailure::NoSuchVm && !vm_running && pilot_preempting {
+    if cause == SuspendFailure::NoSuchVm && !vm_running && crossed {
         // A `suspend_vm` that crossed the pilot's own save on the warning:
         // that save reports for itself (and a release without it ends the
         // workspace, see `after_release`).

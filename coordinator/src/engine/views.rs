@@ -200,7 +200,7 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
     let mut vms = Vec::new();
     for v in store::vms_of(c, &ws.id)? {
         let checkpoint = store::latest_checkpoint(c, &v.id)?
-            .filter(|k| k.state != "failed")
+            .filter(|k| k.state == "kept" || k.state == "saving")
             .map(|k| k.id().to_string());
         let placements = store::placements_of(c, &v.id)?;
         vms.push(VmView {

@@ -917,6 +917,32 @@ impl Kvm {
             .stdout(log)
             .stderr(log2)
             .process_group(0);
+        // The batch system's warning goes to every process of the job
+        // (Slurm's proctrack follows the pilot's children whatever their
+        // process group), and QEMU quits on SIGTERM, SIGINT and SIGHUP: the
+        // guest would die before the pilot saves it. QEMU keeps a blocked
+        // mask across exec and never unblocks these, so it lives on until
+        // the pilot saves or destroys it (or the batch system's SIGKILL).
+        let mut keep = nix::sys::signal::SigSet::empty();
+        for sig in [
+            nix::sys::signal::Signal::SIGTERM,
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGHUP,
+        ] {
+            keep.add(sig);
+        }
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls pthread_sigmask, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_BLOCK,
+                    Some(&keep),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+        }
         let program = cmd.get_program().to_string_lossy().into_owned();
         let child = cmd
             .spawn()
