@@ -24,16 +24,6 @@ macro_rules! scenario {
 }
 
 scenario!(lease_runs_on_the_node_and_destroy_leaves_nothing);
-/// Known gap, seen on Torque 6.1: the pilot is SIGKILLed ~0.1 s after qdel
-/// (pbsdsh exits at SIGTERM, the job ends, the mom kills its tasks).
-#[test]
-#[ignore = "Torque 6.1 SIGKILLs pbsdsh's tasks ~0.1 s after qdel (docs/LRM.md, known gap)"]
-fn qdel_is_handled_as_preemption_within_kill_delay() {
-    let Some(s) = pbs_server("torque") else {
-        return;
-    };
-    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
-    pbs::qdel_is_handled_as_preemption_within_kill_delay(s);
-}
+scenario!(qdel_is_handled_as_preemption_within_kill_delay);
 scenario!(lease_end_releases_the_node_and_ends_the_job);
 scenario!(coordinator_refuses_a_grace_longer_than_kill_delay);

@@ -224,7 +224,8 @@ impl Drop for Cleanup<'_> {
 
 /// A stand-in pilot: records its node, its second argument and SIGTERM.
 /// Mode (third argument): `trap` ignores SIGTERM (waits for SIGKILL),
-/// `term` exits on it, `exit0` ends at once with status 0.
+/// `term` exits on it, `clean` takes 2 s to "clean up" after it (then
+/// writes `cleaned-<node>` and exits 0), `exit0` ends at once with status 0.
 pub const PILOT: &str = r#"#!/bin/sh
 d=$1
 node=$(hostname)
@@ -233,6 +234,7 @@ printf '%s\n' "$2" > "$d/arg-$node"
 case $3 in
 exit0) exit 0 ;;
 term) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"; exit 0' TERM ;;
+clean) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"; sleep 2; echo done > "$d/cleaned-$node"; exit 0' TERM ;;
 *) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"' TERM ;;
 esac
 while :; do sleep 0.1; done
@@ -280,6 +282,39 @@ pub async fn one(lrm: &dyn Lrm, id: &JobId) -> JobStatus {
         .unwrap()
         .remove(id)
         .unwrap()
+}
+
+/// Processes whose command line names `dir` (the stand-in pilots, and on
+/// Torque pbsdsh and the loop beside it): none may outlive their job.
+/// OpenPBS's qsub leaves a helper for 60 s (`qsub <script>`, waiting for
+/// the user's next submission): not ours, not counted.
+pub fn processes_of(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| alive(*pid))
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let qsub_helper = cmd.split(' ').next().is_some_and(|a| a.ends_with("/qsub"));
+            (cmd.contains(&dir) && !qsub_helper).then(|| format!("{pid} {cmd}"))
+        })
+        .collect()
+}
+
+/// Waits (10 s at most) until no process names `dir`.
+pub async fn assert_nothing_left(dir: &Path) {
+    let t = Instant::now();
+    while !processes_of(dir).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "left behind by a finished job: {:?}",
+            processes_of(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 pub fn alive(pid: i32) -> bool {
@@ -382,8 +417,69 @@ pub async fn cancel_sends_sigterm_then_sigkill_after_kill_delay(s: &Server) {
     lrm.cancel(&id)
         .await
         .expect("cancelling a finished job is fine");
+    assert_nothing_left(d).await;
     eprintln!(
         "{}: SIGTERM {sigterm:?} after qdel, pilot SIGKILLed after {killed:?}",
+        script_name(s.flavour)
+    );
+}
+
+/// A pilot that needs 2 s to clean up after qdel's SIGTERM gets them (the
+/// grace is kill_delay, 5 s); the job then reads as cancelled (on Torque
+/// as soon as the pilot is done) and nothing of it is left.
+pub async fn qdel_leaves_the_pilot_its_cleanup_and_the_job_ends_with_it(s: &Server) {
+    let lrm = s.lrm();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-clean",
+            1,
+            Duration::from_secs(600),
+            "clean",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    wait_for("the pilot to start", Duration::from_secs(60), || async {
+        d.join("starts").exists()
+    })
+    .await;
+    let starts = std::fs::read_to_string(d.join("starts")).unwrap();
+    let node = starts.split_whitespace().next().unwrap().to_string();
+    let t0 = Instant::now();
+    let out = s.admin("qdel", &[&id.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the job to read as cancelled",
+        Duration::from_secs(30),
+        || async { one(&lrm, &id).await == JobStatus::Known(JobState::Cancelled) },
+    )
+    .await;
+    let ended = t0.elapsed();
+    assert!(
+        d.join(format!("cleaned-{node}")).exists(),
+        "the pilot finished its 2 s cleanup before the job ended (ended after {ended:?})"
+    );
+    // Torque: the job script ends when pbsdsh has seen every pilot end.
+    // OpenPBS keeps the job until its MOM's own SIGKILL, kill_delay after
+    // qdel but checked only at its next poll (seen: 10-12 s).
+    let limit = match s.flavour {
+        Flavour::Torque => Duration::from_secs(5),
+        Flavour::PbsPro => Duration::from_secs(20),
+    };
+    assert!(
+        ended >= Duration::from_secs(2) && ended < limit,
+        "the job ends with its pilot, within {limit:?}: {ended:?}"
+    );
+    assert_nothing_left(d).await;
+    eprintln!(
+        "{}: the pilot cleaned up for 2 s after qdel, job ended after {ended:?}",
         script_name(s.flavour)
     );
 }
