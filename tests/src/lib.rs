@@ -112,6 +112,10 @@ pub struct Options {
     /// pilots) as this user instead of root, as a site runs it for Torque and
     /// PBS: the cluster's folder and copies of the binaries are given to it.
     pub run_as: Option<String>,
+    /// The address the coordinator listens on (default 127.0.0.1): pilots
+    /// on nodes with a network of their own (the PBS tests' execution hosts)
+    /// reach it there.
+    pub listen_ip: String,
 }
 
 /// A real batch system for [`Options::lrm`].
@@ -144,6 +148,7 @@ impl Default for Options {
             hypervisor: "sim".into(),
             node_config: None,
             run_as: None,
+            listen_ip: "127.0.0.1".into(),
         }
     }
 }
@@ -191,7 +196,7 @@ impl Cluster {
         };
         let cfg = format!(
             r#"
-listen = "127.0.0.1:{port}"
+listen = "{listen_ip}:{port}"
 data_dir = "{root}/coordinator"
 {lrm_line}
 tick_ms = 50
@@ -231,6 +236,7 @@ admin = true
 {extra}
 "#,
             root = root.display(),
+            listen_ip = opts.listen_ip,
             port = free_port(),
             nodes = opts.nodes,
             mem = opts.memory_mb,
