@@ -18,6 +18,7 @@
 //! | finished | `C` (while `keep_completed`) | `F` (job history) |
 //! | walltime kill | `exit_status` -11 | `Exit_status` -29 |
 //! | default `kill_delay` | 2 s | 10 s |
+//! | qdel of a multi-node job | every pilot SIGKILLed at once: warned of (`TORQUE_MULTI_NODE`) | SIGTERM to every pilot |
 //!
 //! Seen on the real servers (OpenPBS 23.06, Torque 6.1, scripts/pbs-up.sh):
 //! ids `N.server`; `qdel` gives the job SIGTERM within ~20 ms and exit
@@ -33,6 +34,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// What Torque does to a multi-node job at qdel (docs/LRM.md, "Torque: no
+/// grace for multi-node jobs"): its mom's `mom_req_signal_job()` first has
+/// every sister mom kill the job's tasks (`terminate_sisters()`, IM_KILL_JOB:
+/// SIGTERM, then SIGKILL at once), then goes on to SIGKILL its own.
+const TORQUE_MULTI_NODE: &str = "Torque SIGKILLs every pilot of a multi-node pilot job at qdel, whatever kill_delay says: \
+     a multi-node lease an admin qdels gets no grace and leaves its nodes to workspace-kill-all (docs/LRM.md)";
 
 /// When OpenPBS SIGKILLs pbsdsh's tasks after qdel (see `site_kill_delay`).
 const PBSPRO_TASK_KILL: Duration = Duration::from_secs(10);
@@ -337,6 +345,9 @@ impl Lrm for Pbs {
         let out = command::check(out)?;
         let id = parse_job_id(&out.command, &out.stdout)?;
         tracing::info!(lrm, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        if self.flavour == Flavour::Torque && job.nodes > 1 {
+            tracing::warn!(lrm, job = %id, nodes = job.nodes, "{TORQUE_MULTI_NODE}");
+        }
         Ok(id)
     }
 
@@ -424,6 +435,9 @@ impl Lrm for Pbs {
                     site.as_secs()
                 ),
             });
+        }
+        if self.flavour == Flavour::Torque {
+            tracing::warn!(lrm = self.flavour.name(), "{TORQUE_MULTI_NODE}");
         }
         if ours < site {
             tracing::warn!(

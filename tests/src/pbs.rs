@@ -507,6 +507,15 @@ pub fn qdel_of_a_two_node_lease_on_torque_leaves_the_hosts_to_kill_all(s: &PbsSe
         );
     }
     c.assert_nodes_restored();
+    let log = c.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("gets no grace"))
+        .collect();
+    assert!(
+        warned.len() >= 2 && warned.iter().any(|l| l.contains(&job)),
+        "the coordinator warned of it, at start and at the submit of {job}: {log}"
+    );
 }
 
 /// `serve` refuses a grace longer than the queue's kill_delay, naming it.
