@@ -134,6 +134,7 @@ net_down() {
         ip netns del "$ns" 2>/dev/null || true
         rm -rf "/etc/netns/$ns"
     done
+    rmdir /etc/netns 2>/dev/null || true # only when empty
     ip link del "$PBS_BRIDGE" 2>/dev/null || true
     hosts_clear
 }
