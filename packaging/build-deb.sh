@@ -16,6 +16,10 @@ for b in workspace workspace-coordinator; do
     "target/release/$b" completions zsh >"$out/completions/zsh/_$b"
     "target/release/$b" completions fish >"$out/completions/fish/$b.fish"
 done
+# The node package's pages apart, so the two packages never ship one file.
+mkdir -p "$out/man-pilot"
+target/release/workspace-pilot man --dir "$out/man-pilot" >/dev/null
+target/release/workspace-kill-all --man "$out/man-pilot" >/dev/null
 cargo deb -p wsp-coordinator --no-build
 cargo deb -p wsp-pilot --no-build
 ls -l target/debian/*.deb

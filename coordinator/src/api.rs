@@ -32,6 +32,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v1/workspaces", post(create).get(list))
         .route("/api/v1/workspaces/{id}", get(status).delete(destroy))
         .route("/api/v1/workspaces/{id}/events", get(events))
+        .route("/api/v1/workspaces/{id}/suspend", post(suspend))
+        .route("/api/v1/workspaces/{id}/resume", post(resume))
+        .route("/api/v1/workspaces/{id}/renew", post(renew))
+        .route("/api/v1/admin/nodes", get(admin_nodes))
+        .route("/api/v1/admin/nodes/{node}/cleaned", post(node_cleaned))
         .layer(DefaultBodyLimit::max(MAX_CLIENT_BODY));
     let pilot = Router::new()
         .route(EVENTS_PATH, post(pilot_event))
@@ -42,6 +47,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .merge(pilot)
         .route("/healthz", get(crate::health::healthz))
         .route("/metrics", get(metrics))
+        .route("/status", get(crate::status_page::page))
         .fallback(unknown_route)
         // Inside the routes, where the matched route is known (the outer
         // router below has none: every request would be "unmatched").
@@ -135,12 +141,14 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let status = match &e {
             EngineError::BadSpec(_) | EngineError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            EngineError::DoesNotFit(_) | EngineError::Network(_) => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
+            EngineError::DoesNotFit(_)
+            | EngineError::Network(_)
+            | EngineError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
-            EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
-            EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::Forbidden(_) | EngineError::OverLimit(_) => StatusCode::FORBIDDEN,
+            EngineError::Duplicate { .. } | EngineError::Conflict(_) | EngineError::Refused(_) => {
+                StatusCode::CONFLICT
+            }
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -202,8 +210,19 @@ async fn create(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
-    let view = engine.create(&who, spec).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    match engine.create(&who, spec).await {
+        Ok(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        // A refused guaranteed lease: the earliest start also as a field, for scripts.
+        Err(EngineError::Refused(r)) => Ok((
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({
+                "error": r.to_string(),
+                "earliest_start": r.earliest_ms.map(|ms| protocol::spec::Start::At(ms).to_string()),
+            })),
+        )
+            .into_response()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -228,6 +247,58 @@ async fn destroy(
 ) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.destroy(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn suspend(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.suspend(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn resume(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.resume(&who, &parse_ws_id(&id)?).await?).into_response())
+}
+
+async fn renew(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    let id = parse_ws_id(&id)?;
+    let req: protocol::view::RenewRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("renew body must be {{\"by_s\": <seconds>}}: {e}"),
+        )
+    })?;
+    Ok(Json(engine.renew(&who, &id, req.by_s)?).into_response())
+}
+
+async fn admin_nodes(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.cluster_view(&who)?).into_response())
+}
+
+async fn node_cleaned(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.node_cleaned(&who, &node)?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -305,6 +376,9 @@ async fn pilot_poll(
 
 async fn metrics(State(engine): State<AppState>) -> Response {
     let states = engine.state_counts().unwrap_or_default();
+    if let Err(e) = engine.update_gauges() {
+        tracing::warn!(error = %e, "reading slot and node counts for /metrics");
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

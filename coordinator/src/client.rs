@@ -210,6 +210,48 @@ impl Client {
             .await
     }
 
+    /// `POST .../suspend`: save every VM; the workspace waits suspended.
+    pub async fn suspend(&self, id: &str) -> Result<WorkspaceView, ClientError> {
+        self.send(self.http.post(self.workspace_url(id, "/suspend")?))
+            .await
+    }
+
+    /// `POST .../resume`: new slots, every VM restored from its checkpoint.
+    pub async fn resume(&self, id: &str) -> Result<WorkspaceView, ClientError> {
+        self.send(self.http.post(self.workspace_url(id, "/resume")?))
+            .await
+    }
+
+    /// Renews a running lease by `by` (whole seconds).
+    pub async fn renew(&self, id: &str, by: Duration) -> Result<WorkspaceView, ClientError> {
+        let body = protocol::view::RenewRequest { by_s: by.as_secs() };
+        self.send(
+            self.http
+                .post(self.workspace_url(id, "/renew")?)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// The admin's view of the cluster (admin token only).
+    pub async fn cluster(&self) -> Result<protocol::admin::ClusterView, ClientError> {
+        self.send(self.http.get(format!("{}/api/v1/admin/nodes", self.base)))
+            .await
+    }
+
+    /// Tells the coordinator that kill-all cleaned `node` (admin token only).
+    pub async fn node_cleaned(
+        &self,
+        node: &str,
+    ) -> Result<protocol::admin::CleanedAnswer, ClientError> {
+        let node = utf8_percent_encode(node, SEGMENT);
+        self.send(
+            self.http
+                .post(format!("{}/api/v1/admin/nodes/{node}/cleaned", self.base)),
+        )
+        .await
+    }
+
     /// Timeline entries after `after`, waiting up to `wait` for new ones.
     pub async fn events(
         &self,

@@ -82,6 +82,10 @@ impl Lrm for MeteredLrm {
     fn warning(&self) -> Warning {
         self.inner.warning()
     }
+    /// Not metered: a reservation call is rare (one per guaranteed lease).
+    fn reservations(&self) -> Option<&dyn lrm_adapters::reserve::Reservations> {
+        self.inner.reservations()
+    }
     fn capacity(&self) -> Option<Capacity> {
         self.inner.capacity()
     }
@@ -93,6 +97,14 @@ impl Lrm for MeteredLrm {
     }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         self.timed("status", self.inner.status(ids)).await
+    }
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, lrm_adapters::JobReport>, LrmError> {
+        // The same one query as `status`: counted as one.
+        self.timed("status", self.inner.status_with_reasons(ids))
+            .await
     }
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
         self.timed("cancel", self.inner.cancel(id)).await

@@ -77,6 +77,19 @@ pub struct Metrics {
     /// The latest batch-system call and its outcome (for `/healthz`).
     pub lrm_last: crate::lrm_meter::LastCallCell,
     pub failed_logins: Counter,
+    /// From the request to every VM running (queue wait included).
+    pub request_to_running: Histogram,
+    /// From destroy asked (or the lease's end) to every slot given back.
+    pub teardown: Histogram,
+    pub slots: Family<StateLabel, Gauge>,
+    pub nodes: Family<StateLabel, Gauge>,
+}
+
+fn lease_histogram() -> Histogram {
+    // 0.1 s to about 3.6 h: a lease may wait hours in the batch queue.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.1, 2.0, 18,
+    ))
 }
 
 impl Default for Metrics {
@@ -151,7 +164,35 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             }),
         );
+        let request_to_running = lease_histogram();
+        registry.register(
+            "request_to_running_seconds",
+            "From a workspace's request to all its VMs running (batch queue wait included)",
+            request_to_running.clone(),
+        );
+        let teardown = lease_histogram();
+        registry.register(
+            "teardown_seconds",
+            "From destroy asked or the lease's end to every slot given back (destroyed and expired workspaces)",
+            teardown.clone(),
+        );
+        let slots = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "slots",
+            "Slots (pilot jobs) by state (every state, zero included)",
+            slots.clone(),
+        );
+        let nodes = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "nodes",
+            "Nodes by state: in_use (a pilot holds it), needs_kill_all, other (the rest of the batch system's nodes)",
+            nodes.clone(),
+        );
         Self {
+            request_to_running,
+            teardown,
+            slots,
+            nodes,
             registry,
             workspaces_created,
             pilot_events,
@@ -198,6 +239,45 @@ impl Metrics {
     /// Text exposition format. `states` are the current counts per workspace
     /// state; every known state is rendered, those absent as 0, so a gauge
     /// goes back down when the last workspace leaves a state.
+    /// Sets the slot gauges from counts per state (absent states are 0).
+    pub fn set_slots(&self, counts: &[(String, i64)]) {
+        for state in [
+            "submitted",
+            "reserving",
+            "reserved",
+            "releasing",
+            "released",
+            "failed",
+        ] {
+            let n = counts
+                .iter()
+                .filter(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .sum();
+            self.slots
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n);
+        }
+    }
+
+    /// Sets the node gauges: held by pilots, needing kill-all, the rest of `total`.
+    pub fn set_nodes(&self, in_use: i64, needs_kill_all: i64, total: i64) {
+        let other = (total - in_use - needs_kill_all).max(0);
+        for (state, n) in [
+            ("in_use", in_use),
+            ("needs_kill_all", needs_kill_all),
+            ("other", other),
+        ] {
+            self.nodes
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(n);
+        }
+    }
+
     pub fn render(&self, states: &[(String, i64)]) -> String {
         let count = |name: &str| {
             states

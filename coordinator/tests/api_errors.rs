@@ -38,6 +38,7 @@ impl Api {
                 name: "alice".into(),
                 token_sha256: token_hash(TOKEN),
                 admin: false,
+                ..Default::default()
             }],
             ..Config::default()
         };

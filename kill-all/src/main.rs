@@ -81,6 +81,10 @@ pub(crate) struct Cli {
     /// VMs a coordinator could still resume); unfinished ones always go.
     #[arg(long)]
     purge_checkpoints: bool,
+    /// Write the man page (workspace-kill-all.1) into this directory, and
+    /// do nothing else.
+    #[arg(long, value_name = "DIR")]
+    man: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -129,6 +133,16 @@ impl Report {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.man {
+        match pilot::manpages::write(<Cli as clap::CommandFactory>::command(), dir) {
+            Ok(files) => files.iter().for_each(|f| println!("{}", f.display())),
+            Err(e) => {
+                eprintln!("workspace-kill-all: {e}");
+                std::process::exit(1);
+            }
+        }
+        std::process::exit(0);
+    }
     let node = node_name(cli.node.as_deref());
     let state_dir = expand_node(&cli.state_dir, &node);
     let driver = match which_driver(&cli, &state_dir) {

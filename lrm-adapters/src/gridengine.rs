@@ -6,7 +6,9 @@
 //! after the queue's `notify` time (plain `qdel` without it: SIGKILL at once).
 
 use crate::batch_common::{self, Runner};
-use crate::{shell_join, shell_quote, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{
+    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -85,6 +87,8 @@ pub struct GridEngine {
 
 const LRM: &str = "gridengine";
 
+mod reserve;
+
 impl GridEngine {
     /// One `qstat -u '*' -xml` (every user's jobs), read by `parse`.
     async fn qstat_xml<T>(&self, parse: fn(&str) -> Result<T, String>) -> Result<T, LrmError> {
@@ -124,6 +128,25 @@ impl GridEngine {
         }
         let runner = Runner::new(config.command_timeout_s, &config.env);
         Ok(GridEngine { config, runner })
+    }
+
+    /// `qsub -terse -notify [extra] <script>`.
+    async fn submit_with(&self, job: &SlotJob, extra: &[String]) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sge", job.name),
+            &self.render_script(job),
+        )?;
+        // -terse and -notify on the command line too: a site's sge_request cannot drop them.
+        let mut args = vec!["-terse".to_string(), "-notify".to_string()];
+        args.extend(extra.iter().cloned());
+        args.push(script.display().to_string());
+        let out = crate::command::check(self.runner.run(&self.config.qsub, &args).await?)?;
+        let id = parse_qsub_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
 
     /// The queue's `notify` time (`qconf -sq <queue>`, `all.q` if none is set).
@@ -245,16 +268,35 @@ fn job_lists(xml: &str) -> Result<Vec<HashMap<String, String>>, String> {
 }
 
 /// Reads `qstat -xml`: job number -> state of every `<job_list>` element.
+#[cfg(test)]
 pub(crate) fn parse_qstat_xml(xml: &str) -> Result<HashMap<String, JobState>, String> {
+    Ok(parse_qstat_xml_states(xml)?
+        .into_iter()
+        .map(|(id, raw)| (id, map_state(&raw)))
+        .collect())
+}
+
+/// Reads `qstat -xml`: job number -> raw state code (`qw`, `r`, `hqw`).
+pub(crate) fn parse_qstat_xml_states(xml: &str) -> Result<HashMap<String, String>, String> {
     let mut jobs = HashMap::new();
     for job in job_lists(xml)? {
         let id = job
             .get("JB_job_number")
             .ok_or("a <job_list> without <JB_job_number>")?;
-        let state = job.get("state").map(String::as_str).unwrap_or_default();
-        jobs.insert(id.clone(), map_state(state));
+        let state = job.get("state").cloned().unwrap_or_default();
+        jobs.insert(id.clone(), state);
     }
     Ok(jobs)
+}
+
+/// Why a job in state `raw` waits, in words, or `None` when it does not wait.
+pub(crate) fn waiting_reason(raw: &str, state: &JobState) -> Option<String> {
+    let words = match state {
+        JobState::Held => "on hold",
+        JobState::Queued => "waiting for free slots",
+        _ => return None,
+    };
+    Some(format!("{raw}: {words}"))
 }
 
 /// Reads `qstat -xml`: (job number, job name) of every `<job_list>` element.
@@ -359,41 +401,46 @@ impl Lrm for GridEngine {
         s
     }
 
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        Some(self)
+    }
+
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        batch_common::check_directive_word(LRM, "job name", &job.name)?;
-        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
-        let script = batch_common::write_script(
-            job,
-            &format!("{}.sge", job.name),
-            &self.render_script(job),
-        )?;
-        // -terse and -notify on the command line too: a site's sge_request cannot drop them.
-        let args = vec![
-            "-terse".into(),
-            "-notify".into(),
-            script.display().to_string(),
-        ];
-        let out = crate::command::check(self.runner.run(&self.config.qsub, &args).await?)?;
-        let id = parse_qsub_id(&out.command, &out.stdout)?;
-        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
-        Ok(id)
+        self.submit_with(job, &[]).await
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        let mut answer: HashMap<JobId, JobStatus> = HashMap::new();
+        Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
+    }
+
+    /// A waiting job's reason is its qstat state, in words (`qw: waiting
+    /// for free slots`): the scheduler's own messages (`qstat -j`) are off
+    /// by default (`schedd_job_info false`) and cost a query per job.
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
+        let mut answer: HashMap<JobId, JobReport> = HashMap::new();
         if ids.iter().all(|i| !plausible_id(i)) {
-            answer.extend(ids.iter().map(|i| (i.clone(), JobStatus::NotFound)));
+            answer.extend(
+                ids.iter()
+                    .map(|i| (i.clone(), JobReport::bare(JobStatus::NotFound))),
+            );
             return Ok(answer);
         }
-        let jobs = self.qstat_xml(parse_qstat_xml).await?;
+        let jobs = self.qstat_xml(parse_qstat_xml_states).await?;
         // Finished jobs leave qstat at once (no qacct here): NotFound.
         for id in ids {
-            answer.insert(
-                id.clone(),
-                jobs.get(&id.0)
-                    .cloned()
-                    .map_or(JobStatus::NotFound, JobStatus::Known),
-            );
+            let report = jobs
+                .get(&id.0)
+                .map_or(JobReport::bare(JobStatus::NotFound), |raw| {
+                    let state = map_state(raw);
+                    JobReport {
+                        reason: waiting_reason(raw, &state),
+                        status: JobStatus::Known(state),
+                    }
+                });
+            answer.insert(id.clone(), report);
         }
         Ok(answer)
     }
@@ -446,6 +493,15 @@ mod tests {
             [(JobId("12".into()), "a&b<c>".to_string())]
         );
         assert_eq!(parse_qstat_xml(xml).unwrap()["12"], JobState::Running);
+        assert_eq!(
+            waiting_reason("qw", &map_state("qw")).as_deref(),
+            Some("qw: waiting for free slots")
+        );
+        assert_eq!(
+            waiting_reason("hqw", &map_state("hqw")).as_deref(),
+            Some("hqw: on hold")
+        );
+        assert_eq!(waiting_reason("r", &map_state("r")), None);
         assert!(parse_qstat_xml("<?xml version='1.0'?><job_info><job_list>").is_err());
     }
 

@@ -12,6 +12,7 @@ pub mod gridengine;
 pub mod local;
 pub mod memory;
 pub mod pbs;
+pub mod reserve;
 pub mod slurm;
 
 use async_trait::async_trait;
@@ -99,6 +100,33 @@ pub enum JobStatus {
     NotFound,
 }
 
+/// A job's status with the batch system's own word on why it is not
+/// running (Slurm's REASON, PBS's `comment`, Grid Engine's state), as its
+/// own queue listing shows it. [`Lrm::status_with_reasons`] answers these.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReport {
+    pub status: JobStatus,
+    /// Why the job waits (`Resources`, `Priority`, `Not Running: ...`);
+    /// `None` when it runs or the batch system gives no reason.
+    pub reason: Option<String>,
+}
+
+impl JobReport {
+    /// A status with no reason.
+    pub fn bare(status: JobStatus) -> Self {
+        Self {
+            status,
+            reason: None,
+        }
+    }
+}
+
+/// Drops the reasons: what [`Lrm::status`] answers for an adapter that
+/// implements [`Lrm::status_with_reasons`].
+pub fn without_reasons(reports: HashMap<JobId, JobReport>) -> HashMap<JobId, JobStatus> {
+    reports.into_iter().map(|(id, r)| (id, r.status)).collect()
+}
+
 /// The signal an LRM sends before it kills a job, and how long it waits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Warning {
@@ -164,6 +192,20 @@ pub trait Lrm: Send + Sync {
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError>;
     /// State of many jobs in one LRM query. Every id asked for is in the answer.
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError>;
+    /// [`Lrm::status`] with the reason each waiting job waits, in the same
+    /// single query. Adapters that can read a reason override this (and
+    /// answer `status` from it); the default has no reasons.
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
+        Ok(self
+            .status(ids)
+            .await?
+            .into_iter()
+            .map(|(id, s)| (id, JobReport::bare(s)))
+            .collect())
+    }
     /// Cancels a job (the LRM's warning signal, then SIGKILL after its grace).
     /// Cancelling a job that already ended is not an error.
     async fn cancel(&self, id: &JobId) -> Result<(), LrmError>;
@@ -179,6 +221,11 @@ pub trait Lrm: Send + Sync {
     /// when this LRM cannot list jobs.
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
         Ok(None)
+    }
+    /// Advance reservations, when this batch system has them and the
+    /// adapter drives them (see [`reserve`]).
+    fn reservations(&self) -> Option<&dyn reserve::Reservations> {
+        None
     }
     /// Called once when the coordinator stops. Adapters whose jobs cannot
     /// outlive the coordinator (`local`) end them here; real LRMs keep theirs.

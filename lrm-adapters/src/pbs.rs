@@ -28,7 +28,9 @@
 
 use crate::batch_common::{self, cancel_with_retry, check_directive_word, Runner};
 use crate::command::{self, CommandOutput};
-use crate::{shell_join, shell_quote, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{
+    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -356,10 +358,20 @@ impl Lrm for Pbs {
     /// neither makes the query an error when qstat complained of something
     /// else (a server that did not answer says nothing about the job).
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
+    }
+
+    /// A waiting job's reason is its `comment` (the scheduler's own words,
+    /// `Not Running: Insufficient amount of resource: ncpus ...`), else its
+    /// state letter.
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
         let (ask, bogus): (Vec<JobId>, Vec<JobId>) = ids.iter().cloned().partition(plausible_id);
-        let mut answer: HashMap<JobId, JobStatus> = bogus
+        let mut answer: HashMap<JobId, JobReport> = bogus
             .into_iter()
-            .map(|id| (id, JobStatus::NotFound))
+            .map(|id| (id, JobReport::bare(JobStatus::NotFound)))
             .collect();
         if ask.is_empty() {
             return Ok(answer);
@@ -370,9 +382,13 @@ impl Lrm for Pbs {
         for id in ask {
             let s = seq(&id.0);
             let status = if let Some(job) = listed.get(s) {
-                JobStatus::Known(self.map_job(job))
+                let state = self.map_job(job);
+                JobReport {
+                    reason: waiting_reason(job, &state),
+                    status: JobStatus::Known(state),
+                }
             } else if complaints.gone.iter().any(|g| g == s) || complaints.other.is_empty() {
-                JobStatus::NotFound
+                JobReport::bare(JobStatus::NotFound)
             } else {
                 return Err(LrmError::UnparsableStatus {
                     command: out.command.clone(),
@@ -550,6 +566,18 @@ impl PbsRecord {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.attrs.get(key).map(|v| v.trim())
     }
+}
+
+/// Why a job waits: its `comment`, else its state letter (`Q`, `H`).
+pub(crate) fn waiting_reason(job: &PbsRecord, state: &JobState) -> Option<String> {
+    if !matches!(state, JobState::Queued | JobState::Held) {
+        return None;
+    }
+    let letter = job.get("job_state").unwrap_or("?");
+    Some(match job.get("comment").filter(|c| !c.is_empty()) {
+        Some(c) => c.to_string(),
+        None => format!("job_state {letter}"),
+    })
 }
 
 /// Reads the job id `qsub` printed: the last line that looks like `123`,
@@ -852,6 +880,13 @@ mod tests {
         assert_eq!(
             big.get("comment"),
             Some("Can Never Run: Insufficient amount of resource: ncpus (R: 8 A: 2 T: 2)")
+        );
+        let pbs = Pbs::new(Flavour::PbsPro, PbsConfig::default()).unwrap();
+        let state = pbs.map_job(big);
+        assert_eq!(
+            waiting_reason(big, &state).as_deref(),
+            big.get("comment"),
+            "a waiting job's reason is its comment"
         );
         assert!(big
             .get("Variable_List")

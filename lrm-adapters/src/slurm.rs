@@ -5,7 +5,7 @@
 //! after `KillWait` (`scontrol show config`).
 
 use crate::batch_common::{self, Runner};
-use crate::{shell_join, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::{shell_join, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -70,6 +70,8 @@ pub struct Slurm {
 }
 
 const LRM: &str = "slurm";
+
+mod reserve;
 /// `squeue --format`: id, extended state, reason.
 const SQUEUE_FORMAT: &str = "--format=%i|%T|%r";
 
@@ -94,6 +96,32 @@ impl Slurm {
         }
         let runner = Runner::new(config.command_timeout_s, &config.env);
         Ok(Slurm { config, runner })
+    }
+
+    /// `sbatch --parsable [extra] <script>`.
+    async fn submit_with(&self, job: &SlotJob, extra: &[String]) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sbatch", job.name),
+            &self.render_script(job),
+        )?;
+        let out = self
+            .runner
+            .run(
+                &self.config.sbatch,
+                &["--parsable".to_string()]
+                    .into_iter()
+                    .chain(extra.iter().cloned())
+                    .chain([script.display().to_string()])
+                    .collect::<Vec<_>>(),
+            )
+            .await?;
+        let out = crate::command::check(out)?;
+        let id = parse_sbatch_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
 
     /// The cluster's `KillWait` (`scontrol show config`).
@@ -236,14 +264,26 @@ fn parse_id_name_lines(text: &str) -> Vec<(JobId, String)> {
 
 /// Parses `squeue --noheader --format=%i|%T|%r` lines into id -> state.
 /// Lines that are not three fields (site banners, warnings) are skipped.
+#[cfg(test)]
 pub(crate) fn parse_squeue(stdout: &str) -> HashMap<String, JobState> {
+    parse_squeue_reasons(stdout)
+        .into_iter()
+        .map(|(id, (st, _))| (id, st))
+        .collect()
+}
+
+/// [`parse_squeue`] with each job's pending reason (`%r`), as squeue prints
+/// it in its REASON column; `None` for a running job (`None`) or no reason.
+pub(crate) fn parse_squeue_reasons(stdout: &str) -> HashMap<String, (JobState, Option<String>)> {
     stdout
         .lines()
         .filter_map(|l| {
             let mut f = l.trim().splitn(3, '|');
             let (id, state, reason) = (f.next()?.trim(), f.next()?.trim(), f.next()?.trim());
-            (!id.is_empty() && !state.is_empty())
-                .then(|| (id.to_string(), map_state(state, reason)))
+            let st = map_state(state, reason);
+            let waits = matches!(st, JobState::Queued | JobState::Held);
+            let why = (waits && !reason.is_empty() && reason != "None").then(|| reason.to_string());
+            (!id.is_empty() && !state.is_empty()).then(|| (id.to_string(), (st, why)))
         })
         .collect()
 }
@@ -344,32 +384,30 @@ impl Lrm for Slurm {
         s
     }
 
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        Some(self)
+    }
+
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        batch_common::check_directive_word(LRM, "job name", &job.name)?;
-        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
-        let script = batch_common::write_script(
-            job,
-            &format!("{}.sbatch", job.name),
-            &self.render_script(job),
-        )?;
-        let out = self
-            .runner
-            .run(
-                &self.config.sbatch,
-                &["--parsable".into(), script.display().to_string()],
-            )
-            .await?;
-        let out = crate::command::check(out)?;
-        let id = parse_sbatch_id(&out.command, &out.stdout)?;
-        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
-        Ok(id)
+        self.submit_with(job, &[]).await
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
-        let mut answer: HashMap<JobId, JobStatus> = HashMap::new();
+        Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
+    }
+
+    async fn status_with_reasons(
+        &self,
+        ids: &[JobId],
+    ) -> Result<HashMap<JobId, JobReport>, LrmError> {
+        let mut answer: HashMap<JobId, JobReport> = HashMap::new();
         let (ask, bogus): (Vec<JobId>, Vec<JobId>) = ids.iter().cloned().partition(plausible_id);
         // An id squeue could not even parse would fail the whole query.
-        answer.extend(bogus.into_iter().map(|id| (id, JobStatus::NotFound)));
+        answer.extend(
+            bogus
+                .into_iter()
+                .map(|id| (id, JobReport::bare(JobStatus::NotFound))),
+        );
         if ask.is_empty() {
             return Ok(answer);
         }
@@ -380,13 +418,16 @@ impl Lrm for Slurm {
             out = self.squeue(None).await?;
         }
         let out = crate::command::check(out)?;
-        let states = parse_squeue(&out.stdout);
+        let states = parse_squeue_reasons(&out.stdout);
         for id in ask {
-            let st = states
-                .get(&id.0)
-                .cloned()
-                .map_or(JobStatus::NotFound, JobStatus::Known);
-            answer.insert(id, st);
+            let report = states.get(&id.0).cloned().map_or(
+                JobReport::bare(JobStatus::NotFound),
+                |(state, reason)| JobReport {
+                    status: JobStatus::Known(state),
+                    reason,
+                },
+            );
+            answer.insert(id, report);
         }
         Ok(answer)
     }
@@ -499,6 +540,10 @@ mod tests {
     #[test]
     fn squeue_lines_are_read_and_noise_is_skipped() {
         let s = parse_squeue("1|RUNNING|None\n2|PENDING|JobHeldAdmin\nsqueue: warning: something\n3|CANCELLED|None\n\n");
+        let r = parse_squeue_reasons("1|RUNNING|None\n4|PENDING|Resources\n5|PENDING|Priority\n");
+        assert_eq!(r["1"].1, None, "a running job waits for nothing");
+        assert_eq!(r["4"], (JobState::Queued, Some("Resources".into())));
+        assert_eq!(r["5"].1.as_deref(), Some("Priority"));
         assert_eq!(s.len(), 3);
         assert_eq!(s["1"], JobState::Running);
         assert_eq!(s["2"], JobState::Held);

@@ -168,3 +168,36 @@ async fn grace_is_checked_against_the_queues_notify() {
         .to_string()
         .contains("notify"));
 }
+
+/// Issue 19 item 9: a job that cannot start yet (more slots than the cell
+/// has free) is queued, and its reason is its qstat state in words.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiting_job_says_why_in_grid_engines_terms() {
+    let lrm = lrm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = job(dir.path());
+    big.name = "wsp-sl-sge-wait".into();
+    big.nodes = 64;
+    let id = lrm.submit(&big).await.unwrap();
+    let _cleanup = Cleanup(vec![id.clone()]);
+    let l = &lrm;
+    let i = &id;
+    wait_for("qstat to list it", Duration::from_secs(20), || async move {
+        matches!(
+            l.status(std::slice::from_ref(i)).await.unwrap()[i],
+            JobStatus::Known(_)
+        )
+    })
+    .await;
+    let r = lrm
+        .status_with_reasons(std::slice::from_ref(&id))
+        .await
+        .unwrap();
+    assert_eq!(r[&id].status, JobStatus::Known(JobState::Queued), "{r:?}");
+    assert_eq!(
+        r[&id].reason.as_deref(),
+        Some("qw: waiting for free slots"),
+        "{r:?}"
+    );
+    lrm.cancel(&id).await.unwrap();
+}

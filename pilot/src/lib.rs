@@ -16,6 +16,7 @@ pub mod files;
 pub mod grace;
 pub mod hypervisor;
 pub mod images;
+pub mod manpages;
 pub mod node;
 pub mod notify;
 pub mod outbox;

@@ -40,6 +40,11 @@ enum Cmd {
     /// List, verify or delete checkpoints in the node's checkpoint store (exit 0 ok, 1 failed, 2 usage).
     #[command(subcommand)]
     Checkpoint(checkpoint_cmd::CheckpointCmd),
+    /// Write man pages (workspace-pilot.1 and one per subcommand) into a directory.
+    Man {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -179,6 +184,18 @@ fn main() {
         Cmd::Run(args) => run(args),
         Cmd::Check(args) => check::check(args),
         Cmd::Checkpoint(cmd) => checkpoint_cmd::checkpoint(cmd),
+        Cmd::Man { dir } => {
+            match pilot::manpages::write(<Cli as clap::CommandFactory>::command(), &dir) {
+                Ok(files) => {
+                    files.iter().for_each(|f| println!("{}", f.display()));
+                    0
+                }
+                Err(e) => {
+                    eprintln!("workspace-pilot: {e}");
+                    1
+                }
+            }
+        }
         Cmd::Sim(cmd) => match sim(cmd) {
             Ok(()) => 0,
             Err(e) => {

@@ -5,8 +5,10 @@
 //! receives, workspace specs and the views clients read, and HMAC signing of
 //! pilot traffic. It does no I/O; it is not for HTTP routes or storage.
 
+pub mod admin;
 pub mod auth;
 pub mod ids;
+pub mod lease;
 pub mod pilot;
 pub mod spec;
 pub mod time;

@@ -534,3 +534,37 @@ fn completions_and_man_pages_are_generated_from_the_cli() {
         assert!(text.starts_with(".ie") || text.contains(".TH"), "{text}");
     }
 }
+
+#[test]
+fn the_node_binaries_write_their_man_pages_too() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, page, says) in [
+        (
+            &["man", "--dir"][..],
+            "workspace-pilot-run.1",
+            "--duration-s",
+        ),
+        (&["--man"][..], "workspace-kill-all.1", "--state-dir"),
+    ] {
+        let name = if page.starts_with("workspace-pilot") {
+            "workspace-pilot"
+        } else {
+            "workspace-kill-all"
+        };
+        let out = Command::new(bin(name))
+            .args(args)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(
+            text.contains(".TH") && text.contains(&says.replace('-', "\\-")),
+            "{page}: {text}"
+        );
+    }
+}

@@ -280,3 +280,77 @@ fn prefix_of(master_hex: &str) -> String {
     let digest = protocol::auth::token_hash(&format!("wsp-coordinator\n{master_hex}"));
     format!("wsp-{}-", &digest[..8])
 }
+
+/// Issue 19 item 9: a workspace waiting in Slurm's queue says why, in
+/// Slurm's own words (squeue's REASON), not `reason: null`.
+#[test]
+fn a_workspace_waiting_in_slurms_queue_shows_squeues_reason() {
+    let _turn = SLURM.lock().unwrap_or_else(|p| p.into_inner());
+    let c = cluster("");
+    let first = id_of(&c.create(PAIR));
+    c.wait_for(&first, "running", Duration::from_secs(60), |v| {
+        v["state"] == "running"
+    });
+    // Both nodes' memory is taken: the next waits for resources, the one
+    // after it behind it.
+    let second = id_of(&c.create(PAIR));
+    let third = id_of(&c.create(PAIR));
+    let v2 = c.wait_for(
+        &second,
+        "given Slurm's reason",
+        Duration::from_secs(30),
+        |v| v["slots"][0]["queue_reason"].is_string(),
+    );
+    let v3 = c.wait_for(
+        &third,
+        "given Slurm's reason",
+        Duration::from_secs(30),
+        |v| v["slots"][0]["queue_reason"].is_string(),
+    );
+    assert_eq!(v2["state"], "pending");
+    let job = v2["slots"][0]["job_id"].as_str().unwrap();
+    let reason = v2["slots"][0]["queue_reason"].as_str().unwrap();
+    assert!(
+        reason == "Resources" || reason == "Priority",
+        "Slurm's reason: {v2:#}"
+    );
+    assert_eq!(v2["reason"], format!("batch job {job} waits: {reason}"));
+    // What squeue itself says of that job (with this cluster's config:
+    // slurm_conf() would start a new Slurm).
+    let cfg = std::fs::read_to_string(c.root().join("coordinator.toml")).unwrap();
+    let conf = cfg
+        .split("SLURM_CONF = \"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("SLURM_CONF in the coordinator's config")
+        .to_string();
+    let out = Command::new("squeue")
+        .args(["--noheader", "--format=%r", "--jobs", job])
+        .env("SLURM_CONF", &conf)
+        .output()
+        .expect("squeue");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        reason,
+        "squeue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r3 = v3["slots"][0]["queue_reason"].as_str().unwrap();
+    assert!(r3 == "Resources" || r3 == "Priority", "{v3:#}");
+    for id in [&third, &second, &first] {
+        assert_eq!(c.destroy_as(TOKEN, id).status, 200);
+    }
+    for id in [&first, &second, &third] {
+        c.wait_for(id, "settled", Duration::from_secs(60), |v| {
+            v["settled"] == true
+        });
+    }
+    c.assert_nodes_restored();
+    let out = Command::new("squeue")
+        .args(["--noheader", "--states=PENDING,RUNNING", "--format=%j"])
+        .env("SLURM_CONF", &conf)
+        .output()
+        .expect("squeue");
+    let left = String::from_utf8_lossy(&out.stdout);
+    assert!(!left.contains("wsp-"), "no pilot job left: {left}");
+}

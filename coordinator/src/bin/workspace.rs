@@ -23,6 +23,7 @@ Exit codes:
   1    the coordinator refused or could not be reached (message on stderr)
   2    bad arguments, id or client config
   3    --wait: the workspace ended failed, preempted or expired instead
+       (suspend/resume --wait: it did not reach suspended/running)
   4    --wait: timed out (the workspace goes on; its id was printed first)
   130  --wait: interrupted (Ctrl-C; the workspace goes on)";
 
@@ -77,8 +78,39 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Suspend a running workspace: every VM saved to a checkpoint, its
+    /// slots given back, its lease clock stopped, until `workspace resume`.
+    Suspend {
+        id: String,
+        /// Wait until every VM is saved (shows what happens meanwhile).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Resume a suspended workspace: new slots from the batch system, every
+    /// VM restored from its checkpoint (the same guests, no reboot).
+    Resume {
+        id: String,
+        /// Wait until every VM runs again (shows what happens meanwhile).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Follow a workspace's timeline until it settles.
     Watch { id: String },
+    /// Make a running lease end later (within the walltime its pilot jobs
+    /// were given, see the spec's max_duration, and your max_lease_s).
+    Renew {
+        id: String,
+        /// How much longer: "1h", "30m", "1h 30m" or seconds.
+        #[arg(long, value_parser = parse_by)]
+        by: Duration,
+    },
+    /// Cluster-wide views and actions for admins.
+    #[command(subcommand)]
+    Admin(AdminCmd),
     /// Log in to a VM with ssh (its public address if it has one, else its
     /// private one; the key is the spec's ssh_key).
     Ssh {
@@ -102,6 +134,24 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Nodes in use, slots with their pilots and queue reasons, and the
+    /// nodes that need kill-all with the command to run there.
+    Nodes,
+    /// Say that kill-all cleaned NODE: it is no longer listed, and the VMs
+    /// whose fate was unknown there count as destroyed.
+    Cleaned { node: String },
+}
+
+fn parse_by(text: &str) -> Result<Duration, String> {
+    let d = protocol::spec::parse_duration(text)?;
+    if d.as_secs() == 0 {
+        return Err("must be at least one second".into());
+    }
+    Ok(d)
 }
 
 /// An error with its exit code and, when there is one, what to do.
@@ -325,16 +375,32 @@ fn print_view(v: &WorkspaceView) {
         facts.push(format!("ended {}", from_now(v.updated_ms)));
     } else if let Some(exp) = v.expires_ms {
         facts.push(format!("lease ends {} ({})", from_now(exp), utc(exp)));
+    } else if matches!(
+        v.state,
+        WorkspaceState::Suspending | WorkspaceState::Suspended | WorkspaceState::Resuming
+    ) {
+        facts.push("lease clock stopped while suspended".into());
     }
     if v.state.is_terminal() && !v.settled {
         facts.push("not settled yet: slots are still being given back".into());
     }
     out(&format!("  {}", facts.join("; ")));
+    if v.kind != protocol::spec::LeaseKind::BestEffort {
+        let mut lease = format!("  {} lease", v.kind);
+        if let Some(start) = v.start_ms {
+            lease.push_str(&format!("; starts {} ({})", from_now(start), utc(start)));
+        }
+        if let Some(r) = &v.reservation {
+            lease.push_str(&format!("; batch system reservation {r}"));
+        }
+        out(&lease);
+    }
+    let guaranteed = v.vms.iter().any(|vm| vm.start_offset_ms.is_some());
     let rows = v
         .vms
         .iter()
         .map(|vm| {
-            vec![
+            let mut row = vec![
                 host(vm),
                 vm.group.clone(),
                 vm.state.as_str().to_string(),
@@ -344,23 +410,129 @@ fn print_view(v: &WorkspaceView) {
                 vm.memory_mb.to_string(),
                 vm.cpus.to_string(),
                 vm.name.clone(),
-            ]
+            ];
+            if guaranteed {
+                row.push(vm.start_offset_ms.map_or("-".into(), early_late));
+            }
+            row
         })
         .collect();
+    let mut header = vec![
+        "HOST",
+        "GROUP",
+        "STATE",
+        "ADDRESSES",
+        "NODE",
+        "JOB",
+        "MB",
+        "CPUS",
+        "VM NAME",
+    ];
+    if guaranteed {
+        header.push("AT START");
+    }
+    out(&table(&header, rows));
+}
+
+/// A VM's running time against its lease's start: `12.3 s early`, `850 ms late`.
+fn early_late(offset_ms: i64) -> String {
+    let word = if offset_ms <= 0 { "early" } else { "late" };
+    format!("{} {word}", fmt_stamp_ms(offset_ms.unsigned_abs()))
+}
+
+/// `workspace admin nodes`: the summary, nodes, slots, then what to clean.
+fn print_cluster(c: &protocol::admin::ClusterView) {
+    let live: Vec<String> = c
+        .workspaces
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{n} {s}"))
+        .collect();
+    out(&format!(
+        "{} batch system: {} node(s) of {} core(s), {} MB; {} in use; workspaces: {}",
+        c.batch_system,
+        c.capacity.nodes,
+        c.capacity.cores_per_node,
+        c.capacity.memory_mb_per_node,
+        c.nodes.iter().filter(|n| n.state == "in_use").count(),
+        if live.is_empty() {
+            "none".into()
+        } else {
+            live.join(", ")
+        }
+    ));
+    out("");
+    let dash = |s: String| if s.is_empty() { "-".to_string() } else { s };
+    out(&table(
+        &["NODE", "STATE", "VMS", "VM MB", "SLOTS"],
+        c.nodes
+            .iter()
+            .map(|n| {
+                vec![
+                    n.name.clone(),
+                    n.state.clone(),
+                    n.vms.to_string(),
+                    n.vm_memory_mb.to_string(),
+                    dash(
+                        n.slots
+                            .iter()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ]
+            })
+            .collect(),
+    ));
+    out("");
     out(&table(
         &[
-            "HOST",
-            "GROUP",
+            "SLOT",
+            "WORKSPACE",
+            "OWNER",
             "STATE",
-            "ADDRESSES",
-            "NODE",
             "JOB",
-            "MB",
-            "CPUS",
-            "VM NAME",
+            "REASON",
+            "PILOTS",
         ],
-        rows,
+        c.slots
+            .iter()
+            .map(|s| {
+                vec![
+                    s.id.to_string(),
+                    s.workspace_id.to_string(),
+                    s.owner.clone(),
+                    s.state.as_str().to_string(),
+                    match &s.job_id {
+                        Some(j) => format!("{j} ({})", s.job_state),
+                        None => s.job_state.clone(),
+                    },
+                    s.queue_reason.clone().unwrap_or_else(|| "-".into()),
+                    dash(
+                        s.pilots
+                            .iter()
+                            .map(|p| format!("{}:{}", p.node, p.state))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
+                ]
+            })
+            .collect(),
     ));
+    if !c.needs_kill_all.is_empty() {
+        out("");
+        out("Nodes that need kill-all (run as root on the node, then `workspace admin cleaned NODE`):");
+        for k in &c.needs_kill_all {
+            out(&format!(
+                "  {}: {} (workspace {}, {} unknown VM(s))\n    {}",
+                k.node,
+                k.why,
+                k.workspace_id,
+                k.unknown_vms.len(),
+                k.command
+            ));
+        }
+    }
 }
 
 /// `head-0 10.77.0.5, worker-0 10.77.0.2, ... (+N)`: the first address of
@@ -426,7 +598,10 @@ impl Progress {
             .iter()
             .filter(|vm| vm.state == VmState::Running)
             .count();
-        let status = format!("{}: {}/{} VMs running", v.state, running, v.vms.len());
+        let mut status = format!("{}: {}/{} VMs running", v.state, running, v.vms.len());
+        if let (WorkspaceState::Pending, Some(why)) = (v.state, &v.reason) {
+            status.push_str(&format!(" ({why})"));
+        }
         match &self.bar {
             Some(b) => b.set_message(format!(
                 "{status}, {}",
@@ -496,6 +671,101 @@ async fn wait(
     }
 }
 
+/// After a suspend or resume: the view, or (`--wait`) progress until `done`;
+/// exit 0 when it ended `wanted`, 3 when not, 4 on timeout.
+#[allow(clippy::too_many_arguments)]
+async fn change(
+    client: &Client,
+    id: &str,
+    v: WorkspaceView,
+    w: bool,
+    after: u64,
+    timeout: u64,
+    json: bool,
+    done: impl Fn(&WorkspaceView) -> bool,
+    wanted: impl Fn(&WorkspaceView) -> bool,
+) -> Result<i32, Failure> {
+    if !w {
+        if json {
+            out_json(&v);
+        } else {
+            print_view(&v);
+        }
+        return Ok(0);
+    }
+    let mut progress = Progress::new(false);
+    let waited = wait(
+        client,
+        id,
+        after,
+        Duration::from_secs(timeout),
+        &mut progress,
+        done,
+    )
+    .await?;
+    let (v, code, left) = match waited {
+        Waited::Done(v) => {
+            let code = if wanted(&v) { 0 } else { 3 };
+            (v, code, None)
+        }
+        Waited::TimedOut(v) => {
+            let how = format!("still {} after {timeout} s", v.state);
+            (v, 4, Some(how))
+        }
+        Waited::Interrupted(v) => (v, 130, Some("stopped waiting".to_string())),
+    };
+    if json {
+        out_json(&v);
+    } else {
+        print_view(&v);
+    }
+    if let Some(how) = left {
+        still_going(&v, &how);
+    } else if code == 3 {
+        eprintln!(
+            "workspace: {} is {}{}",
+            v.id,
+            v.state,
+            v.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(code)
+}
+
+/// The suspend and resume entries of a timeline (bytes saved, time each took).
+fn print_suspensions(events: &[TimelineEntry]) {
+    use protocol::view::Phase as P;
+    let mut es: Vec<TimelineEntry> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.phase,
+                P::Suspending
+                    | P::VmSuspended
+                    | P::SuspendFailed
+                    | P::Suspended
+                    | P::Resuming
+                    | P::VmResumed
+                    | P::ResumeFailed
+                    | P::CheckpointDeleted
+            )
+        })
+        .cloned()
+        .collect();
+    if es.is_empty() {
+        return;
+    }
+    in_time_order(&mut es);
+    let t0 = es[0].ts_ms;
+    out(&format!("suspend and resume (from {}):", utc(t0)));
+    for e in &es {
+        out(&format!("  {}", format_entry(e, t0)));
+    }
+}
+
 /// Says (on stderr) what a workspace a wait left behind is doing, and how
 /// to act on it.
 fn still_going(v: &WorkspaceView, how: &str) {
@@ -503,6 +773,9 @@ fn still_going(v: &WorkspaceView, how: &str) {
         WorkspaceState::Pending => "is still queued in the batch system",
         WorkspaceState::Starting => "is still starting its VMs",
         WorkspaceState::Destroying => "is still giving its slots back",
+        WorkspaceState::Suspending => "is still saving its VMs",
+        WorkspaceState::Suspended => "is suspended (`workspace resume` brings it back)",
+        WorkspaceState::Resuming => "is still waiting for new slots or restoring its VMs",
         s if s.is_terminal() => "has ended but still holds slots being given back",
         _ => "goes on",
     };
@@ -597,14 +870,73 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
             }
             Ok(code)
         }
+        Cmd::Renew { id, by } => {
+            let v = client.renew(&id, by).await?;
+            if json {
+                out_json(&v);
+            } else {
+                let ends = v
+                    .expires_ms
+                    .map(|e| format!("{} ({})", from_now(e), utc(e)))
+                    .unwrap_or_else(|| "-".into());
+                out(&format!("renewed {}: lease ends {ends}", v.id));
+            }
+            Ok(0)
+        }
+        Cmd::Admin(AdminCmd::Nodes) => {
+            let c = client.cluster().await?;
+            if json {
+                out_json(&c);
+            } else {
+                print_cluster(&c);
+            }
+            Ok(0)
+        }
+        Cmd::Admin(AdminCmd::Cleaned { node }) => {
+            let a = client.node_cleaned(&node).await?;
+            if json {
+                out_json(&a);
+            } else {
+                out(&format!(
+                    "{}: {} pilot record(s) settled, {} unknown VM(s) counted destroyed",
+                    a.node,
+                    a.pilots,
+                    a.vms.len()
+                ));
+            }
+            Ok(0)
+        }
         Cmd::Status { id } => {
             let v = client.get(&id).await?;
             if json {
                 out_json(&v);
             } else {
                 print_view(&v);
+                print_suspensions(&client.events(&id, 0, Duration::ZERO).await?.events);
             }
             Ok(0)
+        }
+        Cmd::Suspend {
+            id,
+            wait: w,
+            timeout,
+        } => {
+            let after = if w { last_seq(&client, &id).await? } else { 0 };
+            let v = client.suspend(&id).await?;
+            let done = |v: &WorkspaceView| v.state != WorkspaceState::Suspending;
+            let wanted = |v: &WorkspaceView| v.state == WorkspaceState::Suspended;
+            change(&client, &id, v, w, after, timeout, json, done, wanted).await
+        }
+        Cmd::Resume {
+            id,
+            wait: w,
+            timeout,
+        } => {
+            let after = if w { last_seq(&client, &id).await? } else { 0 };
+            let v = client.resume(&id).await?;
+            let done = |v: &WorkspaceView| v.state != WorkspaceState::Resuming;
+            let wanted = |v: &WorkspaceView| v.state == WorkspaceState::Running;
+            change(&client, &id, v, w, after, timeout, json, done, wanted).await
         }
         Cmd::List => {
             let l = client.list().await?;

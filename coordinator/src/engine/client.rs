@@ -39,7 +39,7 @@ impl Engine {
     pub async fn create_workspace(
         &self,
         caller: &Caller,
-        spec: WorkspaceSpec,
+        mut spec: WorkspaceSpec,
     ) -> Result<WorkspaceId, EngineError> {
         spec.validate()?;
         let cluster = Cluster {
@@ -63,9 +63,12 @@ impl Engine {
                 .into());
             }
         }
+        let id = WorkspaceId::generate();
+        // Guaranteed leases: the batch system's reservation, or refused.
+        let held = self.admit(&id, &mut spec, &plans).await?;
         let now = self.clock.now_ms();
         let mut ws = WorkspaceRow {
-            id: WorkspaceId::generate(),
+            id,
             name: spec.name.clone(),
             owner: caller.user.clone(),
             spec: spec.clone(),
@@ -76,12 +79,45 @@ impl Engine {
             expires_ms: None,
         };
         let mut slots = Vec::new();
-        self.with_store(|s| {
+        let limits = self.limits_of(&caller.user);
+        let asked_vms: u32 = plans.iter().map(|p| p.nodes).sum();
+        let asked_mb: u64 = plans
+            .iter()
+            .map(|p| u64::from(p.nodes) * p.memory_mb_per_node)
+            .sum();
+        let stored = self.with_store(|s| {
             s.tx(|tx| {
-                ws.id = unused(WorkspaceId::generate, |id| {
-                    Ok(store::get_workspace(tx, id)?.is_some())
-                })?;
+                // In the transaction that stores it: two requests at once
+                // cannot both pass on the same room.
+                if limits != crate::limits::Limits::default() {
+                    let held = store::usage_of(tx, &caller.user)?;
+                    limits.check_new(held, asked_vms, asked_mb, spec.duration.0.as_secs())?;
+                }
+                if store::get_workspace(tx, &ws.id)?.is_some() {
+                    ws.id = unused(WorkspaceId::generate, |id| {
+                        Ok(store::get_workspace(tx, id)?.is_some())
+                    })?;
+                }
                 store::insert_workspace(tx, &ws)?;
+                if let Some(row) = &held {
+                    let row = store::ReservationRow {
+                        workspace_id: ws.id.clone(),
+                        ..row.clone()
+                    };
+                    store::insert_reservation(tx, &row)?;
+                    let nodes = plans.iter().map(|p| p.nodes).sum();
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::ReservationGranted,
+                        None,
+                        None,
+                        None,
+                        &super::reserve::granted_detail(&ws, &row, nodes),
+                    )?;
+                }
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
                     let slot = SlotRow {
@@ -140,7 +176,13 @@ impl Engine {
                 )?;
                 Ok::<_, EngineError>(())
             })
-        })?;
+        });
+        if let Err(e) = stored {
+            if let Some(row) = &held {
+                self.drop_unstored(row).await;
+            }
+            return Err(e);
+        }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
         for slot in &slots {
@@ -173,7 +215,7 @@ impl Engine {
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
-    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+    pub(super) async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
@@ -198,13 +240,33 @@ impl Engine {
             source,
         })?;
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
-        let spec = self
-            .with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec))
-            .map_err(|e| LrmError::Config {
+        // A resumed lease needs the time it had left, not its whole
+        // duration; in a reservation the pilot starts `lead` before the lease.
+        let (lease, held) = self
+            .with_store(|s| {
+                let c = s.conn();
+                let ws = must_ws(c, &slot.workspace_id)?;
+                let left = match ws.state {
+                    WorkspaceState::Resuming => store::get_suspension(c, &ws.id)?
+                        .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
+                    _ => None,
+                };
+                // Room to renew: what `max_duration` asks beyond `duration`.
+                let room = ws.spec.walltime().saturating_sub(ws.spec.duration.0);
+                Ok((
+                    left.unwrap_or(ws.spec.duration.0) + room,
+                    store::reservation_of(c, &ws.id)?,
+                ))
+            })
+            .map_err(|e: EngineError| LrmError::Config {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
-        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        // The walltime (`max_duration`) bounds renewals: the lease's own end
+        // is the coordinator's timer, the pilot's deadline only a backstop.
+        let pilot_duration = super::reserve::lead(held.as_ref())
+            + lease
+            + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,
@@ -217,7 +279,22 @@ impl Engine {
         // Real time spent submitting (a measurement, not a rule: the clock
         // of the rules may be virtual).
         let started = Instant::now();
-        let job_id = self.lrm.submit(&job).await?;
+        let job_id = match (&held, self.lrm.reservations()) {
+            (Some(r), Some(resv)) => resv.submit_into(&job, &r.lrm_id).await?,
+            (Some(r), None) => {
+                return Err(LrmError::Config {
+                    lrm: "coordinator",
+                    message: format!(
+                        "workspace {} is held by {} reservation {}, but the {} adapter has no reservations",
+                        slot.workspace_id,
+                        r.lrm,
+                        r.lrm_id,
+                        self.lrm.kind()
+                    ),
+                })
+            }
+            (None, _) => self.lrm.submit(&job).await?,
+        };
         let took = started.elapsed();
         info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
         let now = self.clock.now_ms();
@@ -234,9 +311,10 @@ impl Engine {
                     None,
                     None,
                     &format!(
-                        "{} job {} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
+                        "{} job {}{} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
                         self.lrm.kind(),
                         job_id,
+                        held.as_ref().map_or(String::new(), |r| format!(" in reservation {}", r.lrm_id)),
                         slot.group,
                         slot.nodes,
                         slot.cores,
@@ -298,11 +376,23 @@ impl Engine {
         argv
     }
 
+    /// The limits of user `name` as configured now (none for a user the
+    /// config does not list: the simulator's and tests' callers).
+    pub fn limits_of(&self, name: &str) -> crate::limits::Limits {
+        self.users()
+            .current()
+            .iter()
+            .find(|u| u.name == name)
+            .map(|u| u.limits())
+            .unwrap_or_default()
+    }
+
     pub fn get(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
         self.with_store(|s| {
             let ws = visible_ws(s.conn(), caller, id)?;
             build_view(s.conn(), ws)
         })
+        .map(|v| self.with_queue_reasons(v))
     }
 
     pub fn list(&self, caller: &Caller) -> Result<Vec<WorkspaceView>, EngineError> {
@@ -310,8 +400,9 @@ impl Engine {
             store::list_workspaces(s.conn(), caller.owner_filter())?
                 .into_iter()
                 .map(|w| build_view(s.conn(), w))
-                .collect()
+                .collect::<Result<Vec<_>, _>>()
         })
+        .map(|vs| vs.into_iter().map(|v| self.with_queue_reasons(v)).collect())
     }
 
     /// Starts the end of a workspace: release every slot. Idempotent.

@@ -13,15 +13,20 @@
 //! event, see [`crate::writer`]). LRM calls happen outside the database lock; a cancel that fails
 //! stays flagged in the database and is retried by the tick until it works.
 
+mod admin;
 mod client;
 mod ingest;
 mod reconcile;
+mod renew;
+mod reserve;
 #[cfg(test)]
 mod rule_tests;
 mod rules;
 mod signed;
+pub mod suspend;
 mod views;
 
+pub use reserve::Refusal;
 pub use signed::PollAnswer;
 
 use crate::clock::{Clock, WallClock};
@@ -55,12 +60,24 @@ pub enum EngineError {
     /// No addresses for the workspace (pool exhausted, no public pool).
     #[error("{0}")]
     Network(#[from] NetError),
+    /// A reservation or immediate lease the batch system cannot guarantee.
+    #[error("{0}")]
+    Refused(reserve::Refusal),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// A request that cannot be done as asked (answered 422), saying why.
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The request does not fit the thing's state (answered 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// Over one of the caller's limits (`[[users]]`): refused, nothing stored.
+    #[error("{0}")]
+    OverLimit(#[from] crate::limits::OverLimit),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]
@@ -154,6 +171,10 @@ pub struct Engine {
     started_ms: u64,
     /// Who may call the client API; replaced on SIGHUP (`config.users` is the start value).
     users: crate::config::Users,
+    /// Why each waiting slot's batch job waits, from the last status poll.
+    queue_reasons: Mutex<HashMap<SlotId, String>>,
+    /// Timeline rowid up to which lease durations were observed (metrics).
+    durations_seen: AtomicI64,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -256,6 +277,7 @@ impl Engine {
         let (changed, _) = watch::channel(0);
         let mut store = store;
         let commands_woken = store::last_command_rowid(store.conn())?;
+        let durations_seen = store::last_timeline_rowid(store.conn())?;
         fail_unsubmitted(&mut store, clock.now_ms())?;
         // Addresses of VMs that are gone are free; those of live VMs never are.
         let freed =
@@ -287,6 +309,8 @@ impl Engine {
             cancel_attempts: Mutex::new(HashMap::new()),
             pools,
             users,
+            queue_reasons: Mutex::new(HashMap::new()),
+            durations_seen: AtomicI64::new(durations_seen),
             metrics: parts.metrics,
         });
         let weak = Arc::downgrade(&engine);

@@ -7,10 +7,12 @@
 
 use super::rules::{
     end_slots, fail_workspace, job_ended, maybe_settle, must_ws, slot_maybe_released, transition,
+    ADMINS_TOLD,
 };
 use super::{Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
 use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
+use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::Input;
 use crate::store::{self, Store};
 use lrm_adapters::{JobId, JobState, JobStatus};
@@ -55,16 +57,31 @@ impl Engine {
         if let Err(e) = self.expire_leases() {
             warn!(error = %e, "lease expiry check failed");
         }
+        if let Err(e) = self.suspend_for_reservations() {
+            warn!(error = %e, "suspending best-effort leases for reservations failed; will retry");
+        }
         if let Err(e) = self.find_lost_pilots() {
             warn!(error = %e, "pilot silence check failed");
         }
         self.retry_cancels().await;
+        if let Err(e) = self.resume_due().await {
+            warn!(error = %e, "resuming suspended workspaces failed; will retry");
+        }
+        if let Err(e) = self.delete_ended_checkpoints().await {
+            warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
+        }
+        if let Err(e) = self.observe_durations() {
+            warn!(error = %e, "observing lease durations failed");
+        }
         if lrm_due {
             if let Err(e) = self.poll_lrm().await {
                 warn!(error = %e, "batch system status query failed; will retry");
             }
             if let Err(e) = self.cancel_orphans().await {
                 warn!(error = %e, "orphan job scan failed; will retry");
+            }
+            if let Err(e) = self.release_reservations().await {
+                warn!(error = %e, "releasing batch system reservations failed; will retry");
             }
         }
     }
@@ -145,6 +162,12 @@ impl Engine {
                     let quiet_s = now.saturating_sub(p.last_seen_ms) / 1000;
                     warn!(workspace_id = %ws.id, slot_id = %slot.id, node = %p.node, quiet_s, "pilot lost");
                     store::advance_pilot(tx, &slot.id, &p.node, pilot_life::Input::Lost)?;
+                    // Its VMs may still run: unknown, not destroyed, until
+                    // kill-all or a late report from the pilot says so.
+                    let vms = store::live_vms_on(tx, &slot.id, &p.node)?;
+                    for (vm, state) in &vms {
+                        store::advance_vm_from(tx, vm, *state, vm_life::Input::PilotLost)?;
+                    }
                     store::push_timeline(
                         tx,
                         &ws.id,
@@ -154,10 +177,16 @@ impl Engine {
                         Some(&slot.id),
                         Some(&p.node),
                         None,
-                        &format!("no word from the pilot for {quiet_s} s; its job is cancelled; run workspace-kill-all on {}", p.node),
+                        &format!(
+                            "no word from the pilot for {quiet_s} s; its job is cancelled; {} VM(s) there unknown; {ADMINS_TOLD}",
+                            vms.len()
+                        ),
                     )?;
                     store::advance_job(tx, &slot.id, &JobInput::CancelNeeded)?;
-                    let reason = format!("pilot on node {} went silent (nothing for {quiet_s} s)", p.node);
+                    let reason = format!(
+                        "pilot on node {} went silent (nothing for {quiet_s} s); its VMs there may still run until the node is cleaned, which the cluster's admins are told",
+                        p.node
+                    );
                     fail_workspace(tx, &mut ws, &reason, now)?;
                     slot_maybe_released(tx, &ws, &slot.id, now)?;
                     maybe_settle(tx, &mut ws, now)?;
@@ -322,13 +351,17 @@ impl Engine {
             .iter()
             .filter_map(|s| s.job.id().map(|j| JobId(j.to_string())))
             .collect();
-        let states = match self.lrm.status(&ids).await {
+        let reports = match self.lrm.status_with_reasons(&ids).await {
             Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "batch status query failed");
                 return Ok(());
             }
         };
+        if self.note_queue_reasons(&slots, &reports) {
+            self.bump();
+        }
+        let states = lrm_adapters::without_reasons(reports);
         let now = self.clock.now_ms();
         let mut changed = false;
         for slot in slots {
@@ -367,7 +400,10 @@ pub(super) fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), Engine
             let unsubmitted = store::slots_of(tx, &ws.id)?
                 .iter()
                 .any(|s| s.job == Job::Unsubmitted && !s.state.is_terminal());
-            if unsubmitted {
+            if unsubmitted && ws.state == protocol::view::WorkspaceState::Resuming {
+                warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's new slots");
+                super::suspend::recover_resume(tx, &mut ws, now)?;
+            } else if unsubmitted {
                 warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's pilot jobs");
                 fail_workspace(tx, &mut ws, "the coordinator stopped while submitting the pilot jobs", now)?;
                 end_slots(tx, &ws, now)?;

@@ -28,6 +28,8 @@ struct ScriptedLrm {
     jobs: Mutex<HashMap<JobId, (String, JobState)>>,
     failing_cancels: AtomicU32,
     cancels_tried: AtomicU32,
+    /// Submits refused from now on (the batch system refusing a job).
+    failing_submits: AtomicU32,
 }
 
 impl ScriptedLrm {
@@ -67,6 +69,13 @@ impl Lrm for ScriptedLrm {
         String::new()
     }
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        if self.failing_submits.load(Ordering::SeqCst) > 0 {
+            self.failing_submits.fetch_sub(1, Ordering::SeqCst);
+            return Err(LrmError::Config {
+                lrm: "scripted",
+                message: "sbatch: error: QOSMaxSubmitJobPerUserLimit".into(),
+            });
+        }
         let mut jobs = self.jobs.lock().expect("lock");
         let id = JobId((jobs.len() + 1).to_string());
         jobs.insert(id.clone(), (job.name.clone(), JobState::Queued));
@@ -126,6 +135,7 @@ fn open(dir: &std::path::Path, clock: &Arc<ManualClock>, lrm: &Arc<ScriptedLrm>)
     let cfg = Config {
         data_dir: dir.join("data"),
         pilot_silence_s: 90,
+        checkpoint_dir: Some(dir.join("store")),
         ..Config::default()
     };
     let parts = Parts {
@@ -311,6 +321,9 @@ fn released(reason: ReleaseReason) -> EventKind {
         vms_suspended: Vec::new(),
     }
 }
+
+#[path = "suspend_tests.rs"]
+mod suspend_tests;
 
 #[tokio::test]
 async fn preempted_while_destroying_ends_preempted_with_every_vm_preempted() {
@@ -576,4 +589,153 @@ async fn a_pilots_commands_in_process_are_what_it_gets_over_http() {
         assert_eq!(peers, 3, "every VM gets every peer");
         assert_eq!(typed.last().map(|c| &c.kind), Some(&CommandKind::Release));
     }
+}
+
+/// Issue 19 item 7: after a pilot is lost, its VM is unknown (it may still
+/// run), not destroyed; the other node's VM, signalled by our own cancel, is
+/// destroyed, not preempted; and the scientist is not told to run kill-all.
+#[tokio::test]
+async fn a_lost_pilots_vm_is_unknown_and_our_cancel_is_not_a_preemption() {
+    let rig = Rig::new();
+    rig.clock.advance(100_000);
+    let ws = rig.lease(2, 3600).await;
+    rig.bring_up(&ws);
+    let slot = ws.slots[0].id.clone();
+    rig.clock.advance(60_000);
+    rig.commands(&slot, "node2");
+    rig.clock.advance(31_000);
+    rig.engine.housekeeping(false).await;
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Failed);
+    let on = |v: &WorkspaceView, node: &str| {
+        v.vms
+            .iter()
+            .find(|vm| vm.node.as_deref() == Some(node))
+            .expect("a VM there")
+            .state
+    };
+    assert_eq!(on(&v, "node1"), VmState::Unknown, "{v:?}");
+    // Our cancel of the job reaches node2's pilot as SIGTERM.
+    let job = rig.job_of(&ws);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    let preempting = EventKind::Preempting {
+        signal: "SIGTERM".into(),
+        coordinator_wait_ms: 2_000,
+        cleanup_deadline_ms: rig.clock.now_ms() + 4_000,
+        suspending: Vec::new(),
+        not_suspending: None,
+    };
+    rig.send(&slot, "node2", preempting).expect("preempting");
+    rig.send(&slot, "node2", released(ReleaseReason::Preempted))
+        .expect("released");
+    rig.engine.housekeeping(false).await;
+    let v = rig.view(&ws.id);
+    assert!(v.settled, "{v:?}");
+    assert_eq!(v.state, WorkspaceState::Failed, "not preempted: {v:?}");
+    assert_eq!(on(&v, "node2"), VmState::Destroyed, "{v:?}");
+    assert_eq!(on(&v, "node1"), VmState::Unknown, "still: {v:?}");
+    let page = rig
+        .engine
+        .events(&admin(), &ws.id, 0, Duration::ZERO)
+        .await
+        .expect("events");
+    let mut said: Vec<&str> = page.events.iter().map(|e| e.detail.as_str()).collect();
+    said.push(v.reason.as_deref().unwrap_or(""));
+    for s in &said {
+        assert!(!s.contains("run workspace-kill-all"), "{s}");
+        assert!(!s.contains("from the batch system"), "{s}");
+    }
+    assert!(said.iter().any(|s| s.contains("admins")), "{said:?}");
+    // A late report from the lost pilot (kill-all delivers it) settles its VM.
+    rig.send(&slot, "node1", released(ReleaseReason::Commanded))
+        .expect("stored");
+    assert_eq!(on(&rig.view(&ws.id), "node1"), VmState::Destroyed);
+}
+
+/// The admin's list of nodes that need kill-all: a release that was not
+/// clean, and a job that ended under its pilot; each leaves the list when an
+/// admin says the node was cleaned. Scientists may not read it.
+#[tokio::test]
+async fn unclean_releases_and_stuck_pilots_are_listed_for_kill_all_until_cleaned() {
+    let rig = Rig::new();
+    let ws = rig.lease(2, 3600).await;
+    rig.bring_up(&ws);
+    let slot = ws.slots[0].id.clone();
+    let v = rig.engine.cluster_view(&admin()).expect("view");
+    assert_eq!(v.nodes.len(), 2, "{v:?}");
+    assert!(v.nodes.iter().all(|n| n.state == "in_use" && n.vms == 1));
+    assert!(v.needs_kill_all.is_empty());
+    let scientist = Caller {
+        user: "sci".into(),
+        admin: false,
+    };
+    assert!(matches!(
+        rig.engine.cluster_view(&scientist),
+        Err(EngineError::Forbidden(_))
+    ));
+
+    rig.engine.destroy(&admin(), &ws.id).expect("destroy");
+    let mut unclean = released(ReleaseReason::Commanded);
+    if let EventKind::Released {
+        clean, problems, ..
+    } = &mut unclean
+    {
+        *clean = false;
+        problems.push("guest wsp-x still there".into());
+    }
+    rig.send(&slot, "node1", unclean).expect("released");
+    // node2's pilot never says it released; the job ends under it.
+    let job = rig.job_of(&ws);
+    rig.lrm.set(&job, JobState::Completed);
+    rig.engine.housekeeping(true).await;
+    let v = rig.engine.cluster_view(&admin()).expect("view");
+    let todo: Vec<(&str, &str)> = v
+        .needs_kill_all
+        .iter()
+        .map(|k| (k.node.as_str(), k.why.as_str()))
+        .collect();
+    assert_eq!(
+        todo,
+        [
+            ("node1", "released, not clean"),
+            ("node2", "batch job ended under its pilot")
+        ],
+        "{v:?}"
+    );
+    assert!(v.needs_kill_all[0]
+        .command
+        .starts_with("workspace-kill-all --node node1 --state-dir "));
+    assert!(v.needs_kill_all[0]
+        .command
+        .ends_with(&format!("--slot {slot}")));
+    let page = rig
+        .engine
+        .events(&admin(), &ws.id, 0, Duration::ZERO)
+        .await
+        .expect("events");
+    assert!(page
+        .events
+        .iter()
+        .all(|e| !e.detail.contains("run workspace-kill-all")));
+
+    assert!(matches!(
+        rig.engine.node_cleaned(&scientist, "node1"),
+        Err(EngineError::Forbidden(_))
+    ));
+    let done = rig.engine.node_cleaned(&admin(), "node1").expect("cleaned");
+    assert_eq!(done.pilots, 1);
+    let v = rig.engine.cluster_view(&admin()).expect("view");
+    assert_eq!(v.needs_kill_all.len(), 1, "node2 still: {v:?}");
+    assert!(matches!(
+        rig.engine.node_cleaned(&admin(), "node1"),
+        Err(EngineError::NotFound(_))
+    ));
+    rig.engine.node_cleaned(&admin(), "node2").expect("cleaned");
+    assert!(rig
+        .engine
+        .cluster_view(&admin())
+        .expect("view")
+        .needs_kill_all
+        .is_empty());
 }

@@ -107,6 +107,22 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
     Ok(())
 }
 
+/// True while the workspace needs this slot: it wants slots and its VMs are
+/// in this one (not an old slot its VMs left when they were suspended).
+pub(super) fn needs_slot(
+    c: &Connection,
+    ws: &WorkspaceRow,
+    slot: &SlotId,
+) -> Result<bool, EngineError> {
+    Ok(lifecycle::wants_slots(ws.state) && store::slot_has_vms(c, slot)?)
+}
+
+/// What the scientist reads when a node is left for an admin to clean:
+/// kill-all is an admin's tool, so the user is told who knows, and the
+/// admins find the node, with the command, in `workspace admin nodes`.
+pub(super) const ADMINS_TOLD: &str =
+    "the node is listed for the cluster's admins to clean (kill-all)";
+
 /// When every slot has ended, the workspace settles (destroying -> destroyed, ...).
 pub(super) fn maybe_settle(
     c: &Connection,
@@ -122,12 +138,17 @@ pub(super) fn maybe_settle(
         store::set_workspace_reason(c, &ws.id, reason, now)?;
         ws.reason = Some(reason.to_string());
     }
+    if lifecycle::in_suspension(ws.state) {
+        // Its VMs are checkpoints (or becoming them, or coming back): not gone.
+        return Ok(());
+    }
     // Any VM not yet accounted for is gone with its slot.
     let gone = vm_life::Input::Gone {
         preempted: ws.state == WorkspaceState::Preempted,
     };
     for vm in store::vms_of(c, &ws.id)? {
-        if !vm.state.is_terminal() {
+        // A VM on a lost pilot's node stays unknown: it may still run there.
+        if !vm.state.is_terminal() && vm.state != VmState::Unknown {
             store::advance_vm(c, &vm.id, gone)?;
         }
     }
@@ -170,9 +191,10 @@ pub(super) fn start_vms(
             });
         }
     }
+    // VMs to start, and (resuming) suspended VMs to restore in their new slots.
     let vms: Vec<VmRow> = store::vms_of(c, &ws.id)?
         .into_iter()
-        .filter(|v| v.state == VmState::Pending)
+        .filter(|v| matches!(v.state, VmState::Pending | VmState::Suspended))
         .collect();
     let needs: Vec<VmNeed> = vms
         .iter()
@@ -219,8 +241,28 @@ pub(super) fn start_vms(
         let Some(vm) = by_id.get(&vm_id) else {
             continue;
         };
-        store::set_vm_node(c, &vm.id, &node)?;
-        store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
+        let restore = if vm.state == VmState::Suspended {
+            let Some(from) = super::suspend::restore_from(c, &vm.id)? else {
+                let why = format!("VM {} has no complete checkpoint to resume from", vm.id);
+                return fail_workspace(c, ws, &why, now);
+            };
+            store::advance_vm(c, &vm.id, vm_life::Input::RestoreSent)?;
+            Some(from)
+        } else {
+            store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
+            None
+        };
+        let from = restore.as_ref().map(|r| r.checkpoint.to_string());
+        store::place_vm(
+            c,
+            &vm.id,
+            &vm.slot_id,
+            &vm.name,
+            &node,
+            now,
+            from.as_deref(),
+        )?;
+        let on_preempt = super::suspend::launch_on_preempt(c, ws, &vm.id, &vm.slot_id, &node)?;
         let launch = VmLaunch {
             vm_id: vm.id.clone(),
             name: vm.name.clone(),
@@ -237,8 +279,8 @@ pub(super) fn start_vms(
                 peers: Vec::new(),
                 ssh_key: ws.spec.ssh_key.clone(),
             }),
-            on_preempt: Default::default(),
-            restore: None,
+            on_preempt,
+            restore,
         };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
         store::push_timeline(
@@ -250,7 +292,10 @@ pub(super) fn start_vms(
             Some(&vm.slot_id),
             Some(&node),
             Some(&vm.id),
-            &format!("{} ({}) -> {node}", vm.name, vm.group),
+            &match &from {
+                Some(ck) => format!("{} ({}) -> {node}, restored from {ck}", vm.name, vm.group),
+                None => format!("{} ({}) -> {node}", vm.name, vm.group),
+            },
         )?;
     }
     Ok(())
@@ -308,8 +353,9 @@ pub(super) fn slot_maybe_released(
             format!("all {} pilot(s) released", pilots.len())
         } else {
             format!(
-                "ended with lost pilot(s) on {}: run workspace-kill-all there",
-                lost.join(", ")
+                "ended with lost pilot(s) on {}: {}",
+                lost.join(", "),
+                ADMINS_TOLD
             )
         };
         let gone = slot_life::Input::PilotsGone {
@@ -380,12 +426,12 @@ pub(super) fn job_ended(
                 None,
                 None,
                 &format!(
-                    "job ended before pilots on {} reported release: run workspace-kill-all there",
+                    "job ended before pilots on {} reported release: {ADMINS_TOLD}",
                     stuck.join(", ")
                 ),
             )?;
         }
-        if lifecycle::wants_slots(ws.state) {
+        if needs_slot(c, &ws, slot_id)? {
             let reason = format!(
                 "batch job {job} ended ({how}) while the workspace was {}",
                 ws.state
