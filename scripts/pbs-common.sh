@@ -3,11 +3,20 @@
 # alias, so only one of them runs at a time: bringing one up stops the other.
 
 ROOT=${WSP_LRM_PREFIX:-/opt/wsp-lrm}
-# The host name the servers and moms use: PBS ignores 127.0.0.0/8, so this
-# alias (a tagged line in /etc/hosts, removed by pbs-down.sh) names a
-# non-loopback address of this host.
+# The server's host name: PBS ignores 127.0.0.0/8, so this alias (a tagged
+# line in /etc/hosts, removed by pbs-down.sh) names the address this host
+# has on the bridge below.
 PBS_HOSTNAME=${WSP_PBS_HOSTNAME:-pbshost}
 HOSTS_TAG="# wsp-pbs (scripts/pbs-up.sh)"
+# The execution hosts pbsn1..pbsnN: each mom runs in a network namespace of
+# its own (wsp-pbsnI, address <net>.(10+I) on a veth into the bridge) and a
+# UTS namespace named after it, so the server sees N hosts, pbsdsh spans
+# them, and a job's processes see their node's name and address. The server,
+# scheduler and clients stay in this host's namespaces, at <net>.1.
+PBS_NET=${WSP_PBS_NET:-10.79.0} # a /24 nothing else on this host uses
+PBS_BRIDGE=wsppbs0
+PBS_SERVER_IP=$PBS_NET.1
+PBS_NODE_COUNT=${WSP_PBS_NODE_COUNT:-2}
 # The service user that owns pilot jobs (root cannot submit on Torque, and
 # root's jobs escape PBS's kill).
 PBS_USER=${WSP_PBS_USER:-wsppilot}
@@ -58,17 +67,14 @@ stop_prefix_pids() {
     for p in $(prefix_pids "$1"); do kill -KILL "$p" 2>/dev/null || true; done
 }
 
-host_ip() {
-    [ -n "${WSP_PBS_IP:-}" ] && { echo "$WSP_PBS_IP"; return 0; }
-    ip -4 -o addr show scope global 2>/dev/null | awk '{print $4}' | cut -d/ -f1 | head -1
-}
-
-# /etc/hosts may be a bind mount: rewrite it in place, never replace the inode.
+# /etc/hosts may be a bind mount: rewrite it in place, never replace the
+# inode. Sets the tagged lines to exactly the arguments.
 hosts_set() {
-    local line=$1 rest
-    grep -qxF "$line" /etc/hosts && return 0
+    local rest want
+    want=$(printf '%s\n' "$@")
+    [ "$(grep -F "$HOSTS_TAG" /etc/hosts || true)" = "$want" ] && return 0
     rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
-    printf '%s\n%s\n' "$rest" "$line" >/etc/hosts
+    printf '%s\n%s\n' "$rest" "$want" >/etc/hosts
 }
 
 hosts_clear() {
@@ -76,6 +82,69 @@ hosts_clear() {
     grep -qF "$HOSTS_TAG" /etc/hosts || return 0
     rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
     printf '%s\n' "$rest" >/etc/hosts
+}
+
+node_names() {
+    local i
+    for i in $(seq "$PBS_NODE_COUNT"); do echo "pbsn$i"; done
+}
+node_ip() { echo "$PBS_NET.$((10 + ${1#pbsn}))"; }
+node_ns() { echo "wsp-$1"; }
+
+# The bridge, one namespace per node, their addresses and /etc/hosts names
+# (idempotent).
+net_up() {
+    local n ns ip other
+    case $PBS_NODE_COUNT in [1-9]) ;; *) die "WSP_PBS_NODE_COUNT=$PBS_NODE_COUNT: 1 to 9 nodes" ;; esac
+    other=$(ip -4 -o addr show 2>/dev/null | awk -v b="$PBS_BRIDGE" -v net="$PBS_NET." '$2 != b && index($4, net) == 1 {print $2}' | head -1)
+    [ -z "$other" ] || die "$PBS_NET.0/24 is already on $other: choose another with WSP_PBS_NET"
+    if ! ip link show "$PBS_BRIDGE" >/dev/null 2>&1; then
+        ip link add "$PBS_BRIDGE" type bridge
+        ip link set "$PBS_BRIDGE" type bridge stp_state 0 forward_delay 0
+    fi
+    ip addr replace "$PBS_SERVER_IP/24" dev "$PBS_BRIDGE"
+    ip link set "$PBS_BRIDGE" up
+    local hosts=("$PBS_SERVER_IP $PBS_HOSTNAME $HOSTS_TAG")
+    for n in $(node_names); do
+        ns=$(node_ns "$n")
+        ip=$(node_ip "$n")
+        ip netns list | grep -q "^$ns\b" || ip netns add "$ns"
+        if ! ip link show "$ns" >/dev/null 2>&1; then
+            ip link add "$ns" type veth peer name eth0 netns "$ns"
+        fi
+        ip link set "$ns" master "$PBS_BRIDGE" up
+        ip -n "$ns" link set lo up
+        ip -n "$ns" addr replace "$ip/24" dev eth0
+        ip -n "$ns" link set eth0 up
+        hosts+=("$ip $n $HOSTS_TAG")
+    done
+    hosts_set "${hosts[@]}"
+    getent ahostsv4 "$PBS_HOSTNAME" | grep -q "^$PBS_SERVER_IP " || die "$PBS_HOSTNAME does not resolve to $PBS_SERVER_IP"
+}
+
+# Undoes net_up: every process left in a node's namespace (only jobs of the
+# moms started here can be there) is stopped, then the namespaces, the
+# bridge and the names go.
+net_down() {
+    local ns p
+    for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep '^wsp-pbsn[0-9]$'); do
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -TERM "$p" 2>/dev/null || true; done
+        for _ in $(seq 30); do [ -z "$(ip netns pids "$ns" 2>/dev/null)" ] && break; sleep 0.1; done
+        for p in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$p" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
+        rm -rf "/etc/netns/$ns"
+    done
+    rmdir /etc/netns 2>/dev/null || true # only when empty
+    ip link del "$PBS_BRIDGE" 2>/dev/null || true
+    hosts_clear
+}
+
+# in_node NODE COMMAND...: runs COMMAND on NODE (its network namespace,
+# and a UTS namespace whose host name is NODE).
+in_node() {
+    local n=$1
+    shift
+    ip netns exec "$(node_ns "$n")" unshare --uts /bin/sh -c 'hostname "$0" && exec "$@"' "$n" "$@"
 }
 
 ensure_user() {

@@ -2,9 +2,11 @@
 # Stops what scripts/pbs-up.sh started and leaves the machine as it was:
 # deletes every job (bounded wait), stops the daemons (through the servers'
 # own commands, then by the PIDs of processes whose executable is in the
-# flavour's prefix, never by name), removes /etc/pbs.conf and the /etc/hosts
-# alias. The servers' homes in /var/spool (their databases, job history)
-# are kept for a faster next start: --purge removes them too.
+# flavour's prefix, never by name), removes /etc/pbs.conf, and once neither
+# flavour runs, the nodes' network namespaces (and any process left in
+# them), the bridge and the /etc/hosts names. The homes in /var/spool
+# (databases, job history, the moms' homes) are kept for a faster next
+# start: --purge removes them too.
 # The service user is kept (userdel wsppilot removes it).
 #
 # usage: pbs-down.sh [openpbs|torque|all] [--purge]     (default: all)
@@ -31,10 +33,6 @@ openpbs_down() {
     [ -x "$P/sbin/pbs_server" ] || return 0
     if [ -f "$OPENPBS_CONF" ] && grep -q "^PBS_EXEC=$P\$" "$OPENPBS_CONF"; then
         export PBS_CONF_FILE=$OPENPBS_CONF
-        # pbs_init.d does nothing when the server's name does not resolve
-        local ip
-        ip=$(host_ip)
-        [ -n "$ip" ] && hosts_set "$ip $PBS_HOSTNAME $HOSTS_TAG"
         if timeout 10 "$P/bin/qstat" -B >/dev/null 2>&1; then
             local jobs
             jobs=$(timeout 10 "$P/bin/qselect" 2>/dev/null)
@@ -44,7 +42,16 @@ openpbs_down() {
                 for _ in $(seq 100); do [ -z "$(timeout 10 "$P/bin/qselect" 2>/dev/null)" ] && break; sleep 0.1; done
             fi
         fi
-        timeout 60 "$P/libexec/pbs_init.d" stop >/dev/null 2>&1
+        local n
+        for n in $(node_names); do
+            [ -f "/etc/netns/$(node_ns "$n")/pbs.conf" ] || continue
+            ip netns list | grep -q "^$(node_ns "$n")\b" || continue
+            in_node "$n" timeout 60 "$P/libexec/pbs_init.d" stop >/dev/null 2>&1
+        done
+        # pbs_init.d does nothing when the server's name does not resolve
+        if getent ahostsv4 "$PBS_HOSTNAME" >/dev/null; then
+            timeout 60 "$P/libexec/pbs_init.d" stop >/dev/null 2>&1
+        fi
         if timeout 10 "$P/sbin/pbs_dataservice" status >/dev/null 2>&1; then
             timeout 30 "$P/sbin/pbs_dataservice" stop >/dev/null 2>&1
         fi
@@ -60,7 +67,7 @@ openpbs_down() {
         fi
     fi
     if [ -f "$OPENPBS_CONF" ] && grep -q "^PBS_EXEC=$P\$" "$OPENPBS_CONF"; then rm -f "$OPENPBS_CONF"; fi
-    if [ $PURGE = 1 ]; then rm -rf "$OPENPBS_HOME"; fi
+    if [ $PURGE = 1 ]; then rm -rf "$OPENPBS_HOME" "$OPENPBS_HOME"-pbsn[0-9]; fi
     say "OpenPBS stopped"
 }
 
@@ -68,9 +75,6 @@ torque_down() {
     local P=$TORQUE
     [ -x "$P/sbin/pbs_server" ] || return 0
     if [ -n "$(prefix_pids "$P")" ]; then
-        local ip
-        ip=$(host_ip)
-        [ -n "$ip" ] && hosts_set "$ip $PBS_HOSTNAME $HOSTS_TAG"
         if timeout 10 "$P/bin/qstat" -B >/dev/null 2>&1; then
             timeout 20 "$P/bin/qdel" -p all >/dev/null 2>&1
             for _ in $(seq 100); do
@@ -79,13 +83,14 @@ torque_down() {
             done
             timeout 20 "$P/bin/qterm" >/dev/null 2>&1
         fi
-        timeout 10 "$P/sbin/momctl" -s >/dev/null 2>&1
+        local p
+        for p in $(prefix_pids "$P/sbin/pbs_mom"); do kill -TERM "$p" 2>/dev/null; done
         timeout 10 "$P/sbin/trqauthd" -d >/dev/null 2>&1
         for _ in $(seq 50); do [ -z "$(prefix_pids "$P")" ] && break; sleep 0.1; done
         stop_prefix_pids "$P"
     fi
     rm -f /tmp/trqauthd-unix
-    if [ $PURGE = 1 ]; then rm -rf "$TORQUE_HOME"; fi
+    if [ $PURGE = 1 ]; then rm -rf "$TORQUE_HOME" "$TORQUE_HOME"-pbsn[0-9]; fi
     say "Torque stopped"
 }
 
@@ -97,8 +102,8 @@ case $WHICH in
         torque_down
         ;;
 esac
-# The alias is shared: remove it only when neither flavour runs.
+# The nodes and names are shared: remove them only when neither flavour runs.
 if [ -z "$(prefix_pids "$OPENPBS")" ] && [ -z "$(prefix_pids "$TORQUE")" ]; then
-    hosts_clear
+    net_down
 fi
 exit 0

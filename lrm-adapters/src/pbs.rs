@@ -1,7 +1,7 @@
 //! The PBS family adapter, one implementation with two flavours:
 //! **Torque** (`lrm = "torque"`) and **PBS Pro / OpenPBS** (`lrm = "pbspro"`).
 //!
-//! Both: `qsub` a script whose `#PBS` lines ask for N nodes and `exec`
+//! Both: `qsub` a script whose `#PBS` lines ask for N nodes and that runs
 //! `pbsdsh`, which starts one pilot per node through that node's MOM, so
 //! `qdel`'s and the walltime's SIGTERM reach every pilot (SIGKILL follows
 //! after the queue's `kill_delay`); one `qstat` for many jobs; `qdel` with
@@ -13,11 +13,12 @@
 //! | | Torque | PBS Pro |
 //! |---|---|---|
 //! | resources | `-l nodes=N:ppn=P`, `-l mem=<job total>mb` | `-l select=N:ncpus=P:mem=<M>mb`, `-l place=scatter` |
-//! | launch | `pbsdsh -u` (one per unique node) | `pbsdsh --` (one per chunk) |
+//! | launch | script is its own shell (`-S`), `pbsdsh -u` (one per unique node) in its own session, waited for | `exec pbsdsh --` (one per chunk) |
 //! | status | `qstat -x id...` (XML) | `qstat -x -f id...` (text) |
 //! | finished | `C` (while `keep_completed`) | `F` (job history) |
 //! | walltime kill | `exit_status` -11 | `Exit_status` -29 |
 //! | default `kill_delay` | 2 s | 10 s |
+//! | qdel of a multi-node job | every pilot SIGKILLed at once: warned of (`TORQUE_MULTI_NODE`) | SIGTERM to every pilot |
 //!
 //! Seen on the real servers (OpenPBS 23.06, Torque 6.1, scripts/pbs-up.sh):
 //! ids `N.server`; `qdel` gives the job SIGTERM within ~20 ms and exit
@@ -35,6 +36,13 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// What Torque does to a multi-node job at qdel (docs/LRM.md, "Torque: no
+/// grace for multi-node jobs"): its mom's `mom_req_signal_job()` first has
+/// every sister mom kill the job's tasks (`terminate_sisters()`, IM_KILL_JOB:
+/// SIGTERM, then SIGKILL at once), then goes on to SIGKILL its own.
+const TORQUE_MULTI_NODE: &str = "Torque SIGKILLs every pilot of a multi-node pilot job at qdel, whatever kill_delay says: \
+     a multi-node lease an admin qdels gets no grace and leaves its nodes to workspace-kill-all (docs/LRM.md)";
 
 /// When OpenPBS SIGKILLs pbsdsh's tasks after qdel (see `site_kill_delay`).
 const PBSPRO_TASK_KILL: Duration = Duration::from_secs(10);
@@ -278,12 +286,7 @@ impl Lrm for Pbs {
                     // Torque's mem is for the whole job.
                     format!("-l mem={}mb", job.memory_mb_per_node * u64::from(job.nodes)),
                 ],
-                format!(
-                    "# One pilot per node (-u), each started by its node's MOM: qdel's and the walltime's SIGTERM reach them all.\n\
-                     # POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n\
-                     POSIXLY_CORRECT=1 exec {pbsdsh} -u {}\n",
-                    node_command(job, true)
-                ),
+                torque_launch(&pbsdsh, &node_command(job, true)),
             ),
             Flavour::PbsPro => (
                 vec![
@@ -304,6 +307,10 @@ impl Lrm for Pbs {
         let mut s = batch_common::script_header(self.flavour.name(), job);
         let mut d = |line: String| s.push_str(&format!("#PBS {line}\n"));
         d(format!("-N {}", job.name));
+        if self.flavour == Flavour::Torque {
+            // This script is its own shell: see torque_launch().
+            d(format!("-S {wd}/{}", script_file(job)));
+        }
         for r in resources {
             d(r);
         }
@@ -332,11 +339,7 @@ impl Lrm for Pbs {
         let lrm = self.flavour.name();
         check_directive_word(lrm, "job name", &job.name)?;
         check_directive_word(lrm, "workdir", &job.workdir.display().to_string())?;
-        let path = batch_common::write_script(
-            job,
-            &format!("{}.pbs", job.name),
-            &self.render_script(job),
-        )?;
+        let path = batch_common::write_script(job, &script_file(job), &self.render_script(job))?;
         let out = self
             .runner
             .run(&self.qsub, &[path.display().to_string()])
@@ -344,6 +347,9 @@ impl Lrm for Pbs {
         let out = command::check(out)?;
         let id = parse_job_id(&out.command, &out.stdout)?;
         tracing::info!(lrm, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        if self.flavour == Flavour::Torque && job.nodes > 1 {
+            tracing::warn!(lrm, job = %id, nodes = job.nodes, "{TORQUE_MULTI_NODE}");
+        }
         Ok(id)
     }
 
@@ -446,6 +452,9 @@ impl Lrm for Pbs {
                 ),
             });
         }
+        if self.flavour == Flavour::Torque {
+            tracing::warn!(lrm = self.flavour.name(), "{TORQUE_MULTI_NODE}");
+        }
         if ours < site {
             tracing::warn!(
                 lrm = self.flavour.name(),
@@ -473,6 +482,57 @@ impl Lrm for Pbs {
                 .collect(),
         ))
     }
+}
+
+/// The job script's file name in the slot's work directory.
+fn script_file(job: &SlotJob) -> String {
+    format!("{}.pbs", job.name)
+}
+
+/// Torque's launch: the pilots get the whole `kill_delay` after `qdel` (or
+/// the walltime's SIGTERM), as on PBS Pro and Slurm. Three things of Torque
+/// 6.1's mom (`src/resmom`) stand in the way, each handled here:
+///
+/// - By default the job's first process is the owner's *login shell*, which
+///   reads the script's path from a pipe and runs it as a child
+///   (`source_login_shells_or_not()`, `SHELL_INVOKE` in `start_exec.c`). At
+///   qdel's SIGTERM (`kill_job()` -> `kill_task()`, to every process of the
+///   job's session) that shell dies, the mom takes the job as ended
+///   (`scan_for_terminated()`) and SIGKILLs every task of it, the pilots
+///   too, within milliseconds (`mother_superior_cleanup()` ->
+///   `kill_job(SIGKILL)`; `kill_task()`'s SIGKILL is a SIGTERM followed by
+///   SIGKILL after 20 reads of `/proc`, no wait). So the script is its own
+///   shell (`#PBS -S <this script>`, which the mom execs directly): it
+///   traps SIGTERM and stays.
+/// - pbsdsh exits at SIGTERM (its `bailout()`), which would end the script.
+///   It runs in a session of its own, which the mom's signals do not reach
+///   (`kill_task()` signals by session), and ends when every pilot has
+///   ended (their obits); the pilots, tasks of the job, get the SIGTERM.
+/// - Once alone, pbsdsh never exits (`mom_reconnect()` retries forever): if
+///   the script is SIGKILLed first (`kill_delay` over), the loop beside
+///   pbsdsh, which checks every second that the script still runs, kills it.
+///
+/// A script that got SIGTERM ends by SIGTERM, so the job reads as killed
+/// (exit status 271), not completed.
+fn torque_launch(pbsdsh: &str, node_command: &str) -> String {
+    format!(
+        "# One pilot per node (-u), each started by its node's MOM as a task of the job: qdel's and the walltime's SIGTERM reach them all.\n\
+         # This shell (the job's own, #PBS -S) outlives that SIGTERM so that the pilots have until the SIGKILL after kill_delay:\n\
+         # Torque SIGKILLs every task once the job's shell has ended. pbsdsh, which would exit at SIGTERM, runs in a session of\n\
+         # its own, where the MOM's signals do not reach it, and ends when every pilot has; the loop beside it kills it if this\n\
+         # shell is SIGKILLed first.\n\
+         # POSIXLY_CORRECT: pbsdsh's getopt stops at the program instead of reading the pilot's options.\n\
+         term=0\n\
+         trap 'term=1; echo \"wsp: SIGTERM: the pilots have until the SIGKILL after kill_delay\" >&2' TERM\n\
+         POSIXLY_CORRECT=1 setsid /bin/sh -c 'job=$1; shift; \"$@\" & p=$!; while kill -0 \"$p\" 2>/dev/null; do kill -0 \"$job\" 2>/dev/null || kill -KILL \"$p\"; sleep 1; done; wait \"$p\"' \\\n\
+         \x20   wsp-pbsdsh \"$$\" {pbsdsh} -u {node_command} &\n\
+         pid=$!\n\
+         status=0\n\
+         # wait returns early when a trapped signal arrives: wait again until pbsdsh is gone.\n\
+         while kill -0 \"$pid\" 2>/dev/null; do wait \"$pid\"; status=$?; done\n\
+         if [ $term = 1 ]; then trap - TERM; kill -TERM $$; fi\n\
+         exit $status\n"
+    )
 }
 
 /// The per-node command: `/bin/sh -c 'exec <pilot>'` (pbsdsh starts programs

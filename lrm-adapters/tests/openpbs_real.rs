@@ -22,6 +22,8 @@ macro_rules! scenario {
 }
 
 scenario!(cancel_sends_sigterm_then_sigkill_after_kill_delay);
+scenario!(qdel_leaves_the_pilot_its_cleanup_and_the_job_ends_with_it);
+scenario!(two_nodes_get_a_pilot_each_and_qdel_ends_both);
 scenario!(batched_status_of_live_finished_and_unknown_ids);
 scenario!(walltime_ends_the_job_as_timeout);
 scenario!(cancel_is_retried_while_the_server_does_not_answer);

@@ -21,17 +21,9 @@ macro_rules! scenario {
     };
 }
 
-// Known gap, seen on Torque 6.1: on qdel pbsdsh exits at its SIGTERM, the
-// job script ends, and the mom SIGKILLs every task of the job within ~0.1 s,
-// so pilots get no grace (walltime kills do give it: the walltime test).
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "Torque 6.1 SIGKILLs pbsdsh's tasks ~0.1 s after qdel (docs/LRM.md, known gap)"]
-async fn cancel_sends_sigterm_then_sigkill_after_kill_delay() {
-    let Some(s) = server(FLAVOUR) else { return };
-    let _turn = turn().await;
-    pbs_real::cancel_sends_sigterm_then_sigkill_after_kill_delay(s).await;
-}
-
+scenario!(cancel_sends_sigterm_then_sigkill_after_kill_delay);
+scenario!(qdel_leaves_the_pilot_its_cleanup_and_the_job_ends_with_it);
+scenario!(two_nodes_get_a_pilot_each_and_qdel_ends_both);
 scenario!(batched_status_of_live_finished_and_unknown_ids);
 scenario!(walltime_ends_the_job_as_timeout);
 scenario!(cancel_is_retried_while_the_server_does_not_answer);

@@ -168,6 +168,13 @@ fn main() {
         .with_writer(std::io::stderr)
         // The pilot's stderr is the batch job's output file: no colour codes there.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written is dropped. Otherwise the
+        // subscriber reports it with eprintln!, which panics when stderr is
+        // gone: on a multi-node OpenPBS job stderr is a socket to pbs_demux,
+        // which qdel's SIGTERM ends, so the pilot died mid-cleanup (exit 101)
+        // on its first log line after the signal (tests/src/pbs.rs, two-node
+        // qdel).
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -116,6 +116,10 @@ pub struct Options {
     /// pilots' late reports (short here, so that a SIGKILLed pilot's lease
     /// ends quickly; the default is 60 s).
     pub report_wait_s: u64,
+    /// The address the coordinator listens on (default 127.0.0.1): pilots
+    /// on nodes with a network of their own (the PBS tests' execution hosts)
+    /// reach it there.
+    pub listen_ip: String,
 }
 
 /// A real batch system for [`Options::lrm`].
@@ -149,6 +153,7 @@ impl Default for Options {
             node_config: None,
             run_as: None,
             report_wait_s: 5,
+            listen_ip: "127.0.0.1".into(),
         }
     }
 }
@@ -196,7 +201,7 @@ impl Cluster {
         };
         let cfg = format!(
             r#"
-listen = "127.0.0.1:{port}"
+listen = "{listen_ip}:{port}"
 data_dir = "{root}/coordinator"
 {lrm_line}
 tick_ms = 50
@@ -237,6 +242,7 @@ admin = true
 {extra}
 "#,
             root = root.display(),
+            listen_ip = opts.listen_ip,
             port = free_port(),
             nodes = opts.nodes,
             mem = opts.memory_mb,

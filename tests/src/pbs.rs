@@ -1,5 +1,8 @@
 //! A real OpenPBS or Torque on this host for the end-to-end tests
-//! (scripts/pbs-up.sh), started once per test binary and stopped at its exit
+//! (scripts/pbs-up.sh): the server on this host and two execution hosts,
+//! each a mom in a network and UTS namespace of its own, so pilots run on
+//! two nodes through pbsdsh and reach the coordinator over the bridge as on
+//! a real cluster. Started once per test binary and stopped at its exit
 //! when this binary started it. Skipped (with the reason) only when the
 //! flavour is neither built nor has a source tarball to build from.
 
@@ -18,6 +21,12 @@ pub struct PbsServer {
     pub user: String,
     /// Extra environment of every PBS command (`PBS_CONF_FILE`).
     pub env: BTreeMap<String, String>,
+    /// The execution hosts (`pbsn1`, `pbsn2`): their host names, as their
+    /// pilots see them.
+    pub nodes: Vec<String>,
+    /// This host's address on the nodes' bridge: the coordinator listens
+    /// there.
+    pub server_ip: String,
 }
 
 fn repo() -> PathBuf {
@@ -95,6 +104,12 @@ fn start(flavour: Flavour) -> Result<Option<PbsServer>, String> {
         flavour,
         prefix: PathBuf::from(&vars["WSP_PBS_PREFIX"]),
         user: vars["WSP_PBS_USER"].clone(),
+        nodes: vars["WSP_PBS_NODES"]
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
+        server_ip: vars["WSP_PBS_SERVER_IP"].clone(),
         env: vars
             .iter()
             .filter(|(k, _)| k.starts_with("PBS_"))
@@ -106,6 +121,7 @@ fn start(flavour: Flavour) -> Result<Option<PbsServer>, String> {
 impl PbsServer {
     /// `lrm = "..."` and its section, for [`crate::OtherLrm`].
     pub fn toml(&self, kill_delay_s: u64) -> String {
+        let nodes = self.nodes.len();
         let (lrm, section) = match self.flavour {
             "torque" => ("torque", "torque"),
             _ => ("pbspro", "pbspro"),
@@ -119,7 +135,7 @@ impl PbsServer {
         format!(
             r#"lrm = "{lrm}"
 [cluster]
-nodes = 1
+nodes = {nodes}
 cores_per_node = 2
 memory_mb_per_node = 1000
 [{section}]
@@ -177,7 +193,7 @@ env = {{ {env} }}
 use crate::{wait_gone, Cluster, Options, OtherLrm, Reply, TOKEN};
 use std::time::Duration;
 
-/// One VM, one pilot on the one node.
+/// One VM, one pilot on one of the execution hosts.
 pub const ONE: &str = r#"
 name = "one"
 duration = "1h"
@@ -189,14 +205,17 @@ cpus = 1
 image = "head.qcow2"
 "#;
 
-/// The node's name as its pilot sees it (the host name).
-pub fn node_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+/// Two VMs of 512 MB: one on each 1000 MB node, so a pilot on each.
+pub const TWO: &str = r#"
+name = "two"
+duration = "1h"
+[[group]]
+name = "worker"
+count = 2
+memory_mb = 512
+cpus = 1
+image = "worker.qcow2"
+"#;
 
 impl PbsServer {
     /// A coordinator for this server, run as the service user.
@@ -205,9 +224,10 @@ impl PbsServer {
             memory_mb: 1000,
             kill_grace_s: 5,
             run_as: Some(self.user.clone()),
+            listen_ip: self.server_ip.clone(),
             lrm: Some(OtherLrm {
                 toml: self.toml(5),
-                nodes: vec![node_name()],
+                nodes: self.nodes.clone(),
             }),
             ..Options::default()
         })
@@ -219,7 +239,7 @@ fn id_of(r: &Reply) -> String {
     r.body["id"].as_str().expect("id").to_string()
 }
 
-/// A lease whose pilot runs on the server's node through pbsdsh; destroy
+/// A lease whose pilot runs on an execution host through pbsdsh; destroy
 /// restores the node and leaves no job.
 pub fn lease_runs_on_the_node_and_destroy_leaves_nothing(s: &PbsServer) {
     let c = s.cluster();
@@ -227,7 +247,12 @@ pub fn lease_runs_on_the_node_and_destroy_leaves_nothing(s: &PbsServer) {
     let v = c.wait_for(&id, "running", Duration::from_secs(90), |v| {
         v["state"] == "running"
     });
-    assert_eq!(v["vms"][0]["node"], node_name().as_str(), "{v:#}");
+    let node = v["vms"][0]["node"].as_str().unwrap_or("");
+    assert!(
+        s.nodes.iter().any(|n| n == node),
+        "the VM runs on an execution host ({:?}): {v:#}",
+        s.nodes
+    );
     let job = v["slots"][0]["job_id"]
         .as_str()
         .expect("job id")
@@ -307,6 +332,190 @@ pub fn lease_end_releases_the_node_and_ends_the_job(s: &PbsServer) {
     assert_eq!(v["state"], "expired", "{v:#}");
     c.assert_nodes_restored();
     s.wait_job_gone(&job);
+}
+
+/// The VMs' nodes, sorted.
+fn vm_nodes(v: &serde_json::Value) -> Vec<String> {
+    let mut nodes: Vec<String> = v["vms"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|vm| vm["node"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    nodes.sort();
+    nodes
+}
+
+/// A two-node lease is one batch job whose pbsdsh starts a pilot on each
+/// execution host: a VM on each; destroy restores both nodes and ends the
+/// job.
+pub fn two_node_lease_runs_a_pilot_on_each_host_and_destroy_leaves_nothing(s: &PbsServer) {
+    assert_eq!(
+        s.nodes.len(),
+        2,
+        "scripts/pbs-up.sh starts two execution hosts"
+    );
+    let c = s.cluster();
+    let id = id_of(&c.create(TWO));
+    let v = c.wait_for(&id, "running", Duration::from_secs(90), |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(
+        vm_nodes(&v),
+        s.nodes,
+        "one VM on each execution host: {v:#}"
+    );
+    let slots = v["slots"].as_array().cloned().unwrap_or_default();
+    assert_eq!(slots.len(), 1, "one pilot job for both nodes: {v:#}");
+    let job = slots[0]["job_id"].as_str().expect("job id").to_string();
+    assert!(
+        s.unfinished_jobs().contains(&job),
+        "the pilot job {job} runs in the batch system: {:?}",
+        s.unfinished_jobs()
+    );
+    assert_eq!(c.pilot_pids(None).len(), 2, "a pilot on each node");
+    assert_eq!(c.destroy_as(TOKEN, &id).status, 200);
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
+    assert_eq!(v["state"], "destroyed", "{v:#}");
+    c.assert_nodes_restored();
+    s.wait_job_gone(&job);
+    assert!(c.pilot_pids(None).is_empty(), "no pilot left");
+}
+
+/// An admin's qdel of a two-node lease's job reaches both pilots, on their
+/// own hosts, as SIGTERM: each hands its node back within kill_delay and the
+/// lease reads as preempted.
+pub fn qdel_of_a_two_node_lease_preempts_it_and_restores_both_hosts(s: &PbsServer) {
+    assert_eq!(
+        s.nodes.len(),
+        2,
+        "scripts/pbs-up.sh starts two execution hosts"
+    );
+    let c = s.cluster();
+    let id = id_of(&c.create(TWO));
+    let v = c.wait_for(&id, "running", Duration::from_secs(90), |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(vm_nodes(&v), s.nodes, "{v:#}");
+    let job = v["slots"][0]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    let pids = c.pilot_pids(None);
+    assert_eq!(pids.len(), 2, "a pilot on each node");
+    let out = s.admin("qdel", &[&job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pid in pids {
+        let t = wait_gone(pid, Duration::from_secs(10)).unwrap_or_else(|| {
+            panic!(
+                "pilot {pid} still runs 10 s after qdel\n--- job output ---\n{}\n--- coordinator log ---\n{}",
+                job_output(&c),
+                c.log()
+            )
+        });
+        assert!(
+            t < Duration::from_secs(5),
+            "pilot {pid} took {t:?}, past kill_delay"
+        );
+    }
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
+    assert_eq!(
+        v["state"],
+        "preempted",
+        "{v:#}\n--- job output ---\n{}\n--- coordinator log ---\n{}",
+        job_output(&c),
+        c.log()
+    );
+    assert!(
+        v["reason"].as_str().unwrap_or("").contains("SIGTERM"),
+        "{v:#}"
+    );
+    c.assert_nodes_restored();
+    s.wait_job_gone(&job);
+}
+
+/// Torque 6.1 SIGKILLs every task of a multi-node job at qdel whatever
+/// kill_delay says (docs/LRM.md, "Torque: no grace for multi-node jobs"):
+/// an admin's qdel of a two-node lease ends both pilots at once, the lease
+/// settles, the job is gone, and `workspace-kill-all` on each host restores
+/// what the pilots could not (as the coordinator's warning tells admins).
+pub fn qdel_of_a_two_node_lease_on_torque_leaves_the_hosts_to_kill_all(s: &PbsServer) {
+    assert_eq!(s.flavour, "torque");
+    let c = s.cluster();
+    let id = id_of(&c.create(TWO));
+    let v = c.wait_for(&id, "running", Duration::from_secs(90), |v| {
+        v["state"] == "running"
+    });
+    assert_eq!(vm_nodes(&v), s.nodes, "{v:#}");
+    let job = v["slots"][0]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    let pids = c.pilot_pids(None);
+    assert_eq!(pids.len(), 2, "a pilot on each node");
+    let out = s.admin("qdel", &[&job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for pid in pids {
+        let t = wait_gone(pid, Duration::from_secs(10)).expect("pilot ends");
+        assert!(t < Duration::from_secs(2), "pilot {pid} took {t:?}");
+    }
+    let v = c.wait_for(&id, "settled", Duration::from_secs(60), |v| {
+        v["settled"] == true
+    });
+    assert!(
+        matches!(v["state"].as_str(), Some("preempted" | "failed")),
+        "{v:#}"
+    );
+    s.wait_job_gone(&job);
+    for n in &s.nodes {
+        let out = Command::new(crate::bin("workspace-kill-all"))
+            // The lease has settled: the pilots' undelivered reports are
+            // moot (and kill-all, as root, does not deliver from an outbox
+            // the service user owns).
+            .args([
+                "--hypervisor",
+                "sim",
+                "--no-deliver",
+                "--node",
+                n,
+                "--sim-dir",
+            ])
+            .arg(c.root().join("nodes/%n/sim"))
+            .arg("--state-dir")
+            .arg(c.root().join("nodes/%n/state"))
+            .output()
+            .expect("run workspace-kill-all");
+        assert!(
+            out.status.success(),
+            "kill-all on {n}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.assert_nodes_restored();
+    let log = c.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("gets no grace"))
+        .collect();
+    assert!(
+        warned.len() >= 2 && warned.iter().any(|l| l.contains(&job)),
+        "the coordinator warned of it, at start and at the submit of {job}: {log}"
+    );
 }
 
 /// `serve` refuses a grace longer than the queue's kill_delay, naming it.

@@ -37,7 +37,9 @@ pub struct Server {
     pub flavour: Flavour,
     pub prefix: PathBuf,
     pub user: String,
-    pub node: String,
+    /// The execution hosts (`pbsn1`, `pbsn2`), each a mom in a network and
+    /// UTS namespace of its own (scripts/pbs-common.sh).
+    pub nodes: Vec<String>,
     pub env: BTreeMap<String, String>,
     /// qsub/qstat/qdel wrappers that run the real ones as `user`.
     pub wrappers: PathBuf,
@@ -141,11 +143,11 @@ fn start(flavour: Flavour) -> Result<Option<Server>, String> {
     Ok(Some(Server {
         flavour,
         prefix,
-        node: vars["WSP_PBS_NODES"]
+        nodes: vars["WSP_PBS_NODES"]
             .split(',')
-            .next()
-            .unwrap_or("")
-            .to_string(),
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect(),
         user,
         env,
         wrappers,
@@ -224,18 +226,27 @@ impl Drop for Cleanup<'_> {
 
 /// A stand-in pilot: records its node, its second argument and SIGTERM.
 /// Mode (third argument): `trap` ignores SIGTERM (waits for SIGKILL),
-/// `term` exits on it, `exit0` ends at once with status 0.
+/// `term` exits on it, `clean` takes 2 s to "clean up" after it (then
+/// writes `cleaned-<node>` and exits 0; like the real pilot it ignores
+/// further signals while it cleans up: OpenPBS signals a pilot on the first
+/// host twice, once from its mom and once from pbsdsh), `exit0` ends at once
+/// with status 0.
+/// The trap is set before `starts` is written: a test that signals the job
+/// once it sees `starts` never races it.
 pub const PILOT: &str = r#"#!/bin/sh
 d=$1
 node=$(hostname)
-echo "$node $$" >> "$d/starts"
-printf '%s\n' "$2" > "$d/arg-$node"
 case $3 in
-exit0) exit 0 ;;
+exit0) ;;
 term) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"; exit 0' TERM ;;
+clean) trap 'trap "" TERM; echo "TERM $(date +%s.%N)" >> "$d/signals-$node"; sleep 2; echo done > "$d/cleaned-$node"; exit 0' TERM ;;
 *) trap 'echo "TERM $(date +%s.%N)" >> "$d/signals-$node"' TERM ;;
 esac
-while :; do sleep 0.1; done
+printf '%s\n' "$2" > "$d/arg-$node"
+echo "$node $$" >> "$d/starts"
+[ "$3" = exit0 ] && exit 0
+# A trapped signal ends `wait` at once; the sleeps are killed with the job.
+while :; do sleep 1 & wait $!; done
 "#;
 
 pub fn pilot_job(dir: &Path, name: &str, nodes: u32, walltime: Duration, mode: &str) -> SlotJob {
@@ -282,6 +293,39 @@ pub async fn one(lrm: &dyn Lrm, id: &JobId) -> JobStatus {
         .unwrap()
 }
 
+/// Processes whose command line names `dir` (the stand-in pilots, and on
+/// Torque pbsdsh and the loop beside it): none may outlive their job.
+/// OpenPBS's qsub leaves a helper for 60 s (`qsub <script>`, waiting for
+/// the user's next submission): not ours, not counted.
+pub fn processes_of(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| alive(*pid))
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let qsub_helper = cmd.split(' ').next().is_some_and(|a| a.ends_with("/qsub"));
+            (cmd.contains(&dir) && !qsub_helper).then(|| format!("{pid} {cmd}"))
+        })
+        .collect()
+}
+
+/// Waits (10 s at most) until no process names `dir`.
+pub async fn assert_nothing_left(dir: &Path) {
+    let t = Instant::now();
+    while !processes_of(dir).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "left behind by a finished job: {:?}",
+            processes_of(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -325,7 +369,7 @@ pub async fn cancel_sends_sigterm_then_sigkill_after_kill_delay(s: &Server) {
     assert_eq!(
         starts.lines().count(),
         1,
-        "one pilot on the one node: {starts}"
+        "one pilot for a one-node job: {starts}"
     );
     let (node, pid) = starts.trim().split_once(' ').unwrap();
     let pid: i32 = pid.parse().unwrap();
@@ -382,8 +426,175 @@ pub async fn cancel_sends_sigterm_then_sigkill_after_kill_delay(s: &Server) {
     lrm.cancel(&id)
         .await
         .expect("cancelling a finished job is fine");
+    assert_nothing_left(d).await;
     eprintln!(
         "{}: SIGTERM {sigterm:?} after qdel, pilot SIGKILLed after {killed:?}",
+        script_name(s.flavour)
+    );
+}
+
+/// A pilot that needs 2 s to clean up after qdel's SIGTERM gets them (the
+/// grace is kill_delay, 5 s); the job then reads as cancelled (on Torque
+/// as soon as the pilot is done) and nothing of it is left.
+pub async fn qdel_leaves_the_pilot_its_cleanup_and_the_job_ends_with_it(s: &Server) {
+    let lrm = s.lrm();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-clean",
+            1,
+            Duration::from_secs(600),
+            "clean",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    wait_for("the pilot to start", Duration::from_secs(60), || async {
+        d.join("starts").exists()
+    })
+    .await;
+    let starts = std::fs::read_to_string(d.join("starts")).unwrap();
+    let node = starts.split_whitespace().next().unwrap().to_string();
+    let t0 = Instant::now();
+    let out = s.admin("qdel", &[&id.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the job to read as cancelled",
+        Duration::from_secs(30),
+        || async { one(&lrm, &id).await == JobStatus::Known(JobState::Cancelled) },
+    )
+    .await;
+    let ended = t0.elapsed();
+    assert!(
+        d.join(format!("cleaned-{node}")).exists(),
+        "the pilot finished its 2 s cleanup before the job ended (ended after {ended:?})"
+    );
+    // Torque: the job script ends when pbsdsh has seen every pilot end.
+    // OpenPBS keeps the job until its MOM's own SIGKILL, kill_delay after
+    // qdel but checked only at its next poll (seen: 10-12 s).
+    let limit = match s.flavour {
+        Flavour::Torque => Duration::from_secs(5),
+        Flavour::PbsPro => Duration::from_secs(20),
+    };
+    assert!(
+        ended >= Duration::from_secs(2) && ended < limit,
+        "the job ends with its pilot, within {limit:?}: {ended:?}"
+    );
+    assert_nothing_left(d).await;
+    eprintln!(
+        "{}: the pilot cleaned up for 2 s after qdel, job ended after {ended:?}",
+        script_name(s.flavour)
+    );
+}
+
+/// A two-node job: pbsdsh starts one pilot on each execution host (each
+/// sees its own host name with its argv intact), and qdel ends the job and
+/// leaves nothing. OpenPBS: SIGTERM reaches both pilots there and each gets
+/// its 2 s of cleanup. Torque 6.1: its mom SIGKILLs the tasks of a
+/// multi-node job at qdel whatever kill_delay says (docs/LRM.md, "Torque:
+/// no grace for multi-node jobs"), so neither pilot finishes its cleanup and
+/// the job ends at once: should a Torque do better, this fails and the docs
+/// and the coordinator's warning go.
+pub async fn two_nodes_get_a_pilot_each_and_qdel_ends_both(s: &Server) {
+    assert_eq!(
+        s.nodes.len(),
+        2,
+        "scripts/pbs-up.sh starts two execution hosts"
+    );
+    let lrm = s.lrm();
+    let dir = s.workdir();
+    let d = dir.path();
+    let id = lrm
+        .submit(&pilot_job(
+            d,
+            "wsp-sl-two",
+            2,
+            Duration::from_secs(600),
+            "clean",
+        ))
+        .await
+        .unwrap();
+    let _cleanup = Cleanup(s, vec![id.clone()]);
+    let lines = || {
+        std::fs::read_to_string(d.join("starts"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    wait_for("both pilots to start", Duration::from_secs(60), || async {
+        lines() >= 2
+    })
+    .await;
+    let starts = std::fs::read_to_string(d.join("starts")).unwrap();
+    let mut nodes: Vec<&str> = starts
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    nodes.sort();
+    assert_eq!(nodes, s.nodes, "one pilot on each host: {starts}");
+    for n in &nodes {
+        assert_eq!(
+            std::fs::read_to_string(d.join(format!("arg-{n}"))).unwrap(),
+            "it's %n --x\n",
+            "argv intact through pbsdsh on {n}"
+        );
+    }
+    assert_eq!(one(&lrm, &id).await, JobStatus::Known(JobState::Running));
+    let t0 = Instant::now();
+    let out = s.admin("qdel", &[&id.0]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(
+        "the job to read as cancelled",
+        Duration::from_secs(30),
+        || async { one(&lrm, &id).await == JobStatus::Known(JobState::Cancelled) },
+    )
+    .await;
+    let ended = t0.elapsed();
+    let files: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let output = std::fs::read_to_string(d.join("wsp-sl-two.out")).unwrap_or_default();
+    if s.flavour == Flavour::Torque {
+        for n in &nodes {
+            assert!(
+                !d.join(format!("cleaned-{n}")).exists(),
+                "Torque gave the pilot on {n} its cleanup: update docs/LRM.md and the adapter's warning"
+            );
+        }
+        assert!(
+            ended < Duration::from_secs(4),
+            "the job ends at once, long before kill_delay (5 s): {ended:?}"
+        );
+        assert_nothing_left(d).await;
+        eprintln!("torque: two hosts, qdel SIGKILLed both pilots, job ended after {ended:?}");
+        return;
+    }
+    for n in &nodes {
+        assert!(
+            d.join(format!("signals-{n}")).exists(),
+            "the pilot on {n} got SIGTERM (job ended after {ended:?}; files {files:?}; job output: {output})"
+        );
+        assert!(
+            d.join(format!("cleaned-{n}")).exists(),
+            "the pilot on {n} finished its 2 s cleanup before the job ended (after {ended:?}; signals: {:?})",
+            std::fs::read_to_string(d.join(format!("signals-{n}"))).unwrap_or_default()
+        );
+    }
+    assert_nothing_left(d).await;
+    eprintln!(
+        "{}: two hosts, both pilots cleaned up after qdel, job ended after {ended:?}",
         script_name(s.flavour)
     );
 }
@@ -423,7 +634,8 @@ pub async fn batched_status_of_live_finished_and_unknown_ids(s: &Server) {
         one(&lrm, &live).await == JobStatus::Known(JobState::Running)
     })
     .await;
-    let unknown = JobId(format!("987654.{}", s.node));
+    let server = live.0.split_once('.').map(|(_, s)| s).unwrap_or_default();
+    let unknown = JobId(format!("987654.{server}"));
     let bogus = JobId("-x".into());
     let answer = lrm
         .status(&[live.clone(), done.clone(), unknown.clone(), bogus.clone()])
