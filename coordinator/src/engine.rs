@@ -1476,6 +1476,8 @@ fn start_vms(
             }),
             on_preempt: Default::default(),
             restore: None,
+            urgency: 0,
+            cpu: None,
         };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
         store::push_timeline(
@@ -1750,6 +1752,7 @@ fn apply_event(
             create_ms,
             stage_ms,
             cache_hit,
+            ..
         } => {
             let Some(vm) = own_vm(c, slot, vm_id)? else {
                 return Ok(());
@@ -1902,6 +1905,18 @@ fn apply_event(
         | EventKind::CheckpointDeleted { .. }
         | EventKind::CheckpointDeleteFailed { .. } => {
             warn!(workspace_id = %ws.id, slot_id = %slot.id, node, event = e.kind.name(), "checkpoint event not yet supported by the coordinator; recorded only");
+        }
+        // Pool slots, CPU shares and warm VMs (docs/POOL.md): the
+        // coordinator never sends the commands these answer yet.
+        EventKind::Bound { .. }
+        | EventKind::Unbound { .. }
+        | EventKind::ReservationChanged { .. }
+        | EventKind::ReservationRefused { .. }
+        | EventKind::VmCpuSet { .. }
+        | EventKind::VmCpuSetFailed { .. }
+        | EventKind::WarmPrepared { .. }
+        | EventKind::WarmPrepareFailed { .. } => {
+            warn!(workspace_id = %ws.id, slot_id = %slot.id, node, event = e.kind.name(), "pool event not yet supported by the coordinator; recorded only");
         }
     }
     Ok(())
