@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 const TOKEN: &str = "bench-load-token";
 /// VMs (pilots) per workspace.
-const PER_WS: usize = 100;
+pub const PER_WS: usize = 100;
 /// Events in flight at once.
 pub const SENDERS: usize = 32;
 
@@ -218,6 +218,10 @@ pub struct LoadResult {
     pub rss_mb_after: f64,
     pub hwm_mb: f64,
     pub setup_s: f64,
+    /// The machine's limit for these rows, measured right after (see `limit`).
+    pub limit: Option<crate::limit::LimitResult>,
+    /// `events_per_s` over the limit's events/s.
+    pub fraction_of_limit: f64,
 }
 
 fn rss_mb(pid: u32, field: &str) -> f64 {
@@ -512,5 +516,7 @@ async fn run(pilots: usize, seconds: f64) -> Result<LoadResult> {
         rss_mb_after,
         hwm_mb,
         setup_s,
+        limit: None,
+        fraction_of_limit: f64::NAN,
     })
 }

@@ -7,6 +7,7 @@
 //! targets and writes everything as JSON. Not a test: it judges, it does not fail.
 
 mod breakdown;
+mod limit;
 mod load;
 mod mapper;
 mod marks;
@@ -304,9 +305,17 @@ async fn bench(args: &Args) -> Result<()> {
             .unwrap_or(if args.quick { 3.0 } else { 10.0 });
         for k in levels {
             eprintln!("load: {k} pilots, {secs} s of events ...");
-            let res = load::run_on_one_thread(k, secs)
+            let mut res = load::run_on_one_thread(k, secs)
                 .await
                 .with_context(|| format!("load with {k} pilots"))?;
+            eprintln!("limit: the same rows written by a bare loop, {secs} s ...");
+            let lim = tokio::task::spawn_blocking(move || {
+                limit::run(k, load::PER_WS, load::SENDERS, secs)
+            })
+            .await?
+            .with_context(|| format!("machine limit with {k} pilots"))?;
+            res.fraction_of_limit = res.events_per_s / lim.events_per_s;
+            res.limit = Some(lim);
             rep.load.push(res);
         }
         println!("{}", load_table(&rep.load));
@@ -413,6 +422,8 @@ fn load_table(levels: &[load::LoadResult]) -> String {
         "CPU/event: server, writer",
         "RSS idle",
         "RSS after",
+        "limit (bare loop)",
+        "fraction",
         "verdict",
     ]);
     for l in levels {
@@ -428,10 +439,16 @@ fn load_table(levels: &[load::LoadResult]) -> String {
             ),
             format!("{:.0} MB", l.rss_mb_idle),
             format!("{:.0} MB", l.rss_mb_after),
+            l.limit
+                .as_ref()
+                .map(|m| format!("{:.0}/s", m.events_per_s))
+                .unwrap_or_else(|| "-".into()),
+            format!("{:.2}", l.fraction_of_limit),
             format!(
-                "{}; p99 {}",
+                "{}; p99 {}; fraction {}",
                 verdict_above(l.events_per_s, 20_000.0),
-                verdict_below(l.p99_ms, 20.0)
+                verdict_below(l.p99_ms, 20.0),
+                verdict_above(l.fraction_of_limit, 0.5)
             ),
         ]);
     }
@@ -500,6 +517,12 @@ fn targets(rep: &Report) -> Vec<Target> {
             target: ">= 20000/s".into(),
             measured: format!("{:.0}/s", l.events_per_s),
             verdict: verdict_above(l.events_per_s, 20_000.0),
+        });
+        out.push(Target {
+            what: format!("event path / machine limit, {} pilots", l.pilots),
+            target: ">= 0.5".into(),
+            measured: format!("{:.2}", l.fraction_of_limit),
+            verdict: verdict_above(l.fraction_of_limit, 0.5),
         });
         out.push(Target {
             what: format!("event p99, {} pilots", l.pilots),

@@ -123,6 +123,13 @@ fn a_small_run_measures_every_part_it_is_asked_for() {
     for k in ["events_per_s", "p50_ms", "p99_ms", "rss_mb_after"] {
         assert!(l[k].as_f64().unwrap_or(0.0) > 0.0, "{k}: {l}");
     }
+    // The machine's limit, measured in the same run, and the fraction of it.
+    assert!(
+        l["limit"]["events_per_s"].as_f64().unwrap_or(0.0) > 0.0,
+        "{l}"
+    );
+    let fraction = l["fraction_of_limit"].as_f64().unwrap_or(0.0);
+    assert!(fraction > 0.0 && fraction.is_finite(), "{l}");
     assert!(
         l["writer_cpu_us_per_event"].as_f64().unwrap_or(0.0)
             <= l["server_cpu_us_per_event"].as_f64().unwrap_or(0.0),
@@ -148,6 +155,11 @@ fn a_small_run_measures_every_part_it_is_asked_for() {
     assert_eq!(
         verdict("our overhead end to end, N = 16, on this host"),
         "not measured"
+    );
+    assert!(
+        verdict("event path / machine limit, 50 pilots").starts_with("ok")
+            || verdict("event path / machine limit, 50 pilots").starts_with("MISSED"),
+        "{targets:?}"
     );
     assert!(stdout.contains("Targets"), "{stdout}");
 }

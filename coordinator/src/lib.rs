@@ -3,11 +3,14 @@
 //! tells them which VMs to run; plus the client library behind `workspace`.
 //!
 //! Not here: batch system specifics (`lrm-adapters`), anything that runs on a
-//! node (`pilot`). Start reading at [`engine`]; the rules of a workspace's
-//! life are in [`lifecycle`], sizing and mapping in [`policy`].
+//! node (`pilot`). Start reading at [`engine`]; the state tables of
+//! workspaces, slots, pilots and VMs are in [`lifecycle`], sizing and mapping
+//! in [`policy`], time in [`clock`]; [`sim`] runs the same engine on a
+//! workload trace in virtual time.
 
 pub mod api;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod engine;
@@ -19,6 +22,7 @@ pub mod network;
 pub mod policy;
 pub mod report;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod timeline;
 pub mod writer;

@@ -1,9 +1,13 @@
 //! Scheduling policy: how a workspace becomes resource slots, and how VMs
 //! are mapped onto reserved nodes.
 //!
-//! The default policy is exact fit: one VM per node, one slot (pilot job) per
-//! group sized exactly for that group's VMs, and a greedy mapping of VMs onto
-//! the nodes of their slot. Pure functions, no I/O: easy to test and bench.
+//! A policy is a [`Policy`]: a function from what the coordinator knows to a
+//! plan, which the engine carries out (the server and the simulator alike).
+//! The one here is [`ExactFit`]: one VM per node, one slot (pilot job) per
+//! group sized exactly for that group's VMs, and a greedy mapping of VMs
+//! onto the nodes of their slot. Pure functions, no I/O: easy to test and
+//! bench. Policies to come (bind slots of a warm pool, suspend a victim,
+//! start a reservation at its time) add [`Action`]s and fields, not engines.
 
 use lrm_adapters::Capacity;
 use protocol::spec::WorkspaceSpec;
@@ -36,6 +40,88 @@ pub enum FitError {
         "the workspace needs {asked} nodes at once (one VM per node), but the cluster has {has}"
     )]
     Nodes { asked: u64, has: u32 },
+}
+
+/// What the coordinator knows of the cluster when it plans a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    pub capacity: Capacity,
+    /// Memory dom0 keeps on every node (`pilot.min_dom0_mb`).
+    pub min_dom0_mb: u64,
+}
+
+/// One step of a lease's plan, carried out by the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Submit a pilot job for a new slot.
+    Submit(SlotPlan),
+}
+
+/// How a lease gets its capacity: the engine stores the lease and its slots,
+/// then carries out the actions in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasePlan {
+    pub actions: Vec<Action>,
+}
+
+/// Where the VMs of a lease go once every slot is reserved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// (VM, node) pairs: the engine tells each node's pilot to start its VMs.
+    pub starts: Vec<(VmId, String)>,
+}
+
+/// A scheduling policy. Pure: it reads what it is given and returns a plan.
+pub trait Policy: Send + Sync {
+    /// Its name, as configured (`"exact-fit"`).
+    fn name(&self) -> &'static str;
+    /// How a new lease gets its capacity, or why this cluster cannot give it.
+    fn plan_lease(&self, spec: &WorkspaceSpec, cluster: &Cluster) -> Result<LeasePlan, FitError>;
+    /// Where the lease's VMs go, onto the nodes its pilots reserved;
+    /// `prefer(vm, node)` holds when the node's image cache has the VM's image.
+    fn place(
+        &self,
+        vms: &[VmNeed],
+        nodes: &[NodeRoom],
+        prefer: &dyn Fn(&VmId, &str) -> bool,
+    ) -> Result<Placement, MapError>;
+}
+
+/// Today's policy: exact fit (one slot per group, one VM per node) and the
+/// greedy mapping, preferring nodes that hold the VM's image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExactFit;
+
+impl Policy for ExactFit {
+    fn name(&self) -> &'static str {
+        "exact-fit"
+    }
+
+    fn plan_lease(&self, spec: &WorkspaceSpec, cluster: &Cluster) -> Result<LeasePlan, FitError> {
+        let slots = plan_slots(spec, &cluster.capacity, cluster.min_dom0_mb)?;
+        Ok(LeasePlan {
+            actions: slots.into_iter().map(Action::Submit).collect(),
+        })
+    }
+
+    fn place(
+        &self,
+        vms: &[VmNeed],
+        nodes: &[NodeRoom],
+        prefer: &dyn Fn(&VmId, &str) -> bool,
+    ) -> Result<Placement, MapError> {
+        Ok(Placement {
+            starts: map_vms_preferring(vms, nodes, prefer)?,
+        })
+    }
+}
+
+/// The policy of that name (`exact-fit`, the only one so far).
+pub fn by_name(name: &str) -> Option<std::sync::Arc<dyn Policy>> {
+    match name {
+        "exact-fit" => Some(std::sync::Arc::new(ExactFit)),
+        _ => None,
+    }
 }
 
 /// Exact fit: one slot per group, one node per VM.
@@ -187,6 +273,32 @@ image = "h"
             cores_per_node: 2,
             memory_mb_per_node: 4096,
         }
+    }
+
+    #[test]
+    fn exact_fit_plans_one_submit_per_group_and_places_greedily() {
+        let cluster = Cluster {
+            capacity: cap(4),
+            min_dom0_mb: 100,
+        };
+        let plan = ExactFit.plan_lease(&spec(ENSEMBLE), &cluster).unwrap();
+        let want: Vec<Action> = plan_slots(&spec(ENSEMBLE), &cap(4), 100)
+            .unwrap()
+            .into_iter()
+            .map(Action::Submit)
+            .collect();
+        assert_eq!(plan.actions, want);
+        assert!(ExactFit
+            .plan_lease(
+                &spec(ENSEMBLE),
+                &Cluster {
+                    capacity: cap(3),
+                    ..cluster
+                }
+            )
+            .is_err());
+        assert_eq!(by_name("exact-fit").map(|p| p.name()), Some("exact-fit"));
+        assert!(by_name("pack").is_none());
     }
 
     #[test]

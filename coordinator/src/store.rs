@@ -5,6 +5,9 @@
 //! WAL mode with `synchronous = NORMAL`: a committed transaction survives a
 //! crash of the coordinator process (not necessarily a power loss).
 
+use crate::lifecycle::pilot::{self, PilotState};
+use crate::lifecycle::slot::{self, Job, JobInput};
+use crate::lifecycle::{vm, workspace};
 use protocol::pilot::{CommandKind, Nic, PilotEvent};
 use protocol::spec::WorkspaceSpec;
 use protocol::view::{Phase, SlotState, TimelineEntry, VmState, WorkspaceState};
@@ -37,21 +40,30 @@ CREATE TABLE IF NOT EXISTS workspaces (
   id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL, spec TEXT NOT NULL,
   state TEXT NOT NULL, reason TEXT, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
   expires_ms INTEGER);
+-- The leases to expire, and the next to (every tick reads it).
+CREATE INDEX IF NOT EXISTS workspaces_expiry ON workspaces(state, expires_ms);
+-- state: the slot's table (lifecycle::slot::next); job_state and job_id: its
+-- batch job's (lifecycle::slot::next_job), an id once the submit is answered.
 CREATE TABLE IF NOT EXISTS slots (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, grp TEXT NOT NULL, job_id TEXT,
   nodes INTEGER NOT NULL, cores INTEGER NOT NULL, memory_mb INTEGER NOT NULL,
-  state TEXT NOT NULL, cancel_pending INTEGER NOT NULL DEFAULT 0, job_ended INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL, job_state TEXT NOT NULL DEFAULT 'unsubmitted',
   created_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id);
+-- In the order slots_of reads them (no sort each time).
+CREATE INDEX IF NOT EXISTS slots_ws ON slots(workspace_id, created_ms, id);
+-- Jobs whose status is asked, and cancels owed, are found by their state.
+CREATE INDEX IF NOT EXISTS slots_job_state ON slots(job_state);
+-- state: the pilot's table (lifecycle::pilot::next); last_event is what the
+-- view shows (the kind of its last event, or 'lost').
 CREATE TABLE IF NOT EXISTS pilots (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, pilot_id TEXT NOT NULL, last_event TEXT NOT NULL,
-  reserved INTEGER NOT NULL DEFAULT 0, released INTEGER NOT NULL DEFAULT 0,
+  state TEXT NOT NULL DEFAULT 'started',
   last_seen_ms INTEGER NOT NULL, PRIMARY KEY (slot_id, node));
 CREATE TABLE IF NOT EXISTS vms (
   id TEXT PRIMARY KEY, workspace_id TEXT NOT NULL, slot_id TEXT NOT NULL, grp TEXT NOT NULL,
   idx INTEGER NOT NULL, name TEXT NOT NULL, node TEXT, state TEXT NOT NULL,
   memory_mb INTEGER NOT NULL, cpus INTEGER NOT NULL, image TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id);
+CREATE INDEX IF NOT EXISTS vms_ws ON vms(workspace_id, grp, idx);
 CREATE INDEX IF NOT EXISTS vms_slot_node ON vms(slot_id, node);
 CREATE TABLE IF NOT EXISTS commands (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, id INTEGER NOT NULL, body TEXT NOT NULL,
@@ -106,32 +118,35 @@ END;
 CREATE TRIGGER IF NOT EXISTS vm_counts_delete AFTER DELETE ON vms BEGIN
   UPDATE vm_counts SET n = n - 1 WHERE workspace_id = old.workspace_id AND state = old.state;
 END;
--- holding: reserved and not released.
+-- holding: pilots that hold their node (reserved, preempting); released:
+-- pilots that are gone (released, failed, lost). Spelled as ORs: SQLite
+-- builds a temporary table for an IN list of three or more each time it runs.
 CREATE TABLE IF NOT EXISTS pilot_counts (
   slot_id TEXT PRIMARY KEY, pilots INTEGER NOT NULL, holding INTEGER NOT NULL,
   released INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_insert AFTER INSERT ON pilots BEGIN
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    VALUES (new.slot_id, 1, (new.state = 'reserved' OR new.state = 'preempting'),
+      (new.state = 'released' OR new.state = 'failed' OR new.state = 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
-CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF reserved, released, slot_id ON pilots
-  WHEN old.reserved IS NOT new.reserved OR old.released IS NOT new.released
-    OR old.slot_id IS NOT new.slot_id BEGIN
+CREATE TRIGGER IF NOT EXISTS pilot_counts_update AFTER UPDATE OF state, slot_id ON pilots
+  WHEN old.state IS NOT new.state OR old.slot_id IS NOT new.slot_id BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.reserved = 1 AND old.released = 0),
-      released = released - (old.released = 1)
+      holding = holding - (old.state = 'reserved' OR old.state = 'preempting'),
+      released = released - ((old.state = 'released' OR old.state = 'failed' OR old.state = 'lost'))
     WHERE slot_id = old.slot_id;
   INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-    VALUES (new.slot_id, 1, new.reserved = 1 AND new.released = 0, new.released = 1)
+    VALUES (new.slot_id, 1, (new.state = 'reserved' OR new.state = 'preempting'),
+      (new.state = 'released' OR new.state = 'failed' OR new.state = 'lost'))
     ON CONFLICT (slot_id) DO UPDATE SET pilots = pilots + 1,
       holding = holding + excluded.holding, released = released + excluded.released;
 END;
 CREATE TRIGGER IF NOT EXISTS pilot_counts_delete AFTER DELETE ON pilots BEGIN
   UPDATE pilot_counts SET pilots = pilots - 1,
-      holding = holding - (old.reserved = 1 AND old.released = 0),
-      released = released - (old.released = 1)
+      holding = holding - (old.state = 'reserved' OR old.state = 'preempting'),
+      released = released - ((old.state = 'released' OR old.state = 'failed' OR old.state = 'lost'))
     WHERE slot_id = old.slot_id;
 END;
 "#;
@@ -139,7 +154,7 @@ END;
 /// The schema version this build writes (`PRAGMA user_version`). Opening an
 /// older database upgrades it in one transaction (see [`migrate`]); a newer
 /// one is refused rather than misread.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 pub struct Store {
     conn: Connection,
@@ -148,7 +163,32 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut conn = Connection::open(path)?;
+        Self::setup(Connection::open(path)?)
+    }
+
+    /// A database in memory (the simulator's): the same schema and queries,
+    /// gone when dropped. It lives in SQLite's `memdb` file system, behind
+    /// an ordinary pager and page cache: a plain `:memory:` database keeps
+    /// every page in the page cache, which SQLite walks on every commit, so
+    /// each commit cost more the bigger the database grew.
+    pub fn open_in_memory() -> Result<Self> {
+        use rusqlite::OpenFlags;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // No leading '/': a database this connection alone sees (a shared
+        // one takes a lock on every page it reads).
+        let name = format!(
+            "file:wsp-{}-{}?vfs=memdb",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        Self::setup(Connection::open_with_flags(name, flags)?)
+    }
+
+    fn setup(mut conn: Connection) -> Result<Self> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -204,6 +244,44 @@ impl Store {
     }
 }
 
+/// Version 2 -> 3: a slot's batch job and a pilot each get one state column
+/// (`slots.job_state`, `pilots.state`) in place of flags. From the flags:
+/// - job: no id -> `never` if the slot ended, else `unsubmitted` (a submit
+///   the coordinator died in: recovery fails it at start); `job_ended` ->
+///   `ended`; `cancel_pending` -> `cancel_owed`; an ended slot with neither
+///   -> `cancelled` (its cancel was taken); else `live`. A live slot whose
+///   cancel was already taken reads `live` and may be cancelled once more,
+///   which batch systems accept.
+/// - pilot: `last_event = 'lost'` -> `lost`; released -> `failed` if it never
+///   reserved and its last word was `reserve_failed`, else `released`;
+///   reserved -> `preempting` after a `preempting` event, else `reserved`;
+///   else `started`.
+const MIGRATE_TO_3: &str = "
+DROP TRIGGER IF EXISTS pilot_counts_insert;
+DROP TRIGGER IF EXISTS pilot_counts_update;
+DROP TRIGGER IF EXISTS pilot_counts_delete;
+DROP INDEX IF EXISTS pilots_flags;
+DROP INDEX IF EXISTS slots_ws;
+DROP INDEX IF EXISTS vms_ws;
+ALTER TABLE slots ADD COLUMN job_state TEXT NOT NULL DEFAULT 'unsubmitted';
+UPDATE slots SET job_state = CASE
+  WHEN job_id IS NULL THEN CASE WHEN state IN ('released', 'failed') THEN 'never' ELSE 'unsubmitted' END
+  WHEN job_ended = 1 THEN 'ended'
+  WHEN cancel_pending = 1 THEN 'cancel_owed'
+  WHEN state IN ('released', 'failed') THEN 'cancelled'
+  ELSE 'live' END;
+ALTER TABLE slots DROP COLUMN cancel_pending;
+ALTER TABLE slots DROP COLUMN job_ended;
+ALTER TABLE pilots ADD COLUMN state TEXT NOT NULL DEFAULT 'started';
+UPDATE pilots SET state = CASE
+  WHEN last_event = 'lost' THEN 'lost'
+  WHEN released = 1 THEN CASE WHEN reserved = 0 AND last_event = 'reserve_failed' THEN 'failed' ELSE 'released' END
+  WHEN reserved = 1 THEN CASE WHEN last_event = 'preempting' THEN 'preempting' ELSE 'reserved' END
+  ELSE 'started' END;
+ALTER TABLE pilots DROP COLUMN reserved;
+ALTER TABLE pilots DROP COLUMN released;
+";
+
 /// Creates the schema, or brings an older database up to [`SCHEMA_VERSION`],
 /// in one transaction: a failure leaves the database as it was.
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -220,18 +298,24 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         [],
         |r| r.get(0),
     )?;
+    if !fresh && version < 3 {
+        // 2 -> 3 (and older): slots and pilots get their state tables. Done
+        // before the schema below, whose pilot counters read `state`; the
+        // old counters' triggers and index read the columns that go.
+        tx.execute_batch(MIGRATE_TO_3)?;
+    }
     tx.execute_batch(SCHEMA)?;
-    if !fresh && version < 1 {
-        // 0 -> 1: the counter tables start empty; fill them from the rows
-        // they count. The index the counts used to read goes.
+    if !fresh && version < 3 {
+        // The counter tables of a version-0 database start empty, and the
+        // pilots' counters now count states: fill both from the rows.
         tx.execute_batch(
-            "DROP INDEX IF EXISTS pilots_flags;
-             DELETE FROM vm_counts;
+            "DELETE FROM vm_counts;
              INSERT INTO vm_counts (workspace_id, state, n)
                SELECT workspace_id, state, COUNT(*) FROM vms GROUP BY workspace_id, state;
              DELETE FROM pilot_counts;
              INSERT INTO pilot_counts (slot_id, pilots, holding, released)
-               SELECT slot_id, COUNT(*), SUM(reserved = 1 AND released = 0), SUM(released = 1)
+               SELECT slot_id, COUNT(*), SUM(state IN ('reserved', 'preempting')),
+                 SUM(state IN ('released', 'failed', 'lost'))
                FROM pilots GROUP BY slot_id;",
         )?;
     }
@@ -365,12 +449,21 @@ pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<Worksp
 /// Workspaces not yet settled (state not terminal, or slots still active).
 pub fn active_workspaces(c: &Connection) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {WS_COLS} FROM workspaces w WHERE state IN ('pending','starting','running','destroying')
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state NOT IN ('released','failed'))
-           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.cancel_pending = 1)"
+        "SELECT {WS_COLS} FROM workspaces w
+         WHERE state = 'pending' OR state = 'starting' OR state = 'running' OR state = 'destroying'
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.state <> 'released' AND s.state <> 'failed')
+           OR EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id AND s.job_state = 'cancel_owed')"
     ))?;
     let rows = st.query_map([], ws_from_row)?;
     rows.map(|r| ws_build(r?)).collect()
+}
+
+/// The earliest end of a running lease (from the `workspaces_expiry` index).
+pub fn next_expiry(c: &Connection) -> Result<Option<u64>> {
+    let t: Option<i64> = c
+        .prepare_cached("SELECT MIN(expires_ms) FROM workspaces WHERE state = 'running'")?
+        .query_row([], |r| r.get(0))?;
+    Ok(t.map(|t| t as u64))
 }
 
 /// Running workspaces whose lease ended at or before `now_ms`.
@@ -382,14 +475,42 @@ pub fn expired_workspaces(c: &Connection, now_ms: u64) -> Result<Vec<WorkspaceRo
     rows.map(|r| ws_build(r?)).collect()
 }
 
-pub fn set_workspace_state(
+/// Moves a workspace through its table (`lifecycle::workspace::next`): the
+/// only write of a workspace's state. `reason`, when given, replaces the
+/// stored one. Returns the new state, or `None` when the input changed
+/// nothing (or the workspace is unknown).
+pub fn advance_workspace(
     c: &Connection,
     id: &WorkspaceId,
-    state: WorkspaceState,
+    input: workspace::Input,
     reason: Option<&str>,
     now: u64,
+) -> Result<Option<WorkspaceState>> {
+    let state: Option<String> = c
+        .prepare_cached("SELECT state FROM workspaces WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(state) = state else { return Ok(None) };
+    let state = WorkspaceState::parse(&state).ok_or_else(|| corrupt("workspace state", &state))?;
+    let Some(to) = workspace::next(state, input) else {
+        return Ok(None);
+    };
+    c.prepare_cached(
+        "UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1",
+    )?
+    .execute(params![id.as_str(), to.as_str(), reason, now as i64])?;
+    Ok(Some(to))
+}
+
+/// Replaces the reason of a workspace whose state stays as it is.
+pub fn set_workspace_reason(
+    c: &Connection,
+    id: &WorkspaceId,
+    reason: &str,
+    now: u64,
 ) -> Result<()> {
-    c.prepare_cached("UPDATE workspaces SET state = ?2, reason = COALESCE(?3, reason), updated_ms = ?4 WHERE id = ?1")?.execute(params![id.as_str(), state.as_str(), reason, now as i64])?;
+    c.prepare_cached("UPDATE workspaces SET reason = ?2, updated_ms = ?3 WHERE id = ?1")?
+        .execute(params![id.as_str(), reason, now as i64])?;
     Ok(())
 }
 
@@ -406,17 +527,17 @@ pub struct SlotRow {
     pub id: SlotId,
     pub workspace_id: WorkspaceId,
     pub group: String,
-    pub job_id: Option<String>,
     pub nodes: u32,
     pub cores: u32,
     pub memory_mb: u64,
     pub state: SlotState,
-    pub cancel_pending: bool,
-    pub job_ended: bool,
+    /// Its batch job (with the job id once there is one).
+    pub job: Job,
     pub created_ms: u64,
 }
 
-const SLOT_COLS: &str = "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms";
+const SLOT_COLS: &str =
+    "id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, job_state, created_ms";
 
 /// A slots row as SQLite returns it, before parsing.
 type SlotRaw = (
@@ -428,8 +549,7 @@ type SlotRaw = (
     i64,
     i64,
     String,
-    bool,
-    bool,
+    String,
     i64,
 );
 
@@ -445,7 +565,6 @@ fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<SlotRaw> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
-        r.get(10)?,
     ))
 }
 
@@ -454,32 +573,30 @@ fn slot_build(t: SlotRaw) -> Result<SlotRow> {
         id: parse_id("slot id", t.0)?,
         workspace_id: parse_id("workspace id", t.1)?,
         group: t.2,
-        job_id: t.3,
+        job: Job::from_parts(&t.8, t.3.clone())
+            .ok_or_else(|| corrupt("slot job", format!("{} with job id {:?}", t.8, t.3)))?,
         nodes: t.4 as u32,
         cores: t.5 as u32,
         memory_mb: t.6 as u64,
         state: SlotState::parse(&t.7).ok_or_else(|| corrupt("slot state", &t.7))?,
-        cancel_pending: t.8,
-        job_ended: t.9,
-        created_ms: t.10 as u64,
+        created_ms: t.9 as u64,
     })
 }
 
 pub fn insert_slot(c: &Connection, s: &SlotRow) -> Result<()> {
     c.prepare_cached(&format!(
-        "INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        "INSERT INTO slots ({SLOT_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))?
     .execute(params![
         s.id.as_str(),
         s.workspace_id.as_str(),
         s.group,
-        s.job_id,
+        s.job.id(),
         s.nodes,
         s.cores,
         s.memory_mb as i64,
         s.state.as_str(),
-        s.cancel_pending,
-        s.job_ended,
+        s.job.as_str(),
         s.created_ms as i64
     ])?;
     Ok(())
@@ -504,42 +621,87 @@ pub fn slots_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<SlotRow>> {
 /// Slots whose batch job may still exist (for the LRM status backstop).
 pub fn slots_with_live_jobs(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {SLOT_COLS} FROM slots WHERE job_id IS NOT NULL AND job_ended = 0 ORDER BY created_ms"
+        "SELECT {SLOT_COLS} FROM slots
+         WHERE job_state = 'live' OR job_state = 'cancel_owed' OR job_state = 'cancelled'
+         ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
+}
+
+/// Ids of the slots whose job is owed a cancel (from the `slots_job_state` index).
+pub fn owed_cancels(c: &Connection) -> Result<Vec<SlotId>> {
+    let mut st = c.prepare_cached("SELECT id FROM slots WHERE job_state = 'cancel_owed'")?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.map(|r| parse_id("slot id", r?)).collect()
 }
 
 pub fn slots_to_cancel(c: &Connection) -> Result<Vec<SlotRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {SLOT_COLS} FROM slots WHERE cancel_pending = 1 ORDER BY created_ms"
+        "SELECT {SLOT_COLS} FROM slots WHERE job_state = 'cancel_owed' ORDER BY created_ms"
     ))?;
     let rows = st.query_map([], slot_from_row)?;
     rows.map(|r| slot_build(r?)).collect()
 }
 
-pub fn set_slot_state(c: &Connection, id: &SlotId, state: SlotState) -> Result<()> {
+/// Moves the slot through its table (`lifecycle::slot::next`): the only
+/// write of a slot's state. Returns the new state, or `None` when the input
+/// changed nothing (or the slot is unknown).
+pub fn advance_slot(c: &Connection, id: &SlotId, input: slot::Input) -> Result<Option<SlotState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM slots WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = SlotState::parse(&now).ok_or_else(|| corrupt("slot state", &now))?;
+    let Some(to) = slot::next(now, input) else {
+        return Ok(None);
+    };
     c.prepare_cached("UPDATE slots SET state = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), state.as_str()])?;
-    Ok(())
+        .execute(params![id.as_str(), to.as_str()])?;
+    Ok(Some(to))
 }
 
-pub fn set_slot_job(c: &Connection, id: &SlotId, job_id: &str) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET job_id = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), job_id])?;
-    Ok(())
+/// [`advance_slot`] for a caller that read the slot's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `from` (else the state is read again).
+pub fn advance_slot_from(
+    c: &Connection,
+    id: &SlotId,
+    from: SlotState,
+    input: slot::Input,
+) -> Result<Option<SlotState>> {
+    let Some(to) = slot::next(from, input) else {
+        return Ok(None);
+    };
+    let changed = c
+        .prepare_cached("UPDATE slots SET state = ?3 WHERE id = ?1 AND state = ?2")?
+        .execute(params![id.as_str(), from.as_str(), to.as_str()])?;
+    if changed == 1 {
+        return Ok(Some(to));
+    }
+    advance_slot(c, id, input)
 }
 
-pub fn set_slot_cancel_pending(c: &Connection, id: &SlotId, pending: bool) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET cancel_pending = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), pending])?;
-    Ok(())
-}
-
-pub fn set_slot_job_ended(c: &Connection, id: &SlotId) -> Result<()> {
-    c.prepare_cached("UPDATE slots SET job_ended = 1 WHERE id = ?1")?
-        .execute(params![id.as_str()])?;
-    Ok(())
+/// Moves the slot's batch job through its table (`lifecycle::slot::next_job`):
+/// the only write of a job's state or id. Returns the new job, or `None`
+/// when the input changed nothing (or the slot is unknown).
+pub fn advance_job(c: &Connection, id: &SlotId, input: &JobInput) -> Result<Option<Job>> {
+    let row: Option<(String, Option<String>)> = c
+        .prepare_cached("SELECT job_state, job_id FROM slots WHERE id = ?1")?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((state, job_id)) = row else {
+        return Ok(None);
+    };
+    let job = Job::from_parts(&state, job_id.clone())
+        .ok_or_else(|| corrupt("slot job", format!("{state} with job id {job_id:?}")))?;
+    let Some(to) = slot::next_job(&job, input) else {
+        return Ok(None);
+    };
+    c.prepare_cached("UPDATE slots SET job_state = ?2, job_id = ?3 WHERE id = ?1")?
+        .execute(params![id.as_str(), to.as_str(), to.id()])?;
+    Ok(Some(to))
 }
 
 // ---- pilots ----------------------------------------------------------------
@@ -550,39 +712,43 @@ pub struct PilotRow {
     pub node: String,
     pub pilot_id: String,
     pub last_event: String,
-    pub reserved: bool,
-    pub released: bool,
+    pub state: PilotState,
     pub last_seen_ms: u64,
 }
 
-pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare_cached(
-        "SELECT slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms FROM pilots WHERE slot_id = ?1 ORDER BY node",
-    )?;
-    let rows = st.query_map([slot.as_str()], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
-    rows.map(|r| {
-        let t = r?;
-        Ok(PilotRow {
-            slot_id: parse_id("slot id", t.0)?,
-            node: t.1,
-            pilot_id: t.2,
-            last_event: t.3,
-            reserved: t.4,
-            released: t.5,
-            last_seen_ms: t.6 as u64,
-        })
+const PILOT_COLS: &str = "p.slot_id, p.node, p.pilot_id, p.last_event, p.state, p.last_seen_ms";
+
+/// A pilots row as SQLite returns it, before parsing.
+type PilotRaw = (String, String, String, String, String, i64);
+
+fn pilot_from_row(r: &rusqlite::Row) -> rusqlite::Result<PilotRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
+}
+
+fn pilot_build(t: PilotRaw) -> Result<PilotRow> {
+    Ok(PilotRow {
+        slot_id: parse_id("slot id", t.0)?,
+        node: t.1,
+        pilot_id: t.2,
+        last_event: t.3,
+        state: PilotState::parse(&t.4).ok_or_else(|| corrupt("pilot state", &t.4))?,
+        last_seen_ms: t.5 as u64,
     })
-    .collect()
+}
+
+pub fn pilots_of(c: &Connection, slot: &SlotId) -> Result<Vec<PilotRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {PILOT_COLS} FROM pilots p WHERE slot_id = ?1 ORDER BY node"
+    ))?;
+    let rows = st.query_map([slot.as_str()], pilot_from_row)?;
+    rows.map(|r| pilot_build(r?)).collect()
 }
 
 /// Records that a pilot said something; creates the pilot row on first sight.
@@ -594,8 +760,11 @@ pub fn touch_pilot(
     event: &str,
     now: u64,
 ) -> Result<()> {
-    c.prepare_cached("INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5")?.execute(params![slot.as_str(), node, pilot_id, event, now as i64])?;
+    c.prepare_cached(
+        "INSERT INTO pilots (slot_id, node, pilot_id, last_event, last_seen_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (slot_id, node) DO UPDATE SET pilot_id = ?3, last_event = ?4, last_seen_ms = ?5",
+    )?
+    .execute(params![slot.as_str(), node, pilot_id, event, now as i64])?;
     Ok(())
 }
 
@@ -612,55 +781,59 @@ pub fn seen_pilot(c: &Connection, slot: &SlotId, node: &str, now: u64) -> Result
 
 /// Pilots that hold (or may hold) a node but have said nothing since `before_ms`.
 pub fn silent_pilots(c: &Connection, before_ms: u64) -> Result<Vec<PilotRow>> {
-    let mut st = c.prepare_cached(
-        "SELECT p.slot_id, p.node, p.pilot_id, p.last_event, p.reserved, p.released, p.last_seen_ms
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {PILOT_COLS}
          FROM pilots p JOIN slots s ON s.id = p.slot_id
-         WHERE p.released = 0 AND p.last_seen_ms < ?1 AND s.state NOT IN ('released', 'failed')",
-    )?;
-    let rows = st.query_map([before_ms as i64], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get(1)?,
-            r.get(2)?,
-            r.get(3)?,
-            r.get(4)?,
-            r.get(5)?,
-            r.get::<_, i64>(6)?,
-        ))
-    })?;
-    rows.map(|r| {
-        let t = r?;
-        Ok(PilotRow {
-            slot_id: parse_id("slot id", t.0)?,
-            node: t.1,
-            pilot_id: t.2,
-            last_event: t.3,
-            reserved: t.4,
-            released: t.5,
-            last_seen_ms: t.6 as u64,
-        })
-    })
-    .collect()
+         WHERE p.state <> 'released' AND p.state <> 'failed' AND p.state <> 'lost'
+           AND p.last_seen_ms < ?1 AND s.state <> 'released' AND s.state <> 'failed'"
+    ))?;
+    let rows = st.query_map([before_ms as i64], pilot_from_row)?;
+    rows.map(|r| pilot_build(r?)).collect()
 }
 
-/// Marks a pilot lost: it counts as gone for the slot's accounting.
-pub fn mark_pilot_lost(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
-    c.prepare_cached(
-        "UPDATE pilots SET released = 1, last_event = 'lost' WHERE slot_id = ?1 AND node = ?2",
-    )?
-    .execute(params![slot.as_str(), node])?;
-    Ok(())
-}
-
-pub fn set_pilot_flags(
+/// Moves the pilot of (slot, node) through its table (`lifecycle::pilot::next`):
+/// the only write of a pilot's state. A lost pilot's last event reads `lost`
+/// (the view shows it). Returns the new state, or `None` when the input
+/// changed nothing (or the pilot is unknown).
+pub fn advance_pilot(
     c: &Connection,
     slot: &SlotId,
     node: &str,
-    reserved: Option<bool>,
-    released: Option<bool>,
-) -> Result<()> {
-    c.prepare_cached("UPDATE pilots SET reserved = COALESCE(?3, reserved), released = COALESCE(?4, released) WHERE slot_id = ?1 AND node = ?2")?.execute(params![slot.as_str(), node, reserved, released])?;
-    Ok(())
+    input: pilot::Input,
+) -> Result<Option<PilotState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM pilots WHERE slot_id = ?1 AND node = ?2")?
+        .query_row(params![slot.as_str(), node], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = PilotState::parse(&now).ok_or_else(|| corrupt("pilot state", &now))?;
+    advance_pilot_from(c, slot, node, now, input)
+}
+
+/// [`advance_pilot`] for a caller that read the pilot's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `now` (else the state is read again).
+pub fn advance_pilot_from(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    now: PilotState,
+    input: pilot::Input,
+) -> Result<Option<PilotState>> {
+    let Some(to) = pilot::next(now, input) else {
+        return Ok(None);
+    };
+    let changed = c
+        .prepare_cached(
+            "UPDATE pilots SET state = ?4,
+               last_event = CASE WHEN ?4 = 'lost' THEN 'lost' ELSE last_event END
+             WHERE slot_id = ?1 AND node = ?2 AND state = ?3",
+        )?
+        .execute(params![slot.as_str(), node, now.as_str(), to.as_str()])?;
+    if changed != 1 {
+        return advance_pilot(c, slot, node, input);
+    }
+    Ok(Some(to))
 }
 
 // ---- VMs -------------------------------------------------------------------
@@ -766,14 +939,50 @@ pub fn get_vm(c: &Connection, id: &VmId) -> Result<Option<VmRow>> {
     t.map(vm_build).transpose()
 }
 
-/// Sets a VM's state; a terminal state frees its addresses in the same transaction.
-pub fn set_vm_state(c: &Connection, id: &VmId, state: VmState) -> Result<()> {
+/// Moves a VM through its table (`lifecycle::vm::next`): the only write of a
+/// VM's state. A terminal state frees its addresses in the same transaction.
+/// Returns the new state, or `None` when the input changed nothing (or the
+/// VM is unknown).
+pub fn advance_vm(c: &Connection, id: &VmId, input: vm::Input) -> Result<Option<VmState>> {
+    let now: Option<String> = c
+        .prepare_cached("SELECT state FROM vms WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?;
+    let Some(now) = now else { return Ok(None) };
+    let now = VmState::parse(&now).ok_or_else(|| corrupt("vm state", &now))?;
+    let Some(to) = vm::next(now, input) else {
+        return Ok(None);
+    };
     c.prepare_cached("UPDATE vms SET state = ?2 WHERE id = ?1")?
-        .execute(params![id.as_str(), state.as_str()])?;
-    if state.is_terminal() {
+        .execute(params![id.as_str(), to.as_str()])?;
+    if to.is_terminal() {
         free_addresses_of_vm(c, id)?;
     }
-    Ok(())
+    Ok(Some(to))
+}
+
+/// [`advance_vm`] for a caller that read the VM's state in this
+/// transaction: one statement, which writes only if the state is still
+/// `from` (else the state is read again).
+pub fn advance_vm_from(
+    c: &Connection,
+    id: &VmId,
+    from: VmState,
+    input: vm::Input,
+) -> Result<Option<VmState>> {
+    let Some(to) = vm::next(from, input) else {
+        return Ok(None);
+    };
+    let changed = c
+        .prepare_cached("UPDATE vms SET state = ?3 WHERE id = ?1 AND state = ?2")?
+        .execute(params![id.as_str(), from.as_str(), to.as_str()])?;
+    if changed != 1 {
+        return advance_vm(c, id, input);
+    }
+    if to.is_terminal() {
+        free_addresses_of_vm(c, id)?;
+    }
+    Ok(Some(to))
 }
 
 pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
@@ -913,19 +1122,17 @@ pub fn push_command(
     node: &str,
     kind: &CommandKind,
     now: u64,
-) -> Result<u64> {
-    let next: i64 = c
-        .prepare_cached(
-            "SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2",
-        )?
-        .query_row(params![slot.as_str(), node], |r| r.get(0))?;
+) -> Result<()> {
     let body = serde_json::to_string(kind).map_err(|e| corrupt("command", e))?;
+    // VALUES with a subquery: an INSERT ... SELECT from the table it inserts
+    // into, or a RETURNING clause, makes SQLite build a temporary table.
     c.prepare_cached(
-        "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT INTO commands (slot_id, node, id, body, created_ms) VALUES (?1, ?2,
+           (SELECT COALESCE(MAX(id), 0) + 1 FROM commands WHERE slot_id = ?1 AND node = ?2), ?3, ?4)",
     )?
-    .execute(params![slot.as_str(), node, next, body, now as i64])?;
+    .execute(params![slot.as_str(), node, body, now as i64])?;
     COMMANDS_PUSHED.fetch_add(1, Ordering::SeqCst);
-    Ok(next as u64)
+    Ok(())
 }
 
 /// The newest command's row id (0 when there is none).
@@ -982,7 +1189,7 @@ pub fn commands_after(
 }
 
 /// Stores a workspace's peer list once for all its launches (see
-/// `engine::poll_answer`): N launches that each carried all N peers made a
+/// `engine::signed::poll_answer`): N launches that each carried all N peers made a
 /// lease O(N^2) in stored, parsed and re-encoded bytes.
 pub fn set_workspace_peers(
     c: &Connection,
@@ -1051,23 +1258,24 @@ pub fn push_timeline(
     node: Option<&str>,
     vm: Option<&VmId>,
     detail: &str,
-) -> Result<u64> {
-    let next: i64 = c
-        .prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1")?
-        .query_row([ws.as_str()], |r| r.get(0))?;
-    c.prepare_cached("INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
-            ws.as_str(),
-            next,
-            ts_ms as i64,
-            now as i64,
-            phase.as_str(),
-            slot.map(|s| s.as_str()),
-            node,
-            vm.map(|v| v.as_str()),
-            detail
-        ])?;
-    Ok(next as u64)
+) -> Result<()> {
+    // One statement (see `push_command` for why not INSERT ... SELECT).
+    c.prepare_cached(
+        "INSERT INTO timeline (workspace_id, seq, ts_ms, recorded_ms, phase, slot_id, node, vm_id, detail)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM timeline WHERE workspace_id = ?1),
+           ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        ws.as_str(),
+        ts_ms as i64,
+        now as i64,
+        phase.as_str(),
+        slot.map(|s| s.as_str()),
+        node,
+        vm.map(|v| v.as_str()),
+        detail
+    ])?;
+    Ok(())
 }
 
 pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Vec<TimelineEntry>> {
@@ -1100,6 +1308,52 @@ pub fn timeline_after(c: &Connection, ws: &WorkspaceId, after: u64) -> Result<Ve
             node: t.5,
             vm_id: t.6.map(|s| parse_id("vm id", s)).transpose()?,
             detail: t.7,
+        })
+    })
+    .collect()
+}
+
+/// When a workspace was asked for, first ran and ended (`recorded_ms` of
+/// its `running` and `ended` timeline entries), and whether it settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseTimes {
+    pub id: WorkspaceId,
+    pub state: WorkspaceState,
+    pub created_ms: u64,
+    pub running_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub settled: bool,
+}
+
+pub fn lease_times(c: &Connection) -> Result<Vec<LeaseTimes>> {
+    let mut st = c.prepare_cached(
+        "SELECT w.id, w.state, w.created_ms,
+           (SELECT MIN(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'running'),
+           (SELECT MAX(recorded_ms) FROM timeline t WHERE t.workspace_id = w.id AND t.phase = 'ended'),
+           w.state IN ('destroyed', 'preempted', 'expired', 'failed')
+             AND NOT EXISTS (SELECT 1 FROM slots s WHERE s.workspace_id = w.id
+               AND (s.state NOT IN ('released', 'failed') OR s.job_state = 'cancel_owed'))
+         FROM workspaces w ORDER BY w.created_ms, w.id",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<i64>>(4)?,
+            r.get::<_, bool>(5)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let t = r?;
+        Ok(LeaseTimes {
+            id: parse_id("workspace id", t.0)?,
+            state: WorkspaceState::parse(&t.1).ok_or_else(|| corrupt("workspace state", &t.1))?,
+            created_ms: t.2 as u64,
+            running_ms: t.3.map(|v| v as u64),
+            ended_ms: t.4.map(|v| v as u64),
+            settled: t.5,
         })
     })
     .collect()
@@ -1164,12 +1418,20 @@ pub fn count_released_pilots(c: &Connection, slot: &SlotId) -> Result<(u64, u64)
 }
 
 /// Ids of the VMs on one node of one slot that have not ended.
-pub fn live_vms_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<VmId>> {
+pub fn live_vms_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<(VmId, VmState)>> {
     let mut st = c.prepare_cached(
-        "SELECT id FROM vms WHERE slot_id = ?1 AND node = ?2 AND state NOT IN ('destroyed', 'preempted', 'failed')",
+        "SELECT id, state FROM vms WHERE slot_id = ?1 AND node = ?2
+         AND state <> 'destroyed' AND state <> 'preempted' AND state <> 'failed'",
     )?;
-    let rows = st.query_map(params![slot.as_str(), node], |r| r.get::<_, String>(0))?;
-    rows.map(|r| parse_id("vm id", r?)).collect()
+    let rows = st.query_map(params![slot.as_str(), node], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    rows.map(|r| {
+        let (id, state) = r?;
+        let state = VmState::parse(&state).ok_or_else(|| corrupt("vm state", &state))?;
+        Ok((parse_id("vm id", id)?, state))
+    })
+    .collect()
 }
 
 /// True when the workspace's timeline already has an entry of this phase.
@@ -1210,8 +1472,8 @@ mod tests {
         let counted = c
             .query_row(
                 "SELECT (SELECT COUNT(*) * 1000 + COALESCE(SUM(state = 'running'), 0) FROM vms WHERE workspace_id = ?1),
-                        (SELECT COUNT(*) * 1000 + COALESCE(SUM(released), 0) FROM pilots WHERE slot_id = ?2),
-                        (SELECT COUNT(*) FROM pilots WHERE slot_id = ?2 AND reserved = 1 AND released = 0)",
+                        (SELECT COUNT(*) * 1000 + COALESCE(SUM(state IN ('released', 'failed', 'lost')), 0) FROM pilots WHERE slot_id = ?2),
+                        (SELECT COUNT(*) FROM pilots WHERE slot_id = ?2 AND state IN ('reserved', 'preempting'))",
                 params![ws.as_str(), slot.as_str()],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64)),
             )
@@ -1242,21 +1504,26 @@ mod tests {
         };
         check((5000, 4000, 0));
         for v in &vms[..3] {
-            set_vm_state(c, &v.id, VmState::Running).expect("running");
+            advance_vm(c, &v.id, vm::Input::Mapped).expect("starting");
+            advance_vm(c, &v.id, vm::Input::Started).expect("running");
         }
-        // Writing the same state again changes nothing.
-        set_vm_state(c, &vms[0].id, VmState::Running).expect("same state");
+        // An input that changes nothing writes nothing.
+        assert_eq!(
+            advance_vm(c, &vms[0].id, vm::Input::Started).expect("again"),
+            None
+        );
         check((5003, 4000, 0));
         for n in 0..3 {
-            set_pilot_flags(c, &slot, &format!("n{n}"), Some(true), None).expect("reserved");
+            advance_pilot(c, &slot, &format!("n{n}"), pilot::Input::Reserved).expect("reserved");
         }
-        set_pilot_flags(c, &slot, "n0", Some(true), None).expect("reserved again");
-        // Touching a pilot (every event) leaves its flags and the counts alone.
+        advance_pilot(c, &slot, "n0", pilot::Input::Reserved).expect("reserved again");
+        advance_pilot(c, &slot, "n1", pilot::Input::Preempting).expect("preempting");
+        // Touching a pilot (every event) leaves its state and the counts alone.
         touch_pilot(c, &slot, "n1", "p", "vm_started", 2).expect("touch");
         check((5003, 4000, 3));
-        set_pilot_flags(c, &slot, "n0", None, Some(true)).expect("released");
-        mark_pilot_lost(c, &slot, "n3").expect("lost");
-        set_vm_state(c, &vms[1].id, VmState::Destroyed).expect("destroyed");
+        advance_pilot(c, &slot, "n0", pilot::Input::Released).expect("released");
+        advance_pilot(c, &slot, "n3", pilot::Input::Lost).expect("lost");
+        advance_vm(c, &vms[1].id, vm::Input::Gone { preempted: false }).expect("destroyed");
         check((5002, 4002, 2));
         c.execute("DELETE FROM vms WHERE id = ?1", [vms[2].id.as_str()])
             .expect("delete a vm");
@@ -1277,28 +1544,158 @@ mod tests {
         );
     }
 
+    /// A database as a version-2 coordinator left it: the given slots
+    /// (state, job id, cancel_pending, job_ended) and pilots (slot index,
+    /// reserved, released, last event), all of one workspace.
+    #[allow(clippy::type_complexity)]
+    fn version_2_database(
+        path: &Path,
+        slots: &[(&str, Option<&str>, bool, bool)],
+        pilots: &[(usize, bool, bool, &str)],
+    ) -> (WorkspaceId, Vec<SlotId>) {
+        let c = Connection::open(path).expect("open");
+        c.execute_batch(include_str!("testdata/schema-v2.sql"))
+            .expect("version 2 schema");
+        let ws = WorkspaceId::generate();
+        let ids: Vec<SlotId> = slots.iter().map(|_| SlotId::generate()).collect();
+        for (id, (state, job, cancel, ended)) in ids.iter().zip(slots) {
+            c.execute(
+                "INSERT INTO slots (id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, cancel_pending, job_ended, created_ms)
+                 VALUES (?1, ?2, 'g', ?3, 2, 1, 256, ?4, ?5, ?6, 1)",
+                params![id.as_str(), ws.as_str(), job, state, cancel, ended],
+            )
+            .expect("slot");
+        }
+        for (n, (slot, reserved, released, last)) in pilots.iter().enumerate() {
+            c.execute(
+                "INSERT INTO pilots (slot_id, node, pilot_id, last_event, reserved, released, last_seen_ms)
+                 VALUES (?1, ?2, 'p', ?3, ?4, ?5, 1)",
+                params![ids[*slot].as_str(), format!("n{n}"), last, reserved, released],
+            )
+            .expect("pilot");
+        }
+        (ws, ids)
+    }
+
     #[test]
-    fn an_older_database_gets_its_counters_filled_and_a_newer_one_is_refused() {
+    fn a_version_2_database_gets_state_tables_for_its_slot_jobs_and_pilots() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
-        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        let (ws, ids) = version_2_database(
+            &path,
+            &[
+                ("submitted", None, false, false),     // a submit in flight
+                ("failed", None, false, false),        // never submitted
+                ("reserved", Some("1"), false, false), // live
+                ("releasing", Some("2"), true, false), // cancel owed
+                ("released", Some("3"), false, false), // cancel taken
+                ("released", Some("4"), false, true),  // ended
+            ],
+            &[
+                (2, false, false, "started"),
+                (2, true, false, "vm_started"),
+                (2, true, false, "preempting"),
+                (3, true, true, "released"),
+                (3, false, true, "reserve_failed"),
+                (3, true, true, "lost"),
+            ],
+        );
+        let store = Store::open(&path).expect("an older database is upgraded");
+        let c = store.conn();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        let jobs: Vec<Job> = ids
+            .iter()
+            .map(|id| get_slot(c, id).expect("slot").expect("stored").job)
+            .collect();
+        assert_eq!(
+            jobs,
+            [
+                Job::Unsubmitted,
+                Job::Never,
+                Job::Live("1".into()),
+                Job::CancelOwed("2".into()),
+                Job::Cancelled("3".into()),
+                Job::Ended("4".into()),
+            ]
+        );
+        let states = |slot: &SlotId| -> Vec<PilotState> {
+            pilots_of(c, slot)
+                .expect("pilots")
+                .into_iter()
+                .map(|p| p.state)
+                .collect()
+        };
+        use PilotState as P;
+        assert_eq!(states(&ids[2]), [P::Started, P::Reserved, P::Preempting]);
+        assert_eq!(states(&ids[3]), [P::Released, P::Failed, P::Lost]);
+        // The counters count states now, and agree with the rows.
+        for slot in &ids {
+            let [kept, counted] = counts_both_ways(c, &ws, slot);
+            assert_eq!(kept, counted);
+        }
+        assert_eq!(count_reserved_pilots(c, &ids[2]).expect("holding"), 2);
+        assert_eq!(count_released_pilots(c, &ids[3]).expect("gone"), (3, 3));
+        // What is owed is still owed: the cancel is retried, the workspace unsettled.
+        let owed: Vec<SlotId> = slots_to_cancel(c)
+            .expect("to cancel")
+            .into_iter()
+            .map(|s| s.id)
+            .collect();
+        assert_eq!(owed, [ids[3].clone()]);
+        assert_eq!(
+            slots_with_live_jobs(c).expect("live").len(),
+            3,
+            "live, cancel owed, cancelled"
+        );
+        // And the tables move on from there.
+        assert_eq!(
+            advance_job(c, &ids[3], &JobInput::CancelAccepted).expect("advance"),
+            Some(Job::Cancelled("2".into()))
+        );
+        assert_eq!(
+            advance_pilot(c, &ids[2], "n0", pilot::Input::Reserved).expect("advance"),
+            Some(P::Reserved)
+        );
+    }
+
+    #[test]
+    fn a_version_0_database_gets_its_counters_filled_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let (ws, slots) = version_2_database(
+            &path,
+            &[("reserving", Some("1"), false, false)],
+            &[
+                (0, true, true, "released"),
+                (0, true, false, "reserved"),
+                (0, false, false, "started"),
+            ],
+        );
+        let slot = slots[0].clone();
         {
-            let store = Store::open(&path).expect("open");
-            let c = store.conn();
+            let c = Connection::open(&path).expect("open");
             for i in 0..3 {
-                insert_vm(c, &vm(&ws, &slot, i)).expect("insert vm");
-                touch_pilot(c, &slot, &format!("n{i}"), "p", "started", 1).expect("touch");
+                let mut v = vm(&ws, &slot, i);
+                if i < 2 {
+                    v.state = VmState::Running;
+                }
+                c.execute(
+                    "INSERT INTO vms (id, workspace_id, slot_id, grp, idx, name, node, state, memory_mb, cpus, image)
+                     VALUES (?1, ?2, ?3, 'g', ?4, 'n', NULL, ?5, 256, 1, 'i')",
+                    params![v.id.as_str(), ws.as_str(), slot.as_str(), i, v.state.as_str()],
+                )
+                .expect("vm");
             }
-            // Back to what a version-0 coordinator left: no counters, and
-            // rows written without them.
+            // Back to what a version-0 coordinator left: no counters, an
+            // index on the flags, and the event log keyed by (pilot, seq).
             c.execute_batch(
                 "DROP TABLE vm_counts; DROP TABLE pilot_counts;
                  DROP TRIGGER vm_counts_insert; DROP TRIGGER vm_counts_update; DROP TRIGGER vm_counts_delete;
                  DROP TRIGGER pilot_counts_insert; DROP TRIGGER pilot_counts_update; DROP TRIGGER pilot_counts_delete;
                  CREATE INDEX pilots_flags ON pilots(slot_id, reserved, released);
-                 UPDATE vms SET state = 'running' WHERE idx < 2;
-                 UPDATE pilots SET reserved = 1 WHERE node <> 'n2';
-                 UPDATE pilots SET released = 1 WHERE node = 'n0';
                  DROP TABLE pilot_seqs; DROP TABLE pilot_events;
                  CREATE TABLE pilot_events (
                    pilot_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
@@ -1363,6 +1760,62 @@ mod tests {
                 job_id: None,
             },
         }
+    }
+
+    #[test]
+    fn an_advance_from_a_state_read_earlier_falls_back_when_it_is_stale() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("t.db")).expect("open");
+        let c = store.conn();
+        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        insert_slot(
+            c,
+            &SlotRow {
+                id: slot.clone(),
+                workspace_id: ws.clone(),
+                group: "g".into(),
+                nodes: 1,
+                cores: 1,
+                memory_mb: 256,
+                state: SlotState::Submitted,
+                job: Job::Unsubmitted,
+                created_ms: 1,
+            },
+        )
+        .expect("slot");
+        let v = vm(&ws, &slot, 0);
+        insert_vm(c, &v).expect("vm");
+        // Fresh: one statement does it.
+        let started = slot::Input::PilotStarted;
+        assert_eq!(
+            advance_slot_from(c, &slot, SlotState::Submitted, started).expect("advance"),
+            Some(SlotState::Reserving)
+        );
+        // Stale (the slot moved since it was read): read again, never
+        // written from the old state.
+        advance_slot(c, &slot, slot::Input::ReleaseAsked).expect("releasing");
+        let all = slot::Input::AllReserved;
+        assert_eq!(
+            advance_slot_from(c, &slot, SlotState::Reserving, all).expect("advance"),
+            None,
+            "releasing does not become reserved"
+        );
+        assert_eq!(
+            get_slot(c, &slot).expect("read").map(|s| s.state),
+            Some(SlotState::Releasing)
+        );
+        advance_vm(c, &v.id, vm::Input::Mapped).expect("starting");
+        let gone = vm::Input::Gone { preempted: false };
+        assert_eq!(
+            advance_vm_from(c, &v.id, VmState::Pending, gone).expect("advance"),
+            Some(VmState::Destroyed),
+            "a stale pending still ends"
+        );
+        assert_eq!(
+            advance_vm_from(c, &v.id, VmState::Starting, vm::Input::Started).expect("advance"),
+            None,
+            "a destroyed VM never runs"
+        );
     }
 
     #[test]

@@ -12,12 +12,12 @@
 //! A handler waits at most [`ACK_TIMEOUT`] and then answers 503. The event
 //! may still be committed after that: the pilot resends it and gets
 //! 409-duplicate, which it takes as the acknowledgement (the pilot protocol).
+//!
+//! The writer knows nothing of events or rules: it is given the function
+//! that applies a batch (the engine's `apply_events`), so it depends on no
+//! other module of the coordinator.
 
-use crate::engine::{Engine, EngineError};
-use protocol::pilot::{EventAck, PilotEvent};
-use protocol::SlotId;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Weak;
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::error;
@@ -42,27 +42,15 @@ pub enum WriterError {
     Start(std::io::Error),
 }
 
-/// One checked event waiting for the writer.
-pub struct Pending {
-    pub slot_id: SlotId,
-    pub event: PilotEvent,
-    /// The signed body as received (stored with the event).
-    pub body: String,
-    /// When the coordinator received it (the `recorded_ms` of what it records).
-    pub received_ms: u64,
+/// Where the writer sends an item's outcome.
+enum Reply<O> {
+    Async(oneshot::Sender<O>),
+    Blocking(SyncSender<O>),
 }
 
-pub type Outcome = Result<EventAck, EngineError>;
-
-/// Where the writer sends an event's outcome.
-enum Reply {
-    Async(oneshot::Sender<Outcome>),
-    Blocking(SyncSender<Outcome>),
-}
-
-impl Reply {
+impl<O> Reply<O> {
     /// Sends the outcome; a handler that stopped waiting is not an error.
-    fn send(self, outcome: Outcome) {
+    fn send(self, outcome: O) {
         let _ = match self {
             Reply::Async(tx) => tx.send(outcome).map_err(|_| ()),
             Reply::Blocking(tx) => tx.send(outcome).map_err(|_| ()),
@@ -70,76 +58,80 @@ impl Reply {
     }
 }
 
-struct Job {
-    pending: Pending,
-    reply: Reply,
+struct Job<T, O> {
+    item: T,
+    reply: Reply<O>,
 }
 
 /// The queue into the writer thread; the thread ends when this is dropped.
-pub struct Writer {
-    queue: SyncSender<Job>,
+pub struct Writer<T, O> {
+    queue: SyncSender<Job<T, O>>,
 }
 
 /// The writer thread's end of the queue, until [`WriterThread::start`].
-pub struct WriterThread {
-    rx: Receiver<Job>,
+pub struct WriterThread<T, O> {
+    rx: Receiver<Job<T, O>>,
 }
 
-impl WriterThread {
-    /// Starts the writer thread. It holds the engine weakly, so the engine
-    /// (which owns the [`Writer`]) can still be dropped.
-    pub fn start(self, engine: Weak<Engine>) -> Result<(), WriterError> {
+impl<T: Send + 'static, O: Send + 'static> WriterThread<T, O> {
+    /// Starts the writer thread. `apply` stores a batch and returns one
+    /// outcome per item, in order; it returns `None` when there is nothing
+    /// left to apply to (the engine is gone), which ends the thread.
+    pub fn start(
+        self,
+        apply: impl FnMut(&[T]) -> Option<Vec<O>> + Send + 'static,
+    ) -> Result<(), WriterError> {
         let rx = self.rx;
         std::thread::Builder::new()
             .name("event-writer".into())
-            .spawn(move || run(rx, engine))
+            .spawn(move || run(rx, apply))
             .map(drop)
             .map_err(WriterError::Start)
     }
 }
 
-impl Writer {
+impl<T, O> Writer<T, O> {
     /// The queue and the thread that will serve it.
-    pub fn new() -> (Self, WriterThread) {
+    pub fn new() -> (Self, WriterThread<T, O>) {
         let (queue, rx) = mpsc::sync_channel(QUEUE_BOUND);
         (Self { queue }, WriterThread { rx })
     }
 
-    fn enqueue(&self, pending: Pending, reply: Reply) -> Result<(), WriterError> {
+    fn enqueue(&self, item: T, reply: Reply<O>) -> Result<(), WriterError> {
         self.queue
-            .try_send(Job { pending, reply })
+            .try_send(Job { item, reply })
             .map_err(|e| match e {
                 TrySendError::Full(_) => WriterError::Busy,
                 TrySendError::Disconnected(_) => WriterError::Gone,
             })
     }
 
-    /// Queues the event and waits (asynchronously) until it is committed or refused.
-    pub async fn submit(&self, pending: Pending) -> Outcome {
+    /// Queues the item and waits (asynchronously) until it is committed or refused.
+    pub async fn submit(&self, item: T) -> Result<O, WriterError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(pending, Reply::Async(tx))?;
+        self.enqueue(item, Reply::Async(tx))?;
         match tokio::time::timeout(ACK_TIMEOUT, rx).await {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(_)) => Err(WriterError::Gone.into()),
-            Err(_) => Err(WriterError::Timeout.into()),
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(_)) => Err(WriterError::Gone),
+            Err(_) => Err(WriterError::Timeout),
         }
     }
 
     /// As [`Writer::submit`], blocking the calling thread.
-    pub fn submit_blocking(&self, pending: Pending) -> Outcome {
+    pub fn submit_blocking(&self, item: T) -> Result<O, WriterError> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.enqueue(pending, Reply::Blocking(tx))?;
+        self.enqueue(item, Reply::Blocking(tx))?;
         match rx.recv_timeout(ACK_TIMEOUT) {
-            Ok(outcome) => outcome,
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(WriterError::Gone.into()),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(WriterError::Timeout.into()),
+            Ok(outcome) => Ok(outcome),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(WriterError::Gone),
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(WriterError::Timeout),
         }
     }
 }
 
 /// The writer thread: one batch per turn until the queue or the engine is gone.
-fn run(rx: Receiver<Job>, engine: Weak<Engine>) {
-    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+fn run<T, O>(rx: Receiver<Job<T, O>>, mut apply: impl FnMut(&[T]) -> Option<Vec<O>>) {
+    let mut batch: Vec<Job<T, O>> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -148,24 +140,21 @@ fn run(rx: Receiver<Job>, engine: Weak<Engine>) {
                 Err(_) => break,
             }
         }
-        let Some(engine) = engine.upgrade() else {
-            return; // replies dropped: their handlers answer 503
-        };
-        let (pending, replies): (Vec<Pending>, Vec<Reply>) =
-            batch.drain(..).map(|j| (j.pending, j.reply)).unzip();
+        let (items, replies): (Vec<T>, Vec<Reply<O>>) =
+            batch.drain(..).map(|j| (j.item, j.reply)).unzip();
         // A panic in the rules loses this batch (rolled back, handlers answer
         // 503, pilots resend), not the writer.
-        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.store_events(&pending)
-        }));
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(&items)));
         match applied {
-            Ok(outcomes) => {
+            Ok(Some(outcomes)) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     reply.send(outcome);
                 }
             }
+            // Replies dropped: their handlers answer 503.
+            Ok(None) => return,
             Err(_) => error!(
-                events = pending.len(),
+                events = items.len(),
                 "event writer panicked; batch not stored"
             ),
         }

@@ -1,6 +1,7 @@
 //! `workspace-coordinator`: the head-node server (`serve`), a config check
-//! (`check`), the local demo (`demo`), a helper to mint client tokens
-//! (`token`), and its own shell completions and man pages.
+//! (`check`), the local demo (`demo`), the trace simulator (`simulate`,
+//! `replay`), a helper to mint client tokens (`token`), and its own shell
+//! completions and man pages.
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
@@ -71,6 +72,15 @@ enum Cmd {
         #[arg(long, default_value = "warn")]
         log: String,
     },
+    /// Replay a workload trace (SWF or Haizea) through this coordinator's own
+    /// engine and rules in virtual time, with the batch system and nodes
+    /// modelled; prints utilization, waits, slowdown and what ended how.
+    /// Exit 0: complete run; 1: cut short or failed; 2: bad trace, config or flag.
+    Simulate(coordinator::sim::cli::SimulateArgs),
+    /// Send a trace's requests to a running coordinator at their (scaled)
+    /// times and record when each lease ran: the simulator's check.
+    /// Exit 0: every lease settled; 1: not; 2: bad trace, config or flag.
+    Replay(coordinator::sim::cli::ReplayArgs),
     /// Print a new random client token and the [[users]] entry that admits it.
     Token {
         /// User name the token belongs to.
@@ -188,6 +198,8 @@ fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
+        Cmd::Simulate(args) => Ok(coordinator::sim::cli::simulate(args)),
+        Cmd::Replay(args) => Ok(coordinator::sim::cli::replay(args)),
         Cmd::Token { user, admin } => {
             let token = hex::encode(protocol::auth::generate_master_secret());
             println!("token: {token}");

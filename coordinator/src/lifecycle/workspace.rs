@@ -1,4 +1,4 @@
-//! The life of a workspace as one transition function.
+//! The life of a workspace (a lease) as one transition function.
 //!
 //! `next(state, input)` is the only place that decides a workspace's next
 //! state; the engine performs side effects (commands to pilots, batch job

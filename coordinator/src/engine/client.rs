@@ -1,0 +1,509 @@
+//! The client API: create a workspace (size it, store it, submit its pilot
+//! jobs), get, list, destroy, and the timeline as a long-poll. Who may see
+//! what is decided here ([`Caller`]); what happens next is the rules'.
+//!
+//! Not here: HTTP and tokens (`crate::api`), the rules themselves (`rules`).
+
+use super::rules::{end_slots, fail_workspace, maybe_settle, must_ws, transition, visible_ws};
+use super::views::{build_view, is_settled};
+use super::{Caller, Engine, EngineError, MAX_WAIT};
+use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
+use crate::lifecycle::{self, Input};
+use crate::network::{self, NetError, Pools};
+use crate::policy::{Action, Cluster, SlotPlan};
+use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
+use lrm_adapters::{LrmError, SlotJob};
+use protocol::auth::SlotKey;
+use protocol::spec::WorkspaceSpec;
+use protocol::view::{EventsPage, Phase, SlotState, VmState, WorkspaceState, WorkspaceView};
+use protocol::{SlotId, VmId, VmName, WorkspaceId};
+use rusqlite::Connection;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+impl Engine {
+    /// Creates a workspace: sizes its slots, stores it, submits its pilot
+    /// jobs; answers with its view.
+    pub async fn create(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+    ) -> Result<WorkspaceView, EngineError> {
+        let id = self.create_workspace(caller, spec).await?;
+        self.get(caller, &id)
+    }
+
+    /// [`Engine::create`] without the view: the new workspace's id.
+    pub async fn create_workspace(
+        &self,
+        caller: &Caller,
+        spec: WorkspaceSpec,
+    ) -> Result<WorkspaceId, EngineError> {
+        spec.validate()?;
+        let cluster = Cluster {
+            capacity: self.capacity,
+            min_dom0_mb: self.cfg.pilot.min_dom0_mb,
+        };
+        let plans: Vec<SlotPlan> = self
+            .policy
+            .plan_lease(&spec, &cluster)?
+            .actions
+            .into_iter()
+            .map(|a| match a {
+                Action::Submit(plan) => plan,
+            })
+            .collect();
+        if self.pools.public.is_none() {
+            if let Some(g) = spec.groups.iter().find(|g| g.public_ip) {
+                return Err(NetError::NoPublicPool {
+                    group: g.name.clone(),
+                }
+                .into());
+            }
+        }
+        let now = self.clock.now_ms();
+        let mut ws = WorkspaceRow {
+            id: WorkspaceId::generate(),
+            name: spec.name.clone(),
+            owner: caller.user.clone(),
+            spec: spec.clone(),
+            state: WorkspaceState::Pending,
+            reason: None,
+            created_ms: now,
+            updated_ms: now,
+            expires_ms: None,
+        };
+        let mut slots = Vec::new();
+        self.with_store(|s| {
+            s.tx(|tx| {
+                ws.id = unused(WorkspaceId::generate, |id| {
+                    Ok(store::get_workspace(tx, id)?.is_some())
+                })?;
+                store::insert_workspace(tx, &ws)?;
+                let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
+                for plan in &plans {
+                    let slot = SlotRow {
+                        id: unused(
+                            SlotId::generate,
+                            |id| Ok(store::get_slot(tx, id)?.is_some()),
+                        )?,
+                        workspace_id: ws.id.clone(),
+                        group: plan.group.clone(),
+                        nodes: plan.nodes,
+                        cores: plan.cores_per_node,
+                        memory_mb: plan.memory_mb_per_node,
+                        state: SlotState::Submitted,
+                        job: Job::Unsubmitted,
+                        created_ms: now,
+                    };
+                    store::insert_slot(tx, &slot)?;
+                    let group = spec.groups.iter().find(|g| g.name == plan.group);
+                    for idx in 0..plan.nodes {
+                        let vm = unused(VmId::generate, |id| Ok(store::get_vm(tx, id)?.is_some()))?;
+                        addrs.assign(tx, &ws.id, &vm, group.is_some_and(|g| g.public_ip))?;
+                        store::insert_vm(
+                            tx,
+                            &VmRow {
+                                name: VmName::new(slot.id.clone(), vm.clone()).to_string(),
+                                id: vm,
+                                workspace_id: ws.id.clone(),
+                                slot_id: slot.id.clone(),
+                                group: plan.group.clone(),
+                                idx,
+                                node: None,
+                                state: VmState::Pending,
+                                memory_mb: plan.memory_mb_per_node,
+                                cpus: plan.cores_per_node,
+                                image: group.map(|g| g.image.clone()).unwrap_or_default(),
+                            },
+                        )?;
+                    }
+                    slots.push(slot);
+                }
+                store::push_timeline(
+                    tx,
+                    &ws.id,
+                    now,
+                    now,
+                    Phase::Requested,
+                    None,
+                    None,
+                    None,
+                    &format!(
+                        "{} VMs in {} slot(s) requested by {}",
+                        spec.vm_count(),
+                        plans.len(),
+                        caller.user
+                    ),
+                )?;
+                Ok::<_, EngineError>(())
+            })
+        })?;
+        self.metrics.workspaces_created.inc();
+        info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
+        for slot in &slots {
+            if let Err(source) = self.submit_slot(slot).await {
+                warn!(workspace_id = %ws.id, slot_id = %slot.id, error = %source, "pilot job submission failed");
+                let reason = format!(
+                    "submitting the pilot job for group {:?} failed: {source}",
+                    slot.group
+                );
+                self.with_store(|s| {
+                    s.tx(|tx| {
+                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
+                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
+                        let mut w = must_ws(tx, &ws.id)?;
+                        fail_workspace(tx, &mut w, &reason, self.clock.now_ms())?;
+                        maybe_settle(tx, &mut w, self.clock.now_ms())?;
+                        Ok::<_, EngineError>(())
+                    })
+                })?;
+                self.bump();
+                self.kick.notify_one();
+                return Err(EngineError::Submit {
+                    workspace: ws.id.clone(),
+                    source,
+                });
+            }
+        }
+        self.bump();
+        Ok(ws.id)
+    }
+
+    /// Writes the slot's key file and job directory, submits the pilot job, records its id.
+    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
+            lrm: "coordinator",
+            message: e.to_string(),
+        })?;
+        let key_path = self
+            .cfg
+            .data_dir
+            .join("keys")
+            .join(format!("{}.key", slot.id));
+        let write_key = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)?;
+            std::io::Write::write_all(&mut f, format!("{}\n", key.to_hex()).as_bytes())
+        };
+        write_key().map_err(|source| LrmError::Io {
+            path: key_path.clone(),
+            source,
+        })?;
+        let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
+        let spec = self
+            .with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec))
+            .map_err(|e| LrmError::Config {
+                lrm: "coordinator",
+                message: e.to_string(),
+            })?;
+        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        let job = SlotJob {
+            name: format!("{}{}", self.job_prefix(), slot.id),
+            nodes: slot.nodes,
+            cores_per_node: slot.cores,
+            memory_mb_per_node: slot.memory_mb,
+            walltime: pilot_duration + Duration::from_secs(self.cfg.pilot.walltime_margin_s),
+            pilot_argv: self.pilot_argv(slot, &key_path, pilot_duration),
+            workdir,
+        };
+        // Real time spent submitting (a measurement, not a rule: the clock
+        // of the rules may be virtual).
+        let started = Instant::now();
+        let job_id = self.lrm.submit(&job).await?;
+        let took = started.elapsed();
+        info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
+        let now = self.clock.now_ms();
+        self.with_store(|s| {
+            s.tx(|tx| {
+                store::advance_job(tx, &slot.id, &JobInput::Submitted(job_id.0.clone()))?;
+                store::push_timeline(
+                    tx,
+                    &slot.workspace_id,
+                    now,
+                    now,
+                    Phase::SlotSubmitted,
+                    Some(&slot.id),
+                    None,
+                    None,
+                    &format!(
+                        "{} job {} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
+                        self.lrm.kind(),
+                        job_id,
+                        slot.group,
+                        slot.nodes,
+                        slot.cores,
+                        slot.memory_mb,
+                        took.as_millis()
+                    ),
+                )?;
+                Ok::<_, EngineError>(())
+            })
+        })
+        .map_err(|e| LrmError::Config { lrm: "coordinator", message: e.to_string() })?;
+        Ok(())
+    }
+
+    /// The pilot's argv as it goes into the job script (`%n` is expanded by the pilot).
+    pub fn pilot_argv(&self, slot: &SlotRow, key_path: &Path, duration: Duration) -> Vec<String> {
+        let p = &self.cfg.pilot;
+        let mut argv = vec![
+            self.pilot_program.display().to_string(),
+            "run".into(),
+            "--slot".into(),
+            slot.id.to_string(),
+            "--coordinator".into(),
+            self.public_url.clone(),
+            "--key-file".into(),
+            key_path.display().to_string(),
+            "--memory-mb".into(),
+            slot.memory_mb.to_string(),
+            "--duration-s".into(),
+            duration.as_secs().to_string(),
+            "--grace-s".into(),
+            self.grace.as_secs().max(1).to_string(),
+            "--state-dir".into(),
+            p.state_dir.clone(),
+            "--hypervisor".into(),
+            p.hypervisor.to_string(),
+            "--coordinator-wait-fraction".into(),
+            p.coordinator_wait_fraction.to_string(),
+            "--min-dom0-mb".into(),
+            p.min_dom0_mb.to_string(),
+            "--margin-s".into(),
+            p.margin_s.to_string(),
+            "--poll-wait-ms".into(),
+            p.poll_wait_ms.to_string(),
+        ];
+        if p.hypervisor == crate::config::Hypervisor::Sim {
+            argv.push("--sim-dir".into());
+            argv.push(p.sim_dir.clone());
+        }
+        if let Some(ca) = &p.ca_file {
+            argv.push("--ca-file".into());
+            argv.push(ca.clone());
+        }
+        if let Some(nc) = &p.node_config {
+            argv.push("--node-config".into());
+            argv.push(nc.clone());
+        }
+        argv.extend(p.extra_args.iter().cloned());
+        argv
+    }
+
+    pub fn get(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
+        self.with_store(|s| {
+            let ws = visible_ws(s.conn(), caller, id)?;
+            build_view(s.conn(), ws)
+        })
+    }
+
+    pub fn list(&self, caller: &Caller) -> Result<Vec<WorkspaceView>, EngineError> {
+        self.with_store(|s| {
+            store::list_workspaces(s.conn(), caller.owner_filter())?
+                .into_iter()
+                .map(|w| build_view(s.conn(), w))
+                .collect()
+        })
+    }
+
+    /// Starts the end of a workspace: release every slot. Idempotent.
+    pub fn destroy(&self, caller: &Caller, id: &WorkspaceId) -> Result<WorkspaceView, EngineError> {
+        let now = self.clock.now_ms();
+        let view = self.with_store(|s| {
+            s.tx(|tx| {
+                let mut ws = visible_ws(tx, caller, id)?;
+                if transition(tx, &mut ws, Input::DestroyRequested, None, now)? {
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::DestroyRequested,
+                        None,
+                        None,
+                        None,
+                        &format!("by {}", caller.user),
+                    )?;
+                    end_slots(tx, &ws, now)?;
+                    maybe_settle(tx, &mut ws, now)?;
+                }
+                build_view(tx, ws)
+            })
+        })?;
+        info!(workspace_id = %id, user = %caller.user, "destroy requested");
+        self.bump();
+        self.kick.notify_one();
+        Ok(view)
+    }
+
+    /// Timeline entries after `after`, waiting up to `wait` for new ones.
+    pub async fn events(
+        &self,
+        caller: &Caller,
+        id: &WorkspaceId,
+        after: u64,
+        wait: Duration,
+    ) -> Result<EventsPage, EngineError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut rx = self.changed.subscribe();
+        loop {
+            rx.borrow_and_update();
+            // Only the state and its slots: not the whole view (every VM and
+            // pilot) on each wake-up of a watcher.
+            let page = self.with_store(|s| {
+                let ws = visible_ws(s.conn(), caller, id)?;
+                let events = store::timeline_after(s.conn(), id, after)?;
+                let slots = store::slots_of(s.conn(), id)?;
+                Ok(EventsPage {
+                    events,
+                    state: ws.state,
+                    settled: is_settled(ws.state, &slots),
+                })
+            })?;
+            if !page.events.is_empty() || page.settled || tokio::time::Instant::now() >= deadline {
+                return Ok(page);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+    }
+
+    /// Ends every live workspace, as an admin would one by one (used by
+    /// `serve --end-leases-on-exit`). Returns the workspaces it ended.
+    pub fn end_all(&self) -> Result<Vec<WorkspaceId>, EngineError> {
+        let admin = Caller {
+            user: "coordinator shutdown".into(),
+            admin: true,
+        };
+        let live: Vec<WorkspaceId> = self.with_store(|s| {
+            Ok(store::active_workspaces(s.conn())?
+                .into_iter()
+                .filter(|w| lifecycle::wants_slots(w.state))
+                .map(|w| w.id)
+                .collect())
+        })?;
+        for id in &live {
+            self.destroy(&admin, id)?;
+        }
+        Ok(live)
+    }
+
+    /// Workspaces not yet settled (something may still be held somewhere).
+    pub fn unsettled(&self) -> Result<usize, EngineError> {
+        self.with_store(|s| Ok(store::active_workspaces(s.conn())?.len()))
+    }
+}
+
+/// The lowest free addresses of each pool, taken once per create; all or nothing.
+pub(super) struct AddressPlan<'p> {
+    pools: &'p Pools,
+    free: HashMap<&'static str, std::vec::IntoIter<std::net::Ipv4Addr>>,
+}
+
+impl<'p> AddressPlan<'p> {
+    fn new(c: &Connection, pools: &'p Pools, spec: &WorkspaceSpec) -> Result<Self, EngineError> {
+        let mut free = HashMap::new();
+        let public: u32 = spec
+            .groups
+            .iter()
+            .filter(|g| g.public_ip)
+            .map(|g| g.count)
+            .sum();
+        for (name, need) in [("private", spec.vm_count()), ("public", public)] {
+            if let (Some(pool), true) = (pools.get(name), need > 0) {
+                let used = store::used_ips(c, name)?;
+                free.insert(name, pool.allocate(&used, need as usize)?.into_iter());
+            }
+        }
+        Ok(Self { pools, free })
+    }
+
+    /// Gives `vm` its NICs: private, then public if asked.
+    fn assign(
+        &mut self,
+        c: &Connection,
+        ws: &WorkspaceId,
+        vm: &VmId,
+        public: bool,
+    ) -> Result<(), EngineError> {
+        let mut idx = 0;
+        for (name, wanted) in [("private", true), ("public", public)] {
+            let (Some(pool), true) = (self.pools.get(name), wanted) else {
+                continue;
+            };
+            let Some(ip) = self.free.get_mut(name).and_then(|it| it.next()) else {
+                return Err(NetError::Exhausted {
+                    pool: name.to_string(),
+                    needed: 1,
+                    free: 0,
+                    range: String::new(),
+                }
+                .into());
+            };
+            let nic = protocol::pilot::Nic {
+                mac: network::derive_mac(ws, vm, idx),
+                ip,
+                prefix_len: pool.prefix_len,
+                gateway: pool.gateway,
+                pool: name.to_string(),
+            };
+            store::insert_address(c, ws, vm, idx, &nic)?;
+            idx += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Most draws of an id before giving up (each collides with odds of rows / 2^32).
+const ID_DRAWS: u32 = 64;
+
+/// A fresh id no row holds yet. Ids are 32 random bits: a coordinator that
+/// has made tens of thousands of workspaces or VMs would otherwise draw one
+/// it already holds, and fail that create (the simulator did, at 11,000 VMs).
+fn unused<T>(
+    mut draw: impl FnMut() -> T,
+    taken: impl Fn(&T) -> Result<bool, StoreError>,
+) -> Result<T, EngineError> {
+    for _ in 0..ID_DRAWS {
+        let id = draw();
+        if !taken(&id)? {
+            return Ok(id);
+        }
+    }
+    Err(StoreError::Corrupt {
+        what: "ids",
+        detail: format!("{ID_DRAWS} random ids in a row are taken"),
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_already_held_is_drawn_again() {
+        let held = [WorkspaceId::parse("ws-00000001").expect("id")];
+        let mut draws = ["ws-00000001", "ws-00000001", "ws-00000002"].into_iter();
+        let id = unused(
+            || WorkspaceId::parse(draws.next().expect("a draw")).expect("id"),
+            |id| Ok(held.contains(id)),
+        )
+        .expect("a fresh id");
+        assert_eq!(id.as_str(), "ws-00000002");
+        let e = unused(WorkspaceId::generate, |_| Ok(true)).expect_err("never free");
+        assert!(e.to_string().contains("64 random ids"), "{e}");
+    }
+}

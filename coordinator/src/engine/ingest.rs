@@ -1,0 +1,576 @@
+//! Pilots in process: the typed entry for their events ([`Incoming`],
+//! applied in group commits by [`Engine::apply_events`]), one handler per
+//! event kind, and their commands as they would receive them
+//! ([`Engine::pilot_commands`]).
+//!
+//! Every event is checked before it gets here (over HTTP by `signed`; the
+//! simulator and the rule tests build them themselves), stored in the event
+//! log, then applied in its own savepoint. Not here: signatures, the rules
+//! shared with the other entries (`rules`).
+
+use super::rules::{
+    end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
+    Setting,
+};
+use super::{Engine, EngineError};
+use crate::lifecycle::pilot as pilot_life;
+use crate::lifecycle::slot as slot_life;
+use crate::lifecycle::vm as vm_life;
+use crate::lifecycle::{self, Input};
+use crate::store::{self, SlotRow, StoreError, VmRow, WorkspaceRow};
+use protocol::pilot::{Command, CommandKind, EventAck, EventKind, Peer, PilotEvent, ReleaseReason};
+use protocol::view::{Phase, SlotState, VmState, WorkspaceState};
+use protocol::{SlotId, VmId};
+use rusqlite::Connection;
+use std::collections::HashMap;
+use tracing::{debug, warn};
+
+/// One pilot event for the rules: already checked by whoever received it
+/// (over HTTP: signature, JSON, slot, node name, clock; see `signed`).
+pub struct Incoming {
+    pub slot_id: SlotId,
+    pub event: PilotEvent,
+    /// The event as received (stored in the event log).
+    pub body: String,
+    /// When the coordinator received it (the `recorded_ms` of what it records).
+    pub received_ms: u64,
+}
+
+/// What becomes of one event: acknowledged, or refused with the reason.
+pub type Outcome = Result<EventAck, EngineError>;
+
+impl Incoming {
+    /// An event made in process (the simulator, tests), received at
+    /// `received_ms`; the event log keeps its JSON as the body.
+    pub fn new(event: PilotEvent, received_ms: u64) -> Result<Self, EngineError> {
+        let body = serde_json::to_string(&event)
+            .map_err(|e| EngineError::BadRequest(format!("event does not encode: {e}")))?;
+        Ok(Self {
+            slot_id: event.slot_id.clone(),
+            event,
+            body,
+            received_ms,
+        })
+    }
+}
+
+/// A pilot event cannot be older than its slot: the lower bound of a late
+/// event's timestamp is the slot's creation, less `max_clock_skew_s`.
+fn made_after_slot(slot: &SlotRow, ts_ms: u64, skew_s: u64) -> Result<(), EngineError> {
+    if ts_ms < slot.created_ms.saturating_sub(skew_s * 1000) {
+        return Err(EngineError::Forbidden(format!(
+            "timestamp {ts_ms} is before slot {} was created ({} ms; max_clock_skew_s = {skew_s})",
+            slot.id, slot.created_ms
+        )));
+    }
+    Ok(())
+}
+
+impl Engine {
+    /// The writer thread's turn: stores and applies a batch of checked events
+    /// in one transaction (one savepoint each), commits, then tells watchers.
+    /// One outcome per event, in order; an Ok event is committed.
+    ///
+    /// This is the typed entry for pilot events: the HTTP handlers reach it
+    /// through the writer thread, the simulator and the rule tests call it
+    /// directly.
+    pub fn apply_events(&self, batch: &[Incoming]) -> Vec<Outcome> {
+        let setting = Setting {
+            images: &self.cfg.images,
+            policy: self.policy.as_ref(),
+        };
+        let stored = {
+            let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
+            guard.tx_each(batch, |tx, p| {
+                let (slot_id, event) = (&p.slot_id, &p.event);
+                let slot = store::get_slot(tx, slot_id)?
+                    .ok_or_else(|| EngineError::Forbidden(format!("unknown slot {slot_id}")))?;
+                if let Err(e) = made_after_slot(&slot, event.ts_ms, self.cfg.max_clock_skew_s) {
+                    self.metrics.refused("stale");
+                    return Err(e);
+                }
+                if !store::insert_pilot_event(tx, event, &p.body, p.received_ms)? {
+                    return Err(EngineError::Duplicate {
+                        pilot: event.pilot_id.to_string(),
+                        seq: event.seq,
+                    });
+                }
+                apply_event(tx, &slot, event, p.received_ms, &setting)?;
+                Ok(EventAck {
+                    seq: event.seq,
+                    duplicate: false,
+                })
+            })
+        };
+        let outcomes = match stored {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                warn!(events = batch.len(), error = %e, "group commit failed; nothing stored");
+                let msg = e.to_string();
+                return batch
+                    .iter()
+                    .map(|_| Err(StoreError::Batch(msg.clone()).into()))
+                    .collect();
+            }
+        };
+        let mut any = false;
+        for (p, outcome) in batch.iter().zip(&outcomes) {
+            if outcome.is_ok() {
+                any = true;
+                let e = &p.event;
+                self.metrics.event(e.kind.name());
+                debug!(slot_id = %e.slot_id, node = %e.node, seq = e.seq, kind = e.kind.name(), "pilot event stored");
+            }
+        }
+        if any {
+            self.bump();
+            self.kick.notify_one();
+        }
+        outcomes
+    }
+}
+
+/// A stored value that does not read back.
+fn corrupt(what: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        what,
+        detail: detail.to_string(),
+    }
+}
+
+impl Engine {
+    /// The commands for the pilot of (slot, node) after command `after`, as
+    /// the pilot receives them over HTTP (`signed::poll_answer`; a test
+    /// holds the two to it); the pilot counts as heard from. The in-process
+    /// twin of the signed long-poll, without the wait.
+    pub fn pilot_commands(
+        &self,
+        slot: &SlotId,
+        node: &str,
+        after: u64,
+    ) -> Result<Vec<Command>, EngineError> {
+        let polls = [(slot.clone(), node.to_string(), after)];
+        Ok(self.pilot_commands_of(&polls)?.pop().unwrap_or_default())
+    }
+
+    /// [`Engine::pilot_commands`] for many pilots at once: one answer per
+    /// (slot, node, after), in order. A workspace's peer list is read once
+    /// for all the launches of the batch.
+    pub fn pilot_commands_of(
+        &self,
+        polls: &[(SlotId, String, u64)],
+    ) -> Result<Vec<Vec<Command>>, EngineError> {
+        self.with_store(|s| {
+            let c = s.conn();
+            let now = self.clock.now_ms();
+            let mut peers: HashMap<String, Vec<Peer>> = HashMap::new();
+            let mut answers = Vec::with_capacity(polls.len());
+            for (slot, node, after) in polls {
+                store::seen_pilot(c, slot, node, now)?;
+                let mut out = Vec::new();
+                for (id, body) in store::commands_after(c, slot, node, *after)? {
+                    let mut kind: CommandKind =
+                        serde_json::from_str(&body).map_err(|e| corrupt("command", e))?;
+                    // As `poll_answer` does on the wire: a launch stored
+                    // without its workspace's peers gets them.
+                    if let CommandKind::StartVm(l) = &mut kind {
+                        if let Some(ctx) = l.context.as_mut().filter(|c| c.peers.is_empty()) {
+                            if !peers.contains_key(&ctx.workspace_id) {
+                                let ws = &ctx.workspace_id;
+                                let stored = store::workspace_peers(c, ws)?.ok_or_else(|| {
+                                    corrupt("peers", format!("none stored for workspace {ws}"))
+                                })?;
+                                let list = serde_json::from_str(&stored)
+                                    .map_err(|e| corrupt("peers", e))?;
+                                peers.insert(ws.clone(), list);
+                            }
+                            ctx.peers = peers[&ctx.workspace_id].clone();
+                        }
+                    }
+                    out.push(Command { id, kind });
+                }
+                answers.push(out);
+            }
+            Ok(answers)
+        })
+    }
+
+    /// The (slot, node) of every pilot with a command stored after row
+    /// `after`, and the newest row: who has news since the last look.
+    pub fn commanded_since(&self, after: i64) -> Result<(Vec<(SlotId, String)>, i64), EngineError> {
+        self.with_store(|s| Ok(store::commanded_since(s.conn(), after)?))
+    }
+}
+
+/// Applies one stored event: the pilot is seen, then its kind's handler runs.
+pub(super) fn apply_event(
+    c: &Connection,
+    slot: &SlotRow,
+    e: &PilotEvent,
+    now: u64,
+    setting: &Setting,
+) -> Result<(), EngineError> {
+    let ws = must_ws(c, &slot.workspace_id)?;
+    store::touch_pilot(
+        c,
+        &slot.id,
+        &e.node,
+        e.pilot_id.as_str(),
+        e.kind.name(),
+        now,
+    )?;
+    let mut ev = Ev {
+        c,
+        slot,
+        e,
+        node: &e.node,
+        now,
+        ws,
+    };
+    match &e.kind {
+        EventKind::Started {
+            pid,
+            hypervisor,
+            job_id,
+        } => on_started(&ev, *pid, hypervisor, job_id.as_deref()),
+        EventKind::Reserved {
+            dom0_before_mb,
+            dom0_after_mb,
+            reserved_mb,
+            balloon_ms,
+            cached_images,
+            ..
+        } => {
+            let detail = format!(
+                "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
+                now.saturating_sub(e.ts_ms)
+            );
+            on_reserved(&mut ev, &detail, cached_images, setting)
+        }
+        EventKind::ReserveFailed { reason } => on_reserve_failed(&mut ev, reason),
+        EventKind::VmStarted {
+            vm_id,
+            name,
+            create_ms,
+            stage_ms,
+            cache_hit,
+            ..
+        } => on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit),
+        EventKind::VmFailed { vm_id, reason } => on_vm_failed(&mut ev, vm_id, reason),
+        EventKind::VmDestroyed { vm_id, destroy_ms } => on_vm_destroyed(&ev, vm_id, *destroy_ms),
+        EventKind::Preempting {
+            signal,
+            coordinator_wait_ms,
+            ..
+        } => on_preempting(&mut ev, signal, *coordinator_wait_ms),
+        EventKind::Released {
+            reason,
+            vms_destroyed,
+            dom0_restored_mb,
+            restore_ms,
+            clean,
+            problems,
+            ..
+        } => {
+            let mut detail = format!(
+                "dom0 back to {dom0_restored_mb} MB in {restore_ms} ms; {} VM(s) destroyed ({})",
+                vms_destroyed.len(),
+                format!("{reason:?}").to_lowercase()
+            );
+            if !clean {
+                detail.push_str(&format!(
+                    "; NOT CLEAN: {}; run workspace-kill-all on {}",
+                    problems.join("; "),
+                    e.node
+                ));
+                warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, "pilot released with problems: {problems:?}");
+            }
+            on_released(&mut ev, *reason, &detail)
+        }
+        // Suspend/resume (docs/CHECKPOINTS.md) is not driven by the
+        // coordinator yet: it never sends the commands these answer.
+        EventKind::VmSuspended { .. }
+        | EventKind::VmSuspendFailed { .. }
+        | EventKind::VmResumed { .. }
+        | EventKind::VmResumeFailed { .. }
+        | EventKind::CheckpointDeleted { .. }
+        | EventKind::CheckpointDeleteFailed { .. } => {
+            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "checkpoint event not yet supported by the coordinator; recorded only");
+            Ok(())
+        }
+        // Pool slots, CPU shares and warm VMs (docs/POOL.md): the
+        // coordinator never sends the commands these answer yet.
+        EventKind::Bound { .. }
+        | EventKind::Unbound { .. }
+        | EventKind::ReservationChanged { .. }
+        | EventKind::ReservationRefused { .. }
+        | EventKind::VmCpuSet { .. }
+        | EventKind::VmCpuSetFailed { .. }
+        | EventKind::WarmPrepared { .. }
+        | EventKind::WarmPrepareFailed { .. } => {
+            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "pool event not yet supported by the coordinator; recorded only");
+            Ok(())
+        }
+    }
+}
+
+/// What every handler works on: one event of one pilot, inside its savepoint.
+struct Ev<'a> {
+    c: &'a Connection,
+    slot: &'a SlotRow,
+    e: &'a PilotEvent,
+    node: &'a str,
+    /// When the coordinator received the event.
+    now: u64,
+    ws: WorkspaceRow,
+}
+
+impl Ev<'_> {
+    /// A timeline entry about this event (at the pilot's time, recorded now).
+    fn timeline(&self, phase: Phase, vm: Option<&VmId>, detail: &str) -> Result<(), EngineError> {
+        store::push_timeline(
+            self.c,
+            &self.ws.id,
+            self.e.ts_ms,
+            self.now,
+            phase,
+            Some(&self.slot.id),
+            Some(self.node),
+            vm,
+            detail,
+        )?;
+        Ok(())
+    }
+
+    /// Moves this event's pilot through its table.
+    fn pilot(&self, input: pilot_life::Input) -> Result<(), EngineError> {
+        store::advance_pilot(self.c, &self.slot.id, self.node, input)?;
+        Ok(())
+    }
+
+    /// Tells this pilot to release, unless it was told already.
+    fn release(&self) -> Result<(), EngineError> {
+        if !store::has_release(self.c, &self.slot.id, self.node)? {
+            store::push_command(
+                self.c,
+                &self.slot.id,
+                self.node,
+                &CommandKind::Release,
+                self.now,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The VM if it belongs to this slot (events about other slots' VMs change nothing).
+    fn own_vm(&self, vm_id: &VmId) -> Result<Option<VmRow>, EngineError> {
+        match store::get_vm(self.c, vm_id)? {
+            Some(vm) if vm.slot_id == self.slot.id => Ok(Some(vm)),
+            _ => {
+                warn!(slot_id = %self.slot.id, vm_id = %vm_id, "event names a VM that is not in this slot; ignored");
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The pilot is up: the slot is reserving; a pilot of a lease that is over
+/// is told to release at once.
+fn on_started(
+    ev: &Ev,
+    pid: u32,
+    hypervisor: &str,
+    job_id: Option<&str>,
+) -> Result<(), EngineError> {
+    ev.timeline(
+        Phase::PilotStarted,
+        None,
+        &format!(
+            "pid {pid}, hypervisor {hypervisor}, job {}",
+            job_id.unwrap_or("?")
+        ),
+    )?;
+    let started = slot_life::Input::PilotStarted;
+    store::advance_slot_from(ev.c, &ev.slot.id, ev.slot.state, started)?;
+    if !lifecycle::wants_slots(ev.ws.state) {
+        ev.release()?;
+    }
+    Ok(())
+}
+
+/// The node's memory is the slot's: when every node of every slot holds
+/// its memory, the workspace's VMs are mapped and started.
+fn on_reserved(
+    ev: &mut Ev,
+    detail: &str,
+    cached_images: &[String],
+    setting: &Setting,
+) -> Result<(), EngineError> {
+    let (c, slot) = (ev.c, ev.slot);
+    ev.pilot(pilot_life::Input::Reserved)?;
+    store::set_node_images(c, &slot.id, ev.node, cached_images)?;
+    ev.timeline(Phase::MemoryReserved, None, detail)?;
+    if !lifecycle::wants_slots(ev.ws.state) {
+        return ev.release();
+    }
+    if store::count_reserved_pilots(c, &slot.id)? >= u64::from(slot.nodes) {
+        let all = slot_life::Input::AllReserved;
+        store::advance_slot_from(c, &slot.id, slot.state, all)?;
+    }
+    let all = store::slots_of(c, &ev.ws.id)?
+        .iter()
+        .all(|s| s.state == SlotState::Reserved);
+    if all && ev.ws.state == WorkspaceState::Pending {
+        start_vms(c, &mut ev.ws, ev.now, setting)?;
+    }
+    Ok(())
+}
+
+/// The node could not give the slot its memory: the workspace fails.
+fn on_reserve_failed(ev: &mut Ev, reason: &str) -> Result<(), EngineError> {
+    let (c, now) = (ev.c, ev.now);
+    ev.pilot(pilot_life::Input::ReserveFailed)?;
+    ev.timeline(Phase::ReserveFailed, None, reason)?;
+    let why = format!(
+        "node {} could not reserve {} MB: {reason}",
+        ev.node, ev.slot.memory_mb
+    );
+    fail_workspace(c, &mut ev.ws, &why, now)?;
+    slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
+    maybe_settle(c, &mut ev.ws, now)
+}
+
+/// A VM runs: when all do, the workspace is running and its lease starts.
+fn on_vm_started(
+    ev: &mut Ev,
+    vm_id: &VmId,
+    name: &str,
+    create_ms: u64,
+    stage_ms: Option<u64>,
+    cache_hit: Option<bool>,
+) -> Result<(), EngineError> {
+    let Some(vm) = ev.own_vm(vm_id)? else {
+        return Ok(());
+    };
+    let (c, now) = (ev.c, ev.now);
+    if let Some(ms) = stage_ms {
+        let how = match cache_hit {
+            Some(true) => "already in the node cache",
+            Some(false) => "fetched into the node cache",
+            None => "staged",
+        };
+        ev.timeline(
+            Phase::ImageStaged,
+            Some(vm_id),
+            &format!("image {} {how} in {ms} ms", vm.image),
+        )?;
+    }
+    store::advance_vm_from(c, vm_id, vm.state, vm_life::Input::Started)?;
+    ev.timeline(
+        Phase::VmStarted,
+        Some(vm_id),
+        &format!("{name} created in {create_ms} ms"),
+    )?;
+    let (vm_count, running) = store::count_vms(c, &ev.ws.id, VmState::Running)?;
+    if vm_count == running && transition(c, &mut ev.ws, Input::AllVmsRunning, None, now)? {
+        let expires = now + ev.ws.spec.duration.0.as_millis() as u64;
+        store::set_workspace_expiry(c, &ev.ws.id, expires)?;
+        store::push_timeline(
+            c,
+            &ev.ws.id,
+            now,
+            now,
+            Phase::Running,
+            None,
+            None,
+            None,
+            &format!(
+                "all {} VMs running; lease ends {}",
+                vm_count,
+                protocol::time::format_ms(expires)
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// A VM failed (to start, or to be destroyed): the workspace fails.
+fn on_vm_failed(ev: &mut Ev, vm_id: &VmId, reason: &str) -> Result<(), EngineError> {
+    if ev.own_vm(vm_id)?.is_none() {
+        return Ok(());
+    }
+    store::advance_vm(ev.c, vm_id, vm_life::Input::Failed)?;
+    ev.timeline(Phase::VmFailed, Some(vm_id), reason)?;
+    let why = format!("VM {vm_id} on node {} failed to start: {reason}", ev.node);
+    fail_workspace(ev.c, &mut ev.ws, &why, ev.now)
+}
+
+/// A VM is gone (destroyed by itself, not with its slot).
+fn on_vm_destroyed(ev: &Ev, vm_id: &VmId, destroy_ms: u64) -> Result<(), EngineError> {
+    if ev.own_vm(vm_id)?.is_none() {
+        return Ok(());
+    }
+    let gone = vm_life::Input::Gone {
+        preempted: ev.ws.state == WorkspaceState::Preempted,
+    };
+    store::advance_vm(ev.c, vm_id, gone)?;
+    ev.timeline(
+        Phase::VmDestroyed,
+        Some(vm_id),
+        &format!("destroyed in {destroy_ms} ms"),
+    )
+}
+
+/// The batch system warned the pilot: the whole workspace is preempted
+/// (ensembles are all or nothing) and every slot told to release.
+fn on_preempting(ev: &mut Ev, signal: &str, coordinator_wait_ms: u64) -> Result<(), EngineError> {
+    let (c, now, node) = (ev.c, ev.now, ev.node);
+    ev.pilot(pilot_life::Input::Preempting)?;
+    let job = ev.slot.job.id().unwrap_or("?");
+    ev.timeline(
+        Phase::Preempting,
+        None,
+        &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"),
+    )?;
+    let reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+    if transition(c, &mut ev.ws, Input::Preempted, Some(&reason), now)? {
+        end_slots(c, &ev.ws, now)?;
+    } else {
+        ev.release()?;
+    }
+    Ok(())
+}
+
+/// The pilot gave its node back. If the lease still wanted it, the lease
+/// cannot go on (the pilot reached its deadline, was preempted, or failed).
+fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), EngineError> {
+    let (c, now, node) = (ev.c, ev.now, ev.node);
+    ev.pilot(pilot_life::Input::Released)?;
+    ev.timeline(Phase::MemoryRestored, None, detail)?;
+    let gone = vm_life::Input::Gone {
+        preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
+    };
+    for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {
+        store::advance_vm_from(c, &vm, state, gone)?;
+    }
+    if lifecycle::wants_slots(ev.ws.state) {
+        let (input, why) = match reason {
+            ReleaseReason::Deadline => (
+                Input::LeaseExpired,
+                format!("pilot on {node} reached the end of its slot"),
+            ),
+            ReleaseReason::Preempted => {
+                (Input::Preempted, format!("pilot on {node} was preempted"))
+            }
+            _ => (
+                Input::Failed,
+                format!("pilot on {node} released its slot ({reason:?})"),
+            ),
+        };
+        if transition(c, &mut ev.ws, input, Some(&why), now)? {
+            end_slots(c, &ev.ws, now)?;
+        }
+    }
+    slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
+    maybe_settle(c, &mut ev.ws, now)
+}

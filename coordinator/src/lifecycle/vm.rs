@@ -1,0 +1,80 @@
+//! The life of a VM of a workspace.
+//!
+//! `pending` until it is mapped onto a reserved node, `starting` once the
+//! pilot is told to start it, `running` when the pilot says so; it ends
+//! `destroyed`, `preempted` (its lease was preempted) or `failed`.
+//! (`destroying`, in the view's states, is not reached yet: VMs are destroyed
+//! with their slot, not one by one.)
+
+use protocol::view::VmState;
+
+/// What can happen to a VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Placed on a node; the pilot is told to start it.
+    Mapped,
+    /// The pilot reported it running.
+    Started,
+    /// The pilot reported it failed (to start, or to be destroyed).
+    Failed,
+    /// It is gone with its slot (or destroyed); `preempted` when its lease was preempted.
+    Gone { preempted: bool },
+}
+
+/// The VM's next state, or `None` when the input does not change it.
+pub fn next(state: VmState, input: Input) -> Option<VmState> {
+    use VmState as S;
+    if state.is_terminal() {
+        return None;
+    }
+    let to = match (state, input) {
+        (S::Pending, Input::Mapped) => S::Starting,
+        (S::Starting, Input::Started) => S::Running,
+        (_, Input::Failed) => S::Failed,
+        (_, Input::Gone { preempted: false }) => S::Destroyed,
+        (_, Input::Gone { preempted: true }) => S::Preempted,
+        _ => return None,
+    };
+    Some(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VmState as S;
+
+    const INPUTS: [Input; 5] = [
+        Input::Mapped,
+        Input::Started,
+        Input::Failed,
+        Input::Gone { preempted: false },
+        Input::Gone { preempted: true },
+    ];
+
+    #[test]
+    fn a_vm_is_mapped_started_and_destroyed() {
+        let s = next(S::Pending, Input::Mapped).unwrap();
+        let s = next(s, Input::Started).unwrap();
+        assert_eq!(s, S::Running);
+        assert_eq!(next(s, Input::Gone { preempted: true }), Some(S::Preempted));
+        assert_eq!(
+            next(S::Pending, Input::Gone { preempted: false }),
+            Some(S::Destroyed)
+        );
+    }
+
+    #[test]
+    fn a_vm_not_told_to_start_cannot_be_running() {
+        assert_eq!(next(S::Pending, Input::Started), None);
+        assert_eq!(next(S::Running, Input::Mapped), None);
+    }
+
+    #[test]
+    fn terminal_vms_never_move() {
+        for t in [S::Destroyed, S::Preempted, S::Failed] {
+            for i in INPUTS {
+                assert_eq!(next(t, i), None, "{t:?} {i:?}");
+            }
+        }
+    }
+}

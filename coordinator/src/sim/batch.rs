@@ -1,0 +1,500 @@
+//! The batch system, modelled in virtual time behind the same [`Lrm`] trait
+//! the real adapters implement: a queue over N identical nodes, scheduled
+//! first-come first-served or with EASY backfill, jobs killed at their
+//! walltime, and the warning signal (walltime, cancel, preemption) followed
+//! by SIGKILL after a grace period.
+//!
+//! The engine calls it as it calls Slurm; the simulator's loop drives what
+//! a batch system does on its own (starting jobs, ending them) and takes
+//! the [`Effect`]s of the engine's calls (a pass is due, a job must be
+//! signalled). Times are the clock's milliseconds.
+
+use crate::clock::{Clock, ManualClock};
+use async_trait::async_trait;
+use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How queued jobs are started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduler {
+    /// Strictly in order: the head of the queue waits for its nodes, and so
+    /// does everything behind it (the embedded `local` batch system).
+    Fifo,
+    /// EASY backfill: the head gets a reservation at the earliest time its
+    /// nodes free up (by the running jobs' estimates); a later job may start
+    /// now if it ends by then, or uses only nodes the head will not need.
+    Easy,
+}
+
+/// Why a job was told to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    Walltime,
+    Cancelled,
+    Preempted,
+}
+
+impl Cause {
+    fn end_state(self) -> JobState {
+        match self {
+            Cause::Walltime => JobState::Timeout,
+            Cause::Cancelled => JobState::Cancelled,
+            Cause::Preempted => JobState::Preempted,
+        }
+    }
+}
+
+/// Something the loop must do after an engine call reached the batch system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// The queue changed: a scheduling pass is due now.
+    Pass,
+    /// Send this running job's processes the warning signal now.
+    Signal(u64, Cause),
+}
+
+/// One job as the model holds it.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub number: u64,
+    pub name: String,
+    pub nodes: u32,
+    /// What the coordinator asked for: the job is killed past it.
+    pub walltime_ms: u64,
+    /// What the scheduler plans with (EASY's runtime estimate).
+    pub estimate_ms: u64,
+    pub submit_ms: u64,
+    pub start_ms: Option<u64>,
+    pub end_ms: Option<u64>,
+    pub state: JobState,
+    /// Nodes it holds while it runs (1-based node numbers).
+    pub held: Vec<u32>,
+    /// Set when the warning signal was sent.
+    pub signalled: Option<Cause>,
+    /// Its processes still running (one per node).
+    pub alive: u32,
+    /// What the simulator tagged it with when it was submitted (its request).
+    pub tag: Option<usize>,
+    /// A process died without being told to (node failure).
+    pub crashed: bool,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    jobs: HashMap<u64, Job>,
+    queue: VecDeque<u64>,
+    running: Vec<u64>,
+    free: BTreeSet<u32>,
+    /// The estimate for the jobs submitted next (the trace's requested time).
+    estimate_next: Option<u64>,
+    /// The tag of the jobs submitted next.
+    tag_next: Option<usize>,
+    effects: Vec<Effect>,
+    /// The earliest status change the coordinator has not asked about yet.
+    unseen_change: Option<u64>,
+}
+
+/// The batch system model. See the module doc.
+pub struct BatchModel {
+    clock: Arc<ManualClock>,
+    scheduler: Scheduler,
+    capacity: Capacity,
+    grace: Duration,
+    st: Mutex<State>,
+}
+
+impl BatchModel {
+    pub fn new(
+        clock: Arc<ManualClock>,
+        scheduler: Scheduler,
+        capacity: Capacity,
+        grace: Duration,
+    ) -> Self {
+        let st = State {
+            next: 1,
+            free: (1..=capacity.nodes).collect(),
+            ..State::default()
+        };
+        Self {
+            clock,
+            scheduler,
+            capacity,
+            grace,
+            st: Mutex::new(st),
+        }
+    }
+
+    fn st(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The estimate for jobs submitted from now on (`None`: their
+    /// walltime), and the tag they carry (the request they are for).
+    pub fn expect(&self, estimate_ms: Option<u64>, tag: Option<usize>) {
+        let mut st = self.st();
+        st.estimate_next = estimate_ms;
+        st.tag_next = tag;
+    }
+
+    /// What the engine's calls asked for since the last look.
+    pub fn take_effects(&self) -> Vec<Effect> {
+        std::mem::take(&mut self.st().effects)
+    }
+
+    /// The earliest status change not yet asked about (a finished job), so
+    /// the coordinator's status poll is due at its first tick after it.
+    pub fn unseen_change(&self) -> Option<u64> {
+        self.st().unseen_change
+    }
+
+    pub fn job(&self, number: u64) -> Option<Job> {
+        self.st().jobs.get(&number).cloned()
+    }
+
+    /// Jobs queued now.
+    pub fn queued(&self) -> usize {
+        self.st().queue.len()
+    }
+
+    /// Starts what the scheduler allows now; returns the started jobs.
+    pub fn pass(&self) -> Vec<Job> {
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let mut started = Vec::new();
+        // The head, as long as it fits (both schedulers).
+        while let Some(&head) = st.queue.front() {
+            let need = st.jobs[&head].nodes as usize;
+            if need > st.free.len() {
+                break;
+            }
+            st.queue.pop_front();
+            started.push(start(&mut st, head, now));
+        }
+        if self.scheduler == Scheduler::Easy && !st.queue.is_empty() {
+            started.extend(backfill(&mut st, now));
+        }
+        started
+    }
+
+    /// One process of the job ended (its pilot exited, or died). The last
+    /// one ends the job; its nodes go back to the pool.
+    pub fn process_ended(&self, number: u64, crashed: bool) {
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let Some(job) = st.jobs.get_mut(&number) else {
+            return;
+        };
+        if job.end_ms.is_some() || job.alive == 0 {
+            return;
+        }
+        job.alive -= 1;
+        job.crashed |= crashed;
+        if job.alive == 0 {
+            let state = match (job.signalled, job.crashed) {
+                (Some(c), _) => c.end_state(),
+                (None, true) => JobState::NodeFail,
+                (None, false) => JobState::Completed,
+            };
+            finish(&mut st, number, state, now);
+        }
+    }
+
+    /// Marks the job signalled; `false` if it is not running or was already.
+    pub fn signal(&self, number: u64, cause: Cause) -> bool {
+        let mut st = self.st();
+        match st.jobs.get_mut(&number) {
+            Some(j) if j.state == JobState::Running && j.signalled.is_none() => {
+                j.signalled = Some(cause);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The grace period is over: what still runs is killed and the job ends.
+    pub fn kill(&self, number: u64) {
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let state = match st.jobs.get(&number) {
+            Some(j) if j.end_ms.is_none() && j.state == JobState::Running => {
+                j.signalled.unwrap_or(Cause::Walltime).end_state()
+            }
+            _ => return,
+        };
+        finish(&mut st, number, state, now);
+    }
+}
+
+fn start(st: &mut State, number: u64, now: u64) -> Job {
+    let need = st.jobs[&number].nodes as usize;
+    let held: Vec<u32> = (0..need).filter_map(|_| st.free.pop_first()).collect();
+    st.running.push(number);
+    let job = st.jobs.get_mut(&number).expect("a queued job is known");
+    job.state = JobState::Running;
+    job.start_ms = Some(now);
+    job.alive = job.nodes;
+    job.held = held;
+    job.clone()
+}
+
+fn finish(st: &mut State, number: u64, state: JobState, now: u64) {
+    let Some(job) = st.jobs.get_mut(&number) else {
+        return;
+    };
+    job.state = state;
+    job.end_ms = Some(now);
+    job.alive = 0;
+    let held = std::mem::take(&mut job.held);
+    st.free.extend(held);
+    st.running.retain(|n| *n != number);
+    st.queue.retain(|n| *n != number);
+    st.unseen_change = Some(st.unseen_change.map_or(now, |t| t.min(now)));
+    st.effects.push(Effect::Pass);
+}
+
+/// EASY: the head waits for a reservation; later jobs start now when they
+/// fit and do not delay it.
+fn backfill(st: &mut State, now: u64) -> Vec<Job> {
+    let head = st.queue[0];
+    let need = st.jobs[&head].nodes as usize;
+    // When the head can start, by the running jobs' estimates (a job past
+    // its estimate is taken to end at once).
+    let mut ends: Vec<(u64, usize)> = st
+        .running
+        .iter()
+        .map(|n| {
+            let j = &st.jobs[n];
+            let end = (j.start_ms.unwrap_or(now) + j.estimate_ms).max(now);
+            (end, j.held.len())
+        })
+        .collect();
+    ends.sort_unstable();
+    let mut free = st.free.len();
+    let mut shadow = u64::MAX;
+    let mut extra = 0usize;
+    for (end, n) in ends {
+        free += n;
+        if free >= need {
+            shadow = end;
+            extra = free - need;
+            break;
+        }
+    }
+    let mut started = Vec::new();
+    let mut i = 1;
+    while i < st.queue.len() && !st.free.is_empty() {
+        let n = st.queue[i];
+        let (nodes, estimate) = (st.jobs[&n].nodes as usize, st.jobs[&n].estimate_ms);
+        let fits = nodes <= st.free.len();
+        let ends_in_time = now.saturating_add(estimate) <= shadow;
+        if fits && (ends_in_time || nodes <= extra) {
+            if !ends_in_time {
+                extra -= nodes;
+            }
+            st.queue.remove(i);
+            started.push(start(st, n, now));
+        } else {
+            i += 1;
+        }
+    }
+    started
+}
+
+#[async_trait]
+impl Lrm for BatchModel {
+    fn kind(&self) -> &'static str {
+        "simulated"
+    }
+    fn warning(&self) -> Warning {
+        Warning {
+            signal: "SIGTERM",
+            grace: self.grace,
+        }
+    }
+    fn capacity(&self) -> Option<Capacity> {
+        Some(self.capacity)
+    }
+    fn render_script(&self, _job: &SlotJob) -> String {
+        String::new()
+    }
+    async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        if job.nodes > self.capacity.nodes {
+            return Err(LrmError::DoesNotFit {
+                lrm: "simulated",
+                asked: format!("{} nodes", job.nodes),
+                has: format!("{} nodes", self.capacity.nodes),
+            });
+        }
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let number = st.next;
+        st.next += 1;
+        let walltime_ms = job.walltime.as_millis() as u64;
+        let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
+        let tag = st.tag_next;
+        st.jobs.insert(
+            number,
+            Job {
+                number,
+                name: job.name.clone(),
+                nodes: job.nodes,
+                walltime_ms,
+                estimate_ms,
+                submit_ms: now,
+                start_ms: None,
+                end_ms: None,
+                state: JobState::Queued,
+                held: Vec::new(),
+                signalled: None,
+                alive: 0,
+                crashed: false,
+                tag,
+            },
+        );
+        st.queue.push_back(number);
+        st.effects.push(Effect::Pass);
+        Ok(JobId(number.to_string()))
+    }
+    async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
+        let mut st = self.st();
+        st.unseen_change = None;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let job = id.0.parse::<u64>().ok().and_then(|n| st.jobs.get(&n));
+                let status = job.map_or(JobStatus::NotFound, |j| JobStatus::Known(j.state.clone()));
+                (id.clone(), status)
+            })
+            .collect())
+    }
+    async fn cancel(&self, id: &JobId) -> Result<(), LrmError> {
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let Some(number) = id.0.parse::<u64>().ok().filter(|n| st.jobs.contains_key(n)) else {
+            return Err(LrmError::UnknownJob {
+                lrm: "simulated",
+                job: id.clone(),
+            });
+        };
+        match st.jobs[&number].state {
+            JobState::Queued => finish(&mut st, number, JobState::Cancelled, now),
+            JobState::Running if st.jobs[&number].signalled.is_none() => {
+                st.effects.push(Effect::Signal(number, Cause::Cancelled));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
+        let st = self.st();
+        Ok(Some(
+            st.jobs
+                .values()
+                .filter(|j| !j.state.is_finished())
+                .map(|j| (JobId(j.number.to_string()), j.name.clone()))
+                .collect(),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn model(nodes: u32, s: Scheduler) -> (Arc<ManualClock>, BatchModel) {
+        let clock = Arc::new(ManualClock::new(0));
+        let cap = Capacity {
+            nodes,
+            cores_per_node: 1,
+            memory_mb_per_node: 1024,
+        };
+        let m = BatchModel::new(clock.clone(), s, cap, Duration::from_secs(5));
+        (clock, m)
+    }
+
+    fn job(nodes: u32, walltime_s: u64) -> SlotJob {
+        SlotJob {
+            name: format!("j{nodes}"),
+            nodes,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            walltime: Duration::from_secs(walltime_s),
+            pilot_argv: Vec::new(),
+            workdir: PathBuf::new(),
+        }
+    }
+
+    async fn submit(m: &BatchModel, nodes: u32, estimate_s: u64) -> u64 {
+        m.expect(Some(estimate_s * 1000), None);
+        let id = m.submit(&job(nodes, estimate_s)).await.expect("submit");
+        id.0.parse().expect("number")
+    }
+
+    fn started(m: &BatchModel) -> Vec<u64> {
+        m.pass().into_iter().map(|j| j.number).collect()
+    }
+
+    #[tokio::test]
+    async fn fifo_keeps_order_and_easy_backfills_what_does_not_delay_the_head() {
+        for (s, want) in [(Scheduler::Fifo, vec![]), (Scheduler::Easy, vec![4])] {
+            let (_clock, m) = model(4, s);
+            let a = submit(&m, 3, 100).await; // runs until 100 s
+            assert_eq!(started(&m), [a]);
+            let _head = submit(&m, 4, 50).await; // waits for a: reserved at 100 s
+            let _long = submit(&m, 1, 200).await; // would delay the head
+            let short = submit(&m, 1, 90).await; // ends before 100 s: backfilled
+            assert_eq!(short, 4);
+            assert_eq!(started(&m), want, "{s:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_ends_with_its_last_process_and_frees_its_nodes() {
+        let (clock, m) = model(2, Scheduler::Fifo);
+        let a = submit(&m, 2, 100).await;
+        let b = submit(&m, 1, 100).await;
+        assert_eq!(started(&m), [a]);
+        m.take_effects();
+        clock.advance(10_000);
+        m.process_ended(a, false);
+        assert!(m.job(a).expect("a").end_ms.is_none(), "one process left");
+        m.process_ended(a, false);
+        let ja = m.job(a).expect("a");
+        assert_eq!((ja.state, ja.end_ms), (JobState::Completed, Some(10_000)));
+        assert_eq!(m.unseen_change(), Some(10_000));
+        assert_eq!(m.take_effects(), [Effect::Pass]);
+        assert_eq!(started(&m), [b]);
+        let st = m.status(&[JobId(a.to_string())]).await.expect("status");
+        assert_eq!(
+            st[&JobId(a.to_string())],
+            JobStatus::Known(JobState::Completed)
+        );
+        assert_eq!(m.unseen_change(), None, "asked about");
+    }
+
+    #[tokio::test]
+    async fn cancel_ends_a_queued_job_and_signals_a_running_one() {
+        let (_clock, m) = model(1, Scheduler::Fifo);
+        let a = submit(&m, 1, 100).await;
+        let b = submit(&m, 1, 100).await;
+        started(&m);
+        m.take_effects();
+        m.cancel(&JobId(b.to_string())).await.expect("cancel");
+        assert_eq!(m.job(b).expect("b").state, JobState::Cancelled);
+        m.cancel(&JobId(a.to_string())).await.expect("cancel");
+        assert_eq!(
+            m.take_effects(),
+            [Effect::Pass, Effect::Signal(a, Cause::Cancelled)]
+        );
+        assert!(m.signal(a, Cause::Cancelled));
+        m.kill(a);
+        assert_eq!(m.job(a).expect("a").state, JobState::Cancelled);
+        assert!(m.cancel(&JobId("99".into())).await.is_err());
+    }
+}

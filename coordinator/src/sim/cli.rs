@@ -1,0 +1,306 @@
+//! The `simulate` and `replay` subcommands of `workspace-coordinator`:
+//! their flags, and turning a run into text, JSON, SVG and an exit code
+//! (0 a complete run; 1 a run cut short, a lease left unsettled, or a
+//! failure; 2 a bad trace, config or flag).
+
+use super::config::SimConfig;
+use super::trace::{self, Format};
+use super::{cluster_size, requests, run::Limits, simulate as run_simulation, SimError};
+use clap::{Args, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    Swf,
+    Haizea,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SchedulerArg {
+    Fifo,
+    Easy,
+}
+
+/// What both subcommands read: the trace and how it becomes requests.
+#[derive(Args, Debug, Clone)]
+pub struct TraceArgs {
+    /// The trace: SWF (Parallel Workloads Archive) or Haizea's `;`-separated lease file.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Its format (default: `.csv` is Haizea's, anything else SWF).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// The model, as TOML (docs/SIMULATION.md lists every key); the flags below win over it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Replay only the first N jobs.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Divide every time of the trace by this (100: a hundred times faster).
+    #[arg(long)]
+    pub time_scale: Option<f64>,
+    /// Processors per node (a job of P processors asks ceil(P / this) nodes).
+    #[arg(long)]
+    pub cores_per_node: Option<u32>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// Nodes of the cluster (default: the trace's MaxProcs or MaxNodes).
+    #[arg(long)]
+    pub nodes: Option<u32>,
+    /// The batch system's scheduler.
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SchedulerArg>,
+    /// Seed of the injected failures.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write the figures (and every request's fate) as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write utilization over time as an SVG plot here.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Stop after this many seconds of real time (the run is then reported as cut short).
+    #[arg(long)]
+    pub max_wall_s: Option<u64>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+    /// The coordinator's URL.
+    #[arg(long, env = "WORKSPACE_URL")]
+    pub url: String,
+    /// A client token of the coordinator's.
+    #[arg(long, env = "WORKSPACE_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Write every request's fate as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Give up waiting for the leases to settle after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub limit_s: u64,
+}
+
+/// What went wrong before anything ran (exit code 2), or during (1).
+fn fail(e: &dyn std::fmt::Display, code: i32) -> i32 {
+    eprintln!("workspace-coordinator: {e}");
+    code
+}
+
+fn load(t: &TraceArgs) -> Result<(trace::Trace, SimConfig), SimError> {
+    let mut cfg = match &t.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| super::config::ConfigError(format!("reading {}: {e}", p.display())))?;
+            SimConfig::parse(&text)
+                .map_err(|e| super::config::ConfigError(format!("{}: {}", p.display(), e.0)))?
+        }
+        None => SimConfig::default(),
+    };
+    if let Some(n) = t.jobs {
+        cfg.trace.jobs = Some(n);
+    }
+    if let Some(s) = t.time_scale {
+        cfg.trace.time_scale = s;
+    }
+    if let Some(c) = t.cores_per_node {
+        cfg.cluster.cores_per_node = c;
+    }
+    let format = match t.format {
+        Some(FormatArg::Swf) => Format::Swf,
+        Some(FormatArg::Haizea) => Format::Haizea,
+        None => Format::guess(&t.trace),
+    };
+    let trace = trace::read(&t.trace, format)?;
+    cfg.validate()?;
+    Ok((trace, cfg))
+}
+
+fn write(path: &Path, text: &str) -> Result<(), String> {
+    std::fs::write(path, text).map_err(|e| format!("writing {}: {e}", path.display()))
+}
+
+/// Sets `stop` on the first SIGINT or SIGTERM, from a thread of its own.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let _ = std::thread::Builder::new()
+        .name("simulate-signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                let (Ok(mut int), Ok(mut term)) = (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) else {
+                    return;
+                };
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                flag.store(true, Ordering::SeqCst);
+            });
+        });
+    stop
+}
+
+/// `workspace-coordinator simulate`; returns the exit code.
+pub fn simulate(args: SimulateArgs) -> i32 {
+    quiet_sqlite();
+    let (trace, mut cfg) = match load(&args.trace) {
+        Ok(x) => x,
+        Err(e) => return fail(&e, 2),
+    };
+    if let Some(n) = args.nodes {
+        cfg.cluster.nodes = Some(n);
+    }
+    if let Some(s) = args.scheduler {
+        cfg.batch.scheduler = match s {
+            SchedulerArg::Fifo => super::batch::Scheduler::Fifo,
+            SchedulerArg::Easy => super::batch::Scheduler::Easy,
+        };
+    }
+    if let Some(seed) = args.seed {
+        cfg.failures.seed = seed;
+    }
+    if let Err(e) = cfg.validate() {
+        return fail(&e, 2);
+    }
+    let name = args.trace.trace.file_name().map_or_else(
+        || args.trace.trace.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let size = cluster_size(&trace, &cfg);
+    if !args.quiet {
+        eprintln!(
+            "simulate: {} requests from {name} on {} nodes ({}) ...",
+            requests(&trace, &cfg).len(),
+            size.nodes,
+            size.from
+        );
+    }
+    let limits = Limits {
+        max_wall: args.max_wall_s.map(Duration::from_secs),
+        stop: stop_on_signal(),
+    };
+    let quiet = args.quiet;
+    let progress = |virtual_ms: u64, arrived: usize| {
+        if !quiet {
+            eprintln!(
+                "  {} of virtual time, {arrived} requests in",
+                super::report::human_s(virtual_ms as f64 / 1000.0)
+            );
+        }
+    };
+    let report = match run_simulation(&trace, &cfg, &limits, progress) {
+        Ok(r) => r,
+        Err(e @ (SimError::Trace(_) | SimError::Config(_))) => return fail(&e, 2),
+        Err(e) => return fail(&e, 1),
+    };
+    print!("{}", report.text(&name));
+    if let Some(p) = &args.json {
+        let json = match serde_json::to_string_pretty(&report) {
+            Ok(j) => j,
+            Err(e) => return fail(&e, 1),
+        };
+        if let Err(e) = write(p, &json) {
+            return fail(&e, 1);
+        }
+    }
+    if let Some(p) = &args.svg {
+        let title = format!(
+            "{name}: utilization over time ({} nodes, {:?})",
+            size.nodes, cfg.batch.scheduler
+        );
+        if let Err(e) = write(p, &report.svg(&title)) {
+            return fail(&e, 1);
+        }
+    }
+    if report.complete {
+        0
+    } else {
+        1
+    }
+}
+
+/// `workspace-coordinator replay`; returns the exit code.
+pub fn replay(args: ReplayArgs) -> i32 {
+    let (trace, cfg) = match load(&args.trace) {
+        Ok(x) => x,
+        Err(e) => return fail(&e, 2),
+    };
+    let reqs = requests(&trace, &cfg);
+    let client = match crate::client::Client::new(&args.url, &args.token) {
+        Ok(c) => c,
+        Err(e) => return fail(&e, 2),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e, 1),
+    };
+    eprintln!("replay: {} requests to {} ...", reqs.len(), args.url);
+    let limit = Duration::from_secs(args.limit_s);
+    let report = match rt.block_on(super::replay::replay(&client, &reqs, limit, |m| {
+        eprintln!("  {m}")
+    })) {
+        Ok(r) => r,
+        Err(e) => return fail(&e, 1),
+    };
+    let ran = report
+        .requests
+        .iter()
+        .filter(|l| l.start_s.is_some())
+        .count();
+    if let Some(why) = &report.incomplete_because {
+        println!("INCOMPLETE: {why}.");
+    }
+    println!("{} requests sent, {ran} ran", report.requests.len());
+    if let Some(p) = &args.json {
+        let json = match serde_json::to_string_pretty(&report) {
+            Ok(j) => j,
+            Err(e) => return fail(&e, 1),
+        };
+        if let Err(e) = write(p, &json) {
+            return fail(&e, 1);
+        }
+    }
+    if report.complete {
+        0
+    } else {
+        1
+    }
+}
+
+/// Turns off SQLite's memory statistics for this process: they take a
+/// global lock around every allocation, a tenth of a simulation's time, and
+/// nothing here reads them. SQLite allows this only before its first use
+/// and with no other thread in it: the first thing `simulate` does.
+fn quiet_sqlite() {
+    // SAFETY: called before this process has used SQLite, from its only
+    // thread doing so; with SQLite already initialized it changes nothing
+    // and returns SQLITE_MISUSE, which is ignored.
+    unsafe {
+        rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int);
+    }
+}

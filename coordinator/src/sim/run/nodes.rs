@@ -1,0 +1,332 @@
+//! The pilots and their nodes, modelled: a pilot comes up with its job's
+//! process, reserves, boots the VMs it is told to start, cleans up on
+//! release, its deadline or the batch system's signal, and exits; a node
+//! may crash under it. Each step is a timed event of the loop and speaks to
+//! the engine only as a pilot does, through events and polls.
+
+use super::{secs, Ev, Phase, PilotModel, Sim, VmModel};
+use crate::engine::EngineError;
+use crate::sim::batch::Cause;
+use protocol::pilot::{CommandKind, EventKind, ReleaseReason};
+use protocol::{PilotId, SlotId, VmId};
+use rand::Rng;
+
+impl Sim<'_> {
+    /// A pilot process starts on its node and says so.
+    pub(super) fn pilot_up(&mut self, job: u64, node: u32) -> Result<(), EngineError> {
+        let Some(j) = self.batch.job(job) else {
+            return Ok(());
+        };
+        if j.end_ms.is_some() {
+            return Ok(());
+        }
+        if j.signalled.is_some() {
+            // Told to stop before it ran: the process ends at once.
+            self.batch.process_ended(job, false);
+            return Ok(());
+        }
+        let Some(slot) = self.slot_of(&j.name) else {
+            self.batch.process_ended(job, false);
+            return Ok(());
+        };
+        let duration_ms = j.tag.map_or(0, |r| self.requests[r].lease_ms)
+            + self.cfg.coordinator.startup_slack_s * 1000;
+        let p = self.pilots.len();
+        let name = format!("node{node}");
+        self.pilot_of.insert((slot.clone(), name.clone()), p);
+        self.job_pilots.entry(job).or_default().push(p);
+        self.pilots.push(PilotModel {
+            slot,
+            node: name,
+            job,
+            id: PilotId::generate(),
+            seq: 0,
+            cursor: 0,
+            phase: Phase::Reserving,
+            started_ms: self.now(),
+            vms: Vec::new(),
+            reason: ReleaseReason::Commanded,
+            duration_ms,
+        });
+        self.send(
+            p,
+            EventKind::Started {
+                pid: 1,
+                hypervisor: "sim".into(),
+                job_id: Some(job.to_string()),
+            },
+        )?;
+        self.after(secs(self.cfg.nodes.reserve_s), Ev::Reserved(p));
+        Ok(())
+    }
+
+    pub(super) fn reserved(&mut self, p: usize) -> Result<(), EngineError> {
+        if self.pilots[p].phase != Phase::Reserving {
+            return Ok(());
+        }
+        if self.chance(self.cfg.failures.reserve) {
+            self.pilots[p].phase = Phase::Gone;
+            let reason = "injected failure: the balloon did not reach its target".into();
+            self.send(p, EventKind::ReserveFailed { reason })?;
+            self.batch.process_ended(self.pilots[p].job, false);
+            return Ok(());
+        }
+        self.pilots[p].phase = Phase::Holding;
+        let job = self.pilots[p].job;
+        let request = self.jobs.get(&job).and_then(|j| j.request);
+        let mb = request.map_or(0, |r| self.requests[r].memory_mb);
+        let total = self.cfg.cluster.memory_mb_per_node;
+        self.send(
+            p,
+            EventKind::Reserved {
+                dom0_before_mb: total,
+                dom0_after_mb: total.saturating_sub(mb),
+                reserved_mb: mb,
+                balloon_ms: secs(self.cfg.nodes.reserve_s),
+                cached_images: Vec::new(),
+                checkpoints: None,
+                deadline_ms: None,
+                idle: false,
+                cpu_control: None,
+            },
+        )?;
+        let margin = self.cfg.coordinator.margin_s * 1000;
+        let deadline =
+            self.pilots[p].started_ms + self.pilots[p].duration_ms.saturating_sub(margin);
+        self.at(deadline, Ev::Deadline(p));
+        if self.chance(self.cfg.failures.pilot_lost) {
+            let life = self.pilots[p].duration_ms.max(1);
+            let at = self.rng.gen_range(0..life);
+            self.after(at, Ev::Die(p));
+        }
+        Ok(())
+    }
+
+    /// Milliseconds before a VM of `image` runs on `node`: its image copied
+    /// (unless cached), then its boot.
+    pub(super) fn vm_delay(&mut self, node: &str, image: &str) -> u64 {
+        let n = &self.cfg.nodes;
+        let mut ms = secs(n.boot_s);
+        if n.deploy_images {
+            let number: u32 = node.trim_start_matches("node").parse().unwrap_or(0);
+            let cache = self.caches.entry(number).or_default();
+            if let Some(at) = cache.iter().position(|i| i == image) {
+                let hit = cache.remove(at);
+                cache.extend(hit);
+            } else {
+                ms += secs(n.image_mb as f64 * 8.0 / n.network_mbps);
+                if n.image_cache > 0 {
+                    cache.push_back(image.to_string());
+                    while cache.len() > n.image_cache as usize {
+                        cache.pop_front();
+                    }
+                }
+            }
+        }
+        ms
+    }
+
+    pub(super) fn vm_up(&mut self, p: usize, vm: usize) -> Result<(), EngineError> {
+        if !matches!(self.pilots[p].phase, Phase::Holding | Phase::Preempting) {
+            return Ok(());
+        }
+        let (id, name) = (
+            self.pilots[p].vms[vm].id.clone(),
+            self.pilots[p].vms[vm].name.clone(),
+        );
+        if self.chance(self.cfg.failures.vm_start) {
+            let reason = "injected failure: the hypervisor refused the domain".into();
+            return self.send(p, EventKind::VmFailed { vm_id: id, reason });
+        }
+        self.pilots[p].vms[vm].up_ms = Some(self.now());
+        self.send(
+            p,
+            EventKind::VmStarted {
+                vm_id: id,
+                name,
+                create_ms: secs(self.cfg.nodes.boot_s),
+                stage_ms: None,
+                cache_hit: None,
+                warm: None,
+            },
+        )
+    }
+
+    /// The pilot starts cleaning up: VMs destroyed, then memory restored.
+    pub(super) fn cleanup(&mut self, p: usize, reason: ReleaseReason) {
+        let pilot = &mut self.pilots[p];
+        if matches!(pilot.phase, Phase::Cleaning | Phase::Gone) {
+            return;
+        }
+        pilot.phase = Phase::Cleaning;
+        pilot.reason = reason;
+        let running = pilot.vms.iter().any(|v| v.up_ms.is_some());
+        let destroy = if running {
+            secs(self.cfg.nodes.destroy_s)
+        } else {
+            0
+        };
+        self.end_vms(p, self.now() + destroy);
+        self.after(destroy + secs(self.cfg.nodes.restore_s), Ev::Cleaned(p));
+    }
+
+    /// The pilot's VMs stop running at `at`.
+    pub(super) fn end_vms(&mut self, p: usize, at: u64) {
+        let job = self.pilots[p].job;
+        let mut vm_ms = 0;
+        for v in &mut self.pilots[p].vms {
+            if let Some(up) = v.up_ms.take() {
+                let end = at.max(up);
+                self.vm_intervals.push((up, end));
+                vm_ms += end - up;
+            }
+        }
+        if let Some(r) = self.jobs.get_mut(&job) {
+            r.vm_ms += vm_ms;
+        }
+    }
+
+    pub(super) fn cleaned(&mut self, p: usize) -> Result<(), EngineError> {
+        if self.pilots[p].phase != Phase::Cleaning {
+            return Ok(());
+        }
+        self.pilots[p].phase = Phase::Gone;
+        let destroyed: Vec<VmId> = self.pilots[p].vms.iter().map(|v| v.id.clone()).collect();
+        let reason = self.pilots[p].reason;
+        self.send(
+            p,
+            EventKind::Released {
+                reason,
+                vms_destroyed: destroyed,
+                dom0_restored_mb: self.cfg.cluster.memory_mb_per_node,
+                restore_ms: secs(self.cfg.nodes.restore_s),
+                clean: true,
+                problems: Vec::new(),
+                vms_suspended: Vec::new(),
+            },
+        )?;
+        let job = self.pilots[p].job;
+        self.batch.process_ended(job, false);
+        self.job_ended(job);
+        Ok(())
+    }
+
+    /// The batch system's warning reaches the job's processes; SIGKILL follows after the grace.
+    pub(super) fn signal(&mut self, job: u64, cause: Cause) -> Result<(), EngineError> {
+        if !self.batch.signal(job, cause) {
+            return Ok(());
+        }
+        let grace = secs(self.cfg.batch.grace_s);
+        let wait = (grace as f64 * self.cfg.coordinator.coordinator_wait_fraction) as u64;
+        for p in self.job_pilots.get(&job).cloned().unwrap_or_default() {
+            match self.pilots[p].phase {
+                Phase::Holding => {
+                    self.pilots[p].phase = Phase::Preempting;
+                    let now = self.now();
+                    self.send(
+                        p,
+                        EventKind::Preempting {
+                            signal: "SIGTERM".into(),
+                            coordinator_wait_ms: wait,
+                            cleanup_deadline_ms: now + grace * 9 / 10,
+                            suspending: Vec::new(),
+                            not_suspending: None,
+                        },
+                    )?;
+                    self.after(wait, Ev::WaitOver(p));
+                }
+                Phase::Reserving => self.cleanup(p, ReleaseReason::Preempted),
+                _ => {}
+            }
+        }
+        self.after(grace, Ev::Kill(job));
+        Ok(())
+    }
+
+    /// The grace is over: whatever of the job still runs is killed.
+    pub(super) fn kill(&mut self, job: u64) {
+        let Some(j) = self.batch.job(job) else { return };
+        if j.end_ms.is_some() {
+            return;
+        }
+        for p in self.job_pilots.get(&job).cloned().unwrap_or_default() {
+            if self.pilots[p].phase != Phase::Gone {
+                self.end_vms(p, self.now());
+                self.pilots[p].phase = Phase::Gone;
+            }
+        }
+        self.batch.kill(job);
+        self.job_ended(job);
+    }
+
+    /// The pilot's node crashes: it says nothing more, its VMs are gone.
+    pub(super) fn die(&mut self, p: usize) -> Result<(), EngineError> {
+        if matches!(self.pilots[p].phase, Phase::Gone) {
+            return Ok(());
+        }
+        // Its last poll: it was heard from until now (silence counts from here).
+        self.flush()?;
+        self.deliver(&[p])?;
+        self.end_vms(p, self.now());
+        self.pilots[p].phase = Phase::Gone;
+        self.dead.push_back((self.now(), p));
+        let job = self.pilots[p].job;
+        self.batch.process_ended(job, true);
+        self.job_ended(job);
+        Ok(())
+    }
+
+    /// Records the job's end once the batch model has ended it.
+    pub(super) fn job_ended(&mut self, job: u64) {
+        let Some(j) = self.batch.job(job) else { return };
+        let (Some(start), Some(end)) = (j.start_ms, j.end_ms) else {
+            return;
+        };
+        if let Some(r) = self.jobs.get_mut(&job) {
+            if r.end_ms.is_none() {
+                r.end_ms = Some(end);
+                self.job_intervals.push((start, end, j.nodes));
+            }
+        }
+    }
+
+    /// The pilots' polls: their new commands, acted on.
+    pub(super) fn deliver(&mut self, pilots: &[usize]) -> Result<(), EngineError> {
+        let polls: Vec<(SlotId, String, u64)> = pilots
+            .iter()
+            .map(|p| {
+                let pl = &self.pilots[*p];
+                (pl.slot.clone(), pl.node.clone(), pl.cursor)
+            })
+            .collect();
+        let answers = self.engine.pilot_commands_of(&polls)?;
+        for (&p, commands) in pilots.iter().zip(answers) {
+            for c in commands {
+                self.pilots[p].cursor = c.id;
+                match c.kind {
+                    CommandKind::StartVm(launch) => {
+                        let node = self.pilots[p].node.clone();
+                        let delay = self.vm_delay(&node, &launch.image);
+                        let vm = self.pilots[p].vms.len();
+                        self.pilots[p].vms.push(VmModel {
+                            id: launch.vm_id,
+                            name: launch.name,
+                            up_ms: None,
+                        });
+                        self.after(delay, Ev::VmUp { pilot: p, vm });
+                    }
+                    CommandKind::Release => {
+                        let reason = if self.pilots[p].phase == Phase::Preempting {
+                            ReleaseReason::Preempted
+                        } else {
+                            ReleaseReason::Commanded
+                        };
+                        self.cleanup(p, reason);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}

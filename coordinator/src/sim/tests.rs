@@ -1,0 +1,257 @@
+//! Whole simulations of small excerpts of the shared traces (the first 200
+//! jobs of each, in `testdata/`), and of the full traces when they are
+//! present, checked against what the model promises.
+
+use super::batch::Scheduler;
+use super::config::SimConfig;
+use super::run::Limits;
+use super::trace::{self, Format};
+use super::{report::Report, simulate};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn excerpt(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("src/sim/testdata")
+        .join(name)
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_wall: None,
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+fn run(name: &str, cfg: &SimConfig) -> Report {
+    let path = excerpt(name);
+    let t = trace::read(&path, Format::guess(&path)).expect("trace");
+    simulate(&t, cfg, &limits(), |_, _| {}).expect("simulated")
+}
+
+fn small(jobs: usize) -> SimConfig {
+    let mut cfg = SimConfig::default();
+    cfg.trace.jobs = Some(jobs);
+    cfg
+}
+
+#[test]
+fn an_excerpt_replays_whole_and_every_lease_ends_as_its_time_runs_out() {
+    let r = run("kth-sp2-first-200.swf", &small(60));
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    let l = &r.leases;
+    assert_eq!((l.requested, l.ran, l.expired), (60, 60, 60), "{l:?}");
+    assert_eq!(
+        l.rejected + l.failed + l.preempted + l.unsettled,
+        0,
+        "{l:?}"
+    );
+    assert!(
+        r.utilization > 0.0 && r.utilization <= r.held_utilization,
+        "{r:?}"
+    );
+    assert!(r.held_utilization <= 1.0, "{r:?}");
+    assert!(r.wait_s.p50 <= r.wait_s.p95 && r.wait_s.p95 <= r.wait_s.max);
+    assert!(r.bounded_slowdown.mean >= 1.0);
+    // Every lease waited at least for its nodes to be reserved and its VMs booted.
+    let least = r.model.batch.start_latency_s + r.model.nodes.reserve_s;
+    for q in &r.requests {
+        let (Some(start), Some(wait)) = (q.start_s, q.wait_s) else {
+            panic!("{q:?} did not run");
+        };
+        assert!(wait + 1e-6 >= least, "{q:?}");
+        assert!((start - q.submit_s - wait).abs() < 1e-6, "{q:?}");
+    }
+    assert!(r.overhead_s_per_lease > 0.0 && r.startup_s_per_lease > 0.0);
+    assert!(r.svg("t").contains("<polyline"), "a plot");
+}
+
+#[test]
+fn fifo_starts_leases_in_the_order_they_were_asked_for() {
+    let mut cfg = small(120);
+    cfg.batch.scheduler = Scheduler::Fifo;
+    cfg.cluster.nodes = Some(40);
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    let starts: Vec<f64> = r.requests.iter().filter_map(|q| q.start_s).collect();
+    assert_eq!(starts.len(), r.leases.ran);
+    assert!(
+        starts.windows(2).all(|w| w[0] <= w[1] + 1e-6),
+        "out of order: {starts:?}"
+    );
+    // Requests larger than the cluster are refused, with the reason.
+    assert!(r.leases.rejected > 0, "{:?}", r.leases);
+    assert!(
+        r.leases.rejected_why[0].0.contains("does not fit"),
+        "{:?}",
+        r.leases.rejected_why
+    );
+}
+
+#[test]
+fn easy_backfill_lets_a_small_job_pass_and_waits_less_than_fifo() {
+    let mut fifo = small(200);
+    fifo.batch.scheduler = Scheduler::Fifo;
+    let easy = small(200);
+    let (f, e) = (
+        run("kth-sp2-first-200.swf", &fifo),
+        run("kth-sp2-first-200.swf", &easy),
+    );
+    assert!(f.complete && e.complete);
+    assert!(
+        e.wait_s.mean < f.wait_s.mean,
+        "EASY {} s, FIFO {} s",
+        e.wait_s.mean,
+        f.wait_s.mean
+    );
+    let passed = e
+        .requests
+        .windows(2)
+        .any(|w| match (w[0].start_s, w[1].start_s) {
+            (Some(a), Some(b)) => b < a,
+            _ => false,
+        });
+    assert!(passed, "a later request started first somewhere");
+}
+
+#[test]
+fn injected_failures_end_leases_as_the_rules_say() {
+    let mut cfg = small(20);
+    cfg.failures.reserve = 1.0;
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!((r.leases.failed, r.leases.ran), (20, 0), "{:?}", r.leases);
+
+    // Every job is preempted at a time drawn within its estimate; those
+    // whose lease is over by then end as they would have.
+    let mut cfg = small(20);
+    cfg.failures.preempt = 1.0;
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!(r.leases.preempted + r.leases.expired, 20, "{:?}", r.leases);
+    assert!(r.leases.preempted > 0, "{:?}", r.leases);
+
+    // A pilot that dies says nothing: its lease fails once it has been
+    // silent for pilot_silence_s, and the others of its slot are released.
+    let mut cfg = small(20);
+    cfg.failures.pilot_lost = 1.0;
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!(r.leases.failed + r.leases.expired, 20, "{:?}", r.leases);
+    assert!(r.leases.failed > 0, "{:?}", r.leases);
+}
+
+#[test]
+fn a_run_cut_short_says_so_before_any_figure() {
+    let path = excerpt("kth-sp2-first-200.swf");
+    let t = trace::read(&path, Format::Swf).expect("trace");
+    let stop = Limits {
+        max_wall: None,
+        stop: Arc::new(AtomicBool::new(true)),
+    };
+    let r = simulate(&t, &SimConfig::default(), &stop, |_, _| {}).expect("ran");
+    assert!(!r.complete);
+    assert_eq!(r.incomplete_because.as_deref(), Some("interrupted"));
+    assert!(
+        r.text("t").starts_with("INCOMPLETE: interrupted."),
+        "{}",
+        r.text("t")
+    );
+    assert!(r.svg("t").contains("INCOMPLETE"));
+    let cut = Limits {
+        max_wall: Some(Duration::ZERO),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let r = simulate(&t, &SimConfig::default(), &cut, |_, _| {}).expect("ran");
+    assert!(r
+        .incomplete_because
+        .as_deref()
+        .unwrap_or("")
+        .contains("wall-clock limit"));
+}
+
+#[test]
+fn the_other_excerpts_replay_whole() {
+    for name in ["sdsc-blue-first-200.swf", "anl-jazz-first-200.csv"] {
+        let r = run(name, &small(80));
+        assert!(r.complete, "{name}: {:?}", r.incomplete_because);
+        assert_eq!(r.leases.ran, 80, "{name}: {:?}", r.leases);
+    }
+}
+
+#[test]
+fn runtime_overhead_and_image_deploys_lengthen_what_a_lease_holds() {
+    let base = run("kth-sp2-first-200.swf", &small(40));
+    let mut cfg = small(40);
+    cfg.policy.runtime_overhead_pct = 10.0;
+    cfg.nodes.deploy_images = true;
+    let slower = run("kth-sp2-first-200.swf", &cfg);
+    assert!(slower.complete);
+    // 600 MB at 100 Mb/s before each boot.
+    assert!(
+        slower.startup_s_per_lease > base.startup_s_per_lease + 40.0,
+        "{} vs {}",
+        slower.startup_s_per_lease,
+        base.startup_s_per_lease
+    );
+    let held = |r: &Report| r.held_utilization * r.span_s;
+    assert!(held(&slower) > held(&base));
+}
+
+/// The full shared traces, when this machine has them (`../shared/traces`).
+#[test]
+#[ignore = "replays a whole shared trace (30 s in a debug build); cargo test --release -p wsp-coordinator --lib -- --ignored"]
+fn the_full_anl_jazz_trace_replays_whole_when_present() {
+    let Some(full) = shared_trace("ANL-Jazz-june-haizea.csv") else {
+        eprintln!(
+            "skipped: the shared traces are not on this machine (../shared/traces, or WSP_TRACES)"
+        );
+        return;
+    };
+    let t = trace::read(&full, Format::Haizea).expect("trace");
+    let mut cfg = SimConfig::default();
+    cfg.cluster.nodes = Some(350);
+    let r = simulate(&t, &cfg, &limits(), |_, _| {}).expect("simulated");
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!(r.leases.requested, t.jobs.len());
+    assert_eq!(
+        r.leases.ran + r.leases.rejected,
+        t.jobs.len(),
+        "{:?}",
+        r.leases
+    );
+}
+
+/// A shared trace: in `$WSP_TRACES`, or `../shared/traces` beside the
+/// repository (its checkout, or the directory above a worktree's).
+fn shared_trace(name: &str) -> Option<PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut dirs: Vec<PathBuf> = std::env::var_os("WSP_TRACES")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
+    dirs.push(repo.join("../shared/traces"));
+    dirs.push(repo.join("../../shared/traces"));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+#[test]
+fn injected_requests_arrive_on_top_of_the_trace_and_are_counted_apart() {
+    let mut cfg = small(30);
+    let extra = "[[inject]]\nat_s = 600\ncount = 3\nevery_s = 3600\nnodes = 4\nrun_s = 120\n";
+    cfg.inject = SimConfig::parse(extra).expect("inject").inject;
+    let r = run("kth-sp2-first-200.swf", &cfg);
+    assert!(r.complete, "{:?}", r.incomplete_because);
+    assert_eq!((r.trace.replayed, r.trace.injected), (30, 3));
+    let injected: Vec<_> = r.requests.iter().filter(|q| q.injected).collect();
+    let at: Vec<f64> = injected.iter().map(|q| q.submit_s).collect();
+    assert_eq!(at, [600.0, 4200.0, 7800.0]);
+    assert!(
+        injected
+            .iter()
+            .all(|q| q.nodes == 4 && q.state == "expired"),
+        "{injected:?}"
+    );
+}
