@@ -734,3 +734,137 @@ async fn kvm_warm_vms_get_a_fresh_overlay_and_their_own_identity_and_never_the_p
         .collect();
     assert!(left.is_empty(), "files left: {left:?}");
 }
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The warm-vs-cold bench (scripts/bench-warm.sh; BENCHMARKS.md): on one
+/// pool slot, `WSP_BENCH_REPEATS` (5) times each, a lease's VM started from
+/// the warm snapshot and one booted from its image. Timed: the pilot's
+/// `create_ms` (start command to `vm_started`) and, from the moment the
+/// command is queued, until the guest says it is usable ("WSP-IDENTITY"
+/// once the hot-plugged seed is read after a restore, "WSP-VM-READY" after
+/// a boot). Prints medians; `WSP_BENCH_JSON=path` also writes them.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: scripts/bench-warm.sh"]
+async fn bench_warm_start_against_cold_boot() {
+    let repeats: usize = std::env::var("WSP_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
+    let site = Site::new(
+        "append = \"console=ttyS0 quiet panic=-1 wsp.hostname=%v wsp.warm=1 wsp.disk=1\"",
+    )
+    .await;
+    let mut child = site.pilot(128, &["--pool"]);
+    site.reserved().await;
+    let t = VmId::generate();
+    let to = CheckpointId {
+        workspace_id: WorkspaceId::parse("ws-0000be4c").unwrap(),
+        vm_id: t.clone(),
+        generation: 1,
+    };
+    site.coord.command(CommandKind::PrepareWarm {
+        launch: site.launch(&t, 128),
+        to: to.clone(),
+        ready_timeout_s: 60,
+    });
+    let (sha, prep) = match site.nth("warm_prepared", 1).await {
+        EventKind::WarmPrepared {
+            sha256,
+            boot_ms,
+            save_ms,
+            bytes,
+            ..
+        } => (sha256, (boot_ms, save_ms, bytes)),
+        other => panic!("{other:?}"),
+    };
+    let from = RestoreFrom {
+        checkpoint: to,
+        sha256: sha,
+        warm: true,
+    };
+    let (mut warm_cmd, mut warm_ready, mut cold_cmd, mut cold_ready) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut n = 0;
+    for i in 0..repeats {
+        for warm in [true, false] {
+            n += 1;
+            let ws = WorkspaceId::generate();
+            site.coord.command(CommandKind::Bind {
+                workspace_id: ws.clone(),
+                memory_mb: 128,
+            });
+            site.nth("bound", n).await;
+            let vm = VmId::generate();
+            let mut l = site.launch(&vm, 128);
+            let host = format!("bench{i}{}", if warm { "w" } else { "c" });
+            l.hostname = Some(host.clone());
+            l.context = Some(Context {
+                workspace_id: ws.to_string(),
+                workspace_name: host,
+                group: "worker".into(),
+                peers: Vec::new(),
+                ssh_key: None,
+            });
+            l.restore = warm.then(|| from.clone());
+            let t0 = Instant::now();
+            site.coord.command(CommandKind::StartVm(l.clone()));
+            let create_ms = match site.nth("vm_started", n).await {
+                EventKind::VmStarted {
+                    create_ms, warm: w, ..
+                } => {
+                    assert_eq!(
+                        matches!(w, Some(WarmOutcome::Restored { .. })),
+                        warm,
+                        "{w:?}"
+                    );
+                    create_ms as f64
+                }
+                other => panic!("{other:?}"),
+            };
+            site.wait_serial(&l.name, if warm { "WSP-IDENTITY" } else { "WSP-VM-READY" })
+                .await;
+            let ready = t0.elapsed().as_secs_f64() * 1000.0;
+            if warm {
+                warm_cmd.push(create_ms);
+                warm_ready.push(ready);
+            } else {
+                cold_cmd.push(create_ms);
+                cold_ready.push(ready);
+            }
+            site.coord.command(CommandKind::Unbind {
+                workspace_id: ws,
+                memory_mb: 128,
+            });
+            site.nth("unbound", n).await;
+        }
+    }
+    let m = [
+        median(&mut warm_cmd),
+        median(&mut warm_ready),
+        median(&mut cold_cmd),
+        median(&mut cold_ready),
+    ];
+    println!(
+        "warm snapshot of a 128 MB guest: boot {} ms, save {} ms, {} bytes",
+        prep.0, prep.1, prep.2
+    );
+    println!("medians of {repeats}: start command to vm_started / to the guest usable");
+    println!("warm restore: {:.0} ms / {:.0} ms", m[0], m[1]);
+    println!("cold boot:    {:.0} ms / {:.0} ms", m[2], m[3]);
+    println!("cold / warm:  x{:.2} / x{:.2}", m[2] / m[0], m[3] / m[1]);
+    if let Ok(p) = std::env::var("WSP_BENCH_JSON") {
+        let j = serde_json::json!({
+            "repeats": repeats, "guest_mb": 128,
+            "warm_vm_started_ms": m[0], "warm_usable_ms": m[1],
+            "cold_vm_started_ms": m[2], "cold_usable_ms": m[3],
+        });
+        std::fs::write(p, j.to_string()).unwrap();
+    }
+    site.coord.command(CommandKind::Release);
+    assert_eq!(exit_code(&mut child, WAIT).await, 0);
+}

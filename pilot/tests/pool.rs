@@ -757,3 +757,84 @@ async fn prepare_warm_is_refused_without_memory_or_store_or_for_a_template_with_
     n.coord.command(CommandKind::Release);
     assert_eq!(exit_code(&mut child, WAIT).await, 0);
 }
+
+/// The sim half of the warm-vs-cold bench (scripts/bench-warm.sh --sim;
+/// BENCHMARKS.md): every sim latency 0 except a template boot of 300 ms,
+/// so what is timed is the pilot's own work from the start command to
+/// `vm_started` (`create_ms`): for a warm start, opening and verifying the
+/// snapshot (manifest digest, every file's SHA-256) and the sim's restore;
+/// for a cold start, the plain launch. `WSP_BENCH_REPEATS` (20) of each.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: scripts/bench-warm.sh --sim"]
+async fn bench_sim_warm_start_against_cold_start() {
+    let repeats: usize = std::env::var("WSP_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+        .max(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let mut sim = SimNode::new(4096, 2, None);
+    sim.latency.boot_ms = 300;
+    let n = Node::new(tmp.path(), sim, &store_config(&store_dir)).await;
+    let mut child = n.pilot(256, &["--pool"]);
+    n.nth("reserved", 1).await;
+    let (to, sha) = prepare(&n, 1).await;
+    let (mut warm, mut cold) = (Vec::new(), Vec::new());
+    let mut k = 0;
+    for _ in 0..repeats {
+        for w in [true, false] {
+            k += 1;
+            let ws = WorkspaceId::generate();
+            n.coord.command(CommandKind::Bind {
+                workspace_id: ws.clone(),
+                memory_mb: 256,
+            });
+            n.nth("bound", k).await;
+            let vm = VmId::generate();
+            let l = if w {
+                warm_launch(&n, &vm, &ws, &to, &sha)
+            } else {
+                n.launch(&vm, 256, Some(&ws))
+            };
+            n.coord.command(CommandKind::StartVm(l));
+            match n.nth("vm_started", k).await {
+                EventKind::VmStarted {
+                    create_ms,
+                    warm: outcome,
+                    ..
+                } => {
+                    assert_eq!(matches!(outcome, Some(WarmOutcome::Restored { .. })), w);
+                    if w {
+                        warm.push(create_ms);
+                    } else {
+                        cold.push(create_ms);
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+            n.coord.command(CommandKind::Unbind {
+                workspace_id: ws,
+                memory_mb: 0,
+            });
+            n.nth("unbound", k).await;
+        }
+    }
+    warm.sort_unstable();
+    cold.sort_unstable();
+    let bytes: u64 = walk_bytes(&store_dir);
+    println!(
+        "sim, medians of {repeats}: start command to vm_started: warm {} ms (snapshot {bytes} bytes), cold {} ms",
+        warm[warm.len() / 2],
+        cold[cold.len() / 2]
+    );
+    n.coord.command(CommandKind::Release);
+    assert_eq!(exit_code(&mut child, WAIT).await, 0);
+}
+
+fn walk_bytes(p: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    };
+    rd.flatten().map(|e| walk_bytes(&e.path())).sum()
+}
