@@ -58,6 +58,7 @@ pub async fn serve(dir: &Path, max_s: u64) -> Result<()> {
             name: "bench".into(),
             token_sha256: protocol::auth::token_hash(TOKEN),
             admin: false,
+            max_urgency: 0,
         }],
         pilot: coordinator::config::PilotConfig {
             poll_wait_ms: 30_000,

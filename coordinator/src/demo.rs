@@ -182,6 +182,7 @@ pub async fn run(opts: DemoOptions) -> Result<bool, DemoError> {
             name: "demo".into(),
             token_sha256: protocol::auth::token_hash(TOKEN),
             admin: false,
+            max_urgency: 0,
         }],
         ..Config::default()
     };

@@ -91,6 +91,7 @@ async fn a_hundred_thousand_hostile_requests_never_panic_never_5xx_and_change_no
             name: "alice".into(),
             token_sha256: token_hash(TOKEN),
             admin: false,
+            max_urgency: 0,
         }],
         ..Config::default()
     };

@@ -35,6 +35,7 @@ async fn an_event_older_than_the_skew_window_is_accepted_once_if_it_is_newer_tha
             name: "alice".into(),
             token_sha256: token_hash("t"),
             admin: false,
+            max_urgency: 0,
         }],
         ..Config::default()
     };

@@ -69,6 +69,7 @@ async fn workspace_whose_submit_the_coordinator_died_in_fails_and_settles_on_res
             name: "alice".into(),
             token_sha256: token_hash("t"),
             admin: false,
+            max_urgency: 0,
         }],
         ..Config::default()
     };

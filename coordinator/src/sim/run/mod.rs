@@ -336,6 +336,7 @@ impl Sim<'_> {
                 public_ip: false,
             }],
             ssh_key: None,
+            urgency: 0,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self
