@@ -40,7 +40,7 @@ bounded() { # what, command...: retries for WAIT seconds
 bounded "qmaster answering" qstat
 # Global conf: root may submit (min_uid 1000 by default), faster load reports.
 qconf -sconf | sed -e '/^#global:/d' -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' \
-    -e 's/^load_report_time .*/load_report_time 00:00:05/' > "$W/cfg/global"
+    -e 's/^load_report_time .*/load_report_time 00:00:05/' -e 's/^max_advance_reservations .*/max_advance_reservations 64/' > "$W/cfg/global"
 (cd "$W/cfg" && qconf -Mconf global) >/dev/null   # file name must be the config name
 qconf -ssconf | sed -e 's/^schedule_interval .*/schedule_interval 0:0:1/' \
     -e 's/^flush_submit_sec .*/flush_submit_sec 1/' -e 's/^flush_finish_sec .*/flush_finish_sec 1/' > "$W/sched.conf"

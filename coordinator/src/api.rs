@@ -32,6 +32,8 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v1/workspaces", post(create).get(list))
         .route("/api/v1/workspaces/{id}", get(status).delete(destroy))
         .route("/api/v1/workspaces/{id}/events", get(events))
+        .route("/api/v1/workspaces/{id}/suspend", post(suspend))
+        .route("/api/v1/workspaces/{id}/resume", post(resume))
         .layer(DefaultBodyLimit::max(MAX_CLIENT_BODY));
     let pilot = Router::new()
         .route(EVENTS_PATH, post(pilot_event))
@@ -140,7 +142,9 @@ impl From<EngineError> for ApiError {
             }
             EngineError::NotFound(_) => StatusCode::NOT_FOUND,
             EngineError::Forbidden(_) => StatusCode::FORBIDDEN,
-            EngineError::Duplicate { .. } => StatusCode::CONFLICT,
+            EngineError::Duplicate { .. } | EngineError::Conflict(_) | EngineError::Refused(_) => {
+                StatusCode::CONFLICT
+            }
             EngineError::Submit { .. } => StatusCode::BAD_GATEWAY,
             EngineError::Store(_) | EngineError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // The pilot resends; if the event was stored meanwhile it gets 409.
@@ -202,8 +206,19 @@ async fn create(
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "spec is not UTF-8 text".into()))?;
     let spec = WorkspaceSpec::parse(text).map_err(EngineError::from)?;
-    let view = engine.create(&who, spec).await?;
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    match engine.create(&who, spec).await {
+        Ok(view) => Ok((StatusCode::CREATED, Json(view)).into_response()),
+        // A refused guaranteed lease: the earliest start also as a field, for scripts.
+        Err(EngineError::Refused(r)) => Ok((
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({
+                "error": r.to_string(),
+                "earliest_start": r.earliest_ms.map(|ms| protocol::spec::Start::At(ms).to_string()),
+            })),
+        )
+            .into_response()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn list(State(engine): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -228,6 +243,24 @@ async fn destroy(
 ) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.destroy(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn suspend(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.suspend(&who, &parse_ws_id(&id)?)?).into_response())
+}
+
+async fn resume(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.resume(&who, &parse_ws_id(&id)?).await?).into_response())
 }
 
 #[derive(Deserialize)]

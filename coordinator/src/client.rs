@@ -210,6 +210,18 @@ impl Client {
             .await
     }
 
+    /// `POST .../suspend`: save every VM; the workspace waits suspended.
+    pub async fn suspend(&self, id: &str) -> Result<WorkspaceView, ClientError> {
+        self.send(self.http.post(self.workspace_url(id, "/suspend")?))
+            .await
+    }
+
+    /// `POST .../resume`: new slots, every VM restored from its checkpoint.
+    pub async fn resume(&self, id: &str) -> Result<WorkspaceView, ClientError> {
+        self.send(self.http.post(self.workspace_url(id, "/resume")?))
+            .await
+    }
+
     /// Timeline entries after `after`, waiting up to `wait` for new ones.
     pub async fn events(
         &self,

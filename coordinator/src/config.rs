@@ -214,6 +214,37 @@ impl Default for PilotConfig {
     }
 }
 
+/// Guaranteed leases (`[reservations]`): advance reservations and immediate
+/// leases, held in the batch system's own reservations (docs/RESERVATIONS.md).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReservationsConfig {
+    /// How far ahead a reservation may start, seconds (default 30 days).
+    pub horizon_s: u64,
+    /// The batch system's reservation begins this long before the lease's
+    /// start, so pilots boot and images are staged before it (seconds).
+    pub lead_s: u64,
+    /// A reservation may take the nodes of running best-effort leases that
+    /// can be suspended (every node has a checkpoint store, `on_preempt` is
+    /// not `end`): they are suspended this long before the batch system's
+    /// reservation begins, and resume in new slots when capacity allows.
+    pub suspend_best_effort: bool,
+    /// Seconds before the reservation begins that its victims are suspended
+    /// (time for their VMs to be saved and their pilot jobs to end).
+    pub suspend_before_s: u64,
+}
+
+impl Default for ReservationsConfig {
+    fn default() -> Self {
+        Self {
+            horizon_s: 30 * 24 * 3600,
+            lead_s: 60,
+            suspend_best_effort: true,
+            suspend_before_s: 30,
+        }
+    }
+}
+
 /// The whole server config.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -242,7 +273,12 @@ pub struct Config {
     /// lost: its workspace fails and its batch job is cancelled. Must exceed
     /// the longest poll (30 s).
     pub pilot_silence_s: u64,
+    /// The checkpoint store as this host mounts it (the nodes' `[checkpoints]
+    /// dir`), if it does: checkpoints of leases that ended are removed from
+    /// here. Unset: they are named on the timeline for an admin.
+    pub checkpoint_dir: Option<PathBuf>,
     pub pilot: PilotConfig,
+    pub reservations: ReservationsConfig,
     /// Address pools (`[network.private]`, `[network.public]`).
     pub network: crate::network::NetworkConfig,
     /// Image repository (`[images] repository`).
@@ -268,7 +304,9 @@ impl Default for Config {
             tick_ms: 250,
             max_clock_skew_s: 300,
             pilot_silence_s: 90,
+            checkpoint_dir: None,
             pilot: PilotConfig::default(),
+            reservations: ReservationsConfig::default(),
             network: Default::default(),
             images: Default::default(),
             users: Vec::new(),
@@ -332,6 +370,13 @@ impl Config {
         check_listen(&self.listen)?;
         if let Some(u) = &self.public_url {
             check_public_url(u, self.tls.is_some())?;
+        }
+        if self.reservations.horizon_s == 0 || self.reservations.horizon_s > 366 * 24 * 3600 {
+            return Err(ConfigError::Invalid(format!(
+                "reservations.horizon_s = {}: must be from 1 to {} (a year)",
+                self.reservations.horizon_s,
+                366 * 24 * 3600
+            )));
         }
         if self.tick_ms == 0 || self.tick_ms > 60_000 {
             return bad(format!(

@@ -82,6 +82,10 @@ impl Lrm for MeteredLrm {
     fn warning(&self) -> Warning {
         self.inner.warning()
     }
+    /// Not metered: a reservation call is rare (one per guaranteed lease).
+    fn reservations(&self) -> Option<&dyn lrm_adapters::reserve::Reservations> {
+        self.inner.reservations()
+    }
     fn capacity(&self) -> Option<Capacity> {
         self.inner.capacity()
     }

@@ -18,6 +18,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod reservations;
+pub use reservations::*;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
@@ -95,6 +98,35 @@ CREATE TABLE IF NOT EXISTS node_images (
   slot_id TEXT NOT NULL, node TEXT NOT NULL, image TEXT NOT NULL,
   PRIMARY KEY (slot_id, node, image));
 
+-- Suspend and resume (issue 16). A VM's placements: every slot and node it
+-- was sent to, in order (a workspace's VMs move to new slots when resumed).
+CREATE TABLE IF NOT EXISTS vm_placements (
+  vm_id TEXT NOT NULL, seq INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+  since_ms INTEGER NOT NULL, until_ms INTEGER, restored_from TEXT,
+  PRIMARY KEY (vm_id, seq)) WITHOUT ROWID;
+-- A slot's batch jobs, in order of submission.
+CREATE TABLE IF NOT EXISTS slot_jobs (
+  slot_id TEXT NOT NULL, seq INTEGER NOT NULL, job_id TEXT NOT NULL, submitted_ms INTEGER NOT NULL,
+  PRIMARY KEY (slot_id, seq)) WITHOUT ROWID;
+-- Nodes (of a slot) whose pilot reported a checkpoint store.
+CREATE TABLE IF NOT EXISTS node_checkpoints (
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, save_mb_per_s REAL NOT NULL, measured INTEGER NOT NULL,
+  PRIMARY KEY (slot_id, node)) WITHOUT ROWID;
+-- Every checkpoint of a VM (one generation per suspend): state 'saving'
+-- (asked for), 'kept' (complete: sha256 is what a resume presents),
+-- 'failed' (never complete), 'deleted'.
+CREATE TABLE IF NOT EXISTS checkpoints (
+  workspace_id TEXT NOT NULL, vm_id TEXT NOT NULL, generation INTEGER NOT NULL,
+  state TEXT NOT NULL, sha256 TEXT, bytes INTEGER, node TEXT, created_ms INTEGER NOT NULL,
+  PRIMARY KEY (vm_id, generation));
+CREATE INDEX IF NOT EXISTS checkpoints_ws ON checkpoints(workspace_id);
+-- A workspace in suspension: the lease time it had left when its clock
+-- stopped, whether it resumes by itself (preemption) or waits for the
+-- client, and why it was suspended.
+CREATE TABLE IF NOT EXISTS suspensions (
+  workspace_id TEXT PRIMARY KEY, lease_left_ms INTEGER NOT NULL, auto_resume INTEGER NOT NULL,
+  cause TEXT NOT NULL, since_ms INTEGER NOT NULL, suspended_ms INTEGER NOT NULL DEFAULT 0);
+
 -- Counters for the per-event rules ("are all VMs running?", "have all pilots
 -- of the slot released?"), kept by triggers so that each event reads one or
 -- a few rows instead of counting the workspace's N VMs or the slot's N
@@ -154,7 +186,7 @@ END;
 /// The schema version this build writes (`PRAGMA user_version`). Opening an
 /// older database upgrades it in one transaction (see [`migrate`]); a newer
 /// one is refused rather than misread.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 5;
 
 pub struct Store {
     conn: Connection,
@@ -282,6 +314,19 @@ ALTER TABLE pilots DROP COLUMN reserved;
 ALTER TABLE pilots DROP COLUMN released;
 ";
 
+/// Version 3 -> 4 (after the schema created the new tables): a VM placed on
+/// a node gets that placement (since its slot was created; ended if the VM
+/// is), a slot with a batch job id gets that job as its first.
+const MIGRATE_TO_4: &str = "
+INSERT OR IGNORE INTO vm_placements (vm_id, seq, slot_id, node, since_ms, until_ms, restored_from)
+  SELECT v.id, 1, v.slot_id, v.node, s.created_ms,
+    CASE WHEN v.state IN ('destroyed', 'preempted', 'failed') THEN w.updated_ms END, NULL
+  FROM vms v JOIN slots s ON s.id = v.slot_id JOIN workspaces w ON w.id = v.workspace_id
+  WHERE v.node IS NOT NULL;
+INSERT OR IGNORE INTO slot_jobs (slot_id, seq, job_id, submitted_ms)
+  SELECT id, 1, job_id, created_ms FROM slots WHERE job_id IS NOT NULL;
+";
+
 /// Creates the schema, or brings an older database up to [`SCHEMA_VERSION`],
 /// in one transaction: a failure leaves the database as it was.
 fn migrate(conn: &mut Connection) -> Result<()> {
@@ -305,6 +350,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         tx.execute_batch(MIGRATE_TO_3)?;
     }
     tx.execute_batch(SCHEMA)?;
+    // 4 -> 5: guaranteed leases' batch-system reservations (a new table).
+    tx.execute_batch(reservations::SCHEMA)?;
     if !fresh && version < 3 {
         // The counter tables of a version-0 database start empty, and the
         // pilots' counters now count states: fill both from the rows.
@@ -318,6 +365,12 @@ fn migrate(conn: &mut Connection) -> Result<()> {
                  SUM(state IN ('released', 'failed', 'lost'))
                FROM pilots GROUP BY slot_id;",
         )?;
+    }
+    if !fresh && version < 4 {
+        // 3 -> 4: the new tables (above) start empty; what an older
+        // coordinator knew of placements and batch jobs is filled in: each
+        // placed VM's one placement, each slot's one job.
+        tx.execute_batch(MIGRATE_TO_4)?;
     }
     if !fresh && version < 2 {
         // 1 -> 2: replays are caught by pilot_seqs, filled from the log; the
@@ -514,6 +567,13 @@ pub fn set_workspace_reason(
     Ok(())
 }
 
+/// The lease's clock is stopped (suspended): no end until it runs again.
+pub fn clear_workspace_expiry(c: &Connection, id: &WorkspaceId) -> Result<()> {
+    c.prepare_cached("UPDATE workspaces SET expires_ms = NULL WHERE id = ?1")?
+        .execute([id.as_str()])?;
+    Ok(())
+}
+
 pub fn set_workspace_expiry(c: &Connection, id: &WorkspaceId, expires_ms: u64) -> Result<()> {
     c.prepare_cached("UPDATE workspaces SET expires_ms = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), expires_ms as i64])?;
@@ -701,6 +761,14 @@ pub fn advance_job(c: &Connection, id: &SlotId, input: &JobInput) -> Result<Opti
     };
     c.prepare_cached("UPDATE slots SET job_state = ?2, job_id = ?3 WHERE id = ?1")?
         .execute(params![id.as_str(), to.as_str(), to.id()])?;
+    if let JobInput::Submitted(job_id) = input {
+        c.prepare_cached(
+            "INSERT INTO slot_jobs (slot_id, seq, job_id, submitted_ms)
+             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM slot_jobs WHERE slot_id = ?1), ?2,
+               (SELECT created_ms FROM slots WHERE id = ?1))",
+        )?
+        .execute(params![id.as_str(), job_id])?;
+    }
     Ok(Some(to))
 }
 
@@ -989,6 +1057,93 @@ pub fn set_vm_node(c: &Connection, id: &VmId, node: &str) -> Result<()> {
     c.prepare_cached("UPDATE vms SET node = ?2 WHERE id = ?1")?
         .execute(params![id.as_str(), node])?;
     Ok(())
+}
+
+/// Sends a VM to (slot, node) as `name`: its row follows it, its previous
+/// placement ends at `now` and a new one is recorded (with the checkpoint
+/// it is restored from, for a resume).
+pub fn place_vm(
+    c: &Connection,
+    id: &VmId,
+    slot: &SlotId,
+    name: &str,
+    node: &str,
+    now: u64,
+    restored_from: Option<&str>,
+) -> Result<()> {
+    c.prepare_cached("UPDATE vms SET slot_id = ?2, name = ?3, node = ?4 WHERE id = ?1")?
+        .execute(params![id.as_str(), slot.as_str(), name, node])?;
+    end_placement(c, id, now)?;
+    c.prepare_cached(
+        "INSERT INTO vm_placements (vm_id, seq, slot_id, node, since_ms, restored_from)
+         VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM vm_placements WHERE vm_id = ?1), ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![id.as_str(), slot.as_str(), node, now as i64, restored_from])?;
+    Ok(())
+}
+
+/// A suspended VM belongs to a new slot (a resume), under its new name; it
+/// is on no node until it is placed.
+pub fn move_vm_to_slot(c: &Connection, id: &VmId, slot: &SlotId, name: &str) -> Result<()> {
+    c.prepare_cached("UPDATE vms SET slot_id = ?2, name = ?3, node = NULL WHERE id = ?1")?
+        .execute(params![id.as_str(), slot.as_str(), name])?;
+    Ok(())
+}
+
+/// The VM left its node at `now` (saved, or gone).
+pub fn end_placement(c: &Connection, id: &VmId, now: u64) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE vm_placements SET until_ms = ?2 WHERE vm_id = ?1 AND until_ms IS NULL",
+    )?
+    .execute(params![id.as_str(), now as i64])?;
+    Ok(())
+}
+
+/// A VM's placements, oldest first.
+pub fn placements_of(c: &Connection, id: &VmId) -> Result<Vec<protocol::view::Placement>> {
+    let mut st = c.prepare_cached(
+        "SELECT slot_id, node, since_ms, until_ms, restored_from FROM vm_placements
+         WHERE vm_id = ?1 ORDER BY seq",
+    )?;
+    let rows = st.query_map([id.as_str()], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<i64>>(3)?,
+            r.get::<_, Option<String>>(4)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let (slot, node, since, until, from) = r?;
+        Ok(protocol::view::Placement {
+            slot_id: parse_id("slot id", slot)?,
+            node,
+            since_ms: since as u64,
+            until_ms: until.map(|u| u as u64),
+            restored_from: from,
+        })
+    })
+    .collect()
+}
+
+/// True when a VM of the workspace is in this slot (a resumed workspace's
+/// VMs left their old slots).
+pub fn slot_has_vms(c: &Connection, slot: &SlotId) -> Result<bool> {
+    Ok(
+        c.prepare_cached("SELECT 1 FROM vms WHERE slot_id = ?1 LIMIT 1")?
+            .query_row([slot.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some(),
+    )
+}
+
+/// A slot's batch job ids, in order of submission.
+pub fn jobs_of_slot(c: &Connection, slot: &SlotId) -> Result<Vec<String>> {
+    let mut st =
+        c.prepare_cached("SELECT job_id FROM slot_jobs WHERE slot_id = ?1 ORDER BY seq")?;
+    let rows = st.query_map([slot.as_str()], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 // ---- addresses (workspace control) -----------------------------------------
@@ -1371,6 +1526,10 @@ pub fn row_counts(c: &Connection) -> Result<Vec<(String, i64)>> {
         "pilot_events",
         "timeline",
         "addresses",
+        "vm_placements",
+        "slot_jobs",
+        "checkpoints",
+        "suspensions",
     ] {
         let n: i64 = c
             .prepare_cached(&format!("SELECT COUNT(*) FROM {t}"))?
@@ -1440,6 +1599,243 @@ pub fn has_phase(c: &Connection, ws: &WorkspaceId, phase: Phase) -> Result<bool>
         .prepare_cached("SELECT COUNT(*) FROM timeline WHERE workspace_id = ?1 AND phase = ?2")?
         .query_row(params![ws.as_str(), phase.as_str()], |r| r.get(0))?;
     Ok(n > 0)
+}
+
+// ---- suspend and resume (issue 16) ----------------------------------------
+
+/// A workspace in suspension (see the `suspensions` table).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Suspension {
+    /// Lease time left when the clock stopped.
+    pub lease_left_ms: u64,
+    /// Resume by itself (preemption) rather than wait for the client.
+    pub auto_resume: bool,
+    /// Why: `preempted` or `requested`.
+    pub cause: String,
+    /// When the current suspension began.
+    pub since_ms: u64,
+    /// Time spent suspended in earlier suspensions (not charged to the lease).
+    pub suspended_ms: u64,
+}
+
+pub fn get_suspension(c: &Connection, ws: &WorkspaceId) -> Result<Option<Suspension>> {
+    Ok(c.prepare_cached(
+        "SELECT lease_left_ms, auto_resume, cause, since_ms, suspended_ms FROM suspensions WHERE workspace_id = ?1",
+    )?
+    .query_row([ws.as_str()], |r| {
+        Ok(Suspension {
+            lease_left_ms: r.get::<_, i64>(0)? as u64,
+            auto_resume: r.get(1)?,
+            cause: r.get(2)?,
+            since_ms: r.get::<_, i64>(3)? as u64,
+            suspended_ms: r.get::<_, i64>(4)? as u64,
+        })
+    })
+    .optional()?)
+}
+
+/// Records (or replaces) the workspace's suspension.
+pub fn set_suspension(c: &Connection, ws: &WorkspaceId, s: &Suspension) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO suspensions (workspace_id, lease_left_ms, auto_resume, cause, since_ms, suspended_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (workspace_id) DO UPDATE SET lease_left_ms = ?2, auto_resume = ?3, cause = ?4,
+           since_ms = ?5, suspended_ms = ?6",
+    )?
+    .execute(params![
+        ws.as_str(),
+        s.lease_left_ms as i64,
+        s.auto_resume,
+        s.cause,
+        s.since_ms as i64,
+        s.suspended_ms as i64
+    ])?;
+    Ok(())
+}
+
+/// Suspended workspaces waiting to resume by themselves.
+pub fn workspaces_to_resume(c: &Connection) -> Result<Vec<WorkspaceId>> {
+    let mut st = c.prepare_cached(
+        "SELECT w.id FROM workspaces w JOIN suspensions s ON s.workspace_id = w.id
+         WHERE w.state = 'suspended' AND s.auto_resume = 1 ORDER BY s.since_ms",
+    )?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.map(|r| parse_id("workspace id", r?)).collect()
+}
+
+/// Records that the node of (slot, node) has a checkpoint store.
+pub fn set_node_checkpoints(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    cap: &protocol::pilot::CheckpointCapability,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO node_checkpoints (slot_id, node, save_mb_per_s, measured) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![slot.as_str(), node, cap.save_mb_per_s, cap.measured])?;
+    Ok(())
+}
+
+/// The save rate the node of (slot, node) reported, if it has a store.
+pub fn node_save_rate(c: &Connection, slot: &SlotId, node: &str) -> Result<Option<f64>> {
+    Ok(c.prepare_cached(
+        "SELECT save_mb_per_s FROM node_checkpoints WHERE slot_id = ?1 AND node = ?2",
+    )?
+    .query_row(params![slot.as_str(), node], |r| r.get(0))
+    .optional()?)
+}
+
+/// One checkpoint of a VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRow {
+    pub workspace_id: WorkspaceId,
+    pub vm_id: VmId,
+    pub generation: u32,
+    /// `saving`, `kept`, `failed` or `deleted`.
+    pub state: String,
+    pub sha256: Option<String>,
+    pub bytes: Option<u64>,
+    pub node: Option<String>,
+}
+
+impl CheckpointRow {
+    pub fn id(&self) -> protocol::pilot::CheckpointId {
+        protocol::pilot::CheckpointId {
+            workspace_id: self.workspace_id.clone(),
+            vm_id: self.vm_id.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// A checkpoints row as SQLite returns it, before parsing.
+type CkRaw = (
+    String,
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
+
+fn checkpoint_from_row(r: &rusqlite::Row) -> rusqlite::Result<CkRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn checkpoint_build(t: CkRaw) -> Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        workspace_id: parse_id("workspace id", t.0)?,
+        vm_id: parse_id("vm id", t.1)?,
+        generation: t.2 as u32,
+        state: t.3,
+        sha256: t.4,
+        bytes: t.5.map(|b| b as u64),
+        node: t.6,
+    })
+}
+
+const CK_COLS: &str = "workspace_id, vm_id, generation, state, sha256, bytes, node";
+
+/// The VM's newest checkpoint (any state).
+pub fn latest_checkpoint(c: &Connection, vm: &VmId) -> Result<Option<CheckpointRow>> {
+    let t = c
+        .prepare_cached(&format!(
+            "SELECT {CK_COLS} FROM checkpoints WHERE vm_id = ?1 ORDER BY generation DESC LIMIT 1"
+        ))?
+        .query_row([vm.as_str()], checkpoint_from_row)
+        .optional()?;
+    t.map(checkpoint_build).transpose()
+}
+
+/// The VM's newest complete checkpoint (the one to resume from).
+pub fn kept_checkpoint(c: &Connection, vm: &VmId) -> Result<Option<CheckpointRow>> {
+    let t = c
+        .prepare_cached(&format!(
+            "SELECT {CK_COLS} FROM checkpoints WHERE vm_id = ?1 AND state = 'kept'
+             ORDER BY generation DESC LIMIT 1"
+        ))?
+        .query_row([vm.as_str()], checkpoint_from_row)
+        .optional()?;
+    t.map(checkpoint_build).transpose()
+}
+
+/// Checkpoints of a workspace in `state`.
+pub fn checkpoints_of(c: &Connection, ws: &WorkspaceId, state: &str) -> Result<Vec<CheckpointRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {CK_COLS} FROM checkpoints WHERE workspace_id = ?1 AND state = ?2 ORDER BY vm_id, generation"
+    ))?;
+    let rows = st.query_map(params![ws.as_str(), state], checkpoint_from_row)?;
+    rows.map(|r| checkpoint_build(r?)).collect()
+}
+
+/// Workspaces that ended with checkpoints not yet deleted.
+pub fn ended_with_checkpoints(c: &Connection) -> Result<Vec<WorkspaceId>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT k.workspace_id FROM checkpoints k JOIN workspaces w ON w.id = k.workspace_id
+         WHERE (k.state = 'kept' OR k.state = 'saving')
+           AND (w.state = 'destroyed' OR w.state = 'preempted' OR w.state = 'expired' OR w.state = 'failed')",
+    )?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.map(|r| parse_id("workspace id", r?)).collect()
+}
+
+/// Records a checkpoint being written (a save asked for); a save asked for
+/// again of the same generation keeps its row.
+pub fn insert_checkpoint(
+    c: &Connection,
+    ck: &protocol::pilot::CheckpointId,
+    node: &str,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT OR IGNORE INTO checkpoints (workspace_id, vm_id, generation, state, node, created_ms)
+         VALUES (?1, ?2, ?3, 'saving', ?4, ?5)",
+    )?
+    .execute(params![
+        ck.workspace_id.as_str(),
+        ck.vm_id.as_str(),
+        ck.generation,
+        node,
+        now as i64
+    ])?;
+    Ok(())
+}
+
+/// Sets a checkpoint's state (and, when complete, its digest and size).
+pub fn set_checkpoint(
+    c: &Connection,
+    ck: &protocol::pilot::CheckpointId,
+    state: &str,
+    sha256: Option<&str>,
+    bytes: Option<u64>,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO checkpoints (workspace_id, vm_id, generation, state, sha256, bytes, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (vm_id, generation) DO UPDATE SET state = ?4,
+           sha256 = COALESCE(?5, sha256), bytes = COALESCE(?6, bytes)",
+    )?
+    .execute(params![
+        ck.workspace_id.as_str(),
+        ck.vm_id.as_str(),
+        ck.generation,
+        state,
+        sha256,
+        bytes.map(|b| b as i64),
+        now as i64
+    ])?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1889,5 +2285,63 @@ mod tests {
             .collect::<std::result::Result<_, _>>()
             .expect("rows");
         assert_eq!(nodes, ["1", "3"]);
+    }
+
+    #[test]
+    fn a_version_3_database_gets_placements_and_slot_jobs_from_what_it_knew() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let (ws, slot) = (WorkspaceId::generate(), SlotId::generate());
+        {
+            // A version-3 database: today's schema less the tables 4 added.
+            let store = Store::open(&path).expect("fresh");
+            let c = store.conn();
+            c.execute_batch(
+                "DROP TABLE vm_placements; DROP TABLE slot_jobs; DROP TABLE node_checkpoints;
+                 DROP TABLE checkpoints; DROP TABLE suspensions; PRAGMA user_version = 3;",
+            )
+            .expect("version 3");
+            c.execute(
+                "INSERT INTO workspaces (id, name, owner, spec, state, created_ms, updated_ms)
+                 VALUES (?1, 'w', 'u', '{}', 'running', 5, 9)",
+                [ws.as_str()],
+            )
+            .expect("workspace");
+            c.execute(
+                "INSERT INTO slots (id, workspace_id, grp, job_id, nodes, cores, memory_mb, state, job_state, created_ms)
+                 VALUES (?1, ?2, 'g', '77', 2, 1, 256, 'reserved', 'live', 7)",
+                [slot.as_str(), ws.as_str()],
+            )
+            .expect("slot");
+            let mut placed = vm(&ws, &slot, 0);
+            placed.node = Some("n1".into());
+            placed.state = VmState::Running;
+            insert_vm(c, &placed).expect("vm");
+            insert_vm(c, &vm(&ws, &slot, 1)).expect("unplaced vm");
+        }
+        let store = Store::open(&path).expect("upgraded");
+        let c = store.conn();
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(
+            jobs_of_slot(c, &slot).expect("jobs"),
+            vec!["77".to_string()]
+        );
+        let vms = vms_of(c, &ws).expect("vms");
+        let placed = vms.iter().find(|v| v.node.is_some()).expect("placed");
+        let p = placements_of(c, &placed.id).expect("placements");
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            (p[0].slot_id.clone(), p[0].node.as_str(), p[0].since_ms),
+            (slot.clone(), "n1", 7)
+        );
+        assert!(p[0].until_ms.is_none(), "it still runs there");
+        let unplaced = vms.iter().find(|v| v.node.is_none()).expect("unplaced");
+        assert!(placements_of(c, &unplaced.id).expect("none").is_empty());
+        // A second submit of the slot is its second job, in order.
+        advance_job(c, &slot, &JobInput::CancelNeeded).expect("cancel");
+        assert!(get_suspension(c, &ws).expect("none yet").is_none());
     }
 }

@@ -85,6 +85,8 @@ pub struct GridEngine {
 
 const LRM: &str = "gridengine";
 
+mod reserve;
+
 impl GridEngine {
     /// One `qstat -u '*' -xml` (every user's jobs), read by `parse`.
     async fn qstat_xml<T>(&self, parse: fn(&str) -> Result<T, String>) -> Result<T, LrmError> {
@@ -124,6 +126,25 @@ impl GridEngine {
         }
         let runner = Runner::new(config.command_timeout_s, &config.env);
         Ok(GridEngine { config, runner })
+    }
+
+    /// `qsub -terse -notify [extra] <script>`.
+    async fn submit_with(&self, job: &SlotJob, extra: &[String]) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sge", job.name),
+            &self.render_script(job),
+        )?;
+        // -terse and -notify on the command line too: a site's sge_request cannot drop them.
+        let mut args = vec!["-terse".to_string(), "-notify".to_string()];
+        args.extend(extra.iter().cloned());
+        args.push(script.display().to_string());
+        let out = crate::command::check(self.runner.run(&self.config.qsub, &args).await?)?;
+        let id = parse_qsub_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
 
     /// The queue's `notify` time (`qconf -sq <queue>`, `all.q` if none is set).
@@ -359,24 +380,12 @@ impl Lrm for GridEngine {
         s
     }
 
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        Some(self)
+    }
+
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        batch_common::check_directive_word(LRM, "job name", &job.name)?;
-        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
-        let script = batch_common::write_script(
-            job,
-            &format!("{}.sge", job.name),
-            &self.render_script(job),
-        )?;
-        // -terse and -notify on the command line too: a site's sge_request cannot drop them.
-        let args = vec![
-            "-terse".into(),
-            "-notify".into(),
-            script.display().to_string(),
-        ];
-        let out = crate::command::check(self.runner.run(&self.config.qsub, &args).await?)?;
-        let id = parse_qsub_id(&out.command, &out.stdout)?;
-        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
-        Ok(id)
+        self.submit_with(job, &[]).await
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {

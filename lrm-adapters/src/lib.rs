@@ -12,6 +12,7 @@ pub mod gridengine;
 pub mod local;
 pub mod memory;
 pub mod pbs;
+pub mod reserve;
 pub mod slurm;
 
 use async_trait::async_trait;
@@ -179,6 +180,11 @@ pub trait Lrm: Send + Sync {
     /// when this LRM cannot list jobs.
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
         Ok(None)
+    }
+    /// Advance reservations, when this batch system has them and the
+    /// adapter drives them (see [`reserve`]).
+    fn reservations(&self) -> Option<&dyn reserve::Reservations> {
+        None
     }
     /// Called once when the coordinator stops. Adapters whose jobs cannot
     /// outlive the coordinator (`local`) end them here; real LRMs keep theirs.

@@ -33,6 +33,8 @@ use tracing::{debug, error, info, warn};
 
 const LRM: &str = "local";
 
+mod reserve;
+
 /// `[local]` in the coordinator's config.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
@@ -123,6 +125,8 @@ struct Job {
     run_walltime: Duration,
     /// Wall clock (ms) when we sent SIGTERM to end it.
     ending_ms: Option<u64>,
+    /// The reservation it runs in (see `local/reserve.rs`).
+    reservation: Option<String>,
 }
 
 #[derive(Default)]
@@ -140,6 +144,8 @@ struct State {
     resumed: bool,
     /// Jobs loaded as running whose supervisor is not started yet.
     adopted: Vec<JobId>,
+    last_resv: u64,
+    reservations: Vec<reserve::LocalResv>,
 }
 
 impl Shared {
@@ -252,6 +258,48 @@ impl LocalLrm {
         Ok(())
     }
 
+    /// Queues a job, inside reservation `reservation` when given.
+    async fn submit_with(
+        &self,
+        job: &SlotJob,
+        reservation: Option<String>,
+    ) -> Result<JobId, LrmError> {
+        resume(&self.shared);
+        self.check_fits(job)?;
+        if self.shared.lock().shut_down {
+            return Err(LrmError::Config {
+                lrm: LRM,
+                message: "the local batch system has been shut down".into(),
+            });
+        }
+        let script = self.write_script(job)?;
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        st.last_id += 1;
+        let id = JobId(st.last_id.to_string());
+        info!(job_id = %id, name = %job.name, nodes = job.nodes, script = %script.display(), "job queued");
+        st.jobs.insert(
+            id.clone(),
+            Job {
+                spec: job.clone(),
+                script,
+                state: JobState::Queued,
+                ending: None,
+                alloc: Vec::new(),
+                procs: Vec::new(),
+                start_error: None,
+                started_ms: None,
+                run_walltime: job.walltime,
+                ending_ms: None,
+                reservation,
+            },
+        );
+        st.queue.push_back(id.clone());
+        schedule(&self.shared, st);
+        save(&self.shared, st);
+        Ok(id)
+    }
+
     /// Writes `<workdir>/<name>.sh` with mode 0700.
     fn write_script(&self, job: &SlotJob) -> Result<PathBuf, LrmError> {
         let invalid = |path: PathBuf, what: String| LrmError::Io {
@@ -298,31 +346,59 @@ impl LocalLrm {
     }
 }
 
-/// Starts queued jobs, in order, while the head of the queue fits (strict FIFO).
+/// Starts the queued jobs of reservations that have begun, then the others
+/// in order while the head of the queue fits (strict FIFO), off the nodes
+/// of reservations they would overlap.
 fn schedule(shared: &Arc<Shared>, st: &mut State) {
     if st.shut_down {
         return;
     }
-    while let Some(id) = st.queue.front().cloned() {
-        let Some(job) = st.jobs.get(&id) else {
-            st.queue.pop_front();
+    st.queue.retain(|id| st.jobs.contains_key(id));
+    let now = protocol::now_ms();
+    let reserved: Vec<(JobId, String)> = st
+        .queue
+        .iter()
+        .filter_map(|id| Some((id.clone(), st.jobs.get(id)?.reservation.clone()?)))
+        .collect();
+    for (id, resv) in reserved {
+        let Some(excluded) = reserve::inside(st, &resv, now) else {
             continue;
         };
-        let Some(alloc) = allocate(&st.nodes, &job.spec) else {
+        let Some(alloc) = st
+            .jobs
+            .get(&id)
+            .and_then(|job| allocate(&st.nodes, &job.spec, &excluded))
+        else {
+            continue;
+        };
+        st.queue.retain(|q| q != &id);
+        start(shared, st, id, alloc);
+    }
+    while let Some(id) = st
+        .queue
+        .iter()
+        .find(|id| st.jobs.get(*id).is_some_and(|j| j.reservation.is_none()))
+        .cloned()
+    {
+        let Some(job) = st.jobs.get(&id) else { break };
+        let excluded = reserve::fenced(st, shared.grace, job.spec.walltime, now);
+        let Some(alloc) = allocate(&st.nodes, &job.spec, &excluded) else {
             break;
         };
-        st.queue.pop_front();
+        st.queue.retain(|q| q != &id);
         start(shared, st, id, alloc);
     }
 }
 
-/// The first `spec.nodes` nodes with enough free cores and memory.
-fn allocate(nodes: &[Node], spec: &SlotJob) -> Option<Vec<usize>> {
+/// The first `spec.nodes` nodes not `excluded` with enough free cores and memory.
+fn allocate(nodes: &[Node], spec: &SlotJob, excluded: &[bool]) -> Option<Vec<usize>> {
     let picked: Vec<usize> = nodes
         .iter()
         .enumerate()
-        .filter(|(_, n)| {
-            n.free_cores >= spec.cores_per_node && n.free_memory_mb >= spec.memory_mb_per_node
+        .filter(|(i, n)| {
+            !excluded.get(*i).copied().unwrap_or(false)
+                && n.free_cores >= spec.cores_per_node
+                && n.free_memory_mb >= spec.memory_mb_per_node
         })
         .map(|(i, _)| i)
         .take(spec.nodes as usize)
@@ -572,6 +648,10 @@ struct Saved {
     last_id: u64,
     queue: Vec<JobId>,
     jobs: Vec<SavedJob>,
+    #[serde(default)]
+    last_resv: u64,
+    #[serde(default)]
+    reservations: Vec<reserve::LocalResv>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -595,6 +675,8 @@ struct SavedJob {
     started_ms: Option<u64>,
     run_walltime_ms: u64,
     start_error: Option<String>,
+    #[serde(default)]
+    reservation: Option<String>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -644,12 +726,15 @@ fn save(shared: &Shared, st: &State) {
             started_ms: j.started_ms,
             run_walltime_ms: ms(j.run_walltime),
             start_error: j.start_error.clone(),
+            reservation: j.reservation.clone(),
         })
         .collect();
     let saved = Saved {
         last_id: st.last_id,
         queue: st.queue.iter().cloned().collect(),
         jobs,
+        last_resv: st.last_resv,
+        reservations: st.reservations.clone(),
     };
     if let Err(e) = write_atomically(path, &saved) {
         error!(path = %path.display(), error = %e, "could not write the local batch system's state file");
@@ -736,6 +821,8 @@ fn proc_running(p: &Proc) -> bool {
 /// queued jobs are queued again in their order.
 fn restore(st: &mut State, saved: Saved) {
     st.last_id = saved.last_id;
+    st.last_resv = saved.last_resv;
+    st.reservations = saved.reservations;
     for sj in saved.jobs {
         let id = sj.id.clone();
         let mut job = Job {
@@ -757,6 +844,7 @@ fn restore(st: &mut State, saved: Saved) {
             started_ms: sj.started_ms,
             run_walltime: Duration::from_millis(sj.run_walltime_ms),
             ending_ms: sj.ending_ms,
+            reservation: sj.reservation,
         };
         if matches!(job.state, JobState::Running | JobState::Completing) {
             if job.procs.iter().any(proc_running) {
@@ -823,6 +911,9 @@ fn resume(shared: &Arc<Shared>) {
     st.resumed = true;
     for id in std::mem::take(&mut st.adopted) {
         tokio::spawn(supervise_adopted(shared.clone(), id));
+    }
+    for r in &st.reservations {
+        reserve::arm(shared, r);
     }
     schedule(shared, st);
     save(shared, st);
@@ -922,40 +1013,12 @@ impl Lrm for LocalLrm {
         )
     }
 
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        Some(self)
+    }
+
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        resume(&self.shared);
-        self.check_fits(job)?;
-        if self.shared.lock().shut_down {
-            return Err(LrmError::Config {
-                lrm: LRM,
-                message: "the local batch system has been shut down".into(),
-            });
-        }
-        let script = self.write_script(job)?;
-        let mut guard = self.shared.lock();
-        let st = &mut *guard;
-        st.last_id += 1;
-        let id = JobId(st.last_id.to_string());
-        info!(job_id = %id, name = %job.name, nodes = job.nodes, script = %script.display(), "job queued");
-        st.jobs.insert(
-            id.clone(),
-            Job {
-                spec: job.clone(),
-                script,
-                state: JobState::Queued,
-                ending: None,
-                alloc: Vec::new(),
-                procs: Vec::new(),
-                start_error: None,
-                started_ms: None,
-                run_walltime: job.walltime,
-                ending_ms: None,
-            },
-        );
-        st.queue.push_back(id.clone());
-        schedule(&self.shared, st);
-        save(&self.shared, st);
-        Ok(id)
+        self.submit_with(job, None).await
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
@@ -1083,7 +1146,7 @@ mod tests {
     use crate::shell_quote;
     use std::collections::HashSet;
 
-    fn config(nodes: u32, cores_per_node: u32, kill_grace_s: u64) -> LocalConfig {
+    pub(super) fn config(nodes: u32, cores_per_node: u32, kill_grace_s: u64) -> LocalConfig {
         LocalConfig {
             nodes,
             cores_per_node,
@@ -1092,7 +1155,7 @@ mod tests {
         }
     }
 
-    fn job(dir: &Path, name: &str, nodes: u32, script: &str) -> SlotJob {
+    pub(super) fn job(dir: &Path, name: &str, nodes: u32, script: &str) -> SlotJob {
         SlotJob {
             name: name.into(),
             nodes,
@@ -1109,11 +1172,11 @@ mod tests {
     }
 
     /// A script that waits for `stop` to exist (after writing `started` if given).
-    fn wait_for_file(stop: &Path) -> String {
+    pub(super) fn wait_for_file(stop: &Path) -> String {
         format!("while [ ! -e {} ]; do sleep 0.02; done", q(stop))
     }
 
-    async fn state(lrm: &LocalLrm, id: &JobId) -> JobStatus {
+    pub(super) async fn state(lrm: &LocalLrm, id: &JobId) -> JobStatus {
         lrm.status(std::slice::from_ref(id))
             .await
             .unwrap()
@@ -1121,7 +1184,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn wait_state(
+    pub(super) async fn wait_state(
         lrm: &LocalLrm,
         id: &JobId,
         want: impl Fn(&JobState) -> bool,
@@ -1173,11 +1236,11 @@ mod tests {
         }
     }
 
-    fn touch(path: &Path) {
+    pub(super) fn touch(path: &Path) {
         std::fs::write(path, "").unwrap();
     }
 
-    const LONG: Duration = Duration::from_secs(10);
+    pub(super) const LONG: Duration = Duration::from_secs(10);
 
     #[test]
     fn local_config_defaults_fill_missing_keys() {
@@ -1930,7 +1993,10 @@ mod tests {
                 started_ms: Some(protocol::now_ms()),
                 run_walltime_ms: 60_000,
                 start_error: None,
+                reservation: None,
             }],
+            last_resv: 0,
+            reservations: Vec::new(),
         };
         write_atomically(config.state_file.as_deref().unwrap(), &saved).unwrap();
         let lrm = LocalLrm::new(config.clone()).unwrap();

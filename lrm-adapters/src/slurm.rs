@@ -70,6 +70,8 @@ pub struct Slurm {
 }
 
 const LRM: &str = "slurm";
+
+mod reserve;
 /// `squeue --format`: id, extended state, reason.
 const SQUEUE_FORMAT: &str = "--format=%i|%T|%r";
 
@@ -94,6 +96,32 @@ impl Slurm {
         }
         let runner = Runner::new(config.command_timeout_s, &config.env);
         Ok(Slurm { config, runner })
+    }
+
+    /// `sbatch --parsable [extra] <script>`.
+    async fn submit_with(&self, job: &SlotJob, extra: &[String]) -> Result<JobId, LrmError> {
+        batch_common::check_directive_word(LRM, "job name", &job.name)?;
+        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
+        let script = batch_common::write_script(
+            job,
+            &format!("{}.sbatch", job.name),
+            &self.render_script(job),
+        )?;
+        let out = self
+            .runner
+            .run(
+                &self.config.sbatch,
+                &["--parsable".to_string()]
+                    .into_iter()
+                    .chain(extra.iter().cloned())
+                    .chain([script.display().to_string()])
+                    .collect::<Vec<_>>(),
+            )
+            .await?;
+        let out = crate::command::check(out)?;
+        let id = parse_sbatch_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        Ok(id)
     }
 
     /// The cluster's `KillWait` (`scontrol show config`).
@@ -344,25 +372,12 @@ impl Lrm for Slurm {
         s
     }
 
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        Some(self)
+    }
+
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        batch_common::check_directive_word(LRM, "job name", &job.name)?;
-        batch_common::check_directive_word(LRM, "workdir", &job.workdir.display().to_string())?;
-        let script = batch_common::write_script(
-            job,
-            &format!("{}.sbatch", job.name),
-            &self.render_script(job),
-        )?;
-        let out = self
-            .runner
-            .run(
-                &self.config.sbatch,
-                &["--parsable".into(), script.display().to_string()],
-            )
-            .await?;
-        let out = crate::command::check(out)?;
-        let id = parse_sbatch_id(&out.command, &out.stdout)?;
-        tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
-        Ok(id)
+        self.submit_with(job, &[]).await
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod ids;
+pub mod lease;
 pub mod pilot;
 pub mod spec;
 pub mod time;

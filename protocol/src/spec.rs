@@ -13,6 +13,7 @@
 //!
 //! Every error names the field that is wrong (`group[1].memory_mb: ...`).
 
+pub use crate::lease::{LeaseKind, Start};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::time::Duration;
 
@@ -219,6 +220,18 @@ pub struct WorkspaceSpec {
     /// SSH public key put into every VM's context (cloud-init `ssh_authorized_keys`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh_key: Option<String>,
+    /// `best_effort` (default), `reservation` (needs `start`), `immediate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<LeaseKind>,
+    /// A reservation's start (see [`crate::lease`]); absolute once accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<Start>,
+    /// What happens when the batch system takes a node of the lease back:
+    /// `"suspend"` (every VM saved, resumed in new slots) or `"end"` (the
+    /// workspace is `preempted`). Unset: suspend where every node of the
+    /// lease has a checkpoint store, else end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_preempt: Option<PreemptChoice>,
     /// How urgent the lease is (issue 17, docs/POOL.md): 0 best effort
     /// (the default), 1 served from idle pool capacity before anything
     /// else, 2 as 1 and may share a node with running VMs under CPU caps.
@@ -232,6 +245,16 @@ pub use crate::pilot::MAX_URGENCY;
 
 fn is_zero(v: &u8) -> bool {
     *v == 0
+}
+
+/// The spec's `on_preempt`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreemptChoice {
+    /// Suspend every VM of the workspace and resume them in new slots.
+    Suspend,
+    /// End the workspace (`preempted`).
+    End,
 }
 
 /// Longest SSH public key accepted in a spec.
@@ -448,7 +471,27 @@ impl WorkspaceSpec {
                 format!("{total} VMs in all; at most {MAX_VMS}"),
             ));
         }
-        Ok(())
+        match (self.lease_kind(), self.start) {
+            (LeaseKind::Reservation, None) => Err(invalid(
+                "start",
+                "a reservation needs a start, e.g. start = \"2026-12-01T10:00:00Z\" or \"+2h\"",
+            )),
+            (kind @ (LeaseKind::BestEffort | LeaseKind::Immediate), Some(_)) => Err(invalid(
+                "start",
+                format!("only a reservation has a start; this lease is kind = {:?} (drop start, or set kind = \"reservation\")", kind.as_str()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The lease's kind: as written, else `reservation` when a start is
+    /// given, else `best_effort`.
+    pub fn lease_kind(&self) -> LeaseKind {
+        self.kind.unwrap_or(if self.start.is_some() {
+            LeaseKind::Reservation
+        } else {
+            LeaseKind::BestEffort
+        })
     }
 
     /// Number of VMs in all groups.
@@ -646,5 +689,47 @@ mod tests {
     fn duration_accepts_seconds() {
         let s = ENSEMBLE.replace("\"2h\"", "90");
         assert_eq!(WorkspaceSpec::parse(&s).unwrap().duration.0.as_secs(), 90);
+    }
+
+    #[test]
+    fn lease_kind_and_start_are_read_and_checked_with_the_field_named() {
+        assert_eq!(
+            WorkspaceSpec::parse(ENSEMBLE).unwrap().lease_kind(),
+            LeaseKind::BestEffort
+        );
+        let at = format!("start = \"2026-12-01T11:00:00+01:00\"\n{ENSEMBLE}");
+        let s = WorkspaceSpec::parse(&at).unwrap();
+        assert_eq!(s.lease_kind(), LeaseKind::Reservation);
+        let bare = format!("start = 2026-12-01T10:00:00Z\n{ENSEMBLE}");
+        assert_eq!(WorkspaceSpec::parse(&bare).unwrap().start, s.start);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains("\"start\":\"2026-12-01T10:00:00Z\""),
+            "{json}"
+        );
+        assert_eq!(WorkspaceSpec::parse(&json).unwrap(), s);
+        let imm = format!("kind = \"immediate\"\n{ENSEMBLE}");
+        assert_eq!(
+            WorkspaceSpec::parse(&imm).unwrap().lease_kind(),
+            LeaseKind::Immediate
+        );
+        let e = err(&format!("kind = \"reservation\"\n{ENSEMBLE}"));
+        assert!(e.starts_with("start: a reservation needs a start"), "{e}");
+        let e = err(&format!(
+            "kind = \"immediate\"\nstart = \"+1h\"\n{ENSEMBLE}"
+        ));
+        assert!(
+            e.starts_with("start: only a reservation has a start"),
+            "{e}"
+        );
+        let e = err(&format!("kind = \"soon\"\n{ENSEMBLE}"));
+        assert!(e.starts_with("kind: unknown variant `soon`"), "{e}");
+        let e = err(&format!("start = \"next tuesday\"\n{ENSEMBLE}"));
+        assert!(
+            e.starts_with("start: \"next tuesday\" is not a time"),
+            "{e}"
+        );
+        let e = err(&format!("start = 2026-12-01T10:00:00\n{ENSEMBLE}"));
+        assert!(e.starts_with("start: "), "{e}");
     }
 }

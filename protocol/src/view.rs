@@ -18,6 +18,13 @@ pub enum WorkspaceState {
     Starting,
     /// Every VM runs.
     Running,
+    /// Its VMs are being saved to checkpoints (preemption or `workspace
+    /// suspend`); the lease's clock is stopped.
+    Suspending,
+    /// Every VM is a checkpoint; the workspace holds no slot.
+    Suspended,
+    /// New slots asked for (or held) and the VMs being restored into them.
+    Resuming,
     /// The client asked for destroy; VMs and slots are being given back.
     Destroying,
     Destroyed,
@@ -32,10 +39,13 @@ pub enum WorkspaceState {
 impl WorkspaceState {
     /// Every state, in the order of a workspace's life (for gauges that must
     /// show each state, zero included).
-    pub const ALL: [WorkspaceState; 8] = [
+    pub const ALL: [WorkspaceState; 11] = [
         Self::Pending,
         Self::Starting,
         Self::Running,
+        Self::Suspending,
+        Self::Suspended,
+        Self::Resuming,
         Self::Destroying,
         Self::Destroyed,
         Self::Preempted,
@@ -53,6 +63,9 @@ impl WorkspaceState {
             Self::Pending => "pending",
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Suspending => "suspending",
+            Self::Suspended => "suspended",
+            Self::Resuming => "resuming",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
             Self::Preempted => "preempted",
@@ -78,6 +91,12 @@ pub enum VmState {
     Pending,
     Starting,
     Running,
+    /// Being saved to a checkpoint.
+    Suspending,
+    /// A checkpoint in the store; on no node.
+    Suspended,
+    /// Being restored from its checkpoint on a new node.
+    Resuming,
     Destroying,
     Destroyed,
     Preempted,
@@ -93,6 +112,9 @@ impl VmState {
             Self::Pending => "pending",
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Suspending => "suspending",
+            Self::Suspended => "suspended",
+            Self::Resuming => "resuming",
             Self::Destroying => "destroying",
             Self::Destroyed => "destroyed",
             Self::Preempted => "preempted",
@@ -159,6 +181,32 @@ pub struct VmView {
     /// Addresses assigned to the VM (freed, and so empty, once it is gone).
     #[serde(default)]
     pub nics: Vec<crate::pilot::Nic>,
+    /// Guaranteed leases: when the VM started running relative to the
+    /// lease's start, ms (negative: early, positive: late).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_offset_ms: Option<i64>,
+    /// Its latest checkpoint (`ws-…/vm-…/g<n>`), once it was suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// Where it ran, oldest first: one entry per slot and node it was
+    /// started or resumed on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<Placement>,
+}
+
+/// One stay of a VM on a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Placement {
+    pub slot_id: SlotId,
+    pub node: String,
+    /// When it was sent there.
+    pub since_ms: u64,
+    /// When it left (suspended, destroyed); none while it is there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until_ms: Option<u64>,
+    /// The checkpoint it was restored from, if it was a resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -193,6 +241,16 @@ pub struct WorkspaceView {
     pub updated_ms: u64,
     /// When the lease ends (set once the workspace runs).
     pub expires_ms: Option<u64>,
+    /// `best_effort`, `reservation` or `immediate`.
+    #[serde(default)]
+    pub kind: crate::lease::LeaseKind,
+    /// When a guaranteed lease starts (a reservation's start, an immediate
+    /// lease's acceptance).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_ms: Option<u64>,
+    /// The batch system's reservation that holds it: `<lrm> <id> (held|released)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<String>,
     /// True once the state is terminal and every slot is released or failed:
     /// nothing of this workspace is left on any node or in the batch system.
     pub settled: bool,
@@ -210,6 +268,10 @@ pub struct WorkspaceList {
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     Requested,
+    /// The batch system granted the reservation of a guaranteed lease.
+    ReservationGranted,
+    /// The batch system's reservation was deleted (lease over or cancelled).
+    ReservationReleased,
     SlotSubmitted,
     PilotStarted,
     MemoryReserved,
@@ -229,6 +291,22 @@ pub enum Phase {
     MemoryRestored,
     SlotReleased,
     JobEnded,
+    /// A suspend began (preemption or the client); the lease's clock stops.
+    Suspending,
+    /// One VM saved to its checkpoint (bytes, time).
+    VmSuspended,
+    /// One VM could not be saved.
+    SuspendFailed,
+    /// Every VM is a checkpoint.
+    Suspended,
+    /// New slots asked for to resume into.
+    Resuming,
+    /// One VM restored from its checkpoint (bytes, time).
+    VmResumed,
+    /// One VM could not be restored.
+    ResumeFailed,
+    /// A checkpoint removed from the store.
+    CheckpointDeleted,
     Ended,
 }
 
@@ -236,6 +314,8 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Requested => "requested",
+            Self::ReservationGranted => "reservation_granted",
+            Self::ReservationReleased => "reservation_released",
             Self::SlotSubmitted => "slot_submitted",
             Self::PilotStarted => "pilot_started",
             Self::MemoryReserved => "memory_reserved",
@@ -253,6 +333,14 @@ impl Phase {
             Self::MemoryRestored => "memory_restored",
             Self::SlotReleased => "slot_released",
             Self::JobEnded => "job_ended",
+            Self::Suspending => "suspending",
+            Self::VmSuspended => "vm_suspended",
+            Self::SuspendFailed => "suspend_failed",
+            Self::Suspended => "suspended",
+            Self::Resuming => "resuming",
+            Self::VmResumed => "vm_resumed",
+            Self::ResumeFailed => "resume_failed",
+            Self::CheckpointDeleted => "checkpoint_deleted",
             Self::Ended => "ended",
         }
     }

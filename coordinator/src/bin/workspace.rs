@@ -23,6 +23,7 @@ Exit codes:
   1    the coordinator refused or could not be reached (message on stderr)
   2    bad arguments, id or client config
   3    --wait: the workspace ended failed, preempted or expired instead
+       (suspend/resume --wait: it did not reach suspended/running)
   4    --wait: timed out (the workspace goes on; its id was printed first)
   130  --wait: interrupted (Ctrl-C; the workspace goes on)";
 
@@ -72,6 +73,26 @@ enum Cmd {
     Destroy {
         id: String,
         /// Wait until every slot is given back (shows what happens meanwhile).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Suspend a running workspace: every VM saved to a checkpoint, its
+    /// slots given back, its lease clock stopped, until `workspace resume`.
+    Suspend {
+        id: String,
+        /// Wait until every VM is saved (shows what happens meanwhile).
+        #[arg(long)]
+        wait: bool,
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Resume a suspended workspace: new slots from the batch system, every
+    /// VM restored from its checkpoint (the same guests, no reboot).
+    Resume {
+        id: String,
+        /// Wait until every VM runs again (shows what happens meanwhile).
         #[arg(long)]
         wait: bool,
         #[arg(long, default_value_t = 600)]
@@ -325,16 +346,32 @@ fn print_view(v: &WorkspaceView) {
         facts.push(format!("ended {}", from_now(v.updated_ms)));
     } else if let Some(exp) = v.expires_ms {
         facts.push(format!("lease ends {} ({})", from_now(exp), utc(exp)));
+    } else if matches!(
+        v.state,
+        WorkspaceState::Suspending | WorkspaceState::Suspended | WorkspaceState::Resuming
+    ) {
+        facts.push("lease clock stopped while suspended".into());
     }
     if v.state.is_terminal() && !v.settled {
         facts.push("not settled yet: slots are still being given back".into());
     }
     out(&format!("  {}", facts.join("; ")));
+    if v.kind != protocol::spec::LeaseKind::BestEffort {
+        let mut lease = format!("  {} lease", v.kind);
+        if let Some(start) = v.start_ms {
+            lease.push_str(&format!("; starts {} ({})", from_now(start), utc(start)));
+        }
+        if let Some(r) = &v.reservation {
+            lease.push_str(&format!("; batch system reservation {r}"));
+        }
+        out(&lease);
+    }
+    let guaranteed = v.vms.iter().any(|vm| vm.start_offset_ms.is_some());
     let rows = v
         .vms
         .iter()
         .map(|vm| {
-            vec![
+            let mut row = vec![
                 host(vm),
                 vm.group.clone(),
                 vm.state.as_str().to_string(),
@@ -344,23 +381,34 @@ fn print_view(v: &WorkspaceView) {
                 vm.memory_mb.to_string(),
                 vm.cpus.to_string(),
                 vm.name.clone(),
-            ]
+            ];
+            if guaranteed {
+                row.push(vm.start_offset_ms.map_or("-".into(), early_late));
+            }
+            row
         })
         .collect();
-    out(&table(
-        &[
-            "HOST",
-            "GROUP",
-            "STATE",
-            "ADDRESSES",
-            "NODE",
-            "JOB",
-            "MB",
-            "CPUS",
-            "VM NAME",
-        ],
-        rows,
-    ));
+    let mut header = vec![
+        "HOST",
+        "GROUP",
+        "STATE",
+        "ADDRESSES",
+        "NODE",
+        "JOB",
+        "MB",
+        "CPUS",
+        "VM NAME",
+    ];
+    if guaranteed {
+        header.push("AT START");
+    }
+    out(&table(&header, rows));
+}
+
+/// A VM's running time against its lease's start: `12.3 s early`, `850 ms late`.
+fn early_late(offset_ms: i64) -> String {
+    let word = if offset_ms <= 0 { "early" } else { "late" };
+    format!("{} {word}", fmt_stamp_ms(offset_ms.unsigned_abs()))
 }
 
 /// `head-0 10.77.0.5, worker-0 10.77.0.2, ... (+N)`: the first address of
@@ -496,6 +544,101 @@ async fn wait(
     }
 }
 
+/// After a suspend or resume: the view, or (`--wait`) progress until `done`;
+/// exit 0 when it ended `wanted`, 3 when not, 4 on timeout.
+#[allow(clippy::too_many_arguments)]
+async fn change(
+    client: &Client,
+    id: &str,
+    v: WorkspaceView,
+    w: bool,
+    after: u64,
+    timeout: u64,
+    json: bool,
+    done: impl Fn(&WorkspaceView) -> bool,
+    wanted: impl Fn(&WorkspaceView) -> bool,
+) -> Result<i32, Failure> {
+    if !w {
+        if json {
+            out_json(&v);
+        } else {
+            print_view(&v);
+        }
+        return Ok(0);
+    }
+    let mut progress = Progress::new(false);
+    let waited = wait(
+        client,
+        id,
+        after,
+        Duration::from_secs(timeout),
+        &mut progress,
+        done,
+    )
+    .await?;
+    let (v, code, left) = match waited {
+        Waited::Done(v) => {
+            let code = if wanted(&v) { 0 } else { 3 };
+            (v, code, None)
+        }
+        Waited::TimedOut(v) => {
+            let how = format!("still {} after {timeout} s", v.state);
+            (v, 4, Some(how))
+        }
+        Waited::Interrupted(v) => (v, 130, Some("stopped waiting".to_string())),
+    };
+    if json {
+        out_json(&v);
+    } else {
+        print_view(&v);
+    }
+    if let Some(how) = left {
+        still_going(&v, &how);
+    } else if code == 3 {
+        eprintln!(
+            "workspace: {} is {}{}",
+            v.id,
+            v.state,
+            v.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(code)
+}
+
+/// The suspend and resume entries of a timeline (bytes saved, time each took).
+fn print_suspensions(events: &[TimelineEntry]) {
+    use protocol::view::Phase as P;
+    let mut es: Vec<TimelineEntry> = events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.phase,
+                P::Suspending
+                    | P::VmSuspended
+                    | P::SuspendFailed
+                    | P::Suspended
+                    | P::Resuming
+                    | P::VmResumed
+                    | P::ResumeFailed
+                    | P::CheckpointDeleted
+            )
+        })
+        .cloned()
+        .collect();
+    if es.is_empty() {
+        return;
+    }
+    in_time_order(&mut es);
+    let t0 = es[0].ts_ms;
+    out(&format!("suspend and resume (from {}):", utc(t0)));
+    for e in &es {
+        out(&format!("  {}", format_entry(e, t0)));
+    }
+}
+
 /// Says (on stderr) what a workspace a wait left behind is doing, and how
 /// to act on it.
 fn still_going(v: &WorkspaceView, how: &str) {
@@ -503,6 +646,9 @@ fn still_going(v: &WorkspaceView, how: &str) {
         WorkspaceState::Pending => "is still queued in the batch system",
         WorkspaceState::Starting => "is still starting its VMs",
         WorkspaceState::Destroying => "is still giving its slots back",
+        WorkspaceState::Suspending => "is still saving its VMs",
+        WorkspaceState::Suspended => "is suspended (`workspace resume` brings it back)",
+        WorkspaceState::Resuming => "is still waiting for new slots or restoring its VMs",
         s if s.is_terminal() => "has ended but still holds slots being given back",
         _ => "goes on",
     };
@@ -603,8 +749,31 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 out_json(&v);
             } else {
                 print_view(&v);
+                print_suspensions(&client.events(&id, 0, Duration::ZERO).await?.events);
             }
             Ok(0)
+        }
+        Cmd::Suspend {
+            id,
+            wait: w,
+            timeout,
+        } => {
+            let after = if w { last_seq(&client, &id).await? } else { 0 };
+            let v = client.suspend(&id).await?;
+            let done = |v: &WorkspaceView| v.state != WorkspaceState::Suspending;
+            let wanted = |v: &WorkspaceView| v.state == WorkspaceState::Suspended;
+            change(&client, &id, v, w, after, timeout, json, done, wanted).await
+        }
+        Cmd::Resume {
+            id,
+            wait: w,
+            timeout,
+        } => {
+            let after = if w { last_seq(&client, &id).await? } else { 0 };
+            let v = client.resume(&id).await?;
+            let done = |v: &WorkspaceView| v.state != WorkspaceState::Resuming;
+            let wanted = |v: &WorkspaceView| v.state == WorkspaceState::Running;
+            change(&client, &id, v, w, after, timeout, json, done, wanted).await
         }
         Cmd::List => {
             let l = client.list().await?;

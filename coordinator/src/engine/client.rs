@@ -39,7 +39,7 @@ impl Engine {
     pub async fn create_workspace(
         &self,
         caller: &Caller,
-        spec: WorkspaceSpec,
+        mut spec: WorkspaceSpec,
     ) -> Result<WorkspaceId, EngineError> {
         spec.validate()?;
         self.check_urgency(caller, spec.urgency)?;
@@ -64,9 +64,12 @@ impl Engine {
                 .into());
             }
         }
+        let id = WorkspaceId::generate();
+        // Guaranteed leases: the batch system's reservation, or refused.
+        let held = self.admit(&id, &mut spec, &plans).await?;
         let now = self.clock.now_ms();
         let mut ws = WorkspaceRow {
-            id: WorkspaceId::generate(),
+            id,
             name: spec.name.clone(),
             owner: caller.user.clone(),
             spec: spec.clone(),
@@ -77,12 +80,33 @@ impl Engine {
             expires_ms: None,
         };
         let mut slots = Vec::new();
-        self.with_store(|s| {
+        let stored = self.with_store(|s| {
             s.tx(|tx| {
-                ws.id = unused(WorkspaceId::generate, |id| {
-                    Ok(store::get_workspace(tx, id)?.is_some())
-                })?;
+                if store::get_workspace(tx, &ws.id)?.is_some() {
+                    ws.id = unused(WorkspaceId::generate, |id| {
+                        Ok(store::get_workspace(tx, id)?.is_some())
+                    })?;
+                }
                 store::insert_workspace(tx, &ws)?;
+                if let Some(row) = &held {
+                    let row = store::ReservationRow {
+                        workspace_id: ws.id.clone(),
+                        ..row.clone()
+                    };
+                    store::insert_reservation(tx, &row)?;
+                    let nodes = plans.iter().map(|p| p.nodes).sum();
+                    store::push_timeline(
+                        tx,
+                        &ws.id,
+                        now,
+                        now,
+                        Phase::ReservationGranted,
+                        None,
+                        None,
+                        None,
+                        &super::reserve::granted_detail(&ws, &row, nodes),
+                    )?;
+                }
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
                     let slot = SlotRow {
@@ -142,7 +166,13 @@ impl Engine {
                 )?;
                 Ok::<_, EngineError>(())
             })
-        })?;
+        });
+        if let Err(e) = stored {
+            if let Some(row) = &held {
+                self.drop_unstored(row).await;
+            }
+            return Err(e);
+        }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
         for slot in &slots {
@@ -198,7 +228,7 @@ impl Engine {
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
-    async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
+    pub(super) async fn submit_slot(&self, slot: &SlotRow) -> Result<(), LrmError> {
         use std::os::unix::fs::OpenOptionsExt;
         let key = SlotKey::derive(&self.master, &slot.id).map_err(|e| LrmError::Config {
             lrm: "coordinator",
@@ -223,13 +253,29 @@ impl Engine {
             source,
         })?;
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
-        let spec = self
-            .with_store(|s| Ok(must_ws(s.conn(), &slot.workspace_id)?.spec))
-            .map_err(|e| LrmError::Config {
+        // A resumed lease needs the time it had left, not its whole
+        // duration; in a reservation the pilot starts `lead` before the lease.
+        let (lease, held) = self
+            .with_store(|s| {
+                let c = s.conn();
+                let ws = must_ws(c, &slot.workspace_id)?;
+                let left = match ws.state {
+                    WorkspaceState::Resuming => store::get_suspension(c, &ws.id)?
+                        .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
+                    _ => None,
+                };
+                Ok((
+                    left.unwrap_or(ws.spec.duration.0),
+                    store::reservation_of(c, &ws.id)?,
+                ))
+            })
+            .map_err(|e: EngineError| LrmError::Config {
                 lrm: "coordinator",
                 message: e.to_string(),
             })?;
-        let pilot_duration = spec.duration.0 + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        let pilot_duration = super::reserve::lead(held.as_ref())
+            + lease
+            + Duration::from_secs(self.cfg.pilot.startup_slack_s);
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,
@@ -242,7 +288,22 @@ impl Engine {
         // Real time spent submitting (a measurement, not a rule: the clock
         // of the rules may be virtual).
         let started = Instant::now();
-        let job_id = self.lrm.submit(&job).await?;
+        let job_id = match (&held, self.lrm.reservations()) {
+            (Some(r), Some(resv)) => resv.submit_into(&job, &r.lrm_id).await?,
+            (Some(r), None) => {
+                return Err(LrmError::Config {
+                    lrm: "coordinator",
+                    message: format!(
+                        "workspace {} is held by {} reservation {}, but the {} adapter has no reservations",
+                        slot.workspace_id,
+                        r.lrm,
+                        r.lrm_id,
+                        self.lrm.kind()
+                    ),
+                })
+            }
+            (None, _) => self.lrm.submit(&job).await?,
+        };
         let took = started.elapsed();
         info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
         let now = self.clock.now_ms();
@@ -259,9 +320,10 @@ impl Engine {
                     None,
                     None,
                     &format!(
-                        "{} job {} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
+                        "{} job {}{} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
                         self.lrm.kind(),
                         job_id,
+                        held.as_ref().map_or(String::new(), |r| format!(" in reservation {}", r.lrm_id)),
                         slot.group,
                         slot.nodes,
                         slot.cores,

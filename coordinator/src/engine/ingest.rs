@@ -9,10 +9,10 @@
 //! shared with the other entries (`rules`).
 
 use super::rules::{
-    end_slots, fail_workspace, maybe_settle, must_ws, slot_maybe_released, start_vms, transition,
-    Setting,
+    end_slots, fail_workspace, maybe_settle, must_ws, needs_slot, slot_maybe_released, start_vms,
+    transition, Setting,
 };
-use super::{Engine, EngineError};
+use super::{suspend, Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
 use crate::lifecycle::slot as slot_life;
 use crate::lifecycle::vm as vm_life;
@@ -239,12 +239,16 @@ pub(super) fn apply_event(
             reserved_mb,
             balloon_ms,
             cached_images,
+            checkpoints,
             ..
         } => {
             let detail = format!(
                 "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
                 now.saturating_sub(e.ts_ms)
             );
+            if let Some(cap) = checkpoints {
+                store::set_node_checkpoints(c, &slot.id, &e.node, cap)?;
+            }
             on_reserved(&mut ev, &detail, cached_images, setting)
         }
         EventKind::ReserveFailed { reason } => on_reserve_failed(&mut ev, reason),
@@ -261,8 +265,16 @@ pub(super) fn apply_event(
         EventKind::Preempting {
             signal,
             coordinator_wait_ms,
+            suspending,
+            not_suspending,
             ..
-        } => on_preempting(&mut ev, signal, *coordinator_wait_ms),
+        } => on_preempting(
+            &mut ev,
+            signal,
+            *coordinator_wait_ms,
+            suspending,
+            not_suspending.as_deref(),
+        ),
         EventKind::Released {
             reason,
             vms_destroyed,
@@ -287,15 +299,87 @@ pub(super) fn apply_event(
             }
             on_released(&mut ev, *reason, &detail)
         }
-        // Suspend/resume (docs/CHECKPOINTS.md) is not driven by the
-        // coordinator yet: it never sends the commands these answer.
-        EventKind::VmSuspended { .. }
-        | EventKind::VmSuspendFailed { .. }
-        | EventKind::VmResumed { .. }
-        | EventKind::VmResumeFailed { .. }
-        | EventKind::CheckpointDeleted { .. }
-        | EventKind::CheckpointDeleteFailed { .. } => {
-            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "checkpoint event not yet supported by the coordinator; recorded only");
+        // Suspend and resume: the rules are in `suspend`.
+        EventKind::VmSuspended {
+            vm_id,
+            checkpoint,
+            sha256,
+            bytes,
+            save_ms,
+            total_ms,
+            trigger,
+            ..
+        } => match ev.ws_vm(vm_id)? {
+            Some(vm) => suspend::on_vm_suspended(
+                c, &mut ev.ws, &vm, &e.node, checkpoint, sha256, *bytes, *save_ms, *total_ms,
+                *trigger, now,
+            ),
+            None => Ok(()),
+        },
+        EventKind::VmSuspendFailed {
+            vm_id,
+            checkpoint,
+            cause,
+            reason,
+            vm_running,
+        } => match ev.ws_vm(vm_id)? {
+            Some(vm) => {
+                let preempting = store::pilots_of(c, &slot.id)?
+                    .iter()
+                    .any(|p| p.node == e.node && p.state == pilot_life::PilotState::Preempting);
+                suspend::on_vm_suspend_failed(
+                    c,
+                    &mut ev.ws,
+                    &vm,
+                    &e.node,
+                    checkpoint,
+                    *cause,
+                    reason,
+                    *vm_running,
+                    preempting,
+                    now,
+                )
+            }
+            None => Ok(()),
+        },
+        EventKind::VmResumed {
+            vm_id,
+            checkpoint,
+            bytes,
+            restore_ms,
+            total_ms,
+            ..
+        } => match ev.own_vm(vm_id)? {
+            Some(vm) => suspend::on_vm_resumed(
+                c,
+                &mut ev.ws,
+                &vm,
+                &e.node,
+                checkpoint,
+                *bytes,
+                *restore_ms,
+                *total_ms,
+                now,
+            ),
+            None => Ok(()),
+        },
+        EventKind::VmResumeFailed {
+            vm_id,
+            checkpoint,
+            cause,
+            reason,
+        } => match ev.own_vm(vm_id)? {
+            Some(vm) => suspend::on_vm_resume_failed(
+                c, &mut ev.ws, &vm, &e.node, checkpoint, *cause, reason, now,
+            ),
+            None => Ok(()),
+        },
+        EventKind::CheckpointDeleted { checkpoint, bytes } => {
+            suspend::on_checkpoint_deleted(c, &ev.ws.id, &e.node, checkpoint, *bytes, now)
+        }
+        EventKind::CheckpointDeleteFailed { checkpoint, reason } => {
+            warn!(workspace_id = %ev.ws.id, node = %e.node, %checkpoint, reason, "checkpoint not deleted; the lease's end removes it");
+            store::set_checkpoint(c, checkpoint, "kept", None, None, now)?;
             Ok(())
         }
         // Pool slots, CPU shares and warm VMs (docs/POOL.md): the
@@ -362,6 +446,19 @@ impl Ev<'_> {
         Ok(())
     }
 
+    /// The VM if it belongs to this workspace and was last on this node: a
+    /// save is reported by the pilot that held the VM, whose slot the VM
+    /// may have left since (a resume moves it).
+    fn ws_vm(&self, vm_id: &VmId) -> Result<Option<VmRow>, EngineError> {
+        match store::get_vm(self.c, vm_id)? {
+            Some(vm) if vm.workspace_id == self.ws.id => Ok(Some(vm)),
+            _ => {
+                warn!(slot_id = %self.slot.id, vm_id = %vm_id, "event names a VM of another workspace; ignored");
+                Ok(None)
+            }
+        }
+    }
+
     /// The VM if it belongs to this slot (events about other slots' VMs change nothing).
     fn own_vm(&self, vm_id: &VmId) -> Result<Option<VmRow>, EngineError> {
         match store::get_vm(self.c, vm_id)? {
@@ -417,10 +514,21 @@ fn on_reserved(
         let all = slot_life::Input::AllReserved;
         store::advance_slot_from(c, &slot.id, slot.state, all)?;
     }
+    // The slots the VMs are in now (a resumed workspace's old slots are over).
+    let current: std::collections::HashSet<SlotId> = store::vms_of(c, &ev.ws.id)?
+        .into_iter()
+        .map(|v| v.slot_id)
+        .collect();
     let all = store::slots_of(c, &ev.ws.id)?
         .iter()
+        .filter(|s| current.contains(&s.id))
         .all(|s| s.state == SlotState::Reserved);
-    if all && ev.ws.state == WorkspaceState::Pending {
+    if all
+        && matches!(
+            ev.ws.state,
+            WorkspaceState::Pending | WorkspaceState::Resuming
+        )
+    {
         start_vms(c, &mut ev.ws, ev.now, setting)?;
     }
     Ok(())
@@ -473,7 +581,7 @@ fn on_vm_started(
     )?;
     let (vm_count, running) = store::count_vms(c, &ev.ws.id, VmState::Running)?;
     if vm_count == running && transition(c, &mut ev.ws, Input::AllVmsRunning, None, now)? {
-        let expires = now + ev.ws.spec.duration.0.as_millis() as u64;
+        let expires = super::reserve::lease_end(&ev.ws.spec, now);
         store::set_workspace_expiry(c, &ev.ws.id, expires)?;
         store::push_timeline(
             c,
@@ -523,16 +631,32 @@ fn on_vm_destroyed(ev: &Ev, vm_id: &VmId, destroy_ms: u64) -> Result<(), EngineE
 
 /// The batch system warned the pilot: the whole workspace is preempted
 /// (ensembles are all or nothing) and every slot told to release.
-fn on_preempting(ev: &mut Ev, signal: &str, coordinator_wait_ms: u64) -> Result<(), EngineError> {
+fn on_preempting(
+    ev: &mut Ev,
+    signal: &str,
+    coordinator_wait_ms: u64,
+    suspending: &[VmId],
+    not_suspending: Option<&str>,
+) -> Result<(), EngineError> {
     let (c, now, node) = (ev.c, ev.now, ev.node);
     ev.pilot(pilot_life::Input::Preempting)?;
     let job = ev.slot.job.id().unwrap_or("?");
+    let saving = if suspending.is_empty() {
+        String::new()
+    } else {
+        format!("; it saves {} VM(s)", suspending.len())
+    };
     ev.timeline(
         Phase::Preempting,
         None,
-        &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us"),
+        &format!("{signal} from the batch system (job {job}); pilot waits {coordinator_wait_ms} ms for us{saving}"),
     )?;
-    let reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+    let mut reason = format!("batch system preempted pilot job {job} on node {node} ({signal})");
+    // A lease that suspends on preemption is the suspend rules' business.
+    match suspend::on_preempting(c, &mut ev.ws, &reason, suspending, not_suspending, now)? {
+        None => return Ok(()),
+        Some(more) => reason.push_str(&more),
+    }
     if transition(c, &mut ev.ws, Input::Preempted, Some(&reason), now)? {
         end_slots(c, &ev.ws, now)?;
     } else {
@@ -550,10 +674,18 @@ fn on_released(ev: &mut Ev, reason: ReleaseReason, detail: &str) -> Result<(), E
     let gone = vm_life::Input::Gone {
         preempted: ev.ws.state == WorkspaceState::Preempted || reason == ReleaseReason::Preempted,
     };
+    let mut unsaved = Vec::new();
     for (vm, state) in store::live_vms_on(c, &ev.slot.id, node)? {
+        if suspend::keeps(state) {
+            continue; // left as a checkpoint
+        }
+        if state == VmState::Suspending {
+            unsaved.push(vm.clone());
+        }
         store::advance_vm_from(c, &vm, state, gone)?;
     }
-    if lifecycle::wants_slots(ev.ws.state) {
+    suspend::after_release(c, &mut ev.ws, node, &unsaved, now)?;
+    if needs_slot(c, &ev.ws, &ev.slot.id)? {
         let (input, why) = match reason {
             ReleaseReason::Deadline => (
                 Input::LeaseExpired,

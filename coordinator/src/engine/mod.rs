@@ -16,12 +16,15 @@
 mod client;
 mod ingest;
 mod reconcile;
+mod reserve;
 #[cfg(test)]
 mod rule_tests;
 mod rules;
 mod signed;
+pub mod suspend;
 mod views;
 
+pub use reserve::Refusal;
 pub use signed::PollAnswer;
 
 use crate::clock::{Clock, WallClock};
@@ -55,12 +58,18 @@ pub enum EngineError {
     /// No addresses for the workspace (pool exhausted, no public pool).
     #[error("{0}")]
     Network(#[from] NetError),
+    /// A reservation or immediate lease the batch system cannot guarantee.
+    #[error("{0}")]
+    Refused(reserve::Refusal),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
     Forbidden(String),
+    /// The request does not fit the workspace's state (answered 409).
+    #[error("{0}")]
+    Conflict(String),
     #[error("replayed event: pilot {pilot} seq {seq} was already received")]
     Duplicate { pilot: String, seq: u64 },
     #[error("batch system refused the pilot job for workspace {workspace}: {source}")]

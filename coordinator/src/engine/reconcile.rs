@@ -55,16 +55,28 @@ impl Engine {
         if let Err(e) = self.expire_leases() {
             warn!(error = %e, "lease expiry check failed");
         }
+        if let Err(e) = self.suspend_for_reservations() {
+            warn!(error = %e, "suspending best-effort leases for reservations failed; will retry");
+        }
         if let Err(e) = self.find_lost_pilots() {
             warn!(error = %e, "pilot silence check failed");
         }
         self.retry_cancels().await;
+        if let Err(e) = self.resume_due().await {
+            warn!(error = %e, "resuming suspended workspaces failed; will retry");
+        }
+        if let Err(e) = self.delete_ended_checkpoints().await {
+            warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
+        }
         if lrm_due {
             if let Err(e) = self.poll_lrm().await {
                 warn!(error = %e, "batch system status query failed; will retry");
             }
             if let Err(e) = self.cancel_orphans().await {
                 warn!(error = %e, "orphan job scan failed; will retry");
+            }
+            if let Err(e) = self.release_reservations().await {
+                warn!(error = %e, "releasing batch system reservations failed; will retry");
             }
         }
     }
@@ -367,7 +379,10 @@ pub(super) fn fail_unsubmitted(store: &mut Store, now: u64) -> Result<(), Engine
             let unsubmitted = store::slots_of(tx, &ws.id)?
                 .iter()
                 .any(|s| s.job == Job::Unsubmitted && !s.state.is_terminal());
-            if unsubmitted {
+            if unsubmitted && ws.state == protocol::view::WorkspaceState::Resuming {
+                warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's new slots");
+                super::suspend::recover_resume(tx, &mut ws, now)?;
+            } else if unsubmitted {
                 warn!(workspace_id = %ws.id, "coordinator stopped while submitting this workspace's pilot jobs");
                 fail_workspace(tx, &mut ws, "the coordinator stopped while submitting the pilot jobs", now)?;
                 end_slots(tx, &ws, now)?;

@@ -28,6 +28,8 @@ struct ScriptedLrm {
     jobs: Mutex<HashMap<JobId, (String, JobState)>>,
     failing_cancels: AtomicU32,
     cancels_tried: AtomicU32,
+    /// Submits refused from now on (the batch system refusing a job).
+    failing_submits: AtomicU32,
 }
 
 impl ScriptedLrm {
@@ -67,6 +69,13 @@ impl Lrm for ScriptedLrm {
         String::new()
     }
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
+        if self.failing_submits.load(Ordering::SeqCst) > 0 {
+            self.failing_submits.fetch_sub(1, Ordering::SeqCst);
+            return Err(LrmError::Config {
+                lrm: "scripted",
+                message: "sbatch: error: QOSMaxSubmitJobPerUserLimit".into(),
+            });
+        }
         let mut jobs = self.jobs.lock().expect("lock");
         let id = JobId((jobs.len() + 1).to_string());
         jobs.insert(id.clone(), (job.name.clone(), JobState::Queued));
@@ -126,6 +135,7 @@ fn open(dir: &std::path::Path, clock: &Arc<ManualClock>, lrm: &Arc<ScriptedLrm>)
     let cfg = Config {
         data_dir: dir.join("data"),
         pilot_silence_s: 90,
+        checkpoint_dir: Some(dir.join("store")),
         ..Config::default()
     };
     let parts = Parts {
@@ -315,6 +325,9 @@ fn released(reason: ReleaseReason) -> EventKind {
         vms_suspended: Vec::new(),
     }
 }
+
+#[path = "suspend_tests.rs"]
+mod suspend_tests;
 
 #[tokio::test]
 async fn preempted_while_destroying_ends_preempted_with_every_vm_preempted() {

@@ -107,6 +107,16 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
     Ok(())
 }
 
+/// True while the workspace needs this slot: it wants slots and its VMs are
+/// in this one (not an old slot its VMs left when they were suspended).
+pub(super) fn needs_slot(
+    c: &Connection,
+    ws: &WorkspaceRow,
+    slot: &SlotId,
+) -> Result<bool, EngineError> {
+    Ok(lifecycle::wants_slots(ws.state) && store::slot_has_vms(c, slot)?)
+}
+
 /// When every slot has ended, the workspace settles (destroying -> destroyed, ...).
 pub(super) fn maybe_settle(
     c: &Connection,
@@ -121,6 +131,10 @@ pub(super) fn maybe_settle(
         let reason = "every slot ended while the workspace was live";
         store::set_workspace_reason(c, &ws.id, reason, now)?;
         ws.reason = Some(reason.to_string());
+    }
+    if lifecycle::in_suspension(ws.state) {
+        // Its VMs are checkpoints (or becoming them, or coming back): not gone.
+        return Ok(());
     }
     // Any VM not yet accounted for is gone with its slot.
     let gone = vm_life::Input::Gone {
@@ -170,9 +184,10 @@ pub(super) fn start_vms(
             });
         }
     }
+    // VMs to start, and (resuming) suspended VMs to restore in their new slots.
     let vms: Vec<VmRow> = store::vms_of(c, &ws.id)?
         .into_iter()
-        .filter(|v| v.state == VmState::Pending)
+        .filter(|v| matches!(v.state, VmState::Pending | VmState::Suspended))
         .collect();
     let needs: Vec<VmNeed> = vms
         .iter()
@@ -219,8 +234,28 @@ pub(super) fn start_vms(
         let Some(vm) = by_id.get(&vm_id) else {
             continue;
         };
-        store::set_vm_node(c, &vm.id, &node)?;
-        store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
+        let restore = if vm.state == VmState::Suspended {
+            let Some(from) = super::suspend::restore_from(c, &vm.id)? else {
+                let why = format!("VM {} has no complete checkpoint to resume from", vm.id);
+                return fail_workspace(c, ws, &why, now);
+            };
+            store::advance_vm(c, &vm.id, vm_life::Input::RestoreSent)?;
+            Some(from)
+        } else {
+            store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
+            None
+        };
+        let from = restore.as_ref().map(|r| r.checkpoint.to_string());
+        store::place_vm(
+            c,
+            &vm.id,
+            &vm.slot_id,
+            &vm.name,
+            &node,
+            now,
+            from.as_deref(),
+        )?;
+        let on_preempt = super::suspend::launch_on_preempt(c, ws, &vm.id, &vm.slot_id, &node)?;
         let launch = VmLaunch {
             vm_id: vm.id.clone(),
             name: vm.name.clone(),
@@ -237,8 +272,8 @@ pub(super) fn start_vms(
                 peers: Vec::new(),
                 ssh_key: ws.spec.ssh_key.clone(),
             }),
-            on_preempt: Default::default(),
-            restore: None,
+            on_preempt,
+            restore,
             urgency: 0,
             cpu: None,
         };
@@ -252,7 +287,10 @@ pub(super) fn start_vms(
             Some(&vm.slot_id),
             Some(&node),
             Some(&vm.id),
-            &format!("{} ({}) -> {node}", vm.name, vm.group),
+            &match &from {
+                Some(ck) => format!("{} ({}) -> {node}, restored from {ck}", vm.name, vm.group),
+                None => format!("{} ({}) -> {node}", vm.name, vm.group),
+            },
         )?;
     }
     Ok(())
@@ -387,7 +425,7 @@ pub(super) fn job_ended(
                 ),
             )?;
         }
-        if lifecycle::wants_slots(ws.state) {
+        if needs_slot(c, &ws, slot_id)? {
             let reason = format!(
                 "batch job {job} ended ({how}) while the workspace was {}",
                 ws.state

@@ -59,9 +59,25 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
     for (vm, nic) in store::addresses_of(c, &ws.id)? {
         nics.entry(vm).or_default().push(nic);
     }
-    let vms = store::vms_of(c, &ws.id)?
-        .into_iter()
-        .map(|v| VmView {
+    // Guaranteed leases: their start, and each VM's lateness against it.
+    let held = store::reservation_of(c, &ws.id)?;
+    let started = match &held {
+        Some(_) => store::vm_started_at(c, &ws.id)?,
+        None => HashMap::new(),
+    };
+    let mut vms = Vec::new();
+    for v in store::vms_of(c, &ws.id)? {
+        let checkpoint = store::latest_checkpoint(c, &v.id)?
+            .filter(|k| k.state != "failed")
+            .map(|k| k.id().to_string());
+        let placements = store::placements_of(c, &v.id)?;
+        vms.push(VmView {
+            start_offset_ms: held.as_ref().and_then(|r| {
+                let at = *started.get(&v.id)?;
+                Some(at as i64 - r.start_ms as i64)
+            }),
+            checkpoint,
+            placements,
             hostname: Some(network::hostname(&v.group, v.idx)),
             nics: nics.remove(&v.id).unwrap_or_default(),
             job_id: jobs.get(&v.slot_id).cloned().flatten(),
@@ -73,8 +89,8 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
             state: v.state,
             memory_mb: v.memory_mb,
             cpus: v.cpus,
-        })
-        .collect();
+        });
+    }
     let settled = is_settled(ws.state, &slots);
     let mut slot_views = Vec::new();
     for s in slots {
@@ -106,6 +122,11 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
         created_ms: ws.created_ms,
         updated_ms: ws.updated_ms,
         expires_ms: ws.expires_ms,
+        kind: ws.spec.lease_kind(),
+        start_ms: held.as_ref().map(|r| r.start_ms),
+        reservation: held
+            .as_ref()
+            .map(|r| format!("{} {} ({})", r.lrm, r.lrm_id, r.state.as_str())),
         settled,
         vms,
         slots: slot_views,

@@ -12,4 +12,4 @@ pub mod slot;
 pub mod vm;
 pub mod workspace;
 
-pub use workspace::{next, wants_slots, Input};
+pub use workspace::{in_suspension, next, wants_slots, Input};

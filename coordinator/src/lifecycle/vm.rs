@@ -2,7 +2,9 @@
 //!
 //! `pending` until it is mapped onto a reserved node, `starting` once the
 //! pilot is told to start it, `running` when the pilot says so; it ends
-//! `destroyed`, `preempted` (its lease was preempted) or `failed`.
+//! `destroyed`, `preempted` (its lease was preempted) or `failed`. A
+//! running VM may be saved (`suspending` -> `suspended`: a checkpoint, on no
+//! node) and restored elsewhere (`resuming` -> `running`).
 //! (`destroying`, in the view's states, is not reached yet: VMs are destroyed
 //! with their slot, not one by one.)
 
@@ -19,6 +21,18 @@ pub enum Input {
     Failed,
     /// It is gone with its slot (or destroyed); `preempted` when its lease was preempted.
     Gone { preempted: bool },
+    /// Its pilot saves it (told to, or on the batch system's warning).
+    SaveStarted,
+    /// Its checkpoint is complete and it is gone from its node.
+    Saved,
+    /// A commanded save failed and the VM runs on.
+    SaveFailedRunning,
+    /// A pilot is told to restore it from its checkpoint.
+    RestoreSent,
+    /// The pilot reported it running from its checkpoint.
+    Restored,
+    /// The restore failed or was called off; its checkpoint is intact.
+    RestoreAborted,
 }
 
 /// The VM's next state, or `None` when the input does not change it.
@@ -30,6 +44,14 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
     let to = match (state, input) {
         (S::Pending, Input::Mapped) => S::Starting,
         (S::Starting, Input::Started) => S::Running,
+        (S::Running, Input::SaveStarted) => S::Suspending,
+        (S::Running | S::Suspending, Input::Saved) => S::Suspended,
+        (S::Suspending, Input::SaveFailedRunning) => S::Running,
+        (S::Suspended, Input::RestoreSent) => S::Resuming,
+        (S::Resuming, Input::Restored) => S::Running,
+        // Called off: its checkpoint is still its state (a member that resumed
+        // already is destroyed with its new slot).
+        (S::Resuming | S::Running, Input::RestoreAborted) => S::Suspended,
         (_, Input::Failed) => S::Failed,
         (_, Input::Gone { preempted: false }) => S::Destroyed,
         (_, Input::Gone { preempted: true }) => S::Preempted,
@@ -43,13 +65,37 @@ mod tests {
     use super::*;
     use VmState as S;
 
-    const INPUTS: [Input; 5] = [
+    const INPUTS: [Input; 11] = [
         Input::Mapped,
         Input::Started,
         Input::Failed,
         Input::Gone { preempted: false },
         Input::Gone { preempted: true },
+        Input::SaveStarted,
+        Input::Saved,
+        Input::SaveFailedRunning,
+        Input::RestoreSent,
+        Input::Restored,
+        Input::RestoreAborted,
     ];
+
+    #[test]
+    fn a_vm_is_saved_and_restored_elsewhere() {
+        let s = next(S::Running, Input::SaveStarted).unwrap();
+        assert_eq!(next(s, Input::SaveFailedRunning), Some(S::Running));
+        let s = next(s, Input::Saved).unwrap();
+        assert_eq!(s, S::Suspended);
+        assert_eq!(next(s, Input::Started), None);
+        let s = next(s, Input::RestoreSent).unwrap();
+        assert_eq!(next(s, Input::RestoreAborted), Some(S::Suspended));
+        assert_eq!(next(s, Input::Restored), Some(S::Running));
+        // A suspended VM whose lease ends is gone with it.
+        assert_eq!(
+            next(S::Suspended, Input::Gone { preempted: false }),
+            Some(S::Destroyed)
+        );
+        assert_eq!(next(S::Pending, Input::SaveStarted), None);
+    }
 
     #[test]
     fn a_vm_is_mapped_started_and_destroyed() {

@@ -23,6 +23,15 @@ pub enum Input {
     Failed,
     /// Every slot is released or failed: nothing is left anywhere.
     AllSlotsEnded,
+    /// Its VMs are being saved (preemption, or the client asked).
+    SuspendStarted,
+    /// Every VM is a checkpoint.
+    AllSaved,
+    /// New slots are asked for, to restore the VMs into.
+    ResumeStarted,
+    /// The resume was given up with the checkpoints intact (a slot refused,
+    /// a node without the room): suspended again, to be resumed later.
+    ResumeAborted,
 }
 
 /// The next state, or `None` when the input does not change the state.
@@ -30,23 +39,47 @@ pub fn next(state: S, input: Input) -> Option<S> {
     use Input::*;
     let to = match (state, input) {
         (S::Pending, AllSlotsReserved) => S::Starting,
-        (S::Starting, AllVmsRunning) => S::Running,
-        (S::Pending | S::Starting | S::Running, DestroyRequested) => S::Destroying,
+        (S::Starting | S::Resuming, AllVmsRunning) => S::Running,
+        (S::Running, SuspendStarted) => S::Suspending,
+        (S::Suspending, AllSaved) => S::Suspended,
+        (S::Suspended, ResumeStarted) => S::Resuming,
+        (S::Resuming, ResumeAborted) => S::Suspended,
+        (
+            S::Pending | S::Starting | S::Running | S::Suspending | S::Suspended | S::Resuming,
+            DestroyRequested,
+        ) => S::Destroying,
+        // A suspended lease's clock is stopped: it expires only while it runs.
         (S::Pending | S::Starting | S::Running, LeaseExpired) => S::Expired,
-        (S::Pending | S::Starting | S::Running | S::Destroying, Preempted) => S::Preempted,
-        (S::Pending | S::Starting | S::Running, Failed) => S::Failed,
+        // A save that failed on preemption: the VMs are gone, as before.
+        (
+            S::Pending | S::Starting | S::Running | S::Suspending | S::Resuming | S::Destroying,
+            Preempted,
+        ) => S::Preempted,
+        (
+            S::Pending | S::Starting | S::Running | S::Suspending | S::Suspended | S::Resuming,
+            Failed,
+        ) => S::Failed,
         // A destroy that was under way ends as destroyed even if a node failed.
         (S::Destroying, AllSlotsEnded) => S::Destroyed,
-        // Slots ending under a live workspace means it cannot go on.
-        (S::Pending | S::Starting | S::Running, AllSlotsEnded) => S::Failed,
+        // Slots ending under a live workspace means it cannot go on. A
+        // suspended one holds no slot by design; a suspending one gives its
+        // slots back as its VMs are saved (the rules settle it first).
+        (S::Pending | S::Starting | S::Running | S::Resuming, AllSlotsEnded) => S::Failed,
         _ => return None,
     };
     Some(to)
 }
 
 /// True while the workspace still wants its slots (VMs may start or run).
+/// Not while it is suspending: its slots are being given back.
 pub fn wants_slots(state: S) -> bool {
-    matches!(state, S::Pending | S::Starting | S::Running)
+    matches!(state, S::Pending | S::Starting | S::Running | S::Resuming)
+}
+
+/// True while the workspace is (becoming) a set of checkpoints or coming
+/// back from them.
+pub fn in_suspension(state: S) -> bool {
+    matches!(state, S::Suspending | S::Suspended | S::Resuming)
 }
 
 #[cfg(test)]
@@ -74,6 +107,10 @@ mod tests {
                 Preempted,
                 Failed,
                 AllSlotsEnded,
+                SuspendStarted,
+                AllSaved,
+                ResumeStarted,
+                ResumeAborted,
             ] {
                 assert_eq!(next(t, i), None, "{t:?} {i:?}");
             }
@@ -84,6 +121,42 @@ mod tests {
     fn preemption_wins_over_a_destroy_in_progress() {
         assert_eq!(next(S::Destroying, Preempted), Some(S::Preempted));
         assert_eq!(next(S::Destroying, Failed), None);
+    }
+
+    #[test]
+    fn a_workspace_is_suspended_resumed_and_runs_again() {
+        let s = next(S::Running, SuspendStarted).unwrap();
+        assert_eq!(s, S::Suspending);
+        assert!(
+            !wants_slots(s),
+            "a suspending workspace gives its slots back"
+        );
+        let s = next(s, AllSaved).unwrap();
+        assert_eq!(s, S::Suspended);
+        assert_eq!(next(s, AllSlotsEnded), None, "it holds no slot by design");
+        assert_eq!(next(s, LeaseExpired), None, "its lease clock is stopped");
+        assert_eq!(next(s, Preempted), None, "nothing of it can be preempted");
+        let s = next(s, ResumeStarted).unwrap();
+        assert_eq!(s, S::Resuming);
+        assert!(wants_slots(s));
+        assert_eq!(next(s, ResumeAborted), Some(S::Suspended));
+        assert_eq!(next(s, AllVmsRunning), Some(S::Running));
+    }
+
+    #[test]
+    fn a_failed_save_on_preemption_ends_the_workspace_and_any_suspension_can_be_destroyed() {
+        assert_eq!(next(S::Suspending, Preempted), Some(S::Preempted));
+        for s in [S::Suspending, S::Suspended, S::Resuming] {
+            assert_eq!(next(s, DestroyRequested), Some(S::Destroying), "{s:?}");
+            assert_eq!(next(s, Failed), Some(S::Failed), "{s:?}");
+            assert!(in_suspension(s));
+        }
+        assert_eq!(
+            next(S::Starting, SuspendStarted),
+            None,
+            "only a running lease"
+        );
+        assert_eq!(next(S::Suspended, AllSaved), None);
     }
 
     #[test]

@@ -255,3 +255,31 @@ fn injected_requests_arrive_on_top_of_the_trace_and_are_counted_apart() {
         "{injected:?}"
     );
 }
+
+#[test]
+fn with_suspend_resume_preempted_leases_are_suspended_resumed_and_run_their_whole_time() {
+    // The same preemptions, without and with a checkpoint store on the nodes.
+    let mut cfg = small(20);
+    cfg.failures.preempt = 0.5;
+    cfg.batch.grace_s = 60.0;
+    let without = run("kth-sp2-first-200.swf", &cfg);
+    assert!(without.complete, "{:?}", without.incomplete_because);
+    assert!(without.leases.preempted > 0, "{:?}", without.leases);
+
+    cfg.policy.suspend_resume = true;
+    let with = run("kth-sp2-first-200.swf", &cfg);
+    assert!(with.complete, "{:?}", with.incomplete_because);
+    assert_eq!(with.leases.preempted, 0, "{:?}", with.leases);
+    assert_eq!(with.leases.expired, 20, "{:?}", with.leases);
+
+    // A save that cannot fit the grace is not attempted: preempted as before.
+    cfg.batch.grace_s = 1.0;
+    cfg.nodes.save_mb_per_s = 1.0;
+    let slow = run("kth-sp2-first-200.swf", &cfg);
+    assert!(slow.complete, "{:?}", slow.incomplete_because);
+    assert_eq!(
+        slow.leases.preempted, without.leases.preempted,
+        "{:?}",
+        slow.leases
+    );
+}

@@ -34,9 +34,21 @@ use std::time::{Duration, Instant};
 enum Ev {
     Arrive(usize),
     Pass,
-    PilotUp { job: u64, node: u32 },
+    PilotUp {
+        job: u64,
+        node: u32,
+    },
     Reserved(usize),
-    VmUp { pilot: usize, vm: usize },
+    VmUp {
+        pilot: usize,
+        vm: usize,
+    },
+    /// A VM's save is complete (`commanded`: by `suspend_vm`, else on the warning).
+    Saved {
+        pilot: usize,
+        vm: usize,
+        commanded: bool,
+    },
     Cleaned(usize),
     Deadline(usize),
     Walltime(u64),
@@ -60,6 +72,13 @@ struct VmModel {
     id: VmId,
     name: String,
     up_ms: Option<u64>,
+    memory_mb: u64,
+    /// Where its save goes on the batch system's warning (`on_preempt`).
+    suspend_to: Option<protocol::pilot::CheckpointId>,
+    /// The checkpoint it is restored from (a resume), if it is.
+    restore: Option<protocol::pilot::CheckpointId>,
+    /// Saved and gone from the node.
+    saved: bool,
 }
 
 struct PilotModel {
@@ -288,8 +307,30 @@ impl Sim<'_> {
             self.handle(ev)?;
         }
         self.flush()?;
+        if self.cfg.policy.suspend_resume {
+            self.resume_suspended()?;
+        }
         self.after_engine()?;
         self.schedule_timers()
+    }
+
+    /// Suspended leases get new slots at once, as the server's housekeeping
+    /// does; each job is tagged with its request, so its pilots know the lease.
+    fn resume_suspended(&mut self) -> Result<(), EngineError> {
+        let due = self.engine.resumable()?;
+        for id in due {
+            let tag = self
+                .workspaces
+                .iter()
+                .position(|w| w.as_ref().is_ok_and(|w| *w == id));
+            self.batch.expect(None, tag);
+            if let Err(e) = self.rt.block_on(self.engine.resume_now(&id)) {
+                if matches!(e, EngineError::Store(_) | EngineError::Writer(_)) {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn handle(&mut self, ev: Ev) -> Result<(), EngineError> {
@@ -299,6 +340,11 @@ impl Sim<'_> {
             Ev::PilotUp { job, node } => self.pilot_up(job, node)?,
             Ev::Reserved(p) => self.reserved(p)?,
             Ev::VmUp { pilot, vm } => self.vm_up(pilot, vm)?,
+            Ev::Saved {
+                pilot,
+                vm,
+                commanded,
+            } => self.saved(pilot, vm, commanded)?,
             Ev::Cleaned(p) => self.cleaned(p)?,
             Ev::Deadline(p) => {
                 if self.pilots[p].phase == Phase::Holding {
@@ -336,6 +382,9 @@ impl Sim<'_> {
                 public_ip: false,
             }],
             ssh_key: None,
+            kind: None,
+            start: None,
+            on_preempt: None,
             urgency: 0,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));

@@ -7,7 +7,7 @@
 use super::{secs, Ev, Phase, PilotModel, Sim, VmModel};
 use crate::engine::EngineError;
 use crate::sim::batch::Cause;
-use protocol::pilot::{CommandKind, EventKind, ReleaseReason};
+use protocol::pilot::{CommandKind, EventKind, OnPreempt, ReleaseReason};
 use protocol::{PilotId, SlotId, VmId};
 use rand::Rng;
 
@@ -84,7 +84,12 @@ impl Sim<'_> {
                 reserved_mb: mb,
                 balloon_ms: secs(self.cfg.nodes.reserve_s),
                 cached_images: Vec::new(),
-                checkpoints: None,
+                checkpoints: self.cfg.policy.suspend_resume.then_some(
+                    protocol::pilot::CheckpointCapability {
+                        save_mb_per_s: self.cfg.nodes.save_mb_per_s,
+                        measured: false,
+                    },
+                ),
                 deadline_ms: None,
                 idle: false,
                 cpu_control: None,
@@ -139,6 +144,22 @@ impl Sim<'_> {
             return self.send(p, EventKind::VmFailed { vm_id: id, reason });
         }
         self.pilots[p].vms[vm].up_ms = Some(self.now());
+        if let Some(checkpoint) = self.pilots[p].vms[vm].restore.clone() {
+            let mb = self.pilots[p].vms[vm].memory_mb;
+            let ms = self.restore_ms(mb);
+            return self.send(
+                p,
+                EventKind::VmResumed {
+                    vm_id: id,
+                    name,
+                    checkpoint,
+                    bytes: mb << 20,
+                    restore_ms: ms,
+                    total_ms: ms,
+                    stage_ms: None,
+                },
+            );
+        }
         self.send(
             p,
             EventKind::VmStarted {
@@ -148,6 +169,59 @@ impl Sim<'_> {
                 stage_ms: None,
                 cache_hit: None,
                 warm: None,
+            },
+        )
+    }
+
+    fn save_ms(&self, memory_mb: u64) -> u64 {
+        secs(memory_mb as f64 / self.cfg.nodes.save_mb_per_s)
+    }
+
+    fn restore_ms(&self, memory_mb: u64) -> u64 {
+        secs(memory_mb as f64 / self.cfg.nodes.restore_mb_per_s)
+    }
+
+    /// A VM's save is done: it stops running, is gone from the node, and
+    /// the pilot says so.
+    pub(super) fn saved(
+        &mut self,
+        p: usize,
+        vm: usize,
+        commanded: bool,
+    ) -> Result<(), EngineError> {
+        if matches!(self.pilots[p].phase, Phase::Gone) {
+            return Ok(());
+        }
+        let v = &self.pilots[p].vms[vm];
+        let (Some(up), Some(to)) = (v.up_ms, v.suspend_to.clone()) else {
+            return Ok(());
+        };
+        let (id, mb) = (v.id.clone(), v.memory_mb);
+        let now = self.now();
+        self.vm_intervals.push((up, now.max(up)));
+        let job = self.pilots[p].job;
+        if let Some(r) = self.jobs.get_mut(&job) {
+            r.vm_ms += now.saturating_sub(up);
+        }
+        let v = &mut self.pilots[p].vms[vm];
+        v.up_ms = None;
+        v.saved = true;
+        let ms = self.save_ms(mb);
+        self.send(
+            p,
+            EventKind::VmSuspended {
+                vm_id: id,
+                sha256: format!("{:064x}", to.generation),
+                checkpoint: to,
+                bytes: mb << 20,
+                memory_mb: mb,
+                save_ms: ms,
+                total_ms: ms,
+                trigger: if commanded {
+                    protocol::pilot::SuspendTrigger::Commanded
+                } else {
+                    protocol::pilot::SuspendTrigger::Preempted
+                },
             },
         )
     }
@@ -191,7 +265,10 @@ impl Sim<'_> {
             return Ok(());
         }
         self.pilots[p].phase = Phase::Gone;
-        let destroyed: Vec<VmId> = self.pilots[p].vms.iter().map(|v| v.id.clone()).collect();
+        let (suspended, destroyed): (Vec<&VmModel>, Vec<&VmModel>) =
+            self.pilots[p].vms.iter().partition(|v| v.saved);
+        let vms_suspended: Vec<VmId> = suspended.iter().map(|v| v.id.clone()).collect();
+        let destroyed: Vec<VmId> = destroyed.iter().map(|v| v.id.clone()).collect();
         let reason = self.pilots[p].reason;
         self.send(
             p,
@@ -202,7 +279,7 @@ impl Sim<'_> {
                 restore_ms: secs(self.cfg.nodes.restore_s),
                 clean: true,
                 problems: Vec::new(),
-                vms_suspended: Vec::new(),
+                vms_suspended,
             },
         )?;
         let job = self.pilots[p].job;
@@ -223,17 +300,57 @@ impl Sim<'_> {
                 Phase::Holding => {
                     self.pilots[p].phase = Phase::Preempting;
                     let now = self.now();
+                    // As the pilot decides (docs/CHECKPOINTS.md): all the VMs
+                    // that asked are saved one after another if the estimate
+                    // fits the save budget, else none.
+                    let asked: Vec<usize> = (0..self.pilots[p].vms.len())
+                        .filter(|&v| {
+                            let m = &self.pilots[p].vms[v];
+                            m.up_ms.is_some() && m.suspend_to.is_some()
+                        })
+                        .collect();
+                    let mb: u64 = asked.iter().map(|&v| self.pilots[p].vms[v].memory_mb).sum();
+                    let estimate = (self.save_ms(mb) as f64 * 1.25) as u64;
+                    let budget = ((grace as f64 * 0.85) as u64)
+                        .saturating_sub((grace as f64 * 0.15).clamp(300.0, 5000.0) as u64);
+                    let (suspending, not_suspending) = if asked.is_empty() {
+                        (Vec::new(), None)
+                    } else if estimate <= budget {
+                        let mut at = 0;
+                        for &v in &asked {
+                            at += self.save_ms(self.pilots[p].vms[v].memory_mb);
+                            self.after(
+                                at,
+                                Ev::Saved {
+                                    pilot: p,
+                                    vm: v,
+                                    commanded: false,
+                                },
+                            );
+                        }
+                        let ids = asked.iter().map(|&v| self.pilots[p].vms[v].id.clone());
+                        (ids.collect(), None)
+                    } else {
+                        let why = format!(
+                            "save did not fit the grace: needs ~{:.1} s for {} VM(s) of {mb} MB, {:.1} s left",
+                            estimate as f64 / 1000.0,
+                            asked.len(),
+                            budget as f64 / 1000.0
+                        );
+                        (Vec::new(), Some(why))
+                    };
+                    let saving = if suspending.is_empty() { 0 } else { estimate };
                     self.send(
                         p,
                         EventKind::Preempting {
                             signal: "SIGTERM".into(),
                             coordinator_wait_ms: wait,
                             cleanup_deadline_ms: now + grace * 9 / 10,
-                            suspending: Vec::new(),
-                            not_suspending: None,
+                            suspending,
+                            not_suspending,
                         },
                     )?;
-                    self.after(wait, Ev::WaitOver(p));
+                    self.after(saving + wait, Ev::WaitOver(p));
                 }
                 Phase::Reserving => self.cleanup(p, ReleaseReason::Preempted),
                 _ => {}
@@ -306,14 +423,69 @@ impl Sim<'_> {
                 match c.kind {
                     CommandKind::StartVm(launch) => {
                         let node = self.pilots[p].node.clone();
-                        let delay = self.vm_delay(&node, &launch.image);
+                        let restore = launch.restore.map(|r| r.checkpoint);
+                        let delay = match restore {
+                            Some(_) => self.restore_ms(launch.memory_mb),
+                            None => self.vm_delay(&node, &launch.image),
+                        };
                         let vm = self.pilots[p].vms.len();
                         self.pilots[p].vms.push(VmModel {
                             id: launch.vm_id,
                             name: launch.name,
                             up_ms: None,
+                            memory_mb: launch.memory_mb,
+                            suspend_to: match launch.on_preempt {
+                                OnPreempt::Suspend { to } => Some(to),
+                                OnPreempt::End => None,
+                            },
+                            restore,
+                            saved: false,
                         });
                         self.after(delay, Ev::VmUp { pilot: p, vm });
+                    }
+                    CommandKind::SuspendVm { vm_id, to } => {
+                        let found = self.pilots[p]
+                            .vms
+                            .iter()
+                            .position(|v| v.id == vm_id && v.up_ms.is_some());
+                        match found {
+                            Some(v) if self.pilots[p].phase == Phase::Holding => {
+                                self.pilots[p].vms[v].suspend_to = Some(to);
+                                let ms = self.save_ms(self.pilots[p].vms[v].memory_mb);
+                                self.after(
+                                    ms,
+                                    Ev::Saved {
+                                        pilot: p,
+                                        vm: v,
+                                        commanded: true,
+                                    },
+                                );
+                            }
+                            // Saving it already, on the batch system's warning.
+                            Some(_) => {}
+                            None => {
+                                let reason = format!("{vm_id} does not run on this node");
+                                self.send(
+                                    p,
+                                    EventKind::VmSuspendFailed {
+                                        vm_id,
+                                        checkpoint: to,
+                                        cause: protocol::pilot::SuspendFailure::NoSuchVm,
+                                        reason,
+                                        vm_running: false,
+                                    },
+                                )?;
+                            }
+                        }
+                    }
+                    CommandKind::DeleteCheckpoint { checkpoint } => {
+                        self.send(
+                            p,
+                            EventKind::CheckpointDeleted {
+                                checkpoint,
+                                bytes: 0,
+                            },
+                        )?;
                     }
                     CommandKind::Release => {
                         let reason = if self.pilots[p].phase == Phase::Preempting {
