@@ -19,6 +19,16 @@
 #   line of the seed's wsp-peers, and "WSP-PING <peer> ok|FAIL" for each
 #   peer's first address; with wsp.spoof=<hostname>, that VM then changes its
 #   IP, then its MAC, and prints "WSP-SPOOF ip|mac reached=<n>".
+#   With wsp.burn=1 it spins after the marker (a guest that wants a whole
+#   CPU: the CPU-cap tests).
+#   With wsp.warm=1 (a warm image: its clean snapshot is taken at the
+#   marker) the modules are loaded first and /bin/wsp-hotplug handles what
+#   a warm start plugs in after the restore: when a NoCloud seed (label
+#   cidata) appears it sets the hostname, waits for the NICs the seed's
+#   network-config names and runs udhcpc on them, records the hostname in
+#   memory (/tmp/wsp-users) and, with wsp.disk=1, in a file on the disk
+#   (wsp-user-<hostname>), then prints "WSP-IDENTITY <hostname> <ips>",
+#   "WSP-USERS <hostnames in memory>" and "WSP-FILES <files on the disk>".
 # DIR = $WSP_KVM_PAYLOAD, else /var/cache/wsp-kvm-payload/v<VERSION> (one
 # directory per version, so checkouts of different versions on one host
 # never rebuild each other's). Idempotent: prints DIR and exits at once when
@@ -27,7 +37,7 @@
 # above DIR when it has one; nothing is installed. Needs
 # busybox-static, cpio, python3 (scripts/install-deps.sh installs them).
 set -euo pipefail
-VERSION=4   # bump when the initramfs changes: a new directory is built
+VERSION=5   # bump when the initramfs changes: a new directory is built
 DIR=${WSP_KVM_PAYLOAD:-/var/cache/wsp-kvm-payload/v$VERSION}
 ready() { [ -s "$DIR/vmlinux" ] && [ -s "$DIR/initrd.gz" ] && [ "$(cat "$DIR/VERSION" 2>/dev/null)" = "$VERSION" ]; }
 if ready; then
@@ -152,7 +162,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 exec </dev/console >/dev/console 2>&1
-HN=wspvm TICK=0 NET=0 SPOOF= COUNT=0 DISK=0 FILL=0
+HN=wspvm TICK=0 NET=0 SPOOF= COUNT=0 DISK=0 FILL=0 BURN=0 WARM=0
 for a in $(cat /proc/cmdline); do
   case "$a" in
     wsp.hostname=*) HN="${a#*=}";;
@@ -162,13 +172,17 @@ for a in $(cat /proc/cmdline); do
     wsp.fill=*) FILL="${a#*=}";;
     wsp.net=*) NET="${a#*=}";;
     wsp.spoof=*) SPOOF="${a#*=}";;
+    wsp.burn=*) BURN="${a#*=}";;
+    wsp.warm=*) WARM="${a#*=}";;
   esac
 done
 reach() {  # reach IP...: how many answer a ping
   n=0; for p in "$@"; do ping -c 1 -W 1 "$p" >/dev/null 2>&1 && n=$((n+1)); done; echo $n
 }
-if [ "$NET" = 1 ]; then
+if [ "$NET" = 1 ] || [ "$DISK" = 1 ] || [ "$WARM" = 1 ]; then
   while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/load.order
+fi
+if [ "$NET" = 1 ]; then
   DEV=
   for i in 1 2 3 4 5 6 7 8 9 10; do
     DEV=$(findfs LABEL=cidata 2>/dev/null) && break; sleep 0.2
@@ -218,9 +232,6 @@ fi
 hostname "$HN"
 BOOT=$(cat /proc/sys/kernel/random/boot_id)
 if [ "$DISK" = 1 ]; then
-  if [ "$NET" != 1 ]; then
-    while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/load.order
-  fi
   mkdir -p /disk
   DEV=
   for i in 1 2 3 4 5 6 7 8 9 10; do
@@ -240,7 +251,14 @@ if [ "$FILL" -gt 0 ] 2>/dev/null; then
   head -c "${FILL}m" /dev/urandom > /fill/data
   echo "WSP-FILLED $FILL"
 fi
+if [ "$WARM" = 1 ]; then
+  : > /tmp/wsp-users
+  uevent /bin/wsp-hotplug &
+fi
 echo "WSP-VM-READY $(hostname)"
+if [ "$BURN" = 1 ]; then
+  while :; do :; done
+fi
 n=0
 if [ "$COUNT" = 1 ]; then
   while :; do
@@ -259,6 +277,53 @@ fi
 while :; do sleep 3600; done
 INIT
 chmod 755 "$R/init"
+cat > "$R/bin/wsp-hotplug" <<'HOTPLUG'
+#!/bin/sh
+# `uevent` runs this for every uevent once a warm image is ready (see
+# the header of scripts/kvm-payload.sh): a seed plugged in after a warm
+# start gives the guest its new identity.
+[ "$ACTION" = add ] && [ "$SUBSYSTEM" = block ] && [ -n "$DEVNAME" ] || exit 0
+exec </dev/null >/dev/console 2>&1
+PATH=/bin
+DEV=/dev/$DEVNAME
+# The device may not answer yet when its event comes: ask for 2 s.
+SEED=
+for i in $(seq 1 20); do
+  [ "$(findfs LABEL=cidata 2>/dev/null)" = "$DEV" ] && SEED=1 && break
+  sleep 0.1
+done
+[ -n "$SEED" ] || exit 0
+M=/tmp/seed.$$
+mkdir -p "$M"
+mount -t vfat -o ro "$DEV" "$M" || { echo "WSP-SEED-FAIL $DEV"; exit 0; }
+HN=$(sed -n 's/^local-hostname:[[:space:]]*//p' "$M/meta-data" | tr -d '\r"')
+[ -n "$HN" ] && hostname "$HN"
+IPS=
+for mac in $(sed -n 's/.*"macaddress": *"\([^"]*\)".*/\1/p' "$M/network-config"); do
+  IF=
+  for t in $(seq 1 50); do
+    for d in /sys/class/net/*; do
+      [ "$(cat "$d/address" 2>/dev/null)" = "$mac" ] && IF=${d##*/} && break 2
+    done
+    sleep 0.1
+  done
+  [ -n "$IF" ] || { echo "WSP-NIC-MISSING $mac"; continue; }
+  ip link set "$IF" up
+  if udhcpc -i "$IF" -n -q -f -t 5 -T 2 -s /etc/udhcpc.script >/dev/null 2>&1; then
+    IPS="$IPS${IPS:+,}$(ip -4 -o addr show dev "$IF" | awk '{print $4}' | cut -d/ -f1)"
+  fi
+done
+umount "$M"; rmdir "$M"
+echo "$(hostname)" >> /tmp/wsp-users
+if grep -q ' /disk ' /proc/mounts; then
+  echo "$(hostname)" > "/disk/wsp-user-$(hostname)" && sync
+fi
+echo "WSP-IDENTITY $(hostname) ${IPS:-none}"
+echo "WSP-USERS $(tr '\n' ' ' < /tmp/wsp-users)"
+grep -q ' /disk ' /proc/mounts && echo "WSP-FILES $(ls /disk | tr '\n' ' ')"
+exit 0
+HOTPLUG
+chmod 755 "$R/bin/wsp-hotplug"
 if [ "$(id -u)" -eq 0 ]; then mknod -m 600 "$R/dev/console" c 5 1; fi
 (cd "$R" && find . | sort | cpio -o -H newc --quiet -R 0:0) | gzip -9 > "$WORK/initrd.gz"
 mv "$WORK/initrd.gz" "$DIR/initrd.gz"

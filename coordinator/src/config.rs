@@ -43,6 +43,10 @@ pub struct User {
     /// Most live workspaces at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_workspaces: Option<u32>,
+    /// Highest lease urgency (0-2, docs/POOL.md) this user may ask for; a
+    /// spec above it is refused with both figures. 0 unless set, admins too.
+    #[serde(default)]
+    pub max_urgency: u8,
 }
 
 impl User {
@@ -491,6 +495,12 @@ impl Config {
             u.limits()
                 .validate(&u.name)
                 .map_err(|m| ConfigError::Invalid(format!("users[{i}].{m}")))?;
+            if u.max_urgency > protocol::spec::MAX_URGENCY {
+                return bad(format!(
+                    "users[{i}].max_urgency (user {:?}) = {}: must be 0, 1 or 2",
+                    u.name, u.max_urgency
+                ));
+            }
             if !hashes.insert(u.token_sha256.to_ascii_lowercase()) {
                 return bad(format!(
                     "users[{i}].token_sha256 (user {:?}): another user has the same token",
@@ -668,6 +678,11 @@ mod tests {
         assert!(e.contains("users[1].name") && e.contains("alice"), "{e}");
         let e = refused(&format!("{}{}", user("alice", "a"), user("bob", "a")));
         assert!(e.contains("users[1].token_sha256"), "{e}");
+        let e = refused(&format!("{}max_urgency = 3\n", user("alice", "a")));
+        assert!(
+            e.contains("users[0].max_urgency") && e.contains("must be 0, 1 or 2"),
+            "{e}"
+        );
         // The TOML error names the key and the values allowed.
         let e = refused("[pilot]\nhypervisor = \"kvmm\"\n");
         assert!(

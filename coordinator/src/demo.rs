@@ -70,7 +70,7 @@ fn nr_hugepages() -> Option<u64> {
 /// scripts/kvm-payload.sh ($WSP_KVM_PAYLOAD, else its versioned default).
 fn kvm_node_config(root: &std::path::Path) -> Result<PathBuf, DemoError> {
     let payload = PathBuf::from(
-        std::env::var("WSP_KVM_PAYLOAD").unwrap_or_else(|_| "/var/cache/wsp-kvm-payload/v4".into()),
+        std::env::var("WSP_KVM_PAYLOAD").unwrap_or_else(|_| "/var/cache/wsp-kvm-payload/v5".into()),
     );
     let (kernel, initrd) = (payload.join("vmlinux"), payload.join("initrd.gz"));
     if !kernel.is_file() || !initrd.is_file() {

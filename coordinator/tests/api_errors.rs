@@ -14,6 +14,8 @@ use std::sync::Arc;
 use tower::ServiceExt;
 
 const TOKEN: &str = "api-errors-token";
+/// A user whose `[[users]]` entry allows urgency 2.
+const BOB: &str = "api-errors-bob";
 const SPEC: &str = r#"name = "f"
 duration = "1h"
 [[group]]
@@ -34,12 +36,21 @@ impl Api {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config {
             data_dir: dir.path().join("data"),
-            users: vec![User {
-                name: "alice".into(),
-                token_sha256: token_hash(TOKEN),
-                admin: false,
-                ..Default::default()
-            }],
+            users: vec![
+                User {
+                    name: "alice".into(),
+                    token_sha256: token_hash(TOKEN),
+                    admin: false,
+                    ..Default::default()
+                },
+                User {
+                    name: "bob".into(),
+                    token_sha256: token_hash(BOB),
+                    admin: false,
+                    max_urgency: 2,
+                    ..Default::default()
+                },
+            ],
             ..Config::default()
         };
         let engine = Engine::new(
@@ -259,4 +270,54 @@ async fn the_bearer_scheme_is_case_insensitive() {
             .await;
         assert!(e.contains("Bearer <token>"), "{auth:?}: {e}");
     }
+}
+
+#[tokio::test]
+async fn an_urgency_above_the_users_allowance_answers_403_with_both_figures() {
+    let api = Api::new();
+    let urgent = |u: u8| format!("urgency = {u}\n{SPEC}").into_bytes();
+    let e = api
+        .error(Method::POST, "/api/v1/workspaces", bearer(), urgent(1), 403)
+        .await;
+    assert_eq!(
+        e,
+        "urgency 1 refused: user \"alice\" may ask for urgency up to 0 (max_urgency in the user's [[users]] entry of the coordinator's config; ask its admin)"
+    );
+    let e = api
+        .error(Method::POST, "/api/v1/workspaces", bearer(), urgent(3), 400)
+        .await;
+    assert!(e.starts_with("urgency: 3 is out of range"), "{e}");
+    let (status, list) = api
+        .call(Method::GET, "/api/v1/workspaces", bearer(), vec![])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        list["workspaces"].as_array().unwrap().len(),
+        0,
+        "nothing stored"
+    );
+
+    // Within the allowance: accepted, and the timeline says what it got.
+    let bob = format!("Bearer {BOB}");
+    let (status, view) = api
+        .call(Method::POST, "/api/v1/workspaces", Some(&bob), urgent(2))
+        .await;
+    assert!((200..300).contains(&status), "{status}: {view}");
+    let id = view["id"].as_str().unwrap();
+    let (status, page) = api
+        .call(
+            Method::GET,
+            &format!("/api/v1/workspaces/{id}/events"),
+            Some(&bob),
+            vec![],
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let text = page.to_string();
+    assert!(
+        text.contains(
+            "requested by bob; urgency 2: this coordinator has no pool of idle slots yet"
+        ),
+        "{text}"
+    );
 }

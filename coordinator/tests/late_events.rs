@@ -97,6 +97,9 @@ async fn an_event_older_than_the_skew_window_is_accepted_once_if_it_is_newer_tha
             balloon_ms: 5,
             cached_images: vec![],
             checkpoints: None,
+            deadline_ms: None,
+            idle: false,
+            cpu_control: None,
         },
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;

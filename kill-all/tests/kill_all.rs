@@ -36,6 +36,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         context: None,
         on_preempt: Default::default(),
         restore: None,
+        urgency: 0,
+        cpu: None,
     }
 }
 
@@ -70,6 +72,8 @@ impl Leftovers {
             original_dom0_mb: 3840,
             taken_mb: 1024,
             target_dom0_mb: 2816,
+            reserved_mb: 0,
+            workspace_id: None,
             vms: vec![VmRecord {
                 vm_id: recorded.vm_id,
                 name: recorded.name,

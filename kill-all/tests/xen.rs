@@ -70,6 +70,8 @@ impl Leftovers {
             original_dom0_mb: 3840,
             taken_mb: 1024,
             target_dom0_mb: 2816,
+            reserved_mb: 0,
+            workspace_id: None,
             vms,
             updated_ms: 0,
         }

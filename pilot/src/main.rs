@@ -61,9 +61,13 @@ struct RunArgs {
     /// File holding the slot key (64 hex digits).
     #[arg(long)]
     key_file: PathBuf,
-    /// Memory to take from dom0, MB.
+    /// Memory to take from dom0, MB (with --pool: the idle reservation, 0 allowed).
     #[arg(long)]
     memory_mb: u64,
+    /// Start as a pool slot: reserve --memory-mb, report `idle` and wait for
+    /// the coordinator's `bind` (docs/POOL.md).
+    #[arg(long)]
+    pool: bool,
     /// Slot duration (batch walltime), seconds.
     #[arg(long)]
     duration_s: u64,
@@ -138,6 +142,9 @@ enum SimCmd {
         /// Restoring a guest from a checkpoint takes this long per GB.
         #[arg(long, default_value_t = 0)]
         restore_ms_per_gb: u64,
+        /// A created guest is ready (booted) this long after its creation.
+        #[arg(long, default_value_t = 0)]
+        boot_ms: u64,
         /// The balloon never shrinks dom0 below this, MB.
         #[arg(long)]
         balloon_floor_mb: Option<u64>,
@@ -159,6 +166,17 @@ enum SimCmd {
         memory_mb: u64,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
+    },
+    /// Write a file on a guest's disk, as its user would (tests check
+    /// whose files a guest sees).
+    GuestWrite {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The guest's name (wsp-<slot>-<vm>).
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        file: String,
     },
 }
 
@@ -224,8 +242,10 @@ fn run(a: RunArgs) -> i32 {
         },
         Err(e) => return usage(format!("cannot read key file {key_path}: {e}")),
     };
-    if a.memory_mb == 0 {
-        return usage("--memory-mb must be at least 1");
+    if a.memory_mb == 0 && !a.pool {
+        return usage(
+            "--memory-mb must be at least 1 (0 only with --pool: an idle slot holding nothing)",
+        );
     }
     if a.duration_s == 0 || a.margin_s >= a.duration_s {
         return usage(format!(
@@ -294,6 +314,7 @@ fn run(a: RunArgs) -> i32 {
         coordinator: a.coordinator,
         key,
         memory_mb: a.memory_mb,
+        pool: a.pool,
         duration: Duration::from_secs(a.duration_s),
         grace: Duration::from_secs(a.grace_s),
         state_dir,
@@ -345,6 +366,7 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             destroy_ms,
             save_ms_per_gb,
             restore_ms_per_gb,
+            boot_ms,
             balloon_floor_mb,
             force,
         } => {
@@ -358,6 +380,7 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             node.latency.destroy_ms = destroy_ms;
             node.latency.save_ms_per_gb = save_ms_per_gb;
             node.latency.restore_ms_per_gb = restore_ms_per_gb;
+            node.latency.boot_ms = boot_ms;
             node.balloon_floor_mb = balloon_floor_mb;
             Sim::init(&dir, &node, force)?;
         }
@@ -375,6 +398,9 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
             cpus,
         } => {
             Sim::open(&dir)?.add_foreign_domain(&name, memory_mb, cpus)?;
+        }
+        SimCmd::GuestWrite { dir, name, file } => {
+            Sim::open(&dir)?.write_guest_file(&name, &file)?;
         }
     }
     Ok(())

@@ -3,10 +3,15 @@
 //! Side effects (balloon, VMs, notifications, state file) happen here around
 //! [`crate::state::transition`]. Every exit path goes through [`Pilot::cleanup`]
 //! once memory may have been taken, and every wait is bounded. Suspend and
-//! resume live in `run/suspend.rs`. Not for parsing the command line (main.rs)
-//! nor for talking HTTP (notify.rs).
+//! resume live in `run/suspend.rs`; pool slots (bind, unbind, reserve) in
+//! `run/pool.rs`; warm snapshots and CPU shares in `run/warm.rs` and
+//! `run/cpu.rs`. Not for parsing the command line (main.rs) nor for talking
+//! HTTP (notify.rs).
 
+mod cpu;
+mod pool;
 mod suspend;
+mod warm;
 
 use crate::exit;
 use crate::grace::{self, EXIT_SHARE_OF_GRACE};
@@ -19,7 +24,7 @@ use crate::state::{
 };
 use protocol::auth::SlotKey;
 use protocol::pilot::{
-    CommandKind, EventKind, PollResponse, ReleaseReason, SuspendTrigger, VmLaunch,
+    CommandKind, EventKind, PollResponse, ReleaseReason, SuspendTrigger, VmLaunch, WarmOutcome,
 };
 use protocol::{PilotId, SlotId, VmId, VmName};
 use std::collections::HashMap;
@@ -40,7 +45,10 @@ pub struct RunConfig {
     pub slot: SlotId,
     pub coordinator: String,
     pub key: SlotKey,
+    /// Memory to reserve at start (a pool slot's idle reservation, possibly 0).
     pub memory_mb: u64,
+    /// A pool slot: starts idle and waits for `bind` (docs/POOL.md).
+    pub pool: bool,
     pub duration: Duration,
     pub grace: Duration,
     pub state_dir: PathBuf,
@@ -142,6 +150,8 @@ struct Pilot {
     /// Set on preemption: when saves must be done to leave time for
     /// cleanup, and when the pilot stops waiting for a save at the latest.
     save_deadline: Option<(Instant, Instant)>,
+    /// When the pilot gives the slot back on its own (epoch ms).
+    deadline_ms: u64,
 }
 
 /// Runs one pilot to its end and returns the process exit code.
@@ -220,9 +230,17 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         original_dom0_mb: 0,
         taken_mb: 0,
         target_dom0_mb: 0,
+        reserved_mb: 0,
+        workspace_id: None,
         vms: Vec::new(),
         updated_ms: 0,
     };
+    let deadline_ms = protocol::now_ms()
+        + cfg
+            .duration
+            .saturating_sub(cfg.margin)
+            .saturating_sub(started.elapsed())
+            .as_millis() as u64;
     let mut pilot = Pilot {
         cfg,
         hv,
@@ -236,6 +254,7 @@ async fn run_in_span(cfg: RunConfig, hv: Arc<dyn Hypervisor>) -> i32 {
         measured: grace::Measured::default(),
         launches: HashMap::new(),
         save_deadline: None,
+        deadline_ms,
     };
     pilot.live().await
 }
@@ -367,27 +386,37 @@ impl Pilot {
         if let Err(e) = self.advance(Input::Reserve) {
             return self.fail(e).await;
         }
-        match self.reserve().await {
+        match self.resize(self.cfg.memory_mb).await {
             Ok(r) => {
-                if let Err(e) = self.advance(Input::ReserveSucceeded) {
+                let done = if self.cfg.pool {
+                    Input::ReservedIdle
+                } else {
+                    Input::ReserveSucceeded
+                };
+                if let Err(e) = self.advance(done) {
                     return self.fail(e).await;
                 }
                 tracing::info!(
                     dom0_before_mb = r.before_mb,
                     dom0_after_mb = r.after_mb,
                     balloon_ms = r.balloon_ms,
+                    idle = self.cfg.pool,
                     "memory reserved"
                 );
                 self.measured.reserve = Duration::from_millis(r.balloon_ms);
                 let cached_images = self.cached_images();
                 let checkpoints = self.checkpoint_capability();
+                let cpu_control = Some(self.hv.cpu_control());
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,
                     dom0_after_mb: r.after_mb,
-                    reserved_mb: self.cfg.memory_mb,
+                    reserved_mb: self.record.reserved_mb,
                     balloon_ms: r.balloon_ms,
                     cached_images,
                     checkpoints,
+                    deadline_ms: Some(self.deadline_ms),
+                    idle: self.cfg.pool,
+                    cpu_control,
                 });
             }
             Err(e) => return self.reserve_failed(e).await,
@@ -433,65 +462,6 @@ impl Pilot {
         exit_code(reason, clean)
     }
 
-    async fn reserve(&mut self) -> Result<Reservation, ReserveError> {
-        let timeout = self.cfg.balloon_timeout;
-        let dir = self.cfg.state_dir.clone();
-        let lock = tokio::task::spawn_blocking(move || NodeLock::acquire(&dir, timeout))
-            .await
-            .map_err(|e| ReserveError::Refused(format!("node lock: {e}")))?
-            .map_err(|e| ReserveError::Refused(e.to_string()))?;
-        let deadline = Instant::now() + timeout;
-        let m = hv_call(&self.hv, deadline, "reading dom0 memory", |hv| {
-            hv.dom0_memory()
-        })
-        .await
-        .map_err(|e| ReserveError::Refused(e.to_string()))?;
-        let wanted = self.cfg.memory_mb;
-        let target = match m.current_mb.checked_sub(wanted) {
-            Some(t) if t >= self.cfg.min_dom0_mb => t,
-            _ => {
-                return Err(ReserveError::Refused(format!(
-                    "dom0 has {} MB; taking {wanted} MB would leave it below the minimum of {} MB",
-                    m.current_mb, self.cfg.min_dom0_mb
-                )))
-            }
-        };
-        self.record.original_dom0_mb = m.current_mb;
-        self.record.taken_mb = m.target_mb.saturating_sub(target);
-        self.record.target_dom0_mb = target;
-        self.persist()
-            .map_err(|e| ReserveError::Refused(e.to_string()))?;
-        tracing::info!(
-            dom0_mb = m.current_mb,
-            target_mb = target,
-            "ballooning dom0 down"
-        );
-        let r = hv_call(
-            &self.hv,
-            deadline + Duration::from_secs(1),
-            "dom0 balloon",
-            move |hv| set_dom0_target_and_wait(hv, target, timeout),
-        )
-        .await;
-        drop(lock);
-        match r {
-            Ok(took) => Ok(Reservation {
-                before_mb: m.current_mb,
-                after_mb: target,
-                balloon_ms: took.as_millis() as u64,
-            }),
-            Err(e) => {
-                let reason = e.to_string();
-                tracing::error!(error = %reason, "balloon did not reach its target; giving memory back");
-                let restored = self
-                    .restore_memory(Instant::now() + timeout + Duration::from_secs(1))
-                    .await
-                    .is_ok();
-                Err(ReserveError::Balloon { reason, restored })
-            }
-        }
-    }
-
     async fn reserve_failed(&mut self, e: ReserveError) -> i32 {
         let (reason, restored) = match e {
             ReserveError::Refused(r) => (r, true),
@@ -519,7 +489,23 @@ impl Pilot {
     /// Gives back what this pilot took: target = min(max, target now + taken).
     /// Returns dom0's memory afterwards and how long the balloon took.
     async fn restore_memory(&mut self, deadline: Instant) -> Result<(u64, u64), String> {
-        if self.record.taken_mb == 0 {
+        let taken = self.record.taken_mb;
+        let r = self.give_back(taken, deadline).await;
+        if r.is_ok() {
+            self.record.reserved_mb = 0;
+            if let Err(e) = self.persist() {
+                tracing::warn!(error = %e, "cannot record the restored memory");
+            }
+        }
+        r
+    }
+
+    /// Gives `mb` of what this pilot took back to dom0 (target = min(max,
+    /// target now + mb)), under the node lock, and waits for the balloon.
+    /// Returns dom0's memory afterwards and how long the balloon took.
+    async fn give_back(&mut self, mb: u64, deadline: Instant) -> Result<(u64, u64), String> {
+        let mb = mb.min(self.record.taken_mb);
+        if mb == 0 {
             let m = hv_call(&self.hv, deadline, "reading dom0 memory", |hv| {
                 hv.dom0_memory()
             })
@@ -537,7 +523,7 @@ impl Pilot {
         })
         .await
         .map_err(|e| e.to_string())?;
-        let target = m.max_mb.min(m.target_mb + self.record.taken_mb);
+        let target = m.max_mb.min(m.target_mb + mb);
         self.record.target_dom0_mb = target;
         if let Err(e) = self.persist() {
             tracing::warn!(error = %e, "cannot record the restore target");
@@ -556,7 +542,7 @@ impl Pilot {
         .await
         .map_err(|e| e.to_string())?;
         drop(lock);
-        self.record.taken_mb = 0;
+        self.record.taken_mb -= mb;
         if let Err(e) = self.persist() {
             tracing::warn!(error = %e, "cannot record the restored memory");
         }
@@ -630,6 +616,26 @@ impl Pilot {
                 CommandKind::DeleteCheckpoint { checkpoint } => {
                     self.delete_checkpoint(checkpoint).await.err()
                 }
+                CommandKind::Bind {
+                    workspace_id,
+                    memory_mb,
+                } => self.bind(workspace_id, memory_mb).await.err(),
+                CommandKind::Unbind {
+                    workspace_id,
+                    memory_mb,
+                } => self.unbind(workspace_id, memory_mb, deadline).await.err(),
+                CommandKind::Reserve { memory_mb } => self.reserve(memory_mb).await.err(),
+                CommandKind::SetCpu { vm_id, cpu } => {
+                    self.set_cpu(vm_id, cpu, deadline).await.err()
+                }
+                CommandKind::PrepareWarm {
+                    launch,
+                    to,
+                    ready_timeout_s,
+                } => self
+                    .prepare_warm(launch, to, ready_timeout_s, deadline)
+                    .await
+                    .err(),
             };
             self.after = cmd.id;
             if end.is_some() {
@@ -639,27 +645,79 @@ impl Pilot {
         None
     }
 
-    /// Why a launch cannot start here (name not tagged for this slot, or
-    /// the slot not in a state to start VMs), if it cannot.
+    /// Why a launch cannot start here (name not tagged for this slot, the
+    /// slot not in a state to start VMs, idle or serving another lease, a
+    /// share or urgency out of range, or a share this node cannot apply),
+    /// if it cannot.
     fn launch_refusal(&self, launch: &VmLaunch) -> Option<String> {
         let vm_id = &launch.vm_id;
         let tagged =
             VmName::parse(&launch.name).is_some_and(|n| n.slot == self.cfg.slot && &n.vm == vm_id);
         if !tagged {
-            Some(format!(
+            return Some(format!(
                 "name {:?} is not wsp-{}-{}",
                 launch.name, self.cfg.slot, vm_id
-            ))
-        } else if self.record.state != PilotState::Reserved {
-            Some(format!("slot is {:?}; not starting VMs", self.record.state).to_lowercase())
-        } else {
-            None
+            ));
         }
+        if self.record.state == PilotState::Idle {
+            return Some("slot is idle (a pool slot): bind it to a workspace first".into());
+        }
+        if self.record.state != PilotState::Reserved {
+            return Some(
+                format!("slot is {:?}; not starting VMs", self.record.state).to_lowercase(),
+            );
+        }
+        if let Some(w) = &self.record.workspace_id {
+            let named = launch
+                .context
+                .as_ref()
+                .map(|c| c.workspace_id.clone())
+                .into_iter()
+                .chain(match &launch.on_preempt {
+                    protocol::pilot::OnPreempt::Suspend { to } => Some(to.workspace_id.to_string()),
+                    protocol::pilot::OnPreempt::End => None,
+                })
+                .chain(
+                    launch
+                        .restore
+                        .as_ref()
+                        .filter(|r| !r.warm)
+                        .map(|r| r.checkpoint.workspace_id.to_string()),
+                )
+                .find(|n| n != w.as_str());
+            if let Some(other) = named {
+                return Some(format!(
+                    "the launch is for workspace {other}; this slot serves {w}"
+                ));
+            }
+        }
+        if launch.urgency > protocol::pilot::MAX_URGENCY {
+            return Some(format!(
+                "urgency {} is out of range (0 to {})",
+                launch.urgency,
+                protocol::pilot::MAX_URGENCY
+            ));
+        }
+        if let Some(cpu) = launch.cpu.as_ref().filter(|c| !c.is_default()) {
+            if let Err(e) = cpu.validate() {
+                return Some(e);
+            }
+            let ctl = self.hv.cpu_control();
+            if !ctl.available {
+                return Some(format!(
+                    "CPU shares cannot be applied on this node: {}",
+                    ctl.reason.unwrap_or_default()
+                ));
+            }
+        }
+        None
     }
 
     async fn start_vm(&mut self, launch: VmLaunch, deadline: Instant) -> Result<(), End> {
-        if launch.restore.is_some() {
-            return self.resume_vm(launch, deadline).await;
+        match &launch.restore {
+            Some(r) if r.warm => return self.warm_start(launch, deadline).await,
+            Some(_) => return self.resume_vm(launch, deadline).await,
+            None => {}
         }
         let vm_id = launch.vm_id.clone();
         if let Some(reason) = self.launch_refusal(&launch) {
@@ -667,6 +725,24 @@ impl Pilot {
             self.push(EventKind::VmFailed { vm_id, reason });
             return Ok(());
         }
+        self.boot_vm(launch, deadline, None).await
+    }
+
+    /// Boots `launch` from its image (staged first). `warm` says why a warm
+    /// start became this boot; a failure then names both.
+    async fn boot_vm(
+        &mut self,
+        launch: VmLaunch,
+        deadline: Instant,
+        warm: Option<WarmOutcome>,
+    ) -> Result<(), End> {
+        let vm_id = launch.vm_id.clone();
+        let why_cold = match &warm {
+            Some(WarmOutcome::ColdBooted { reason, .. }) => {
+                format!(" (cold boot after the warm snapshot was refused: {reason})")
+            }
+            _ => String::new(),
+        };
         self.set_vm(VmRecord {
             vm_id: vm_id.clone(),
             name: launch.name.clone(),
@@ -688,7 +764,7 @@ impl Pilot {
                 self.persist().map_err(|e| End::Fatal(e.to_string()))?;
                 self.push(EventKind::VmFailed {
                     vm_id,
-                    reason: e.to_string(),
+                    reason: format!("{e}{why_cold}"),
                 });
                 return Ok(());
             }
@@ -716,13 +792,14 @@ impl Pilot {
                     create_ms,
                     stage_ms: staged.as_ref().map(|s| s.took.as_millis() as u64),
                     cache_hit: staged.as_ref().map(|s| s.hit),
+                    warm,
                 });
             }
             Err(e) => {
                 tracing::error!(vm_id = %vm_id, error = %e, "VM failed to start");
                 self.push(EventKind::VmFailed {
                     vm_id,
-                    reason: e.to_string(),
+                    reason: format!("{e}{why_cold}"),
                 });
             }
         }

@@ -20,8 +20,14 @@ pub enum PilotState {
     Starting,
     /// Ballooning dom0 down.
     Reserving,
-    /// Memory reserved; following the coordinator's commands.
+    /// Memory reserved; following the coordinator's commands (a pool slot:
+    /// bound to a lease).
     Reserved,
+    /// A pool slot with no lease: its idle reservation held (possibly 0 MB),
+    /// waiting for `bind`.
+    Idle,
+    /// Changing the reservation or the binding (bind, unbind, reserve).
+    Rebinding,
     /// The batch system warned us; waiting for the coordinator's commands.
     Preempted,
     /// Destroying the slot's VMs and restoring memory.
@@ -38,10 +44,18 @@ pub enum Input {
     /// The coordinator heard `started`; go take the memory.
     Reserve,
     ReserveSucceeded,
+    /// A pool slot reserved its idle memory.
+    ReservedIdle,
     /// The balloon refused (memory already put back).
     ReserveFailed,
     /// SIGTERM, SIGINT or SIGUSR2.
     Signal,
+    /// A bind, unbind or reserve command starts.
+    Rebind,
+    /// It ended (done or not); `bound`: the slot serves a lease now.
+    Rebound {
+        bound: bool,
+    },
     /// Start cleaning up (release command, deadline, end of the preemption
     /// wait, an error, or a signal before anything was reserved).
     Release,
@@ -66,9 +80,16 @@ pub fn transition(state: PilotState, input: Input) -> Result<PilotState, Invalid
     let next = match (state, input) {
         (S::Starting, I::Reserve) => S::Reserving,
         (S::Reserving, I::ReserveSucceeded) => S::Reserved,
+        (S::Reserving, I::ReservedIdle) => S::Idle,
         (S::Reserving, I::ReserveFailed) => S::Failed,
-        (S::Reserved, I::Signal) => S::Preempted,
-        (S::Starting | S::Reserving | S::Reserved | S::Preempted, I::Release) => S::Releasing,
+        (S::Reserved | S::Idle, I::Rebind) => S::Rebinding,
+        (S::Rebinding, I::Rebound { bound: true }) => S::Reserved,
+        (S::Rebinding, I::Rebound { bound: false }) => S::Idle,
+        (S::Reserved | S::Idle, I::Signal) => S::Preempted,
+        (
+            S::Starting | S::Reserving | S::Reserved | S::Idle | S::Rebinding | S::Preempted,
+            I::Release,
+        ) => S::Releasing,
         (S::Releasing, I::CleanupFinished { clean: true }) => S::Released,
         (S::Releasing, I::CleanupFinished { clean: false }) => S::Failed,
         (state, input) => return Err(InvalidTransition { state, input }),
@@ -136,6 +157,12 @@ pub struct NodeStateFile {
     pub taken_mb: u64,
     /// The dom0 target this pilot last set (0 until it did).
     pub target_dom0_mb: u64,
+    /// What the slot holds for VMs now (it changes with pool bindings).
+    #[serde(default)]
+    pub reserved_mb: u64,
+    /// The lease a pool slot serves (none: idle, or not a pool slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace_id: Option<protocol::WorkspaceId>,
     pub vms: Vec<VmRecord>,
     pub updated_ms: u64,
 }
@@ -252,20 +279,26 @@ mod tests {
     use Input as I;
     use PilotState as S;
 
-    const ALL_STATES: [PilotState; 7] = [
+    const ALL_STATES: [PilotState; 9] = [
         S::Starting,
         S::Reserving,
         S::Reserved,
+        S::Idle,
+        S::Rebinding,
         S::Preempted,
         S::Releasing,
         S::Released,
         S::Failed,
     ];
-    const ALL_INPUTS: [Input; 7] = [
+    const ALL_INPUTS: [Input; 11] = [
         I::Reserve,
         I::ReserveSucceeded,
+        I::ReservedIdle,
         I::ReserveFailed,
         I::Signal,
+        I::Rebind,
+        I::Rebound { bound: true },
+        I::Rebound { bound: false },
         I::Release,
         I::CleanupFinished { clean: true },
         I::CleanupFinished { clean: false },
@@ -308,21 +341,41 @@ mod tests {
             assert!(transition(S::Released, input).is_err());
             assert!(transition(S::Failed, input).is_err());
         }
-        for input in [
-            I::Reserve,
-            I::ReserveSucceeded,
-            I::ReserveFailed,
-            I::Signal,
-            I::Release,
-        ] {
-            assert!(transition(S::Releasing, input).is_err(), "{input:?}");
+        for input in ALL_INPUTS {
+            if !matches!(input, I::CleanupFinished { .. }) {
+                assert!(transition(S::Releasing, input).is_err(), "{input:?}");
+            }
         }
         let allowed: usize = ALL_STATES
             .iter()
             .flat_map(|s| ALL_INPUTS.iter().map(move |i| (*s, *i)))
             .filter(|(s, i)| transition(*s, *i).is_ok())
             .count();
-        assert_eq!(allowed, 10, "the table has exactly ten transitions");
+        assert_eq!(allowed, 18, "the table has exactly eighteen transitions");
+    }
+
+    #[test]
+    fn a_pool_slot_idles_binds_unbinds_and_is_released_or_preempted_from_idle() {
+        let mut s = S::Starting;
+        for (input, want) in [
+            (I::Reserve, S::Reserving),
+            (I::ReservedIdle, S::Idle),
+            (I::Rebind, S::Rebinding),
+            (I::Rebound { bound: true }, S::Reserved),
+            (I::Rebind, S::Rebinding),
+            (I::Rebound { bound: false }, S::Idle),
+        ] {
+            s = transition(s, input).unwrap();
+            assert_eq!(s, want, "{input:?}");
+        }
+        assert_eq!(transition(S::Idle, I::Signal), Ok(S::Preempted));
+        assert_eq!(transition(S::Idle, I::Release), Ok(S::Releasing));
+        assert_eq!(transition(S::Rebinding, I::Release), Ok(S::Releasing));
+        // Rebinding is one command at a time; starting or reserving is not a binding.
+        assert!(transition(S::Rebinding, I::Rebind).is_err());
+        assert!(transition(S::Rebinding, I::Signal).is_err());
+        assert!(transition(S::Starting, I::Rebind).is_err());
+        assert!(transition(S::Preempted, I::Rebind).is_err());
     }
 
     #[test]
@@ -339,6 +392,8 @@ mod tests {
             original_dom0_mb: 4096,
             taken_mb: 1024,
             target_dom0_mb: 3072,
+            reserved_mb: 1024,
+            workspace_id: None,
             vms: vec![],
             updated_ms: 0,
         };

@@ -146,6 +146,8 @@ fn launch(memory_mb: u64, image: &str) -> VmLaunch {
         context: None,
         on_preempt: Default::default(),
         restore: None,
+        urgency: 0,
+        cpu: None,
     }
 }
 

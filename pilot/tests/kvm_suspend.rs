@@ -455,6 +455,7 @@ async fn kvm_guest_suspended_on_sigterm_keeps_counting_on_another_node_with_its_
     resume.restore = Some(RestoreFrom {
         checkpoint: to.clone(),
         sha256: sha.clone(),
+        warm: false,
     });
     // Uncompressed (the node config says so): a flipped byte in a page of
     // guest memory loads without complaint, only the checksum catches it.

@@ -139,6 +139,8 @@ impl Harness {
             context: None,
             on_preempt: Default::default(),
             restore: None,
+            urgency: 0,
+            cpu: None,
         }
     }
 

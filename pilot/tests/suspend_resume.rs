@@ -330,6 +330,7 @@ async fn sim_vm_suspended_on_sigterm_resumes_on_another_node_with_its_boot_id() 
     launch.restore = Some(RestoreFrom {
         checkpoint: to.clone(),
         sha256: sha.clone(),
+        warm: false,
     });
     let e = b.start(launch.clone(), "vm_resumed").await;
     match &e.kind {
@@ -400,6 +401,7 @@ async fn commanded_suspend_takes_the_vm_off_and_a_failed_one_leaves_it_running()
     launch.restore = Some(RestoreFrom {
         checkpoint: to.clone(),
         sha256: sha,
+        warm: false,
     });
     a.start(launch, "vm_resumed").await;
     assert_eq!(a.domains()[0].boot_id, boot_id);
@@ -616,6 +618,7 @@ async fn a_corrupted_checkpoint_or_a_wrong_digest_is_refused_and_nothing_runs() 
         l.restore = Some(RestoreFrom {
             checkpoint: to.clone(),
             sha256: sha.to_string(),
+            warm: false,
         });
         l
     };
@@ -702,6 +705,7 @@ async fn a_resume_on_a_slot_without_the_memory_is_refused_with_the_figures() {
     l.restore = Some(RestoreFrom {
         checkpoint: to.clone(),
         sha256: sha,
+        warm: false,
     });
     let (cause, reason) = resume_failed(&b.start(l, "vm_resume_failed").await);
     assert_eq!(cause, ResumeFailure::NoMemory);

@@ -63,6 +63,8 @@ fn launch(slot: &SlotId, memory_mb: u64) -> VmLaunch {
         context: None,
         on_preempt: Default::default(),
         restore: None,
+        urgency: 0,
+        cpu: None,
     }
 }
 
@@ -559,6 +561,7 @@ fn sigterm_on_xen_suspends_the_guest_and_another_node_resumes_the_same_one(root:
         r.restore = Some(RestoreFrom {
             checkpoint: to.clone(),
             sha256: sha,
+            warm: false,
         });
         b.coord.command(CommandKind::StartVm(r.clone()));
         b.coord

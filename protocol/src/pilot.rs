@@ -18,6 +18,17 @@
 //! [`CommandKind::DeleteCheckpoint`] act on the node's checkpoint store; the
 //! pilot answers with `vm_suspended` / `vm_suspend_failed`, `vm_resumed` /
 //! `vm_resume_failed` and `checkpoint_deleted` / `checkpoint_delete_failed`.
+//!
+//! Pool slots, CPU shares and warm VMs (docs/POOL.md): a pilot may start
+//! idle (a pool slot) and be bound to a lease and unbound again with
+//! [`CommandKind::Bind`] / [`CommandKind::Unbind`], its reservation changed
+//! with each binding or by [`CommandKind::Reserve`]; every reservation says
+//! when the slot ends ([`EventKind::Reserved::deadline_ms`]). A launch may
+//! carry an urgency and a [`CpuShare`], and [`CommandKind::SetCpu`] changes a
+//! running VM's share (and lifts it). [`CommandKind::PrepareWarm`] makes a
+//! clean snapshot of an image; a launch whose [`RestoreFrom::warm`] is set
+//! starts from it with a fresh overlay and its own identity, or cold-boots
+//! when the snapshot cannot be used ([`WarmOutcome`]).
 
 use crate::ids::{PilotId, SlotId, VmId, WorkspaceId};
 use serde::{Deserialize, Serialize};
@@ -82,6 +93,17 @@ pub enum EventKind {
         /// configured) and how fast it expects to save; absent: it cannot.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         checkpoints: Option<CheckpointCapability>,
+        /// When the pilot gives the slot back on its own (epoch ms): its
+        /// batch walltime less its margin. A lease that would end later
+        /// does not fit this slot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deadline_ms: Option<u64>,
+        /// A pool slot: reserved with no lease on it, waiting for `bind`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        idle: bool,
+        /// Whether VMs' CPU shares can be applied on this node, and how.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu_control: Option<CpuControl>,
     },
     /// The node could not be adapted; nothing is left reserved.
     ReserveFailed {
@@ -98,6 +120,9 @@ pub enum EventKind {
         /// Whether the staged image was already in the node cache.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         cache_hit: Option<bool>,
+        /// How a launch with a warm snapshot came up (absent: a plain boot).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warm: Option<WarmOutcome>,
     },
     VmFailed {
         vm_id: VmId,
@@ -195,6 +220,182 @@ pub enum EventKind {
         checkpoint: CheckpointId,
         reason: String,
     },
+    /// The slot now serves `workspace_id`, with `reserved_mb` reserved.
+    Bound {
+        workspace_id: WorkspaceId,
+        #[serde(flatten)]
+        reservation: ReservationChange,
+    },
+    /// The slot is idle again: the lease's VMs are destroyed (each also
+    /// reported by `vm_destroyed`) and `reserved_mb` is held for the pool.
+    Unbound {
+        workspace_id: WorkspaceId,
+        vms_destroyed: Vec<VmId>,
+        #[serde(flatten)]
+        reservation: ReservationChange,
+    },
+    /// The reservation changed (a `reserve` command); the binding did not.
+    ReservationChanged {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace_id: Option<WorkspaceId>,
+        #[serde(flatten)]
+        reservation: ReservationChange,
+    },
+    /// A `bind`, `unbind` or `reserve` was refused or failed; the slot holds
+    /// `reserved_mb` and serves `bound_to` (none: idle), as before.
+    ReservationRefused {
+        command: ReservationCommand,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        workspace_id: Option<WorkspaceId>,
+        reason: String,
+        reserved_mb: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bound_to: Option<WorkspaceId>,
+        /// VMs still on the slot (an unbind that could not destroy them).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        vms_left: Vec<VmId>,
+    },
+    /// The VM's CPU share is now `cpu` (applied by `mechanism`).
+    VmCpuSet {
+        vm_id: VmId,
+        cpu: CpuShare,
+        mechanism: String,
+    },
+    /// The share could not be applied; the VM runs with its previous one.
+    VmCpuSetFailed {
+        vm_id: VmId,
+        cpu: CpuShare,
+        reason: String,
+    },
+    /// A clean snapshot of an image is in the checkpoint store; a warm
+    /// start must present `sha256` ([`RestoreFrom::sha256`]).
+    WarmPrepared {
+        checkpoint: CheckpointId,
+        sha256: String,
+        bytes: u64,
+        memory_mb: u64,
+        /// Boot to the guest's ready signal.
+        boot_ms: u64,
+        save_ms: u64,
+        total_ms: u64,
+    },
+    /// No snapshot was made; nothing of it is left on the node or in the store.
+    WarmPrepareFailed {
+        checkpoint: CheckpointId,
+        reason: String,
+    },
+}
+
+/// A reservation as it is after a `bind`, `unbind` or `reserve`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReservationChange {
+    /// What the slot holds now for VMs, MB.
+    pub reserved_mb: u64,
+    pub dom0_before_mb: u64,
+    pub dom0_after_mb: u64,
+    /// Time the balloon took (0 when the reservation did not change).
+    pub balloon_ms: u64,
+    /// When the pilot gives the slot back on its own (epoch ms).
+    pub deadline_ms: u64,
+}
+
+/// Which command a [`EventKind::ReservationRefused`] answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationCommand {
+    Bind,
+    Unbind,
+    Reserve,
+}
+
+/// A VM's share of the node's CPUs, in the credit scheduler's terms, the
+/// same on every hypervisor (docs/POOL.md has the mapping): kvm writes the
+/// VM's cgroup (`cpu.weight` / `cpu.max`, or v1 `cpu.shares` /
+/// `cpu.cfs_quota_us`), xen runs `xl sched-credit`, sim records it. The
+/// default share (both `None`) lifts any cap.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuShare {
+    /// Weight against the node's other VMs when they contend for CPUs,
+    /// 1 to 10000; `None` is the default, 100 (a VM of weight 900 beside
+    /// one of 100 gets 90 % of a CPU both want).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// At most this much CPU time, in percent of one host CPU (10: a tenth
+    /// of a CPU; 200: two CPUs), even when the rest is idle, 1 to 100000.
+    /// `None`: uncapped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_pct: Option<u32>,
+}
+
+/// Default CPU weight ([`CpuShare::weight`]).
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
+impl CpuShare {
+    pub fn is_default(&self) -> bool {
+        self.weight.is_none() && self.cap_pct.is_none()
+    }
+
+    /// The weight to apply (the default when none is set).
+    pub fn weight_or_default(&self) -> u32 {
+        self.weight.unwrap_or(DEFAULT_CPU_WEIGHT)
+    }
+
+    /// Refuses values no driver can apply, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(w) = self.weight.filter(|w| !(1..=10_000).contains(w)) {
+            return Err(format!("cpu.weight {w} is out of range (1 to 10000)"));
+        }
+        if let Some(c) = self.cap_pct.filter(|c| !(1..=100_000).contains(c)) {
+            return Err(format!(
+                "cpu.cap_pct {c} is out of range (1 to 100000, percent of one CPU)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for CpuShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "weight {}", self.weight_or_default())?;
+        match self.cap_pct {
+            Some(c) => write!(f, ", cap {c} % of a CPU"),
+            None => write!(f, ", uncapped"),
+        }
+    }
+}
+
+/// Whether a node can apply CPU shares, as its pilot reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuControl {
+    pub available: bool,
+    /// How shares are applied (`cgroup v2 /sys/fs/cgroup/workspace-pilot/n1`,
+    /// `xl sched-credit`, `sim`), or what was looked for.
+    pub mechanism: String,
+    /// Why shares cannot be applied, when they cannot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// How a launch whose [`RestoreFrom::warm`] is set came up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmOutcome {
+    /// Restored from the clean snapshot, on a fresh copy of its overlay,
+    /// with this launch's name, NICs and seed.
+    Restored {
+        checkpoint: CheckpointId,
+        /// Bytes read from the store.
+        bytes: u64,
+        /// Time the hypervisor took to restore it (verification included).
+        restore_ms: u64,
+    },
+    /// The snapshot could not be used (`cause`, `reason`), so the VM was
+    /// booted from its image instead.
+    ColdBooted {
+        checkpoint: CheckpointId,
+        cause: ResumeFailure,
+        reason: String,
+    },
 }
 
 /// A node's ability to suspend VMs, as its pilot reports it.
@@ -272,8 +473,16 @@ impl OnPreempt {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestoreFrom {
     pub checkpoint: CheckpointId,
-    /// The manifest digest `vm_suspended` reported; anything else is refused.
+    /// The manifest digest `vm_suspended` (or `warm_prepared`) reported;
+    /// anything else is refused.
     pub sha256: String,
+    /// A clean snapshot (`warm_prepared`), not a suspended VM: the launch
+    /// is a new VM that starts from it with its own identity (name, NICs,
+    /// seed) on a fresh copy of its overlay, and is booted from its image
+    /// instead when the snapshot cannot be used. Answered by `vm_started`
+    /// (with [`WarmOutcome`]) or `vm_failed`, not `vm_resumed`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
 }
 
 /// What started a suspend.
@@ -340,6 +549,14 @@ impl EventKind {
             EventKind::VmResumeFailed { .. } => "vm_resume_failed",
             EventKind::CheckpointDeleted { .. } => "checkpoint_deleted",
             EventKind::CheckpointDeleteFailed { .. } => "checkpoint_delete_failed",
+            EventKind::Bound { .. } => "bound",
+            EventKind::Unbound { .. } => "unbound",
+            EventKind::ReservationChanged { .. } => "reservation_changed",
+            EventKind::ReservationRefused { .. } => "reservation_refused",
+            EventKind::VmCpuSet { .. } => "vm_cpu_set",
+            EventKind::VmCpuSetFailed { .. } => "vm_cpu_set_failed",
+            EventKind::WarmPrepared { .. } => "warm_prepared",
+            EventKind::WarmPrepareFailed { .. } => "warm_prepare_failed",
         }
     }
 }
@@ -378,11 +595,28 @@ pub struct VmLaunch {
     /// What the pilot does with the VM on the batch system's warning.
     #[serde(default, skip_serializing_if = "OnPreempt::is_end")]
     pub on_preempt: OnPreempt,
-    /// Start the VM from this checkpoint (a resume) instead of booting it.
-    /// `name` is the VM's name in its new slot.
+    /// Start the VM from this checkpoint (a resume, or a warm start when
+    /// [`RestoreFrom::warm`]) instead of booting it. `name` is the VM's
+    /// name in its new slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreFrom>,
+    /// The lease's urgency, 0 to 2 (seed 004). Recorded on the node; on
+    /// xen a VM of urgency 1 or 2 without a [`CpuShare::weight`] gets
+    /// `[xen] urgent_sched_weight`. Shares are otherwise the coordinator's
+    /// to set ([`VmLaunch::cpu`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub urgency: u8,
+    /// The VM's CPU share from its start (absent: the node's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuShare>,
 }
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// Highest urgency ([`VmLaunch::urgency`]).
+pub const MAX_URGENCY: u8 = 2;
 
 /// An image to stage: `url` is `http(s)://...`, `file:///...` or an absolute path.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -443,6 +677,8 @@ impl VmLaunch {
             context: None,
             on_preempt: OnPreempt::End,
             restore: None,
+            urgency: 0,
+            cpu: None,
         }
     }
 }
@@ -471,6 +707,47 @@ pub enum CommandKind {
     DeleteCheckpoint {
         checkpoint: CheckpointId,
     },
+    /// An idle slot now serves `workspace_id` with `memory_mb` reserved
+    /// (taken from or given back to dom0, verified); a slot already bound
+    /// to that workspace only changes its reservation. Answered by `bound`
+    /// or `reservation_refused`.
+    Bind {
+        workspace_id: WorkspaceId,
+        memory_mb: u64,
+    },
+    /// The lease is over on this slot: destroy its VMs, hold `memory_mb`
+    /// idle, wait for the next `bind`. Answered by `unbound` or
+    /// `reservation_refused`.
+    Unbind {
+        workspace_id: WorkspaceId,
+        memory_mb: u64,
+    },
+    /// Hold `memory_mb`, whatever the binding (never less than the VMs on
+    /// the slot use). Answered by `reservation_changed` or `reservation_refused`.
+    Reserve {
+        memory_mb: u64,
+    },
+    /// Change a running VM's CPU share; the default share lifts caps.
+    /// Answered by `vm_cpu_set` or `vm_cpu_set_failed`.
+    SetCpu {
+        vm_id: VmId,
+        cpu: CpuShare,
+    },
+    /// Make a clean snapshot of an image: boot `launch` (no NICs, no
+    /// context: a template has no identity), wait until the guest is ready
+    /// (at most `ready_timeout_s`), save it to `to`, destroy it. Its memory
+    /// comes from the slot's reservation. Answered by `warm_prepared` or
+    /// `warm_prepare_failed`.
+    PrepareWarm {
+        launch: VmLaunch,
+        to: CheckpointId,
+        #[serde(default = "default_ready_timeout_s")]
+        ready_timeout_s: u64,
+    },
+}
+
+fn default_ready_timeout_s() -> u64 {
+    120
 }
 
 /// A command with its per-pilot-node sequence number (1, 2, 3…).
@@ -585,6 +862,7 @@ mod tests {
         l.restore = Some(RestoreFrom {
             checkpoint: to.clone(),
             sha256: "ab".into(),
+            warm: false,
         });
         let j = serde_json::to_value(&l).unwrap();
         assert_eq!(j["on_preempt"]["suspend"]["to"]["generation"], 2);
@@ -609,6 +887,125 @@ mod tests {
         let j = serde_json::to_value(&e).unwrap();
         assert_eq!(j["type"], "vm_resume_failed");
         assert_eq!(j["cause"], "checksum_mismatch");
+    }
+
+    #[test]
+    fn pool_cpu_and_warm_messages_round_trip_and_stay_additive() {
+        let ws = WorkspaceId::parse("ws-0000abcd").unwrap();
+        let vm = VmId::parse("vm-0000abcd").unwrap();
+        for kind in [
+            CommandKind::Bind {
+                workspace_id: ws.clone(),
+                memory_mb: 512,
+            },
+            CommandKind::Unbind {
+                workspace_id: ws.clone(),
+                memory_mb: 0,
+            },
+            CommandKind::Reserve { memory_mb: 256 },
+            CommandKind::SetCpu {
+                vm_id: vm.clone(),
+                cpu: CpuShare {
+                    weight: Some(900),
+                    cap_pct: None,
+                },
+            },
+        ] {
+            let c = Command { id: 9, kind };
+            let s = serde_json::to_string(&c).unwrap();
+            assert_eq!(serde_json::from_str::<Command>(&s).unwrap(), c, "{s}");
+        }
+        let r = EventKind::Bound {
+            workspace_id: ws.clone(),
+            reservation: ReservationChange {
+                reserved_mb: 512,
+                dom0_before_mb: 4096,
+                dom0_after_mb: 3584,
+                balloon_ms: 3,
+                deadline_ms: 99,
+            },
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["type"], "bound");
+        assert_eq!(
+            j["reserved_mb"], 512,
+            "the figures sit beside the type: {j}"
+        );
+        assert_eq!(serde_json::from_value::<EventKind>(j).unwrap(), r);
+        // A prepare's ready timeout has a default; old launches and
+        // reservations read as before, and new fields are left out when unset.
+        let p: CommandKind = serde_json::from_str(
+            r#"{"type":"prepare_warm","launch":{"vm_id":"vm-0000abcd","name":"n","memory_mb":1,"cpus":1,"image":"i"},"to":{"workspace_id":"ws-0000abcd","vm_id":"vm-0000abcd","generation":1}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            p,
+            CommandKind::PrepareWarm {
+                ready_timeout_s: 120,
+                ..
+            }
+        ));
+        let old = r#"{"type":"reserved","dom0_before_mb":1,"dom0_after_mb":0,"reserved_mb":1,"balloon_ms":0}"#;
+        let e: EventKind = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            &e,
+            EventKind::Reserved {
+                deadline_ms: None,
+                idle: false,
+                cpu_control: None,
+                ..
+            }
+        ));
+        assert_eq!(serde_json::to_string(&e).unwrap(), old);
+        let mut l = VmLaunch::basic(vm.clone(), "n".into(), 1, 1, "i".into());
+        l.urgency = 2;
+        l.cpu = Some(CpuShare {
+            weight: Some(900),
+            cap_pct: Some(50),
+        });
+        let j = serde_json::to_value(&l).unwrap();
+        assert_eq!(j["urgency"], 2);
+        assert_eq!(j["cpu"]["cap_pct"], 50);
+        assert_eq!(serde_json::from_value::<VmLaunch>(j).unwrap(), l);
+        let o = WarmOutcome::ColdBooted {
+            checkpoint: CheckpointId {
+                workspace_id: ws,
+                vm_id: vm,
+                generation: 1,
+            },
+            cause: ResumeFailure::ChecksumMismatch,
+            reason: "x".into(),
+        };
+        let j = serde_json::to_value(&o).unwrap();
+        assert_eq!(j["cold_booted"]["cause"], "checksum_mismatch");
+    }
+
+    #[test]
+    fn cpu_shares_out_of_range_are_refused_with_the_field() {
+        assert!(CpuShare::default().validate().is_ok());
+        assert!(CpuShare::default().is_default());
+        let e = CpuShare {
+            weight: Some(0),
+            cap_pct: None,
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("cpu.weight 0"), "{e}");
+        let e = CpuShare {
+            weight: None,
+            cap_pct: Some(0),
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("cpu.cap_pct 0"), "{e}");
+        assert_eq!(
+            CpuShare {
+                weight: None,
+                cap_pct: Some(10)
+            }
+            .to_string(),
+            "weight 100, cap 10 % of a CPU"
+        );
     }
 
     #[test]

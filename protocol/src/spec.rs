@@ -238,6 +238,19 @@ pub struct WorkspaceSpec {
     /// lease has a checkpoint store, else end.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_preempt: Option<PreemptChoice>,
+    /// How urgent the lease is (issue 17, docs/POOL.md): 0 best effort
+    /// (the default), 1 served from idle pool capacity before anything
+    /// else, 2 as 1 and may share a node with running VMs under CPU caps.
+    /// Who may ask for 1 or 2 is `max_urgency` in the user's `[[users]]`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub urgency: u8,
+}
+
+/// Highest urgency a spec may ask for (the launch's, too).
+pub use crate::pilot::MAX_URGENCY;
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
 }
 
 /// The spec's `on_preempt`.
@@ -379,6 +392,15 @@ impl WorkspaceSpec {
     /// Checks every field; the error names the first field that is wrong.
     pub fn validate(&self) -> Result<(), SpecError> {
         check_name("name", &self.name)?;
+        if self.urgency > MAX_URGENCY {
+            return Err(invalid(
+                "urgency",
+                format!(
+                    "{} is out of range: 0 (best effort), 1 (idle pool capacity first) or 2 (as 1, and may share a node under CPU caps)",
+                    self.urgency
+                ),
+            ));
+        }
         let d = self.duration.0;
         if d < MIN_DURATION || d > MAX_DURATION {
             return Err(invalid("duration", duration_out_of_range(d.as_secs())));
@@ -665,6 +687,27 @@ mod tests {
         let bad = with.replace("ssh-ed25519 AAAAC3Nza me@x", "hello");
         let e = WorkspaceSpec::parse(&bad).unwrap_err().to_string();
         assert!(e.starts_with("ssh_key:"), "{e}");
+    }
+
+    #[test]
+    fn urgency_is_zero_unless_asked_and_at_most_two() {
+        let s = WorkspaceSpec::parse(ENSEMBLE).unwrap();
+        assert_eq!(s.urgency, 0);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("urgency"), "0 is not written: {json}");
+        let s = WorkspaceSpec::parse(&format!("urgency = 2\n{ENSEMBLE}")).unwrap();
+        assert_eq!(s.urgency, 2);
+        let e = WorkspaceSpec::parse(&format!("urgency = 3\n{ENSEMBLE}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("urgency:") && e.contains("3 is out of range"),
+            "{e}"
+        );
+        let e = WorkspaceSpec::parse(&format!("urgency = -1\n{ENSEMBLE}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("urgency"), "{e}");
     }
 
     #[test]

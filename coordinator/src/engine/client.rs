@@ -116,6 +116,7 @@ impl Engine {
         key: Option<&str>,
     ) -> Result<(WorkspaceId, bool), EngineError> {
         spec.validate()?;
+        self.check_urgency(caller, spec.urgency)?;
         // The spec as the client sent it (a relative start resolves anew on
         // every retry), and a retry answered before anything is reserved.
         let fingerprint = spec_fingerprint(&spec)?;
@@ -271,10 +272,11 @@ impl Engine {
                     None,
                     None,
                     &format!(
-                        "{} VMs in {} slot(s) requested by {}",
+                        "{} VMs in {} slot(s) requested by {}{}",
                         spec.vm_count(),
                         plans.len(),
-                        caller.user
+                        caller.user,
+                        urgency_note(spec.urgency)
                     ),
                 )?;
                 Ok::<_, EngineError>(None)
@@ -325,6 +327,29 @@ impl Engine {
         }
         self.bump();
         Ok((ws.id, false))
+    }
+
+    /// Refuses an urgency above what the caller's `[[users]]` entry allows
+    /// (`max_urgency`, 0 unless set; callers without an entry, such as the
+    /// simulator's, may ask for 0 only).
+    fn check_urgency(&self, caller: &Caller, urgency: u8) -> Result<(), EngineError> {
+        if urgency == 0 {
+            return Ok(());
+        }
+        let allowed = self
+            .users
+            .current()
+            .iter()
+            .find(|u| u.name == caller.user)
+            .map_or(0, |u| u.max_urgency);
+        if urgency > allowed {
+            warn!(user = %caller.user, urgency, allowed, "urgency refused");
+            return Err(EngineError::Forbidden(format!(
+                "urgency {urgency} refused: user {:?} may ask for urgency up to {allowed} (max_urgency in the user's [[users]] entry of the coordinator's config; ask its admin)",
+                caller.user
+            )));
+        }
+        Ok(())
     }
 
     /// Writes the slot's key file and job directory, submits the pilot job, records its id.
@@ -696,6 +721,18 @@ fn unused<T>(
         detail: format!("{ID_DRAWS} random ids in a row are taken"),
     }
     .into())
+}
+
+/// What the timeline says of a lease's urgency when it is asked for.
+fn urgency_note(urgency: u8) -> String {
+    match urgency {
+        0 => String::new(),
+        // The pool that urgency draws on is the node side only so far
+        // (docs/POOL.md, "Coordinator side"): say so rather than pretend.
+        u => format!(
+            "; urgency {u}: this coordinator has no pool of idle slots yet, so it goes through the batch system like urgency 0"
+        ),
+    }
 }
 
 #[cfg(test)]

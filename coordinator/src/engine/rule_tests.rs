@@ -251,6 +251,7 @@ impl Rig {
                             create_ms: 5,
                             stage_ms: None,
                             cache_hit: None,
+                            warm: None,
                         };
                         self.send(&s.id, &node, kind).expect("vm started");
                     }
@@ -313,6 +314,9 @@ fn reserved() -> EventKind {
         balloon_ms: 1,
         cached_images: Vec::new(),
         checkpoints: None,
+        deadline_ms: None,
+        idle: false,
+        cpu_control: None,
     }
 }
 

@@ -285,6 +285,8 @@ pub(super) fn start_vms(
             }),
             on_preempt,
             restore,
+            urgency: 0,
+            cpu: None,
         };
         store::push_command(c, &vm.slot_id, &node, &CommandKind::StartVm(launch), now)?;
         store::push_timeline(

@@ -139,6 +139,7 @@ pub(super) fn restore_from(c: &Connection, vm: &VmId) -> Result<Option<RestoreFr
         Some(RestoreFrom {
             checkpoint: k.id(),
             sha256,
+            warm: false,
         })
     }))
 }

@@ -19,6 +19,9 @@ fn reserved_with_store() -> EventKind {
             save_mb_per_s: 200.0,
             measured: true,
         }),
+        deadline_ms: None,
+        idle: false,
+        cpu_control: None,
     }
 }
 
@@ -74,6 +77,7 @@ impl Rig {
                             create_ms: 5,
                             stage_ms: None,
                             cache_hit: None,
+                            warm: None,
                         },
                         Some(r) => EventKind::VmResumed {
                             vm_id: l.vm_id.clone(),

@@ -5,9 +5,11 @@
 //! node: reserving = adding hugepages to the host pool (see [`hugepages`]).
 //! Each VM's files (`<name>.pid/.qmp/.vm.json/.qcow2/.serial/.log`) live in the
 //! run dir, so a later process (kill-all) finds and removes them. Saving to
-//! and restoring from a checkpoint is in [`checkpoint`].
+//! and restoring from a checkpoint (suspend, resume, warm snapshots) is in
+//! [`checkpoint`]; CPU shares (a cgroup per VM) in [`cpu`].
 
 pub mod checkpoint;
+pub mod cpu;
 pub mod hugepages;
 pub mod net;
 pub mod qmp;
@@ -18,7 +20,7 @@ use crate::files::write_atomic;
 use crate::node::expand_node;
 use crate::tools;
 use hugepages::HugePages;
-use protocol::pilot::VmLaunch;
+use protocol::pilot::{CpuControl, CpuShare, VmLaunch};
 use qmp::{Qmp, QmpError};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -111,6 +113,14 @@ pub struct KvmConfig {
     /// Seed image tools (dosfstools, mtools).
     pub mkfs_vfat: String,
     pub mcopy: String,
+    /// CPU shares: `auto` (a cgroup per VM, v2 or v1, see [`cpu`]) or `off`.
+    pub cgroup: String,
+    /// Where the VMs' cgroups go, relative to the hierarchy's root; each
+    /// node gets `<cgroup_parent>/<node>/<vm name>`.
+    pub cgroup_parent: String,
+    /// Serial line that says a booting guest is ready (a warm snapshot is
+    /// taken once it shows).
+    pub ready_marker: String,
 }
 
 impl Default for KvmConfig {
@@ -152,6 +162,9 @@ impl Default for KvmConfig {
             nft_table: "wsp_%n".into(),
             mkfs_vfat: "mkfs.vfat".into(),
             mcopy: "mcopy".into(),
+            cgroup: "auto".into(),
+            cgroup_parent: "workspace-pilot".into(),
+            ready_marker: "WSP-VM-READY".into(),
         }
     }
 }
@@ -306,6 +319,62 @@ pub struct VmMeta {
     /// Its NoCloud seed image.
     #[serde(default)]
     pub seed: Option<PathBuf>,
+    /// Its cgroup (CPU shares), when the node has them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+    /// Its CPU share as last applied (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuShare>,
+    /// The warm layout: a VM generation id device (this guid) and the seed
+    /// and NICs at fixed PCI slots, so a snapshot of it can be restored and
+    /// given another identity by plugging them in ([`Layout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed_slots: bool,
+}
+
+/// PCI slot of the seed disk in the warm layout; NIC `i` is at the next ones.
+pub const SEED_SLOT: u32 = 0x10;
+/// The warm layout has room for this many NICs (slots up to 0x1f).
+pub const MAX_FIXED_NICS: usize = 15;
+
+/// How a VM's devices are laid out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// The seed at [`SEED_SLOT`], NIC `i` at `SEED_SLOT + 1 + i`: the same
+    /// whether they were on QEMU's command line or plugged in later.
+    pub fixed_slots: bool,
+    /// A `vmgenid` device with this guid: a guest restored under a new one
+    /// knows it is a copy (Linux reseeds its random number generator).
+    pub vmgenid: Option<String>,
+}
+
+/// A random RFC 4122 (version 4) UUID, for `vmgenid`.
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        // Never two the same within a process even then.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        b = (t ^ (u128::from(std::process::id()) << 64)).to_le_bytes();
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// The kvm driver for one node.
@@ -327,6 +396,8 @@ pub struct Kvm {
     children: Mutex<HashMap<String, Child>>,
     /// Taps, DHCP and anti-spoofing of the node's VMs.
     net: net::Net,
+    /// The VMs' cgroups, for CPU shares.
+    cpu: cpu::CpuCgroups,
 }
 
 static HOST_KVM: OnceLock<HardwareKvm> = OnceLock::new();
@@ -517,6 +588,12 @@ impl Kvm {
             "kvm driver ready"
         );
         let net = net::Net::new(cfg, &node, &run_dir);
+        let cpu = cpu::CpuCgroups::detect(
+            &cfg.cgroup,
+            &cfg.cgroup_parent,
+            &node,
+            &cfg.privileged_prefix,
+        );
         Ok(Self {
             cfg: cfg.clone(),
             node,
@@ -529,6 +606,7 @@ impl Kvm {
             max_mb,
             children: Mutex::new(HashMap::new()),
             net,
+            cpu,
         })
     }
 
@@ -750,7 +828,9 @@ impl Kvm {
         mb.max(1).div_ceil(page_mb) * page_mb
     }
 
-    /// QEMU's arguments for a VM (without the program).
+    /// QEMU's arguments for a VM (without the program): its memory, CPUs,
+    /// serial, QMP, boot and disk; the seed, NICs and generation id come
+    /// from [`Kvm::prepare`].
     pub fn qemu_args(&self, vm: &VmLaunch, boot: &Boot, overlay: Option<&Path>) -> Vec<String> {
         let name = &vm.name;
         let mem = self.vm_memory_mb(vm.memory_mb);
@@ -1127,7 +1207,7 @@ impl Kvm {
         self.net.table()
     }
 
-    fn create_inner(&self, vm: &VmLaunch, boot: &Boot) -> Result<(), HvError> {
+    fn create_inner(&self, vm: &VmLaunch, boot: &Boot, layout: &Layout) -> Result<(), HvError> {
         let name = &vm.name;
         let overlay = match boot.disk_base() {
             Some(base) => {
@@ -1137,7 +1217,7 @@ impl Kvm {
             }
             None => None,
         };
-        let meta = self.prepare(vm, boot, overlay)?;
+        let meta = self.prepare(vm, boot, overlay, layout)?;
         let mut q = self.launch_qemu(&meta, &[])?;
         let s = q.status().map_err(|e| qmp_err(name, e))?;
         if !s.running {
@@ -1156,35 +1236,33 @@ impl Kvm {
         vm: &VmLaunch,
         boot: &Boot,
         overlay: Option<PathBuf>,
+        layout: &Layout,
     ) -> Result<VmMeta, HvError> {
         let name = &vm.name;
+        if layout.fixed_slots && vm.nics.len() > MAX_FIXED_NICS {
+            return Err(HvError::Config(format!(
+                "{name}: {} NICs; the warm layout has room for {MAX_FIXED_NICS}",
+                vm.nics.len()
+            )));
+        }
         let mut args = self.qemu_args(vm, boot, overlay.as_deref());
+        if let Some(guid) = &layout.vmgenid {
+            args.extend([
+                "-device".into(),
+                format!("vmgenid,id=wsp-genid,guid={guid}"),
+            ]);
+        }
         let taps = self.net.plan(name, vm.hostname.as_deref(), &vm.nics)?;
         let seed = if vm.context.is_some() || !vm.nics.is_empty() {
             let p = self.file(name, "seed.img");
             let t = Self::timeout(self.cfg.command_timeout_s);
             seed::build(vm, &p, &self.cfg.mkfs_vfat, &self.cfg.mcopy, t)?;
-            args.extend([
-                "-drive".into(),
-                format!(
-                    "file={},if=none,id=wsp-seed,format=raw,readonly=on",
-                    p.display()
-                ),
-                "-device".into(),
-                "virtio-blk-pci,drive=wsp-seed".into(),
-            ]);
+            args.extend(seed_args(&p, layout.fixed_slots));
             Some(p)
         } else {
             None
         };
-        for (i, t) in taps.iter().enumerate() {
-            args.extend([
-                "-netdev".into(),
-                format!("tap,id=wsp-n{i},ifname={},script=no,downscript=no", t.tap),
-                "-device".into(),
-                format!("virtio-net-pci,netdev=wsp-n{i},mac={}", t.mac),
-            ]);
-        }
+        args.extend(nic_args(&taps, layout.fixed_slots));
         Ok(VmMeta {
             name: name.clone(),
             memory_mb: vm.memory_mb,
@@ -1196,21 +1274,104 @@ impl Kvm {
             created_ms: protocol::now_ms(),
             taps,
             seed,
+            cgroup: self.cpu.vm_dir(name),
+            cpu: vm.cpu.filter(|c| !c.is_default()),
+            vmgenid: layout.vmgenid.clone(),
+            fixed_slots: layout.fixed_slots,
         })
     }
 
-    /// Records the VM, sets up its taps and starts QEMU with its arguments
-    /// plus `extra`; returns once QMP answers.
+    /// Records the VM, sets up its taps and cgroup and starts QEMU with its
+    /// arguments plus `extra` (in its cgroup, with its CPU share); returns
+    /// once QMP answers.
     fn launch_qemu(&self, meta: &VmMeta, extra: &[&str]) -> Result<Qmp, HvError> {
         self.write_meta(meta)?;
         if !meta.taps.is_empty() {
             self.net
                 .setup(&meta.name, &meta.taps, &|| self.node_taps(None))?;
         }
+        if let Some(cg) = &meta.cgroup {
+            self.cpu.create(cg)?;
+            self.cpu.apply(cg, &meta.cpu.unwrap_or_default())?;
+        }
         let mut args = meta.argv.clone();
         args.extend(extra.iter().map(|a| a.to_string()));
-        self.spawn_qemu(&meta.name, &args)
+        let q = self.spawn_qemu(&meta.name, &args)?;
+        if let (Some(cg), Some(pid)) = (&meta.cgroup, self.read_pid(&meta.name)) {
+            if let Err(e) = self.cpu.attach(cg, pid) {
+                self.kill_and_reap(&meta.name, pid);
+                return Err(e);
+            }
+        }
+        Ok(q)
     }
+
+    /// Checks that a launch's CPU share can be applied here, before anything
+    /// of the VM exists.
+    fn check_share(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        match &vm.cpu {
+            Some(c) if !c.is_default() && !self.cpu.available() => Err(HvError::NoCpuControl(
+                self.cpu.control().reason.unwrap_or_default(),
+            )),
+            Some(c) => c.validate().map_err(HvError::Config),
+            None => Ok(()),
+        }
+    }
+
+    /// The VM's cgroup, as the driver sees it now (for tests and checks).
+    pub fn cpu_share_of(&self, name: &str) -> Result<CpuShare, HvError> {
+        let dir = self
+            .read_meta(name)?
+            .and_then(|m| m.cgroup)
+            .ok_or_else(|| HvError::NoSuchDomain {
+                name: name.to_string(),
+            })?;
+        self.cpu.read(&dir)
+    }
+}
+
+/// The seed disk's QEMU arguments (at [`SEED_SLOT`] in the warm layout).
+fn seed_args(seed: &Path, fixed: bool) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=wsp-seed,format=raw,readonly=on",
+            seed.display()
+        ),
+        "-device".into(),
+        if fixed {
+            format!("virtio-blk-pci,drive=wsp-seed,addr={SEED_SLOT:#x}")
+        } else {
+            "virtio-blk-pci,drive=wsp-seed".into()
+        },
+    ]
+}
+
+/// The NICs' QEMU arguments (after the seed's slot in the warm layout).
+fn nic_args(taps: &[net::TapRecord], fixed: bool) -> Vec<String> {
+    let mut a = Vec::new();
+    for (i, t) in taps.iter().enumerate() {
+        a.extend([
+            "-netdev".into(),
+            format!("tap,id=wsp-n{i},ifname={},script=no,downscript=no", t.tap),
+            "-device".into(),
+            if fixed {
+                format!(
+                    "virtio-net-pci,netdev=wsp-n{i},mac={},addr={:#x}",
+                    t.mac,
+                    nic_slot(i)
+                )
+            } else {
+                format!("virtio-net-pci,netdev=wsp-n{i},mac={}", t.mac)
+            },
+        ]);
+    }
+    a
+}
+
+/// PCI slot of NIC `i` in the warm layout.
+fn nic_slot(i: usize) -> u32 {
+    SEED_SLOT + 1 + i as u32
 }
 
 fn qemu_tools(c: &KvmConfig) -> Vec<ToolUse> {
@@ -1421,6 +1582,10 @@ impl Hypervisor for Kvm {
                         created_ms: 0,
                         taps: Vec::new(),
                         seed: None,
+                        cgroup: None,
+                        cpu: None,
+                        vmgenid: None,
+                        fixed_slots: false,
                     }
                 }
             };
@@ -1445,56 +1610,82 @@ impl Hypervisor for Kvm {
     }
 
     fn create(&self, vm: &VmLaunch) -> Result<(), HvError> {
-        let name = &vm.name;
-        if !valid_name(name) {
+        self.create_with(vm, &Layout::default())
+    }
+
+    /// A template has no identity to plug out; it gets the warm layout.
+    fn create_template(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        if !vm.nics.is_empty() || vm.context.is_some() {
             return Err(HvError::Config(format!(
-                "VM name {name:?}: only letters, digits, '-', '_' and '.' are allowed"
+                "{}: a warm template has no NICs and no context (each warm start plugs in its own)",
+                vm.name
             )));
         }
-        if self.read_meta(name)?.is_some() {
-            if self.read_pid(name).is_some_and(|p| is_our_qemu(p, name)) {
-                return Err(HvError::DomainExists { name: name.clone() });
+        let layout = Layout {
+            fixed_slots: true,
+            vmgenid: Some(random_uuid()),
+        };
+        self.create_with(vm, &layout)
+    }
+
+    /// The guest printed `[kvm] ready_marker` on its serial console.
+    fn is_ready(&self, name: &str) -> Result<bool, HvError> {
+        let alive = self.read_pid(name).is_some_and(|p| is_our_qemu(p, name));
+        if !alive {
+            return Err(HvError::KvmCommand {
+                command: format!("{} -name {name} ...", self.cfg.qemu),
+                message: "exited before the guest was ready".into(),
+                output: self.log_tail(name),
+            });
+        }
+        let serial = std::fs::read(self.serial_path(name)).unwrap_or_default();
+        let marker = self.cfg.ready_marker.as_bytes();
+        Ok(!marker.is_empty() && serial.windows(marker.len()).any(|w| w == marker))
+    }
+
+    fn cpu_control(&self) -> CpuControl {
+        self.cpu.control()
+    }
+
+    /// Writes the share into the VM's cgroup (made, and QEMU moved into
+    /// it, if the VM started without one).
+    fn set_cpu(&self, name: &str, cpu: &CpuShare, _urgency: u8) -> Result<String, HvError> {
+        cpu.validate().map_err(HvError::Config)?;
+        let mut meta = self.read_meta(name)?.ok_or_else(|| HvError::NoSuchDomain {
+            name: name.to_string(),
+        })?;
+        let pid = self
+            .read_pid(name)
+            .filter(|p| is_our_qemu(*p, name))
+            .ok_or_else(|| HvError::NoSuchDomain {
+                name: name.to_string(),
+            })?;
+        let dir = match &meta.cgroup {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.cpu.vm_dir(name).ok_or_else(|| {
+                    HvError::NoCpuControl(self.cpu.control().reason.unwrap_or_default())
+                })?;
+                meta.cgroup = Some(d.clone());
+                self.write_meta(&meta)?;
+                self.cpu.create(&d)?;
+                self.cpu.attach(&d, pid)?;
+                d
             }
-            tracing::warn!(vm = %name, "removing the files of a dead VM of the same name");
-            self.remove_files(name, false);
-        }
-        if let Some(why) = &self.accel_problem {
-            return Err(HvError::Config(format!(
-                "[kvm] accelerator = \"kvm\" but this host has {why}: set accelerator = \"auto\" \
-                 or \"tcg\", or make KVM work (workspace-pilot check --hypervisor kvm)"
-            )));
-        }
-        let t0 = Instant::now();
-        let boot = self.resolve_image(&vm.image)?;
-        // Before anything is written: a missing tool names itself and its
-        // package, not "No such file or directory" halfway through.
-        let missing = Self::missing(&self.tools_for(vm, &boot));
-        if !missing.is_empty() {
-            return Err(HvError::ToolsMissing(missing));
-        }
-        match self.create_inner(vm, &boot) {
-            Ok(()) => {
-                tracing::info!(
-                    node = %self.node,
-                    vm = %name,
-                    vm_id = %vm.vm_id,
-                    accelerator = self.accel.as_str(),
-                    memory_mb = vm.memory_mb,
-                    start_ms = t0.elapsed().as_millis() as u64,
-                    "QEMU started"
-                );
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(node = %self.node, vm = %name, error = %e, "VM not started; cleaning its files");
-                if let Some(pid) = self.read_pid(name) {
-                    self.kill_and_reap(name, pid);
-                }
-                self.remove_network(name);
-                self.remove_files(name, false);
-                Err(e)
-            }
-        }
+        };
+        self.cpu.apply(&dir, cpu)?;
+        meta.cpu = Some(*cpu).filter(|c| !c.is_default());
+        self.write_meta(&meta)?;
+        tracing::info!(node = %self.node, vm = name, cpu = %cpu, cgroup = %dir.display(), "CPU share applied");
+        Ok(self.cpu.control().mechanism)
+    }
+    fn restore_warm(
+        &self,
+        vm: &VmLaunch,
+        from: &crate::checkpoint::CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        self.restore_warm_checkpoint(vm, from, deadline)
     }
 
     fn sweep_node(&self) -> Vec<String> {
@@ -1535,11 +1726,12 @@ impl Hypervisor for Kvm {
         if let Some(pid) = pid {
             self.stop_process(name, pid)?;
         }
-        let problems = self.remove_network(name);
+        let mut problems = self.remove_network(name);
+        problems.extend(self.remove_cgroup(name));
         self.remove_files(name, false);
         if !problems.is_empty() {
             return Err(HvError::KvmCommand {
-                command: format!("removing the network of {name}"),
+                command: format!("cleaning up after {name} (network, cgroup)"),
                 message: problems.join("; "),
                 output: String::new(),
             });
@@ -1551,6 +1743,80 @@ impl Hypervisor for Kvm {
             "VM destroyed"
         );
         Ok(())
+    }
+}
+
+impl Kvm {
+    fn create_with(&self, vm: &VmLaunch, layout: &Layout) -> Result<(), HvError> {
+        let name = &vm.name;
+        if !valid_name(name) {
+            return Err(HvError::Config(format!(
+                "VM name {name:?}: only letters, digits, '-', '_' and '.' are allowed"
+            )));
+        }
+        if self.read_meta(name)?.is_some() {
+            if self.read_pid(name).is_some_and(|p| is_our_qemu(p, name)) {
+                return Err(HvError::DomainExists { name: name.clone() });
+            }
+            tracing::warn!(vm = %name, "removing the files of a dead VM of the same name");
+            self.remove_files(name, false);
+        }
+        if let Some(why) = &self.accel_problem {
+            return Err(HvError::Config(format!(
+                "[kvm] accelerator = \"kvm\" but this host has {why}: set accelerator = \"auto\" \
+                 or \"tcg\", or make KVM work (workspace-pilot check --hypervisor kvm)"
+            )));
+        }
+        let t0 = Instant::now();
+        let boot = self.resolve_image(&vm.image)?;
+        // Before anything is written: a missing tool names itself and its
+        // package, not "No such file or directory" halfway through.
+        let missing = Self::missing(&self.tools_for(vm, &boot));
+        if !missing.is_empty() {
+            return Err(HvError::ToolsMissing(missing));
+        }
+        self.check_share(vm)?;
+        match self.create_inner(vm, &boot, layout) {
+            Ok(()) => {
+                tracing::info!(
+                    node = %self.node,
+                    vm = %name,
+                    vm_id = %vm.vm_id,
+                    accelerator = self.accel.as_str(),
+                    memory_mb = vm.memory_mb,
+                    start_ms = t0.elapsed().as_millis() as u64,
+                    "QEMU started"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(node = %self.node, vm = %name, error = %e, "VM not started; cleaning its files");
+                if let Some(pid) = self.read_pid(name) {
+                    self.kill_and_reap(name, pid);
+                }
+                self.remove_network(name);
+                self.remove_cgroup(name);
+                self.remove_files(name, false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes the VM's cgroup (its QEMU is gone); logs what it cannot.
+    fn remove_cgroup(&self, name: &str) -> Option<String> {
+        let dir = self
+            .read_meta(name)
+            .ok()
+            .flatten()
+            .and_then(|m| m.cgroup)
+            .or_else(|| self.cpu.vm_dir(name))?;
+        match self.cpu.remove(&dir) {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::warn!(vm = name, cgroup = %dir.display(), error = %e, "cgroup not removed");
+                Some(format!("cgroup {}: {e}", dir.display()))
+            }
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! A driver reads and sets dom0's memory target and lists, creates and
 //! destroys guests, and saves a guest into a checkpoint and restores one
 //! from it (one argument order for every driver: the guest, then the
-//! checkpoint). The pilot and kill-all only talk to a node through it.
+//! checkpoint); it applies a guest's CPU share and says when a booting
+//! guest is ready (for warm snapshots). The pilot and kill-all only talk to a node through it.
 //! The shared bounded "set target and wait for the balloon" lives here once.
 //! Drivers do not know about slots, state files or the coordinator.
 
@@ -12,7 +13,7 @@ pub mod sim;
 pub mod xen;
 
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, CkError};
-use protocol::pilot::VmLaunch;
+use protocol::pilot::{CpuControl, CpuShare, VmLaunch};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -147,6 +148,10 @@ pub enum HvError {
     /// accelerator or disk layout).
     #[error("checkpoint does not fit this VM: {0}")]
     Incompatible(String),
+    /// CPU shares cannot be applied on this node (the reason says why and
+    /// what to change).
+    #[error("CPU shares cannot be applied on this node: {0}")]
+    NoCpuControl(String),
 }
 
 impl From<crate::tools::Missing> for HvError {
@@ -213,6 +218,49 @@ pub trait Hypervisor: Send + Sync {
             driver: self.name().to_string(),
             what: "restore guests".into(),
         })
+    }
+    /// Boots `vm` as the template of a warm snapshot (no identity: no
+    /// NICs, no seed), laid out so that [`Hypervisor::restore_warm`] can
+    /// give each copy its own. The default is a plain create.
+    fn create_template(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        self.create(vm)
+    }
+    /// Starts `vm`, a new VM, from the clean snapshot `from` of its image:
+    /// on a fresh copy of the snapshot's overlay, under the launch's name,
+    /// with the launch's NICs and seed (a new identity, never the
+    /// template's). The default restores the launch as it is.
+    fn restore_warm(
+        &self,
+        vm: &VmLaunch,
+        from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        self.restore(vm, from, deadline)
+    }
+    /// Whether a guest started by [`Hypervisor::create_template`] is ready
+    /// to be snapshotted (booted, its services up). The default: as soon
+    /// as it runs.
+    fn is_ready(&self, name: &str) -> Result<bool, HvError> {
+        let _ = name;
+        Ok(true)
+    }
+    /// Whether and how this node applies CPU shares.
+    fn cpu_control(&self) -> CpuControl {
+        CpuControl {
+            available: false,
+            mechanism: self.name().to_string(),
+            reason: Some(format!("the {} driver has no CPU shares", self.name())),
+        }
+    }
+    /// Applies `cpu` to the running guest `name` (the default share lifts
+    /// caps); `urgency` is the launch's. Returns how it was applied.
+    fn set_cpu(&self, name: &str, cpu: &CpuShare, urgency: u8) -> Result<String, HvError> {
+        let _ = (name, cpu, urgency);
+        Err(HvError::NoCpuControl(
+            self.cpu_control()
+                .reason
+                .unwrap_or_else(|| "not supported".into()),
+        ))
     }
 }
 

@@ -5,12 +5,15 @@
 //! writes are atomic, so several pilots on one node are safe. Balloon latency
 //! is computed from timestamps: no background process. Saving a guest to a
 //! checkpoint and restoring it take a configurable time per GB of its
-//! memory and carry its identity (`boot_id`); nothing runs. Not a VM runner.
+//! memory and carry its identity (`boot_id`) and its disk writes (`files`,
+//! written by `sim guest-write`, as a user would in a real guest); a guest
+//! is ready `boot_ms` after it was created; CPU shares are recorded on the
+//! guest. Nothing runs. Not a VM runner.
 
 use super::{Dom0Memory, Domain, HvError, Hypervisor};
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, CkError};
 use crate::files::{lock_exclusive, write_atomic, FileLock, LockError};
-use protocol::pilot::VmLaunch;
+use protocol::pilot::{CpuControl, CpuShare, VmLaunch};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +75,9 @@ pub struct SimLatency {
     /// Restoring a guest from a checkpoint, per GB of its memory.
     #[serde(default)]
     pub restore_ms_per_gb: u64,
+    /// A created guest is ready (booted) this long after its creation.
+    #[serde(default)]
+    pub boot_ms: u64,
 }
 
 impl SimLatency {
@@ -91,6 +97,8 @@ struct SimSaved {
     image: String,
     boot_id: String,
     created_ms: u64,
+    #[serde(default)]
+    files: Vec<String>,
 }
 
 /// One guest of the simulated node.
@@ -111,6 +119,20 @@ pub struct SimDomain {
     /// has its boot id, a rebooted one would not.
     #[serde(default)]
     pub boot_id: String,
+    /// Files written on the guest's disk (its overlay), carried through
+    /// save and restore.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// Its CPU share, as last applied (absent: the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuShare>,
+    /// The urgency of its launch.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub urgency: u8,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
 }
 
 fn random_boot_id() -> String {
@@ -313,9 +335,30 @@ impl Sim {
                     created_ms: now,
                     nics: Vec::new(),
                     boot_id: random_boot_id(),
+                    files: Vec::new(),
+                    cpu: None,
+                    urgency: 0,
                 },
                 now,
             )
+        })
+    }
+
+    /// Writes `file` on guest `name`'s disk (what a user does in a real
+    /// guest; tests check whose files a guest sees).
+    pub fn write_guest_file(&self, name: &str, file: &str) -> Result<(), HvError> {
+        self.update(|node, _| {
+            let d = node
+                .domains
+                .iter_mut()
+                .find(|d| d.name == name)
+                .ok_or_else(|| HvError::NoSuchDomain {
+                    name: name.to_string(),
+                })?;
+            if !d.files.iter().any(|f| f == file) {
+                d.files.push(file.to_string());
+            }
+            Ok(())
         })
     }
 
@@ -395,6 +438,9 @@ impl Hypervisor for Sim {
                     created_ms: now,
                     nics: vm.nics.clone(),
                     boot_id: random_boot_id(),
+                    files: Vec::new(),
+                    cpu: vm.cpu.filter(|c| !c.is_default()),
+                    urgency: vm.urgency,
                 },
                 now,
             )?;
@@ -470,6 +516,7 @@ impl Hypervisor for Sim {
             image: d.image.clone(),
             boot_id: d.boot_id.clone(),
             created_ms: d.created_ms,
+            files: d.files.clone(),
         };
         let result = (|| {
             let mut f = out.create(SIM_STATE)?;
@@ -552,10 +599,51 @@ impl Hypervisor for Sim {
                     created_ms: now,
                     nics: vm.nics.clone(),
                     boot_id: saved.boot_id.clone(),
+                    files: saved.files.clone(),
+                    cpu: vm.cpu.filter(|c| !c.is_default()),
+                    urgency: vm.urgency,
                 },
                 now,
             )
         })
+    }
+
+    /// Ready `boot_ms` after it was created.
+    fn is_ready(&self, name: &str) -> Result<bool, HvError> {
+        let n = self.node()?;
+        let d = n
+            .domains
+            .iter()
+            .find(|d| d.name == name)
+            .ok_or_else(|| HvError::NoSuchDomain {
+                name: name.to_string(),
+            })?;
+        Ok(protocol::now_ms() >= d.created_ms + n.latency.boot_ms)
+    }
+
+    fn cpu_control(&self) -> CpuControl {
+        CpuControl {
+            available: true,
+            mechanism: format!("sim (recorded in {})", self.node_path().display()),
+            reason: None,
+        }
+    }
+
+    /// Records the share on the guest.
+    fn set_cpu(&self, name: &str, cpu: &CpuShare, urgency: u8) -> Result<String, HvError> {
+        self.update(|node, _| {
+            let d = node
+                .domains
+                .iter_mut()
+                .find(|d| d.name == name)
+                .ok_or_else(|| HvError::NoSuchDomain {
+                    name: name.to_string(),
+                })?;
+            d.cpu = Some(*cpu).filter(|c| !c.is_default());
+            d.urgency = urgency;
+            Ok(())
+        })?;
+        Ok("sim".to_string())
     }
 }
 
@@ -579,6 +667,8 @@ mod tests {
             context: None,
             on_preempt: Default::default(),
             restore: None,
+            urgency: 0,
+            cpu: None,
         }
     }
 
@@ -654,6 +744,9 @@ mod tests {
             created_ms: 0,
             nics: Vec::new(),
             boot_id: String::new(),
+            files: Vec::new(),
+            cpu: None,
+            urgency: 0,
         });
         node.dom0.target_mb = 4096;
         node.dom0.from_mb = 3072;

@@ -15,7 +15,7 @@
 
 use super::{Dom0Memory, Domain, HvError, HvOptions, Hypervisor};
 use crate::checkpoint::{CheckpointReader, CheckpointWriter};
-use protocol::pilot::VmLaunch;
+use protocol::pilot::{CpuControl, CpuShare, VmLaunch, DEFAULT_CPU_WEIGHT};
 use protocol::VmName;
 use serde::{Deserialize, Serialize};
 use std::io::Read;
@@ -847,6 +847,43 @@ impl Xen {
         self.xl(&args).map(|_| ())
     }
 
+    /// The credit scheduler's weight for a share: 256 is its default, as
+    /// 100 is the share's; `urgent` VMs without a weight get
+    /// `urgent_sched_weight`.
+    fn credit_weight(&self, cpu: &CpuShare, urgent: bool) -> u32 {
+        match cpu.weight {
+            Some(w) => (u64::from(w) * 256 / u64::from(DEFAULT_CPU_WEIGHT)).clamp(1, 65535) as u32,
+            None if urgent => self.cfg.urgent_sched_weight,
+            None => 256,
+        }
+    }
+
+    /// Applies a share with `xl sched-credit`: both the weight and the cap
+    /// (0: none), so the default share lifts an earlier cap.
+    fn apply_share(&self, name: &str, cpu: &CpuShare, urgent: bool) -> Result<(), HvError> {
+        let w = self.credit_weight(cpu, urgent);
+        self.set_sched_credit(name, Some(w), Some(cpu.cap_pct.unwrap_or(0)), false)
+    }
+
+    /// The scheduler settings of a new guest: the launch's share if it has
+    /// one (an error if it cannot be applied), else the configured
+    /// `sched_weight`/`sched_cap` and, for an urgent launch,
+    /// `urgent_sched_weight` (a warning if they cannot).
+    fn launch_sched(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        let urgent = vm.urgency > 0;
+        if let Some(cpu) = &vm.cpu {
+            return self.apply_share(&vm.name, cpu, urgent);
+        }
+        if self.cfg.sched_weight.is_some() || self.cfg.sched_cap.is_some() || urgent {
+            if let Err(e) =
+                self.set_sched_credit(&vm.name, self.cfg.sched_weight, self.cfg.sched_cap, urgent)
+            {
+                tracing::warn!(vm = %vm.name, error = %e, "scheduler settings not applied");
+            }
+        }
+        Ok(())
+    }
+
     /// Is this node fit for the pilot? Each check says what to fix.
     pub fn checks(&self) -> Vec<Check> {
         let mut out = Vec::new();
@@ -1068,12 +1105,13 @@ impl Hypervisor for Xen {
         let p = path.to_string_lossy();
         self.xl(&["create", p.as_ref()])?;
         self.wait_for(&vm.name, true, "not listed after xl create")?;
-        if self.cfg.sched_weight.is_some() || self.cfg.sched_cap.is_some() {
-            if let Err(e) =
-                self.set_sched_credit(&vm.name, self.cfg.sched_weight, self.cfg.sched_cap, false)
-            {
-                tracing::warn!(slot = %slot, vm = %vm.name, error = %e, "scheduler settings not applied");
-            }
+        if let Err(e) = self.launch_sched(vm) {
+            // Its share is part of the launch: not applied, not started.
+            tracing::error!(slot = %slot, vm = %vm.name, error = %e, "CPU share not applied; destroying the guest");
+            let _ = self.xl(&["destroy", &vm.name]);
+            let _ = self.wait_for(&vm.name, false, "still listed after xl destroy");
+            let _ = std::fs::remove_file(self.config_path(&vm.name));
+            return Err(e);
         }
         tracing::info!(
             node = %self.node,
@@ -1110,6 +1148,19 @@ impl Hypervisor for Xen {
             .unwrap_or_default();
         tracing::info!(node = %self.node, slot = %slot, vm = %name, ms = t0.elapsed().as_millis() as u64, "xl destroy");
         Ok(())
+    }
+
+    fn cpu_control(&self) -> CpuControl {
+        CpuControl {
+            available: true,
+            mechanism: "xl sched-credit (credit scheduler weight and cap)".into(),
+            reason: None,
+        }
+    }
+
+    fn set_cpu(&self, name: &str, cpu: &CpuShare, urgency: u8) -> Result<String, HvError> {
+        self.apply_share(name, cpu, urgency > 0)?;
+        Ok("xl sched-credit".into())
     }
 
     /// `xl save -p`: the guest's state into the checkpoint, the guest left
@@ -1170,19 +1221,8 @@ impl Hypervisor for Xen {
         let r = self
             .xl_until(&["restore", "-p", c.as_ref(), f.as_ref()], deadline)
             .and_then(|_| self.wait_for(name, true, "not listed after xl restore"))
-            .and_then(|_| {
-                if self.cfg.sched_weight.is_some() || self.cfg.sched_cap.is_some() {
-                    if let Err(e) = self.set_sched_credit(
-                        name,
-                        self.cfg.sched_weight,
-                        self.cfg.sched_cap,
-                        false,
-                    ) {
-                        tracing::warn!(vm = %name, error = %e, "scheduler settings not applied");
-                    }
-                }
-                self.unpause(name)
-            });
+            .and_then(|_| self.launch_sched(vm))
+            .and_then(|_| self.unpause(name));
         if let Err(e) = r {
             if self.exists(name).unwrap_or(false) {
                 let _ = self.xl(&["destroy", name]);
@@ -1217,6 +1257,8 @@ mod tests {
             context: None,
             on_preempt: Default::default(),
             restore: None,
+            urgency: 0,
+            cpu: None,
         }
     }
 

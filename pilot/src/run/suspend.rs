@@ -9,8 +9,8 @@
 //! format (`checkpoint.rs`) nor how a hypervisor saves (the drivers).
 
 use super::{hv_call, CallError, End, Pilot};
-use crate::checkpoint::{CkError, ManifestInfo, Store, WriterInfo};
-use crate::hypervisor::HvError;
+use crate::checkpoint::{CkError, Committed, ManifestInfo, Store, WriterInfo};
+use crate::hypervisor::{HvError, Hypervisor};
 use crate::state::{VmRecord, VmRecordState};
 use protocol::pilot::{
     CheckpointCapability, CheckpointId, EventKind, OnPreempt, ResumeFailure, SuspendFailure,
@@ -130,7 +130,7 @@ fn suspend_cause(e: &CallError) -> SuspendFailure {
     }
 }
 
-fn resume_cause(e: &CallError) -> ResumeFailure {
+pub(super) fn resume_cause(e: &CallError) -> ResumeFailure {
     match e {
         CallError::Hv(HvError::Checkpoint(ck)) => ck_resume_cause(ck),
         CallError::Hv(HvError::NoMemory { .. } | HvError::HugepagesShort { .. }) => {
@@ -141,7 +141,7 @@ fn resume_cause(e: &CallError) -> ResumeFailure {
     }
 }
 
-fn ck_resume_cause(e: &CkError) -> ResumeFailure {
+pub(super) fn ck_resume_cause(e: &CkError) -> ResumeFailure {
     match e {
         CkError::NoStore => ResumeFailure::NoStore,
         CkError::NotFound { .. } => ResumeFailure::NotFound,
@@ -151,13 +151,48 @@ fn ck_resume_cause(e: &CkError) -> ResumeFailure {
     }
 }
 
+/// Saves guest `name` into checkpoint `id` and commits it, in one blocking
+/// call: the writer never crosses an await, and a call the pilot stops
+/// waiting for still removes its unfinished checkpoint when it ends (the
+/// writer's Drop). The guest is left stopped (the caller destroys it), or
+/// running again when the commit fails. Returns the checkpoint and the
+/// driver's save time in ms.
+pub(super) fn save_committed(
+    hv: &dyn Hypervisor,
+    store: &Store,
+    id: &CheckpointId,
+    who: WriterInfo,
+    name: &str,
+    info: ManifestInfo,
+    deadline: std::time::Instant,
+) -> Result<(Committed, u64), HvError> {
+    let s0 = std::time::Instant::now();
+    let mut w = store.begin(id, who)?;
+    let driver = hv.save(name, &mut w, deadline)?;
+    let save_ms = s0.elapsed().as_millis() as u64;
+    match w.commit(ManifestInfo {
+        save_ms,
+        driver,
+        ..info
+    }) {
+        Ok(c) => Ok((c, save_ms)),
+        Err(e) => {
+            // The checkpoint is not usable: the guest runs on.
+            if let Err(r) = hv.resume_after_save(name) {
+                tracing::error!(vm = %name, error = %r, "guest not resumed after a failed commit");
+            }
+            Err(e.into())
+        }
+    }
+}
+
 impl Pilot {
-    fn store(&self) -> Result<Store, CkError> {
+    pub(super) fn store(&self) -> Result<Store, CkError> {
         Store::open(&self.cfg.checkpoints)
     }
 
     /// The hypervisor's name as checkpoints record it.
-    fn hv_kind(&self) -> String {
+    pub(super) fn hv_kind(&self) -> String {
         self.hv.name().to_string()
     }
 
@@ -176,7 +211,7 @@ impl Pilot {
     }
 
     /// Memory of the slot's VMs that are, or may be, on the node.
-    fn memory_in_use(&self) -> (u64, usize) {
+    pub(super) fn memory_in_use(&self) -> (u64, usize) {
         let on: Vec<&VmRecord> = self
             .record
             .vms
@@ -395,35 +430,9 @@ impl Pilot {
         };
         let driver_bound = bound.into_std();
         let (n, id) = (name.clone(), to.clone());
-        // Save and commit in one blocking call: the writer never crosses
-        // an await, and a call the pilot stops waiting for still removes
-        // its unfinished checkpoint when it ends (the writer's Drop).
-        let r = hv_call(
-            &self.hv,
-            call_bound,
-            "saving a VM",
-            move |hv| {
-                let s0 = std::time::Instant::now();
-                let mut w = store.begin(&id, who)?;
-                let driver = hv.save(&n, &mut w, driver_bound)?;
-                let save_ms = s0.elapsed().as_millis() as u64;
-                let committed = w.commit(ManifestInfo {
-                    save_ms,
-                    driver,
-                    ..info
-                });
-                match committed {
-                    Ok(c) => Ok((c, save_ms)),
-                    Err(e) => {
-                        // The checkpoint is not usable: the guest runs on.
-                        if let Err(r) = hv.resume_after_save(&n) {
-                            tracing::error!(vm = %n, error = %r, "guest not resumed after a failed commit");
-                        }
-                        Err(e.into())
-                    }
-                }
-            },
-        )
+        let r = hv_call(&self.hv, call_bound, "saving a VM", move |hv| {
+            save_committed(hv, &store, &id, who, &n, info, driver_bound)
+        })
         .await;
         let (committed, save_ms) = match r {
             Ok(c) => c,
@@ -520,6 +529,33 @@ impl Pilot {
         Ok(())
     }
 
+    /// Why a checkpoint cannot start `launch` here (another hypervisor, VM
+    /// shape or image), if it cannot.
+    pub(super) fn manifest_mismatch(
+        &self,
+        m: &crate::checkpoint::Manifest,
+        launch: &VmLaunch,
+    ) -> Option<String> {
+        let image_sha = launch.image_source.as_ref().and_then(|s| s.sha256.clone());
+        if m.hypervisor != self.hv_kind() {
+            Some(format!(
+                "saved by {} on node {}, this node runs {}",
+                m.hypervisor,
+                m.node,
+                self.hv_kind()
+            ))
+        } else if m.memory_mb != launch.memory_mb || m.cpus != launch.cpus {
+            Some(format!(
+                "saved with {} MB and {} CPU(s), launched with {} MB and {} CPU(s)",
+                m.memory_mb, m.cpus, launch.memory_mb, launch.cpus
+            ))
+        } else if let (Some(a), Some(b)) = (&m.image_sha256, &image_sha) {
+            (a != b).then(|| format!("saved on image sha256 {a}, launched on {b}"))
+        } else {
+            None
+        }
+    }
+
     /// Starts a VM from its checkpoint: checks memory, the manifest (digest,
     /// hypervisor, shape), stages the image, then lets the driver restore
     /// it (files verified as they are read). Reports `vm_resumed` or
@@ -551,11 +587,11 @@ impl Pilot {
         // A checkpoint may start another VM than the one saved (a warm VM
         // from a clean checkpoint, issue 17): the shape checks below apply.
         let (used, n) = self.memory_in_use();
-        let free = self.cfg.memory_mb.saturating_sub(used);
+        let free = self.record.reserved_mb.saturating_sub(used);
         if launch.memory_mb > free {
             let reason = format!(
                 "not enough memory: the VM needs {} MB; this slot reserved {} MB, {used} MB in use by {n} VM(s), {free} MB free",
-                launch.memory_mb, self.cfg.memory_mb
+                launch.memory_mb, self.record.reserved_mb
             );
             fail(self, ResumeFailure::NoMemory, reason);
             return Ok(());
@@ -585,26 +621,7 @@ impl Pilot {
                 return Ok(());
             }
         };
-        let m = reader.manifest();
-        let image_sha = launch.image_source.as_ref().and_then(|s| s.sha256.clone());
-        let mismatch = if m.hypervisor != self.hv_kind() {
-            Some(format!(
-                "saved by {} on node {}, this node runs {}",
-                m.hypervisor,
-                m.node,
-                self.hv_kind()
-            ))
-        } else if m.memory_mb != launch.memory_mb || m.cpus != launch.cpus {
-            Some(format!(
-                "saved with {} MB and {} CPU(s), launched with {} MB and {} CPU(s)",
-                m.memory_mb, m.cpus, launch.memory_mb, launch.cpus
-            ))
-        } else if let (Some(a), Some(b)) = (&m.image_sha256, &image_sha) {
-            (a != b).then(|| format!("saved on image sha256 {a}, launched on {b}"))
-        } else {
-            None
-        };
-        if let Some(why) = mismatch {
+        if let Some(why) = self.manifest_mismatch(reader.manifest(), &launch) {
             fail(self, ResumeFailure::Incompatible, why);
             return Ok(());
         }

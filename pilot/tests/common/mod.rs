@@ -196,6 +196,27 @@ impl Coord {
         c.push(Command { id, kind });
     }
 
+    /// The `n`th event (1, 2, …) of kind `name`; fails the test after `timeout`.
+    pub async fn wait_for_nth(&self, name: &str, n: usize, timeout: Duration) -> PilotEvent {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self
+                .events()
+                .into_iter()
+                .filter(|e| e.kind.name() == name)
+                .nth(n.saturating_sub(1))
+            {
+                return e;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {name} event number {n} within {timeout:?}; got {:?}",
+                self.kinds()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The first event of kind `name`; fails the test after `timeout`.
     pub async fn wait_for(&self, name: &str, timeout: Duration) -> PilotEvent {
         let start = Instant::now();

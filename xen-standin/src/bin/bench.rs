@@ -168,6 +168,8 @@ fn run() -> Result<(), String> {
                 context: None,
                 on_preempt: Default::default(),
                 restore: None,
+                urgency: 0,
+                cpu: None,
             })
             .map_err(|e| e.to_string())?;
         }

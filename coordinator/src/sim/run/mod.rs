@@ -386,6 +386,7 @@ impl Sim<'_> {
             start: None,
             on_preempt: None,
             max_duration: None,
+            urgency: 0,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self

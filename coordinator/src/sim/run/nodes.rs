@@ -90,6 +90,9 @@ impl Sim<'_> {
                         measured: false,
                     },
                 ),
+                deadline_ms: None,
+                idle: false,
+                cpu_control: None,
             },
         )?;
         let margin = self.cfg.coordinator.margin_s * 1000;
@@ -165,6 +168,7 @@ impl Sim<'_> {
                 create_ms: secs(self.cfg.nodes.boot_s),
                 stage_ms: None,
                 cache_hit: None,
+                warm: None,
             },
         )
     }

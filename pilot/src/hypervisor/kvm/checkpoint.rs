@@ -9,9 +9,15 @@
 //! `cont` brings it back if it cannot. Restore: copy and verify the overlay,
 //! point it at this node's base image, start QEMU with `-S -incoming
 //! defer`, `migrate-incoming` from a pipe fed from the file as it is
-//! verified, and `cont` only if every byte matched. Not the store's format.
+//! verified, and `cont` only if every byte matched. A warm start restores
+//! a template (booted with the warm layout and no identity) the same way,
+//! under a new VM generation id, then plugs in the launch's NICs and seed.
+//! Not the store's format.
 
-use super::{qmp_err, run_bounded, Accel, Kvm, VmMeta};
+use super::{
+    nic_args, nic_slot, qmp_err, random_uuid, run_bounded, seed, seed_args, Accel, Kvm, Layout,
+    VmMeta, MAX_FIXED_NICS, SEED_SLOT,
+};
 use crate::checkpoint::{CheckpointReader, CheckpointWriter, CkError, PartFile};
 use crate::hypervisor::HvError;
 use protocol::pilot::VmLaunch;
@@ -49,6 +55,13 @@ pub struct KvmCheckpoint {
     /// `query-version` of the QEMU that saved it.
     #[serde(default)]
     pub qemu: String,
+    /// Its VM generation id, when it has the warm layout ([`Layout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmgenid: Option<String>,
+    /// Seed and NICs at fixed PCI slots (the warm layout): a template
+    /// saved so can be restored for a warm start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fixed_slots: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +211,8 @@ impl Kvm {
             compressor: self.cfg.compressor.clone(),
             disk,
             qemu,
+            vmgenid: meta.vmgenid.clone(),
+            fixed_slots: meta.fixed_slots,
         };
         serde_json::to_value(&info).map_err(|e| HvError::Config(e.to_string()))
     }
@@ -363,11 +378,70 @@ impl Kvm {
         })
     }
 
-    /// See [`crate::hypervisor::Hypervisor::restore`].
+    fn checkpoint_info(from: &CheckpointReader) -> Result<KvmCheckpoint, HvError> {
+        serde_json::from_value(from.manifest().driver.clone())
+            .map_err(|e| HvError::Incompatible(format!("not a kvm checkpoint ({e})")))
+    }
+
+    /// See [`crate::hypervisor::Hypervisor::restore`]: the same guest, with
+    /// the devices (and generation id) it was saved with.
     pub(super) fn restore_checkpoint(
         &self,
         vm: &VmLaunch,
         from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        let info = Self::checkpoint_info(from)?;
+        let layout = Layout {
+            fixed_slots: info.fixed_slots,
+            vmgenid: info.vmgenid.clone(),
+        };
+        self.restore_as(vm, None, from, &info, &layout, deadline)
+    }
+
+    /// See [`crate::hypervisor::Hypervisor::restore_warm`]: the template
+    /// restored under the launch's name and a new generation id, on a
+    /// fresh copy of its overlay; then the launch's NICs and seed plugged
+    /// in at their fixed slots.
+    pub(super) fn restore_warm_checkpoint(
+        &self,
+        vm: &VmLaunch,
+        from: &CheckpointReader,
+        deadline: Instant,
+    ) -> Result<(), HvError> {
+        let info = Self::checkpoint_info(from)?;
+        if !info.fixed_slots {
+            return Err(HvError::Incompatible(format!(
+                "{} is not a warm snapshot (not made by prepare_warm): its devices cannot be plugged in afresh",
+                from.id()
+            )));
+        }
+        if vm.nics.len() > MAX_FIXED_NICS {
+            return Err(HvError::Config(format!(
+                "{}: {} NICs; the warm layout has room for {MAX_FIXED_NICS}",
+                vm.name,
+                vm.nics.len()
+            )));
+        }
+        let mut template = vm.clone();
+        template.nics.clear();
+        template.context = None;
+        let layout = Layout {
+            fixed_slots: true,
+            vmgenid: Some(random_uuid()),
+        };
+        self.restore_as(&template, Some(vm), from, &info, &layout, deadline)
+    }
+
+    /// Restores `vm` from `from`; with `identity`, plugs its NICs and seed in
+    /// once the guest runs. On failure nothing of it is left.
+    fn restore_as(
+        &self,
+        vm: &VmLaunch,
+        identity: Option<&VmLaunch>,
+        from: &CheckpointReader,
+        info: &KvmCheckpoint,
+        layout: &Layout,
         deadline: Instant,
     ) -> Result<(), HvError> {
         let t0 = Instant::now();
@@ -378,8 +452,11 @@ impl Kvm {
                 "VM name {name:?}: only letters, digits, '-', '_' and '.' are allowed"
             )));
         }
-        let info: KvmCheckpoint = serde_json::from_value(from.manifest().driver.clone())
-            .map_err(|e| HvError::Incompatible(format!("not a kvm checkpoint ({e})")))?;
+        if let Some(id) = identity {
+            self.check_share(id)?;
+        } else {
+            self.check_share(vm)?;
+        }
         if info.accel != self.accel {
             return Err(HvError::Incompatible(format!(
                 "saved under {}, this node runs {}",
@@ -437,7 +514,12 @@ impl Kvm {
             }
             self.remove_files(name, false);
         }
-        let r = self.restore_inner(vm, from, &info, &boot, base.as_deref(), deadline);
+        let r = self
+            .restore_inner(vm, from, info, &boot, base.as_deref(), layout, deadline)
+            .and_then(|()| match identity {
+                Some(id) => self.plug_identity(id),
+                None => Ok(()),
+            });
         match r {
             Ok(()) => {
                 tracing::info!(
@@ -455,6 +537,7 @@ impl Kvm {
                     self.kill_and_reap(name, pid);
                 }
                 self.remove_network(name);
+                self.remove_cgroup(name);
                 self.remove_files(name, false);
                 // A stream QEMU or zstd choked on may be a corrupted file:
                 // say so rather than the symptom.
@@ -475,6 +558,7 @@ impl Kvm {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn restore_inner(
         &self,
         vm: &VmLaunch,
@@ -482,6 +566,7 @@ impl Kvm {
         info: &KvmCheckpoint,
         boot: &super::Boot,
         base: Option<&Path>,
+        layout: &Layout,
         deadline: Instant,
     ) -> Result<(), HvError> {
         let name = &vm.name;
@@ -507,7 +592,7 @@ impl Kvm {
             }
             None => None,
         };
-        let meta = self.prepare(vm, boot, overlay)?;
+        let meta = self.prepare(vm, boot, overlay, layout)?;
         let mut q = self.launch_qemu(&meta, &["-S", "-incoming", "defer"])?;
         let (rd, wr) = pipe()?;
         let (mut sink, child): (Box<dyn Write + Send>, Option<Child>) =
@@ -612,6 +697,82 @@ impl Kvm {
                 message: format!("restored but its state is {}", s.status),
             });
         }
+        Ok(())
+    }
+
+    /// Gives a restored template the launch's identity: its taps (with
+    /// DHCP and guard entries) and seed made as for a boot, recorded first,
+    /// then plugged into the running guest at the warm layout's slots
+    /// (QMP `netdev_add` + `device_add`, `blockdev-add` + `device_add`).
+    fn plug_identity(&self, vm: &VmLaunch) -> Result<(), HvError> {
+        let name = &vm.name;
+        let e = |err| qmp_err(name, err);
+        let mut meta = self
+            .read_meta(name)?
+            .ok_or_else(|| HvError::NoSuchDomain { name: name.clone() })?;
+        let taps = self.net.plan(name, vm.hostname.as_deref(), &vm.nics)?;
+        let seed = if vm.context.is_some() || !vm.nics.is_empty() {
+            let p = self.file(name, "seed.img");
+            let t = Kvm::timeout(self.cfg.command_timeout_s);
+            seed::build(vm, &p, &self.cfg.mkfs_vfat, &self.cfg.mcopy, t)?;
+            Some(p)
+        } else {
+            None
+        };
+        // The record says what a boot of this VM would have had.
+        if let Some(p) = &seed {
+            meta.argv.extend(seed_args(p, true));
+        }
+        meta.argv.extend(nic_args(&taps, true));
+        meta.taps = taps.clone();
+        meta.seed = seed.clone();
+        self.write_meta(&meta)?;
+        if !taps.is_empty() {
+            self.net.setup(name, &taps, &|| self.node_taps(None))?;
+        }
+        let mut q = self.qmp(name)?;
+        for (i, t) in taps.iter().enumerate() {
+            let id = format!("wsp-n{i}");
+            q.execute(
+                "netdev_add",
+                Some(json!({"type": "tap", "id": id, "ifname": t.tap, "script": "no", "downscript": "no"})),
+            )
+            .map_err(e)?;
+            q.execute(
+                "device_add",
+                Some(json!({
+                    "driver": "virtio-net-pci",
+                    "netdev": id,
+                    "mac": t.mac,
+                    "addr": format!("{:#x}", nic_slot(i)),
+                    "id": format!("wsp-nic{i}"),
+                })),
+            )
+            .map_err(e)?;
+        }
+        if let Some(p) = &seed {
+            q.execute(
+                "blockdev-add",
+                Some(json!({
+                    "driver": "raw",
+                    "node-name": "wsp-seed",
+                    "read-only": true,
+                    "file": {"driver": "file", "filename": p, "read-only": true},
+                })),
+            )
+            .map_err(e)?;
+            q.execute(
+                "device_add",
+                Some(json!({
+                    "driver": "virtio-blk-pci",
+                    "drive": "wsp-seed",
+                    "addr": format!("{SEED_SLOT:#x}"),
+                    "id": "wsp-seed-dev",
+                })),
+            )
+            .map_err(e)?;
+        }
+        tracing::info!(node = %self.node, vm = %name, nics = taps.len(), seed = seed.is_some(), "identity plugged in");
         Ok(())
     }
 }
