@@ -57,6 +57,8 @@ enum Ev {
     Kill(u64),
     Die(usize),
     Timers,
+    /// Best-effort leases a reservation takes the nodes of are due to be suspended.
+    ResvStep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct Outcome {
     pub job_intervals: Vec<(u64, u64, u32)>,
     pub events: u64,
     pub pilot_events: u64,
+    /// VMs saved (suspended) and restored (resumed).
+    pub saves: u64,
+    pub restores: u64,
     pub wall: Duration,
     /// Why the run stopped before the end of the trace, if it did.
     pub cut_short: Option<String>,
@@ -159,6 +164,8 @@ struct Sim<'a> {
     job_intervals: Vec<(u64, u64, u32)>,
     events: u64,
     pilot_events: u64,
+    saves: u64,
+    restores: u64,
     /// Pilot events of the current instant, not yet applied.
     pending: Vec<Incoming>,
     /// The engine's job name prefix (`wsp-<id>-`), read once.
@@ -220,6 +227,8 @@ pub fn run(
         job_intervals: Vec::new(),
         events: 0,
         pilot_events: 0,
+        saves: 0,
+        restores: 0,
         pending: Vec::new(),
         job_prefix: String::new(),
         commands_pushed: 0,
@@ -269,6 +278,8 @@ pub fn run(
         job_intervals: sim.job_intervals,
         events: sim.events,
         pilot_events: sim.pilot_events,
+        saves: sim.saves,
+        restores: sim.restores,
         wall: started.elapsed(),
         cut_short,
         end_ms,
@@ -361,6 +372,10 @@ impl Sim<'_> {
             Ev::Kill(job) => self.kill(job),
             Ev::Die(p) => self.die(p)?,
             Ev::Timers => self.timers()?,
+            Ev::ResvStep => {
+                self.flush()?;
+                self.engine.suspend_for_reservations()?;
+            }
         }
         Ok(())
     }
@@ -383,7 +398,7 @@ impl Sim<'_> {
             }],
             ssh_key: None,
             kind: None,
-            start: None,
+            start: r.start_ms.map(|s| protocol::spec::Start::At(self.t0 + s)),
             on_preempt: None,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
@@ -486,6 +501,17 @@ impl Sim<'_> {
                     }
                 }
                 Effect::Signal(job, cause) => self.signal(job, cause)?,
+                Effect::Reserved { begins_ms, end_ms } => {
+                    // Its victims are suspended ahead of it (the server's
+                    // housekeeping); its jobs start at its start; its nodes
+                    // come back at its end.
+                    let before = self.engine.config().reservations.suspend_before_s * 1000;
+                    let now = self.now();
+                    self.at(begins_ms.saturating_sub(before).max(now), Ev::ResvStep);
+                    self.at(begins_ms, Ev::ResvStep);
+                    self.at(begins_ms, Ev::Pass);
+                    self.at(end_ms, Ev::Pass);
+                }
             }
         }
         let pushed = crate::store::commands_pushed();
@@ -524,6 +550,7 @@ impl Sim<'_> {
         if self.lrm_poll_due().is_some_and(|t| t <= now) {
             self.rt.block_on(self.engine.poll_lrm())?;
             self.rt.block_on(self.engine.cancel_orphans())?;
+            self.rt.block_on(self.engine.release_reservations())?;
         }
         if self.silence_due().is_some_and(|t| t <= now) {
             // Live pilots poll every few seconds: they are heard from.
