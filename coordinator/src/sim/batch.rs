@@ -125,9 +125,42 @@ pub struct BatchModel {
     capacity: Capacity,
     grace: Duration,
     st: Mutex<State>,
+    preempt_for_reservations: bool,
 }
 
 impl BatchModel {
+    /// Lets jobs outside reservations run on their nodes until a grace
+    /// before they begin, preempted then ([`BatchModel::to_preempt`]).
+    pub fn preempt_for_reservations(mut self, on: bool) -> Self {
+        self.preempt_for_reservations = on;
+        self
+    }
+
+    /// Running jobs outside reservations on the nodes of a reservation
+    /// that begins within the grace: the batch system preempts them now.
+    pub fn to_preempt(&self) -> Vec<u64> {
+        if !self.preempt_for_reservations {
+            return Vec::new();
+        }
+        let now = self.clock.now_ms();
+        let grace = self.grace.as_millis() as u64;
+        let st = self.st();
+        st.running
+            .iter()
+            .copied()
+            .filter(|n| {
+                let j = &st.jobs[n];
+                j.reservation.is_none()
+                    && j.signalled.is_none()
+                    && st.resvs.iter().any(|r| {
+                        r.start_ms <= now + grace
+                            && r.end_ms > now
+                            && j.held.iter().any(|h| r.nodes.contains(h))
+                    })
+            })
+            .collect()
+    }
+
     pub fn new(
         clock: Arc<ManualClock>,
         scheduler: Scheduler,
@@ -147,6 +180,7 @@ impl BatchModel {
             capacity,
             grace,
             st: Mutex::new(st),
+            preempt_for_reservations: false,
         }
     }
 
@@ -219,6 +253,7 @@ impl BatchModel {
                 started.push(start(&mut st, n, now, nodes[..need].to_vec()));
             }
         }
+        let preempt = self.preempt_for_reservations.then_some(grace);
         // The others: the head, as long as it fits (both schedulers).
         while let Some(head) = st
             .queue
@@ -227,7 +262,7 @@ impl BatchModel {
             .find(|n| st.jobs[n].reservation.is_none())
         {
             let need = st.jobs[&head].nodes as usize;
-            let open = open_nodes(&st, st.jobs[&head].walltime_ms + grace, now);
+            let open = open_nodes(&st, st.jobs[&head].walltime_ms + grace, now, preempt);
             if need > open.len() {
                 break;
             }
@@ -235,7 +270,7 @@ impl BatchModel {
             started.push(start(&mut st, head, now, open[..need].to_vec()));
         }
         if self.scheduler == Scheduler::Easy && !st.queue.is_empty() {
-            started.extend(backfill(&mut st, now, grace));
+            started.extend(backfill(&mut st, now, grace, preempt));
         }
         started
     }
@@ -296,15 +331,20 @@ impl BatchModel {
 
 /// Free nodes a job outside every reservation may take now, for `hold_ms`:
 /// those of no reservation that begins before it would end.
-fn open_nodes(st: &State, hold_ms: u64, now: u64) -> Vec<u32> {
-    let end = now.saturating_add(hold_ms);
+/// With `preempt`, a job may run on a reservation's nodes until a grace
+/// before it begins (it is preempted then).
+fn open_nodes(st: &State, hold_ms: u64, now: u64, preempt: Option<u64>) -> Vec<u32> {
+    let end = match preempt {
+        Some(grace) => now.saturating_add(grace),
+        None => now.saturating_add(hold_ms),
+    };
     st.free
         .iter()
         .copied()
         .filter(|n| {
             !st.resvs
                 .iter()
-                .any(|r| r.nodes.contains(n) && r.start_ms < end && r.end_ms > now)
+                .any(|r| r.nodes.contains(n) && r.start_ms <= end && r.end_ms > now)
         })
         .collect()
 }
@@ -358,7 +398,7 @@ fn finish(st: &mut State, number: u64, state: JobState, now: u64) {
 
 /// EASY: the head waits for a reservation; later jobs start now when they
 /// fit and do not delay it.
-fn backfill(st: &mut State, now: u64, grace: u64) -> Vec<Job> {
+fn backfill(st: &mut State, now: u64, grace: u64, preempt: Option<u64>) -> Vec<Job> {
     let Some(head) = st
         .queue
         .iter()
@@ -400,7 +440,7 @@ fn backfill(st: &mut State, now: u64, grace: u64) -> Vec<Job> {
             continue;
         }
         let (nodes, estimate) = (st.jobs[&n].nodes as usize, st.jobs[&n].estimate_ms);
-        let open = open_nodes(st, st.jobs[&n].walltime_ms + grace, now);
+        let open = open_nodes(st, st.jobs[&n].walltime_ms + grace, now, preempt);
         let fits = nodes <= open.len();
         let ends_in_time = now.saturating_add(estimate) <= shadow;
         if fits && (ends_in_time || nodes <= extra) {
@@ -548,11 +588,20 @@ impl Reservations for BatchModel {
         let start = req.start_ms.max(now);
         let len = req.duration.as_millis() as u64;
         let want = req.nodes as usize;
-        let pre: Vec<u64> = req
+        let mut pre: Vec<u64> = req
             .preemptible
             .iter()
             .filter_map(|j| j.0.parse().ok())
             .collect();
+        if self.preempt_for_reservations {
+            // It preempts whatever runs outside reservations on its nodes.
+            pre.extend(
+                st.running
+                    .iter()
+                    .filter(|n| st.jobs[n].reservation.is_none())
+                    .copied(),
+            );
+        }
         let free = resv_free(&st, grace, start, start + len, &pre);
         if free.len() < want {
             let mut candidates: Vec<u64> = st

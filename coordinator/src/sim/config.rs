@@ -57,6 +57,14 @@ pub struct BatchModelConfig {
     pub start_latency_s: f64,
     /// Between the warning signal and SIGKILL.
     pub grace_s: f64,
+    /// Haizea's way with reservations (seed 002's suspend configurations):
+    /// jobs outside a reservation may run on its nodes until it begins,
+    /// and are preempted (warning signal) a grace before it does; with
+    /// `policy.suspend_resume` their leases are suspended and resumed
+    /// later. Off: its nodes are fenced, as the local batch system and
+    /// Slurm do, and only the leases running when it was granted are
+    /// suspended for it (the engine's own rule).
+    pub preempt_for_reservations: bool,
 }
 
 impl Default for BatchModelConfig {
@@ -65,6 +73,7 @@ impl Default for BatchModelConfig {
             scheduler: Scheduler::Easy,
             start_latency_s: 1.0,
             grace_s: 30.0,
+            preempt_for_reservations: false,
         }
     }
 }

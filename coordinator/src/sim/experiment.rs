@@ -237,6 +237,9 @@ pub fn config(name: &str) -> Option<SimConfig> {
     cfg.nodes.image_cache = cache;
     cfg.policy.runtime_overhead_pct = overhead;
     cfg.policy.suspend_resume = suspend;
+    // As Haizea schedules (the seed's suspend runs): best effort runs on a
+    // reservation's nodes until it begins, and is suspended then.
+    cfg.batch.preempt_for_reservations = suspend;
     Some(cfg)
 }
 

@@ -228,12 +228,10 @@ pub fn simulate(
         memory_mb_per_node: size.memory_mb_per_node,
     };
     let grace = Duration::from_secs_f64(cfg.batch.grace_s);
-    let batch = Arc::new(batch::BatchModel::new(
-        clock.clone(),
-        cfg.batch.scheduler,
-        capacity,
-        grace,
-    ));
+    let batch = Arc::new(
+        batch::BatchModel::new(clock.clone(), cfg.batch.scheduler, capacity, grace)
+            .preempt_for_reservations(cfg.batch.preempt_for_reservations),
+    );
     // The engine still writes each slot's key file: on tmpfs when there is
     // one (a file on disk cost more than the rest of a lease's work).
     let shm = std::path::Path::new("/dev/shm");

@@ -375,6 +375,9 @@ impl Sim<'_> {
             Ev::ResvStep => {
                 self.flush()?;
                 self.engine.suspend_for_reservations()?;
+                for job in self.batch.to_preempt() {
+                    self.signal(job, Cause::Preempted)?;
+                }
             }
         }
         Ok(())
@@ -507,7 +510,9 @@ impl Sim<'_> {
                     // come back at its end.
                     let before = self.engine.config().reservations.suspend_before_s * 1000;
                     let now = self.now();
+                    let grace = secs(self.cfg.batch.grace_s);
                     self.at(begins_ms.saturating_sub(before).max(now), Ev::ResvStep);
+                    self.at(begins_ms.saturating_sub(grace).max(now), Ev::ResvStep);
                     self.at(begins_ms, Ev::ResvStep);
                     self.at(begins_ms, Ev::Pass);
                     self.at(end_ms, Ev::Pass);
