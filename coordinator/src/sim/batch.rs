@@ -855,4 +855,37 @@ mod tests {
         assert_eq!(j.held, want);
         assert!(m.submit_into(&job(1, 10), "R99").await.is_err());
     }
+
+    #[tokio::test]
+    async fn preempting_for_reservations_backfills_their_nodes_until_a_grace_before() {
+        let (clock, m) = model(2, Scheduler::Easy);
+        let m = m.preempt_for_reservations(true);
+        let req = ReservationRequest {
+            name: "r".into(),
+            start_ms: 600_000,
+            duration: Duration::from_secs(600),
+            nodes: 2,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            preemptible: Vec::new(),
+        };
+        let r = m.create(&req).await.expect("granted");
+        // A long job runs on its nodes now (fenced without the option).
+        let long = submit(&m, 1, 3600).await;
+        assert_eq!(started(&m), [long]);
+        assert!(m.to_preempt().is_empty(), "not yet");
+        // A reservation asked now is granted over it too.
+        let mut later = req.clone();
+        later.start_ms = 2_000_000;
+        later.nodes = 1;
+        assert!(m.create(&later).await.is_ok());
+        // A grace (5 s) before the first begins: preempted; nothing new starts there.
+        clock.set(595_000);
+        assert_eq!(m.to_preempt(), [long]);
+        let other = submit(&m, 1, 10).await;
+        assert!(!started(&m).contains(&other));
+        assert!(m.signal(long, Cause::Preempted));
+        assert!(m.to_preempt().is_empty(), "signalled once");
+        let _ = r;
+    }
 }
