@@ -101,9 +101,11 @@ pub fn grid() -> Vec<Cell> {
 ///   (at least 1), for a uniform 30 to 60 minutes, drawn until their work
 ///   is as close to the AR share as whole ARs get; they are laid one after
 ///   the other through the trace, each in its own window of equal length
-///   (never two at once, as in the seed: consumption is per AR), at a
-///   uniform offset in its window; each is asked for a uniform 15 to 60
-///   minutes before its start (not before the trace begins).
+///   (never two at once, as in the seed: consumption is per AR), shortened
+///   to leave 15 minutes of its window free (the batch system's
+///   reservation is longer than the lease: lead, margins, grace, overhead),
+///   at a uniform offset in its window; each is asked for a uniform 30 to
+///   90 minutes before its start (not before the trace begins).
 /// - Batch: Poisson arrivals over the trace's length; each asks for a
 ///   uniform 1 to 4 VM slots for an exponential time of the cell's mean (at
 ///   least 60 s), asked for exactly (the lease is the run time). Requests
@@ -135,11 +137,13 @@ pub fn generate(cell: Cell, hours: f64, seed: u64) -> Trace {
     }
     let window = length / ars.len().max(1) as f64;
     for (k, (n, d)) in ars.iter().enumerate() {
-        // Fit in its window, with 5 minutes for the batch system's margins.
-        let d = d.min(window - 300.0).max(60.0);
+        // Fit in its window with room for the batch system's reservation
+        // around it (the staging lead before, the coordinator's margins
+        // and the grace after: 6.5 min) and the runtime overhead (10 %).
+        let d = d.min((window - 900.0) / 1.1).max(60.0).round();
         let start = k as f64 * window + rng.gen_range(0.0..(window - d).max(1.0));
         let start = start.round().max(900.0);
-        let ahead = rng.gen_range(900.0..3600.0_f64);
+        let ahead = rng.gen_range(1800.0..5400.0_f64);
         jobs.push(Job {
             line: 0,
             id: 0,
