@@ -108,6 +108,8 @@ struct State {
     estimate_next: Option<u64>,
     /// The tag of the jobs submitted next.
     tag_next: Option<usize>,
+    /// The jobs submitted next go to the head of the queue.
+    first_next: bool,
     effects: Vec<Effect>,
     /// The earliest status change the coordinator has not asked about yet.
     unseen_change: Option<u64>,
@@ -194,6 +196,13 @@ impl BatchModel {
         let mut st = self.st();
         st.estimate_next = estimate_ms;
         st.tag_next = tag;
+        st.first_next = false;
+    }
+
+    /// The jobs submitted from now on (until the next `expect`) go to the
+    /// head of the queue: a job priority the coordinator sets.
+    pub fn expect_first(&self) {
+        self.st().first_next = true;
     }
 
     /// What the engine's calls asked for since the last look.
@@ -508,7 +517,11 @@ impl Lrm for BatchModel {
                 reservation: None,
             },
         );
-        st.queue.push_back(number);
+        if st.first_next {
+            st.queue.push_front(number);
+        } else {
+            st.queue.push_back(number);
+        }
         st.effects.push(Effect::Pass);
         Ok(JobId(number.to_string()))
     }
@@ -887,5 +900,24 @@ mod tests {
         assert!(m.signal(long, Cause::Preempted));
         assert!(m.to_preempt().is_empty(), "signalled once");
         let _ = r;
+    }
+
+    #[tokio::test]
+    async fn a_job_expected_first_goes_to_the_head_of_the_queue() {
+        let (_clock, m) = model(1, Scheduler::Fifo);
+        let a = submit(&m, 1, 100).await;
+        let b = submit(&m, 1, 100).await;
+        m.expect(None, None);
+        m.expect_first();
+        let resumed: u64 = m
+            .submit(&job(1, 100))
+            .await
+            .expect("submit")
+            .0
+            .parse()
+            .expect("n");
+        assert_eq!(started(&m), [resumed], "ahead of {a} and {b}");
+        let c = submit(&m, 1, 100).await;
+        assert_eq!(m.st().queue.back(), Some(&c), "expect() resets it");
     }
 }

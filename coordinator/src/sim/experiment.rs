@@ -209,13 +209,15 @@ pub fn generate(cell: Cell, hours: f64, seed: u64) -> Trace {
     }
 }
 
-/// Seed 002's five configurations.
-pub const CONFIGS: [&str; 5] = [
+/// Seed 002's five configurations, and ours: the best of them with
+/// suspended leases resumed ahead of the queue (`policy.resume_first`).
+pub const CONFIGS: [&str; 6] = [
     "noVM_nosuspend",
     "VM_nosuspend",
     "VM_nosuspend_ov10",
     "VM_suspend_ov10",
     "VM_suspend_cache_ov10",
+    "ours_resume_first",
 ];
 
 /// The model of configuration `name` on seed 002's cluster, or `None` for
@@ -232,7 +234,7 @@ pub fn config(name: &str) -> Option<SimConfig> {
         "VM_nosuspend" => (true, 0.0, false, 0),
         "VM_nosuspend_ov10" => (true, 10.0, false, 0),
         "VM_suspend_ov10" => (true, 10.0, true, 0),
-        "VM_suspend_cache_ov10" => (true, 10.0, true, 3),
+        "VM_suspend_cache_ov10" | "ours_resume_first" => (true, 10.0, true, 3),
         _ => return None,
     };
     cfg.nodes.deploy_images = vm;
@@ -244,6 +246,7 @@ pub fn config(name: &str) -> Option<SimConfig> {
     // As Haizea schedules (the seed's suspend runs): best effort runs on a
     // reservation's nodes until it begins, and is suspended then.
     cfg.batch.preempt_for_reservations = suspend;
+    cfg.policy.resume_first = name == "ours_resume_first";
     Some(cfg)
 }
 
@@ -353,7 +356,9 @@ pub fn svg(results: &[Outcome], title: &str) -> String {
             traces.push(&r.trace);
         }
     }
-    let colors = ["#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+    let colors = [
+        "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    ];
     let row_h = 14.0 * CONFIGS.len() as f64 + 12.0;
     let (left, width) = (260.0, 500.0);
     let height = 60.0 + row_h * traces.len() as f64 + 20.0 * CONFIGS.len() as f64;

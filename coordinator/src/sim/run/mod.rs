@@ -335,6 +335,9 @@ impl Sim<'_> {
                 .iter()
                 .position(|w| w.as_ref().is_ok_and(|w| *w == id));
             self.batch.expect(None, tag);
+            if self.cfg.policy.resume_first {
+                self.batch.expect_first();
+            }
             if let Err(e) = self.rt.block_on(self.engine.resume_now(&id)) {
                 if matches!(e, EngineError::Store(_) | EngineError::Writer(_)) {
                     return Err(e);
