@@ -77,6 +77,10 @@ enum Cmd {
     /// modelled; prints utilization, waits, slowdown and what ended how.
     /// Exit 0: complete run; 1: cut short or failed; 2: bad trace, config or flag.
     Simulate(coordinator::sim::cli::SimulateArgs),
+    /// Seed 002's experiment (issue 18): its 36 generated traces (and the
+    /// shared Haizea traces) under its five configurations, through the
+    /// simulator; writes results.md, results.json and utilization.svg.
+    Experiment(coordinator::sim::cli::ExperimentArgs),
     /// Send a trace's requests to a running coordinator at their (scaled)
     /// times and record when each lease ran: the simulator's check.
     /// Exit 0: every lease settled; 1: not; 2: bad trace, config or flag.
@@ -199,6 +203,7 @@ fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
 fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Cmd::Simulate(args) => Ok(coordinator::sim::cli::simulate(args)),
+        Cmd::Experiment(args) => Ok(coordinator::sim::cli::experiment(args)),
         Cmd::Replay(args) => Ok(coordinator::sim::cli::replay(args)),
         Cmd::Token { user, admin } => {
             let token = hex::encode(protocol::auth::generate_master_secret());

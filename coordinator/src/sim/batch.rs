@@ -11,6 +11,7 @@
 
 use crate::clock::{Clock, ManualClock};
 use async_trait::async_trait;
+use lrm_adapters::reserve::{Reservation, ReservationRequest, Reservations, ReserveError};
 use lrm_adapters::{Capacity, JobId, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -55,6 +56,17 @@ pub enum Effect {
     Pass,
     /// Send this running job's processes the warning signal now.
     Signal(u64, Cause),
+    /// A reservation was granted: a pass is due at its start and at its end.
+    Reserved { begins_ms: u64, end_ms: u64 },
+}
+
+/// One advance reservation: whole nodes in `[start_ms, end_ms)`.
+#[derive(Clone, Debug)]
+pub struct SimResv {
+    pub id: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub nodes: Vec<u32>,
 }
 
 /// One job as the model holds it.
@@ -81,6 +93,8 @@ pub struct Job {
     pub tag: Option<usize>,
     /// A process died without being told to (node failure).
     pub crashed: bool,
+    /// The reservation it was submitted into, if any.
+    pub reservation: Option<String>,
 }
 
 #[derive(Default)]
@@ -94,9 +108,16 @@ struct State {
     estimate_next: Option<u64>,
     /// The tag of the jobs submitted next.
     tag_next: Option<usize>,
+    /// The jobs submitted next go to the head of the queue.
+    first_next: bool,
     effects: Vec<Effect>,
     /// The earliest status change the coordinator has not asked about yet.
     unseen_change: Option<u64>,
+    resvs: Vec<SimResv>,
+    next_resv: u64,
+    total: u32,
+    /// Reservations granted so far (for the report).
+    granted: u64,
 }
 
 /// The batch system model. See the module doc.
@@ -106,9 +127,42 @@ pub struct BatchModel {
     capacity: Capacity,
     grace: Duration,
     st: Mutex<State>,
+    preempt_for_reservations: bool,
 }
 
 impl BatchModel {
+    /// Lets jobs outside reservations run on their nodes until a grace
+    /// before they begin, preempted then ([`BatchModel::to_preempt`]).
+    pub fn preempt_for_reservations(mut self, on: bool) -> Self {
+        self.preempt_for_reservations = on;
+        self
+    }
+
+    /// Running jobs outside reservations on the nodes of a reservation
+    /// that begins within the grace: the batch system preempts them now.
+    pub fn to_preempt(&self) -> Vec<u64> {
+        if !self.preempt_for_reservations {
+            return Vec::new();
+        }
+        let now = self.clock.now_ms();
+        let grace = self.grace.as_millis() as u64;
+        let st = self.st();
+        st.running
+            .iter()
+            .copied()
+            .filter(|n| {
+                let j = &st.jobs[n];
+                j.reservation.is_none()
+                    && j.signalled.is_none()
+                    && st.resvs.iter().any(|r| {
+                        r.start_ms <= now + grace
+                            && r.end_ms > now
+                            && j.held.iter().any(|h| r.nodes.contains(h))
+                    })
+            })
+            .collect()
+    }
+
     pub fn new(
         clock: Arc<ManualClock>,
         scheduler: Scheduler,
@@ -117,6 +171,8 @@ impl BatchModel {
     ) -> Self {
         let st = State {
             next: 1,
+            next_resv: 1,
+            total: capacity.nodes,
             free: (1..=capacity.nodes).collect(),
             ..State::default()
         };
@@ -126,6 +182,7 @@ impl BatchModel {
             capacity,
             grace,
             st: Mutex::new(st),
+            preempt_for_reservations: false,
         }
     }
 
@@ -139,6 +196,13 @@ impl BatchModel {
         let mut st = self.st();
         st.estimate_next = estimate_ms;
         st.tag_next = tag;
+        st.first_next = false;
+    }
+
+    /// The jobs submitted from now on (until the next `expect`) go to the
+    /// head of the queue: a job priority the coordinator sets.
+    pub fn expect_first(&self) {
+        self.st().first_next = true;
     }
 
     /// What the engine's calls asked for since the last look.
@@ -164,21 +228,65 @@ impl BatchModel {
     /// Starts what the scheduler allows now; returns the started jobs.
     pub fn pass(&self) -> Vec<Job> {
         let now = self.clock.now_ms();
+        let grace = self.grace.as_millis() as u64;
         let mut st = self.st();
+        st.resvs.retain(|r| r.end_ms > now);
         let mut started = Vec::new();
-        // The head, as long as it fits (both schedulers).
-        while let Some(&head) = st.queue.front() {
+        // Jobs inside a reservation that has begun, on its nodes.
+        let inside: Vec<u64> = st
+            .queue
+            .iter()
+            .copied()
+            .filter(|n| st.jobs[n].reservation.is_some())
+            .collect();
+        for n in inside {
+            let Some(r) = st
+                .resvs
+                .iter()
+                .find(|r| Some(&r.id) == st.jobs[&n].reservation.as_ref())
+            else {
+                continue;
+            };
+            if now < r.start_ms {
+                continue;
+            }
+            let nodes: Vec<u32> = r
+                .nodes
+                .iter()
+                .copied()
+                .filter(|x| st.free.contains(x))
+                .collect();
+            let need = st.jobs[&n].nodes as usize;
+            if nodes.len() >= need {
+                st.queue.retain(|q| *q != n);
+                started.push(start(&mut st, n, now, nodes[..need].to_vec()));
+            }
+        }
+        let preempt = self.preempt_for_reservations.then_some(grace);
+        // The others: the head, as long as it fits (both schedulers).
+        while let Some(head) = st
+            .queue
+            .iter()
+            .copied()
+            .find(|n| st.jobs[n].reservation.is_none())
+        {
             let need = st.jobs[&head].nodes as usize;
-            if need > st.free.len() {
+            let open = open_nodes(&st, st.jobs[&head].walltime_ms + grace, now, preempt);
+            if need > open.len() {
                 break;
             }
-            st.queue.pop_front();
-            started.push(start(&mut st, head, now));
+            st.queue.retain(|q| *q != head);
+            started.push(start(&mut st, head, now, open[..need].to_vec()));
         }
         if self.scheduler == Scheduler::Easy && !st.queue.is_empty() {
-            started.extend(backfill(&mut st, now));
+            started.extend(backfill(&mut st, now, grace, preempt));
         }
         started
+    }
+
+    /// Reservations granted so far.
+    pub fn reservations_granted(&self) -> u64 {
+        self.st().granted
     }
 
     /// One process of the job ended (its pilot exited, or died). The last
@@ -230,9 +338,49 @@ impl BatchModel {
     }
 }
 
-fn start(st: &mut State, number: u64, now: u64) -> Job {
-    let need = st.jobs[&number].nodes as usize;
-    let held: Vec<u32> = (0..need).filter_map(|_| st.free.pop_first()).collect();
+/// Free nodes a job outside every reservation may take now, for `hold_ms`:
+/// those of no reservation that begins before it would end.
+/// With `preempt`, a job may run on a reservation's nodes until a grace
+/// before it begins (it is preempted then).
+fn open_nodes(st: &State, hold_ms: u64, now: u64, preempt: Option<u64>) -> Vec<u32> {
+    let end = match preempt {
+        Some(grace) => now.saturating_add(grace),
+        None => now.saturating_add(hold_ms),
+    };
+    st.free
+        .iter()
+        .copied()
+        .filter(|n| {
+            !st.resvs
+                .iter()
+                .any(|r| r.nodes.contains(n) && r.start_ms <= end && r.end_ms > now)
+        })
+        .collect()
+}
+
+/// Nodes free of reservations and of running jobs (but `preemptible`
+/// ones) for all of `[start, end)`.
+fn resv_free(st: &State, grace: u64, start: u64, end: u64, preemptible: &[u64]) -> Vec<u32> {
+    let mut busy: BTreeSet<u32> = BTreeSet::new();
+    for n in &st.running {
+        let j = &st.jobs[n];
+        let until = j.start_ms.unwrap_or(start) + j.walltime_ms + grace;
+        if until > start && !preemptible.contains(n) {
+            busy.extend(j.held.iter().copied());
+        }
+    }
+    for r in &st.resvs {
+        if r.start_ms < end && r.end_ms > start {
+            busy.extend(r.nodes.iter().copied());
+        }
+    }
+    (1..=st.total).filter(|n| !busy.contains(n)).collect()
+}
+
+fn start(st: &mut State, number: u64, now: u64, held: Vec<u32>) -> Job {
+    for n in &held {
+        st.free.remove(n);
+    }
     st.running.push(number);
     let job = st.jobs.get_mut(&number).expect("a queued job is known");
     job.state = JobState::Running;
@@ -259,8 +407,15 @@ fn finish(st: &mut State, number: u64, state: JobState, now: u64) {
 
 /// EASY: the head waits for a reservation; later jobs start now when they
 /// fit and do not delay it.
-fn backfill(st: &mut State, now: u64) -> Vec<Job> {
-    let head = st.queue[0];
+fn backfill(st: &mut State, now: u64, grace: u64, preempt: Option<u64>) -> Vec<Job> {
+    let Some(head) = st
+        .queue
+        .iter()
+        .copied()
+        .find(|n| st.jobs[n].reservation.is_none())
+    else {
+        return Vec::new();
+    };
     let need = st.jobs[&head].nodes as usize;
     // When the head can start, by the running jobs' estimates (a job past
     // its estimate is taken to end at once).
@@ -286,18 +441,23 @@ fn backfill(st: &mut State, now: u64) -> Vec<Job> {
         }
     }
     let mut started = Vec::new();
-    let mut i = 1;
+    let mut i = 0;
     while i < st.queue.len() && !st.free.is_empty() {
         let n = st.queue[i];
+        if n == head || st.jobs[&n].reservation.is_some() {
+            i += 1;
+            continue;
+        }
         let (nodes, estimate) = (st.jobs[&n].nodes as usize, st.jobs[&n].estimate_ms);
-        let fits = nodes <= st.free.len();
+        let open = open_nodes(st, st.jobs[&n].walltime_ms + grace, now, preempt);
+        let fits = nodes <= open.len();
         let ends_in_time = now.saturating_add(estimate) <= shadow;
         if fits && (ends_in_time || nodes <= extra) {
             if !ends_in_time {
                 extra -= nodes;
             }
             st.queue.remove(i);
-            started.push(start(st, n, now));
+            started.push(start(st, n, now, open[..nodes].to_vec()));
         } else {
             i += 1;
         }
@@ -354,9 +514,14 @@ impl Lrm for BatchModel {
                 alive: 0,
                 crashed: false,
                 tag,
+                reservation: None,
             },
         );
-        st.queue.push_back(number);
+        if st.first_next {
+            st.queue.push_front(number);
+        } else {
+            st.queue.push_back(number);
+        }
         st.effects.push(Effect::Pass);
         Ok(JobId(number.to_string()))
     }
@@ -390,6 +555,9 @@ impl Lrm for BatchModel {
         }
         Ok(())
     }
+    fn reservations(&self) -> Option<&dyn Reservations> {
+        Some(self)
+    }
     async fn list_jobs(&self) -> Result<Option<Vec<(JobId, String)>>, LrmError> {
         let st = self.st();
         Ok(Some(
@@ -399,6 +567,156 @@ impl Lrm for BatchModel {
                 .map(|j| (JobId(j.number.to_string()), j.name.clone()))
                 .collect(),
         ))
+    }
+}
+
+fn view(r: &SimResv) -> Reservation {
+    Reservation {
+        id: r.id.clone(),
+        start_ms: r.start_ms,
+        end_ms: r.end_ms,
+        nodes: r.nodes.iter().map(|n| format!("node{n}")).collect(),
+    }
+}
+
+#[async_trait]
+impl Reservations for BatchModel {
+    fn grants_over_preemptible(&self) -> bool {
+        true
+    }
+
+    async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError> {
+        if req.nodes > self.capacity.nodes {
+            return Err(LrmError::DoesNotFit {
+                lrm: "simulated",
+                asked: format!("{} nodes", req.nodes),
+                has: format!("{} nodes", self.capacity.nodes),
+            }
+            .into());
+        }
+        let now = self.clock.now_ms();
+        let grace = self.grace.as_millis() as u64;
+        let mut st = self.st();
+        st.resvs.retain(|r| r.end_ms > now);
+        let start = req.start_ms.max(now);
+        let len = req.duration.as_millis() as u64;
+        let want = req.nodes as usize;
+        let mut pre: Vec<u64> = req
+            .preemptible
+            .iter()
+            .filter_map(|j| j.0.parse().ok())
+            .collect();
+        if self.preempt_for_reservations {
+            // It preempts whatever runs outside reservations on its nodes.
+            pre.extend(
+                st.running
+                    .iter()
+                    .filter(|n| st.jobs[n].reservation.is_none())
+                    .copied(),
+            );
+        }
+        let free = resv_free(&st, grace, start, start + len, &pre);
+        if free.len() < want {
+            let mut candidates: Vec<u64> = st
+                .running
+                .iter()
+                .map(|n| {
+                    let j = &st.jobs[n];
+                    j.start_ms.unwrap_or(now) + j.walltime_ms + grace
+                })
+                .chain(st.resvs.iter().map(|r| r.end_ms))
+                .filter(|&t| t > start)
+                .collect();
+            candidates.sort_unstable();
+            let earliest = candidates
+                .into_iter()
+                .find(|&t| resv_free(&st, grace, t, t + len, &pre).len() >= want);
+            return Err(ReserveError::Unavailable {
+                reason: format!(
+                    "the simulated batch system has {} of the {want} node(s) free for the window",
+                    free.len()
+                ),
+                earliest_ms: earliest,
+            });
+        }
+        let r = SimResv {
+            id: format!("R{}", st.next_resv),
+            start_ms: start,
+            end_ms: start + len,
+            nodes: free[..want].to_vec(),
+        };
+        st.next_resv += 1;
+        st.granted += 1;
+        st.effects.push(Effect::Reserved {
+            begins_ms: r.start_ms,
+            end_ms: r.end_ms,
+        });
+        st.effects.push(Effect::Pass);
+        st.resvs.push(r.clone());
+        Ok(view(&r))
+    }
+
+    async fn query(&self, id: &str) -> Result<Option<Reservation>, LrmError> {
+        let now = self.clock.now_ms();
+        let st = self.st();
+        Ok(st
+            .resvs
+            .iter()
+            .find(|r| r.id == id && r.end_ms > now)
+            .map(view))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), LrmError> {
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        if !st.resvs.iter().any(|r| r.id == id) {
+            return Ok(());
+        }
+        st.resvs.retain(|r| r.id != id);
+        let queued: Vec<u64> = st
+            .queue
+            .iter()
+            .copied()
+            .filter(|q| st.jobs[q].reservation.as_deref() == Some(id))
+            .collect();
+        for q in queued {
+            finish(&mut st, q, JobState::Cancelled, now);
+        }
+        st.effects.push(Effect::Pass);
+        Ok(())
+    }
+
+    async fn submit_into(&self, job: &SlotJob, id: &str) -> Result<JobId, LrmError> {
+        let nodes = {
+            let st = self.st();
+            match st.resvs.iter().find(|r| r.id == id) {
+                Some(r) => r.nodes.len(),
+                None => {
+                    return Err(LrmError::Config {
+                        lrm: "simulated",
+                        message: format!("reservation {id} does not exist"),
+                    })
+                }
+            }
+        };
+        if job.nodes as usize > nodes {
+            return Err(LrmError::DoesNotFit {
+                lrm: "simulated",
+                asked: format!("{} nodes", job.nodes),
+                has: format!("{nodes} nodes in reservation {id}"),
+            });
+        }
+        let number = self.submit(job).await?;
+        let mut st = self.st();
+        if let Some(j) = number
+            .0
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| st.jobs.get_mut(&n))
+        {
+            j.reservation = Some(id.to_string());
+        }
+        Ok(number)
     }
 }
 
@@ -496,5 +814,110 @@ mod tests {
         m.kill(a);
         assert_eq!(m.job(a).expect("a").state, JobState::Cancelled);
         assert!(m.cancel(&JobId("99".into())).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reservation_fences_its_nodes_and_starts_its_jobs_at_its_start() {
+        let (clock, m) = model(4, Scheduler::Easy);
+        let running = submit(&m, 2, 1000).await; // holds 2 nodes until 1005 s
+        assert_eq!(started(&m), [running]);
+        let req = |start_s: u64, nodes: u32, pre: Vec<JobId>| ReservationRequest {
+            name: "r".into(),
+            start_ms: start_s * 1000,
+            duration: Duration::from_secs(600),
+            nodes,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            preemptible: pre,
+        };
+        // 4 nodes at 500 s: the running job may still hold 2; the earliest is its end.
+        match m.create(&req(500, 4, vec![])).await {
+            Err(ReserveError::Unavailable { earliest_ms, .. }) => {
+                assert_eq!(earliest_ms, Some(1_005_000))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Over the running job, when the caller will suspend it.
+        let pre = vec![JobId(running.to_string())];
+        let r = m.create(&req(500, 4, pre)).await.expect("granted over it");
+        assert_eq!(r.nodes.len(), 4);
+        m.delete(&r.id).await.expect("delete");
+        let r = m
+            .create(&req(500, 2, vec![]))
+            .await
+            .expect("the 2 free nodes");
+        m.take_effects();
+        // A job outside it that would run into it waits; a short one backfills.
+        let long = submit(&m, 1, 600).await;
+        let short = submit(&m, 1, 100).await;
+        assert_eq!(started(&m), [short], "{long} waits");
+        // A job inside it waits for its start, then runs on its nodes.
+        let inside = m.submit_into(&job(2, 300), &r.id).await.expect("into");
+        let inside: u64 = inside.0.parse().expect("number");
+        assert!(!started(&m).contains(&inside));
+        clock.set(200_000);
+        m.process_ended(short, false);
+        assert!(!started(&m).contains(&inside), "not before its start");
+        clock.set(500_000);
+        let at_start = m.pass();
+        let j = at_start
+            .iter()
+            .find(|j| j.number == inside)
+            .expect("started at its start");
+        let want: Vec<u32> = r.nodes.iter().map(|n| n[4..].parse().expect("n")).collect();
+        assert_eq!(j.held, want);
+        assert!(m.submit_into(&job(1, 10), "R99").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn preempting_for_reservations_backfills_their_nodes_until_a_grace_before() {
+        let (clock, m) = model(2, Scheduler::Easy);
+        let m = m.preempt_for_reservations(true);
+        let req = ReservationRequest {
+            name: "r".into(),
+            start_ms: 600_000,
+            duration: Duration::from_secs(600),
+            nodes: 2,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            preemptible: Vec::new(),
+        };
+        let r = m.create(&req).await.expect("granted");
+        // A long job runs on its nodes now (fenced without the option).
+        let long = submit(&m, 1, 3600).await;
+        assert_eq!(started(&m), [long]);
+        assert!(m.to_preempt().is_empty(), "not yet");
+        // A reservation asked now is granted over it too.
+        let mut later = req.clone();
+        later.start_ms = 2_000_000;
+        later.nodes = 1;
+        assert!(m.create(&later).await.is_ok());
+        // A grace (5 s) before the first begins: preempted; nothing new starts there.
+        clock.set(595_000);
+        assert_eq!(m.to_preempt(), [long]);
+        let other = submit(&m, 1, 10).await;
+        assert!(!started(&m).contains(&other));
+        assert!(m.signal(long, Cause::Preempted));
+        assert!(m.to_preempt().is_empty(), "signalled once");
+        let _ = r;
+    }
+
+    #[tokio::test]
+    async fn a_job_expected_first_goes_to_the_head_of_the_queue() {
+        let (_clock, m) = model(1, Scheduler::Fifo);
+        let a = submit(&m, 1, 100).await;
+        let b = submit(&m, 1, 100).await;
+        m.expect(None, None);
+        m.expect_first();
+        let resumed: u64 = m
+            .submit(&job(1, 100))
+            .await
+            .expect("submit")
+            .0
+            .parse()
+            .expect("n");
+        assert_eq!(started(&m), [resumed], "ahead of {a} and {b}");
+        let c = submit(&m, 1, 100).await;
+        assert_eq!(m.st().queue.back(), Some(&c), "expect() resets it");
     }
 }

@@ -304,3 +304,156 @@ fn quiet_sqlite() {
         rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int);
     }
 }
+
+#[derive(Args, Debug, Clone)]
+pub struct ExperimentArgs {
+    /// Where to write `results.md`, `results.json` and `utilization.svg`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the trace generator.
+    #[arg(long, default_value_t = 2)]
+    pub seed: u64,
+    /// Two one-hour traces (one without ARs, seed 002's headline cell),
+    /// no shared traces: a check that runs in seconds.
+    #[arg(long)]
+    pub quick: bool,
+    /// The shared real traces' folder: its Haizea traces (with ARs and
+    /// images) are run under every configuration.
+    #[arg(long)]
+    pub traces: Option<PathBuf>,
+}
+
+/// `workspace-coordinator experiment`: seed 002's grid; returns the exit code.
+pub fn experiment(args: ExperimentArgs) -> i32 {
+    use super::experiment as x;
+    quiet_sqlite();
+    if let Err(e) = std::fs::create_dir_all(&args.out) {
+        return fail(&format!("creating {}: {e}", args.out.display()), 2);
+    }
+    let limits = Limits {
+        max_wall: None,
+        stop: stop_on_signal(),
+    };
+    let (cells, hours) = if args.quick {
+        (
+            vec![
+                x::Cell {
+                    batch: x::BatchLen::Short,
+                    ar_band: (0, 0),
+                    batch_pct: 100,
+                },
+                x::Cell {
+                    batch: x::BatchLen::Long,
+                    ar_band: (75, 100),
+                    batch_pct: 75,
+                },
+            ],
+            1.0,
+        )
+    } else {
+        (x::grid(), 4.0)
+    };
+    let configs: Vec<(&str, SimConfig)> = x::CONFIGS
+        .iter()
+        .filter_map(|c| x::config(c).map(|cfg| (*c, cfg)))
+        .collect();
+    let mut results = Vec::new();
+    let total = cells.len();
+    for (i, cell) in cells.iter().enumerate() {
+        let name = if cell.batch_pct == 100 {
+            format!("{:?} batch, no AR", cell.batch).to_lowercase()
+        } else {
+            cell.name()
+        };
+        let trace = x::generate(*cell, hours, args.seed.wrapping_mul(1000) + i as u64);
+        eprintln!(
+            "experiment: trace {} of {total}: {name} ({} requests)",
+            i + 1,
+            trace.jobs.len()
+        );
+        match x::run_all(&name, &trace, &configs, &limits) {
+            Ok(r) => results.extend(r),
+            Err(e) => return fail(&e, 1),
+        }
+        if limits.stop.load(Ordering::SeqCst) {
+            return fail(&"interrupted", 1);
+        }
+    }
+    if !args.quick {
+        let dir = args
+            .traces
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("../shared/traces"));
+        let shared = std::fs::read_dir(&dir)
+            .map(|d| {
+                let mut v: Vec<PathBuf> = d
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| matches!(Format::guess(p), Format::Haizea))
+                    .collect();
+                v.sort();
+                v
+            })
+            .unwrap_or_default();
+        for path in shared {
+            let t = match trace::read(&path, Format::Haizea) {
+                Ok(t) => t,
+                Err(e) => return fail(&e, 2),
+            };
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            eprintln!(
+                "experiment: shared trace {name} ({} requests)",
+                t.jobs.len()
+            );
+            // Its own cluster (Jazz: 350 nodes) and VM memory.
+            let mem = t
+                .jobs
+                .iter()
+                .filter_map(|j| j.memory_mb)
+                .max()
+                .unwrap_or(x::VM_MB);
+            let own: Vec<(&str, SimConfig)> = configs
+                .iter()
+                .map(|(c, cfg)| {
+                    let mut cfg = cfg.clone();
+                    cfg.cluster.nodes = Some(350);
+                    cfg.trace.vm_memory_mb = None;
+                    cfg.cluster.memory_mb_per_node = mem + cfg.coordinator.min_dom0_mb;
+                    (*c, cfg)
+                })
+                .collect();
+            match x::run_all(&name, &t, &own, &limits) {
+                Ok(r) => results.extend(r),
+                Err(e) => return fail(&e, 1),
+            }
+        }
+    }
+    let table = x::table(&results);
+    let title = format!(
+        "Seed 002's experiment: utilization per trace and configuration (seed {})",
+        args.seed
+    );
+    let md = format!(
+        "# {title}\n\nEach cell: utilization, time to complete all batch requests.\n\n{table}"
+    );
+    let json = match serde_json::to_string_pretty(&results) {
+        Ok(j) => j,
+        Err(e) => return fail(&e, 1),
+    };
+    for (file, text) in [
+        ("results.md", md.as_str()),
+        ("results.json", json.as_str()),
+        ("utilization.svg", x::svg(&results, &title).as_str()),
+    ] {
+        if let Err(e) = write(&args.out.join(file), text) {
+            return fail(&e, 1);
+        }
+    }
+    print!("{table}");
+    if results.iter().all(|r| r.complete) {
+        0
+    } else {
+        1
+    }
+}

@@ -57,6 +57,14 @@ pub struct BatchModelConfig {
     pub start_latency_s: f64,
     /// Between the warning signal and SIGKILL.
     pub grace_s: f64,
+    /// Haizea's way with reservations (seed 002's suspend configurations):
+    /// jobs outside a reservation may run on its nodes until it begins,
+    /// and are preempted (warning signal) a grace before it does; with
+    /// `policy.suspend_resume` their leases are suspended and resumed
+    /// later. Off: its nodes are fenced, as the local batch system and
+    /// Slurm do, and only the leases running when it was granted are
+    /// suspended for it (the engine's own rule).
+    pub preempt_for_reservations: bool,
 }
 
 impl Default for BatchModelConfig {
@@ -65,6 +73,7 @@ impl Default for BatchModelConfig {
             scheduler: Scheduler::Easy,
             start_latency_s: 1.0,
             grace_s: 30.0,
+            preempt_for_reservations: false,
         }
     }
 }
@@ -182,6 +191,10 @@ pub struct PolicyOptions {
     /// Nodes have a checkpoint store: a preempted lease whose save fits the
     /// grace is suspended whole and resumed in new slots (issue 16).
     pub suspend_resume: bool,
+    /// Ours (issue 18): a suspended lease's new pilot job goes to the head
+    /// of the batch queue (it is the oldest work), where the batch system
+    /// lets the coordinator set a job's priority (Slurm: as an operator).
+    pub resume_first: bool,
 }
 
 impl Default for PolicyOptions {
@@ -190,6 +203,7 @@ impl Default for PolicyOptions {
             name: "exact-fit".into(),
             runtime_overhead_pct: 0.0,
             suspend_resume: false,
+            resume_first: false,
         }
     }
 }
@@ -323,6 +337,15 @@ impl SimConfig {
                     .into(),
             );
         }
+        if self.policy.resume_first && !self.policy.suspend_resume {
+            return bad("policy.resume_first needs policy.suspend_resume".into());
+        }
+        if self.batch.preempt_for_reservations && !self.policy.suspend_resume {
+            return bad(
+                "batch.preempt_for_reservations needs policy.suspend_resume (nothing could be suspended)"
+                    .into(),
+            );
+        }
         for (i, inj) in self.inject.iter().enumerate() {
             if inj.urgency > 0 {
                 return bad(format!(
@@ -361,6 +384,16 @@ mod tests {
     #[test]
     fn what_the_engine_cannot_do_yet_is_refused_not_ignored() {
         SimConfig::parse("[policy]\nsuspend_resume = true\n").expect("16 is in");
+        for (text, key) in [
+            ("[policy]\nresume_first = true\n", "policy.resume_first"),
+            (
+                "[batch]\npreempt_for_reservations = true\n",
+                "batch.preempt_for_reservations",
+            ),
+        ] {
+            let e = SimConfig::parse(text).expect_err(key);
+            assert!(e.to_string().contains(key), "{e}");
+        }
         let e = SimConfig::parse("[policy]\nsuspend_resume = true\n[nodes]\nsave_mb_per_s = 0\n")
             .expect_err("no rate");
         assert!(e.to_string().contains("nodes.save_mb_per_s"), "{e}");

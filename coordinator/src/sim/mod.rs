@@ -14,6 +14,7 @@
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod experiment;
 pub mod replay;
 pub mod report;
 pub mod run;
@@ -66,8 +67,11 @@ pub struct Request {
     pub memory_mb: u64,
     pub image: String,
     pub injected: bool,
-    /// A Haizea advance reservation, replayed as best-effort (issue 18).
+    /// An advance reservation (Haizea's, or a generated one).
     pub reservation: bool,
+    /// Its start, from the start of the trace, scaled: the lease is a
+    /// reservation at that time (`None`: best effort).
+    pub start_ms: Option<u64>,
 }
 
 impl Request {
@@ -171,6 +175,7 @@ pub fn requests(trace: &Trace, cfg: &SimConfig) -> Vec<Request> {
                 image: j.image.clone().unwrap_or_else(|| "trace-image".into()),
                 injected: false,
                 reservation: j.reservation,
+                start_ms: j.start_s.map(|s| ms(s - first_s)),
             }
         })
         .collect();
@@ -190,6 +195,7 @@ pub fn requests(trace: &Trace, cfg: &SimConfig) -> Vec<Request> {
                 image: "injected-image".into(),
                 injected: true,
                 reservation: false,
+                start_ms: None,
             });
         }
     }
@@ -222,12 +228,10 @@ pub fn simulate(
         memory_mb_per_node: size.memory_mb_per_node,
     };
     let grace = Duration::from_secs_f64(cfg.batch.grace_s);
-    let batch = Arc::new(batch::BatchModel::new(
-        clock.clone(),
-        cfg.batch.scheduler,
-        capacity,
-        grace,
-    ));
+    let batch = Arc::new(
+        batch::BatchModel::new(clock.clone(), cfg.batch.scheduler, capacity, grace)
+            .preempt_for_reservations(cfg.batch.preempt_for_reservations),
+    );
     // The engine still writes each slot's key file: on tmpfs when there is
     // one (a file on disk cost more than the rest of a lease's work).
     let shm = std::path::Path::new("/dev/shm");

@@ -94,7 +94,7 @@ pub struct TraceInfo {
     pub jobs_skipped: usize,
     pub replayed: usize,
     pub injected: usize,
-    pub reservations_as_best_effort: usize,
+    pub reservations: usize,
     pub time_scale: f64,
 }
 
@@ -122,6 +122,15 @@ pub struct Report {
     /// The same for nodes held by pilot jobs (VMs running or not).
     pub held_utilization: f64,
     pub span_s: f64,
+    /// From the first request to the end of the last best-effort (batch)
+    /// lease's last job, when any ran (s): seed 002's "time to complete
+    /// all batch requests".
+    pub batch_done_s: Option<f64>,
+    /// Reservations refused (they are in `leases.rejected` too).
+    pub reservations_refused: usize,
+    /// VMs saved (suspended) and restored (resumed from a checkpoint).
+    pub vm_saves: u64,
+    pub vm_restores: u64,
     /// From request to every VM running, over the leases that ran (s).
     pub wait_s: Stat,
     pub bounded_slowdown: Stat,
@@ -216,6 +225,18 @@ impl Report {
             .unwrap_or(out.end_ms)
             .max(start + 1);
         let span = (end - start) as f64;
+        let batch_done_s = out
+            .jobs
+            .values()
+            .filter(|j| j.request.is_some_and(|r| !requests[r].reservation))
+            .filter_map(|j| j.end_ms)
+            .max()
+            .map(|e| e.saturating_sub(start) as f64 / 1000.0);
+        let reservations_refused = requests
+            .iter()
+            .zip(&out.workspaces)
+            .filter(|(r, w)| r.reservation && matches!(w, Err(e) if e != "not reached"))
+            .count();
         let nodes = f64::from(size.nodes);
         let vm_node_ms: f64 = out.vm_intervals.iter().map(|(a, b)| (b - a) as f64).sum();
         let held_ms: f64 = out
@@ -269,7 +290,7 @@ impl Report {
                 jobs_skipped: trace.skipped,
                 replayed: requests.iter().filter(|r| !r.injected).count(),
                 injected: requests.iter().filter(|r| r.injected).count(),
-                reservations_as_best_effort: requests.iter().filter(|r| r.reservation).count(),
+                reservations: requests.iter().filter(|r| r.reservation).count(),
                 time_scale: cfg.trace.time_scale,
             },
             cluster: size.clone(),
@@ -277,6 +298,10 @@ impl Report {
             utilization: vm_node_ms / (nodes * span),
             held_utilization: held_ms / (nodes * span),
             span_s: span / 1000.0,
+            batch_done_s,
+            reservations_refused,
+            vm_saves: out.saves,
+            vm_restores: out.restores,
             wait_s: Stat::of(waits),
             bounded_slowdown: Stat::of(slowdowns),
             overhead_s_per_lease: mean(&overhead),

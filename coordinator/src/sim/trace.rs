@@ -46,8 +46,10 @@ pub struct Job {
     /// Haizea: the VM's memory and image; SWF: none.
     pub memory_mb: Option<u64>,
     pub image: Option<String>,
-    /// Haizea: an advance reservation (replayed as best-effort: issue 18).
+    /// Haizea: an advance reservation.
     pub reservation: bool,
+    /// Its start (seconds, as `submit_s`), when it is one.
+    pub start_s: Option<f64>,
 }
 
 /// A trace, read whole.
@@ -226,6 +228,7 @@ fn swf_job(l: &str, line: usize) -> Result<Option<Job>, (usize, String)> {
         memory_mb: None,
         image: None,
         reservation: false,
+        start_s: None,
     }))
 }
 
@@ -267,6 +270,12 @@ fn haizea_job(l: &str, line: usize) -> Result<Job, (usize, String)> {
         memory_mb: Some(memory as u64),
         image: Some(f[2].to_string()).filter(|i| !i.is_empty() && i != "NONE"),
         reservation: f[8] != "NULL",
+        start_s: if f[8] == "NULL" {
+            None
+        } else {
+            // Field 2 is when it starts; field 9 how far ahead it was asked.
+            Some(number(&f, 1, "start").map_err(at)?)
+        },
     })
 }
 

@@ -57,6 +57,8 @@ enum Ev {
     Kill(u64),
     Die(usize),
     Timers,
+    /// Best-effort leases a reservation takes the nodes of are due to be suspended.
+    ResvStep,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub struct Outcome {
     pub job_intervals: Vec<(u64, u64, u32)>,
     pub events: u64,
     pub pilot_events: u64,
+    /// VMs saved (suspended) and restored (resumed).
+    pub saves: u64,
+    pub restores: u64,
     pub wall: Duration,
     /// Why the run stopped before the end of the trace, if it did.
     pub cut_short: Option<String>,
@@ -159,6 +164,8 @@ struct Sim<'a> {
     job_intervals: Vec<(u64, u64, u32)>,
     events: u64,
     pilot_events: u64,
+    saves: u64,
+    restores: u64,
     /// Pilot events of the current instant, not yet applied.
     pending: Vec<Incoming>,
     /// The engine's job name prefix (`wsp-<id>-`), read once.
@@ -220,6 +227,8 @@ pub fn run(
         job_intervals: Vec::new(),
         events: 0,
         pilot_events: 0,
+        saves: 0,
+        restores: 0,
         pending: Vec::new(),
         job_prefix: String::new(),
         commands_pushed: 0,
@@ -269,6 +278,8 @@ pub fn run(
         job_intervals: sim.job_intervals,
         events: sim.events,
         pilot_events: sim.pilot_events,
+        saves: sim.saves,
+        restores: sim.restores,
         wall: started.elapsed(),
         cut_short,
         end_ms,
@@ -324,6 +335,9 @@ impl Sim<'_> {
                 .iter()
                 .position(|w| w.as_ref().is_ok_and(|w| *w == id));
             self.batch.expect(None, tag);
+            if self.cfg.policy.resume_first {
+                self.batch.expect_first();
+            }
             if let Err(e) = self.rt.block_on(self.engine.resume_now(&id)) {
                 if matches!(e, EngineError::Store(_) | EngineError::Writer(_)) {
                     return Err(e);
@@ -361,6 +375,13 @@ impl Sim<'_> {
             Ev::Kill(job) => self.kill(job),
             Ev::Die(p) => self.die(p)?,
             Ev::Timers => self.timers()?,
+            Ev::ResvStep => {
+                self.flush()?;
+                self.engine.suspend_for_reservations()?;
+                for job in self.batch.to_preempt() {
+                    self.signal(job, Cause::Preempted)?;
+                }
+            }
         }
         Ok(())
     }
@@ -383,7 +404,7 @@ impl Sim<'_> {
             }],
             ssh_key: None,
             kind: None,
-            start: None,
+            start: r.start_ms.map(|s| protocol::spec::Start::At(self.t0 + s)),
             on_preempt: None,
             max_duration: None,
             urgency: 0,
@@ -488,6 +509,19 @@ impl Sim<'_> {
                     }
                 }
                 Effect::Signal(job, cause) => self.signal(job, cause)?,
+                Effect::Reserved { begins_ms, end_ms } => {
+                    // Its victims are suspended ahead of it (the server's
+                    // housekeeping); its jobs start at its start; its nodes
+                    // come back at its end.
+                    let before = self.engine.config().reservations.suspend_before_s * 1000;
+                    let now = self.now();
+                    let grace = secs(self.cfg.batch.grace_s);
+                    self.at(begins_ms.saturating_sub(before).max(now), Ev::ResvStep);
+                    self.at(begins_ms.saturating_sub(grace).max(now), Ev::ResvStep);
+                    self.at(begins_ms, Ev::ResvStep);
+                    self.at(begins_ms, Ev::Pass);
+                    self.at(end_ms, Ev::Pass);
+                }
             }
         }
         let pushed = crate::store::commands_pushed();
@@ -533,6 +567,7 @@ impl Sim<'_> {
         if self.lrm_poll_due().is_some_and(|t| t <= now) {
             self.rt.block_on(self.engine.poll_lrm())?;
             self.rt.block_on(self.engine.cancel_orphans())?;
+            self.rt.block_on(self.engine.release_reservations())?;
         }
         if self.silence_due().is_some_and(|t| t <= now) {
             // Live pilots poll every few seconds: they are heard from.

@@ -145,6 +145,7 @@ impl Sim<'_> {
         }
         self.pilots[p].vms[vm].up_ms = Some(self.now());
         if let Some(checkpoint) = self.pilots[p].vms[vm].restore.clone() {
+            self.restores += 1;
             let mb = self.pilots[p].vms[vm].memory_mb;
             let ms = self.restore_ms(mb);
             return self.send(
@@ -206,6 +207,7 @@ impl Sim<'_> {
         let v = &mut self.pilots[p].vms[vm];
         v.up_ms = None;
         v.saved = true;
+        self.saves += 1;
         let ms = self.save_ms(mb);
         self.send(
             p,
