@@ -100,6 +100,24 @@ impl Engine {
         Ok((self.get(caller, &id)?, replayed))
     }
 
+    /// The policy's slots for `spec` on this cluster (at create, and again
+    /// for a resume's new slots).
+    pub(super) fn slot_plans(&self, spec: &WorkspaceSpec) -> Result<Vec<SlotPlan>, EngineError> {
+        let cluster = Cluster {
+            capacity: self.capacity,
+            min_dom0_mb: self.cfg.pilot.min_dom0_mb,
+        };
+        Ok(self
+            .policy
+            .plan_lease(spec, &cluster)?
+            .actions
+            .into_iter()
+            .map(|a| match a {
+                Action::Submit(plan) => plan,
+            })
+            .collect())
+    }
+
     /// [`Engine::create`] without the view: the new workspace's id.
     pub async fn create_workspace(
         &self,
@@ -130,19 +148,7 @@ impl Engine {
                 return Ok((id, true));
             }
         }
-        let cluster = Cluster {
-            capacity: self.capacity,
-            min_dom0_mb: self.cfg.pilot.min_dom0_mb,
-        };
-        let plans: Vec<SlotPlan> = self
-            .policy
-            .plan_lease(&spec, &cluster)?
-            .actions
-            .into_iter()
-            .map(|a| match a {
-                Action::Submit(plan) => plan,
-            })
-            .collect();
+        let plans = self.slot_plans(&spec)?;
         if self.pools.public.is_none() {
             if let Some(g) = spec.groups.iter().find(|g| g.public_ip) {
                 return Err(NetError::NoPublicPool {

@@ -23,7 +23,6 @@ use super::{Caller, Engine, EngineError};
 use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::Input;
-use crate::policy::{Action, Cluster};
 use crate::store::{self, SlotRow, Suspension, VmRow, WorkspaceRow};
 use protocol::pilot::{
     CheckpointId, CommandKind, OnPreempt, RestoreFrom, ResumeFailure, SuspendFailure,
@@ -780,19 +779,7 @@ impl Engine {
     async fn resume_workspace(&self, id: &WorkspaceId, why: &str) -> Result<(), EngineError> {
         let now = self.clock.now_ms();
         let spec = self.with_store(|s| Ok(must_ws(s.conn(), id)?.spec))?;
-        let cluster = Cluster {
-            capacity: self.capacity,
-            min_dom0_mb: self.cfg.pilot.min_dom0_mb,
-        };
-        let plans: Vec<_> = self
-            .policy
-            .plan_lease(&spec, &cluster)?
-            .actions
-            .into_iter()
-            .map(|a| match a {
-                Action::Submit(plan) => plan,
-            })
-            .collect();
+        let plans = self.slot_plans(&spec)?;
         let slots = self.with_store(|s| {
             s.tx(|tx| {
                 let mut ws = must_ws(tx, id)?;
