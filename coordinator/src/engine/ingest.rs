@@ -544,7 +544,8 @@ fn on_reserved(
     Ok(())
 }
 
-/// The node could not give the slot its memory: the workspace fails.
+/// The node could not give the slot its memory: the workspace fails, or,
+/// while it resumes, the resume is called off with its checkpoints intact.
 fn on_reserve_failed(ev: &mut Ev, reason: &str) -> Result<(), EngineError> {
     let (c, now) = (ev.c, ev.now);
     ev.pilot(pilot_life::Input::ReserveFailed)?;
@@ -553,7 +554,11 @@ fn on_reserve_failed(ev: &mut Ev, reason: &str) -> Result<(), EngineError> {
         "node {} could not reserve {} MB: {reason}",
         ev.node, ev.slot.memory_mb
     );
-    fail_workspace(c, &mut ev.ws, &why, now)?;
+    if ev.ws.state == WorkspaceState::Resuming {
+        suspend::abort_resume(c, &mut ev.ws, &why, false, now)?;
+    } else {
+        fail_workspace(c, &mut ev.ws, &why, now)?;
+    }
     slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
     maybe_settle(c, &mut ev.ws, now)
 }

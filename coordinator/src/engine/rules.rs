@@ -511,7 +511,9 @@ pub(super) fn reports_overdue(
             "batch job {job} ended and the pilots on {nodes} did not report how their nodes ended within {report_wait_s} s: {ADMINS_TOLD}"
         ),
     )?;
-    if lifecycle::wants_slots(ws.state) {
+    if super::suspend::after_unreported(c, &mut ws, &slot.id, &stuck, job, now)? {
+        // A save lost with its pilot: said by the suspend rules.
+    } else if lifecycle::wants_slots(ws.state) {
         let reason = format!(
             "batch job {job} ended while the workspace was {}; no report from the pilots on {nodes}",
             ws.state

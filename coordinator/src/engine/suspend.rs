@@ -446,6 +446,62 @@ pub(super) fn after_release(
     Ok(())
 }
 
+/// A slot whose pilots never reported after its job ended (a pilot
+/// SIGKILLed, its node lost): a VM it was saving was never reported saved,
+/// so the workspace cannot be suspended whole. Its save is lost; the VM is
+/// `unknown` (its guest may be left stopped on the node, for kill-all), and
+/// the workspace ends as a save that failed does: `preempted` when the
+/// batch system had warned it, else `failed`. Returns whether it ended.
+pub(super) fn after_unreported(
+    c: &Connection,
+    ws: &mut WorkspaceRow,
+    slot: &SlotId,
+    nodes: &[String],
+    job: &str,
+    now: u64,
+) -> Result<bool, EngineError> {
+    if ws.state != WorkspaceState::Suspending {
+        return Ok(false);
+    }
+    let mut lost = Vec::new();
+    for node in nodes {
+        for (vm, state) in store::live_vms_on(c, slot, node)? {
+            if state == VmState::Suspending {
+                store::advance_vm_from(c, &vm, state, vm_life::Input::PilotLost)?;
+                if let Some(k) = store::latest_checkpoint(c, &vm)? {
+                    store::set_checkpoint(c, &k.id(), "failed", None, None, now)?;
+                }
+                lost.push((vm, node.clone()));
+            }
+        }
+    }
+    let Some((vm, node)) = lost.first() else {
+        return Ok(false);
+    };
+    let why = format!(
+        "VM {vm} on node {node} was not saved: batch job {job} ended and its pilot never reported the save"
+    );
+    let (input, reason) = match store::get_suspension(c, &ws.id)? {
+        Some(s) if s.cause == "preempted" => (Input::Preempted, format!("preempted; {why}")),
+        _ => (Input::Failed, format!("suspend failed: {why}")),
+    };
+    timeline(
+        c,
+        &ws.id,
+        now,
+        Phase::SuspendFailed,
+        Some(slot),
+        Some(node),
+        Some(vm),
+        &why,
+    )?;
+    warn!(workspace_id = %ws.id, vm_id = %vm, node, job, "a save was lost with its pilot");
+    if transition(c, ws, input, Some(&reason), now)? {
+        end_slots(c, ws, now)?;
+    }
+    Ok(true)
+}
+
 /// A VM runs again from its checkpoint.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn on_vm_resumed(

@@ -59,7 +59,9 @@ pub fn next(state: VmState, input: Input) -> Option<VmState> {
         (_, Input::Failed) => S::Failed,
         (_, Input::Gone { preempted: false }) => S::Destroyed,
         (_, Input::Gone { preempted: true }) => S::Preempted,
-        (S::Starting | S::Running | S::Destroying, Input::PilotLost) => S::Unknown,
+        // A VM being saved when its pilot was lost: its guest may be left
+        // stopped on the node, and the save never completed.
+        (S::Starting | S::Running | S::Suspending | S::Destroying, Input::PilotLost) => S::Unknown,
         _ => return None,
     };
     Some(to)
@@ -101,6 +103,8 @@ mod tests {
             Some(S::Destroyed)
         );
         assert_eq!(next(S::Pending, Input::SaveStarted), None);
+        // Its pilot lost mid-save: nobody knows what is left on the node.
+        assert_eq!(next(S::Suspending, Input::PilotLost), Some(S::Unknown));
     }
 
     #[test]
