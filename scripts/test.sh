@@ -24,5 +24,14 @@ step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+# The batch-system daemons the tests started (each test brings them up
+# itself, idempotently) are stopped when the suite ends, pass or fail.
+stop_daemons() {
+    scripts/slurm-down.sh >/dev/null 2>&1 || echo "test.sh: scripts/slurm-down.sh failed" >&2
+    scripts/sge-down.sh >/dev/null 2>&1 || echo "test.sh: scripts/sge-down.sh failed" >&2
+    scripts/pbs-down.sh all >/dev/null 2>&1 || echo "test.sh: scripts/pbs-down.sh all failed" >&2
+}
+trap stop_daemons EXIT
+
 step "tests"
 cargo test --workspace --quiet -- --test-threads="${WSP_TEST_THREADS:-2}"
