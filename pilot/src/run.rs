@@ -110,6 +110,21 @@ async fn hv_call<T: Send + 'static>(
     }
 }
 
+/// Destroys the guest `name` within `deadline`; a guest already gone counts
+/// as destroyed.
+async fn destroy_guest(
+    hv: &Arc<dyn Hypervisor>,
+    deadline: Instant,
+    what: &str,
+    name: &str,
+) -> Result<(), CallError> {
+    let n = name.to_string();
+    match hv_call(hv, deadline, what, move |hv| hv.destroy(&n)).await {
+        Err(CallError::Hv(HvError::NoSuchDomain { .. })) => Ok(()),
+        r => r,
+    }
+}
+
 /// Why the command loop ended.
 enum End {
     Release(ReleaseReason),
@@ -817,10 +832,9 @@ impl Pilot {
         self.set_vm_state(&vm_id, VmRecordState::Destroying);
         self.persist().map_err(|e| End::Fatal(e.to_string()))?;
         let t0 = Instant::now();
-        let n = name.clone();
         let bound = deadline.max(t0 + Duration::from_secs(1));
-        match hv_call(&self.hv, bound, "destroying a VM", move |hv| hv.destroy(&n)).await {
-            Ok(()) | Err(CallError::Hv(HvError::NoSuchDomain { .. })) => {
+        match destroy_guest(&self.hv, bound, "destroying a VM", &name).await {
+            Ok(()) => {
                 self.set_vm_state(&vm_id, VmRecordState::Destroyed);
                 self.persist().map_err(|e| End::Fatal(e.to_string()))?;
                 let destroy_ms = t0.elapsed().as_millis() as u64;

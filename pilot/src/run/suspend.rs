@@ -8,7 +8,7 @@
 //! measured save rate (`<state-dir>/checkpoint-rates.json`). Not the store's
 //! format (`checkpoint.rs`) nor how a hypervisor saves (the drivers).
 
-use super::{hv_call, CallError, End, Pilot};
+use super::{destroy_guest, hv_call, CallError, End, Pilot};
 use crate::checkpoint::{CkError, Committed, ManifestInfo, Store, WriterInfo};
 use crate::hypervisor::{HvError, Hypervisor};
 use crate::state::{VmRecord, VmRecordState};
@@ -481,16 +481,15 @@ impl Pilot {
             }
         };
         // The checkpoint is complete: the guest leaves the node.
-        let n = name.clone();
-        let destroyed = hv_call(
+        let destroyed = destroy_guest(
             &self.hv,
             Instant::now() + Duration::from_secs(30),
             "destroying a saved VM",
-            move |hv| hv.destroy(&n),
+            &name,
         )
         .await;
         match destroyed {
-            Ok(()) | Err(CallError::Hv(HvError::NoSuchDomain { .. })) => {
+            Ok(()) => {
                 self.set_vm_state(&vm_id, VmRecordState::Suspended);
             }
             Err(e) => {
@@ -682,12 +681,11 @@ impl Pilot {
             }
             Err(e) => {
                 // The driver removed what it started; make sure of it.
-                let n = launch.name.clone();
-                let _ = hv_call(
+                let _ = destroy_guest(
                     &self.hv,
                     Instant::now() + Duration::from_secs(30),
                     "destroying a VM that did not resume",
-                    move |hv| hv.destroy(&n),
+                    &launch.name,
                 )
                 .await;
                 self.set_vm_state(&vm_id, VmRecordState::Failed);

@@ -12,9 +12,8 @@
 //! so. Not the store (checkpoint.rs) nor how a driver restores.
 
 use super::suspend::{ck_resume_cause, resume_cause, save_committed};
-use super::{hv_call, CallError, End, Pilot};
+use super::{destroy_guest, hv_call, End, Pilot};
 use crate::checkpoint::{ManifestInfo, WriterInfo};
-use crate::hypervisor::HvError;
 use crate::state::{PilotState, VmRecord, VmRecordState};
 use protocol::pilot::{CheckpointId, EventKind, ResumeFailure, VmLaunch, WarmOutcome};
 use protocol::VmName;
@@ -109,16 +108,15 @@ impl Pilot {
             .boot_and_save(&launch, &to, store, ready_timeout_s, bound)
             .await;
         // The template never outlives the command.
-        let n = name.clone();
-        let gone = hv_call(
+        let gone = destroy_guest(
             &self.hv,
             Instant::now() + Duration::from_secs(30),
             "destroying a warm template",
-            move |hv| hv.destroy(&n),
+            &name,
         )
         .await;
         match gone {
-            Ok(()) | Err(CallError::Hv(HvError::NoSuchDomain { .. })) => {
+            Ok(()) => {
                 self.record.vms.retain(|v| v.vm_id != vm_id);
             }
             Err(e) => {
@@ -362,12 +360,11 @@ impl Pilot {
             Err(e) => {
                 drop(staged);
                 // The driver removed what it started; make sure of it.
-                let n = launch.name.clone();
-                let _ = hv_call(
+                let _ = destroy_guest(
                     &self.hv,
                     Instant::now() + Duration::from_secs(30),
                     "destroying a VM that did not restore",
-                    move |hv| hv.destroy(&n),
+                    &launch.name,
                 )
                 .await;
                 let w = fallback(resume_cause(&e), e.to_string());
