@@ -230,21 +230,7 @@ impl Engine {
                 }
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
                 for plan in &plans {
-                    let slot = SlotRow {
-                        id: unused(
-                            SlotId::generate,
-                            |id| Ok(store::get_slot(tx, id)?.is_some()),
-                        )?,
-                        workspace_id: ws.id.clone(),
-                        group: plan.group.clone(),
-                        nodes: plan.nodes,
-                        cores: plan.cores_per_node,
-                        memory_mb: plan.memory_mb_per_node,
-                        state: SlotState::Submitted,
-                        job: Job::Unsubmitted,
-                        created_ms: now,
-                    };
-                    store::insert_slot(tx, &slot)?;
+                    let slot = insert_new_slot(tx, &ws.id, plan, now)?;
                     let group = spec.groups.iter().find(|g| g.name == plan.group);
                     for idx in 0..plan.nodes {
                         let vm = unused(VmId::generate, |id| Ok(store::get_vm(tx, id)?.is_some()))?;
@@ -727,6 +713,29 @@ fn unused<T>(
         detail: format!("{ID_DRAWS} random ids in a row are taken"),
     }
     .into())
+}
+
+/// Stores a new, unsubmitted slot of `ws` for `plan` (at create, and for a
+/// resume's new slots).
+pub(super) fn insert_new_slot(
+    c: &Connection,
+    ws: &WorkspaceId,
+    plan: &SlotPlan,
+    now: u64,
+) -> Result<SlotRow, EngineError> {
+    let slot = SlotRow {
+        id: unused(SlotId::generate, |id| Ok(store::get_slot(c, id)?.is_some()))?,
+        workspace_id: ws.clone(),
+        group: plan.group.clone(),
+        nodes: plan.nodes,
+        cores: plan.cores_per_node,
+        memory_mb: plan.memory_mb_per_node,
+        state: SlotState::Submitted,
+        job: Job::Unsubmitted,
+        created_ms: now,
+    };
+    store::insert_slot(c, &slot)?;
+    Ok(slot)
 }
 
 /// What the timeline says of a lease's urgency when it is asked for.

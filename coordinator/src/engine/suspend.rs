@@ -20,7 +20,7 @@
 use super::rules::{end_slots, fail_workspace, maybe_settle, must_ws, transition, visible_ws};
 use super::views::build_view;
 use super::{Caller, Engine, EngineError};
-use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
+use crate::lifecycle::slot::{self as slot_life, JobInput};
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::Input;
 use crate::store::{self, SlotRow, Suspension, VmRow, WorkspaceRow};
@@ -29,7 +29,7 @@ use protocol::pilot::{
     SuspendTrigger,
 };
 use protocol::spec::PreemptChoice;
-use protocol::view::{Phase, SlotState, VmState, WorkspaceState, WorkspaceView};
+use protocol::view::{Phase, VmState, WorkspaceState, WorkspaceView};
 use protocol::{SlotId, VmId, VmName, WorkspaceId};
 use rusqlite::Connection;
 use std::collections::HashMap;
@@ -701,23 +701,8 @@ fn plan_new_slots(
     let mut slots = Vec::new();
     let mut by_group: HashMap<String, SlotId> = HashMap::new();
     for plan in plans {
-        let mut id = SlotId::generate();
-        while store::get_slot(c, &id)?.is_some() {
-            id = SlotId::generate();
-        }
-        let slot = SlotRow {
-            id: id.clone(),
-            workspace_id: ws.id.clone(),
-            group: plan.group.clone(),
-            nodes: plan.nodes,
-            cores: plan.cores_per_node,
-            memory_mb: plan.memory_mb_per_node,
-            state: SlotState::Submitted,
-            job: Job::Unsubmitted,
-            created_ms: now,
-        };
-        store::insert_slot(c, &slot)?;
-        by_group.insert(plan.group.clone(), id);
+        let slot = super::client::insert_new_slot(c, &ws.id, plan, now)?;
+        by_group.insert(plan.group.clone(), slot.id.clone());
         slots.push(slot);
     }
     for v in store::vms_of(c, &ws.id)? {
