@@ -18,6 +18,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod limits;
 pub mod lrm_meter;
+pub mod manpages;
 pub mod metrics;
 pub mod network;
 pub mod policy;

@@ -1,6 +1,7 @@
 //! Man pages from a binary's own clap definition (clap_mangen): the command's
-//! page and one per subcommand (`workspace-pilot-run.1`), as `workspace man`
-//! writes its own. Used by `workspace-pilot man` and `workspace-kill-all --man`.
+//! page and one per subcommand (`workspace-pilot-run.1`). Used by
+//! `workspace-pilot man` and `workspace-kill-all --man`; the coordinator's
+//! binaries have the same in `coordinator::manpages` (it never links this crate).
 
 use std::path::{Path, PathBuf};
 

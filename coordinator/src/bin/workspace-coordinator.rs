@@ -178,23 +178,7 @@ fn load_for_serving(path: &Path) -> Result<Config, coordinator::config::ConfigEr
 }
 
 fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cmd = Cli::command();
-    let mut pages = vec![(cmd.get_name().to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands() {
-        let name = format!("{}-{}", cmd.get_name(), sub.get_name());
-        let page = sub.clone().display_name(name.clone()).bin_name(format!(
-            "{} {}",
-            cmd.get_name(),
-            sub.get_name()
-        ));
-        pages.push((name, page));
-    }
-    for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut out = Vec::new();
-        clap_mangen::Man::new(page).render(&mut out)?;
-        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    for path in coordinator::manpages::write(Cli::command(), dir).map_err(anyhow::Error::msg)? {
         println!("{}", path.display());
     }
     Ok(())

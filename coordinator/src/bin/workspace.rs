@@ -257,25 +257,7 @@ fn main() {
 }
 
 fn write_man_pages(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let cmd = Cli::command();
-    let mut pages = vec![(cmd.get_name().to_string(), cmd.clone())];
-    for sub in cmd.get_subcommands() {
-        let name = format!("{}-{}", cmd.get_name(), sub.get_name());
-        let page = sub.clone().display_name(name.clone()).bin_name(format!(
-            "{} {}",
-            cmd.get_name(),
-            sub.get_name()
-        ));
-        pages.push((name, page));
-    }
-    for (name, page) in pages {
-        let path = dir.join(format!("{name}.1"));
-        let mut buf = Vec::new();
-        clap_mangen::Man::new(page)
-            .render(&mut buf)
-            .map_err(|e| format!("rendering {name}: {e}"))?;
-        std::fs::write(&path, buf).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    for path in coordinator::manpages::write(Cli::command(), dir)? {
         out(&path.display().to_string());
     }
     Ok(())
