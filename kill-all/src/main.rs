@@ -510,9 +510,13 @@ fn kill_all(
     }
 }
 
-/// Restores dom0: without --slot, to the smallest recorded original (else its
-/// maximum); with --slot, by adding back what that slot took. Never lowers
-/// dom0's target. Returns false if it failed.
+/// Restores dom0: with --slot, by adding back what that slot took; without,
+/// by adding back what every handled slot took, and at least to the smallest
+/// recorded original (a pilot killed mid-balloon may not have recorded what
+/// it took yet), else to its maximum. An original alone is not enough: a
+/// pilot that reserved while another slot held memory recorded dom0 without
+/// that memory, and the other slot may since have given it back. Never
+/// lowers dom0's target. Returns false if it failed.
 fn restore_memory(
     cli: &Cli,
     hv: &dyn Hypervisor,
@@ -530,8 +534,9 @@ fn restore_memory(
             )
         }
     };
+    let taken_back = m.target_mb + handled.iter().map(|(_, f)| f.taken_mb).sum::<u64>();
     let wanted = if cli.slot.is_some() {
-        m.target_mb + handled.iter().map(|(_, f)| f.taken_mb).sum::<u64>()
+        taken_back
     } else if hv.name().starts_with("kvm") {
         // kvm: the maximum is "no hugepages held by this node" (the driver
         // keeps a per-node ledger); recorded originals may predate other
@@ -544,6 +549,7 @@ fn restore_memory(
             .filter(|mb| *mb > 0)
             .min()
             .unwrap_or(m.max_mb)
+            .max(taken_back)
     };
     let target = wanted.min(m.max_mb).max(m.target_mb);
     if target == m.target_mb && m.current_mb == target {

@@ -161,6 +161,25 @@ fn leftovers_of_a_killed_pilot_are_destroyed_and_memory_restored_exactly() {
     );
 }
 
+/// Two slots on one node, the dead one having reserved second: its record
+/// says dom0 had 3584 MB before (the other slot held 256 MB then), and the
+/// other slot has since given its 256 MB back, so dom0 is 3840 MB less the
+/// dead slot's 1024 MB. Restoring to that original would keep 256 MB from
+/// dom0; kill-all adds back what the dead slot took instead.
+#[test]
+fn a_pilot_that_reserved_after_another_slot_gets_back_all_it_took() {
+    let l = Leftovers::new();
+    let path = list_state_files(&l.state_dir).unwrap().remove(0);
+    let mut f = NodeStateFile::read(&path).unwrap();
+    f.original_dom0_mb = 3584;
+    f.write(&l.state_dir).unwrap();
+    assert_eq!(l.dom0(), (2816, 2816));
+    let out = l.kill_all(&[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(l.dom0(), (3840, 3840), "{text}");
+}
+
 #[test]
 fn foreign_guest_is_destroyed_only_with_all() {
     let l = Leftovers::new();
