@@ -34,4 +34,5 @@ stop_daemons() {
 trap stop_daemons EXIT
 
 step "tests"
-cargo test --workspace --quiet -- --test-threads="${WSP_TEST_THREADS:-2}"
+# --no-fail-fast: one failing test binary does not hide the others' results.
+cargo test --workspace --quiet --no-fail-fast -- --test-threads="${WSP_TEST_THREADS:-2}"
