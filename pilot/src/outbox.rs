@@ -75,7 +75,7 @@ pub enum OutboxError {
     Busy { path: PathBuf },
     #[error("cannot encode the letter for event {seq}: {message}")]
     Encode { seq: u64, message: String },
-    #[error("outbox {path} is owned by uid {uid} with mode {mode:o}: others could have written its letters; not delivering them (it must be the pilot's, 0700)")]
+    #[error("outbox {path} is owned by uid {uid} with mode {mode:o}: others could have written its letters; not delivering them (it must be 0700 and owned by this user, root, or, for root, the owner of its state directory)")]
     Unsafe { path: PathBuf, uid: u32, mode: u32 },
 }
 
@@ -297,7 +297,9 @@ fn check_owner(dir: &Path) -> Result<(), OutboxError> {
         }
     };
     let me = nix::unistd::geteuid().as_raw();
-    if (m.uid() != me && m.uid() != 0) || m.mode() & 0o022 != 0 {
+    if !(m.uid() == me || m.uid() == 0 || root_trusts_state_dir_owner(dir, m.uid(), me))
+        || m.mode() & 0o022 != 0
+    {
         return Err(OutboxError::Unsafe {
             path: dir.to_path_buf(),
             uid: m.uid(),
@@ -305,6 +307,19 @@ fn check_owner(dir: &Path) -> Result<(), OutboxError> {
         });
     }
     Ok(())
+}
+
+/// Root (kill-all run by an admin) also delivers an outbox owned by the
+/// user the site runs its pilots as: the owner of the state directory that
+/// holds it, when that directory is writable by its owner alone. Nobody else
+/// could have written those letters.
+fn root_trusts_state_dir_owner(outbox: &Path, owner: u32, me: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    me == 0
+        && outbox
+            .parent()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .is_some_and(|p| p.uid() == owner && p.mode() & 0o022 == 0)
 }
 
 /// Letters on disk, by pilot instance, in sequence order.
@@ -699,6 +714,39 @@ mod tests {
             matches!(r, Err(OutboxError::Unsafe { mode: 0o777, .. })),
             "{r:?}"
         );
+    }
+
+    /// kill-all runs as root; the site's pilots may run as a service user.
+    /// Root delivers that user's outbox when the state directory is theirs
+    /// too, and not an outbox some other user owns in root's directory.
+    #[test]
+    fn root_delivers_the_outbox_of_the_state_dirs_owner_and_no_one_elses() {
+        use std::os::unix::fs::PermissionsExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to give files away");
+            return;
+        }
+        let nobody = nix::unistd::Uid::from_raw(65534);
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let outbox = outbox_dir(&state);
+        std::fs::create_dir_all(&outbox).unwrap();
+        for d in [&state, &outbox] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+            nix::unistd::chown(d, Some(nobody), None).unwrap();
+        }
+        assert!(scan(&outbox).is_ok(), "{:?}", scan(&outbox));
+        // The same outbox in a state directory root owns: someone else's.
+        nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+        assert!(
+            matches!(scan(&outbox), Err(OutboxError::Unsafe { uid: 65534, .. })),
+            "{:?}",
+            scan(&outbox)
+        );
+        // A state directory others may write is no one's to vouch for.
+        nix::unistd::chown(&state, Some(nobody), None).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(scan(&outbox), Err(OutboxError::Unsafe { .. })));
     }
 
     #[tokio::test]
