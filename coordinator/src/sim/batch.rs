@@ -60,6 +60,18 @@ pub enum Effect {
     Reserved { begins_ms: u64, end_ms: u64 },
 }
 
+/// The free nodes at a moment, by why they are free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Idle {
+    /// In a reservation that has begun, not running its jobs.
+    pub reserved: u32,
+    /// Outside begun reservations while a job outside reservations waits
+    /// (it does not fit, or would run into a reservation).
+    pub waiting: u32,
+    /// Outside begun reservations with nothing waiting.
+    pub nothing: u32,
+}
+
 /// One advance reservation: whole nodes in `[start_ms, end_ms)`.
 #[derive(Clone, Debug)]
 pub struct SimResv {
@@ -128,9 +140,18 @@ pub struct BatchModel {
     grace: Duration,
     st: Mutex<State>,
     preempt_for_reservations: bool,
+    largest_first: bool,
 }
 
 impl BatchModel {
+    /// Queues each job by its node-time (nodes x runtime estimate), the
+    /// largest first, instead of by arrival: the priority the coordinator
+    /// sets on its pilot jobs under `policy.largest_first`.
+    pub fn largest_first(mut self, on: bool) -> Self {
+        self.largest_first = on;
+        self
+    }
+
     /// Lets jobs outside reservations run on their nodes until a grace
     /// before they begin, preempted then ([`BatchModel::to_preempt`]).
     pub fn preempt_for_reservations(mut self, on: bool) -> Self {
@@ -183,6 +204,7 @@ impl BatchModel {
             grace,
             st: Mutex::new(st),
             preempt_for_reservations: false,
+            largest_first: false,
         }
     }
 
@@ -282,6 +304,28 @@ impl BatchModel {
             started.extend(backfill(&mut st, now, grace, preempt));
         }
         started
+    }
+
+    /// Where the free nodes are now (the experiment's loss accounting).
+    pub fn idle(&self) -> Idle {
+        let now = self.clock.now_ms();
+        let st = self.st();
+        let waiting = st.queue.iter().any(|n| st.jobs[n].reservation.is_none());
+        let mut idle = Idle::default();
+        for n in &st.free {
+            let reserved = st
+                .resvs
+                .iter()
+                .any(|r| r.start_ms <= now && r.end_ms > now && r.nodes.contains(n));
+            if reserved {
+                idle.reserved += 1;
+            } else if waiting {
+                idle.waiting += 1;
+            } else {
+                idle.nothing += 1;
+            }
+        }
+        idle
     }
 
     /// Reservations granted so far.
@@ -519,6 +563,16 @@ impl Lrm for BatchModel {
         );
         if st.first_next {
             st.queue.push_front(number);
+        } else if self.largest_first {
+            // Behind every job of as much node-time or more, ahead of the rest.
+            let size = |nodes: u32, ms: u64| u64::from(nodes) * ms;
+            let mine = size(job.nodes, estimate_ms);
+            let at = st
+                .queue
+                .iter()
+                .position(|q| size(st.jobs[q].nodes, st.jobs[q].estimate_ms) < mine)
+                .unwrap_or(st.queue.len());
+            st.queue.insert(at, number);
         } else {
             st.queue.push_back(number);
         }
@@ -900,6 +954,71 @@ mod tests {
         assert!(m.signal(long, Cause::Preempted));
         assert!(m.to_preempt().is_empty(), "signalled once");
         let _ = r;
+    }
+
+    #[tokio::test]
+    async fn largest_first_queues_by_node_time_and_keeps_arrival_among_equals() {
+        for (on, want) in [(false, [2, 3, 4, 5]), (true, [4, 2, 5, 3])] {
+            let (clock, m) = model(4, Scheduler::Fifo);
+            let m = m.largest_first(on);
+            let a = submit(&m, 4, 100).await; // holds the cluster until 100 s
+            assert_eq!(started(&m), [a]);
+            submit(&m, 1, 300).await; // 2: 300 node-s
+            submit(&m, 2, 50).await; // 3: 100
+            submit(&m, 4, 100).await; // 4: 400
+            submit(&m, 3, 100).await; // 5: 300, after 2 (same size)
+            assert_eq!(Vec::from(m.st().queue.clone()), want, "largest_first {on}");
+            // Free nodes are reported idle while work waits.
+            assert_eq!(
+                m.idle(),
+                Idle {
+                    reserved: 0,
+                    waiting: 0,
+                    nothing: 0
+                }
+            );
+            clock.set(100_000);
+            for _ in 0..4 {
+                m.process_ended(a, false);
+            }
+            assert_eq!(started(&m)[0], want[0], "the head starts first");
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_nodes_are_counted_by_why_they_are_free() {
+        let (clock, m) = model(4, Scheduler::Fifo);
+        assert_eq!(m.idle().nothing, 4);
+        let a = submit(&m, 2, 100).await;
+        let _big = submit(&m, 3, 100).await; // does not fit beside a
+        assert_eq!(started(&m), [a]);
+        assert_eq!(
+            m.idle(),
+            Idle {
+                reserved: 0,
+                waiting: 2,
+                nothing: 0
+            }
+        );
+        let req = ReservationRequest {
+            name: "r".into(),
+            start_ms: 50_000,
+            duration: Duration::from_secs(600),
+            nodes: 1,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            preemptible: Vec::new(),
+        };
+        m.create(&req).await.expect("a free node");
+        clock.set(50_000);
+        assert_eq!(
+            m.idle(),
+            Idle {
+                reserved: 1,
+                waiting: 1,
+                nothing: 0
+            }
+        );
     }
 
     #[tokio::test]

@@ -195,6 +195,13 @@ pub struct PolicyOptions {
     /// of the batch queue (it is the oldest work), where the batch system
     /// lets the coordinator set a job's priority (Slurm: as an operator).
     pub resume_first: bool,
+    /// Ours (issue 18): the coordinator's pilot jobs queue by their node-time
+    /// (nodes x the lease's estimate), the largest first, instead of by
+    /// arrival: the batch work drains without a few large leases started
+    /// last running alone at the end. Modelled as a priority the batch
+    /// system honours (Slurm: set by the coordinator as an operator); the
+    /// engine and the real adapters do not set it yet (docs/SIMULATION.md).
+    pub largest_first: bool,
 }
 
 impl Default for PolicyOptions {
@@ -204,6 +211,7 @@ impl Default for PolicyOptions {
             runtime_overhead_pct: 0.0,
             suspend_resume: false,
             resume_first: false,
+            largest_first: false,
         }
     }
 }

@@ -230,7 +230,8 @@ pub fn simulate(
     let grace = Duration::from_secs_f64(cfg.batch.grace_s);
     let batch = Arc::new(
         batch::BatchModel::new(clock.clone(), cfg.batch.scheduler, capacity, grace)
-            .preempt_for_reservations(cfg.batch.preempt_for_reservations),
+            .preempt_for_reservations(cfg.batch.preempt_for_reservations)
+            .largest_first(cfg.policy.largest_first),
     );
     // The engine still writes each slot's key file: on tmpfs when there is
     // one (a file on disk cost more than the rest of a lease's work).
