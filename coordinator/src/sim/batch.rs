@@ -107,6 +107,8 @@ pub struct Job {
     pub crashed: bool,
     /// The reservation it was submitted into, if any.
     pub reservation: Option<String>,
+    /// Its node-time, when the coordinator queued it by size.
+    pub size: Option<u64>,
 }
 
 #[derive(Default)]
@@ -140,18 +142,9 @@ pub struct BatchModel {
     grace: Duration,
     st: Mutex<State>,
     preempt_for_reservations: bool,
-    largest_first: bool,
 }
 
 impl BatchModel {
-    /// Queues each job by its node-time (nodes x runtime estimate), the
-    /// largest first, instead of by arrival: the priority the coordinator
-    /// sets on its pilot jobs under `policy.largest_first`.
-    pub fn largest_first(mut self, on: bool) -> Self {
-        self.largest_first = on;
-        self
-    }
-
     /// Lets jobs outside reservations run on their nodes until a grace
     /// before they begin, preempted then ([`BatchModel::to_preempt`]).
     pub fn preempt_for_reservations(mut self, on: bool) -> Self {
@@ -204,7 +197,6 @@ impl BatchModel {
             grace,
             st: Mutex::new(st),
             preempt_for_reservations: false,
-            largest_first: false,
         }
     }
 
@@ -326,6 +318,61 @@ impl BatchModel {
             }
         }
         idle
+    }
+
+    /// Queues a job: by arrival, or by `size` (node-ms) when given.
+    fn enqueue(&self, job: &SlotJob, size: Option<u64>) -> Result<JobId, LrmError> {
+        if job.nodes > self.capacity.nodes {
+            return Err(LrmError::DoesNotFit {
+                lrm: "simulated",
+                asked: format!("{} nodes", job.nodes),
+                has: format!("{} nodes", self.capacity.nodes),
+            });
+        }
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let number = st.next;
+        st.next += 1;
+        let walltime_ms = job.walltime.as_millis() as u64;
+        let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
+        let tag = st.tag_next;
+        st.jobs.insert(
+            number,
+            Job {
+                number,
+                name: job.name.clone(),
+                nodes: job.nodes,
+                walltime_ms,
+                estimate_ms,
+                submit_ms: now,
+                start_ms: None,
+                end_ms: None,
+                state: JobState::Queued,
+                held: Vec::new(),
+                signalled: None,
+                alive: 0,
+                crashed: false,
+                tag,
+                reservation: None,
+                size,
+            },
+        );
+        if st.first_next {
+            st.queue.push_front(number);
+        } else if let Some(mine) = size {
+            // Behind every job as large or larger, ahead of the rest
+            // (as the local batch system queues by size).
+            let at = st
+                .queue
+                .iter()
+                .position(|q| st.jobs[q].size.is_none_or(|s| s < mine))
+                .unwrap_or(st.queue.len());
+            st.queue.insert(at, number);
+        } else {
+            st.queue.push_back(number);
+        }
+        st.effects.push(Effect::Pass);
+        Ok(JobId(number.to_string()))
     }
 
     /// Reservations granted so far.
@@ -527,57 +574,13 @@ impl Lrm for BatchModel {
         String::new()
     }
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        if job.nodes > self.capacity.nodes {
-            return Err(LrmError::DoesNotFit {
-                lrm: "simulated",
-                asked: format!("{} nodes", job.nodes),
-                has: format!("{} nodes", self.capacity.nodes),
-            });
-        }
-        let now = self.clock.now_ms();
-        let mut st = self.st();
-        let number = st.next;
-        st.next += 1;
-        let walltime_ms = job.walltime.as_millis() as u64;
-        let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
-        let tag = st.tag_next;
-        st.jobs.insert(
-            number,
-            Job {
-                number,
-                name: job.name.clone(),
-                nodes: job.nodes,
-                walltime_ms,
-                estimate_ms,
-                submit_ms: now,
-                start_ms: None,
-                end_ms: None,
-                state: JobState::Queued,
-                held: Vec::new(),
-                signalled: None,
-                alive: 0,
-                crashed: false,
-                tag,
-                reservation: None,
-            },
-        );
-        if st.first_next {
-            st.queue.push_front(number);
-        } else if self.largest_first {
-            // Behind every job of as much node-time or more, ahead of the rest.
-            let size = |nodes: u32, ms: u64| u64::from(nodes) * ms;
-            let mine = size(job.nodes, estimate_ms);
-            let at = st
-                .queue
-                .iter()
-                .position(|q| size(st.jobs[q].nodes, st.jobs[q].estimate_ms) < mine)
-                .unwrap_or(st.queue.len());
-            st.queue.insert(at, number);
-        } else {
-            st.queue.push_back(number);
-        }
-        st.effects.push(Effect::Pass);
-        Ok(JobId(number.to_string()))
+        self.enqueue(job, None)
+    }
+    async fn submit_sized(&self, job: &SlotJob, size: u64) -> Result<JobId, LrmError> {
+        self.enqueue(job, Some(size))
+    }
+    fn queues_by_size(&self) -> bool {
+        true
     }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         let mut st = self.st();
@@ -957,18 +960,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn largest_first_queues_by_node_time_and_keeps_arrival_among_equals() {
-        for (on, want) in [(false, [2, 3, 4, 5]), (true, [4, 2, 5, 3])] {
+    async fn jobs_queued_by_size_go_largest_first_and_keep_arrival_among_equals() {
+        for (sized, want) in [(false, [2, 3, 4, 5]), (true, [4, 2, 5, 3])] {
             let (clock, m) = model(4, Scheduler::Fifo);
-            let m = m.largest_first(on);
             let a = submit(&m, 4, 100).await; // holds the cluster until 100 s
             assert_eq!(started(&m), [a]);
-            submit(&m, 1, 300).await; // 2: 300 node-s
-            submit(&m, 2, 50).await; // 3: 100
-            submit(&m, 4, 100).await; // 4: 400
-            submit(&m, 3, 100).await; // 5: 300, after 2 (same size)
-            assert_eq!(Vec::from(m.st().queue.clone()), want, "largest_first {on}");
-            // Free nodes are reported idle while work waits.
+            for (nodes, s) in [(1, 300), (2, 50), (4, 100), (3, 100)] {
+                m.expect(Some(s * 1000), None);
+                let j = job(nodes, s);
+                let size = u64::from(nodes) * s * 1000;
+                if sized {
+                    m.submit_sized(&j, size).await.expect("submit");
+                } else {
+                    m.submit(&j).await.expect("submit");
+                }
+            }
+            // 2: 300 node-s, 3: 100, 4: 400, 5: 300 (after 2: the same size)
+            assert_eq!(Vec::from(m.st().queue.clone()), want, "sized {sized}");
+            // No node is free while the first job holds them all.
             assert_eq!(
                 m.idle(),
                 Idle {

@@ -195,12 +195,10 @@ pub struct PolicyOptions {
     /// of the batch queue (it is the oldest work), where the batch system
     /// lets the coordinator set a job's priority (Slurm: as an operator).
     pub resume_first: bool,
-    /// Ours (issue 18): the coordinator's pilot jobs queue by their node-time
-    /// (nodes x the lease's estimate), the largest first, instead of by
-    /// arrival: the batch work drains without a few large leases started
-    /// last running alone at the end. Modelled as a priority the batch
-    /// system honours (Slurm: set by the coordinator as an operator); the
-    /// engine and the real adapters do not set it yet (docs/SIMULATION.md).
+    /// Ours (issue 18): the engine's `[reservations] best_effort_order =
+    /// "largest_first"`: best-effort pilot jobs queue by node-time, the
+    /// largest first (the batch model orders its queue as the local batch
+    /// system does).
     pub largest_first: bool,
 }
 

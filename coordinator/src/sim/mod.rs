@@ -230,8 +230,7 @@ pub fn simulate(
     let grace = Duration::from_secs_f64(cfg.batch.grace_s);
     let batch = Arc::new(
         batch::BatchModel::new(clock.clone(), cfg.batch.scheduler, capacity, grace)
-            .preempt_for_reservations(cfg.batch.preempt_for_reservations)
-            .largest_first(cfg.policy.largest_first),
+            .preempt_for_reservations(cfg.batch.preempt_for_reservations),
     );
     // The engine still writes each slot's key file: on tmpfs when there is
     // one (a file on disk cost more than the rest of a lease's work).
@@ -258,6 +257,14 @@ pub fn simulate(
             walltime_margin_s: co.walltime_margin_s,
             grace_s: Some(grace.as_secs().max(1)),
             ..PilotConfig::default()
+        },
+        reservations: crate::config::ReservationsConfig {
+            best_effort_order: if cfg.policy.largest_first {
+                crate::config::BestEffortOrder::LargestFirst
+            } else {
+                crate::config::BestEffortOrder::Arrival
+            },
+            ..Default::default()
         },
         ..Config::default()
     };
