@@ -468,8 +468,9 @@ pub fn experiment(args: ExperimentArgs) -> i32 {
         "Seed 002's experiment: utilization per trace and configuration (seed {})",
         args.seed
     );
+    let loss = x::loss_table(&results, &["VM_suspend_cache_ov10", "ours_largest_first"]);
     let md = format!(
-        "# {title}\n\nEach cell: utilization, time to complete all batch requests.\n\n{table}"
+        "# {title}\n\nEach cell: utilization, time to complete all batch requests.\n\n{table}\n## Where the node-time went\n\nThe best of seed 002's configurations and ours (docs/SIMULATION.md, \"Where the points are lost\").\n\n{loss}"
     );
     let json = match serde_json::to_string_pretty(&results) {
         Ok(j) => j,

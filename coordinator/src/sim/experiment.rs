@@ -369,6 +369,38 @@ pub fn table(results: &[Outcome]) -> String {
     o
 }
 
+/// Where each trace's node-time went under `configs` (issue 18's account):
+/// VMs running (the utilization), pilot jobs holding nodes without running
+/// VMs (image copies, boot, save and restore, cleanup), free nodes while a
+/// best-effort job waited, free nodes with nothing waiting, free nodes of a
+/// begun reservation; and the ceiling no schedule passes on that trace
+/// ([`super::report::span_floor`]). Shares of the cluster's node-time.
+pub fn loss_table(results: &[Outcome], configs: &[&str]) -> String {
+    let mut o = String::from(
+        "| trace | configuration | VMs running | held, no VM | free, work waiting | free, nothing waiting | free, in a reservation | ceiling |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results
+        .iter()
+        .filter(|r| configs.contains(&r.config.as_str()))
+    {
+        let pct = |v: f64| format!("{:.1} %", v * 100.0);
+        let ceiling = r.utilization * r.span_s / r.span_floor_s.max(1e-9);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.trace,
+            r.config,
+            pct(r.utilization),
+            pct(r.held_utilization - r.utilization),
+            pct(r.idle.waiting),
+            pct(r.idle.nothing),
+            pct(r.idle.reserved),
+            pct(ceiling.min(1.0)),
+        );
+    }
+    o
+}
+
 /// A bar chart: per trace, one bar per configuration's utilization.
 pub fn svg(results: &[Outcome], title: &str) -> String {
     let mut traces: Vec<&str> = Vec::new();
@@ -546,6 +578,10 @@ mod tests {
         }
         let md = std::fs::read_to_string(dir.path().join("results.md")).expect("md");
         assert!(md.contains("| short batch, no ar |") && md.contains("VM_suspend_cache_ov10"));
+        assert!(
+            md.contains("## Where the node-time went") && md.contains("| ours_largest_first | "),
+            "{md}"
+        );
         let svg = std::fs::read_to_string(dir.path().join("utilization.svg")).expect("svg");
         assert_eq!(
             svg.matches("<rect").count(),
