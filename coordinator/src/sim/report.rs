@@ -99,14 +99,13 @@ pub struct TraceInfo {
     pub time_scale: f64,
 }
 
-/// A lower bound on the span (ms from the first request) of any schedule
-/// of `requests` on `nodes` nodes: no lease runs before it is asked (an AR
+/// A lower bound on the span (ms from `first`, the trace's first request)
+/// of any schedule of `requests` (those accepted) on `nodes` nodes: no lease runs before it is asked (an AR
 /// before its start), so each one ends no sooner than that plus its
 /// duration, and the VM node-time asked for at or after any moment `t`
 /// cannot all be done before `t` plus that work spread over every node
 /// (overheads, images and fragmentation left out: they only add).
-pub fn span_floor(requests: &[Request], nodes: f64) -> f64 {
-    let first = requests.first().map_or(0, |r| r.submit_ms);
+pub fn span_floor(requests: &[Request], first: u64, nodes: f64) -> f64 {
     let mut released: Vec<(u64, f64)> = requests
         .iter()
         .map(|r| {
@@ -298,7 +297,15 @@ impl Report {
             .unwrap_or(out.end_ms)
             .max(start + 1);
         let span = (end - start) as f64;
-        let span_floor_ms = span_floor(requests, f64::from(size.nodes));
+        // Over the leases that were accepted: a refused one asks nothing.
+        let accepted: Vec<Request> = requests
+            .iter()
+            .zip(&out.workspaces)
+            .filter(|(_, w)| w.is_ok())
+            .map(|(r, _)| r.clone())
+            .collect();
+        let first_ms = requests.first().map_or(0, |r| r.submit_ms);
+        let span_floor_ms = span_floor(&accepted, first_ms, f64::from(size.nodes));
         let batch_done_s = out
             .jobs
             .values()

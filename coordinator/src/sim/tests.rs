@@ -338,3 +338,35 @@ fn largest_first_starts_the_larger_waiting_lease_before_the_earlier_smaller_one(
     assert!(s[2] < s[1] && s[2] < s[3] && s[3] <= s[1], "{s:?}");
     assert!((s[2] - s[0] - 600.0).abs() < 30.0, "{s:?}");
 }
+
+#[test]
+fn the_span_floor_is_the_latest_request_end_or_the_work_left_after_any_moment() {
+    use super::report::span_floor;
+    use super::Request;
+    let req = |submit_s: u64, nodes: u32, lease_s: u64, start_s: Option<u64>| Request {
+        id: 0,
+        line: 0,
+        submit_ms: submit_s * 1000,
+        nodes,
+        run_ms: lease_s * 1000,
+        lease_ms: lease_s * 1000,
+        estimate_ms: lease_s * 1000,
+        memory_mb: 512,
+        image: String::new(),
+        injected: false,
+        reservation: start_s.is_some(),
+        start_ms: start_s.map(|s| s * 1000),
+    };
+    // 4 nodes. 400 node-s asked at 10 s can end no sooner than 110 s.
+    let a = [req(0, 1, 20, None), req(10, 4, 100, None)];
+    assert_eq!(span_floor(&a, 0, 4.0), 110_000.0);
+    // A long lease asked late ends the span by itself.
+    let b = [req(0, 1, 20, None), req(50, 1, 300, None)];
+    assert_eq!(span_floor(&b, 0, 4.0), 350_000.0);
+    // An AR counts from its start, not from when it was asked.
+    let c = [req(0, 1, 20, None), req(5, 2, 60, Some(200))];
+    assert_eq!(span_floor(&c, 0, 4.0), 260_000.0);
+    // Spread work: 8 x 100 node-s from 0 on 4 nodes is 200 s.
+    let d: Vec<Request> = (0..8).map(|_| req(0, 1, 100, None)).collect();
+    assert_eq!(span_floor(&d, 0, 4.0), 200_000.0);
+}
