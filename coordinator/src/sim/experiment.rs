@@ -523,6 +523,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_cell_or_configuration_is_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = |only: Option<&str>, configs: &[&str]| super::super::cli::ExperimentArgs {
+            out: dir.path().to_path_buf(),
+            seed: 2,
+            quick: false,
+            traces: None,
+            only: only.map(String::from),
+            configs: configs.iter().map(|c| c.to_string()).collect(),
+        };
+        assert_eq!(
+            super::super::cli::experiment(args(Some("no such cell"), &[])),
+            2
+        );
+        assert_eq!(
+            super::super::cli::experiment(args(
+                Some("long batch"),
+                &["VM_suspend_cache_ov10", "nope"]
+            )),
+            2
+        );
+        assert!(!dir.path().join("results.md").exists(), "nothing written");
+    }
+
+    #[test]
     fn the_quick_experiment_writes_a_computed_table_and_plot() {
         let dir = tempfile::tempdir().expect("tempdir");
         let code = super::super::cli::experiment(super::super::cli::ExperimentArgs {
