@@ -256,6 +256,24 @@ pub struct ReservationsConfig {
     /// Seconds before the reservation begins that its victims are suspended
     /// (time for their VMs to be saved and their pilot jobs to end).
     pub suspend_before_s: u64,
+    /// The order best-effort pilot jobs wait in the batch queue.
+    pub best_effort_order: BestEffortOrder,
+}
+
+/// `[reservations] best_effort_order`: how the coordinator's best-effort
+/// pilot jobs queue (issue 18; docs/SIMULATION.md measures both).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BestEffortOrder {
+    /// As they were asked for (the batch system's own order).
+    #[default]
+    Arrival,
+    /// By node-time (nodes x the lease's duration, or what is left of a
+    /// suspended one), the largest first: the queue drains without a few
+    /// large leases started last running alone at its end. Small leases
+    /// wait longer while large ones are queued. Needs a batch system whose
+    /// queue order the coordinator sets (`local`).
+    LargestFirst,
 }
 
 impl Default for ReservationsConfig {
@@ -265,6 +283,7 @@ impl Default for ReservationsConfig {
             lead_s: 60,
             suspend_best_effort: true,
             suspend_before_s: 30,
+            best_effort_order: BestEffortOrder::Arrival,
         }
     }
 }

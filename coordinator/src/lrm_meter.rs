@@ -95,6 +95,13 @@ impl Lrm for MeteredLrm {
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
         self.timed("submit", self.inner.submit(job)).await
     }
+    async fn submit_sized(&self, job: &SlotJob, size: u64) -> Result<JobId, LrmError> {
+        self.timed("submit", self.inner.submit_sized(job, size))
+            .await
+    }
+    fn queues_by_size(&self) -> bool {
+        self.inner.queues_by_size()
+    }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         self.timed("status", self.inner.status(ids)).await
     }

@@ -190,6 +190,20 @@ pub trait Lrm: Send + Sync {
     fn render_script(&self, job: &SlotJob) -> String;
     /// Submits the job; returns its id.
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError>;
+    /// Submits the job queued by `size` (its node-time, node-ms): behind
+    /// every queued job of the same size or larger, ahead of smaller ones
+    /// and of jobs submitted without one (the coordinator's
+    /// `[reservations] best_effort_order = "largest_first"`). Batch systems
+    /// whose queue order the coordinator cannot set submit it as
+    /// [`Lrm::submit`] does (the default); `queues_by_size` says which.
+    async fn submit_sized(&self, job: &SlotJob, size: u64) -> Result<JobId, LrmError> {
+        let _ = size;
+        self.submit(job).await
+    }
+    /// Whether [`Lrm::submit_sized`] orders the queue.
+    fn queues_by_size(&self) -> bool {
+        false
+    }
     /// State of many jobs in one LRM query. Every id asked for is in the answer.
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError>;
     /// [`Lrm::status`] with the reason each waiting job waits, in the same

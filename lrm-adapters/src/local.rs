@@ -129,6 +129,8 @@ struct Job {
     ending_ms: Option<u64>,
     /// The reservation it runs in (see `local/reserve.rs`).
     reservation: Option<String>,
+    /// Its node-time when it was queued by size ([`Lrm::submit_sized`]).
+    size: Option<u64>,
 }
 
 #[derive(Default)]
@@ -265,6 +267,7 @@ impl LocalLrm {
         &self,
         job: &SlotJob,
         reservation: Option<String>,
+        size: Option<u64>,
     ) -> Result<JobId, LrmError> {
         resume(&self.shared);
         self.check_fits(job)?;
@@ -294,9 +297,25 @@ impl LocalLrm {
                 run_walltime: job.walltime,
                 ending_ms: None,
                 reservation,
+                size,
             },
         );
-        st.queue.push_back(id.clone());
+        match size {
+            // Behind every queued job as large or larger, ahead of the rest.
+            Some(mine) => {
+                let at = st
+                    .queue
+                    .iter()
+                    .position(|q| {
+                        st.jobs
+                            .get(q)
+                            .is_none_or(|j| j.size.is_none_or(|s| s < mine))
+                    })
+                    .unwrap_or(st.queue.len());
+                st.queue.insert(at, id.clone());
+            }
+            None => st.queue.push_back(id.clone()),
+        }
         schedule(&self.shared, st);
         save(&self.shared, st);
         Ok(id)
@@ -719,6 +738,8 @@ struct SavedJob {
     start_error: Option<String>,
     #[serde(default)]
     reservation: Option<String>,
+    #[serde(default)]
+    size: Option<u64>,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -769,6 +790,7 @@ fn save(shared: &Shared, st: &State) {
             run_walltime_ms: ms(j.run_walltime),
             start_error: j.start_error.clone(),
             reservation: j.reservation.clone(),
+            size: j.size,
         })
         .collect();
     let saved = Saved {
@@ -887,6 +909,7 @@ fn restore(st: &mut State, saved: Saved) {
             run_walltime: Duration::from_millis(sj.run_walltime_ms),
             ending_ms: sj.ending_ms,
             reservation: sj.reservation,
+            size: sj.size,
         };
         if matches!(job.state, JobState::Running | JobState::Completing) {
             if job.procs.iter().any(proc_running) {
@@ -1070,7 +1093,15 @@ impl Lrm for LocalLrm {
     }
 
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        self.submit_with(job, None).await
+        self.submit_with(job, None, None).await
+    }
+
+    async fn submit_sized(&self, job: &SlotJob, size: u64) -> Result<JobId, LrmError> {
+        self.submit_with(job, None, Some(size)).await
+    }
+
+    fn queues_by_size(&self) -> bool {
+        true
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
@@ -1416,6 +1447,69 @@ mod tests {
         for (_, pid) in pids {
             assert!(!is_alive(pid));
         }
+    }
+
+    #[tokio::test]
+    async fn local_jobs_queued_by_size_go_largest_first_and_keep_that_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(1, 1, 1);
+        cfg.state_file = Some(dir.path().join("state.json"));
+        let lrm = LocalLrm::new(cfg.clone()).unwrap();
+        assert!(lrm.queues_by_size());
+        let p = |n: &str| dir.path().join(n);
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &wait_for_file(&p("stop-a"))))
+            .await
+            .unwrap();
+        wait_state(&lrm, &a, |s| *s == JobState::Running, LONG).await;
+        let sh = |n: &str| format!("touch {}", q(&p(&format!("started-{n}"))));
+        let small = lrm
+            .submit_sized(&job(dir.path(), "small", 1, &sh("small")), 10)
+            .await
+            .unwrap();
+        let plain = lrm
+            .submit(&job(dir.path(), "plain", 1, &sh("plain")))
+            .await
+            .unwrap();
+        let big = lrm
+            .submit_sized(&job(dir.path(), "big", 1, &sh("big")), 100)
+            .await
+            .unwrap();
+        let big2 = lrm
+            .submit_sized(&job(dir.path(), "big2", 1, &sh("big2")), 100)
+            .await
+            .unwrap();
+        let want = vec![big.clone(), big2.clone(), small.clone(), plain.clone()];
+        assert_eq!(Vec::from(lrm.shared.lock().queue.clone()), want);
+        drop(lrm);
+        let lrm = LocalLrm::new(cfg).unwrap();
+        assert_eq!(
+            Vec::from(lrm.shared.lock().queue.clone()),
+            want,
+            "restored in order"
+        );
+        let mid = lrm
+            .submit_sized(&job(dir.path(), "mid", 1, &sh("mid")), 50)
+            .await
+            .unwrap();
+        let order = vec![big, big2, mid, small, plain];
+        assert_eq!(
+            Vec::from(lrm.shared.lock().queue.clone()),
+            order,
+            "sizes restored too"
+        );
+        std::fs::write(p("stop-a"), "").unwrap();
+        for id in &order {
+            wait_state(&lrm, id, JobState::is_finished, LONG).await;
+        }
+        let started = |n: &str| {
+            std::fs::metadata(p(&format!("started-{n}")))
+                .unwrap()
+                .modified()
+                .unwrap()
+        };
+        assert!(started("big") <= started("big2") && started("big2") <= started("mid"));
+        assert!(started("mid") <= started("small") && started("small") <= started("plain"));
     }
 
     #[tokio::test]
@@ -2109,6 +2203,7 @@ mod tests {
                 run_walltime_ms: 60_000,
                 start_error: None,
                 reservation: None,
+                size: None,
             }],
             last_resv: 0,
             reservations: Vec::new(),

@@ -423,7 +423,7 @@ impl Engine {
                     ),
                 })
             }
-            (None, _) => self.lrm.submit(&job).await?,
+            (None, _) => self.submit_best_effort(&job, lease).await?,
         };
         let took = started.elapsed();
         info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");

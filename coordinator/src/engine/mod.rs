@@ -16,6 +16,7 @@
 mod admin;
 mod client;
 mod ingest;
+mod order;
 mod reconcile;
 mod renew;
 mod reserve;
@@ -267,6 +268,14 @@ impl Engine {
             Store::open(&cfg.data_dir.join("coordinator.db"))?
         };
         let clock = parts.clock;
+        if cfg.reservations.best_effort_order == crate::config::BestEffortOrder::LargestFirst
+            && !lrm.queues_by_size()
+        {
+            return Err(EngineError::BadRequest(format!(
+                "reservations.best_effort_order = \"largest_first\": the {} batch system adapter cannot order its queue by size (the local one can); leave it \"arrival\"",
+                lrm.kind()
+            )));
+        }
         let master = load_master(&cfg.data_dir)?;
         let capacity = lrm.capacity().or(cfg.cluster).ok_or_else(|| {
             EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into())

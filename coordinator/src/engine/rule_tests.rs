@@ -1018,3 +1018,24 @@ async fn a_create_repeated_with_its_key_gets_the_same_workspace_for_a_day_and_pe
         assert!(matches!(r, Err(EngineError::BadRequest(_))), "{bad}: {r:?}");
     }
 }
+
+#[test]
+fn largest_first_is_refused_on_a_batch_system_that_cannot_order_its_queue() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = Config {
+        data_dir: dir.path().join("data"),
+        reservations: crate::config::ReservationsConfig {
+            best_effort_order: crate::config::BestEffortOrder::LargestFirst,
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let lrm = Arc::new(ScriptedLrm::default());
+    let e = Engine::with_parts(cfg, lrm, "http://127.0.0.1:1".into(), Parts::default())
+        .err()
+        .expect("refused");
+    assert!(
+        e.to_string().contains("best_effort_order") && e.to_string().contains("scripted"),
+        "{e}"
+    );
+}

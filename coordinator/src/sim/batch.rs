@@ -60,6 +60,18 @@ pub enum Effect {
     Reserved { begins_ms: u64, end_ms: u64 },
 }
 
+/// The free nodes at a moment, by why they are free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Idle {
+    /// In a reservation that has begun, not running its jobs.
+    pub reserved: u32,
+    /// Outside begun reservations while a job outside reservations waits
+    /// (it does not fit, or would run into a reservation).
+    pub waiting: u32,
+    /// Outside begun reservations with nothing waiting.
+    pub nothing: u32,
+}
+
 /// One advance reservation: whole nodes in `[start_ms, end_ms)`.
 #[derive(Clone, Debug)]
 pub struct SimResv {
@@ -95,6 +107,8 @@ pub struct Job {
     pub crashed: bool,
     /// The reservation it was submitted into, if any.
     pub reservation: Option<String>,
+    /// Its node-time, when the coordinator queued it by size.
+    pub size: Option<u64>,
 }
 
 #[derive(Default)]
@@ -282,6 +296,83 @@ impl BatchModel {
             started.extend(backfill(&mut st, now, grace, preempt));
         }
         started
+    }
+
+    /// Where the free nodes are now (the experiment's loss accounting).
+    pub fn idle(&self) -> Idle {
+        let now = self.clock.now_ms();
+        let st = self.st();
+        let waiting = st.queue.iter().any(|n| st.jobs[n].reservation.is_none());
+        let mut idle = Idle::default();
+        for n in &st.free {
+            let reserved = st
+                .resvs
+                .iter()
+                .any(|r| r.start_ms <= now && r.end_ms > now && r.nodes.contains(n));
+            if reserved {
+                idle.reserved += 1;
+            } else if waiting {
+                idle.waiting += 1;
+            } else {
+                idle.nothing += 1;
+            }
+        }
+        idle
+    }
+
+    /// Queues a job: by arrival, or by `size` (node-ms) when given.
+    fn enqueue(&self, job: &SlotJob, size: Option<u64>) -> Result<JobId, LrmError> {
+        if job.nodes > self.capacity.nodes {
+            return Err(LrmError::DoesNotFit {
+                lrm: "simulated",
+                asked: format!("{} nodes", job.nodes),
+                has: format!("{} nodes", self.capacity.nodes),
+            });
+        }
+        let now = self.clock.now_ms();
+        let mut st = self.st();
+        let number = st.next;
+        st.next += 1;
+        let walltime_ms = job.walltime.as_millis() as u64;
+        let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
+        let tag = st.tag_next;
+        st.jobs.insert(
+            number,
+            Job {
+                number,
+                name: job.name.clone(),
+                nodes: job.nodes,
+                walltime_ms,
+                estimate_ms,
+                submit_ms: now,
+                start_ms: None,
+                end_ms: None,
+                state: JobState::Queued,
+                held: Vec::new(),
+                signalled: None,
+                alive: 0,
+                crashed: false,
+                tag,
+                reservation: None,
+                size,
+            },
+        );
+        if st.first_next {
+            st.queue.push_front(number);
+        } else if let Some(mine) = size {
+            // Behind every job as large or larger, ahead of the rest
+            // (as the local batch system queues by size).
+            let at = st
+                .queue
+                .iter()
+                .position(|q| st.jobs[q].size.is_none_or(|s| s < mine))
+                .unwrap_or(st.queue.len());
+            st.queue.insert(at, number);
+        } else {
+            st.queue.push_back(number);
+        }
+        st.effects.push(Effect::Pass);
+        Ok(JobId(number.to_string()))
     }
 
     /// Reservations granted so far.
@@ -483,47 +574,13 @@ impl Lrm for BatchModel {
         String::new()
     }
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        if job.nodes > self.capacity.nodes {
-            return Err(LrmError::DoesNotFit {
-                lrm: "simulated",
-                asked: format!("{} nodes", job.nodes),
-                has: format!("{} nodes", self.capacity.nodes),
-            });
-        }
-        let now = self.clock.now_ms();
-        let mut st = self.st();
-        let number = st.next;
-        st.next += 1;
-        let walltime_ms = job.walltime.as_millis() as u64;
-        let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
-        let tag = st.tag_next;
-        st.jobs.insert(
-            number,
-            Job {
-                number,
-                name: job.name.clone(),
-                nodes: job.nodes,
-                walltime_ms,
-                estimate_ms,
-                submit_ms: now,
-                start_ms: None,
-                end_ms: None,
-                state: JobState::Queued,
-                held: Vec::new(),
-                signalled: None,
-                alive: 0,
-                crashed: false,
-                tag,
-                reservation: None,
-            },
-        );
-        if st.first_next {
-            st.queue.push_front(number);
-        } else {
-            st.queue.push_back(number);
-        }
-        st.effects.push(Effect::Pass);
-        Ok(JobId(number.to_string()))
+        self.enqueue(job, None)
+    }
+    async fn submit_sized(&self, job: &SlotJob, size: u64) -> Result<JobId, LrmError> {
+        self.enqueue(job, Some(size))
+    }
+    fn queues_by_size(&self) -> bool {
+        true
     }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         let mut st = self.st();
@@ -900,6 +957,77 @@ mod tests {
         assert!(m.signal(long, Cause::Preempted));
         assert!(m.to_preempt().is_empty(), "signalled once");
         let _ = r;
+    }
+
+    #[tokio::test]
+    async fn jobs_queued_by_size_go_largest_first_and_keep_arrival_among_equals() {
+        for (sized, want) in [(false, [2, 3, 4, 5]), (true, [4, 2, 5, 3])] {
+            let (clock, m) = model(4, Scheduler::Fifo);
+            let a = submit(&m, 4, 100).await; // holds the cluster until 100 s
+            assert_eq!(started(&m), [a]);
+            for (nodes, s) in [(1, 300), (2, 50), (4, 100), (3, 100)] {
+                m.expect(Some(s * 1000), None);
+                let j = job(nodes, s);
+                let size = u64::from(nodes) * s * 1000;
+                if sized {
+                    m.submit_sized(&j, size).await.expect("submit");
+                } else {
+                    m.submit(&j).await.expect("submit");
+                }
+            }
+            // 2: 300 node-s, 3: 100, 4: 400, 5: 300 (after 2: the same size)
+            assert_eq!(Vec::from(m.st().queue.clone()), want, "sized {sized}");
+            // No node is free while the first job holds them all.
+            assert_eq!(
+                m.idle(),
+                Idle {
+                    reserved: 0,
+                    waiting: 0,
+                    nothing: 0
+                }
+            );
+            clock.set(100_000);
+            for _ in 0..4 {
+                m.process_ended(a, false);
+            }
+            assert_eq!(started(&m)[0], want[0], "the head starts first");
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_nodes_are_counted_by_why_they_are_free() {
+        let (clock, m) = model(4, Scheduler::Fifo);
+        assert_eq!(m.idle().nothing, 4);
+        let a = submit(&m, 2, 100).await;
+        let _big = submit(&m, 3, 100).await; // does not fit beside a
+        assert_eq!(started(&m), [a]);
+        assert_eq!(
+            m.idle(),
+            Idle {
+                reserved: 0,
+                waiting: 2,
+                nothing: 0
+            }
+        );
+        let req = ReservationRequest {
+            name: "r".into(),
+            start_ms: 50_000,
+            duration: Duration::from_secs(600),
+            nodes: 1,
+            cores_per_node: 1,
+            memory_mb_per_node: 512,
+            preemptible: Vec::new(),
+        };
+        m.create(&req).await.expect("a free node");
+        clock.set(50_000);
+        assert_eq!(
+            m.idle(),
+            Idle {
+                reserved: 1,
+                waiting: 1,
+                nothing: 0
+            }
+        );
     }
 
     #[tokio::test]

@@ -321,6 +321,13 @@ pub struct ExperimentArgs {
     /// images) are run under every configuration.
     #[arg(long)]
     pub traces: Option<PathBuf>,
+    /// Only the grid's traces whose name contains this (e.g. "long batch,
+    /// AR 75-100 %, 75/25"); no shared traces then.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Only these configurations (comma-separated names; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<String>,
 }
 
 /// `workspace-coordinator experiment`: seed 002's grid; returns the exit code.
@@ -337,38 +344,65 @@ pub fn experiment(args: ExperimentArgs) -> i32 {
     let (cells, hours) = if args.quick {
         (
             vec![
-                x::Cell {
-                    batch: x::BatchLen::Short,
-                    ar_band: (0, 0),
-                    batch_pct: 100,
-                },
-                x::Cell {
-                    batch: x::BatchLen::Long,
-                    ar_band: (75, 100),
-                    batch_pct: 75,
-                },
+                (
+                    0,
+                    x::Cell {
+                        batch: x::BatchLen::Short,
+                        ar_band: (0, 0),
+                        batch_pct: 100,
+                    },
+                ),
+                (
+                    1,
+                    x::Cell {
+                        batch: x::BatchLen::Long,
+                        ar_band: (75, 100),
+                        batch_pct: 75,
+                    },
+                ),
             ],
             1.0,
         )
     } else {
-        (x::grid(), 4.0)
+        // Each keeps its place in the grid: its trace's seed.
+        let mut cells: Vec<(usize, x::Cell)> = x::grid().into_iter().enumerate().collect();
+        if let Some(only) = &args.only {
+            cells.retain(|(_, c)| c.name().contains(only.as_str()));
+            if cells.is_empty() {
+                return fail(
+                    &format!("--only {only:?}: no trace of the grid is named so"),
+                    2,
+                );
+            }
+        }
+        (cells, 4.0)
     };
+    if let Some(bad) = args.configs.iter().find(|c| x::config(c).is_none()) {
+        return fail(
+            &format!(
+                "--configs: {bad:?} is not a configuration (one of {})",
+                x::CONFIGS.join(", ")
+            ),
+            2,
+        );
+    }
     let configs: Vec<(&str, SimConfig)> = x::CONFIGS
         .iter()
+        .filter(|c| args.configs.is_empty() || args.configs.iter().any(|a| a == *c))
         .filter_map(|c| x::config(c).map(|cfg| (*c, cfg)))
         .collect();
     let mut results = Vec::new();
     let total = cells.len();
-    for (i, cell) in cells.iter().enumerate() {
+    for (k, (i, cell)) in cells.iter().enumerate() {
         let name = if cell.batch_pct == 100 {
             format!("{:?} batch, no AR", cell.batch).to_lowercase()
         } else {
             cell.name()
         };
-        let trace = x::generate(*cell, hours, args.seed.wrapping_mul(1000) + i as u64);
+        let trace = x::generate(*cell, hours, args.seed.wrapping_mul(1000) + *i as u64);
         eprintln!(
             "experiment: trace {} of {total}: {name} ({} requests)",
-            i + 1,
+            k + 1,
             trace.jobs.len()
         );
         match x::run_all(&name, &trace, &configs, &limits) {
@@ -379,7 +413,7 @@ pub fn experiment(args: ExperimentArgs) -> i32 {
             return fail(&"interrupted", 1);
         }
     }
-    if !args.quick {
+    if !args.quick && args.only.is_none() {
         let dir = args
             .traces
             .clone()
@@ -434,8 +468,9 @@ pub fn experiment(args: ExperimentArgs) -> i32 {
         "Seed 002's experiment: utilization per trace and configuration (seed {})",
         args.seed
     );
+    let loss = x::loss_table(&results, &["VM_suspend_cache_ov10", "ours_largest_first"]);
     let md = format!(
-        "# {title}\n\nEach cell: utilization, time to complete all batch requests.\n\n{table}"
+        "# {title}\n\nEach cell: utilization, time to complete all batch requests.\n\n{table}\n## Where the node-time went\n\nThe best of seed 002's configurations and ours (docs/SIMULATION.md, \"Where the points are lost\").\n\n{loss}"
     );
     let json = match serde_json::to_string_pretty(&results) {
         Ok(j) => j,

@@ -195,6 +195,11 @@ pub struct PolicyOptions {
     /// of the batch queue (it is the oldest work), where the batch system
     /// lets the coordinator set a job's priority (Slurm: as an operator).
     pub resume_first: bool,
+    /// Ours (issue 18): the engine's `[reservations] best_effort_order =
+    /// "largest_first"`: best-effort pilot jobs queue by node-time, the
+    /// largest first (the batch model orders its queue as the local batch
+    /// system does).
+    pub largest_first: bool,
 }
 
 impl Default for PolicyOptions {
@@ -204,6 +209,7 @@ impl Default for PolicyOptions {
             runtime_overhead_pct: 0.0,
             suspend_resume: false,
             resume_first: false,
+            largest_first: false,
         }
     }
 }

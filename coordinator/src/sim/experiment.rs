@@ -8,7 +8,7 @@
 //! are written down in docs/SIMULATION.md, "Seed 002's experiment".
 
 use super::config::SimConfig;
-use super::report::Report;
+use super::report::{IdleShares, Report, Stat};
 use super::run::Limits;
 use super::trace::{Job, Trace};
 use super::{simulate, SimError};
@@ -210,14 +210,16 @@ pub fn generate(cell: Cell, hours: f64, seed: u64) -> Trace {
 }
 
 /// Seed 002's five configurations, and ours: the best of them with
-/// suspended leases resumed ahead of the queue (`policy.resume_first`).
-pub const CONFIGS: [&str; 6] = [
+/// suspended leases resumed ahead of the queue (`policy.resume_first`), or
+/// with the batch work queued largest first (`policy.largest_first`).
+pub const CONFIGS: [&str; 7] = [
     "noVM_nosuspend",
     "VM_nosuspend",
     "VM_nosuspend_ov10",
     "VM_suspend_ov10",
     "VM_suspend_cache_ov10",
     "ours_resume_first",
+    "ours_largest_first",
 ];
 
 /// The model of configuration `name` on seed 002's cluster, or `None` for
@@ -234,7 +236,9 @@ pub fn config(name: &str) -> Option<SimConfig> {
         "VM_nosuspend" => (true, 0.0, false, 0),
         "VM_nosuspend_ov10" => (true, 10.0, false, 0),
         "VM_suspend_ov10" => (true, 10.0, true, 0),
-        "VM_suspend_cache_ov10" | "ours_resume_first" => (true, 10.0, true, 3),
+        "VM_suspend_cache_ov10" | "ours_resume_first" | "ours_largest_first" => {
+            (true, 10.0, true, 3)
+        }
         _ => return None,
     };
     cfg.nodes.deploy_images = vm;
@@ -247,6 +251,7 @@ pub fn config(name: &str) -> Option<SimConfig> {
     // reservation's nodes until it begins, and is suspended then.
     cfg.batch.preempt_for_reservations = suspend;
     cfg.policy.resume_first = name == "ours_resume_first";
+    cfg.policy.largest_first = name == "ours_largest_first";
     Some(cfg)
 }
 
@@ -256,6 +261,16 @@ pub struct Outcome {
     pub trace: String,
     pub config: String,
     pub utilization: f64,
+    /// Nodes held by pilot jobs (VMs running or not), the same scale.
+    pub held_utilization: f64,
+    /// The free node-time, by why.
+    pub idle: IdleShares,
+    pub span_s: f64,
+    /// The shortest span any scheduler could reach ([`Report::span_floor_s`]).
+    pub span_floor_s: f64,
+    /// From request to VMs running, over the leases that ran (s).
+    pub wait_s: Stat,
+    pub bounded_slowdown: Stat,
     pub batch_done_s: Option<f64>,
     pub reservations: usize,
     pub reservations_refused: usize,
@@ -272,6 +287,12 @@ impl Outcome {
             trace: trace.into(),
             config: config.into(),
             utilization: r.utilization,
+            held_utilization: r.held_utilization,
+            idle: r.idle,
+            span_s: r.span_s,
+            span_floor_s: r.span_floor_s,
+            wait_s: r.wait_s.clone(),
+            bounded_slowdown: r.bounded_slowdown.clone(),
             batch_done_s: r.batch_done_s,
             reservations: r.trace.reservations,
             reservations_refused: r.reservations_refused,
@@ -348,6 +369,38 @@ pub fn table(results: &[Outcome]) -> String {
     o
 }
 
+/// Where each trace's node-time went under `configs` (issue 18's account):
+/// VMs running (the utilization), pilot jobs holding nodes without running
+/// VMs (image copies, boot, save and restore, cleanup), free nodes while a
+/// best-effort job waited, free nodes with nothing waiting, free nodes of a
+/// begun reservation; and the ceiling no schedule passes on that trace
+/// ([`super::report::span_floor`]). Shares of the cluster's node-time.
+pub fn loss_table(results: &[Outcome], configs: &[&str]) -> String {
+    let mut o = String::from(
+        "| trace | configuration | VMs running | held, no VM | free, work waiting | free, nothing waiting | free, in a reservation | ceiling |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results
+        .iter()
+        .filter(|r| configs.contains(&r.config.as_str()))
+    {
+        let pct = |v: f64| format!("{:.1} %", v * 100.0);
+        let ceiling = r.utilization * r.span_s / r.span_floor_s.max(1e-9);
+        let _ = writeln!(
+            o,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.trace,
+            r.config,
+            pct(r.utilization),
+            pct(r.held_utilization - r.utilization),
+            pct(r.idle.waiting),
+            pct(r.idle.nothing),
+            pct(r.idle.reserved),
+            pct(ceiling.min(1.0)),
+        );
+    }
+    o
+}
+
 /// A bar chart: per trace, one bar per configuration's utilization.
 pub fn svg(results: &[Outcome], title: &str) -> String {
     let mut traces: Vec<&str> = Vec::new();
@@ -357,7 +410,7 @@ pub fn svg(results: &[Outcome], title: &str) -> String {
         }
     }
     let colors = [
-        "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+        "#888888", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf",
     ];
     let row_h = 14.0 * CONFIGS.len() as f64 + 12.0;
     let (left, width) = (260.0, 500.0);
@@ -470,6 +523,31 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_cell_or_configuration_is_refused_before_anything_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let args = |only: Option<&str>, configs: &[&str]| super::super::cli::ExperimentArgs {
+            out: dir.path().to_path_buf(),
+            seed: 2,
+            quick: false,
+            traces: None,
+            only: only.map(String::from),
+            configs: configs.iter().map(|c| c.to_string()).collect(),
+        };
+        assert_eq!(
+            super::super::cli::experiment(args(Some("no such cell"), &[])),
+            2
+        );
+        assert_eq!(
+            super::super::cli::experiment(args(
+                Some("long batch"),
+                &["VM_suspend_cache_ov10", "nope"]
+            )),
+            2
+        );
+        assert!(!dir.path().join("results.md").exists(), "nothing written");
+    }
+
+    #[test]
     fn the_quick_experiment_writes_a_computed_table_and_plot() {
         let dir = tempfile::tempdir().expect("tempdir");
         let code = super::super::cli::experiment(super::super::cli::ExperimentArgs {
@@ -477,6 +555,8 @@ mod tests {
             seed: 2,
             quick: true,
             traces: None,
+            only: None,
+            configs: Vec::new(),
         });
         assert_eq!(code, 0);
         let text = std::fs::read_to_string(dir.path().join("results.json")).expect("json");
@@ -509,9 +589,24 @@ mod tests {
             let u = r["utilization"].as_f64().expect("utilization");
             assert!(u > 0.2 && u <= 1.0, "{r}");
             assert_eq!(r["complete"], true, "{r}");
+            // The loss accounting covers the cluster: nodes are held or free.
+            let f = |k: &str| r["idle"][k].as_f64().expect("idle share");
+            let held = r["held_utilization"].as_f64().expect("held");
+            let whole = held + f("reserved") + f("waiting") + f("nothing");
+            assert!((whole - 1.0).abs() < 0.005, "{whole}: {r}");
+            // No schedule beats the floor; this one is not better than it.
+            let floor = r["span_floor_s"].as_f64().expect("floor");
+            assert!(
+                floor > 0.0 && floor <= r["span_s"].as_f64().expect("span"),
+                "{r}"
+            );
         }
         let md = std::fs::read_to_string(dir.path().join("results.md")).expect("md");
         assert!(md.contains("| short batch, no ar |") && md.contains("VM_suspend_cache_ov10"));
+        assert!(
+            md.contains("## Where the node-time went") && md.contains("| ours_largest_first | "),
+            "{md}"
+        );
         let svg = std::fs::read_to_string(dir.path().join("utilization.svg")).expect("svg");
         assert_eq!(
             svg.matches("<rect").count(),

@@ -258,6 +258,14 @@ pub fn simulate(
             grace_s: Some(grace.as_secs().max(1)),
             ..PilotConfig::default()
         },
+        reservations: crate::config::ReservationsConfig {
+            best_effort_order: if cfg.policy.largest_first {
+                crate::config::BestEffortOrder::LargestFirst
+            } else {
+                crate::config::BestEffortOrder::Arrival
+            },
+            ..Default::default()
+        },
         ..Config::default()
     };
     let policy = crate::policy::by_name(&cfg.policy.name)

@@ -7,6 +7,7 @@
 //! A run that was cut short, or left a lease unsettled, is marked
 //! incomplete, and its text says so before any figure.
 
+use super::batch::Idle;
 use super::config::SimConfig;
 use super::run::Outcome;
 use super::trace::Trace;
@@ -98,6 +99,71 @@ pub struct TraceInfo {
     pub time_scale: f64,
 }
 
+/// A lower bound on the span (ms from `first`, the trace's first request)
+/// of any schedule of `requests` (those accepted) on `nodes` nodes: no lease runs before it is asked (an AR
+/// before its start), so each one ends no sooner than that plus its
+/// duration, and the VM node-time asked for at or after any moment `t`
+/// cannot all be done before `t` plus that work spread over every node
+/// (overheads, images and fragmentation left out: they only add).
+pub fn span_floor(requests: &[Request], first: u64, nodes: f64) -> f64 {
+    let mut released: Vec<(u64, f64)> = requests
+        .iter()
+        .map(|r| {
+            let at = r.start_ms.unwrap_or(r.submit_ms).max(first) - first;
+            (at, f64::from(r.nodes) * r.lease_ms as f64)
+        })
+        .collect();
+    released.sort_by_key(|r| r.0);
+    let mut floor = requests
+        .iter()
+        .map(|r| (r.start_ms.unwrap_or(r.submit_ms) + r.lease_ms).saturating_sub(first) as f64)
+        .fold(0.0, f64::max);
+    let mut after: f64 = released.iter().map(|r| r.1).sum();
+    for (at, work) in released {
+        floor = floor.max(at as f64 + after / nodes.max(1.0));
+        after -= work;
+    }
+    floor
+}
+
+/// Free node-time over the span, as shares of the cluster's: where the
+/// utilization a policy could still win is lost (issue 18).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct IdleShares {
+    /// On the nodes of a batch-system reservation that has begun, not used
+    /// by its jobs (the lead before its VMs, its end after the lease).
+    pub reserved: f64,
+    /// While a best-effort job waited: it did not fit, or would have run
+    /// into a reservation (the fence before an AR).
+    pub waiting: f64,
+    /// With nothing waiting.
+    pub nothing: f64,
+}
+
+impl IdleShares {
+    /// Integrates the free-node record over `[start, end)`.
+    fn of(record: &[(u64, Idle)], start: u64, end: u64, nodes: f64) -> Self {
+        let mut ms = [0.0_f64; 3];
+        for (k, (t, i)) in record.iter().enumerate() {
+            let next = record.get(k + 1).map_or(end, |n| n.0);
+            let (a, b) = ((*t).max(start), next.min(end));
+            if b <= a {
+                continue;
+            }
+            let d = (b - a) as f64;
+            ms[0] += d * f64::from(i.reserved);
+            ms[1] += d * f64::from(i.waiting);
+            ms[2] += d * f64::from(i.nothing);
+        }
+        let whole = nodes * end.saturating_sub(start).max(1) as f64;
+        Self {
+            reserved: ms[0] / whole,
+            waiting: ms[1] / whole,
+            nothing: ms[2] / whole,
+        }
+    }
+}
+
 /// Utilization over time, in bins of `bin_s` from the first request.
 #[derive(Clone, Debug, Serialize)]
 pub struct Series {
@@ -121,7 +187,13 @@ pub struct Report {
     pub utilization: f64,
     /// The same for nodes held by pilot jobs (VMs running or not).
     pub held_utilization: f64,
+    /// The rest of the cluster's node-time, free, by why (the same scale).
+    pub idle: IdleShares,
     pub span_s: f64,
+    /// The shortest span any scheduler could reach with these requests
+    /// (s), see [`span_floor`]. `utilization x span_s / span_floor_s` is
+    /// then a ceiling no policy passes on this trace.
+    pub span_floor_s: f64,
     /// From the first request to the end of the last best-effort (batch)
     /// lease's last job, when any ran (s): seed 002's "time to complete
     /// all batch requests".
@@ -225,6 +297,15 @@ impl Report {
             .unwrap_or(out.end_ms)
             .max(start + 1);
         let span = (end - start) as f64;
+        // Over the leases that were accepted: a refused one asks nothing.
+        let accepted: Vec<Request> = requests
+            .iter()
+            .zip(&out.workspaces)
+            .filter(|(_, w)| w.is_ok())
+            .map(|(r, _)| r.clone())
+            .collect();
+        let first_ms = requests.first().map_or(0, |r| r.submit_ms);
+        let span_floor_ms = span_floor(&accepted, first_ms, f64::from(size.nodes));
         let batch_done_s = out
             .jobs
             .values()
@@ -297,6 +378,8 @@ impl Report {
             model: cfg.clone(),
             utilization: vm_node_ms / (nodes * span),
             held_utilization: held_ms / (nodes * span),
+            idle: IdleShares::of(&out.idle, start, end, nodes),
+            span_floor_s: span_floor_ms / 1000.0,
             span_s: span / 1000.0,
             batch_done_s,
             reservations_refused,
@@ -387,6 +470,13 @@ impl Report {
             self.utilization * 100.0,
             self.held_utilization * 100.0,
             human_s(self.span_s)
+        );
+        let _ = writeln!(
+            o,
+            "free nodes: {:.1} % in begun reservations, {:.1} % while work waited, {:.1} % with nothing waiting",
+            self.idle.reserved * 100.0,
+            self.idle.waiting * 100.0,
+            self.idle.nothing * 100.0
         );
         let w = &self.wait_s;
         let _ = writeln!(

@@ -263,7 +263,7 @@ impl Reservations for super::LocalLrm {
                 });
             }
         }
-        self.submit_with(job, Some(id.to_string())).await
+        self.submit_with(job, Some(id.to_string()), None).await
     }
 }
 

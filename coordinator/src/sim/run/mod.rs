@@ -11,7 +11,7 @@
 //! next lease end, an owed cancel, the batch-system poll after a job ended,
 //! a dead pilot's silence), never on a fixed cadence over a year of trace.
 
-use super::batch::{BatchModel, Cause, Effect};
+use super::batch::{BatchModel, Cause, Effect, Idle};
 
 mod nodes;
 use super::config::SimConfig;
@@ -128,6 +128,8 @@ pub struct Outcome {
     /// Why the run stopped before the end of the trace, if it did.
     pub cut_short: Option<String>,
     pub end_ms: u64,
+    /// The free nodes by why they were free, from each moment it changed.
+    pub idle: Vec<(u64, Idle)>,
 }
 
 /// When to give up: a wall-clock budget, and a flag an interrupt sets.
@@ -176,6 +178,7 @@ struct Sim<'a> {
     /// times (lease end, owed cancel): unchanged until it changes.
     due_version: Option<u64>,
     due: [Option<u64>; 3],
+    idle: Vec<(u64, Idle)>,
 }
 
 fn secs(s: f64) -> u64 {
@@ -234,6 +237,7 @@ pub fn run(
         commands_pushed: 0,
         due_version: None,
         due: [None, None, None],
+        idle: Vec::new(),
     };
     sim.job_prefix = sim.engine.job_prefix();
     for (i, r) in requests.iter().enumerate() {
@@ -248,6 +252,10 @@ pub fn run(
         if let Err(e) = sim.instant(t) {
             cut_short = Some(format!("the engine failed: {e}"));
             break;
+        }
+        let idle = sim.batch.idle();
+        if sim.idle.last().is_none_or(|(_, i)| *i != idle) {
+            sim.idle.push((t, idle));
         }
         if sim.events >= next_check {
             next_check = sim.events + 4096;
@@ -283,6 +291,7 @@ pub fn run(
         wall: started.elapsed(),
         cut_short,
         end_ms,
+        idle: sim.idle,
     })
 }
 
