@@ -64,6 +64,11 @@ pub trait Reservations: Send + Sync {
     fn grants_over_preemptible(&self) -> bool {
         false
     }
+    /// When [`Reservations::grants_over_preemptible`] is false: why not, for
+    /// a refusal that suspendable best-effort leases could have avoided.
+    fn why_not_over_preemptible(&self) -> String {
+        "this batch system cannot be told that running jobs will end before a reservation, so it reserves only nodes no job holds then".into()
+    }
     /// Makes the reservation, or says why not and the earliest start it could offer.
     async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError>;
     /// The reservation as the batch system has it now; `None` once it is gone.
