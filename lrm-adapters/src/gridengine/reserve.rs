@@ -25,16 +25,7 @@ use std::path::{Path, PathBuf};
 
 /// `qrsub -a` wants `[[CC]YY]MMDDhhmm[.SS]`.
 fn qrsub_time(ms: u64) -> String {
-    let s = utc_stamp(ms); // YYYY-MM-DDTHH:MM:SS
-    format!(
-        "{}{}{}{}{}.{}",
-        &s[0..4],
-        &s[5..7],
-        &s[8..10],
-        &s[11..13],
-        &s[14..16],
-        &s[17..19]
-    )
+    crate::reserve::touch_stamp(ms)
 }
 
 /// The AR id of `Your advance reservation 12 has been granted`.
