@@ -336,4 +336,14 @@ partition = pbs-default
         assert_eq!(queue_of("216.pbshost"), None);
         assert_eq!(queue_of("R.x"), None);
     }
+
+    #[test]
+    fn only_pbs_pro_makes_reservations() {
+        use crate::pbs::PbsConfig;
+        use crate::Lrm;
+        let pro = Pbs::new(Flavour::PbsPro, PbsConfig::default()).unwrap();
+        assert!(pro.reservations().is_some());
+        let torque = Pbs::new(Flavour::Torque, PbsConfig::default()).unwrap();
+        assert!(torque.reservations().is_none());
+    }
 }
