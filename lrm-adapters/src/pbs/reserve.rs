@@ -279,50 +279,22 @@ mod tests {
     use super::*;
     use crate::reserve::parse_utc_stamp;
 
-    /// Recorded from OpenPBS 23.06 here (`pbs_rsub -I -20 ...` and `pbs_rstat -f`).
-    const RSTAT: &str = "Resv ID: R216.pbshost
-Reserve_Name = wsp-later
-Reserve_Owner = wsppilot@pbshost
-reserve_state = RESV_CONFIRMED
-reserve_substate = 2
-reserve_start = Sun Nov 29 13:03:39 2026
-reserve_end = Sun Nov 29 13:08:39 2026
-reserve_duration = 300
-queue = R216
-Resource_List.ncpus = 2
-Resource_List.nodect = 2
-Resource_List.select = 2:ncpus=1
-Resource_List.place = scatter:excl
-Resource_List.walltime = 00:05:00
-resv_nodes = (pbsn1:ncpus=1)+(pbsn2:ncpus=1)
-Authorized_Users = wsppilot@pbshost
-server = pbshost
-ctime = Sun Nov 29 12:52:03 2026
-mtime = Sun Nov 29 12:52:03 2026
-Variable_List = PBS_O_LOGNAME=wsppilot,PBS_O_HOST=localhost
-reserve_count = 1
-Submit_Host = pbshost
-partition = pbs-default
-
-";
+    /// Recorded from OpenPBS 23.06 here (tests/fixtures/README.md).
+    const RSTAT: &str = include_str!("../../tests/fixtures/pbspro/pbs_rstat-f.txt");
+    const RSUB: &str = include_str!("../../tests/fixtures/pbspro/pbs_rsub-I.txt");
 
     #[test]
     fn pbs_rsub_and_pbs_rstat_outputs_of_a_real_server_are_read() {
+        let answers: Vec<Answer> = RSUB.lines().filter_map(parse_rsub).collect();
         assert_eq!(
-            parse_rsub("R216.pbshost CONFIRMED\n"),
-            Some(Answer {
+            answers[0],
+            Answer {
                 id: "R216.pbshost".into(),
                 state: "CONFIRMED".into()
-            })
+            }
         );
-        assert_eq!(
-            parse_rsub("R214.pbshost DENIED\n").map(|a| a.state),
-            Some("DENIED".into())
-        );
-        assert_eq!(
-            parse_rsub("R209.pbshost UNCONFIRMED\n").map(|a| a.state),
-            Some("UNCONFIRMED".into())
-        );
+        assert_eq!(answers[1].state, "DENIED");
+        assert_eq!(answers[2].state, "UNCONFIRMED");
         assert_eq!(parse_rsub("pbs_rsub: Bad time specification(s)\n"), None);
         let r = parse_rstat(RSTAT).unwrap();
         assert_eq!(r.len(), 1);
