@@ -96,6 +96,21 @@ fn slurm_reservations(conf: &str) -> String {
         .join("\n")
 }
 
+/// The `workspace` CLI against this cluster: (exit code, stdout, stderr).
+fn workspace(c: &Cluster, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("workspace"))
+        .args(args)
+        .env("WORKSPACE_URL", &c.url)
+        .env("WORKSPACE_TOKEN", TOKEN)
+        .output()
+        .expect("run workspace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn offered_start(error: &str) -> String {
     let (_, rest) = error
         .split_once("(start = \"")
@@ -241,11 +256,15 @@ fn slurm_reservation_over_a_suspendable_best_effort_lease_suspends_it_and_it_res
         ids
     };
     // Both nodes are busy until after the start, but the lease on them can
-    // be suspended: Slurm grants the nodes by name over its jobs.
-    let r = c.create(&pair("start = \"+30s\"", "1h"));
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
-    let start = r.body["start_ms"].as_u64().unwrap();
+    // be suspended: Slurm grants the nodes by name over its jobs. Asked for
+    // from the CLI, as a user would.
+    let spec = c.root().join("reservation.toml");
+    std::fs::write(&spec, pair("start = \"+30s\"", "1h")).expect("spec");
+    let (code, out, err) = workspace(&c, &["create", "--file", spec.to_str().unwrap(), "--json"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("create --json prints the view");
+    let id = r["id"].as_str().unwrap().to_string();
+    let start = r["start_ms"].as_u64().unwrap();
     let held = slurm_reservations(&conf);
     assert!(
         held.contains("Nodes=n[1-2]") && held.contains("IGNORE_JOBS"),
@@ -269,6 +288,12 @@ fn slurm_reservation_over_a_suspendable_best_effort_lease_suspends_it_and_it_res
     assert!(
         ["suspended", "resuming"].contains(&suspended["state"].as_str().unwrap()),
         "{suspended:#}"
+    );
+    let (code, out, _) = workspace(&c, &["status", &id]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("batch system reservation slurm wsp-") && out.contains("(held)"),
+        "{out}"
     );
     for job in &be_jobs {
         let out = Command::new("squeue")
