@@ -19,12 +19,15 @@
 //! | walltime kill | `exit_status` -11 | `Exit_status` -29 |
 //! | default `kill_delay` | 2 s | 10 s |
 //! | qdel of a multi-node job | every pilot SIGKILLed at once: warned of (`TORQUE_MULTI_NODE`) | SIGTERM to every pilot |
+//! | advance reservations | none (guaranteed leases refused) | `pbs_rsub` ([`reserve`]) |
 //!
 //! Seen on the real servers (OpenPBS 23.06, Torque 6.1, scripts/pbs-up.sh):
 //! ids `N.server`; `qdel` gives the job SIGTERM within ~20 ms and exit
 //! status 271 (256 + 15); unknown ids give rc 153 and a complaint per id on
 //! stderr. Root cannot submit on Torque and root's jobs escape PBS's kill:
 //! the coordinator runs as the service user that owns the pilot jobs.
+
+pub mod reserve;
 
 use crate::batch_common::{self, cancel_with_retry, check_directive_word, Runner};
 use crate::command::{self, CommandOutput};
@@ -175,6 +178,28 @@ impl Pbs {
         self.flavour
     }
 
+    /// `qsub [extra] <script>` (the command line's options win over the
+    /// script's `#PBS` lines: `-q R123` puts a job into a reservation).
+    async fn submit_with(&self, job: &SlotJob, extra: &[String]) -> Result<JobId, LrmError> {
+        let lrm = self.flavour.name();
+        check_directive_word(lrm, "job name", &job.name)?;
+        check_directive_word(lrm, "workdir", &job.workdir.display().to_string())?;
+        let path = batch_common::write_script(job, &script_file(job), &self.render_script(job))?;
+        let args: Vec<String> = extra
+            .iter()
+            .cloned()
+            .chain([path.display().to_string()])
+            .collect();
+        let out = self.runner.run(&self.qsub, &args).await?;
+        let out = command::check(out)?;
+        let id = parse_job_id(&out.command, &out.stdout)?;
+        tracing::info!(lrm, job = %id, name = %job.name, nodes = job.nodes, "submitted");
+        if self.flavour == Flavour::Torque && job.nodes > 1 {
+            tracing::warn!(lrm, job = %id, nodes = job.nodes, "{TORQUE_MULTI_NODE}");
+        }
+        Ok(id)
+    }
+
     /// The `kill_delay` the server applies to our jobs: the queue's (ours,
     /// or the server's `default_queue`), else the server's, else the
     /// flavour's default; on PBS Pro at most 10 s (its pbsdsh tasks are
@@ -269,6 +294,15 @@ impl Lrm for Pbs {
         self.flavour.name()
     }
 
+    /// PBS Pro's `pbs_rsub` (see [`reserve`]); Torque has none that its
+    /// scheduler honours (pbs_sched and Maui/Moab differ), so none here.
+    fn reservations(&self) -> Option<&dyn crate::reserve::Reservations> {
+        match self.flavour {
+            Flavour::PbsPro => Some(self),
+            Flavour::Torque => None,
+        }
+    }
+
     fn warning(&self) -> Warning {
         Warning {
             signal: "SIGTERM",
@@ -336,21 +370,7 @@ impl Lrm for Pbs {
 
     /// Writes the script to `<workdir>/<name>.pbs`, `qsub`s it, reads the id.
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
-        let lrm = self.flavour.name();
-        check_directive_word(lrm, "job name", &job.name)?;
-        check_directive_word(lrm, "workdir", &job.workdir.display().to_string())?;
-        let path = batch_common::write_script(job, &script_file(job), &self.render_script(job))?;
-        let out = self
-            .runner
-            .run(&self.qsub, &[path.display().to_string()])
-            .await?;
-        let out = command::check(out)?;
-        let id = parse_job_id(&out.command, &out.stdout)?;
-        tracing::info!(lrm, job = %id, name = %job.name, nodes = job.nodes, "submitted");
-        if self.flavour == Flavour::Torque && job.nodes > 1 {
-            tracing::warn!(lrm, job = %id, nodes = job.nodes, "{TORQUE_MULTI_NODE}");
-        }
-        Ok(id)
+        self.submit_with(job, &[]).await
     }
 
     /// One `qstat` for all ids. Listed jobs by their state; ids qstat says

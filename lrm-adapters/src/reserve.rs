@@ -64,6 +64,11 @@ pub trait Reservations: Send + Sync {
     fn grants_over_preemptible(&self) -> bool {
         false
     }
+    /// When [`Reservations::grants_over_preemptible`] is false: why not, for
+    /// a refusal that suspendable best-effort leases could have avoided.
+    fn why_not_over_preemptible(&self) -> String {
+        "this batch system cannot be told that running jobs will end before a reservation, so it reserves only nodes no job holds then".into()
+    }
     /// Makes the reservation, or says why not and the earliest start it could offer.
     async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError>;
     /// The reservation as the batch system has it now; `None` once it is gone.
@@ -141,6 +146,36 @@ pub fn parse_utc_stamp(text: &str) -> Option<u64> {
         .map(|s| s * 1000)
 }
 
+/// `[[CC]YY]MMDDhhmm[.SS]` (the POSIX `touch -t` form that `qrsub -a` and
+/// `pbs_rsub -R` read) in UTC for `ms`, rounded up to the second.
+pub fn touch_stamp(ms: u64) -> String {
+    let s = utc_stamp(ms); // YYYY-MM-DDTHH:MM:SS
+    format!(
+        "{}{}{}{}{}.{}",
+        &s[0..4],
+        &s[5..7],
+        &s[8..10],
+        &s[11..13],
+        &s[14..16],
+        &s[17..19]
+    )
+}
+
+/// Reads a C `ctime()` time (`Sun Nov 29 12:52:27 2026`, as PBS prints
+/// them; UTC when its commands run with `TZ=UTC`) into ms.
+pub fn parse_ctime(text: &str) -> Option<u64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let w: Vec<&str> = text.split_whitespace().collect();
+    let [_, month, day, time, year] = w.as_slice() else {
+        return None;
+    };
+    let m = MONTHS.iter().position(|n| n == month)? + 1;
+    let day: u32 = day.parse().ok()?;
+    parse_utc_stamp(&format!("{year}-{m:02}-{day:02}T{time}"))
+}
+
 // Howard Hinnant's civil-calendar conversions (proleptic Gregorian).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -180,6 +215,14 @@ mod tests {
         }
         assert_eq!(parse_utc_stamp("Unknown"), None);
         assert_eq!(parse_utc_stamp("2026-13-01T10:00:00"), None);
+        assert_eq!(touch_stamp(t + 1), "202612011000.01");
+        assert_eq!(parse_ctime("Tue Dec  1 10:00:00 2026"), Some(t));
+        assert_eq!(
+            parse_ctime("Sun Nov 29 12:52:27 2026"),
+            parse_utc_stamp("2026-11-29T12:52:27")
+        );
+        assert_eq!(parse_ctime("Sun Foo 29 12:52:27 2026"), None);
+        assert_eq!(parse_ctime("Unknown"), None);
     }
 
     #[tokio::test]

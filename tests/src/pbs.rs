@@ -220,7 +220,13 @@ image = "worker.qcow2"
 impl PbsServer {
     /// A coordinator for this server, run as the service user.
     pub fn cluster(&self) -> Cluster {
+        self.cluster_with("")
+    }
+
+    /// The same, with more lines at the end of its config (`[reservations]`).
+    pub fn cluster_with(&self, extra: &str) -> Cluster {
         Cluster::start(Options {
+            extra: extra.to_string(),
             memory_mb: 1000,
             kill_grace_s: 5,
             run_as: Some(self.user.clone()),

@@ -18,6 +18,10 @@ const LEAD_S: i64 = 10;
 const ROOT: &str = "/var/lib/gridengine";
 
 fn cluster() -> Cluster {
+    cluster_with(Options::default())
+}
+
+fn cluster_with(opts: Options) -> Cluster {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/sge-up.sh");
     let out = Command::new(script)
         .output()
@@ -47,7 +51,7 @@ env = {{ SGE_ROOT = "{ROOT}", SGE_CELL = "default" }}
             nodes: vec!["localhost".into()],
         }),
         extra: format!("\n[reservations]\nlead_s = {LEAD_S}\nhorizon_s = 86400\n"),
-        ..Options::default()
+        ..opts
     })
 }
 
@@ -164,6 +168,62 @@ fn grid_engine_refuses_with_the_earliest_start_and_a_reservation_cancelled_befor
     released(&c, &id);
     assert_eq!(ars(), "", "the cell's AR deleted");
     for b in &busy {
+        assert_eq!(c.destroy_as(TOKEN, b).status, 200);
+        c.wait_settled(b);
+    }
+}
+
+/// Grid Engine cannot reserve slots that running jobs' h_rt reaches into,
+/// and cannot be told they will end (docs/RESERVATIONS.md): a reservation
+/// over suspendable best-effort leases is refused, saying so, and they keep
+/// running.
+#[test]
+fn grid_engine_refuses_a_reservation_over_suspendable_best_effort_leases_saying_why() {
+    let _turn = SGE.lock().unwrap_or_else(|p| p.into_inner());
+    let store = tempfile::Builder::new()
+        .prefix("wsp-store-")
+        .tempdir()
+        .expect("store");
+    let node_cfg = store.path().join("node.toml");
+    let ckdir = store.path().join("checkpoints");
+    std::fs::create_dir_all(&ckdir).expect("checkpoint dir");
+    std::fs::write(
+        &node_cfg,
+        format!(
+            "[checkpoints]\ndir = \"{}\"\nsave_mb_per_s = 500\n",
+            ckdir.display()
+        ),
+    )
+    .expect("node config");
+    let c = cluster_with(
+        Options {
+            node_config: Some(node_cfg.display().to_string()),
+            ..Options::default()
+        }
+        .with_top(&format!("checkpoint_dir = \"{}\"\n", ckdir.display())),
+    );
+    let mut busy = Vec::new();
+    for _ in 0..2 {
+        let b = c.create(&one("", "10m"));
+        assert_eq!(b.status, 201, "{}", b.body);
+        let id = b.body["id"].as_str().unwrap().to_string();
+        c.wait_for(&id, "running", Duration::from_secs(60), |v| {
+            v["state"] == "running"
+        });
+        busy.push(id);
+    }
+    let r = c.create(&one("start = \"+30s\"", "10m"));
+    assert_eq!(r.status, 409, "{}", r.body);
+    let error = r.body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("reservation refused: gridengine: qrsub for 1 node(s)")
+            && error.contains("2 running best-effort lease(s) could be suspended for it, but Grid Engine grants an advance reservation only on slots that no running job's h_rt reaches into"),
+        "{error}"
+    );
+    offered_start(error);
+    assert_eq!(ars(), "", "no AR or probe left behind");
+    for b in &busy {
+        assert_eq!(c.get(b)["state"], "running", "not suspended for nothing");
         assert_eq!(c.destroy_as(TOKEN, b).status, 200);
         c.wait_settled(b);
     }

@@ -15,8 +15,9 @@
 //! slots (destroyed before its start, expired, failed), retrying until the
 //! batch system agrees.
 //!
-//! Not here: best-effort leases (the rest of the engine), suspending
-//! best-effort leases for a reservation (issue 16's engine side, to come).
+//! Best-effort leases on the nodes a reservation needs are suspended for it
+//! where the batch system can grant a reservation over their jobs (local,
+//! Slurm); elsewhere the refusal says why they were not.
 
 use super::rules::must_ws;
 use super::{Engine, EngineError};
@@ -141,6 +142,21 @@ impl Engine {
         };
         let mut created = resv.create(&req).await;
         let mut victims = Vec::new();
+        if let Err(ReserveError::Unavailable { reason, .. }) = &mut created {
+            if kind == LeaseKind::Reservation
+                && rc.suspend_best_effort
+                && !resv.grants_over_preemptible()
+            {
+                // Say why suspendable leases did not help.
+                let n = self.suspendable_at(begins)?.len();
+                if n > 0 {
+                    reason.push_str(&format!(
+                        "; {n} running best-effort lease(s) could be suspended for it, but {}",
+                        resv.why_not_over_preemptible()
+                    ));
+                }
+            }
+        }
         if matches!(created, Err(ReserveError::Unavailable { .. }))
             && kind == LeaseKind::Reservation
             && rc.suspend_best_effort

@@ -1039,3 +1039,30 @@ fn largest_first_is_refused_on_a_batch_system_that_cannot_order_its_queue() {
         "{e}"
     );
 }
+
+/// A batch system without advance reservations (Torque, this scripted one):
+/// a reservation or immediate lease is refused naming the adapter, no job
+/// is submitted and nothing is stored.
+#[tokio::test]
+async fn a_guaranteed_lease_on_a_batch_system_without_reservations_is_refused_and_nothing_stored() {
+    let rig = Rig::new();
+    for extra in ["start = \"+1h\"", "kind = \"immediate\""] {
+        let spec = WorkspaceSpec::parse(&format!(
+            "{extra}\nname = \"t\"\nduration = 600\n[[group]]\nname = \"g\"\ncount = 1\nmemory_mb = 512\nimage = \"i\"\n"
+        ))
+        .expect("spec");
+        let r = rig.engine.create(&admin(), spec).await;
+        let Err(EngineError::Refused(refusal)) = r else {
+            panic!("{extra}: {r:?}");
+        };
+        assert!(
+            refusal.to_string().contains(
+                "the scripted batch system adapter cannot make advance reservations, so nothing can be guaranteed"
+            ),
+            "{refusal}"
+        );
+        assert_eq!(refusal.earliest_ms, None);
+    }
+    assert!(rig.engine.list(&admin()).expect("list").is_empty());
+    assert!(rig.lrm.jobs.lock().expect("lock").is_empty());
+}

@@ -25,16 +25,7 @@ use std::path::{Path, PathBuf};
 
 /// `qrsub -a` wants `[[CC]YY]MMDDhhmm[.SS]`.
 fn qrsub_time(ms: u64) -> String {
-    let s = utc_stamp(ms); // YYYY-MM-DDTHH:MM:SS
-    format!(
-        "{}{}{}{}{}.{}",
-        &s[0..4],
-        &s[5..7],
-        &s[8..10],
-        &s[11..13],
-        &s[14..16],
-        &s[17..19]
-    )
+    crate::reserve::touch_stamp(ms)
 }
 
 /// The AR id of `Your advance reservation 12 has been granted`.
@@ -129,6 +120,18 @@ impl GridEngine {
 
 #[async_trait]
 impl Reservations for GridEngine {
+    /// Grid Engine 8.1.9 books a running job until its start + `h_rt` and
+    /// grants an AR only where no booking reaches into it; neither can be
+    /// changed for a running job (`qalter -l h_rt` is accepted, but qrsub
+    /// still counts the old end: seen here). Suspending the leases first and
+    /// reserving after would let any queued job take the freed slots, so no
+    /// guarantee: such reservations are refused (docs/RESERVATIONS.md).
+    fn why_not_over_preemptible(&self) -> String {
+        "Grid Engine grants an advance reservation only on slots that no running job's h_rt reaches into, and cannot be told that those jobs will end \
+         (qalter -l h_rt does not move a running job's end for qrsub); suspending them first would free the slots for any queued job, which is no guarantee"
+            .into()
+    }
+
     async fn create(&self, req: &ReservationRequest) -> Result<Reservation, ReserveError> {
         let out = self.qrsub(&req.name, req, req.start_ms).await?;
         if let Some(id) = parse_granted(&out.stdout).filter(|_| out.success()) {
