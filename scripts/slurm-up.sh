@@ -43,7 +43,10 @@ sed -e "s#@DIR@#$D#g" -e "s#@PORT@#$PORT#g" -e "s#@NODE_PORT1@#$NP#g" -e "s#@NOD
     "$here/slurm-2node.conf.in" > "$D/slurm.conf"
 export SLURM_CONF=$D/slurm.conf
 
-# -c: start with no jobs from an earlier run's saved state.
+# -c: start with no jobs from an earlier run's saved state. -c keeps saved
+# reservations, so drop those too: a test cut short must not leave a
+# reservation holding nodes in the next run.
+rm -f "$D/state/resv_state" "$D/state/resv_state.old"
 slurmctld -c -f "$SLURM_CONF" || die "slurmctld did not start (see $D/log/slurmctld.log)"
 for n in n1 n2; do
     slurmd -c -f "$SLURM_CONF" -N "$n" || die "slurmd -N $n did not start (see $D/log/slurmd-$n.log)"
