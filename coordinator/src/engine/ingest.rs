@@ -240,8 +240,10 @@ pub(super) fn apply_event(
             balloon_ms,
             cached_images,
             checkpoints,
+            deadline_ms,
             ..
         } => {
+            super::pool::on_reserved(c, slot, &e.node, *deadline_ms, now)?;
             let detail = format!(
                 "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
                 now.saturating_sub(e.ts_ms)
@@ -385,17 +387,59 @@ pub(super) fn apply_event(
             store::set_checkpoint(c, checkpoint, "kept", None, None, now)?;
             Ok(())
         }
-        // Pool slots, CPU shares and warm VMs (docs/POOL.md): the
-        // coordinator never sends the commands these answer yet.
-        EventKind::Bound { .. }
-        | EventKind::Unbound { .. }
-        | EventKind::ReservationChanged { .. }
-        | EventKind::ReservationRefused { .. }
+        // Pool slots (engine::pool).
+        EventKind::Bound {
+            workspace_id,
+            reservation,
+        } => super::pool::on_bound(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            workspace_id,
+            reservation,
+            now,
+            setting,
+        ),
+        EventKind::Unbound {
+            vms_destroyed,
+            reservation,
+            ..
+        } => super::pool::on_unbound(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            vms_destroyed,
+            reservation,
+            now,
+        ),
+        EventKind::ReservationRefused {
+            command,
+            reason,
+            reserved_mb,
+            ..
+        } => super::pool::on_refused(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            *command,
+            reason,
+            *reserved_mb,
+            now,
+        ),
+        // CPU shares and warm VMs (docs/POOL.md): the coordinator never
+        // sends the commands these answer yet.
+        EventKind::ReservationChanged { .. }
         | EventKind::VmCpuSet { .. }
         | EventKind::VmCpuSetFailed { .. }
         | EventKind::WarmPrepared { .. }
         | EventKind::WarmPrepareFailed { .. } => {
-            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "pool event not yet supported by the coordinator; recorded only");
+            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "event not yet supported by the coordinator; recorded only");
             Ok(())
         }
     }
@@ -538,6 +582,7 @@ fn on_reserved(
             ev.ws.state,
             WorkspaceState::Pending | WorkspaceState::Resuming
         )
+        && super::pool::none_binding(c, &ev.ws.id)?
     {
         start_vms(c, &mut ev.ws, ev.now, setting)?;
     }

@@ -53,6 +53,12 @@ pub(super) fn transition(
     reason: Option<&str>,
     now: u64,
 ) -> Result<bool, EngineError> {
+    if super::pool::is_holder(ws) {
+        // The slot pool's holder never moves: a pilot of the pool that
+        // goes (released, preempted, lost, its job ended, its reserve
+        // failed) ends only its own slot, which the callers do anyway.
+        return Ok(false);
+    }
     let Some(to) = store::advance_workspace(c, &ws.id, input, reason, now)? else {
         return Ok(false);
     };
@@ -78,10 +84,11 @@ pub(super) fn fail_workspace(
 }
 
 /// Asks every slot of the workspace to end: `release` to each pilot that has
-/// not released, and a batch cancel for jobs with nodes no pilot holds yet.
+/// not released, and a batch cancel for jobs with nodes no pilot holds yet;
+/// a pool slot serving the lease is unbound instead (`pool::ends_by_unbind`).
 pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(), EngineError> {
     for slot in store::slots_of(c, &ws.id)? {
-        if slot.state.is_terminal() {
+        if slot.state.is_terminal() || super::pool::ends_by_unbind(c, ws, &slot, now)? {
             continue;
         }
         let pilots = store::pilots_of(c, &slot.id)?;
