@@ -292,8 +292,10 @@ pub struct PoolConfig {
     /// the batch job's walltime adds `pilot.walltime_margin_s`). A lease
     /// that would end after a slot's own end goes elsewhere.
     pub walltime_s: u64,
-    /// Images whose clean snapshot idle slots keep (warm VMs). Not used by
-    /// the coordinator yet (docs/POOL.md).
+    /// Images of which the pool keeps a clean snapshot (warm VMs, made on
+    /// an idle slot whose node has a checkpoint store, at `idle_memory_mb`):
+    /// a lease VM of such an image and that memory, placed on a pool slot,
+    /// starts from the snapshot instead of booting.
     pub warm_images: Vec<String>,
 }
 

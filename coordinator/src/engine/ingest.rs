@@ -260,8 +260,15 @@ pub(super) fn apply_event(
             create_ms,
             stage_ms,
             cache_hit,
-            ..
-        } => on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit),
+            warm,
+        } => {
+            if let (Some(w), Some(vm)) = (warm, store::get_vm(c, vm_id)?) {
+                if vm.slot_id == slot.id {
+                    super::pool::on_warm_started(c, &ev.ws, &vm, &e.node, e.ts_ms, w, now)?;
+                }
+            }
+            on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit)
+        }
         EventKind::VmFailed { vm_id, reason } => on_vm_failed(&mut ev, vm_id, reason),
         EventKind::VmDestroyed { vm_id, destroy_ms } => on_vm_destroyed(&ev, vm_id, *destroy_ms),
         EventKind::Preempting {
@@ -432,13 +439,32 @@ pub(super) fn apply_event(
             *reserved_mb,
             now,
         ),
-        // CPU shares and warm VMs (docs/POOL.md): the coordinator never
-        // sends the commands these answer yet.
+        EventKind::WarmPrepared {
+            checkpoint,
+            sha256,
+            bytes,
+            boot_ms,
+            save_ms,
+            total_ms,
+            ..
+        } => super::pool::on_warm_answer(
+            c,
+            slot,
+            &e.node,
+            e.ts_ms,
+            checkpoint,
+            Some(sha256),
+            &format!("{bytes} bytes; boot {boot_ms} ms, save {save_ms} ms, {total_ms} ms in all"),
+            now,
+        ),
+        EventKind::WarmPrepareFailed { checkpoint, reason } => {
+            super::pool::on_warm_answer(c, slot, &e.node, e.ts_ms, checkpoint, None, reason, now)
+        }
+        // CPU shares (docs/POOL.md): the coordinator never sends the
+        // commands these answer yet.
         EventKind::ReservationChanged { .. }
         | EventKind::VmCpuSet { .. }
-        | EventKind::VmCpuSetFailed { .. }
-        | EventKind::WarmPrepared { .. }
-        | EventKind::WarmPrepareFailed { .. } => {
+        | EventKind::VmCpuSetFailed { .. } => {
             warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "event not yet supported by the coordinator; recorded only");
             Ok(())
         }

@@ -36,6 +36,12 @@ pub const POOL_OWNER: &str = "@pool";
 /// Group name of a free pool slot.
 const POOL_GROUP: &str = "pool";
 
+/// A warm snapshot that failed is tried again after this.
+const WARM_RETRY_MS: u64 = 60_000;
+
+/// A `prepare_warm` unanswered this long counts as failed.
+const WARM_ANSWER_MS: u64 = 300_000;
+
 /// After a pool job's submit failed, the next try waits this long (the
 /// tick runs every `tick_ms`; a refusing batch system is not asked 4 times a second).
 const SUBMIT_BACKOFF_MS: u64 = 10_000;
@@ -238,9 +244,15 @@ pub(super) fn place(
     }
     let holder = holder_id();
     let live = store::live_pool_slots(c)?;
+    // A slot making a warm snapshot would answer the bind only after it.
+    let busy = store::warm_preparing_slots(c)?;
     let idle: Vec<&(PoolSlotRow, SlotRow)> = live
         .iter()
-        .filter(|(p, s)| PoolSlotState::of(p, s) == PoolSlotState::Idle && s.workspace_id == holder)
+        .filter(|(p, s)| {
+            PoolSlotState::of(p, s) == PoolSlotState::Idle
+                && s.workspace_id == holder
+                && !busy.contains(&s.id)
+        })
         .collect();
     let usable = if spec.urgency == 0 {
         idle.len().saturating_sub(cfg.min_idle_nodes as usize)
@@ -641,6 +653,133 @@ pub(super) fn on_refused(
     }
 }
 
+/// `warm_prepared` / `warm_prepare_failed`: the image's snapshot is ready
+/// (its digest kept for warm starts) or failed (tried again later).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn on_warm_answer(
+    c: &Connection,
+    slot: &SlotRow,
+    node: &str,
+    ts_ms: u64,
+    checkpoint: &protocol::pilot::CheckpointId,
+    sha256: Option<&str>,
+    detail: &str,
+    now: u64,
+) -> Result<(), EngineError> {
+    let (state, reason) = match sha256 {
+        Some(_) => ("ready", None),
+        None => ("failed", Some(detail)),
+    };
+    let image = store::set_warm_outcome(
+        c,
+        &checkpoint.vm_id,
+        checkpoint.generation,
+        state,
+        sha256,
+        reason,
+        now,
+    )?;
+    let Some(image) = image else {
+        warn!(slot_id = %slot.id, node, %checkpoint, "warm snapshot answer for no snapshot asked; ignored");
+        return Ok(());
+    };
+    store::push_timeline(
+        c,
+        &holder_id(),
+        ts_ms,
+        now,
+        if sha256.is_some() {
+            Phase::VmSuspended
+        } else {
+            Phase::SuspendFailed
+        },
+        Some(&slot.id),
+        Some(node),
+        None,
+        &format!("warm snapshot of image {image:?} ({checkpoint}) {state}: {detail}"),
+    )?;
+    info!(image, slot_id = %slot.id, node, state, "warm snapshot answered");
+    Ok(())
+}
+
+/// The warm start for `vm` when it runs on a pool slot and its image has a
+/// ready snapshot of its memory size: restore from it (`warm: true`).
+pub(super) fn warm_restore(
+    c: &Connection,
+    vm: &store::VmRow,
+) -> Result<Option<protocol::pilot::RestoreFrom>, EngineError> {
+    if store::get_pool_slot(c, &vm.slot_id)?.is_none() {
+        return Ok(None);
+    }
+    let Some(w) = store::get_warm(c, &vm.image)? else {
+        return Ok(None);
+    };
+    let (Some(sha256), true, true) = (w.sha256, w.state == "ready", w.memory_mb == vm.memory_mb)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(protocol::pilot::RestoreFrom {
+        checkpoint: protocol::pilot::CheckpointId {
+            workspace_id: holder_id(),
+            vm_id: w.vm_id,
+            generation: w.generation,
+        },
+        sha256,
+        warm: true,
+    }))
+}
+
+/// How a warm start came up, on the lease's timeline; a snapshot that
+/// could not be used is made again.
+pub(super) fn on_warm_started(
+    c: &Connection,
+    ws: &WorkspaceRow,
+    vm: &store::VmRow,
+    node: &str,
+    ts_ms: u64,
+    outcome: &protocol::pilot::WarmOutcome,
+    now: u64,
+) -> Result<(), EngineError> {
+    use protocol::pilot::WarmOutcome;
+    let detail = match outcome {
+        WarmOutcome::Restored {
+            checkpoint,
+            bytes,
+            restore_ms,
+        } => format!(
+            "warm: restored from the clean snapshot of image {:?} ({checkpoint}, {bytes} bytes) in {restore_ms} ms, on a fresh overlay",
+            vm.image
+        ),
+        WarmOutcome::ColdBooted {
+            checkpoint,
+            cause,
+            reason,
+        } => {
+            if let Some(w) = store::get_warm(c, &vm.image)? {
+                if w.vm_id == checkpoint.vm_id && w.generation == checkpoint.generation {
+                    store::set_warm_outcome(c, &w.vm_id, w.generation, "stale", None, Some(reason), now)?;
+                }
+            }
+            format!(
+                "cold booted: the warm snapshot of image {:?} ({checkpoint}) could not be used ({cause:?}: {reason}); a new one is prepared",
+                vm.image
+            )
+        }
+    };
+    store::push_timeline(
+        c,
+        &ws.id,
+        ts_ms,
+        now,
+        Phase::VmStarted,
+        Some(&vm.slot_id),
+        Some(node),
+        Some(&vm.id),
+        &detail,
+    )?;
+    Ok(())
+}
+
 impl Engine {
     /// The pool's turn of the housekeeping tick: the holder exists; idle
     /// slots past `idle_timeout_s` are given back while more than
@@ -703,6 +842,7 @@ impl Engine {
                     counts.idle -= 1;
                     counts.draining += 1;
                 }
+                self.prepare_warm(tx, now)?;
                 // Grow.
                 if now < self.pool.backoff_until.load(Ordering::SeqCst) {
                     return Ok(Vec::new());
@@ -759,6 +899,142 @@ impl Engine {
         }
         if !new_slots.is_empty() {
             self.bump();
+        }
+        Ok(())
+    }
+
+    /// Warm images (`[pool] warm_images`) without a usable snapshot get one
+    /// made on an idle pool slot whose node has a checkpoint store (one at a
+    /// time per image; a failed one is tried again after a minute); a
+    /// preparation whose slot left the pool, or unanswered for five minutes,
+    /// counts as failed.
+    fn prepare_warm(&self, c: &Connection, now: u64) -> Result<(), EngineError> {
+        let cfg = &self.cfg.pool;
+        if cfg.warm_images.is_empty() {
+            return Ok(());
+        }
+        let live = store::live_pool_slots(c)?;
+        for row in store::warm_rows(c)? {
+            if row.state != "preparing" {
+                continue;
+            }
+            let here = live.iter().any(|(p, s)| {
+                s.id == row.slot_id && p.phase == PoolPhase::Free && s.state == SlotState::Reserved
+            });
+            let late = now.saturating_sub(row.updated_ms) > WARM_ANSWER_MS;
+            if !here || late {
+                let why = if here {
+                    "no answer from the pilot in 5 minutes"
+                } else {
+                    "the slot left the pool before it answered"
+                };
+                store::set_warm_outcome(
+                    c,
+                    &row.vm_id,
+                    row.generation,
+                    "failed",
+                    None,
+                    Some(why),
+                    now,
+                )?;
+                warn!(image = row.image, slot_id = %row.slot_id, why, "warm snapshot not made");
+            }
+        }
+        let holder = holder_id();
+        let mut busy = store::warm_preparing_slots(c)?;
+        for image in &cfg.warm_images {
+            let row = store::get_warm(c, image)?;
+            let due = match &row {
+                None => true,
+                Some(r) => {
+                    r.state == "stale"
+                        || (r.state == "failed"
+                            && now.saturating_sub(r.updated_ms) >= WARM_RETRY_MS)
+                }
+            };
+            if !due {
+                continue;
+            }
+            let mut chosen = None;
+            for (p, s) in &live {
+                let Some(node) = &p.node else { continue };
+                if PoolSlotState::of(p, s) == PoolSlotState::Idle
+                    && s.workspace_id == holder
+                    && !busy.contains(&s.id)
+                    && store::node_save_rate(c, &s.id, node)?.is_some()
+                {
+                    chosen = Some((s.id.clone(), node.clone()));
+                    break;
+                }
+            }
+            let Some((slot, node)) = chosen else { continue };
+            let vm_id = VmId::generate();
+            let generation = row.as_ref().map_or(1, |r| r.generation + 1);
+            let group: Option<protocol::spec::GroupSpec> =
+                serde_json::from_value(serde_json::json!({
+                    "name": "warm", "count": 1, "memory_mb": cfg.idle_memory_mb, "image": image,
+                }))
+                .ok();
+            let launch = protocol::pilot::VmLaunch {
+                vm_id: vm_id.clone(),
+                name: protocol::VmName::new(slot.clone(), vm_id.clone()).to_string(),
+                memory_mb: cfg.idle_memory_mb,
+                cpus: 1,
+                image: image.clone(),
+                image_source: group
+                    .and_then(|g| crate::network::image_source(&self.cfg.images, &g)),
+                nics: Vec::new(),
+                hostname: None,
+                context: None,
+                on_preempt: Default::default(),
+                restore: None,
+                urgency: 0,
+                cpu: None,
+            };
+            let to = protocol::pilot::CheckpointId {
+                workspace_id: holder.clone(),
+                vm_id: vm_id.clone(),
+                generation,
+            };
+            store::push_command(
+                c,
+                &slot,
+                &node,
+                &CommandKind::PrepareWarm {
+                    launch,
+                    to: to.clone(),
+                    ready_timeout_s: 120,
+                },
+                now,
+            )?;
+            store::set_warm_preparing(
+                c,
+                &store::WarmRow {
+                    image: image.clone(),
+                    state: "preparing".into(),
+                    vm_id,
+                    generation,
+                    sha256: None,
+                    memory_mb: cfg.idle_memory_mb,
+                    slot_id: slot.clone(),
+                    node: node.clone(),
+                    updated_ms: now,
+                    reason: None,
+                },
+            )?;
+            store::push_timeline(
+                c,
+                &holder,
+                now,
+                now,
+                Phase::VmStartSent,
+                Some(&slot),
+                Some(&node),
+                None,
+                &format!("preparing the warm snapshot of image {image:?} ({to})"),
+            )?;
+            info!(image, slot_id = %slot, node, "warm snapshot asked for");
+            busy.push(slot);
         }
         Ok(())
     }

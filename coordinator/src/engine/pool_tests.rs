@@ -527,3 +527,206 @@ async fn a_silent_idle_pool_pilot_is_lost_alone_its_job_cancelled_and_replaced()
         "the holder never fails"
     );
 }
+
+fn warm_config(cfg: &mut Config) {
+    pool_config(cfg);
+    cfg.pool.idle_memory_mb = 512;
+    cfg.pool.warm_images = vec!["i".into()];
+}
+
+/// An idle pool pilot whose node has a checkpoint store.
+fn idle_pilot_with_store(rig: &Rig, slot: &SlotId, node: &str, deadline_ms: u64) {
+    rig.send(slot, node, started()).expect("started");
+    let reserved = EventKind::Reserved {
+        dom0_before_mb: 4096,
+        dom0_after_mb: 3584,
+        reserved_mb: 512,
+        balloon_ms: 0,
+        cached_images: Vec::new(),
+        checkpoints: Some(protocol::pilot::CheckpointCapability {
+            save_mb_per_s: 500.0,
+            measured: false,
+        }),
+        deadline_ms: Some(deadline_ms),
+        idle: true,
+        cpu_control: None,
+    };
+    rig.send(slot, node, reserved).expect("reserved");
+}
+
+#[tokio::test]
+async fn a_warm_image_is_prepared_on_an_idle_slot_and_a_lease_of_it_starts_warm() {
+    let rig = Rig::with(warm_config);
+    rig.engine.housekeeping(false).await;
+    let slot = pool_view(&rig).slots[0].slot_id.clone();
+    let deadline = rig.clock.now_ms() + WALLTIME_S * 1000 - 5_000;
+    idle_pilot_with_store(&rig, &slot, "p1", deadline);
+    rig.engine.housekeeping(false).await;
+    let cmds = rig.commands(&slot, "p1");
+    let (launch, to) = cmds
+        .iter()
+        .find_map(|c| match c {
+            CommandKind::PrepareWarm { launch, to, .. } => Some((launch.clone(), to.clone())),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("prepare_warm sent: {cmds:?}"));
+    assert_eq!(launch.image, "i");
+    assert_eq!(launch.memory_mb, 512);
+    assert!(launch.nics.is_empty() && launch.context.is_none() && launch.hostname.is_none());
+    assert!(launch.name.starts_with(&format!("wsp-{slot}-")));
+    // While it prepares, the slot is not offered to a lease.
+    let rows = rig
+        .engine
+        .with_store(|s| Ok(crate::store::warm_rows(s.conn())?))
+        .expect("rows");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].state, "preparing", "{rows:?}");
+    let before = jobs(&rig);
+    let busy = urgent_lease(&rig, 1, 1, 3600).await;
+    assert_ne!(busy.slots[0].id, slot);
+    assert_eq!(jobs(&rig), before + 1);
+    rig.engine.destroy(&admin(), &busy.id).expect("destroy");
+    // No second prepare while the first is under way.
+    rig.engine.housekeeping(false).await;
+    assert!(!rig
+        .commands(&slot, "p1")
+        .iter()
+        .any(|c| matches!(c, CommandKind::PrepareWarm { .. })));
+
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::WarmPrepared {
+            checkpoint: to.clone(),
+            sha256: "ab".repeat(32),
+            bytes: 1 << 20,
+            memory_mb: 512,
+            boot_ms: 900,
+            save_ms: 50,
+            total_ms: 960,
+        },
+    )
+    .expect("warm prepared");
+    let ws = urgent_lease(&rig, 1, 1, 3600).await;
+    assert_eq!(ws.slots[0].id, slot, "the slot is free again");
+    let cmds = bind_and_start(&rig, &ws, &slot, "p1");
+    let start = cmds
+        .iter()
+        .find_map(|c| match c {
+            CommandKind::StartVm(l) => Some(l.clone()),
+            _ => None,
+        })
+        .expect("start_vm");
+    let restore = start.restore.expect("a warm start");
+    assert!(restore.warm);
+    assert_eq!(restore.checkpoint, to);
+    assert_eq!(restore.sha256, "ab".repeat(32));
+    assert!(
+        !start.nics.is_empty() || start.context.is_some(),
+        "the lease's own identity"
+    );
+    let d = details(&rig, &ws).await;
+    assert!(
+        d.iter()
+            .any(|(_, t)| t.contains("warm from the clean snapshot")),
+        "{d:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_warm_start_that_cold_boots_says_so_and_the_snapshot_is_made_again() {
+    let rig = Rig::with(warm_config);
+    rig.engine.housekeeping(false).await;
+    let slot = pool_view(&rig).slots[0].slot_id.clone();
+    let deadline = rig.clock.now_ms() + WALLTIME_S * 1000 - 5_000;
+    idle_pilot_with_store(&rig, &slot, "p1", deadline);
+    rig.engine.housekeeping(false).await;
+    let to = rig
+        .commands(&slot, "p1")
+        .into_iter()
+        .find_map(|c| match c {
+            CommandKind::PrepareWarm { to, .. } => Some(to),
+            _ => None,
+        })
+        .expect("prepare_warm");
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::WarmPrepared {
+            checkpoint: to.clone(),
+            sha256: "cd".repeat(32),
+            bytes: 1 << 20,
+            memory_mb: 512,
+            boot_ms: 900,
+            save_ms: 50,
+            total_ms: 960,
+        },
+    )
+    .expect("warm prepared");
+    let ws = urgent_lease(&rig, 1, 1, 3600).await;
+    rig.commands(&slot, "p1");
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::Bound {
+            workspace_id: ws.id.clone(),
+            reservation: change(512, deadline),
+        },
+    )
+    .expect("bound");
+    let start = rig
+        .commands(&slot, "p1")
+        .into_iter()
+        .find_map(|c| match c {
+            CommandKind::StartVm(l) => Some(l),
+            _ => None,
+        })
+        .expect("start_vm");
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::VmStarted {
+            vm_id: start.vm_id.clone(),
+            name: start.name.clone(),
+            create_ms: 800,
+            stage_ms: None,
+            cache_hit: None,
+            warm: Some(protocol::pilot::WarmOutcome::ColdBooted {
+                checkpoint: to.clone(),
+                cause: protocol::pilot::ResumeFailure::ChecksumMismatch,
+                reason: "memory has sha256 00.., the manifest says ff..".into(),
+            }),
+        },
+    )
+    .expect("vm started");
+    assert_eq!(rig.view(&ws.id).state, WorkspaceState::Running);
+    let d = details(&rig, &ws).await;
+    assert!(
+        d.iter()
+            .any(|(_, t)| t.contains("cold booted") && t.contains("ChecksumMismatch")),
+        "{d:?}"
+    );
+    // The lease ends, the slot is idle again: a new snapshot is made there.
+    rig.engine.destroy(&admin(), &ws.id).expect("destroy");
+    rig.commands(&slot, "p1");
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::Unbound {
+            workspace_id: ws.id.clone(),
+            vms_destroyed: vec![start.vm_id],
+            reservation: change(512, deadline),
+        },
+    )
+    .expect("unbound");
+    rig.engine.housekeeping(false).await;
+    let again = rig
+        .commands(&slot, "p1")
+        .into_iter()
+        .find_map(|c| match c {
+            CommandKind::PrepareWarm { to, .. } => Some(to),
+            _ => None,
+        })
+        .expect("prepared again");
+    assert_eq!(again.generation, to.generation + 1);
+}

@@ -261,9 +261,11 @@ pub(super) fn start_vms(
             Some(from)
         } else {
             store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
-            None
+            // On a pool slot, an image with a clean snapshot starts warm.
+            super::pool::warm_restore(c, vm)?
         };
         let from = restore.as_ref().map(|r| r.checkpoint.to_string());
+        let warm = restore.as_ref().is_some_and(|r| r.warm);
         store::place_vm(
             c,
             &vm.id,
@@ -306,6 +308,10 @@ pub(super) fn start_vms(
             Some(&node),
             Some(&vm.id),
             &match &from {
+                Some(ck) if warm => format!(
+                    "{} ({}) -> {node}, warm from the clean snapshot {ck}",
+                    vm.name, vm.group
+                ),
                 Some(ck) => format!("{} ({}) -> {node}, restored from {ck}", vm.name, vm.group),
                 None => format!("{} ({}) -> {node}", vm.name, vm.group),
             },

@@ -16,6 +16,14 @@ CREATE TABLE IF NOT EXISTS pool_slots (
   slot_id TEXT PRIMARY KEY, phase TEXT NOT NULL, node TEXT, since_ms INTEGER NOT NULL,
   deadline_ms INTEGER, bound_to TEXT, leases INTEGER NOT NULL DEFAULT 0,
   idle_mb INTEGER NOT NULL DEFAULT 0);
+-- The clean snapshot of each warm image ([pool] warm_images): 'preparing'
+-- (prepare_warm sent to slot_id on node), 'ready' (sha256 is what a warm
+-- start presents), 'failed' (reason; tried again later), 'stale' (a warm
+-- start could not use it: prepared again).
+CREATE TABLE IF NOT EXISTS pool_warm (
+  image TEXT PRIMARY KEY, state TEXT NOT NULL, vm_id TEXT NOT NULL, generation INTEGER NOT NULL,
+  sha256 TEXT, memory_mb INTEGER NOT NULL, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+  updated_ms INTEGER NOT NULL, reason TEXT);
 -- New slots of leases whose pool slot refused its bind, for the tick to submit.
 CREATE TABLE IF NOT EXISTS pool_fallbacks (slot_id TEXT PRIMARY KEY);
 "#;
@@ -299,4 +307,145 @@ pub fn take_pool_fallbacks(c: &Connection) -> Result<Vec<SlotRow>> {
         }
     }
     Ok(out)
+}
+
+/// The clean snapshot of a warm image, as far as the pool knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WarmRow {
+    pub image: String,
+    /// `preparing`, `ready`, `failed`, `stale`.
+    pub state: String,
+    /// The template's id (the snapshot is checkpoint holder/vm_id/generation).
+    pub vm_id: protocol::VmId,
+    pub generation: u32,
+    pub sha256: Option<String>,
+    pub memory_mb: u64,
+    /// Where it was (or is being) made.
+    pub slot_id: SlotId,
+    pub node: String,
+    pub updated_ms: u64,
+    pub reason: Option<String>,
+}
+
+const WARM_COLS: &str =
+    "image, state, vm_id, generation, sha256, memory_mb, slot_id, node, updated_ms, reason";
+
+type WarmRaw = (
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    i64,
+    String,
+    String,
+    i64,
+    Option<String>,
+);
+
+fn warm_from_row(r: &rusqlite::Row) -> rusqlite::Result<WarmRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+    ))
+}
+
+fn warm_build(t: WarmRaw) -> Result<WarmRow> {
+    Ok(WarmRow {
+        image: t.0,
+        state: t.1,
+        vm_id: parse_id("vm id", t.2)?,
+        generation: t.3 as u32,
+        sha256: t.4,
+        memory_mb: t.5 as u64,
+        slot_id: parse_id("slot id", t.6)?,
+        node: t.7,
+        updated_ms: t.8 as u64,
+        reason: t.9,
+    })
+}
+
+pub fn get_warm(c: &Connection, image: &str) -> Result<Option<WarmRow>> {
+    let t = c
+        .prepare_cached(&format!(
+            "SELECT {WARM_COLS} FROM pool_warm WHERE image = ?1"
+        ))?
+        .query_row([image], warm_from_row)
+        .optional()?;
+    t.map(warm_build).transpose()
+}
+
+/// Every warm image's row.
+pub fn warm_rows(c: &Connection) -> Result<Vec<WarmRow>> {
+    let mut st = c.prepare_cached(&format!("SELECT {WARM_COLS} FROM pool_warm ORDER BY image"))?;
+    let rows: Vec<WarmRaw> = st
+        .query_map([], warm_from_row)?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.into_iter().map(warm_build).collect()
+}
+
+/// `prepare_warm` of `row.image` was sent (a new generation of its snapshot).
+pub fn set_warm_preparing(c: &Connection, row: &WarmRow) -> Result<()> {
+    c.prepare_cached(&format!(
+        "INSERT INTO pool_warm ({WARM_COLS}) VALUES (?1, 'preparing', ?2, ?3, NULL, ?4, ?5, ?6, ?7, NULL)
+         ON CONFLICT (image) DO UPDATE SET state = 'preparing', vm_id = ?2, generation = ?3,
+           sha256 = NULL, memory_mb = ?4, slot_id = ?5, node = ?6, updated_ms = ?7, reason = NULL"
+    ))?
+    .execute(params![
+        row.image,
+        row.vm_id.as_str(),
+        row.generation,
+        row.memory_mb as i64,
+        row.slot_id.as_str(),
+        row.node,
+        row.updated_ms as i64
+    ])?;
+    Ok(())
+}
+
+/// The answer to a `prepare_warm` of template `vm_id` generation `generation`:
+/// `ready` with its digest, or `failed` with the reason (or `stale`). The
+/// image, when the row was waiting for it.
+pub fn set_warm_outcome(
+    c: &Connection,
+    vm_id: &protocol::VmId,
+    generation: u32,
+    state: &str,
+    sha256: Option<&str>,
+    reason: Option<&str>,
+    now: u64,
+) -> Result<Option<String>> {
+    Ok(c.prepare_cached(
+        "UPDATE pool_warm SET state = ?3, sha256 = ?4, reason = ?5, updated_ms = ?6
+         WHERE vm_id = ?1 AND generation = ?2 RETURNING image",
+    )?
+    .query_row(
+        params![
+            vm_id.as_str(),
+            generation,
+            state,
+            sha256,
+            reason,
+            now as i64
+        ],
+        |r| r.get(0),
+    )
+    .optional()?)
+}
+
+/// The slots preparing a snapshot now (not offered to leases meanwhile).
+pub fn warm_preparing_slots(c: &Connection) -> Result<Vec<SlotId>> {
+    let ids: Vec<String> = c
+        .prepare_cached("SELECT slot_id FROM pool_warm WHERE state = 'preparing'")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    ids.into_iter().map(|i| parse_id("slot id", i)).collect()
 }
