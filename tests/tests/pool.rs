@@ -271,3 +271,94 @@ fn an_ordinary_lease_leaves_the_minimum_idle_for_urgent_ones() {
     assert_ne!(code, 0);
     assert!(err.contains("urgency 1 refused"), "{err}");
 }
+
+/// A cluster whose nodes share a checkpoint store, with a pool of one idle
+/// slot holding 512 MB that keeps a warm snapshot of `debian-12`.
+fn warm_cluster() -> (Cluster, tempfile::TempDir) {
+    let store = tempfile::Builder::new()
+        .prefix("wsp-store-")
+        .tempdir()
+        .expect("store");
+    let node_cfg = store.path().join("node.toml");
+    let ckdir = store.path().join("checkpoints");
+    std::fs::create_dir_all(&ckdir).expect("checkpoint dir");
+    std::fs::write(
+        &node_cfg,
+        format!(
+            "[checkpoints]\ndir = \"{}\"\nsave_mb_per_s = 500\n",
+            ckdir.display()
+        ),
+    )
+    .expect("node config");
+    let c = Cluster::start(Options {
+        node_config: Some(node_cfg.display().to_string()),
+        extra: "max_urgency = 2\n[pool]\nmin_idle_nodes = 1\nmax_nodes = 2\nwalltime_s = 3600\nidle_memory_mb = 512\nwarm_images = [\"debian-12\"]\n".into(),
+        ..Options::default()
+    });
+    (c, store)
+}
+
+/// Waits until the warm snapshot of `image` is ready and a slot is idle.
+fn wait_warm(c: &Cluster, image: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = pool(c);
+        let ready = p["warm"].as_array().is_some_and(|w| {
+            w.iter()
+                .any(|w| w["image"] == image && w["state"] == "ready")
+        });
+        if ready && !slots_in(&p, "idle").is_empty() {
+            return p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no warm snapshot of {image}: {p:#}\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_lease_of_a_warm_image_starts_from_the_clean_snapshot_on_a_pool_slot() {
+    let (c, _store) = warm_cluster();
+    let p = wait_warm(&c, "debian-12");
+    let (code, out, _) = workspace(&c, ADMIN_TOKEN, &["admin", "pool"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("warm image \"debian-12\"") && out.contains("ready"),
+        "{out}"
+    );
+    let checkpoint = p["warm"][0]["checkpoint"]
+        .as_str()
+        .expect("checkpoint")
+        .to_string();
+    let spec = c.root().join("urgent.toml");
+    std::fs::write(&spec, URGENT).expect("spec");
+    let (code, out, err) = workspace(
+        &c,
+        ADMIN_TOKEN,
+        &[
+            "create",
+            "--file",
+            spec.to_str().expect("path"),
+            "--wait",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v = json(&out);
+    assert_eq!(v["state"], "running", "{v:#}");
+    let id = v["id"].as_str().expect("id");
+    let text = timeline(&c, ADMIN_TOKEN, id);
+    assert!(
+        text.iter()
+            .any(|t| t.contains(&format!("warm from the clean snapshot {checkpoint}"))),
+        "{text:#?}"
+    );
+    assert!(
+        text.iter()
+            .any(|t| t.starts_with("warm: restored from the clean snapshot")),
+        "{text:#?}"
+    );
+}

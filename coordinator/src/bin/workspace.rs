@@ -554,6 +554,20 @@ fn print_pool(p: &coordinator::engine::pool::PoolView) {
         count(PoolSlotState::Growing),
         count(PoolSlotState::Draining)
     ));
+    for w in &p.warm {
+        out(&format!(
+            "warm image {:?}: snapshot {} {} ({} MB, made on {}){}",
+            w.image,
+            w.checkpoint,
+            w.state,
+            w.memory_mb,
+            w.node,
+            w.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+    }
     if p.slots.is_empty() {
         return;
     }

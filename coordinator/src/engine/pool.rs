@@ -136,6 +136,25 @@ pub struct PoolView {
     /// The coordinator's clock when the view was made (for remaining walltime), epoch ms.
     pub now_ms: u64,
     pub slots: Vec<PoolSlotView>,
+    /// The clean snapshot of each warm image (`warm_images`).
+    #[serde(default)]
+    pub warm: Vec<WarmView>,
+}
+
+/// A warm image's snapshot in the admin view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmView {
+    pub image: String,
+    /// `preparing`, `ready`, `failed` or `stale` (a warm start could not use it).
+    pub state: String,
+    /// `<holder>/<template vm>/g<generation>` in the checkpoint store.
+    pub checkpoint: String,
+    pub sha256: Option<String>,
+    pub memory_mb: u64,
+    /// Where it was made.
+    pub node: String,
+    pub updated_ms: u64,
+    pub reason: Option<String>,
 }
 
 /// Counts of live pool slots by [`PoolSlotState`].
@@ -1079,8 +1098,31 @@ impl Engine {
     pub fn pool_view(&self, caller: &super::Caller) -> Result<PoolView, EngineError> {
         Self::admin_only(caller)?;
         let cfg = &self.cfg.pool;
-        let live = self.with_store(|s| Ok(store::live_pool_slots(s.conn())?))?;
+        let (live, warm) = self.with_store(|s| {
+            Ok((
+                store::live_pool_slots(s.conn())?,
+                store::warm_rows(s.conn())?,
+            ))
+        })?;
         Ok(PoolView {
+            warm: warm
+                .into_iter()
+                .map(|w| WarmView {
+                    checkpoint: protocol::pilot::CheckpointId {
+                        workspace_id: holder_id(),
+                        vm_id: w.vm_id,
+                        generation: w.generation,
+                    }
+                    .to_string(),
+                    image: w.image,
+                    state: w.state,
+                    sha256: w.sha256,
+                    memory_mb: w.memory_mb,
+                    node: w.node,
+                    updated_ms: w.updated_ms,
+                    reason: w.reason,
+                })
+                .collect(),
             enabled: cfg.enabled(),
             min_idle_nodes: cfg.min_idle_nodes,
             max_nodes: cfg.max_nodes(),
