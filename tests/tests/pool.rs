@@ -362,3 +362,113 @@ fn a_lease_of_a_warm_image_starts_from_the_clean_snapshot_on_a_pool_slot() {
         "{text:#?}"
     );
 }
+
+/// Median of `v` (sorted in place).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One urgent request to running, as `token`: (client-observed ms, from
+/// POST to a GET that says running; coordinator ms, from its `requested`
+/// entry to its `running` entry). Destroys it after and waits for it to settle.
+fn request_to_running(c: &Cluster, token: &str, spec: &str) -> (f64, f64) {
+    let t0 = Instant::now();
+    let r = c.create_as(token, spec);
+    assert!(r.status == 201 || r.status == 200, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = c.get_as(token, &id).body;
+        if v["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not running: {v:#}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let client = t0.elapsed().as_secs_f64() * 1000.0;
+    let v: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/workspaces/{id}/events?after=0", c.url))
+        .bearer_auth(token)
+        .send()
+        .and_then(|r| r.json())
+        .expect("timeline");
+    let at = |phase: &str| {
+        v["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .find(|e| e["phase"] == phase)
+            .and_then(|e| e["recorded_ms"].as_f64())
+            .unwrap_or_else(|| panic!("no {phase} entry: {v:#}"))
+    };
+    let server = at("running") - at("requested");
+    let d = c.destroy_as(token, &id);
+    assert_eq!(d.status, 200, "{}", d.body);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.get_as(token, &id).body["settled"] != true {
+        assert!(Instant::now() < deadline, "{id} did not settle");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (client, server)
+}
+
+/// Urgent request to VMs running, three ways, on the local batch system with
+/// sim nodes: from a warm snapshot on an idle pool slot, on an idle pool
+/// slot booted from its image, and through the batch system (no pool).
+/// Medians over `WSP_BENCH_RUNS` (default 7) each. The sim node boots and
+/// restores in no time, so this is the coordinator's and the pilot's own
+/// part (HTTP, SQLite, the batch system, the pilot's round trips); the
+/// guest's part is BENCHMARKS.md "Warm VMs" (real QEMU).
+///
+/// `cargo test -p wsp-e2e --test pool -- --ignored --nocapture bench_`
+#[test]
+#[ignore = "a benchmark: run it by name"]
+fn bench_urgent_request_to_running_warm_idle_pilot_and_batch_system() {
+    let runs: usize = std::env::var("WSP_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7);
+    let (c, _store) = warm_cluster();
+    let cold_spec = URGENT.replace("debian-12", "alpine-3");
+    let mut warm = (Vec::new(), Vec::new());
+    let mut cold = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        wait_warm(&c, "debian-12");
+        let (a, b) = request_to_running(&c, ADMIN_TOKEN, URGENT);
+        warm.0.push(a);
+        warm.1.push(b);
+        wait_warm(&c, "debian-12");
+        let (a, b) = request_to_running(&c, ADMIN_TOKEN, &cold_spec);
+        cold.0.push(a);
+        cold.1.push(b);
+    }
+    drop(c);
+    let batch_cluster = Cluster::start(Options::default());
+    let plain = URGENT.replace("urgency = 1\n", "");
+    let mut batch = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (a, b) = request_to_running(&batch_cluster, TOKEN, &plain);
+        batch.0.push(a);
+        batch.1.push(b);
+    }
+    let (wc, ws) = (median(&mut warm.0), median(&mut warm.1));
+    let (cc, cs) = (median(&mut cold.0), median(&mut cold.1));
+    let (bc, bs) = (median(&mut batch.0), median(&mut batch.1));
+    println!("urgent request -> VMs running, sim nodes, local batch system, medians of {runs}:");
+    println!("| path | client (POST to GET running) | coordinator (requested to running) |");
+    println!("|---|---|---|");
+    println!("| warm snapshot on an idle pool slot | {wc:.1} ms | {ws:.1} ms |");
+    println!("| idle pool slot, booted from its image | {cc:.1} ms | {cs:.1} ms |");
+    println!("| through the batch system (no pool) | {bc:.1} ms | {bs:.1} ms |");
+    println!(
+        "batch / idle pool slot: x{:.1} (coordinator), x{:.1} (client)",
+        bs / cs.max(0.1),
+        bc / cc.max(0.1)
+    );
+}
