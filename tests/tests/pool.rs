@@ -472,3 +472,31 @@ fn bench_urgent_request_to_running_warm_idle_pilot_and_batch_system() {
         bc / cc.max(0.1)
     );
 }
+
+#[test]
+fn end_leases_on_exit_gives_the_pools_slots_back_too() {
+    let mut c = Cluster::start(Options {
+        serve_args: vec!["--end-leases-on-exit".into()],
+        extra: "max_urgency = 2\n[pool]\nmin_idle_nodes = 1\nmax_nodes = 2\nwalltime_s = 3600\n"
+            .into(),
+        ..Options::default()
+    });
+    wait_idle(&c, 1);
+    // One lease on a pool slot, the pool grown back to one idle slot.
+    let r = c.create_as(ADMIN_TOKEN, URGENT);
+    assert!(r.status == 201 || r.status == 200, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.get_as(ADMIN_TOKEN, &id).body["state"] != "running" {
+        assert!(Instant::now() < deadline, "not running\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_idle(&c, 1);
+    let code = c.terminate_coordinator(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "coordinator log:\n{}", c.log());
+    c.assert_nodes_restored();
+    assert!(
+        c.pilot_pids(None).is_empty(),
+        "every pilot exited, pool pilots too"
+    );
+}

@@ -529,6 +529,9 @@ pub(super) fn on_unbound(
         preempted: ws.state == WorkspaceState::Preempted,
     };
     for (vm, state) in store::live_vms_on(c, &slot.id, node)? {
+        if super::suspend::keeps(state) {
+            continue; // saved: a checkpoint now, not gone
+        }
         store::advance_vm_from(c, &vm, state, gone)?;
         store::end_placement(c, &vm, now)?;
         if vms_destroyed.contains(&vm) {
@@ -598,7 +601,11 @@ pub(super) fn on_refused(
     };
     let holder = holder_id();
     match command {
-        Cmd::Bind if p.phase == PoolPhase::Binding && !is_holder(ws) => {
+        // Refused while binding, or after the lease ended meanwhile (its
+        // unbind then finds an idle slot and is refused too: ignored below).
+        Cmd::Bind
+            if matches!(p.phase, PoolPhase::Binding | PoolPhase::Unbinding) && !is_holder(ws) =>
+        {
             let vms: Vec<_> = store::vms_of(c, &ws.id)?
                 .into_iter()
                 .filter(|v| v.slot_id == slot.id)
@@ -807,11 +814,12 @@ impl Engine {
     /// and `max_share` of the cluster; leases whose bind was refused get
     /// their batch jobs.
     pub async fn pool_tick(&self) -> Result<(), EngineError> {
-        self.submit_fallbacks().await;
         let cfg = &self.cfg.pool;
         if !cfg.enabled() {
+            // No pool, nothing to do: not even a query on each tick.
             return Ok(());
         }
+        self.submit_fallbacks().await;
         let now = self.clock.now_ms();
         let closing = self.pool.closing.load(Ordering::SeqCst);
         let new_slots = self.with_store(|s| {

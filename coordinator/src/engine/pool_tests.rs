@@ -730,3 +730,62 @@ async fn a_warm_start_that_cold_boots_says_so_and_the_snapshot_is_made_again() {
         .expect("prepared again");
     assert_eq!(again.generation, to.generation + 1);
 }
+
+#[tokio::test]
+async fn a_lease_suspended_on_a_pool_slot_keeps_its_checkpoint_and_the_slot_goes_back_idle() {
+    let rig = Rig::with(pool_config);
+    rig.engine.housekeeping(false).await;
+    let slot = pool_view(&rig).slots[0].slot_id.clone();
+    let deadline = rig.clock.now_ms() + WALLTIME_S * 1000 - 5_000;
+    idle_pilot_with_store(&rig, &slot, "p1", deadline);
+    let ws = urgent_lease(&rig, 1, 1, 3600).await;
+    assert_eq!(ws.slots[0].id, slot);
+    bind_and_start(&rig, &ws, &slot, "p1");
+    rig.engine.suspend(&admin(), &ws.id).expect("suspend");
+    let (vm, to) = rig
+        .commands(&slot, "p1")
+        .into_iter()
+        .find_map(|c| match c {
+            CommandKind::SuspendVm { vm_id, to } => Some((vm_id, to)),
+            _ => None,
+        })
+        .expect("suspend_vm");
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::VmSuspended {
+            vm_id: vm.clone(),
+            checkpoint: to.clone(),
+            sha256: "ef".repeat(32),
+            bytes: 1 << 20,
+            memory_mb: 512,
+            save_ms: 10,
+            total_ms: 12,
+            trigger: protocol::pilot::SuspendTrigger::Commanded,
+        },
+    )
+    .expect("suspended");
+    let cmds = rig.commands(&slot, "p1");
+    assert!(
+        cmds.iter().any(|c| matches!(c, CommandKind::Unbind { .. })),
+        "{cmds:?}"
+    );
+    rig.send(
+        &slot,
+        "p1",
+        EventKind::Unbound {
+            workspace_id: ws.id.clone(),
+            vms_destroyed: vec![vm.clone()],
+            reservation: change(512, deadline),
+        },
+    )
+    .expect("unbound");
+    let v = rig.view(&ws.id);
+    assert_eq!(v.state, WorkspaceState::Suspended, "{v:?}");
+    assert_eq!(
+        v.vms[0].state,
+        VmState::Suspended,
+        "a checkpoint, not gone: {v:?}"
+    );
+    assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
+}

@@ -297,6 +297,9 @@ pub fn take_pool_fallbacks(c: &Connection) -> Result<Vec<SlotRow>> {
         .prepare_cached("SELECT slot_id FROM pool_fallbacks ORDER BY slot_id")?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     c.prepare_cached("DELETE FROM pool_fallbacks")?
         .execute([])?;
     let mut out = Vec::new();
