@@ -316,7 +316,7 @@ async fn an_urgency_above_the_users_allowance_answers_403_with_both_figures() {
     let text = page.to_string();
     assert!(
         text.contains(
-            "requested by bob; urgency 2: this coordinator has no pool of idle slots yet"
+            "requested by bob; urgency 2, through the batch system: this coordinator has no slot pool"
         ),
         "{text}"
     );
