@@ -68,20 +68,30 @@ stop_prefix_pids() {
 }
 
 # /etc/hosts may be a bind mount: rewrite it in place, never replace the
-# inode. Sets the tagged lines to exactly the arguments.
+# inode. Each edit holds a lock for its read-modify-write: two runs editing
+# at once (an up beside a down) once left the file empty, and with it the
+# host's own name, which Slurm and Grid Engine need.
+HOSTS_LOCK=/run/wsp-hosts.lock
+
+# Sets the tagged lines to exactly the arguments.
 hosts_set() {
-    local rest want
+    local want
     want=$(printf '%s\n' "$@")
-    [ "$(grep -F "$HOSTS_TAG" /etc/hosts || true)" = "$want" ] && return 0
-    rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
-    printf '%s\n%s\n' "$rest" "$want" >/etc/hosts
+    (
+        flock -w 30 9 || die "$HOSTS_LOCK: held by another edit of /etc/hosts for 30 s"
+        [ "$(grep -F "$HOSTS_TAG" /etc/hosts || true)" = "$want" ] && exit 0
+        rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
+        printf '%s\n%s\n' "$rest" "$want" >/etc/hosts
+    ) 9>"$HOSTS_LOCK"
 }
 
 hosts_clear() {
-    local rest
-    grep -qF "$HOSTS_TAG" /etc/hosts || return 0
-    rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
-    printf '%s\n' "$rest" >/etc/hosts
+    (
+        flock -w 30 9 || die "$HOSTS_LOCK: held by another edit of /etc/hosts for 30 s"
+        grep -qF "$HOSTS_TAG" /etc/hosts || exit 0
+        rest=$(grep -vF "$HOSTS_TAG" /etc/hosts || true)
+        printf '%s\n' "$rest" >/etc/hosts
+    ) 9>"$HOSTS_LOCK"
 }
 
 node_names() {

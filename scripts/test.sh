@@ -12,6 +12,13 @@ step() { printf '\n== %s\n' "$*"; }
 step "system packages"
 scripts/install-deps.sh
 
+# Slurm, Grid Engine and PBS all look their own host up by name: say so
+# once here rather than in forty failing tests.
+getent hosts "$(hostname)" >/dev/null || {
+    echo "test.sh: this host's name \"$(hostname)\" does not resolve (add it to /etc/hosts); the batch systems the tests start need it" >&2
+    exit 1
+}
+
 step "OpenPBS and Torque from source (once, into /opt/wsp-lrm: scripts/pbs-build.sh)"
 # About 4 min (OpenPBS) + 9 min (Torque) on 2 cores the first time, nothing
 # afterwards; exit 3: no source tarball, their tests say they are skipped.
