@@ -20,6 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 mod reservations;
 pub use reservations::*;
+mod urgent;
+pub use urgent::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -360,6 +362,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     tx.execute_batch(SCHEMA)?;
     // 4 -> 5: guaranteed leases' batch-system reservations (a new table).
     tx.execute_batch(reservations::SCHEMA)?;
+    tx.execute_batch(urgent::SCHEMA)?;
     if !fresh && version < 3 {
         // The counter tables of a version-0 database start empty, and the
         // pilots' counters now count states: fill both from the rows.

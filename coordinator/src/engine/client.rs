@@ -292,6 +292,9 @@ impl Engine {
         }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
+        if self.place_urgent(&ws.id)? {
+            return Ok((ws.id, false)); // on shared nodes: nothing to submit
+        }
         for slot in &slots {
             if let Err(source) = self.submit_slot(slot).await {
                 warn!(workspace_id = %ws.id, slot_id = %slot.id, error = %source, "pilot job submission failed");
@@ -744,8 +747,14 @@ fn urgency_note(urgency: u8) -> String {
         0 => String::new(),
         // The pool that urgency draws on is the node side only so far
         // (docs/POOL.md, "Coordinator side"): say so rather than pretend.
+        // What it may take instead is engine::urgent's, said after this.
         u => format!(
-            "; urgency {u}: this coordinator has no pool of idle slots yet, so it goes through the batch system like urgency 0"
+            "; urgency {u}: this coordinator has no pool of idle slots yet{}",
+            if u >= 2 {
+                ", so it looks for a node to share under CPU caps, then suspends best-effort leases if the batch system is full"
+            } else {
+                ", so it suspends best-effort leases if the batch system is full"
+            }
         ),
     }
 }

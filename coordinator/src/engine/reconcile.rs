@@ -67,6 +67,9 @@ impl Engine {
         if let Err(e) = self.resume_due().await {
             warn!(error = %e, "resuming suspended workspaces failed; will retry");
         }
+        if let Err(e) = self.urgent_fallbacks().await {
+            warn!(error = %e, "submitting urgent leases that gave up sharing failed; will retry");
+        }
         if let Err(e) = self.delete_ended_checkpoints().await {
             warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
         }

@@ -335,6 +335,9 @@ fn released(reason: ReleaseReason) -> EventKind {
 #[path = "suspend_tests.rs"]
 mod suspend_tests;
 
+#[path = "urgent_tests.rs"]
+mod urgent_tests;
+
 #[tokio::test]
 async fn preempted_while_destroying_ends_preempted_with_every_vm_preempted() {
     let rig = Rig::new();

@@ -26,6 +26,8 @@ use tracing::{info, warn};
 pub(super) struct Setting<'a> {
     pub images: &'a network::ImagesConfig,
     pub policy: &'a dyn Policy,
+    /// What urgent leases may take (`[urgency]`).
+    pub urgency: &'a crate::config::UrgencyConfig,
 }
 
 pub(super) fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
@@ -80,6 +82,8 @@ pub(super) fn fail_workspace(
 /// Asks every slot of the workspace to end: `release` to each pilot that has
 /// not released, and a batch cancel for jobs with nodes no pilot holds yet.
 pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(), EngineError> {
+    // An urgent lease's VMs on other leases' nodes (engine::urgent).
+    super::urgent::end_shares(c, ws, now)?;
     for slot in store::slots_of(c, &ws.id)? {
         if slot.state.is_terminal() {
             continue;
@@ -131,6 +135,10 @@ pub(super) fn maybe_settle(
 ) -> Result<(), EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     if !slots.iter().all(|s| s.state.is_terminal()) {
+        return Ok(());
+    }
+    if super::urgent::holds_shares(c, &ws.id)? {
+        // A VM of it still runs on another lease's node.
         return Ok(());
     }
     if transition(c, ws, Input::AllSlotsEnded, None, now)? && ws.state == WorkspaceState::Failed {
