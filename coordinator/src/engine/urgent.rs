@@ -8,9 +8,9 @@
 //!   weight. When the urgent lease ends its VM is destroyed, the caps lifted
 //!   and the memory given back. A refused reservation or cap before the
 //!   urgent VM started: everything is undone and the lease goes through the
-//!   batch system. The host lease ending first takes the urgent VM with its
-//!   node: the urgent lease fails, saying so (hosts that outlive it are
-//!   chosen first).
+//!   batch system. Only hosts whose lease outlives the urgent one are
+//!   chosen; one that still ends first (destroyed, preempted) takes the
+//!   urgent VM with its node: the urgent lease fails, saying so.
 //! - **Urgency 1 (and 2 with no node to share) may suspend best-effort
 //!   leases** when the batch system has no free node for it: the smallest
 //!   lease that frees enough nodes, else the largest ones until enough;
@@ -123,7 +123,6 @@ struct Host {
     host: WorkspaceId,
     base_mb: u64,
     spare_mb: u64,
-    outlives: bool,
 }
 
 /// Urgency 2: places every VM of `ws` beside running best-effort VMs, in
@@ -148,7 +147,7 @@ fn share_in(
         })
         .collect::<Result<_, _>>()?;
     let mut hosts = Vec::new();
-    let (mut no_cpu, mut busy) = (Vec::new(), 0usize);
+    let (mut no_cpu, mut busy, mut short_lived) = (Vec::new(), 0usize, 0usize);
     for r in store::node_rooms(c)? {
         let Some(slot) = store::get_slot(c, &r.slot_id)? else {
             continue;
@@ -173,6 +172,11 @@ fn share_in(
             busy += 1;
             continue;
         }
+        // Its VM would go with the host's node when the host's lease ends.
+        if holder.expires_ms.is_none_or(|e| e < ends) {
+            short_lived += 1;
+            continue;
+        }
         if !r.cpu_control {
             no_cpu.push(format!("{} ({})", r.node, r.cpu_how));
             continue;
@@ -183,17 +187,10 @@ fn share_in(
             host: holder.id.clone(),
             base_mb: r.reserved_mb,
             spare_mb: r.dom0_mb.saturating_sub(min_dom0_mb),
-            outlives: holder.expires_ms.is_some_and(|e| e >= ends),
         });
     }
-    // Hosts that outlive the urgent lease first (its VM goes with the
-    // host's node), then the most memory to spare.
-    hosts.sort_by(|a, b| {
-        b.outlives
-            .cmp(&a.outlives)
-            .then(b.spare_mb.cmp(&a.spare_mb))
-            .then(a.node.cmp(&b.node))
-    });
+    // The most memory to spare first.
+    hosts.sort_by(|a, b| b.spare_mb.cmp(&a.spare_mb).then(a.node.cmp(&b.node)));
     let vms = store::vms_of(c, &ws.id)?;
     let mut plan = Vec::new();
     let mut used = vec![false; hosts.len()];
@@ -220,6 +217,11 @@ fn share_in(
                 }
                 if busy > 0 {
                     why.push_str(&format!("; {busy} node(s) already shared"));
+                }
+                if short_lived > 0 {
+                    why.push_str(&format!(
+                        "; {short_lived} node(s) of leases that end before this one would"
+                    ));
                 }
                 return Ok(Err(why));
             }
@@ -254,12 +256,8 @@ fn share_in(
             Some(&share),
             Some(&vm.id),
             &format!(
-                "urgency 2: VM {} goes beside best-effort lease {} on node {}{}; asking its pilot for {} MB more",
-                vm.id,
-                h.host,
-                h.node,
-                if h.outlives { "" } else { " (that lease ends before this one: if it ends first, this VM goes with it)" },
-                vm.memory_mb
+                "urgency 2: VM {} goes beside best-effort lease {} on node {}; asking its pilot for {} MB more",
+                vm.id, h.host, h.node, vm.memory_mb
             ),
         )?;
         line(
