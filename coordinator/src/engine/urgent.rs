@@ -655,6 +655,7 @@ pub(super) fn host_released(
     why: &str,
     now: u64,
 ) -> Result<(), EngineError> {
+    store::delete_node_room(c, slot, node)?;
     for mut s in store::shares_on(c, slot, node)? {
         if !advance(c, &mut s, ShareInput::HostGone)? {
             continue;

@@ -214,6 +214,13 @@ pub fn set_node_room(
     Ok(())
 }
 
+/// The pilot of (slot, node) is gone: its node lends nothing any more.
+pub fn delete_node_room(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
+    c.prepare_cached("DELETE FROM node_rooms WHERE slot_id = ?1 AND node = ?2")?
+        .execute(params![slot.as_str(), node])?;
+    Ok(())
+}
+
 /// Every node whose pilot reported what it can lend.
 pub fn node_rooms(c: &Connection) -> Result<Vec<NodeRoomRow>> {
     let mut st = c.prepare_cached(
