@@ -449,3 +449,79 @@ async fn urgency_1_suspends_nothing_while_the_cluster_has_free_nodes_or_nothing_
         rig.timeline(&third.id).await
     );
 }
+
+#[tokio::test]
+async fn a_restart_while_sharing_loses_nothing_and_the_end_still_lifts_the_caps() {
+    let mut rig = urgent_rig();
+    let host = rig.running_host(1, true, false).await;
+    let urgent = rig.urgent(2, 1).await;
+    let (host_vm, launch) = share_node1(&rig, &host, &urgent).await;
+    rig.restart();
+    assert_eq!(rig.view(&urgent.id).state, WorkspaceState::Running);
+    assert_eq!(rig.view(&host.id).state, WorkspaceState::Running);
+    rig.clock.advance(601_000);
+    rig.engine.housekeeping(false).await;
+    let slot = &host.slots[0].id;
+    assert_eq!(
+        rig.commands(slot, "node1"),
+        vec![CommandKind::DestroyVm {
+            vm_id: launch.vm_id.clone()
+        }],
+        "expired: its VM is destroyed, the host's pilot kept"
+    );
+    let gone = EventKind::VmDestroyed {
+        vm_id: launch.vm_id,
+        destroy_ms: 3,
+    };
+    rig.send(slot, "node1", gone).expect("destroyed");
+    assert!(rig.commands(slot, "node1").contains(&CommandKind::SetCpu {
+        vm_id: host_vm,
+        cpu: CpuShare::default()
+    }));
+    let u = rig.view(&urgent.id);
+    assert_eq!(u.state, WorkspaceState::Expired);
+    assert!(u.settled, "{u:?}");
+}
+
+#[tokio::test]
+async fn an_urgent_vm_that_fails_to_start_fails_its_lease_and_gives_the_node_back() {
+    let rig = urgent_rig();
+    let host = rig.running_host(1, true, false).await;
+    let urgent = rig.urgent(2, 1).await;
+    let slot = &host.slots[0].id;
+    rig.commands(slot, "node1");
+    rig.send(slot, "node1", changed(1024)).expect("changed");
+    rig.commands(slot, "node1");
+    let set = EventKind::VmCpuSet {
+        vm_id: host.vms[0].id.clone(),
+        cpu: CpuShare {
+            weight: None,
+            cap_pct: Some(10),
+        },
+        mechanism: "sim".into(),
+    };
+    rig.send(slot, "node1", set).expect("cpu set");
+    let Some(CommandKind::StartVm(launch)) = rig.commands(slot, "node1").pop() else {
+        panic!("a start_vm");
+    };
+    let failed = EventKind::VmFailed {
+        vm_id: launch.vm_id,
+        reason: "image not found".into(),
+    };
+    rig.send(slot, "node1", failed).expect("vm failed");
+    let u = rig.view(&urgent.id);
+    assert_eq!(u.state, WorkspaceState::Failed);
+    assert!(u.settled, "{u:?}");
+    assert!(u.reason.unwrap_or_default().contains("image not found"));
+    assert_eq!(
+        rig.commands(slot, "node1"),
+        vec![
+            CommandKind::SetCpu {
+                vm_id: host.vms[0].id.clone(),
+                cpu: CpuShare::default()
+            },
+            CommandKind::Reserve { memory_mb: 512 }
+        ]
+    );
+    assert_eq!(rig.view(&host.id).state, WorkspaceState::Running);
+}
