@@ -299,7 +299,9 @@ pub(super) fn on_reservation_changed(
     let cap_pct = setting.urgency.cap_pct;
     store::set_node_room(c, slot, node, None, dom0_mb, reserved_mb)?;
     for mut s in store::shares_on(c, slot, node)? {
-        if !advance(c, &mut s, ShareInput::Reserved)? {
+        // Only the answer that holds this share's memory (a give-back of
+        // an earlier share on the node may come first).
+        if reserved_mb < s.base_mb + s.extra_mb || !advance(c, &mut s, ShareInput::Reserved)? {
             continue;
         }
         let host_vms: Vec<VmId> = store::live_vms_on(c, slot, node)?
