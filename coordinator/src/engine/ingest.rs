@@ -812,7 +812,8 @@ fn on_released(
         "its pilot released it: {}",
         format!("{reason:?}").to_lowercase()
     );
-    super::urgent::host_released(c, &ev.slot.id, node, &why, now)?;
+    let how = super::urgent::HostEnd::Released(&why);
+    super::urgent::host_ended(c, &ev.slot.id, node, how, now)?;
     suspend::after_release(c, &mut ev.ws, node, &unsaved, now)?;
     if needs_slot(c, &ev.ws, &ev.slot.id)? {
         let (input, why) = match reason {

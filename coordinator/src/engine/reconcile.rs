@@ -214,6 +214,9 @@ impl Engine {
                     for (vm, state) in &vms {
                         store::advance_vm_from(tx, vm, *state, vm_life::Input::PilotLost)?;
                     }
+                    // An urgent lease's VM on that node (engine::urgent).
+                    let how = super::urgent::HostEnd::Lost { quiet_s: now.saturating_sub(p.last_seen_ms) / 1000 };
+                    super::urgent::host_ended(tx, &slot.id, &p.node, how, now)?;
                     store::push_timeline(
                         tx,
                         &ws.id,

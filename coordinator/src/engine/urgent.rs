@@ -648,13 +648,22 @@ pub(super) fn vm_gone(c: &Connection, vm: &VmId, now: u64) -> Result<(), EngineE
     maybe_settle(c, &mut ws, now)
 }
 
-/// The host's pilot gave its node back (from `on_released`): an urgent VM
-/// on it went with it; its lease fails, saying why.
-pub(super) fn host_released(
+/// How the host's pilot left the node an urgent VM shared.
+pub(super) enum HostEnd<'a> {
+    /// It gave the node back (`released`): the VM went with it.
+    Released(&'a str),
+    /// It went silent: the VM may still run there (unknown, kill-all).
+    Lost { quiet_s: u64 },
+}
+
+/// The host's pilot left its node (from `on_released` and the silence
+/// check): an urgent VM on it went with it, or is unknown; its lease
+/// fails, saying why.
+pub(super) fn host_ended(
     c: &Connection,
     slot: &SlotId,
     node: &str,
-    why: &str,
+    how: HostEnd,
     now: u64,
 ) -> Result<(), EngineError> {
     store::delete_node_room(c, slot, node)?;
@@ -662,23 +671,33 @@ pub(super) fn host_released(
         if !advance(c, &mut s, ShareInput::HostGone)? {
             continue;
         }
-        store::advance_vm(c, &s.vm_id, vm_life::Input::Gone { preempted: false })?;
         let mut ws = must_ws(c, &s.urgent_ws)?;
-        line(
-            c,
-            &s.host_ws,
-            now,
-            Some(&s),
-            Some(&s.vm_id),
-            &format!(
-                "node {node} given back ({why}) with urgent lease {}'s VM {} on it",
-                s.urgent_ws, s.vm_id
+        let (host_line, reason) = match how {
+            HostEnd::Released(why) => {
+                store::advance_vm(c, &s.vm_id, vm_life::Input::Gone { preempted: false })?;
+                (
+                    format!(
+                        "node {node} given back ({why}) with urgent lease {}'s VM {} on it",
+                        s.urgent_ws, s.vm_id
+                    ),
+                    format!(
+                        "best-effort lease {} ended first on node {node}, which this lease's VM {} shared ({why}); the VM went with the node",
+                        s.host_ws, s.vm_id
+                    ),
+                )
+            }
+            HostEnd::Lost { quiet_s } => (
+                format!(
+                    "urgent lease {}'s VM {} on {node} is unknown too",
+                    s.urgent_ws, s.vm_id
+                ),
+                format!(
+                    "the pilot on node {node} (of best-effort lease {}, whose node this lease's VM {} shared) went silent (nothing for {quiet_s} s); the VM may still run until the node is cleaned, which the cluster's admins are told",
+                    s.host_ws, s.vm_id
+                ),
             ),
-        )?;
-        let reason = format!(
-            "best-effort lease {} ended first on node {node}, which this lease's VM {} shared ({why}); the VM went with the node",
-            s.host_ws, s.vm_id
-        );
+        };
+        line(c, &s.host_ws, now, Some(&s), Some(&s.vm_id), &host_line)?;
         if lifecycle::wants_slots(ws.state) {
             fail_workspace(c, &mut ws, &reason, now)?;
         }

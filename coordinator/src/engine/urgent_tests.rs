@@ -459,9 +459,15 @@ async fn a_restart_while_sharing_loses_nothing_and_the_end_still_lifts_the_caps(
     rig.restart();
     assert_eq!(rig.view(&urgent.id).state, WorkspaceState::Running);
     assert_eq!(rig.view(&host.id).state, WorkspaceState::Running);
-    rig.clock.advance(601_000);
-    rig.engine.housekeeping(false).await;
     let slot = &host.slots[0].id;
+    // Ten minutes pass, the host's pilot polling as live pilots do.
+    for _ in 0..10 {
+        rig.clock.advance(60_000);
+        assert!(rig.commands(slot, "node1").is_empty());
+        rig.engine.housekeeping(false).await;
+    }
+    rig.clock.advance(1_000);
+    rig.engine.housekeeping(false).await;
     assert_eq!(
         rig.commands(slot, "node1"),
         vec![CommandKind::DestroyVm {
@@ -524,4 +530,27 @@ async fn an_urgent_vm_that_fails_to_start_fails_its_lease_and_gives_the_node_bac
         ]
     );
     assert_eq!(rig.view(&host.id).state, WorkspaceState::Running);
+}
+
+#[tokio::test]
+async fn a_host_pilot_going_silent_fails_the_urgent_lease_with_its_vm_unknown() {
+    let rig = urgent_rig();
+    let host = rig.running_host(1, true, false).await;
+    let urgent = rig.urgent(2, 1).await;
+    let (_, launch) = share_node1(&rig, &host, &urgent).await;
+    rig.clock.advance(120_000);
+    rig.engine.housekeeping(false).await;
+    let u = rig.view(&urgent.id);
+    assert_eq!(u.state, WorkspaceState::Failed);
+    assert!(
+        u.reason.clone().unwrap_or_default().contains("went silent"),
+        "{u:?}"
+    );
+    let vm = u.vms.iter().find(|v| v.id == launch.vm_id).expect("vm");
+    assert_eq!(
+        vm.state,
+        VmState::Unknown,
+        "it may still run: not called destroyed"
+    );
+    assert!(u.settled, "nothing more will report: {u:?}");
 }
