@@ -36,6 +36,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/api/v1/workspaces/{id}/resume", post(resume))
         .route("/api/v1/workspaces/{id}/renew", post(renew))
         .route("/api/v1/admin/nodes", get(admin_nodes))
+        .route("/api/v1/admin/pool", get(admin_pool))
         .route("/api/v1/admin/nodes/{node}/cleaned", post(node_cleaned))
         .layer(DefaultBodyLimit::max(MAX_CLIENT_BODY));
     let pilot = Router::new()
@@ -314,6 +315,14 @@ async fn admin_nodes(
 ) -> Result<Response, ApiError> {
     let who = caller(&engine, &headers)?;
     Ok(Json(engine.cluster_view(&who)?).into_response())
+}
+
+async fn admin_pool(
+    State(engine): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let who = caller(&engine, &headers)?;
+    Ok(Json(engine.pool_view(&who)?).into_response())
 }
 
 async fn node_cleaned(

@@ -291,6 +291,13 @@ impl Client {
             .await
     }
 
+    /// The slot pool: each slot, its node, state, idle time, walltime left
+    /// and lease (admin token only).
+    pub async fn pool(&self) -> Result<crate::engine::pool::PoolView, ClientError> {
+        self.send(self.http.get(format!("{}/api/v1/admin/pool", self.base)))
+            .await
+    }
+
     /// Tells the coordinator that kill-all cleaned `node` (admin token only).
     pub async fn node_cleaned(
         &self,

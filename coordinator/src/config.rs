@@ -299,6 +299,115 @@ impl Default for UrgencyConfig {
     }
 }
 
+/// The slot pool (`[pool]`, issue 17, docs/POOL.md): pilot slots held idle
+/// through the batch system so that leases start without waiting in its
+/// queue. `min_idle_nodes = 0` (the default) means no pool at all.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Idle pool slots (one node each) the coordinator keeps ready; 0: no pool.
+    pub min_idle_nodes: u32,
+    /// Most pool slots at once, idle, bound and growing together. Default:
+    /// `min_idle_nodes`.
+    pub max_nodes: Option<u32>,
+    /// Seconds a slot may stay idle before it is given back, while more
+    /// than `min_idle_nodes` are idle.
+    pub idle_timeout_s: u64,
+    /// Most of the cluster's nodes the pool may hold, as a fraction (0 < f <= 1).
+    pub max_share: f64,
+    /// Memory (MB) an idle pool pilot holds for VMs (`--memory-mb`); each
+    /// binding then asks for what its lease needs.
+    pub idle_memory_mb: u64,
+    /// How long each pool pilot holds its node, seconds (its `--duration-s`;
+    /// the batch job's walltime adds `pilot.walltime_margin_s`). A lease
+    /// that would end after a slot's own end goes elsewhere.
+    pub walltime_s: u64,
+    /// Images of which the pool keeps a clean snapshot (warm VMs, made on
+    /// an idle slot whose node has a checkpoint store, at `idle_memory_mb`):
+    /// a lease VM of such an image and that memory, placed on a pool slot,
+    /// starts from the snapshot instead of booting.
+    pub warm_images: Vec<String>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            min_idle_nodes: 0,
+            max_nodes: None,
+            idle_timeout_s: 600,
+            max_share: 1.0,
+            idle_memory_mb: 0,
+            walltime_s: 4 * 3600,
+            warm_images: Vec::new(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// True when a pool is configured.
+    pub fn enabled(&self) -> bool {
+        self.min_idle_nodes > 0
+    }
+
+    /// The most pool slots at once.
+    pub fn max_nodes(&self) -> u32 {
+        self.max_nodes.unwrap_or(self.min_idle_nodes)
+    }
+
+    /// The checks of [`Config::validate`] for `[pool]`, on a cluster of `nodes`.
+    fn validate(&self, nodes: &Capacity, min_dom0_mb: u64) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !self.enabled() {
+            if self.max_nodes.is_some_and(|m| m > 0) || !self.warm_images.is_empty() {
+                return bad("pool.max_nodes and pool.warm_images need pool.min_idle_nodes of at least 1 (0 means no pool)".into());
+            }
+            return Ok(());
+        }
+        let max = self.max_nodes();
+        if max < self.min_idle_nodes {
+            return bad(format!(
+                "pool.max_nodes = {max}: must be at least pool.min_idle_nodes = {}",
+                self.min_idle_nodes
+            ));
+        }
+        if !self.max_share.is_finite() || self.max_share <= 0.0 || self.max_share > 1.0 {
+            return bad(format!(
+                "pool.max_share = {}: must be a fraction of the cluster's nodes above 0 and at most 1",
+                self.max_share
+            ));
+        }
+        let share = (f64::from(nodes.nodes) * self.max_share).floor() as u32;
+        if self.min_idle_nodes > share {
+            return bad(format!(
+                "pool.min_idle_nodes = {}: more than pool.max_share = {} of the cluster's {} nodes allows ({share})",
+                self.min_idle_nodes, self.max_share, nodes.nodes
+            ));
+        }
+        if self.walltime_s < 60 {
+            return bad(format!(
+                "pool.walltime_s = {}: must be at least 60 s (a pool slot must outlive the leases it takes)",
+                self.walltime_s
+            ));
+        }
+        if self.idle_timeout_s == 0 {
+            return bad("pool.idle_timeout_s = 0: an idle slot would be given back at once; use min_idle_nodes = 0 for no pool".into());
+        }
+        let room = nodes.memory_mb_per_node.saturating_sub(min_dom0_mb);
+        if self.idle_memory_mb > room {
+            return bad(format!(
+                "pool.idle_memory_mb = {}: more than a node can give VMs ({} MB less pilot.min_dom0_mb = {room} MB)",
+                self.idle_memory_mb, nodes.memory_mb_per_node
+            ));
+        }
+        if let Some(i) = self.warm_images.iter().position(|i| i.trim().is_empty()) {
+            return bad(format!(
+                "pool.warm_images[{i}]: an image name must not be empty"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole server config.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -341,6 +450,8 @@ pub struct Config {
     pub pilot: PilotConfig,
     pub reservations: ReservationsConfig,
     pub urgency: UrgencyConfig,
+    /// The slot pool (no pool unless `min_idle_nodes` is set).
+    pub pool: PoolConfig,
     /// Address pools (`[network.private]`, `[network.public]`).
     pub network: crate::network::NetworkConfig,
     /// Image repository (`[images] repository`).
@@ -371,6 +482,7 @@ impl Default for Config {
             pilot: PilotConfig::default(),
             reservations: ReservationsConfig::default(),
             urgency: UrgencyConfig::default(),
+            pool: PoolConfig::default(),
             network: Default::default(),
             images: Default::default(),
             users: Vec::new(),
@@ -516,9 +628,12 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         let mut hashes = std::collections::HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
-            if u.name.is_empty() || u.name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            if u.name.is_empty()
+                || u.name.starts_with('@')
+                || u.name.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
                 return bad(format!(
-                    "users[{i}].name = {:?}: must be a non-empty name without spaces",
+                    "users[{i}].name = {:?}: must be a non-empty name without spaces, not starting with '@' (reserved for the coordinator's own, such as the slot pool's @pool)",
                     u.name
                 ));
             }
@@ -584,6 +699,7 @@ impl Config {
                 protocol::spec::MIN_MEMORY_MB
             ));
         }
+        self.pool.validate(&nodes, self.pilot.min_dom0_mb)?;
         Ok(())
     }
 
@@ -664,6 +780,66 @@ mod tests {
         assert!(e.to_string().contains("network.private"), "{e}");
         let e = Config::parse("[images]\nrepository = \"ftp://x\"\n").unwrap_err();
         assert!(e.to_string().contains("images.repository"), "{e}");
+    }
+
+    #[test]
+    fn the_pool_is_off_by_default_and_its_bad_values_are_refused_naming_the_key() {
+        let c = Config::parse("").unwrap();
+        assert!(!c.pool.enabled());
+        assert_eq!(c.pool, PoolConfig::default());
+        // The local batch system has 4 nodes by default.
+        let c = Config::parse("[pool]\nmin_idle_nodes = 1\nmax_nodes = 2\n").unwrap();
+        assert!(c.pool.enabled());
+        assert_eq!(c.pool.max_nodes(), 2);
+        assert_eq!(
+            Config::parse("[pool]\nmin_idle_nodes = 2\n")
+                .unwrap()
+                .pool
+                .max_nodes(),
+            2
+        );
+        for (toml, key) in [
+            (
+                "[pool]\nmin_idle_nodes = 2\nmax_nodes = 1\n",
+                "pool.max_nodes",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 1\nmax_share = 0\n",
+                "pool.max_share",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 1\nmax_share = 1.5\n",
+                "pool.max_share",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 3\nmax_share = 0.5\n",
+                "pool.min_idle_nodes",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 1\nwalltime_s = 10\n",
+                "pool.walltime_s",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 1\nidle_timeout_s = 0\n",
+                "pool.idle_timeout_s",
+            ),
+            (
+                "[pool]\nmin_idle_nodes = 1\nidle_memory_mb = 100000\n",
+                "pool.idle_memory_mb",
+            ),
+            ("[pool]\nmax_nodes = 2\n", "pool.min_idle_nodes"),
+            (
+                "[pool]\nmin_idle_nodes = 1\nidle_timeout = 5\n",
+                "idle_timeout",
+            ),
+            (
+                "[[users]]\nname = \"@pool\"\ntoken_sha256 = \"00\"\n",
+                "users[0].name",
+            ),
+        ] {
+            let e = refused(toml);
+            assert!(e.contains(key), "{toml:?}: {e}");
+        }
     }
 
     #[test]

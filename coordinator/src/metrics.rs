@@ -83,6 +83,8 @@ pub struct Metrics {
     pub teardown: Histogram,
     pub slots: Family<StateLabel, Gauge>,
     pub nodes: Family<StateLabel, Gauge>,
+    /// The slot pool's slots by state (`engine::pool`).
+    pub pool_slots: Family<StateLabel, Gauge>,
 }
 
 fn lease_histogram() -> Histogram {
@@ -188,11 +190,18 @@ impl Metrics {
             "Nodes by state: in_use (a pilot holds it), needs_kill_all, other (the rest of the batch system's nodes)",
             nodes.clone(),
         );
+        let pool_slots = Family::<StateLabel, Gauge>::default();
+        registry.register(
+            "pool_slots",
+            "The slot pool's slots by state: idle, bound (to a lease), growing (pilot job queued or starting), draining (being given back)",
+            pool_slots.clone(),
+        );
         Self {
             request_to_running,
             teardown,
             slots,
             nodes,
+            pool_slots,
             registry,
             workspaces_created,
             pilot_events,
@@ -259,6 +268,17 @@ impl Metrics {
                     state: state.to_string(),
                 })
                 .set(n);
+        }
+    }
+
+    /// Sets the pool gauges from counts per pool slot state.
+    pub fn set_pool_slots(&self, counts: &[(&str, i64)]) {
+        for (state, n) in counts {
+            self.pool_slots
+                .get_or_create(&StateLabel {
+                    state: state.to_string(),
+                })
+                .set(*n);
         }
     }
 

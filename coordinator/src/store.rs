@@ -18,7 +18,9 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod pool;
 mod reservations;
+pub use pool::*;
 pub use reservations::*;
 mod urgent;
 pub use urgent::*;
@@ -363,6 +365,8 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     // 4 -> 5: guaranteed leases' batch-system reservations (a new table).
     tx.execute_batch(reservations::SCHEMA)?;
     tx.execute_batch(urgent::SCHEMA)?;
+    // The slot pool's rows (a new table; a database without it gets it).
+    tx.execute_batch(pool::SCHEMA)?;
     if !fresh && version < 3 {
         // The counter tables of a version-0 database start empty, and the
         // pilots' counters now count states: fill both from the rows.
@@ -504,7 +508,8 @@ pub fn get_workspace(c: &Connection, id: &WorkspaceId) -> Result<Option<Workspac
 /// Workspaces of `owner` (all owners when `None`), newest first.
 pub fn list_workspaces(c: &Connection, owner: Option<&str>) -> Result<Vec<WorkspaceRow>> {
     let mut st = c.prepare_cached(&format!(
-        "SELECT {WS_COLS} FROM workspaces WHERE (?1 IS NULL OR owner = ?1) ORDER BY created_ms DESC, id"
+        "SELECT {WS_COLS} FROM workspaces WHERE (?1 IS NULL OR owner = ?1) AND owner <> '@pool'
+         ORDER BY created_ms DESC, id"
     ))?;
     let rows = st.query_map([owner], ws_from_row)?;
     rows.map(|r| ws_build(r?)).collect()

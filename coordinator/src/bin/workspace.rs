@@ -150,6 +150,10 @@ enum AdminCmd {
     /// Nodes in use, slots with their pilots and queue reasons, and the
     /// nodes that need kill-all with the command to run there.
     Nodes,
+    /// The slot pool ([pool] in the coordinator's config): each pool slot,
+    /// its node, state (idle, bound, growing, draining), how long it has
+    /// been idle, the walltime it has left and the lease it serves.
+    Pool,
     /// Say that kill-all cleaned NODE: it is no longer listed, and the VMs
     /// whose fate was unknown there count as destroyed.
     Cleaned { node: String },
@@ -524,6 +528,90 @@ fn print_cluster(c: &protocol::admin::ClusterView) {
             ));
         }
     }
+}
+
+/// `workspace admin pool` for people.
+fn print_pool(p: &coordinator::engine::pool::PoolView) {
+    use coordinator::engine::pool::PoolSlotState;
+    if !p.enabled {
+        out("No slot pool: [pool] min_idle_nodes is 0 in the coordinator's config.");
+    } else {
+        out(&format!(
+            "Slot pool: at least {} idle, at most {} node(s) ({}% of the cluster at most); idle slots given back after {} s; {} MB held while idle; pool jobs of {} s",
+            p.min_idle_nodes,
+            p.max_nodes,
+            (p.max_share * 100.0).round(),
+            p.idle_timeout_s,
+            p.idle_memory_mb,
+            p.walltime_s
+        ));
+    }
+    let count = |s: PoolSlotState| p.slots.iter().filter(|x| x.state == s).count();
+    out(&format!(
+        "{} idle, {} bound, {} growing, {} draining",
+        count(PoolSlotState::Idle),
+        count(PoolSlotState::Bound),
+        count(PoolSlotState::Growing),
+        count(PoolSlotState::Draining)
+    ));
+    for w in &p.warm {
+        out(&format!(
+            "warm image {:?}: snapshot {} {} ({} MB, made on {}){}",
+            w.image,
+            w.checkpoint,
+            w.state,
+            w.memory_mb,
+            w.node,
+            w.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+    }
+    if p.slots.is_empty() {
+        return;
+    }
+    out("");
+    let secs = |ms: u64| format!("{} s", ms / 1000);
+    out(&table(
+        &[
+            "SLOT",
+            "NODE",
+            "STATE",
+            "JOB",
+            "IDLE FOR",
+            "WALLTIME LEFT",
+            "LEASE",
+            "LEASES SERVED",
+        ],
+        p.slots
+            .iter()
+            .map(|s| {
+                vec![
+                    s.slot_id.to_string(),
+                    s.node.clone().unwrap_or_else(|| "-".into()),
+                    match s.phase.as_str() {
+                        "free" | "bound" => s.state.as_str().to_string(),
+                        phase => format!("{} ({phase})", s.state.as_str()),
+                    },
+                    s.job_id.clone().unwrap_or_else(|| "-".into()),
+                    if s.state == PoolSlotState::Idle {
+                        secs(p.now_ms.saturating_sub(s.since_ms))
+                    } else {
+                        "-".into()
+                    },
+                    s.deadline_ms
+                        .map(|d| secs(d.saturating_sub(p.now_ms)))
+                        .unwrap_or_else(|| "-".into()),
+                    s.bound_to
+                        .as_ref()
+                        .map(|w| w.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    s.leases.to_string(),
+                ]
+            })
+            .collect(),
+    ));
 }
 
 /// `head-0 10.77.0.5, worker-0 10.77.0.2, ... (+N)`: the first address of
@@ -904,6 +992,15 @@ async fn run(cli: Cli) -> Result<i32, Failure> {
                 out_json(&c);
             } else {
                 print_cluster(&c);
+            }
+            Ok(0)
+        }
+        Cmd::Admin(AdminCmd::Pool) => {
+            let p = client.pool().await?;
+            if json {
+                out_json(&p);
+            } else {
+                print_pool(&p);
             }
             Ok(0)
         }

@@ -74,7 +74,7 @@ fn unknown_vms(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<VmId>, E
 }
 
 impl Engine {
-    fn admin_only(caller: &Caller) -> Result<(), EngineError> {
+    pub(super) fn admin_only(caller: &Caller) -> Result<(), EngineError> {
         if caller.admin {
             Ok(())
         } else {

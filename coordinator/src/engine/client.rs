@@ -173,6 +173,7 @@ impl Engine {
             expires_ms: None,
         };
         let mut slots = Vec::new();
+        let mut from_pool = false;
         let limits = self.limits_of(&caller.user);
         let asked_vms: u32 = plans.iter().map(|p| p.nodes).sum();
         let asked_mb: u64 = plans
@@ -229,19 +230,50 @@ impl Engine {
                     )?;
                 }
                 let mut addrs = AddressPlan::new(tx, &self.pools, &spec)?;
-                for plan in &plans {
-                    let slot = insert_new_slot(tx, &ws.id, plan, now)?;
+                // Idle pool slots first (all the VMs, or none: then the batch system).
+                let placed = match &held {
+                    None => super::pool::place(
+                        tx,
+                        &self.cfg.pool,
+                        self.capacity
+                            .memory_mb_per_node
+                            .saturating_sub(self.cfg.pilot.min_dom0_mb),
+                        &spec,
+                        &plans,
+                        self.cfg.pilot.startup_slack_s * 1000,
+                        now,
+                    )?,
+                    Some(_) => None,
+                };
+                from_pool = placed.is_some();
+                for (i, plan) in plans.iter().enumerate() {
+                    let targets: Vec<SlotId> = match placed.as_ref().and_then(|p| p.get(i)) {
+                        Some(pool_slots) => {
+                            let mut ids = Vec::new();
+                            for ps in pool_slots {
+                                super::pool::adopt(tx, ps, &ws.id, plan, now)?;
+                                ids.push(ps.slot_id.clone());
+                            }
+                            ids
+                        }
+                        None => {
+                            let slot = insert_new_slot(tx, &ws.id, plan, now)?;
+                            let id = slot.id.clone();
+                            slots.push(slot);
+                            vec![id; plan.nodes as usize]
+                        }
+                    };
                     let group = spec.groups.iter().find(|g| g.name == plan.group);
-                    for idx in 0..plan.nodes {
+                    for (idx, slot_id) in (0..plan.nodes).zip(targets) {
                         let vm = unused(VmId::generate, |id| Ok(store::get_vm(tx, id)?.is_some()))?;
                         addrs.assign(tx, &ws.id, &vm, group.is_some_and(|g| g.public_ip))?;
                         store::insert_vm(
                             tx,
                             &VmRow {
-                                name: VmName::new(slot.id.clone(), vm.clone()).to_string(),
+                                name: VmName::new(slot_id.clone(), vm.clone()).to_string(),
                                 id: vm,
                                 workspace_id: ws.id.clone(),
-                                slot_id: slot.id.clone(),
+                                slot_id,
                                 group: plan.group.clone(),
                                 idx,
                                 node: None,
@@ -252,7 +284,6 @@ impl Engine {
                             },
                         )?;
                     }
-                    slots.push(slot);
                 }
                 store::push_timeline(
                     tx,
@@ -268,7 +299,12 @@ impl Engine {
                         spec.vm_count(),
                         plans.len(),
                         caller.user,
-                        urgency_note(spec.urgency)
+                        source_note(
+                            self.cfg.pool.enabled(),
+                            from_pool,
+                            held.is_some(),
+                            spec.urgency
+                        )
                     ),
                 )?;
                 Ok::<_, EngineError>(None)
@@ -292,7 +328,8 @@ impl Engine {
         }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
-        if self.place_urgent(&ws.id)? {
+        // Not from the pool: an urgent lease may take from best-effort ones.
+        if !from_pool && self.place_urgent(&ws.id)? {
             return Ok((ws.id, false)); // on shared nodes: nothing to submit
         }
         for slot in &slots {
@@ -375,10 +412,15 @@ impl Engine {
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
         // A resumed lease needs the time it had left, not its whole
         // duration; in a reservation the pilot starts `lead` before the lease.
-        let (lease, held) = self
+        let (lease, held, pool) = self
             .with_store(|s| {
                 let c = s.conn();
                 let ws = must_ws(c, &slot.workspace_id)?;
+                if super::pool::is_holder(&ws) {
+                    // A pool job: the pool's walltime, no lease of its own.
+                    let walltime = Duration::from_secs(self.cfg.pool.walltime_s);
+                    return Ok((walltime, None, true));
+                }
                 let left = match ws.state {
                     WorkspaceState::Resuming => store::get_suspension(c, &ws.id)?
                         .map(|k| Duration::from_millis(k.lease_left_ms.max(1000))),
@@ -389,6 +431,7 @@ impl Engine {
                 Ok((
                     left.unwrap_or(ws.spec.duration.0) + room,
                     store::reservation_of(c, &ws.id)?,
+                    false,
                 ))
             })
             .map_err(|e: EngineError| LrmError::Config {
@@ -397,14 +440,25 @@ impl Engine {
             })?;
         // The walltime (`max_duration`) bounds renewals: the lease's own end
         // is the coordinator's timer, the pilot's deadline only a backstop.
-        let pilot_duration = super::reserve::lead(held.as_ref())
-            + lease
-            + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+        // A pool pilot holds its node for the pool's walltime, and its job
+        // asks the batch system for all the memory a binding may take.
+        let (pilot_duration, job_memory_mb) = if pool {
+            let room = self
+                .capacity
+                .memory_mb_per_node
+                .saturating_sub(self.cfg.pilot.min_dom0_mb);
+            (lease, room)
+        } else {
+            let d = super::reserve::lead(held.as_ref())
+                + lease
+                + Duration::from_secs(self.cfg.pilot.startup_slack_s);
+            (d, slot.memory_mb)
+        };
         let job = SlotJob {
             name: format!("{}{}", self.job_prefix(), slot.id),
             nodes: slot.nodes,
             cores_per_node: slot.cores,
-            memory_mb_per_node: slot.memory_mb,
+            memory_mb_per_node: job_memory_mb,
             walltime: pilot_duration + Duration::from_secs(self.cfg.pilot.walltime_margin_s),
             pilot_argv: self.pilot_argv(slot, &key_path, pilot_duration),
             workdir,
@@ -509,6 +563,10 @@ impl Engine {
         if let Some(nc) = &p.node_config {
             argv.push("--node-config".into());
             argv.push(nc.clone());
+        }
+        if slot.workspace_id == super::pool::holder_id() {
+            // An idle pool slot: `--memory-mb` is what it holds while idle.
+            argv.push("--pool".into());
         }
         argv.extend(p.extra_args.iter().cloned());
         argv
@@ -623,15 +681,30 @@ impl Engine {
                 .map(|w| w.id)
                 .collect())
         })?;
+        let live: Vec<WorkspaceId> = live
+            .into_iter()
+            .filter(|id| *id != super::pool::holder_id())
+            .collect();
         for id in &live {
             self.destroy(&admin, id)?;
         }
+        // The pool gives its slots back too (its tick does, as leases unbind).
+        self.close_pool();
+        self.kick.notify_one();
         Ok(live)
     }
 
-    /// Workspaces not yet settled (something may still be held somewhere).
+    /// Workspaces not yet settled (something may still be held somewhere),
+    /// the slot pool counting as one while it holds a slot.
     pub fn unsettled(&self) -> Result<usize, EngineError> {
-        self.with_store(|s| Ok(store::active_workspaces(s.conn())?.len()))
+        let holder = super::pool::holder_id();
+        let leases = self.with_store(|s| {
+            Ok(store::active_workspaces(s.conn())?
+                .into_iter()
+                .filter(|w| w.id != holder)
+                .count())
+        })?;
+        Ok(leases + usize::from(self.pool_holds_slots()?))
     }
 }
 
@@ -741,21 +814,35 @@ pub(super) fn insert_new_slot(
     Ok(slot)
 }
 
-/// What the timeline says of a lease's urgency when it is asked for.
-fn urgency_note(urgency: u8) -> String {
-    match urgency {
+/// What the timeline says of where a new lease's VMs come from, and of
+/// its urgency: from idle pool slots, or through the batch system (and why
+/// not from the pool).
+fn source_note(pool: bool, from_pool: bool, held: bool, urgency: u8) -> String {
+    let mut note = pool_note(pool, from_pool, held, urgency);
+    if urgency > 0 && !from_pool && !held {
+        // engine::urgent says what it took, after this line.
+        note.push_str(", unless it can take from best-effort leases (urgency 2 shares a node under CPU caps; urgency 1 and 2 suspend leases when the cluster is full)");
+    }
+    note
+}
+
+/// [`source_note`] of the pool's choice alone.
+fn pool_note(pool: bool, from_pool: bool, held: bool, urgency: u8) -> String {
+    let urgent = match urgency {
         0 => String::new(),
-        // The pool that urgency draws on is the node side only so far
-        // (docs/POOL.md, "Coordinator side"): say so rather than pretend.
-        // What it may take instead is engine::urgent's, said after this.
-        u => format!(
-            "; urgency {u}: this coordinator has no pool of idle slots yet{}",
-            if u >= 2 {
-                ", so it looks for a node to share under CPU caps, then suspends best-effort leases if the batch system is full"
-            } else {
-                ", so it suspends best-effort leases if the batch system is full"
-            }
+        u => format!("urgency {u}, "),
+    };
+    match (pool, from_pool, held) {
+        (_, true, _) => format!("; {urgent}from idle pool slots, no batch queue"),
+        (true, false, true) => format!("; {urgent}through the batch system's reservation"),
+        (true, false, false) => format!(
+            "; {urgent}through the batch system: not enough idle pool slots fit it (their number{}, their remaining walltime, their nodes' size)",
+            if urgency == 0 { " beyond pool.min_idle_nodes, kept for urgent leases" } else { "" }
         ),
+        (false, false, _) if urgency > 0 => format!(
+            "; {urgent}through the batch system: this coordinator has no slot pool ([pool] min_idle_nodes = 0)"
+        ),
+        (false, false, _) => String::new(),
     }
 }
 

@@ -253,8 +253,10 @@ pub(super) fn apply_event(
             cached_images,
             checkpoints,
             cpu_control,
+            deadline_ms,
             ..
         } => {
+            super::pool::on_reserved(c, slot, &e.node, *deadline_ms, now)?;
             let detail = format!(
                 "dom0 {dom0_before_mb} -> {dom0_after_mb} MB ({reserved_mb} MB for VMs) in {balloon_ms} ms; coordinator notified after {} ms",
                 now.saturating_sub(e.ts_ms)
@@ -285,8 +287,15 @@ pub(super) fn apply_event(
             create_ms,
             stage_ms,
             cache_hit,
-            ..
-        } => on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit),
+            warm,
+        } => {
+            if let (Some(w), Some(vm)) = (warm, store::get_vm(c, vm_id)?) {
+                if vm.slot_id == slot.id {
+                    super::pool::on_warm_started(c, &ev.ws, &vm, &e.node, e.ts_ms, w, now)?;
+                }
+            }
+            on_vm_started(&mut ev, vm_id, name, *create_ms, *stage_ms, *cache_hit)
+        }
         EventKind::VmFailed { vm_id, reason } => on_vm_failed(&mut ev, vm_id, reason),
         EventKind::VmDestroyed { vm_id, destroy_ms } => on_vm_destroyed(&ev, vm_id, *destroy_ms),
         EventKind::Preempting {
@@ -432,15 +441,71 @@ pub(super) fn apply_event(
         EventKind::VmCpuSetFailed { vm_id, cpu, reason } => {
             super::urgent::on_cpu_set_failed(&ev.on_node(), vm_id, cpu, reason)
         }
-        // Pool slots and warm VMs (docs/POOL.md): the coordinator never
-        // sends the commands these answer yet.
-        EventKind::Bound { .. }
-        | EventKind::Unbound { .. }
-        | EventKind::ReservationRefused { .. }
-        | EventKind::WarmPrepared { .. }
-        | EventKind::WarmPrepareFailed { .. } => {
-            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "pool event not yet supported by the coordinator; recorded only");
-            Ok(())
+        // Pool slots (engine::pool).
+        EventKind::Bound {
+            workspace_id,
+            reservation,
+        } => super::pool::on_bound(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            workspace_id,
+            reservation,
+            now,
+            setting,
+        ),
+        EventKind::Unbound {
+            vms_destroyed,
+            reservation,
+            ..
+        } => super::pool::on_unbound(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            vms_destroyed,
+            reservation,
+            now,
+        ),
+        EventKind::ReservationRefused {
+            command,
+            reason,
+            reserved_mb,
+            ..
+        } => super::pool::on_refused(
+            c,
+            slot,
+            &mut ev.ws,
+            &e.node,
+            e.ts_ms,
+            *command,
+            reason,
+            *reserved_mb,
+            now,
+        ),
+        EventKind::WarmPrepared {
+            checkpoint,
+            sha256,
+            bytes,
+            boot_ms,
+            save_ms,
+            total_ms,
+            ..
+        } => super::pool::on_warm_answer(
+            c,
+            slot,
+            &e.node,
+            e.ts_ms,
+            checkpoint,
+            Some(sha256),
+            &format!("{bytes} bytes; boot {boot_ms} ms, save {save_ms} ms, {total_ms} ms in all"),
+            now,
+        ),
+        EventKind::WarmPrepareFailed { checkpoint, reason } => {
+            super::pool::on_warm_answer(c, slot, &e.node, e.ts_ms, checkpoint, None, reason, now)
         }
     }
 }
@@ -593,6 +658,7 @@ fn on_reserved(
             ev.ws.state,
             WorkspaceState::Pending | WorkspaceState::Resuming
         )
+        && super::pool::none_binding(c, &ev.ws.id)?
     {
         start_vms(c, &mut ev.ws, ev.now, setting)?;
     }

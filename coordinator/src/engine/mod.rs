@@ -16,6 +16,7 @@
 mod admin;
 mod client;
 mod ingest;
+pub mod pool;
 mod reconcile;
 mod renew;
 mod reserve;
@@ -179,6 +180,8 @@ pub struct Engine {
     queue_reasons: Mutex<HashMap<SlotId, String>>,
     /// Timeline rowid up to which lease durations were observed (metrics).
     durations_seen: AtomicI64,
+    /// The slot pool's memory between ticks (its state is in the database).
+    pool: pool::PoolRuntime,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -315,6 +318,7 @@ impl Engine {
             users,
             queue_reasons: Mutex::new(HashMap::new()),
             durations_seen: AtomicI64::new(durations_seen),
+            pool: pool::PoolRuntime::default(),
             metrics: parts.metrics,
         });
         let weak = Arc::downgrade(&engine);

@@ -73,6 +73,9 @@ impl Engine {
         if let Err(e) = self.delete_ended_checkpoints().await {
             warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
         }
+        if let Err(e) = self.pool_tick().await {
+            warn!(error = %e, "the slot pool's tick failed; will retry");
+        }
         if let Err(e) = self.observe_durations() {
             warn!(error = %e, "observing lease durations failed");
         }

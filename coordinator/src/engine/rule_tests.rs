@@ -122,6 +122,8 @@ struct Rig {
     engine: Arc<Engine>,
     pilots: Mutex<HashMap<(SlotId, String), Pilot>>,
     last: Mutex<Option<PilotEvent>>,
+    /// Changes to the default test config (kept across a restart).
+    tweak: fn(&mut Config),
 }
 
 fn admin() -> Caller {
@@ -131,13 +133,19 @@ fn admin() -> Caller {
     }
 }
 
-fn open(dir: &std::path::Path, clock: &Arc<ManualClock>, lrm: &Arc<ScriptedLrm>) -> Arc<Engine> {
-    let cfg = Config {
+fn open(
+    dir: &std::path::Path,
+    clock: &Arc<ManualClock>,
+    lrm: &Arc<ScriptedLrm>,
+    tweak: fn(&mut Config),
+) -> Arc<Engine> {
+    let mut cfg = Config {
         data_dir: dir.join("data"),
         pilot_silence_s: 90,
         checkpoint_dir: Some(dir.join("store")),
         ..Config::default()
     };
+    tweak(&mut cfg);
     let parts = Parts {
         clock: clock.clone(),
         policy: Arc::new(ExactFit),
@@ -149,10 +157,15 @@ fn open(dir: &std::path::Path, clock: &Arc<ManualClock>, lrm: &Arc<ScriptedLrm>)
 
 impl Rig {
     fn new() -> Rig {
+        Rig::with(|_| {})
+    }
+
+    /// A rig whose config is the default test config changed by `tweak`.
+    fn with(tweak: fn(&mut Config)) -> Rig {
         let dir = tempfile::tempdir().expect("temp dir");
         let clock = Arc::new(ManualClock::new(T0));
         let lrm = Arc::new(ScriptedLrm::default());
-        let engine = open(dir.path(), &clock, &lrm);
+        let engine = open(dir.path(), &clock, &lrm, tweak);
         Rig {
             dir,
             clock,
@@ -160,13 +173,14 @@ impl Rig {
             engine,
             pilots: Mutex::new(HashMap::new()),
             last: Mutex::new(None),
+            tweak,
         }
     }
 
     /// Stops this engine and opens a new one on the same database, as a
     /// coordinator restarted by its admin would.
     fn restart(&mut self) {
-        self.engine = open(self.dir.path(), &self.clock, &self.lrm);
+        self.engine = open(self.dir.path(), &self.clock, &self.lrm, self.tweak);
     }
 
     async fn lease(&self, nodes: u32, duration_s: u64) -> WorkspaceView {
@@ -335,6 +349,8 @@ fn released(reason: ReleaseReason) -> EventKind {
 #[path = "suspend_tests.rs"]
 mod suspend_tests;
 
+#[path = "pool_tests.rs"]
+mod pool_tests;
 #[path = "urgent_tests.rs"]
 mod urgent_tests;
 

@@ -55,6 +55,12 @@ pub(super) fn transition(
     reason: Option<&str>,
     now: u64,
 ) -> Result<bool, EngineError> {
+    if super::pool::is_holder(ws) {
+        // The slot pool's holder never moves: a pilot of the pool that
+        // goes (released, preempted, lost, its job ended, its reserve
+        // failed) ends only its own slot, which the callers do anyway.
+        return Ok(false);
+    }
     let Some(to) = store::advance_workspace(c, &ws.id, input, reason, now)? else {
         return Ok(false);
     };
@@ -80,12 +86,13 @@ pub(super) fn fail_workspace(
 }
 
 /// Asks every slot of the workspace to end: `release` to each pilot that has
-/// not released, and a batch cancel for jobs with nodes no pilot holds yet.
+/// not released, and a batch cancel for jobs with nodes no pilot holds yet;
+/// a pool slot serving the lease is unbound instead (`pool::ends_by_unbind`).
 pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(), EngineError> {
     // An urgent lease's VMs on other leases' nodes (engine::urgent).
     super::urgent::end_shares(c, ws, now)?;
     for slot in store::slots_of(c, &ws.id)? {
-        if slot.state.is_terminal() {
+        if slot.state.is_terminal() || super::pool::ends_by_unbind(c, ws, &slot, now)? {
             continue;
         }
         let pilots = store::pilots_of(c, &slot.id)?;
@@ -262,9 +269,11 @@ pub(super) fn start_vms(
             Some(from)
         } else {
             store::advance_vm(c, &vm.id, vm_life::Input::Mapped)?;
-            None
+            // On a pool slot, an image with a clean snapshot starts warm.
+            super::pool::warm_restore(c, vm)?
         };
         let from = restore.as_ref().map(|r| r.checkpoint.to_string());
+        let warm = restore.as_ref().is_some_and(|r| r.warm);
         store::place_vm(
             c,
             &vm.id,
@@ -307,6 +316,10 @@ pub(super) fn start_vms(
             Some(&node),
             Some(&vm.id),
             &match &from {
+                Some(ck) if warm => format!(
+                    "{} ({}) -> {node}, warm from the clean snapshot {ck}",
+                    vm.name, vm.group
+                ),
                 Some(ck) => format!("{} ({}) -> {node}, restored from {ck}", vm.name, vm.group),
                 None => format!("{} ({}) -> {node}", vm.name, vm.group),
             },

@@ -155,6 +155,10 @@ fn share_in(
         if slot.workspace_id == ws.id || slot.state.is_terminal() {
             continue;
         }
+        // Pool slots serve one lease at a time (the pilot refuses others').
+        if store::get_pool_slot(c, &slot.id)?.is_some() {
+            continue;
+        }
         let holder = must_ws(c, &slot.workspace_id)?;
         if holder.state != WorkspaceState::Running
             || holder.spec.lease_kind() != LeaseKind::BestEffort
@@ -800,7 +804,7 @@ impl Engine {
             let mut busy = 0u32;
             let mut candidates = Vec::new();
             for ws in store::list_workspaces(c, None)? {
-                if ws.id == *id {
+                if ws.id == *id || super::pool::is_holder(&ws) {
                     continue;
                 }
                 let live: u32 = store::slots_of(c, &ws.id)?

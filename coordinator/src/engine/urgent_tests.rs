@@ -12,14 +12,8 @@ use protocol::VmId;
 
 /// A rig whose caller ("tester") may ask for urgency 2.
 fn urgent_rig() -> Rig {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let clock = Arc::new(ManualClock::new(T0));
-    let lrm = Arc::new(ScriptedLrm::default());
-    let cfg = Config {
-        data_dir: dir.path().join("data"),
-        pilot_silence_s: 90,
-        checkpoint_dir: Some(dir.path().join("store")),
-        users: vec![User {
+    Rig::with(|cfg| {
+        cfg.users = vec![User {
             name: "tester".into(),
             token_sha256: "0".repeat(64),
             admin: true,
@@ -28,25 +22,8 @@ fn urgent_rig() -> Rig {
             max_lease_s: None,
             max_workspaces: None,
             max_urgency: 2,
-        }],
-        ..Config::default()
-    };
-    let parts = Parts {
-        clock: clock.clone(),
-        policy: Arc::new(ExactFit),
-        in_memory: false,
-        ..Parts::default()
-    };
-    let engine =
-        Engine::with_parts(cfg, lrm.clone(), "http://127.0.0.1:1".into(), parts).expect("engine");
-    Rig {
-        dir,
-        clock,
-        lrm,
-        engine,
-        pilots: Mutex::new(HashMap::new()),
-        last: Mutex::new(None),
-    }
+        }];
+    })
 }
 
 /// A node's `reserved`: CPU control or not, a checkpoint store or not.

@@ -26,7 +26,9 @@ impl Engine {
         self.with_store(|s| {
             let mut st = s
                 .conn()
-                .prepare("SELECT state, COUNT(*) FROM workspaces GROUP BY state")
+                .prepare(
+                    "SELECT state, COUNT(*) FROM workspaces WHERE owner <> '@pool' GROUP BY state",
+                )
                 .map_err(StoreError::from)?;
             let rows = st
                 .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -56,6 +58,10 @@ impl Engine {
                 .map_err(StoreError::from)?)
         })?;
         self.metrics.set_slots(&slots);
+        let pool = self.pool_counts()?;
+        self.metrics.set_pool_slots(
+            &super::pool::PoolSlotState::ALL.map(|s| (s.as_str(), i64::from(pool.get(s)))),
+        );
         let admin = super::Caller {
             user: "metrics".into(),
             admin: true,

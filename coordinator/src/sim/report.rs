@@ -420,7 +420,7 @@ impl Report {
         if let (Some(u), Some(b)) = (&self.injected_wait_s, &self.trace_slowdown) {
             let _ = writeln!(
                 o,
-                "injected requests: wait p50 {}, p95 {}, max {}; the trace's leases' bounded slowdown: mean {:.2}, p95 {:.2}; pool idle cost: 0 node-hours (no pool)",
+                "injected requests: wait p50 {}, p95 {}, max {}; the trace's leases' bounded slowdown: mean {:.2}, p95 {:.2}; pool idle cost: 0 node-hours (the pool is not simulated)",
                 human_s(u.p50),
                 human_s(u.p95),
                 human_s(u.max),

@@ -5,8 +5,8 @@
 //! pilots answer `reserve`, `set_cpu` and `destroy_vm` as the sim node does.
 //!
 //! Not modelled: the CPU a capped best-effort VM loses (the model has no
-//! CPU, so a capped lease's run time does not grow), and a pool of idle
-//! slots (the coordinator has none yet: its idle cost is 0 node-hours).
+//! CPU, so a capped lease's run time does not grow), and the pool of idle
+//! slots (`[pool]` is not modelled yet: pool size 0, idle cost 0).
 
 use super::config::SimConfig;
 use super::report::Report;
@@ -19,7 +19,7 @@ use std::fmt::Write;
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct UrgentRow {
     pub urgency: u8,
-    /// The pool's size (idle slots held); 0: the coordinator has no pool yet.
+    /// The pool's size (idle slots held); 0: the simulator has no pool yet.
     pub pool_nodes: u32,
     pub urgent_wait_p50_s: f64,
     pub urgent_wait_p95_s: f64,
