@@ -288,6 +288,36 @@ impl Default for ReservationsConfig {
     }
 }
 
+/// Urgent leases (`[urgency]`, docs/POOL.md "Urgent leases"): what an
+/// urgency-1 or -2 lease may take from best-effort leases when no idle
+/// capacity serves it at once.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UrgencyConfig {
+    /// Urgency 2 may run its VMs beside a running best-effort lease's VMs
+    /// (on nodes with CPU control and memory to spare), capping them.
+    pub share: bool,
+    /// The urgent VM's CPU weight there (1-10000; the others keep 100).
+    pub weight: u32,
+    /// The cap put on the best-effort VMs of that node, percent of one CPU.
+    pub cap_pct: u32,
+    /// Urgency 1 and 2 may suspend best-effort leases (checkpoint store on
+    /// every node, `on_preempt` not `end`) when the batch system has no
+    /// free node for them.
+    pub suspend_best_effort: bool,
+}
+
+impl Default for UrgencyConfig {
+    fn default() -> Self {
+        Self {
+            share: true,
+            weight: 900,
+            cap_pct: 10,
+            suspend_best_effort: true,
+        }
+    }
+}
+
 /// The slot pool (`[pool]`, issue 17, docs/POOL.md): pilot slots held idle
 /// through the batch system so that leases start without waiting in its
 /// queue. `min_idle_nodes = 0` (the default) means no pool at all.
@@ -438,6 +468,7 @@ pub struct Config {
     pub report_wait_s: u64,
     pub pilot: PilotConfig,
     pub reservations: ReservationsConfig,
+    pub urgency: UrgencyConfig,
     /// The slot pool (no pool unless `min_idle_nodes` is set).
     pub pool: PoolConfig,
     /// Address pools (`[network.private]`, `[network.public]`).
@@ -469,6 +500,7 @@ impl Default for Config {
             report_wait_s: 60,
             pilot: PilotConfig::default(),
             reservations: ReservationsConfig::default(),
+            urgency: UrgencyConfig::default(),
             pool: PoolConfig::default(),
             network: Default::default(),
             images: Default::default(),
@@ -515,6 +547,16 @@ impl Config {
         if !(0.0..=0.9).contains(&f) {
             return bad(format!(
                 "pilot.coordinator_wait_fraction = {f}: must be between 0 and 0.9 (the pilot needs time to clean up itself)"
+            ));
+        }
+        let share = protocol::pilot::CpuShare {
+            weight: Some(self.urgency.weight),
+            cap_pct: Some(self.urgency.cap_pct),
+        };
+        if let Err(m) = share.validate() {
+            return bad(format!(
+                "urgency: {m} (weight = {}, cap_pct = {})",
+                self.urgency.weight, self.urgency.cap_pct
             ));
         }
         if self.pilot.poll_wait_ms == 0 || self.pilot.poll_wait_ms > 30_000 {

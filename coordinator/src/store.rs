@@ -22,6 +22,8 @@ mod pool;
 mod reservations;
 pub use pool::*;
 pub use reservations::*;
+mod urgent;
+pub use urgent::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -362,6 +364,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     tx.execute_batch(SCHEMA)?;
     // 4 -> 5: guaranteed leases' batch-system reservations (a new table).
     tx.execute_batch(reservations::SCHEMA)?;
+    tx.execute_batch(urgent::SCHEMA)?;
     // The slot pool's rows (a new table; a database without it gets it).
     tx.execute_batch(pool::SCHEMA)?;
     if !fresh && version < 3 {

@@ -314,10 +314,10 @@ async fn an_urgency_above_the_users_allowance_answers_403_with_both_figures() {
         .await;
     assert_eq!(status, 200, "{page}");
     let text = page.to_string();
+    // No pool, no node to share (nothing runs): the batch system.
     assert!(
-        text.contains(
-            "requested by bob; urgency 2, through the batch system: this coordinator has no slot pool"
-        ),
+        text.contains("requested by bob; urgency 2, through the batch system")
+            && text.contains("urgency 2: no node to share for VM"),
         "{text}"
     );
 }

@@ -333,6 +333,9 @@ pub enum Phase {
     Ended,
     /// The lease was renewed (`workspace renew`).
     Renewed,
+    /// An urgent lease and a best-effort one share a node: who yielded to
+    /// whom (CPU caps set or lifted, memory lent or given back).
+    Yielded,
 }
 
 impl Phase {
@@ -368,6 +371,7 @@ impl Phase {
             Self::CheckpointDeleted => "checkpoint_deleted",
             Self::Ended => "ended",
             Self::Renewed => "renewed",
+            Self::Yielded => "yielded",
         }
     }
 }

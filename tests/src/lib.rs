@@ -379,13 +379,18 @@ admin = true
     }
 
     pub fn timeline(&self, id: &str) -> Vec<Value> {
+        self.timeline_as(TOKEN, id)
+    }
+
+    /// The timeline as the holder of `token` sees it (an admin sees all).
+    pub fn timeline_as(&self, token: &str, id: &str) -> Vec<Value> {
         let r = Self::reply(
             self.http
                 .get(format!(
                     "{}/api/v1/workspaces/{id}/events?after=0",
                     self.url
                 ))
-                .bearer_auth(TOKEN)
+                .bearer_auth(token)
                 .send(),
         );
         r.body["events"].as_array().cloned().unwrap_or_default()

@@ -328,6 +328,10 @@ impl Engine {
         }
         self.metrics.workspaces_created.inc();
         info!(workspace_id = %ws.id, owner = %caller.user, vms = spec.vm_count(), slots = slots.len(), "workspace requested");
+        // Not from the pool: an urgent lease may take from best-effort ones.
+        if !from_pool && self.place_urgent(&ws.id)? {
+            return Ok((ws.id, false)); // on shared nodes: nothing to submit
+        }
         for slot in &slots {
             if let Err(source) = self.submit_slot(slot).await {
                 warn!(workspace_id = %ws.id, slot_id = %slot.id, error = %source, "pilot job submission failed");
@@ -814,6 +818,16 @@ pub(super) fn insert_new_slot(
 /// its urgency: from idle pool slots, or through the batch system (and why
 /// not from the pool).
 fn source_note(pool: bool, from_pool: bool, held: bool, urgency: u8) -> String {
+    let mut note = pool_note(pool, from_pool, held, urgency);
+    if urgency > 0 && !from_pool && !held {
+        // engine::urgent says what it took, after this line.
+        note.push_str(", unless it can take from best-effort leases (urgency 2 shares a node under CPU caps; urgency 1 and 2 suspend leases when the cluster is full)");
+    }
+    note
+}
+
+/// [`source_note`] of the pool's choice alone.
+fn pool_note(pool: bool, from_pool: bool, held: bool, urgency: u8) -> String {
     let urgent = match urgency {
         0 => String::new(),
         u => format!("urgency {u}, "),

@@ -78,6 +78,7 @@ impl Engine {
         let setting = Setting {
             images: &self.cfg.images,
             policy: self.policy.as_ref(),
+            urgency: &self.cfg.urgency,
         };
         let stored = {
             let mut guard = self.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -210,7 +211,18 @@ pub(super) fn apply_event(
     now: u64,
     setting: &Setting,
 ) -> Result<(), EngineError> {
-    let ws = must_ws(c, &slot.workspace_id)?;
+    // An urgent VM on this (another lease's) slot reports to its own lease.
+    let vm_event = match &e.kind {
+        EventKind::VmStarted { vm_id, .. }
+        | EventKind::VmFailed { vm_id, .. }
+        | EventKind::VmDestroyed { vm_id, .. } => Some(vm_id),
+        _ => None,
+    };
+    let urgent = match vm_event {
+        Some(vm) => super::urgent::ws_of_vm_event(c, &slot.workspace_id, vm)?,
+        None => None,
+    };
+    let ws = must_ws(c, urgent.as_ref().unwrap_or(&slot.workspace_id))?;
     store::touch_pilot(
         c,
         &slot.id,
@@ -240,6 +252,7 @@ pub(super) fn apply_event(
             balloon_ms,
             cached_images,
             checkpoints,
+            cpu_control,
             deadline_ms,
             ..
         } => {
@@ -251,6 +264,20 @@ pub(super) fn apply_event(
             if let Some(cap) = checkpoints {
                 store::set_node_checkpoints(c, &slot.id, &e.node, cap)?;
             }
+            // What the node could lend an urgent lease (engine::urgent).
+            let cpu = cpu_control.as_ref().map(|k| {
+                let how = k.reason.as_deref().unwrap_or(&k.mechanism);
+                (k.available, how)
+            });
+            let cpu = cpu.unwrap_or((false, "the pilot reported no CPU control"));
+            store::set_node_room(
+                c,
+                &slot.id,
+                &e.node,
+                Some(cpu),
+                *dom0_after_mb,
+                *reserved_mb,
+            )?;
             on_reserved(&mut ev, &detail, cached_images, setting)
         }
         EventKind::ReserveFailed { reason } => on_reserve_failed(&mut ev, reason),
@@ -394,6 +421,26 @@ pub(super) fn apply_event(
             store::set_checkpoint(c, checkpoint, "kept", None, None, now)?;
             Ok(())
         }
+        // Urgent leases sharing this node (engine::urgent).
+        EventKind::ReservationChanged { reservation, .. } => super::urgent::on_reservation_changed(
+            &ev.on_node(),
+            reservation.dom0_after_mb,
+            reservation.reserved_mb,
+            setting,
+        ),
+        EventKind::ReservationRefused {
+            command: protocol::pilot::ReservationCommand::Reserve,
+            reason,
+            ..
+        } => super::urgent::on_reservation_refused(&ev.on_node(), reason),
+        EventKind::VmCpuSet {
+            vm_id,
+            cpu,
+            mechanism,
+        } => super::urgent::on_cpu_set(&ev.on_node(), vm_id, cpu, mechanism, setting),
+        EventKind::VmCpuSetFailed { vm_id, cpu, reason } => {
+            super::urgent::on_cpu_set_failed(&ev.on_node(), vm_id, cpu, reason)
+        }
         // Pool slots (engine::pool).
         EventKind::Bound {
             workspace_id,
@@ -460,14 +507,6 @@ pub(super) fn apply_event(
         EventKind::WarmPrepareFailed { checkpoint, reason } => {
             super::pool::on_warm_answer(c, slot, &e.node, e.ts_ms, checkpoint, None, reason, now)
         }
-        // CPU shares (docs/POOL.md): the coordinator never sends the
-        // commands these answer yet.
-        EventKind::ReservationChanged { .. }
-        | EventKind::VmCpuSet { .. }
-        | EventKind::VmCpuSetFailed { .. } => {
-            warn!(workspace_id = %ev.ws.id, slot_id = %slot.id, node = %e.node, event = e.kind.name(), "event not yet supported by the coordinator; recorded only");
-            Ok(())
-        }
     }
 }
 
@@ -483,6 +522,17 @@ struct Ev<'a> {
 }
 
 impl Ev<'_> {
+    /// This event as the urgent-lease rules take it.
+    fn on_node(&self) -> super::urgent::OnNode<'_> {
+        super::urgent::OnNode {
+            c: self.c,
+            slot: &self.slot.id,
+            node: self.node,
+            host_ws: &self.ws.id,
+            now: self.now,
+        }
+    }
+
     /// A timeline entry about this event (at the pilot's time, recorded now).
     fn timeline(&self, phase: Phase, vm: Option<&VmId>, detail: &str) -> Result<(), EngineError> {
         store::push_timeline(
@@ -696,7 +746,8 @@ fn on_vm_failed(ev: &mut Ev, vm_id: &VmId, reason: &str) -> Result<(), EngineErr
     store::advance_vm(ev.c, vm_id, vm_life::Input::Failed)?;
     ev.timeline(Phase::VmFailed, Some(vm_id), reason)?;
     let why = format!("VM {vm_id} on node {} failed to start: {reason}", ev.node);
-    fail_workspace(ev.c, &mut ev.ws, &why, ev.now)
+    fail_workspace(ev.c, &mut ev.ws, &why, ev.now)?;
+    super::urgent::vm_gone(ev.c, vm_id, ev.now)
 }
 
 /// A VM is gone (destroyed by itself, not with its slot).
@@ -712,7 +763,8 @@ fn on_vm_destroyed(ev: &Ev, vm_id: &VmId, destroy_ms: u64) -> Result<(), EngineE
         Phase::VmDestroyed,
         Some(vm_id),
         &format!("destroyed in {destroy_ms} ms"),
-    )
+    )?;
+    super::urgent::vm_gone(ev.c, vm_id, ev.now)
 }
 
 /// The batch system warned the pilot: the whole workspace is preempted
@@ -822,6 +874,12 @@ fn on_released(
             ),
         )?;
     }
+    let why = format!(
+        "its pilot released it: {}",
+        format!("{reason:?}").to_lowercase()
+    );
+    let how = super::urgent::HostEnd::Released(&why);
+    super::urgent::host_ended(c, &ev.slot.id, node, how, now)?;
     suspend::after_release(c, &mut ev.ws, node, &unsaved, now)?;
     if needs_slot(c, &ev.ws, &ev.slot.id)? {
         let (input, why) = match reason {

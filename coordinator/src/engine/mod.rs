@@ -26,6 +26,7 @@ mod rule_tests;
 mod rules;
 mod signed;
 pub mod suspend;
+mod urgent;
 mod views;
 
 pub use reserve::Refusal;

@@ -67,6 +67,9 @@ impl Engine {
         if let Err(e) = self.resume_due().await {
             warn!(error = %e, "resuming suspended workspaces failed; will retry");
         }
+        if let Err(e) = self.urgent_fallbacks().await {
+            warn!(error = %e, "submitting urgent leases that gave up sharing failed; will retry");
+        }
         if let Err(e) = self.delete_ended_checkpoints().await {
             warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
         }
@@ -214,6 +217,9 @@ impl Engine {
                     for (vm, state) in &vms {
                         store::advance_vm_from(tx, vm, *state, vm_life::Input::PilotLost)?;
                     }
+                    // An urgent lease's VM on that node (engine::urgent).
+                    let how = super::urgent::HostEnd::Lost { quiet_s: now.saturating_sub(p.last_seen_ms) / 1000 };
+                    super::urgent::host_ended(tx, &slot.id, &p.node, how, now)?;
                     store::push_timeline(
                         tx,
                         &ws.id,

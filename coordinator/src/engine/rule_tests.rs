@@ -351,6 +351,8 @@ mod suspend_tests;
 
 #[path = "pool_tests.rs"]
 mod pool_tests;
+#[path = "urgent_tests.rs"]
+mod urgent_tests;
 
 #[tokio::test]
 async fn preempted_while_destroying_ends_preempted_with_every_vm_preempted() {

@@ -26,6 +26,8 @@ use tracing::{info, warn};
 pub(super) struct Setting<'a> {
     pub images: &'a network::ImagesConfig,
     pub policy: &'a dyn Policy,
+    /// What urgent leases may take (`[urgency]`).
+    pub urgency: &'a crate::config::UrgencyConfig,
 }
 
 pub(super) fn must_ws(c: &Connection, id: &WorkspaceId) -> Result<WorkspaceRow, EngineError> {
@@ -87,6 +89,8 @@ pub(super) fn fail_workspace(
 /// not released, and a batch cancel for jobs with nodes no pilot holds yet;
 /// a pool slot serving the lease is unbound instead (`pool::ends_by_unbind`).
 pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(), EngineError> {
+    // An urgent lease's VMs on other leases' nodes (engine::urgent).
+    super::urgent::end_shares(c, ws, now)?;
     for slot in store::slots_of(c, &ws.id)? {
         if slot.state.is_terminal() || super::pool::ends_by_unbind(c, ws, &slot, now)? {
             continue;
@@ -138,6 +142,10 @@ pub(super) fn maybe_settle(
 ) -> Result<(), EngineError> {
     let slots = store::slots_of(c, &ws.id)?;
     if !slots.iter().all(|s| s.state.is_terminal()) {
+        return Ok(());
+    }
+    if super::urgent::holds_shares(c, &ws.id)? {
+        // A VM of it still runs on another lease's node.
         return Ok(());
     }
     if transition(c, ws, Input::AllSlotsEnded, None, now)? && ws.state == WorkspaceState::Failed {

@@ -72,6 +72,10 @@ pub struct SimulateArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Run three times, the `[[inject]]` requests at urgency 0, 1 and 2
+    /// (checkpoint stores on the nodes), and print one table (issue 17).
+    #[arg(long)]
+    pub by_urgency: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -201,6 +205,16 @@ pub fn simulate(args: SimulateArgs) -> i32 {
         max_wall: args.max_wall_s.map(Duration::from_secs),
         stop: stop_on_signal(),
     };
+    if args.by_urgency {
+        return match super::urgent::by_urgency(&trace, &cfg, &limits) {
+            Ok(rows) => {
+                print!("{}", super::urgent::table(&rows));
+                0
+            }
+            Err(e @ (SimError::Trace(_) | SimError::Config(_))) => fail(&e, 2),
+            Err(e) => fail(&e, 1),
+        };
+    }
     let quiet = args.quiet;
     let progress = |virtual_ms: u64, arrived: usize| {
         if !quiet {

@@ -249,7 +249,8 @@ pub struct Injection {
     pub every_s: f64,
     pub nodes: u32,
     pub run_s: f64,
-    /// Urgency 0-2 (issue 17: only 0 until the engine has urgent leases).
+    /// Urgency 0-2 (issue 17): 1 may suspend best-effort leases, 2 may
+    /// also share their nodes under CPU caps (`engine::urgent`).
     #[serde(default)]
     pub urgency: u8,
 }
@@ -353,9 +354,9 @@ impl SimConfig {
             );
         }
         for (i, inj) in self.inject.iter().enumerate() {
-            if inj.urgency > 0 {
+            if inj.urgency > protocol::spec::MAX_URGENCY {
                 return bad(format!(
-                    "inject[{i}].urgency = {}: the engine has no urgent leases yet (issue 17); use 0",
+                    "inject[{i}].urgency = {}: must be 0, 1 or 2",
                     inj.urgency
                 ));
             }
@@ -403,9 +404,9 @@ mod tests {
         let e = SimConfig::parse("[policy]\nsuspend_resume = true\n[nodes]\nsave_mb_per_s = 0\n")
             .expect_err("no rate");
         assert!(e.to_string().contains("nodes.save_mb_per_s"), "{e}");
-        let e = SimConfig::parse("[[inject]]\nat_s = 1\nnodes = 1\nrun_s = 5\nurgency = 2\n")
-            .expect_err("17");
-        assert!(e.to_string().contains("issue 17"), "{e}");
+        let e = SimConfig::parse("[[inject]]\nat_s = 1\nnodes = 1\nrun_s = 5\nurgency = 3\n")
+            .expect_err("0-2");
+        assert!(e.to_string().contains("inject[0].urgency = 3"), "{e}");
         let e = SimConfig::parse("[failures]\nreserve = 2\n").expect_err("probability");
         assert!(e.to_string().contains("failures.reserve"), "{e}");
         let ok = SimConfig::parse(

@@ -19,6 +19,7 @@ pub mod replay;
 pub mod report;
 pub mod run;
 pub mod trace;
+pub mod urgent;
 
 use crate::clock::ManualClock;
 use crate::config::{Config, PilotConfig};
@@ -67,6 +68,8 @@ pub struct Request {
     pub memory_mb: u64,
     pub image: String,
     pub injected: bool,
+    /// Urgency 0-2 (injected requests may ask for 1 or 2; issue 17).
+    pub urgency: u8,
     /// An advance reservation (Haizea's, or a generated one).
     pub reservation: bool,
     /// Its start, from the start of the trace, scaled: the lease is a
@@ -80,9 +83,10 @@ impl Request {
     /// which clusters it fits).
     pub fn spec_toml(&self) -> String {
         format!(
-            "name = \"job-{}\"\nduration = {}\n[[group]]\nname = \"job\"\ncount = {}\nmemory_mb = {}\ncpus = 1\nimage = \"{}\"\n",
+            "name = \"job-{}\"\nduration = {}\nurgency = {}\n[[group]]\nname = \"job\"\ncount = {}\nmemory_mb = {}\ncpus = 1\nimage = \"{}\"\n",
             self.id,
             self.lease_ms / 1000,
+            self.urgency,
             self.nodes,
             self.memory_mb,
             self.image
@@ -174,6 +178,7 @@ pub fn requests(trace: &Trace, cfg: &SimConfig) -> Vec<Request> {
                 memory_mb: memory(j.memory_mb),
                 image: j.image.clone().unwrap_or_else(|| "trace-image".into()),
                 injected: false,
+                urgency: 0,
                 reservation: j.reservation,
                 start_ms: j.start_s.map(|s| ms(s - first_s)),
             }
@@ -194,6 +199,7 @@ pub fn requests(trace: &Trace, cfg: &SimConfig) -> Vec<Request> {
                 memory_mb: memory(None),
                 image: "injected-image".into(),
                 injected: true,
+                urgency: inj.urgency,
                 reservation: false,
                 start_ms: None,
             });
@@ -266,6 +272,18 @@ pub fn simulate(
             },
             ..Default::default()
         },
+        // The trace's requests come from one caller, who may ask for any
+        // urgency (the injected urgent requests, issue 17).
+        users: vec![crate::config::User {
+            name: "trace".into(),
+            token_sha256: "0".repeat(64),
+            admin: true,
+            max_vms: None,
+            max_memory_mb: None,
+            max_lease_s: None,
+            max_workspaces: None,
+            max_urgency: protocol::spec::MAX_URGENCY,
+        }],
         ..Config::default()
     };
     let policy = crate::policy::by_name(&cfg.policy.name)

@@ -41,6 +41,7 @@ pub async fn replay(
         let lease = Lease {
             job: r.id,
             injected: r.injected,
+            urgency: r.urgency,
             nodes: r.nodes,
             submit_s: r.submit_ms as f64 / 1000.0,
             run_s: r.run_ms as f64 / 1000.0,

@@ -81,6 +81,7 @@ pub struct Speed {
 pub struct Lease {
     pub job: u64,
     pub injected: bool,
+    pub urgency: u8,
     pub nodes: u32,
     pub submit_s: f64,
     pub run_s: f64,
@@ -206,6 +207,11 @@ pub struct Report {
     /// From request to every VM running, over the leases that ran (s).
     pub wait_s: Stat,
     pub bounded_slowdown: Stat,
+    /// The injected requests (urgent ones, issue 17, or not): from request
+    /// to every VM running (s); `None` when none were injected.
+    pub injected_wait_s: Option<Stat>,
+    /// The trace's leases' bounded slowdown, when requests were injected.
+    pub trace_slowdown: Option<Stat>,
     /// Per lease, per node: time its pilot job held the node without its VMs running (s).
     pub overhead_s_per_lease: f64,
     /// Of which before the VMs ran: job start to lease running (s).
@@ -237,12 +243,15 @@ impl Report {
         let mut why: HashMap<String, usize> = HashMap::new();
         let mut waits = Vec::new();
         let mut slowdowns = Vec::new();
+        let (mut urgent_waits, mut other_slowdowns) = (Vec::new(), Vec::new());
+        let any_urgent = requests.iter().any(|r| r.injected);
         let mut leases = Vec::with_capacity(requests.len());
         for (r, ws) in requests.iter().zip(&out.workspaces) {
             let s = |ms: u64| ms as f64 / 1000.0;
             let mut lease = Lease {
                 job: r.id,
                 injected: r.injected,
+                urgency: r.urgency,
                 nodes: r.nodes,
                 submit_s: s(r.submit_ms),
                 run_s: s(r.run_ms),
@@ -277,7 +286,13 @@ impl Report {
                         lease.wait_s = Some(wait);
                         waits.push(wait);
                         let run_s = s(r.lease_ms);
-                        slowdowns.push(((wait + run_s) / run_s.max(SLOWDOWN_TAU_S)).max(1.0));
+                        let slowdown = ((wait + run_s) / run_s.max(SLOWDOWN_TAU_S)).max(1.0);
+                        slowdowns.push(slowdown);
+                        if r.injected {
+                            urgent_waits.push(wait);
+                        } else {
+                            other_slowdowns.push(slowdown);
+                        }
                     }
                 }
             }
@@ -387,6 +402,8 @@ impl Report {
             vm_restores: out.restores,
             wait_s: Stat::of(waits),
             bounded_slowdown: Stat::of(slowdowns),
+            injected_wait_s: any_urgent.then(|| Stat::of(urgent_waits)),
+            trace_slowdown: any_urgent.then(|| Stat::of(other_slowdowns)),
             overhead_s_per_lease: mean(&overhead),
             startup_s_per_lease: mean(&startup),
             speed: Speed {
@@ -490,6 +507,17 @@ impl Report {
             self.bounded_slowdown.p50,
             self.bounded_slowdown.p95
         );
+        if let (Some(u), Some(b)) = (&self.injected_wait_s, &self.trace_slowdown) {
+            let _ = writeln!(
+                o,
+                "injected requests: wait p50 {}, p95 {}, max {}; the trace's leases' bounded slowdown: mean {:.2}, p95 {:.2}; pool idle cost: 0 node-hours (the pool is not simulated)",
+                human_s(u.p50),
+                human_s(u.p95),
+                human_s(u.max),
+                b.mean,
+                b.p95
+            );
+        }
         let _ = writeln!(
             o,
             "our overhead per lease: {} per node held without its VMs running ({} of it from job start to running)",

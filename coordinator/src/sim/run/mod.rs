@@ -81,6 +81,8 @@ struct VmModel {
     restore: Option<protocol::pilot::CheckpointId>,
     /// Saved and gone from the node.
     saved: bool,
+    /// Destroyed alone (`destroy_vm`: an urgent lease that ended) and gone.
+    destroyed: bool,
 }
 
 struct PilotModel {
@@ -331,6 +333,19 @@ impl Sim<'_> {
             self.resume_suspended()?;
         }
         self.after_engine()?;
+        // Answers the pilots gave at once (an urgent lease's `reserve` and
+        // `set_cpu`, a checkpoint deleted) are applied in this instant
+        // too, and what they lead to delivered: at most a few rounds.
+        for _ in 0..8 {
+            if self.pending.is_empty() {
+                break;
+            }
+            self.flush()?;
+            if self.requests.iter().any(|r| r.urgency >= 2) {
+                self.rt.block_on(self.engine.urgent_fallbacks())?;
+            }
+            self.after_engine()?;
+        }
         self.schedule_timers()
     }
 
@@ -416,7 +431,7 @@ impl Sim<'_> {
             start: r.start_ms.map(|s| protocol::spec::Start::At(self.t0 + s)),
             on_preempt: None,
             max_duration: None,
-            urgency: 0,
+            urgency: r.urgency,
         };
         self.batch.expect(Some(r.estimate_ms), Some(i));
         let created = self

@@ -92,7 +92,12 @@ impl Sim<'_> {
                 ),
                 deadline_ms: None,
                 idle: false,
-                cpu_control: None,
+                // As the sim hypervisor: shares are recorded.
+                cpu_control: Some(protocol::pilot::CpuControl {
+                    available: true,
+                    mechanism: "sim".into(),
+                    reason: None,
+                }),
             },
         )?;
         let margin = self.cfg.coordinator.margin_s * 1000;
@@ -132,7 +137,9 @@ impl Sim<'_> {
     }
 
     pub(super) fn vm_up(&mut self, p: usize, vm: usize) -> Result<(), EngineError> {
-        if !matches!(self.pilots[p].phase, Phase::Holding | Phase::Preempting) {
+        if !matches!(self.pilots[p].phase, Phase::Holding | Phase::Preempting)
+            || self.pilots[p].vms[vm].destroyed
+        {
             return Ok(());
         }
         let (id, name) = (
@@ -267,8 +274,11 @@ impl Sim<'_> {
             return Ok(());
         }
         self.pilots[p].phase = Phase::Gone;
-        let (suspended, destroyed): (Vec<&VmModel>, Vec<&VmModel>) =
-            self.pilots[p].vms.iter().partition(|v| v.saved);
+        let (suspended, destroyed): (Vec<&VmModel>, Vec<&VmModel>) = self.pilots[p]
+            .vms
+            .iter()
+            .filter(|v| !v.destroyed)
+            .partition(|v| v.saved);
         let vms_suspended: Vec<VmId> = suspended.iter().map(|v| v.id.clone()).collect();
         let destroyed: Vec<VmId> = destroyed.iter().map(|v| v.id.clone()).collect();
         let reason = self.pilots[p].reason;
@@ -442,6 +452,7 @@ impl Sim<'_> {
                             },
                             restore,
                             saved: false,
+                            destroyed: false,
                         });
                         self.after(delay, Ev::VmUp { pilot: p, vm });
                     }
@@ -488,6 +499,65 @@ impl Sim<'_> {
                                 bytes: 0,
                             },
                         )?;
+                    }
+                    // Urgent leases sharing this node (engine::urgent),
+                    // answered as the sim hypervisor does: memory moved at
+                    // once, shares recorded.
+                    CommandKind::Reserve { memory_mb } => {
+                        let total = self.cfg.cluster.memory_mb_per_node;
+                        let dom0 = total.saturating_sub(memory_mb);
+                        let kind = if dom0 < self.cfg.coordinator.min_dom0_mb {
+                            EventKind::ReservationRefused {
+                                command: protocol::pilot::ReservationCommand::Reserve,
+                                workspace_id: None,
+                                reason: format!(
+                                    "dom0 would have {dom0} MB, below the minimum of {} MB",
+                                    self.cfg.coordinator.min_dom0_mb
+                                ),
+                                reserved_mb: 0,
+                                bound_to: None,
+                                vms_left: Vec::new(),
+                            }
+                        } else {
+                            EventKind::ReservationChanged {
+                                workspace_id: None,
+                                reservation: protocol::pilot::ReservationChange {
+                                    reserved_mb: memory_mb,
+                                    dom0_before_mb: total,
+                                    dom0_after_mb: dom0,
+                                    balloon_ms: 0,
+                                    deadline_ms: 0,
+                                },
+                            }
+                        };
+                        self.send(p, kind)?;
+                    }
+                    CommandKind::SetCpu { vm_id, cpu } => {
+                        let kind = EventKind::VmCpuSet {
+                            vm_id,
+                            cpu,
+                            mechanism: "sim".into(),
+                        };
+                        self.send(p, kind)?;
+                    }
+                    CommandKind::DestroyVm { vm_id } => {
+                        let now = self.now();
+                        let found = self.pilots[p].vms.iter().position(|v| v.id == vm_id);
+                        if let Some(v) = found {
+                            let vm = &mut self.pilots[p].vms[v];
+                            if let Some(up) = vm.up_ms.take() {
+                                self.vm_intervals.push((up, now.max(up)));
+                            }
+                            // Gone from the node: not destroyed again with it.
+                            vm.destroyed = true;
+                            self.send(
+                                p,
+                                EventKind::VmDestroyed {
+                                    vm_id,
+                                    destroy_ms: 0,
+                                },
+                            )?;
+                        }
                     }
                     CommandKind::Release => {
                         let reason = if self.pilots[p].phase == Phase::Preempting {

@@ -1,0 +1,154 @@
+//! Urgent requests in the simulator (issue 17): the same trace with the
+//! same injected requests, at urgency 0, 1 and 2, side by side, so an admin
+//! sees what each level costs the best-effort leases and gains the urgent
+//! ones. The engine's own rules decide (`engine::urgent`); the simulated
+//! pilots answer `reserve`, `set_cpu` and `destroy_vm` as the sim node does.
+//!
+//! Not modelled: the CPU a capped best-effort VM loses (the model has no
+//! CPU, so a capped lease's run time does not grow), and the pool of idle
+//! slots (`[pool]` is not modelled yet: pool size 0, idle cost 0).
+
+use super::config::SimConfig;
+use super::report::Report;
+use super::run::Limits;
+use super::trace::Trace;
+use super::{simulate, SimError};
+use std::fmt::Write;
+
+/// One level's figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct UrgentRow {
+    pub urgency: u8,
+    /// The pool's size (idle slots held); 0: the simulator has no pool yet.
+    pub pool_nodes: u32,
+    pub urgent_wait_p50_s: f64,
+    pub urgent_wait_p95_s: f64,
+    pub best_effort_slowdown_mean: f64,
+    pub best_effort_slowdown_p95: f64,
+    pub vm_saves: u64,
+    /// Node-hours the pool held idle.
+    pub pool_idle_node_hours: f64,
+}
+
+impl UrgentRow {
+    fn of(urgency: u8, r: &Report) -> UrgentRow {
+        let u = r.injected_wait_s.clone().unwrap_or_default();
+        let b = r.trace_slowdown.clone().unwrap_or_default();
+        UrgentRow {
+            urgency,
+            pool_nodes: 0,
+            urgent_wait_p50_s: u.p50,
+            urgent_wait_p95_s: u.p95,
+            best_effort_slowdown_mean: b.mean,
+            best_effort_slowdown_p95: b.p95,
+            vm_saves: r.vm_saves,
+            pool_idle_node_hours: 0.0,
+        }
+    }
+}
+
+/// Runs `base` (which must inject requests) once per urgency level, the
+/// injected requests at that level; checkpoint stores on the nodes, so
+/// urgency 1 finds leases to suspend.
+pub fn by_urgency(
+    trace: &Trace,
+    base: &SimConfig,
+    limits: &Limits,
+) -> Result<Vec<UrgentRow>, SimError> {
+    if base.inject.is_empty() {
+        return Err(
+            super::config::ConfigError("no [[inject]] requests: nothing is urgent".into()).into(),
+        );
+    }
+    let mut rows = Vec::new();
+    for urgency in 0..=protocol::spec::MAX_URGENCY {
+        let mut cfg = base.clone();
+        cfg.policy.suspend_resume = true;
+        for inj in &mut cfg.inject {
+            inj.urgency = urgency;
+        }
+        let r = simulate(trace, &cfg, limits, |_, _| {})?;
+        if !r.complete {
+            return Err(SimError::Setup(format!(
+                "urgency {urgency}: the run is incomplete: {}",
+                r.incomplete_because.unwrap_or_default()
+            )));
+        }
+        rows.push(UrgentRow::of(urgency, &r));
+    }
+    Ok(rows)
+}
+
+/// The rows as a table (seconds, slowdowns as ratios).
+pub fn table(rows: &[UrgentRow]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "| urgency | pool nodes | urgent wait p50 | urgent wait p95 | best-effort bounded slowdown mean | p95 | VM saves | pool idle node-h |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    for r in rows {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.1} s | {:.1} s | {:.3} | {:.2} | {} | {:.1} |",
+            r.urgency,
+            r.pool_nodes,
+            r.urgent_wait_p50_s,
+            r.urgent_wait_p95_s,
+            r.best_effort_slowdown_mean,
+            r.best_effort_slowdown_p95,
+            r.vm_saves,
+            r.pool_idle_node_hours
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::trace::{self, Format};
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    fn kth() -> Trace {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/sim/testdata")
+            .join("kth-sp2-first-200.swf");
+        trace::read(&path, Format::guess(&path)).expect("trace")
+    }
+
+    /// 60 jobs of the KTH excerpt on a full cluster, VMs of 1 GB on 4 GB
+    /// nodes (room to share), urgent requests of one node every 2 h.
+    fn busy() -> SimConfig {
+        let mut cfg = SimConfig::parse(
+            "[batch]\nscheduler = \"fifo\"\n[trace]\njobs = 60\nvm_memory_mb = 1024\n[[inject]]\nat_s = 1800\ncount = 6\nevery_s = 7200\nnodes = 1\nrun_s = 600\n",
+        )
+        .expect("config");
+        cfg.cluster.nodes = Some(8);
+        cfg
+    }
+
+    #[test]
+    fn urgent_requests_wait_less_at_each_level_and_suspend_only_at_1() {
+        let limits = Limits {
+            max_wall: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let rows = by_urgency(&kth(), &busy(), &limits).expect("runs");
+        eprintln!("{}", table(&rows));
+        let (u0, u1, u2) = (&rows[0], &rows[1], &rows[2]);
+        assert!(
+            u0.urgent_wait_p95_s > 60.0,
+            "the cluster must be busy for this test to mean anything: {u0:?}"
+        );
+        assert!(u1.urgent_wait_p95_s < u0.urgent_wait_p95_s, "{rows:?}");
+        assert!(u1.vm_saves > u0.vm_saves, "urgency 1 suspends: {rows:?}");
+        // Urgency 2 shares a node at once: the wait is the reservation,
+        // the caps and the boot (seconds), and nobody is suspended for it.
+        assert!(u2.urgent_wait_p95_s < 60.0, "{rows:?}");
+        assert!(u2.urgent_wait_p95_s < u1.urgent_wait_p95_s, "{rows:?}");
+        assert_eq!(u2.vm_saves, u0.vm_saves, "{rows:?}");
+    }
+}

@@ -1,0 +1,337 @@
+//! Urgent leases sharing nodes (issue 17, docs/POOL.md "Urgent leases"):
+//! what each pilot's node can lend (`node_rooms`, from its `reserved`
+//! event and later reservation changes) and one row per urgency-2 VM placed
+//! on a best-effort lease's node (`urgent_shares`), with its state
+//! ([`ShareState`], whose one `next` is in `engine::urgent`).
+//!
+//! The urgent VM's own row (`vms`) names the urgent workspace and the host
+//! slot: the slot stays the best-effort lease's, the VM knows its workspace.
+
+use super::{Result, StoreError};
+use protocol::{SlotId, VmId, WorkspaceId};
+use rusqlite::{params, Connection, OptionalExtension};
+
+pub(super) const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS node_rooms (
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, cpu_control INTEGER NOT NULL,
+  cpu_how TEXT NOT NULL, dom0_mb INTEGER NOT NULL, reserved_mb INTEGER NOT NULL,
+  PRIMARY KEY (slot_id, node)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS urgent_shares (
+  vm_id TEXT PRIMARY KEY, urgent_ws TEXT NOT NULL, host_ws TEXT NOT NULL,
+  slot_id TEXT NOT NULL, node TEXT NOT NULL, base_mb INTEGER NOT NULL,
+  extra_mb INTEGER NOT NULL, state TEXT NOT NULL,
+  -- JSON list of the host's VMs sent a cap; pending: caps not yet confirmed.
+  capped TEXT NOT NULL DEFAULT '[]', pending INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS urgent_shares_ws ON urgent_shares(urgent_ws);
+CREATE INDEX IF NOT EXISTS urgent_shares_node ON urgent_shares(slot_id, node);
+"#;
+
+/// What a pilot's node can lend an urgent VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRoomRow {
+    pub slot_id: SlotId,
+    pub node: String,
+    /// CPU shares can be applied there.
+    pub cpu_control: bool,
+    /// How (the mechanism), or why not.
+    pub cpu_how: String,
+    /// dom0's memory after the pilot's last reservation, MB.
+    pub dom0_mb: u64,
+    /// What the slot holds for VMs now, MB.
+    pub reserved_mb: u64,
+}
+
+/// Where an urgency-2 VM on a best-effort lease's node is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShareState {
+    /// `reserve` (more memory) sent to the host's pilot.
+    Reserving,
+    /// Caps sent to the host's VMs on that node; `pending` not yet confirmed.
+    Capping,
+    /// Memory and caps in place; waiting for the lease's other VMs.
+    Ready,
+    /// `start_vm` sent: the urgent VM is (becoming) live there.
+    Started,
+    /// The urgent lease ended: `destroy_vm` sent, waiting for the VM to go.
+    Ending,
+    /// Given up before its VM started (memory or cap refused): caps lifted,
+    /// memory given back; the lease goes through the batch system (tick).
+    Fallback,
+    /// Over: caps lifted and memory given back.
+    Done,
+    /// The host's pilot gave its node back with the urgent VM on it.
+    Lost,
+}
+
+impl ShareState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reserving => "reserving",
+            Self::Capping => "capping",
+            Self::Ready => "ready",
+            Self::Started => "started",
+            Self::Ending => "ending",
+            Self::Fallback => "fallback",
+            Self::Done => "done",
+            Self::Lost => "lost",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "reserving" => Self::Reserving,
+            "capping" => Self::Capping,
+            "ready" => Self::Ready,
+            "started" => Self::Started,
+            "ending" => Self::Ending,
+            "fallback" => Self::Fallback,
+            "done" => Self::Done,
+            "lost" => Self::Lost,
+            _ => return None,
+        })
+    }
+    /// Still holds (or is taking, or giving back) the host's node.
+    pub fn is_active(self) -> bool {
+        !matches!(self, Self::Fallback | Self::Done | Self::Lost)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareRow {
+    pub vm_id: VmId,
+    pub urgent_ws: WorkspaceId,
+    pub host_ws: WorkspaceId,
+    pub slot_id: SlotId,
+    pub node: String,
+    /// The slot's reservation before the urgent VM (given back after it).
+    pub base_mb: u64,
+    pub extra_mb: u64,
+    pub state: ShareState,
+    pub capped: Vec<VmId>,
+    pub pending: u32,
+    pub created_ms: u64,
+}
+
+fn bad(what: &str, v: &str) -> StoreError {
+    StoreError::Corrupt {
+        what: "urgent_shares",
+        detail: format!("{what} {v:?}"),
+    }
+}
+
+const COLS: &str =
+    "vm_id, urgent_ws, host_ws, slot_id, node, base_mb, extra_mb, state, capped, pending, created_ms";
+
+type Raw = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    i64,
+    i64,
+);
+
+fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Raw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn build(t: Raw) -> Result<ShareRow> {
+    Ok(ShareRow {
+        vm_id: t.0.parse().map_err(|_| bad("vm id", &t.0))?,
+        urgent_ws: t.1.parse().map_err(|_| bad("workspace id", &t.1))?,
+        host_ws: t.2.parse().map_err(|_| bad("workspace id", &t.2))?,
+        slot_id: t.3.parse().map_err(|_| bad("slot id", &t.3))?,
+        node: t.4,
+        base_mb: t.5 as u64,
+        extra_mb: t.6 as u64,
+        state: ShareState::parse(&t.7).ok_or_else(|| bad("state", &t.7))?,
+        capped: serde_json::from_str::<Vec<String>>(&t.8)
+            .ok()
+            .and_then(|v| v.iter().map(|w| w.parse().ok()).collect())
+            .ok_or_else(|| bad("capped", &t.8))?,
+        pending: t.9 as u32,
+        created_ms: t.10 as u64,
+    })
+}
+
+fn ids_json(ids: &[VmId]) -> String {
+    serde_json::to_string(&ids.iter().map(|v| v.as_str()).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into())
+}
+
+/// Records (or updates) what a node can lend; `cpu` is `None` when only
+/// the memory changed.
+pub fn set_node_room(
+    c: &Connection,
+    slot: &SlotId,
+    node: &str,
+    cpu: Option<(bool, &str)>,
+    dom0_mb: u64,
+    reserved_mb: u64,
+) -> Result<()> {
+    match cpu {
+        Some((available, how)) => {
+            c.prepare_cached(
+                "INSERT INTO node_rooms (slot_id, node, cpu_control, cpu_how, dom0_mb, reserved_mb)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (slot_id, node) DO UPDATE SET cpu_control = excluded.cpu_control,
+                   cpu_how = excluded.cpu_how, dom0_mb = excluded.dom0_mb,
+                   reserved_mb = excluded.reserved_mb",
+            )?
+            .execute(params![
+                slot.as_str(),
+                node,
+                available,
+                how,
+                dom0_mb as i64,
+                reserved_mb as i64
+            ])?;
+        }
+        None => {
+            c.prepare_cached(
+                "UPDATE node_rooms SET dom0_mb = ?3, reserved_mb = ?4 WHERE slot_id = ?1 AND node = ?2",
+            )?
+            .execute(params![slot.as_str(), node, dom0_mb as i64, reserved_mb as i64])?;
+        }
+    }
+    Ok(())
+}
+
+/// The pilot of (slot, node) is gone: its node lends nothing any more.
+pub fn delete_node_room(c: &Connection, slot: &SlotId, node: &str) -> Result<()> {
+    c.prepare_cached("DELETE FROM node_rooms WHERE slot_id = ?1 AND node = ?2")?
+        .execute(params![slot.as_str(), node])?;
+    Ok(())
+}
+
+/// Every node whose pilot reported what it can lend.
+pub fn node_rooms(c: &Connection) -> Result<Vec<NodeRoomRow>> {
+    let mut st = c.prepare_cached(
+        "SELECT slot_id, node, cpu_control, cpu_how, dom0_mb, reserved_mb FROM node_rooms
+         ORDER BY slot_id, node",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, bool>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, i64>(5)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let r = r?;
+        Ok(NodeRoomRow {
+            slot_id: r.0.parse().map_err(|_| bad("slot id", &r.0))?,
+            node: r.1,
+            cpu_control: r.2,
+            cpu_how: r.3,
+            dom0_mb: r.4 as u64,
+            reserved_mb: r.5 as u64,
+        })
+    })
+    .collect()
+}
+
+pub fn insert_share(c: &Connection, s: &ShareRow) -> Result<()> {
+    c.prepare_cached(&format!(
+        "INSERT INTO urgent_shares ({COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))?
+    .execute(params![
+        s.vm_id.as_str(),
+        s.urgent_ws.as_str(),
+        s.host_ws.as_str(),
+        s.slot_id.as_str(),
+        s.node,
+        s.base_mb as i64,
+        s.extra_mb as i64,
+        s.state.as_str(),
+        ids_json(&s.capped),
+        s.pending as i64,
+        s.created_ms as i64
+    ])?;
+    Ok(())
+}
+
+/// Writes a share's state, caps sent and caps pending.
+pub fn update_share(c: &Connection, s: &ShareRow) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE urgent_shares SET state = ?2, capped = ?3, pending = ?4 WHERE vm_id = ?1",
+    )?
+    .execute(params![
+        s.vm_id.as_str(),
+        s.state.as_str(),
+        ids_json(&s.capped),
+        s.pending as i64
+    ])?;
+    Ok(())
+}
+
+fn shares_where(c: &Connection, cond: &str, args: &[&str]) -> Result<Vec<ShareRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {COLS} FROM urgent_shares WHERE {cond} ORDER BY created_ms, vm_id"
+    ))?;
+    let rows = st.query_map(rusqlite::params_from_iter(args), from_row)?;
+    rows.map(|r| build(r?)).collect()
+}
+
+/// The shares of an urgent workspace (every state).
+pub fn shares_of(c: &Connection, ws: &WorkspaceId) -> Result<Vec<ShareRow>> {
+    shares_where(c, "urgent_ws = ?1", &[ws.as_str()])
+}
+
+/// The shares on one node of one slot (every state).
+pub fn shares_on(c: &Connection, slot: &SlotId, node: &str) -> Result<Vec<ShareRow>> {
+    shares_where(c, "slot_id = ?1 AND node = ?2", &[slot.as_str(), node])
+}
+
+/// Urgent workspaces with a share that fell back (for the tick).
+pub fn fallbacks_due(c: &Connection) -> Result<Vec<WorkspaceId>> {
+    let mut st = c.prepare_cached(
+        "SELECT DISTINCT urgent_ws FROM urgent_shares WHERE state = 'fallback' ORDER BY urgent_ws",
+    )?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    rows.map(|r| {
+        let r = r?;
+        r.parse().map_err(|_| bad("workspace id", &r))
+    })
+    .collect()
+}
+
+/// True when the VM is an urgent one on another lease's node.
+pub fn share_of_vm(c: &Connection, vm: &VmId) -> Result<Option<ShareRow>> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {COLS} FROM urgent_shares WHERE vm_id = ?1"
+        ))?
+        .query_row([vm.as_str()], from_row)
+        .optional()?;
+    row.map(build).transpose()
+}
+
+/// Removes a slot stored by a create and never submitted (an urgent lease
+/// whose VMs went to shared nodes instead); false if it was submitted.
+pub fn delete_unsubmitted_slot(c: &Connection, slot: &SlotId) -> Result<bool> {
+    let n = c
+        .prepare_cached("DELETE FROM slots WHERE id = ?1 AND job_state = 'unsubmitted'")?
+        .execute([slot.as_str()])?;
+    Ok(n > 0)
+}
