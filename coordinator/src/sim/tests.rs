@@ -354,6 +354,7 @@ fn the_span_floor_is_the_latest_request_end_or_the_work_left_after_any_moment() 
         memory_mb: 512,
         image: String::new(),
         injected: false,
+        urgency: 0,
         reservation: start_s.is_some(),
         start_ms: start_s.map(|s| s * 1000),
     };
