@@ -76,6 +76,10 @@ pub struct SimulateArgs {
     /// (checkpoint stores on the nodes), and print one table (issue 17).
     #[arg(long)]
     pub by_urgency: bool,
+    /// With --by-urgency: run each pool size (`[pool] min_idle_nodes`, 0:
+    /// no pool) at each urgency, e.g. `--pool-sizes 0,1,2,4`; one table.
+    #[arg(long, value_delimiter = ',', requires = "by_urgency")]
+    pub pool_sizes: Vec<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -206,9 +210,18 @@ pub fn simulate(args: SimulateArgs) -> i32 {
         stop: stop_on_signal(),
     };
     if args.by_urgency {
-        return match super::urgent::by_urgency(&trace, &cfg, &limits) {
+        return match super::urgent::by_urgency(&trace, &cfg, &args.pool_sizes, &limits) {
             Ok(rows) => {
                 print!("{}", super::urgent::table(&rows));
+                if let Some(p) = &args.json {
+                    let json = match serde_json::to_string_pretty(&rows) {
+                        Ok(j) => j,
+                        Err(e) => return fail(&e, 1),
+                    };
+                    if let Err(e) = write(p, &json) {
+                        return fail(&e, 1);
+                    }
+                }
                 0
             }
             Err(e @ (SimError::Trace(_) | SimError::Config(_))) => fail(&e, 2),

@@ -284,8 +284,15 @@ pub fn simulate(
             max_workspaces: None,
             max_urgency: protocol::spec::MAX_URGENCY,
         }],
+        pool: cfg.pool.clone(),
         ..Config::default()
     };
+    if cfg.pool.enabled() {
+        // The server's own checks of `[pool]` (bounds, share, memory).
+        engine_cfg
+            .validate()
+            .map_err(|e| config::ConfigError(e.to_string()))?;
+    }
     let policy = crate::policy::by_name(&cfg.policy.name)
         .ok_or_else(|| config::ConfigError(format!("unknown policy {:?}", cfg.policy.name)))?;
     let parts = Parts {
