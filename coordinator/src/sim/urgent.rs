@@ -168,4 +168,60 @@ mod tests {
         assert!(u2.urgent_wait_p95_s < u1.urgent_wait_p95_s, "{rows:?}");
         assert_eq!(u2.vm_saves, u0.vm_saves, "{rows:?}");
     }
+
+    /// The pool is modelled: pool jobs through the batch model, idle slots
+    /// bound to urgent leases and unbound after them. With 2 idle slots the
+    /// urgent requests (urgency 1) start at once at the median, where
+    /// without a pool they wait for suspensions and the queue; the slots
+    /// cost node-hours only when there is a pool, and urgency 0 (which
+    /// may not take the kept slots) gains nothing from them.
+    #[test]
+    fn a_pool_serves_urgent_requests_at_once_and_costs_idle_node_hours() {
+        let limits = Limits {
+            max_wall: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let rows = by_urgency(&kth(), &busy(), &[0, 2], &limits).expect("runs");
+        eprintln!("{}", table(&rows));
+        let row = |pool: u32, urgency: u8| {
+            rows.iter()
+                .find(|r| r.pool_nodes == pool && r.urgency == urgency)
+                .expect("a row")
+        };
+        let (none, pool) = (row(0, 1), row(2, 1));
+        assert!(
+            none.urgent_wait_p50_s > 60.0,
+            "the cluster must be busy for this test to mean anything: {rows:?}"
+        );
+        assert!(
+            pool.urgent_wait_p50_s < 60.0,
+            "a pool of 2 serves urgency 1 from an idle slot: {rows:?}"
+        );
+        assert!(pool.urgent_wait_p50_s < none.urgent_wait_p50_s, "{rows:?}");
+        for r in &rows {
+            if r.pool_nodes == 0 {
+                assert_eq!(r.pool_idle_node_hours, 0.0, "{r:?}");
+            } else {
+                assert!(r.pool_idle_node_hours > 0.0, "{r:?}");
+            }
+        }
+        // Urgency 0 leaves the kept slots alone: it waits as without a pool.
+        assert!(row(2, 0).urgent_wait_p50_s > 60.0, "{rows:?}");
+    }
+
+    #[test]
+    fn pool_settings_are_checked_as_the_server_checks_them() {
+        let cfg = SimConfig::parse("[pool]\nwarm_images = [\"a\"]\n");
+        let e = cfg.expect_err("warm images are not modelled");
+        assert!(e.to_string().contains("pool.warm_images"), "{e}");
+        let limits = Limits {
+            max_wall: None,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let mut cfg = busy();
+        cfg.pool.min_idle_nodes = 2;
+        cfg.pool.max_share = 0.1;
+        let e = simulate(&kth(), &cfg, &limits, |_, _| {}).expect_err("share");
+        assert!(e.to_string().contains("pool.min_idle_nodes = 2"), "{e}");
+    }
 }
