@@ -571,7 +571,7 @@ mod tests {
             let idle = r["pool_idle_node_hours"].as_f64().expect("idle");
             assert_eq!(pool == 1, idle > 0.0, "{r}");
         }
-        let e = parse(&["--pool-sizes", "0,1"]).err().expect("refused");
+        let e = parse(&["--pool-sizes", "0,1"]).expect_err("refused");
         assert!(e.to_string().contains("--by-urgency"), "{e}");
     }
 }
