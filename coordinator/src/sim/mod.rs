@@ -287,8 +287,9 @@ pub fn simulate(
         pool: cfg.pool.clone(),
         ..Config::default()
     };
-    if cfg.pool.enabled() {
-        // The server's own checks of `[pool]` (bounds, share, memory).
+    if cfg.pool != crate::config::PoolConfig::default() {
+        // The server's own checks of `[pool]` (bounds, share, memory; a
+        // `max_nodes` without `min_idle_nodes` is refused, not ignored).
         engine_cfg
             .validate()
             .map_err(|e| config::ConfigError(e.to_string()))?;

@@ -223,5 +223,9 @@ mod tests {
         cfg.pool.max_share = 0.1;
         let e = simulate(&kth(), &cfg, &limits, |_, _| {}).expect_err("share");
         assert!(e.to_string().contains("pool.min_idle_nodes = 2"), "{e}");
+        let mut cfg = busy();
+        cfg.pool.max_nodes = Some(2);
+        let e = simulate(&kth(), &cfg, &limits, |_, _| {}).expect_err("no pool");
+        assert!(e.to_string().contains("pool.max_nodes"), "{e}");
     }
 }
