@@ -207,6 +207,14 @@ mod tests {
         }
         // Urgency 0 leaves the kept slots alone: it waits as without a pool.
         assert!(row(2, 0).urgent_wait_p50_s > 60.0, "{rows:?}");
+        // One slot that outlives the run serves all 6 urgent requests at
+        // once, one after another: each lease's end unbinds it, idle again.
+        let mut day = busy();
+        day.pool.walltime_s = 86_400;
+        let rows = by_urgency(&kth(), &day, &[1], &limits).expect("runs");
+        eprintln!("{}", table(&rows));
+        assert!(rows[1].urgent_wait_p95_s < 60.0, "{rows:?}");
+        assert_eq!(rows[1].vm_saves, 0, "nobody suspended: {rows:?}");
     }
 
     #[test]
