@@ -1164,7 +1164,7 @@ impl Engine {
 
     /// The pool stops growing and gives back every slot it holds (the
     /// coordinator is ending every lease before it stops).
-    pub(super) fn close_pool(&self) {
+    pub fn close_pool(&self) {
         self.pool.closing.store(true, Ordering::SeqCst);
     }
 

@@ -109,6 +109,11 @@ pub struct Job {
     pub reservation: Option<String>,
     /// Its node-time, when the coordinator queued it by size.
     pub size: Option<u64>,
+    /// A pool slot's job (`--pool` on the pilot's command line): the
+    /// memory its pilot holds while idle, MB.
+    pub pool_memory_mb: Option<u64>,
+    /// The pilot's `--duration-s`, ms.
+    pub duration_ms: Option<u64>,
 }
 
 #[derive(Default)]
@@ -217,6 +222,15 @@ impl BatchModel {
     /// head of the queue: a job priority the coordinator sets.
     pub fn expect_first(&self) {
         self.st().first_next = true;
+    }
+
+    /// True while a job that is not a pool slot's has not ended (a lease
+    /// queued or running through the batch system).
+    pub fn lease_jobs_live(&self) -> bool {
+        self.st()
+            .jobs
+            .values()
+            .any(|j| j.end_ms.is_none() && j.pool_memory_mb.is_none())
     }
 
     /// What the engine's calls asked for since the last look.
@@ -336,6 +350,13 @@ impl BatchModel {
         let walltime_ms = job.walltime.as_millis() as u64;
         let estimate_ms = st.estimate_next.unwrap_or(walltime_ms);
         let tag = st.tag_next;
+        let arg = |name: &str| {
+            let at = job.pilot_argv.iter().position(|a| a == name)?;
+            job.pilot_argv.get(at + 1)?.parse::<u64>().ok()
+        };
+        let pool = job.pilot_argv.iter().any(|a| a == "--pool");
+        let pool_memory_mb = if pool { arg("--memory-mb") } else { None };
+        let duration_ms = arg("--duration-s").map(|s| s * 1000);
         st.jobs.insert(
             number,
             Job {
@@ -355,6 +376,8 @@ impl BatchModel {
                 tag,
                 reservation: None,
                 size,
+                pool_memory_mb,
+                duration_ms,
             },
         );
         if st.first_next {

@@ -76,6 +76,10 @@ pub struct SimulateArgs {
     /// (checkpoint stores on the nodes), and print one table (issue 17).
     #[arg(long)]
     pub by_urgency: bool,
+    /// With --by-urgency: run each pool size (`[pool] min_idle_nodes`, 0:
+    /// no pool) at each urgency, e.g. `--pool-sizes 0,1,2,4`; one table.
+    #[arg(long, value_delimiter = ',', requires = "by_urgency")]
+    pub pool_sizes: Vec<u32>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -206,9 +210,18 @@ pub fn simulate(args: SimulateArgs) -> i32 {
         stop: stop_on_signal(),
     };
     if args.by_urgency {
-        return match super::urgent::by_urgency(&trace, &cfg, &limits) {
+        return match super::urgent::by_urgency(&trace, &cfg, &args.pool_sizes, &limits) {
             Ok(rows) => {
                 print!("{}", super::urgent::table(&rows));
+                if let Some(p) = &args.json {
+                    let json = match serde_json::to_string_pretty(&rows) {
+                        Ok(j) => j,
+                        Err(e) => return fail(&e, 1),
+                    };
+                    if let Err(e) = write(p, &json) {
+                        return fail(&e, 1);
+                    }
+                }
                 0
             }
             Err(e @ (SimError::Trace(_) | SimError::Config(_))) => fail(&e, 2),
@@ -504,5 +517,61 @@ pub fn experiment(args: ExperimentArgs) -> i32 {
         0
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SimulateArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<SimulateArgs, clap::Error> {
+        let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/sim/testdata");
+        let trace = data.join("kth-sp2-first-200.swf");
+        let config = data.join("urgent-pool.toml");
+        let mut argv = vec![
+            "simulate".to_string(),
+            "--trace".into(),
+            trace.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--jobs".into(),
+            "60".into(),
+            "--nodes".into(),
+            "8".into(),
+            "--quiet".into(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Cli::try_parse_from(argv).map(|c| c.args)
+    }
+
+    /// `simulate --by-urgency --pool-sizes 0,1` as a user types it: one row
+    /// per pool size and urgency, in the table and the JSON, idle cost only
+    /// with a pool; `--pool-sizes` alone is refused.
+    #[test]
+    fn pool_sizes_from_the_command_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("rows.json");
+        let json_arg = json.display().to_string();
+        let args =
+            parse(&["--by-urgency", "--pool-sizes", "0,1", "--json", &json_arg]).expect("parses");
+        assert_eq!(args.pool_sizes, vec![0, 1]);
+        assert_eq!(simulate(args), 0);
+        let text = std::fs::read_to_string(&json).expect("the JSON");
+        let rows: Vec<serde_json::Value> = serde_json::from_str(&text).expect("rows");
+        assert_eq!(rows.len(), 6, "{text}");
+        for r in &rows {
+            let pool = r["pool_nodes"].as_u64().expect("pool_nodes");
+            let idle = r["pool_idle_node_hours"].as_f64().expect("idle");
+            assert_eq!(pool == 1, idle > 0.0, "{r}");
+        }
+        let e = parse(&["--pool-sizes", "0,1"]).expect_err("refused");
+        assert!(e.to_string().contains("--by-urgency"), "{e}");
     }
 }

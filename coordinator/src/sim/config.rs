@@ -24,6 +24,11 @@ pub struct SimConfig {
     pub trace: TraceOptions,
     /// Requests added to the trace's (issue 17: urgent requests).
     pub inject: Vec<Injection>,
+    /// The coordinator's `[pool]` (issue 17, docs/POOL.md), the same keys:
+    /// pool slots go through the batch model as pilot jobs, the simulated
+    /// pilots answer `bind`, `unbind` and `reserve`. `warm_images` is
+    /// refused: warm snapshots are not modelled.
+    pub pool: crate::config::PoolConfig,
 }
 
 /// The machines: N identical nodes.
@@ -350,6 +355,12 @@ impl SimConfig {
         if self.batch.preempt_for_reservations && !self.policy.suspend_resume {
             return bad(
                 "batch.preempt_for_reservations needs policy.suspend_resume (nothing could be suspended)"
+                    .into(),
+            );
+        }
+        if !self.pool.warm_images.is_empty() {
+            return bad(
+                "pool.warm_images: the simulator does not model warm snapshots (its pilots refuse prepare_warm); leave it out"
                     .into(),
             );
         }

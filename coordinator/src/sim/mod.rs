@@ -284,8 +284,16 @@ pub fn simulate(
             max_workspaces: None,
             max_urgency: protocol::spec::MAX_URGENCY,
         }],
+        pool: cfg.pool.clone(),
         ..Config::default()
     };
+    if cfg.pool != crate::config::PoolConfig::default() {
+        // The server's own checks of `[pool]` (bounds, share, memory; a
+        // `max_nodes` without `min_idle_nodes` is refused, not ignored).
+        engine_cfg
+            .validate()
+            .map_err(|e| config::ConfigError(e.to_string()))?;
+    }
     let policy = crate::policy::by_name(&cfg.policy.name)
         .ok_or_else(|| config::ConfigError(format!("unknown policy {:?}", cfg.policy.name)))?;
     let parts = Parts {

@@ -212,6 +212,9 @@ pub struct Report {
     pub injected_wait_s: Option<Stat>,
     /// The trace's leases' bounded slowdown, when requests were injected.
     pub trace_slowdown: Option<Stat>,
+    /// Node-hours pool slots (`[pool]`) held their nodes with no lease on
+    /// them, until the last lease ended: the pool's idle cost.
+    pub pool_idle_node_hours: f64,
     /// Per lease, per node: time its pilot job held the node without its VMs running (s).
     pub overhead_s_per_lease: f64,
     /// Of which before the VMs ran: job start to lease running (s).
@@ -404,6 +407,7 @@ impl Report {
             bounded_slowdown: Stat::of(slowdowns),
             injected_wait_s: any_urgent.then(|| Stat::of(urgent_waits)),
             trace_slowdown: any_urgent.then(|| Stat::of(other_slowdowns)),
+            pool_idle_node_hours: out.pool_idle_ms as f64 / 3_600_000.0,
             overhead_s_per_lease: mean(&overhead),
             startup_s_per_lease: mean(&startup),
             speed: Speed {
@@ -510,12 +514,14 @@ impl Report {
         if let (Some(u), Some(b)) = (&self.injected_wait_s, &self.trace_slowdown) {
             let _ = writeln!(
                 o,
-                "injected requests: wait p50 {}, p95 {}, max {}; the trace's leases' bounded slowdown: mean {:.2}, p95 {:.2}; pool idle cost: 0 node-hours (the pool is not simulated)",
+                "injected requests: wait p50 {}, p95 {}, max {}; the trace's leases' bounded slowdown: mean {:.2}, p95 {:.2}; pool idle cost: {:.1} node-hours ({} idle slots kept)",
                 human_s(u.p50),
                 human_s(u.p95),
                 human_s(u.max),
                 b.mean,
-                b.p95
+                b.p95,
+                self.pool_idle_node_hours,
+                self.model.pool.min_idle_nodes
             );
         }
         let _ = writeln!(

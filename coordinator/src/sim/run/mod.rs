@@ -59,6 +59,8 @@ enum Ev {
     Timers,
     /// Best-effort leases a reservation takes the nodes of are due to be suspended.
     ResvStep,
+    /// A pool slot's idle timeout may have passed: the pool's tick runs.
+    PoolTick,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,18 @@ struct PilotModel {
     reason: ReleaseReason,
     /// Lease duration the pilot was given (for its own deadline).
     duration_ms: u64,
+    /// A pool slot's pilot (`--pool`): what it holds and serves.
+    pool: Option<PoolSlot>,
+}
+
+/// A pool slot's pilot, beyond any pilot's state.
+struct PoolSlot {
+    /// What it holds for VMs now, MB.
+    reserved_mb: u64,
+    /// The workspace it serves (`bind`), if any.
+    bound_to: Option<WorkspaceId>,
+    /// Since when it has held its node with no lease on it.
+    idle_since: Option<u64>,
 }
 
 /// What the model saw of one lease's batch job.
@@ -132,6 +146,8 @@ pub struct Outcome {
     pub end_ms: u64,
     /// The free nodes by why they were free, from each moment it changed.
     pub idle: Vec<(u64, Idle)>,
+    /// Node-ms pool slots held their nodes with no lease on them.
+    pub pool_idle_ms: u64,
 }
 
 /// When to give up: a wall-clock budget, and a flag an interrupt sets.
@@ -181,6 +197,12 @@ struct Sim<'a> {
     due_version: Option<u64>,
     due: [Option<u64>; 3],
     idle: Vec<(u64, Idle)>,
+    /// Requests that have arrived.
+    arrived: usize,
+    /// Node-ms pool slots held idle, until the pool closed.
+    pool_idle_ms: u64,
+    /// The trace is over and the pool is giving its slots back.
+    pool_closed: bool,
 }
 
 fn secs(s: f64) -> u64 {
@@ -240,6 +262,9 @@ pub fn run(
         due_version: None,
         due: [None, None, None],
         idle: Vec::new(),
+        arrived: 0,
+        pool_idle_ms: 0,
+        pool_closed: false,
     };
     sim.job_prefix = sim.engine.job_prefix();
     for (i, r) in requests.iter().enumerate() {
@@ -294,6 +319,7 @@ pub fn run(
         cut_short,
         end_ms,
         idle: sim.idle,
+        pool_idle_ms: sim.pool_idle_ms,
     })
 }
 
@@ -329,6 +355,9 @@ impl Sim<'_> {
             self.handle(ev)?;
         }
         self.flush()?;
+        if self.cfg.pool.enabled() {
+            self.pool_step()?;
+        }
         if self.cfg.policy.suspend_resume {
             self.resume_suspended()?;
         }
@@ -347,6 +376,28 @@ impl Sim<'_> {
             self.after_engine()?;
         }
         self.schedule_timers()
+    }
+
+    /// The pool's turn of the server's housekeeping tick (`[pool]` only),
+    /// at each instant: pool jobs submitted, idle slots given back. Once
+    /// every request has arrived and every lease is over, the pool closes
+    /// (as at the coordinator's shutdown), so the run ends; its idle cost
+    /// counts until then.
+    fn pool_step(&mut self) -> Result<(), EngineError> {
+        if !self.pool_closed
+            && self.arrived == self.requests.len()
+            && !self.batch.lease_jobs_live()
+            && self.engine.pool_counts()?.bound == 0
+        {
+            self.pool_closed = true;
+            self.engine.close_pool();
+            for p in 0..self.pilots.len() {
+                self.pool_idle_stop(p);
+            }
+        }
+        // Pool jobs carry no request.
+        self.batch.expect(None, None);
+        self.rt.block_on(self.engine.pool_tick())
     }
 
     /// Suspended leases get new slots at once, as the server's housekeeping
@@ -399,6 +450,8 @@ impl Sim<'_> {
             Ev::Kill(job) => self.kill(job),
             Ev::Die(p) => self.die(p)?,
             Ev::Timers => self.timers()?,
+            // The tick itself runs at every instant (`pool_step`).
+            Ev::PoolTick => {}
             Ev::ResvStep => {
                 self.flush()?;
                 self.engine.suspend_for_reservations()?;
@@ -413,6 +466,7 @@ impl Sim<'_> {
     /// A request arrives: the engine's `create`, as the client API calls it.
     fn arrive(&mut self, i: usize) -> Result<(), EngineError> {
         self.flush()?;
+        self.arrived += 1;
         let r = &self.requests[i];
         let spec = WorkspaceSpec {
             name: format!("job-{}", r.id),

@@ -4,11 +4,13 @@
 //! may crash under it. Each step is a timed event of the loop and speaks to
 //! the engine only as a pilot does, through events and polls.
 
-use super::{secs, Ev, Phase, PilotModel, Sim, VmModel};
+use super::{secs, Ev, Phase, PilotModel, PoolSlot, Sim, VmModel};
 use crate::engine::EngineError;
 use crate::sim::batch::Cause;
-use protocol::pilot::{CommandKind, EventKind, OnPreempt, ReleaseReason};
-use protocol::{PilotId, SlotId, VmId};
+use protocol::pilot::{
+    CommandKind, EventKind, OnPreempt, ReleaseReason, ReservationChange, ReservationCommand,
+};
+use protocol::{PilotId, SlotId, VmId, WorkspaceId};
 use rand::Rng;
 
 impl Sim<'_> {
@@ -29,8 +31,20 @@ impl Sim<'_> {
             self.batch.process_ended(job, false);
             return Ok(());
         };
-        let duration_ms = j.tag.map_or(0, |r| self.requests[r].lease_ms)
-            + self.cfg.coordinator.startup_slack_s * 1000;
+        // A lease's pilot: its lease and the startup slack; any other (a
+        // pool slot's, a lease's job the engine submitted on its own): its
+        // `--duration-s`.
+        let duration_ms = match (j.tag, j.duration_ms) {
+            (Some(r), _) => self.requests[r].lease_ms + self.cfg.coordinator.startup_slack_s * 1000,
+            (None, Some(d)) => d,
+            (None, None) => self.cfg.coordinator.startup_slack_s * 1000,
+        };
+        let now = self.now();
+        let pool = j.pool_memory_mb.map(|mb| PoolSlot {
+            reserved_mb: mb,
+            bound_to: None,
+            idle_since: (!self.pool_closed).then_some(now),
+        });
         let p = self.pilots.len();
         let name = format!("node{node}");
         self.pilot_of.insert((slot.clone(), name.clone()), p);
@@ -47,6 +61,7 @@ impl Sim<'_> {
             vms: Vec::new(),
             reason: ReleaseReason::Commanded,
             duration_ms,
+            pool,
         });
         self.send(
             p,
@@ -74,8 +89,10 @@ impl Sim<'_> {
         self.pilots[p].phase = Phase::Holding;
         let job = self.pilots[p].job;
         let request = self.jobs.get(&job).and_then(|j| j.request);
-        let mb = request.map_or(0, |r| self.requests[r].memory_mb);
+        let pool = self.pilots[p].pool.as_ref().map(|s| s.reserved_mb);
+        let mb = pool.unwrap_or_else(|| request.map_or(0, |r| self.requests[r].memory_mb));
         let total = self.cfg.cluster.memory_mb_per_node;
+        let deadline = self.deadline_of(p);
         self.send(
             p,
             EventKind::Reserved {
@@ -90,8 +107,10 @@ impl Sim<'_> {
                         measured: false,
                     },
                 ),
-                deadline_ms: None,
-                idle: false,
+                // Only a pool slot's is read by the engine (placement);
+                // the others keep today's events.
+                deadline_ms: pool.map(|_| deadline),
+                idle: pool.is_some(),
                 // As the sim hypervisor: shares are recorded.
                 cpu_control: Some(protocol::pilot::CpuControl {
                     available: true,
@@ -100,9 +119,6 @@ impl Sim<'_> {
                 }),
             },
         )?;
-        let margin = self.cfg.coordinator.margin_s * 1000;
-        let deadline =
-            self.pilots[p].started_ms + self.pilots[p].duration_ms.saturating_sub(margin);
         self.at(deadline, Ev::Deadline(p));
         if self.chance(self.cfg.failures.pilot_lost) {
             let life = self.pilots[p].duration_ms.max(1);
@@ -110,6 +126,141 @@ impl Sim<'_> {
             self.after(at, Ev::Die(p));
         }
         Ok(())
+    }
+
+    /// When the pilot gives its slot back on its own: its duration less its margin.
+    fn deadline_of(&self, p: usize) -> u64 {
+        let margin = self.cfg.coordinator.margin_s * 1000;
+        self.pilots[p].started_ms + self.pilots[p].duration_ms.saturating_sub(margin)
+    }
+
+    /// A pool slot stops being idle now (bound, cleaning up, gone, or the
+    /// pool closed): its idle time is counted.
+    pub(super) fn pool_idle_stop(&mut self, p: usize) {
+        let now = self.now();
+        if let Some(since) = self.pilots[p]
+            .pool
+            .as_mut()
+            .and_then(|s| s.idle_since.take())
+        {
+            self.pool_idle_ms += now.saturating_sub(since);
+        }
+    }
+
+    /// A `reservation_refused` of a pool command, with the figures.
+    fn refused(&self, p: usize, command: ReservationCommand, reason: String) -> EventKind {
+        let slot = self.pilots[p].pool.as_ref();
+        EventKind::ReservationRefused {
+            command,
+            workspace_id: None,
+            reason,
+            reserved_mb: slot.map_or(0, |s| s.reserved_mb),
+            bound_to: slot.and_then(|s| s.bound_to.clone()),
+            vms_left: Vec::new(),
+        }
+    }
+
+    /// `bind` and `unbind`, answered as the sim node answers them: memory
+    /// moved at once (the dom0 minimum checked), an unbind's VMs destroyed
+    /// (each reported), the batch job left running.
+    fn pool_command(
+        &mut self,
+        p: usize,
+        workspace_id: WorkspaceId,
+        memory_mb: u64,
+        bind: bool,
+    ) -> Result<(), EngineError> {
+        let command = if bind {
+            ReservationCommand::Bind
+        } else {
+            ReservationCommand::Unbind
+        };
+        let total = self.cfg.cluster.memory_mb_per_node;
+        let min = self.cfg.coordinator.min_dom0_mb;
+        let Some(slot) = self.pilots[p].pool.as_ref() else {
+            let why = "this pilot is not a pool slot (started without --pool)".to_string();
+            return self.send(p, self.refused(p, command, why));
+        };
+        let held = slot.reserved_mb;
+        let bound = slot.bound_to.clone();
+        let dom0 = total.saturating_sub(held);
+        if total.saturating_sub(memory_mb) < min {
+            let why = format!(
+                "dom0 has {dom0} MB; taking {} MB more (this slot holds {held} MB, {memory_mb} MB asked) would leave it below the minimum of {min} MB",
+                memory_mb.saturating_sub(held)
+            );
+            return self.send(p, self.refused(p, command, why));
+        }
+        match (&bound, bind) {
+            (Some(b), true) if *b != workspace_id => {
+                let why = format!("this slot serves {b}; unbind it first");
+                return self.send(p, self.refused(p, command, why));
+            }
+            (b, false) if b.as_ref() != Some(&workspace_id) => {
+                let why = format!("this slot does not serve {workspace_id}");
+                return self.send(p, self.refused(p, command, why));
+            }
+            _ => {}
+        }
+        let reservation = ReservationChange {
+            reserved_mb: memory_mb,
+            dom0_before_mb: dom0,
+            dom0_after_mb: total.saturating_sub(memory_mb),
+            balloon_ms: 0,
+            deadline_ms: self.deadline_of(p),
+        };
+        if bind {
+            self.pool_idle_stop(p);
+            if let Some(s) = self.pilots[p].pool.as_mut() {
+                s.reserved_mb = memory_mb;
+                s.bound_to = Some(workspace_id.clone());
+            }
+            return self.send(
+                p,
+                EventKind::Bound {
+                    workspace_id,
+                    reservation,
+                },
+            );
+        }
+        let now = self.now();
+        let mut destroyed = Vec::new();
+        for v in &mut self.pilots[p].vms {
+            if v.destroyed || v.saved {
+                continue;
+            }
+            if let Some(up) = v.up_ms.take() {
+                self.vm_intervals.push((up, now.max(up)));
+            }
+            v.destroyed = true;
+            destroyed.push(v.id.clone());
+        }
+        for vm_id in &destroyed {
+            let vm_id = vm_id.clone();
+            self.send(
+                p,
+                EventKind::VmDestroyed {
+                    vm_id,
+                    destroy_ms: 0,
+                },
+            )?;
+        }
+        let closed = self.pool_closed;
+        if let Some(s) = self.pilots[p].pool.as_mut() {
+            s.reserved_mb = memory_mb;
+            s.bound_to = None;
+            s.idle_since = (!closed).then_some(now);
+        }
+        // The pool's tick gives it back once idle too long.
+        self.after(self.cfg.pool.idle_timeout_s * 1000 + 1, Ev::PoolTick);
+        self.send(
+            p,
+            EventKind::Unbound {
+                workspace_id,
+                vms_destroyed: destroyed,
+                reservation,
+            },
+        )
     }
 
     /// Milliseconds before a VM of `image` runs on `node`: its image copied
@@ -243,6 +394,8 @@ impl Sim<'_> {
         }
         pilot.phase = Phase::Cleaning;
         pilot.reason = reason;
+        self.pool_idle_stop(p);
+        let pilot = &self.pilots[p];
         let running = pilot.vms.iter().any(|v| v.up_ms.is_some());
         let destroy = if running {
             secs(self.cfg.nodes.destroy_s)
@@ -380,6 +533,7 @@ impl Sim<'_> {
         }
         for p in self.job_pilots.get(&job).cloned().unwrap_or_default() {
             if self.pilots[p].phase != Phase::Gone {
+                self.pool_idle_stop(p);
                 self.end_vms(p, self.now());
                 self.pilots[p].phase = Phase::Gone;
             }
@@ -396,6 +550,7 @@ impl Sim<'_> {
         // Its last poll: it was heard from until now (silence counts from here).
         self.flush()?;
         self.deliver(&[p])?;
+        self.pool_idle_stop(p);
         self.end_vms(p, self.now());
         self.pilots[p].phase = Phase::Gone;
         self.dead.push_back((self.now(), p));
@@ -503,6 +658,23 @@ impl Sim<'_> {
                     // Urgent leases sharing this node (engine::urgent),
                     // answered as the sim hypervisor does: memory moved at
                     // once, shares recorded.
+                    CommandKind::Bind {
+                        workspace_id,
+                        memory_mb,
+                    } => self.pool_command(p, workspace_id, memory_mb, true)?,
+                    CommandKind::Unbind {
+                        workspace_id,
+                        memory_mb,
+                    } => self.pool_command(p, workspace_id, memory_mb, false)?,
+                    CommandKind::PrepareWarm { to, .. } => {
+                        // Not modelled (and refused in the config): said so, nothing kept.
+                        let reason = "the simulator does not model warm snapshots".into();
+                        let kind = EventKind::WarmPrepareFailed {
+                            checkpoint: to,
+                            reason,
+                        };
+                        self.send(p, kind)?;
+                    }
                     CommandKind::Reserve { memory_mb } => {
                         let total = self.cfg.cluster.memory_mb_per_node;
                         let dom0 = total.saturating_sub(memory_mb);
@@ -519,6 +691,9 @@ impl Sim<'_> {
                                 vms_left: Vec::new(),
                             }
                         } else {
+                            if let Some(s) = self.pilots[p].pool.as_mut() {
+                                s.reserved_mb = memory_mb;
+                            }
                             EventKind::ReservationChanged {
                                 workspace_id: None,
                                 reservation: protocol::pilot::ReservationChange {
@@ -567,7 +742,6 @@ impl Sim<'_> {
                         };
                         self.cleanup(p, reason);
                     }
-                    _ => {}
                 }
             }
         }
