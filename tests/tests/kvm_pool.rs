@@ -163,10 +163,13 @@ fn bench_kvm_urgent_request_to_running_warm_idle_pilot_and_batch_system() {
     )
     .expect("node config");
     // Two nodes: one for the pool (min 1, max 1), one for the batch system.
-    let c = Cluster::start(Options {
+    // --end-leases-on-exit: the pool's idle slot is given back (its
+    // hugepages with it) when the bench stops the coordinator.
+    let mut c = Cluster::start(Options {
         hypervisor: "kvm".into(),
         node_config: Some(node_cfg.display().to_string()),
         nodes: 2,
+        serve_args: vec!["--end-leases-on-exit".into()],
         extra: "max_urgency = 2\n[pool]\nmin_idle_nodes = 1\nmax_nodes = 1\nwalltime_s = 3600\nidle_memory_mb = 128\nwarm_images = [\"guest\"]\n".into(),
         ..Options::default()
     });
@@ -205,4 +208,10 @@ fn bench_kvm_urgent_request_to_running_warm_idle_pilot_and_batch_system() {
             median(&mut v.1)
         );
     }
+    let code = c.terminate_coordinator(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "coordinator log:\n{}", c.log());
+    assert!(
+        c.pilot_pids(None).is_empty(),
+        "every pilot exited, the pool's too"
+    );
 }
