@@ -4,10 +4,12 @@
 //!
 //! Not here: HTTP and tokens (`crate::api`), the rules themselves (`rules`).
 
-use super::rules::{end_slots, fail_workspace, maybe_settle, must_ws, transition, visible_ws};
+use super::rules::{
+    end_slots, fail_on_refused_submit, maybe_settle, must_ws, transition, visible_ws,
+};
 use super::views::{build_view, is_settled};
 use super::{Caller, Engine, EngineError, MAX_WAIT};
-use crate::lifecycle::slot::{self as slot_life, Job, JobInput};
+use crate::lifecycle::slot::{Job, JobInput};
 use crate::lifecycle::{self, Input};
 use crate::network::{self, NetError, Pools};
 use crate::policy::{Action, Cluster, SlotPlan};
@@ -339,15 +341,9 @@ impl Engine {
                     "submitting the pilot job for group {:?} failed: {source}",
                     slot.group
                 );
+                let now = self.clock.now_ms();
                 self.with_store(|s| {
-                    s.tx(|tx| {
-                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
-                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
-                        let mut w = must_ws(tx, &ws.id)?;
-                        fail_workspace(tx, &mut w, &reason, self.clock.now_ms())?;
-                        maybe_settle(tx, &mut w, self.clock.now_ms())?;
-                        Ok::<_, EngineError>(())
-                    })
+                    s.tx(|tx| fail_on_refused_submit(tx, &slot.id, &ws.id, &reason, now))
                 })?;
                 self.bump();
                 self.kick.notify_one();

@@ -17,7 +17,7 @@
 use super::rules::{maybe_settle, must_ws, start_vms, Setting};
 use super::{Engine, EngineError};
 use crate::config::PoolConfig;
-use crate::lifecycle::slot::{self as slot_life, JobInput};
+use crate::lifecycle::slot::{self as slot_life};
 use crate::lifecycle::vm as vm_life;
 use crate::policy::SlotPlan;
 use crate::store::{self, PoolPhase, PoolSlotRow, SlotRow, WorkspaceRow};
@@ -904,8 +904,7 @@ impl Engine {
                     .store(now + SUBMIT_BACKOFF_MS, Ordering::SeqCst);
                 self.with_store(|s| {
                     s.tx(|tx| {
-                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
-                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
+                        super::rules::abandon_unsubmitted(tx, &slot.id)?;
                         store::push_timeline(
                             tx,
                             &holder_id(),
@@ -1087,11 +1086,13 @@ impl Engine {
                 );
                 let r = self.with_store(|s| {
                     s.tx(|tx| {
-                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
-                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
-                        let mut w = must_ws(tx, &slot.workspace_id)?;
-                        super::rules::fail_workspace(tx, &mut w, &reason, now)?;
-                        maybe_settle(tx, &mut w, now)
+                        super::rules::fail_on_refused_submit(
+                            tx,
+                            &slot.id,
+                            &slot.workspace_id,
+                            &reason,
+                            now,
+                        )
                     })
                 });
                 if let Err(e) = r {

@@ -85,6 +85,32 @@ pub(super) fn fail_workspace(
     Ok(())
 }
 
+/// A slot whose pilot job was never submitted (or whose submit failed):
+/// its job abandoned and the slot ended, with nothing at the batch system.
+pub(super) fn abandon_unsubmitted(
+    c: &Connection,
+    slot: &protocol::SlotId,
+) -> Result<(), EngineError> {
+    store::advance_job(c, slot, &JobInput::Abandoned)?;
+    store::advance_slot(c, slot, slot_life::Input::NotSubmitted)?;
+    Ok(())
+}
+
+/// A lease's pilot job the batch system refused: the slot abandoned and the
+/// lease failed with `reason`, settled if nothing else is left.
+pub(super) fn fail_on_refused_submit(
+    c: &Connection,
+    slot: &protocol::SlotId,
+    ws: &WorkspaceId,
+    reason: &str,
+    now: u64,
+) -> Result<(), EngineError> {
+    abandon_unsubmitted(c, slot)?;
+    let mut w = must_ws(c, ws)?;
+    fail_workspace(c, &mut w, reason, now)?;
+    maybe_settle(c, &mut w, now)
+}
+
 /// Asks every slot of the workspace to end: `release` to each pilot that has
 /// not released, and a batch cancel for jobs with nodes no pilot holds yet;
 /// a pool slot serving the lease is unbound instead (`pool::ends_by_unbind`).
@@ -103,8 +129,7 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
         }
         if slot.job.id().is_none() {
             // Never submitted (or its submit never answered): nothing anywhere.
-            store::advance_job(c, &slot.id, &JobInput::Abandoned)?;
-            store::advance_slot(c, &slot.id, slot_life::Input::NotSubmitted)?;
+            abandon_unsubmitted(c, &slot.id)?;
             continue;
         }
         if (pilots.len() as u32) < slot.nodes {

@@ -20,7 +20,6 @@
 use super::rules::{end_slots, fail_workspace, maybe_settle, must_ws, transition, visible_ws};
 use super::views::build_view;
 use super::{Caller, Engine, EngineError};
-use crate::lifecycle::slot::{self as slot_life, JobInput};
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::Input;
 use crate::store::{self, SlotRow, Suspension, VmRow, WorkspaceRow};
@@ -851,8 +850,7 @@ impl Engine {
                 );
                 self.with_store(|s| {
                     s.tx(|tx| {
-                        store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
-                        store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
+                        super::rules::abandon_unsubmitted(tx, &slot.id)?;
                         let mut ws = must_ws(tx, id)?;
                         abort_resume(tx, &mut ws, &why, false, self.clock.now_ms())
                     })

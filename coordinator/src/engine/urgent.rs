@@ -26,7 +26,6 @@
 use super::rules::{fail_workspace, maybe_settle, must_ws, transition, workspace_context, Setting};
 use super::{Engine, EngineError};
 use crate::lifecycle::pilot::PilotState;
-use crate::lifecycle::slot::{self as slot_life, JobInput};
 use crate::lifecycle::vm as vm_life;
 use crate::lifecycle::{self, Input};
 use crate::network;
@@ -944,13 +943,10 @@ impl Engine {
                         "submitting the pilot job for group {:?} failed: {source}",
                         slot.group
                     );
+                    let now = self.clock.now_ms();
                     self.with_store(|s| {
                         s.tx(|tx| {
-                            store::advance_job(tx, &slot.id, &JobInput::Abandoned)?;
-                            store::advance_slot(tx, &slot.id, slot_life::Input::NotSubmitted)?;
-                            let mut w = must_ws(tx, &id)?;
-                            fail_workspace(tx, &mut w, &reason, self.clock.now_ms())?;
-                            maybe_settle(tx, &mut w, self.clock.now_ms())
+                            super::rules::fail_on_refused_submit(tx, &slot.id, &id, &reason, now)
                         })
                     })?;
                     self.bump();
