@@ -172,6 +172,25 @@ env = {{ {env} }}
         }
     }
 
+    /// Waits (60 s at most) until the server has no unfinished job: a job
+    /// whose lease has settled may still be exiting on the server, and until
+    /// it is gone the scheduler counts its walltime against the hosts (a
+    /// reservation asked for then is DENIED).
+    pub fn wait_idle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = self.unfinished_jobs();
+            if left.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "jobs still in the batch system after 60 s: {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Ids of the jobs the server has not finished: plain `qstat` (id, name,
     /// user, time, state, queue), without Torque's `C` and PBS's `F`.
     pub fn unfinished_jobs(&self) -> Vec<String> {

@@ -90,6 +90,8 @@ fn openpbs_reservation_runs_its_vms_at_its_start_and_is_deleted_after() {
         return;
     };
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    // A job of an earlier test may still be exiting: its walltime holds the hosts.
+    s.wait_idle();
     let c = cluster(s);
     let r = c.create(&two("start = \"+25s\"", "1h"));
     assert_eq!(r.status, 201, "{}", r.body);
@@ -134,6 +136,8 @@ fn openpbs_refuses_with_the_earliest_start_and_a_reservation_cancelled_before_it
         return;
     };
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    // A job of an earlier test may still be exiting: its walltime holds the hosts.
+    s.wait_idle();
     let c = cluster(s);
     // A best-effort lease holds both hosts for its walltime.
     let busy = c.create(&two("", "2m"));
@@ -172,4 +176,5 @@ fn openpbs_refuses_with_the_earliest_start_and_a_reservation_cancelled_before_it
     );
     assert_eq!(c.destroy_as(TOKEN, &busy_id).status, 200);
     c.wait_settled(&busy_id);
+    s.wait_idle();
 }
