@@ -89,7 +89,7 @@ apt_update() {
     "${APT[@]}" -qq update
     updated=1
 }
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+installed() { grep -q "install ok installed" <<<"$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)"; }
 
 # 1. Packages not installed at all (the batch systems: install-lrm.sh).
 want=()

@@ -55,7 +55,7 @@ for tool in busybox cpio gzip python3 apt-get dpkg; do
   command -v "$tool" >/dev/null || { echo "kvm-payload: $tool is missing (run scripts/install-deps.sh)" >&2; exit 1; }
 done
 BUSYBOX=$(command -v busybox)
-if ! file -L "$BUSYBOX" 2>/dev/null | grep -q static && [ -x /bin/busybox ]; then BUSYBOX=/bin/busybox; fi
+if ! grep -q static <<<"$(file -L "$BUSYBOX" 2>/dev/null)" && [ -x /bin/busybox ]; then BUSYBOX=/bin/busybox; fi
 WORK=$(mktemp -d "$DIR/.work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
@@ -69,7 +69,7 @@ if [ ! -s "$DIR/vmlinux" ] && [ -s "$UP/vmlinux" ] && [ -s "$UP/vmlinuz" ] && [ 
   cp "$UP/vmlinux" "$DIR/vmlinux.new" && mv "$DIR/vmlinux.new" "$DIR/vmlinux"
 fi
 if [ ! -s "$DIR/vmlinux" ] || [ ! -s "$DIR/modules/load.order" ]; then
-  PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | head -1)
+  PKG=$(apt-cache depends linux-image-amd64 2>/dev/null | sed -n 's/^ *Depends: \(linux-image-[0-9].*-amd64\)$/\1/p' | sed -n 1p)
   [ -n "$PKG" ] || { echo "kvm-payload: cannot find the kernel package linux-image-amd64 depends on (apt-get update?)" >&2; exit 1; }
   (cd "$WORK" && timeout 300 apt-get download -q "$PKG" >/dev/null) || {
     echo "kvm-payload: apt-get download $PKG failed" >&2; exit 1; }
@@ -119,7 +119,7 @@ PY
   rm -rf "$DIR/modules"; mv "$DIR/modules.new" "$DIR/modules"
 fi
 if [ ! -s "$DIR/vmlinux" ]; then
-  VMLINUZ=$(ls "$WORK"/pkg/boot/vmlinuz-* | head -1)
+  VMLINUZ=$(ls "$WORK"/pkg/boot/vmlinuz-* | sed -n 1p)
   python3 - "$VMLINUZ" "$WORK/vmlinux" <<'PY'
 import lzma, sys
 data = open(sys.argv[1], 'rb').read()

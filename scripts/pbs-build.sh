@@ -74,7 +74,7 @@ deps() {
     local missing="" p
     # shellcheck disable=SC2086
     for p in $OPENPBS_DEPS $TORQUE_DEPS $RUNTIME_DEPS; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+        grep -q "ok installed" <<<"$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" || missing="$missing $p"
     done
     [ -z "$missing" ] && { say "build packages present"; return 0; }
     say "installing:$missing"
@@ -82,7 +82,7 @@ deps() {
     # Never let apt remove anything (sendmail-bin would remove exim4, for one:
     # it is left out on purpose) or upgrade what is installed.
     # shellcheck disable=SC2086
-    if apt-get install -s --no-upgrade --no-install-recommends $missing 2>/dev/null | grep -q '^Remv'; then
+    if grep -q '^Remv' <<<"$(apt-get install -s --no-upgrade --no-install-recommends $missing 2>/dev/null)"; then
         apt-get install -s --no-upgrade --no-install-recommends $missing | grep '^Remv' >&2
         die "apt-get would remove packages: not installing"
     fi
@@ -100,7 +100,7 @@ unpack() {
         tar -xzf "$tb" -C "$dir"
         touch "$dir/.unpacked"
     fi
-    top=$(find "$dir" -mindepth 1 -maxdepth 1 -type d | head -1)
+    top=$(find "$dir" -mindepth 1 -maxdepth 1 -type d | sed -n 1p)
     [ -n "$top" ] && [ -f "$top/configure.ac" ] || top=$dir
     [ -f "$top/configure.ac" ] || die "$tb: no configure.ac inside"
     echo "$top"
@@ -178,7 +178,7 @@ build_torque() {
     fi
     rm -rf "$stage"
     # without ld.so.conf.d the binaries must find libtorque by their RUNPATH
-    if LD_LIBRARY_PATH='' ldd "$p/bin/qsub" | grep -q 'not found'; then
+    if grep -q 'not found' <<<"$(LD_LIBRARY_PATH='' ldd "$p/bin/qsub")"; then
         die "torque: $p/bin/qsub does not find its libraries: $(ldd "$p/bin/qsub" | grep 'not found')"
     fi
     echo "$id" >"$p/.wsp-build-stamp"

@@ -106,7 +106,7 @@ node_ns() { echo "wsp-$1"; }
 net_up() {
     local n ns ip other
     case $PBS_NODE_COUNT in [1-9]) ;; *) die "WSP_PBS_NODE_COUNT=$PBS_NODE_COUNT: 1 to 9 nodes" ;; esac
-    other=$(ip -4 -o addr show 2>/dev/null | awk -v b="$PBS_BRIDGE" -v net="$PBS_NET." '$2 != b && index($4, net) == 1 {print $2}' | head -1)
+    other=$(ip -4 -o addr show 2>/dev/null | awk -v b="$PBS_BRIDGE" -v net="$PBS_NET." '$2 != b && index($4, net) == 1 {print $2}' | sed -n 1p)
     [ -z "$other" ] || die "$PBS_NET.0/24 is already on $other: choose another with WSP_PBS_NET"
     if ! ip link show "$PBS_BRIDGE" >/dev/null 2>&1; then
         ip link add "$PBS_BRIDGE" type bridge
@@ -118,7 +118,7 @@ net_up() {
     for n in $(node_names); do
         ns=$(node_ns "$n")
         ip=$(node_ip "$n")
-        ip netns list | grep -q "^$ns\b" || ip netns add "$ns"
+        grep -q "^$ns\b" <<<"$(ip netns list)" || ip netns add "$ns"
         if ! ip link show "$ns" >/dev/null 2>&1; then
             ip link add "$ns" type veth peer name eth0 netns "$ns"
         fi
@@ -129,7 +129,7 @@ net_up() {
         hosts+=("$ip $n $HOSTS_TAG")
     done
     hosts_set "${hosts[@]}"
-    getent ahostsv4 "$PBS_HOSTNAME" | grep -q "^$PBS_SERVER_IP " || die "$PBS_HOSTNAME does not resolve to $PBS_SERVER_IP"
+    grep -q "^$PBS_SERVER_IP " <<<"$(getent ahostsv4 "$PBS_HOSTNAME")" || die "$PBS_HOSTNAME does not resolve to $PBS_SERVER_IP"
 }
 
 # Undoes net_up: every process left in a node's namespace (only jobs of the

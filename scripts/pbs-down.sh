@@ -45,7 +45,7 @@ openpbs_down() {
         local n
         for n in $(node_names); do
             [ -f "/etc/netns/$(node_ns "$n")/pbs.conf" ] || continue
-            ip netns list | grep -q "^$(node_ns "$n")\b" || continue
+            grep -q "^$(node_ns "$n")\b" <<<"$(ip netns list)" || continue
             in_node "$n" timeout 60 "$P/libexec/pbs_init.d" stop >/dev/null 2>&1
         done
         # pbs_init.d does nothing when the server's name does not resolve
@@ -78,7 +78,7 @@ torque_down() {
         if timeout 10 "$P/bin/qstat" -B >/dev/null 2>&1; then
             timeout 20 "$P/bin/qdel" -p all >/dev/null 2>&1
             for _ in $(seq 100); do
-                timeout 10 "$P/bin/qstat" 2>/dev/null | grep -q ' [QRHEWT] ' || break
+                grep -q ' [QRHEWT] ' <<<"$(timeout 10 "$P/bin/qstat" 2>/dev/null)" || break
                 sleep 0.1
             done
             timeout 20 "$P/bin/qterm" >/dev/null 2>&1

@@ -45,10 +45,10 @@ set_nodes() {
     local create_args=$1 n known
     known=$(timeout 10 pbsnodes -a 2>/dev/null | grep -E '^[^[:space:]]' | awk '{print $1}' || true)
     for n in $known; do
-        node_names | grep -qx "$n" || timeout 10 qmgr -c "delete node $n" >/dev/null
+        grep -qx "$n" <<<"$(node_names)" || timeout 10 qmgr -c "delete node $n" >/dev/null
     done
     for n in $(node_names); do
-        echo "$known" | grep -qx "$n" || timeout 10 qmgr -c "create node $n $create_args"
+        grep -qx "$n" <<<"$known" || timeout 10 qmgr -c "create node $n $create_args"
     done
 }
 
@@ -129,7 +129,7 @@ EOF
         # Job output goes to <submit host>:<path> on the one file system here.
         grep -q '^\$usecp' "$home/mom_priv/config" || echo '$usecp *:/ /' >>"$home/mom_priv/config"
         # pbs_init.d status exits 0 whether or not the mom runs: read what it says.
-        if ! in_node "$n" "$P/libexec/pbs_init.d" status 2>/dev/null | grep -q '^pbs_mom is pid'; then
+        if ! grep -q '^pbs_mom is pid' <<<"$(in_node "$n" "$P/libexec/pbs_init.d" status 2>/dev/null)"; then
             in_node "$n" timeout 60 "$P/libexec/pbs_init.d" start 2>&1 | grep -v -e 'cannot modify limit' \
                 -e 'Failed to protect PBS from Linux OOM' >&2 || true
             started=1
