@@ -23,6 +23,17 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=scripts/pbs-common.sh
 . "$here/pbs-common.sh"
 FLAVOUR=${1:-}
+# What this run started is stopped again if the run fails (a server whose
+# node never came up must not stay behind for the next test to trip on).
+STARTED_NOW=0
+stop_on_failure() {
+    local rc=$?
+    if [ "$rc" != 0 ] && [ "$STARTED_NOW" = 1 ]; then
+        say "stopping what this run started ($FLAVOUR)"
+        "$here/pbs-down.sh" "$FLAVOUR" >&2 || true
+    fi
+}
+trap stop_on_failure EXIT
 WAIT=${WSP_PBS_WAIT_S:-60}
 [ "$(id -u)" = 0 ] || die "must run as root (the moms run jobs as their owners)"
 
@@ -90,7 +101,7 @@ EOF
         # postgres, port 15007) and creates queue workq.
         timeout 120 "$P/libexec/pbs_init.d" start 2>&1 | grep -v -e 'cannot modify limit' \
             -e 'Failed to protect PBS from Linux OOM' -e "cp: cannot stat '/usr/pgsql" -e pg_resetxlog >&2 || true
-        started=1
+        started=1 STARTED_NOW=1
         bounded "pbs_server" "$WAIT" qstat -B || die "pbs_server did not come up; see $OPENPBS_HOME/server_logs"
     fi
     local q=(timeout 10 qmgr -c)
@@ -132,7 +143,7 @@ EOF
         if ! grep -q '^pbs_mom is pid' <<<"$(in_node "$n" "$P/libexec/pbs_init.d" status 2>/dev/null)"; then
             in_node "$n" timeout 60 "$P/libexec/pbs_init.d" start 2>&1 | grep -v -e 'cannot modify limit' \
                 -e 'Failed to protect PBS from Linux OOM' >&2 || true
-            started=1
+            started=1 STARTED_NOW=1
         fi
     done
     wait_nodes_free "$OPENPBS_HOME-pbsn*"
@@ -154,7 +165,7 @@ torque_up() {
     fi
     echo "$PBS_HOSTNAME" >"$TORQUE_HOME/server_name"
     if ! timeout 5 qstat -B >/dev/null 2>&1; then
-        started=1
+        started=1 STARTED_NOW=1
         # trqauthd authenticates clients to the server (socket /tmp/trqauthd-unix)
         if [ -z "$(prefix_pids "$P/sbin/trqauthd")" ]; then
             rm -f /tmp/trqauthd-unix
@@ -198,7 +209,7 @@ torque_up() {
         lock=$home/mom_priv/mom.lock
         if ! { [ -s "$lock" ] && kill -0 "$(tr -d '\0' <"$lock")" 2>/dev/null; }; then
             in_node "$n" "$P/sbin/pbs_mom" -d "$home" -H "$n" >&2 || die "pbs_mom of $n did not start"
-            started=1
+            started=1 STARTED_NOW=1
         fi
     done
     lock=$TORQUE_HOME/sched_priv/sched.lock
