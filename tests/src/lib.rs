@@ -490,6 +490,22 @@ admin = true
         }
     }
 
+    /// Waits (10 s at most) until every pilot of this cluster has exited.
+    /// A lease settles when the coordinator hears `released`; the pilot
+    /// exits just after (its outbox acknowledged), so on a loaded machine
+    /// it may still be there for a moment.
+    pub fn assert_pilots_exited(&self) {
+        let t = std::time::Instant::now();
+        while !self.pilot_pids(None).is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "pilots still running 10 s after their leases settled: {:?}",
+                self.pilot_pids(None)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// PIDs of pilots started by this cluster (found by their argv).
     pub fn pilot_pids(&self, slot: Option<&str>) -> Vec<i32> {
         let root = self.root().display().to_string();

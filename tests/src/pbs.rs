@@ -295,7 +295,7 @@ pub fn lease_runs_on_the_node_and_destroy_leaves_nothing(s: &PbsServer) {
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
     s.wait_job_gone(&job);
-    assert!(c.pilot_pids(None).is_empty());
+    c.assert_pilots_exited();
 }
 
 /// An admin's qdel reaches the pilot as SIGTERM; it hands everything back
@@ -408,7 +408,7 @@ pub fn two_node_lease_runs_a_pilot_on_each_host_and_destroy_leaves_nothing(s: &P
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
     s.wait_job_gone(&job);
-    assert!(c.pilot_pids(None).is_empty(), "no pilot left");
+    c.assert_pilots_exited();
 }
 
 /// An admin's qdel of a two-node lease's job reaches both pilots, on their

@@ -110,15 +110,7 @@ fn crash_and_restart(c: &mut Cluster, down: Duration) {
 /// The end every scenario must reach: settled, nothing left anywhere.
 fn assert_nothing_left(c: &Cluster, v: &Value) {
     assert_eq!(v["settled"], true, "{v:#}");
-    let t = Instant::now();
-    while !c.pilot_pids(None).is_empty() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "pilots left: {:?}",
-            c.pilot_pids(None)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.assert_pilots_exited();
     for n in &c.nodes {
         let v = c.node(n);
         let restored = v["dom0"]["current_mb"] == v["dom0"]["max_mb"]

@@ -71,7 +71,7 @@ fn ensemble_runs_on_distinct_nodes_and_destroy_restores_every_node() {
         assert_eq!(s["state"], "released", "{s}");
     }
     c.assert_nodes_restored();
-    assert!(c.pilot_pids(None).is_empty(), "every pilot exited");
+    c.assert_pilots_exited();
     // The timeline shows every phase of the lease.
     let phases: Vec<String> = c
         .timeline(&id)
@@ -147,7 +147,7 @@ fn walltime_expiry_ends_the_lease_with_every_node_restored() {
     let v = c.wait_settled(&id);
     assert_eq!(v["state"], "preempted", "{v:#}");
     c.assert_nodes_restored();
-    assert!(c.pilot_pids(None).is_empty());
+    c.assert_pilots_exited();
 }
 
 #[test]
@@ -547,7 +547,7 @@ fn coordinator_sigterm_with_end_leases_on_exit_gives_every_node_back_before_exit
     let code = c.terminate_coordinator(Duration::from_secs(30));
     assert_eq!(code, Some(0), "coordinator log:\n{}", c.log());
     c.assert_nodes_restored();
-    assert!(c.pilot_pids(None).is_empty(), "every pilot exited");
+    c.assert_pilots_exited();
     let db = rusqlite::Connection::open(c.root().join("coordinator/coordinator.db")).unwrap();
     let state: String = db
         .query_row("SELECT state FROM workspaces", [], |r| r.get(0))

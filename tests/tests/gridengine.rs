@@ -79,7 +79,7 @@ fn gridengine_workspace_runs_through_qrsh_inherit_and_destroy_restores_the_node(
     });
     assert_eq!(v["state"], "destroyed", "{v:#}");
     c.assert_nodes_restored();
-    assert!(c.pilot_pids(None).is_empty());
+    c.assert_pilots_exited();
 }
 
 #[test]

@@ -228,7 +228,7 @@ fn kvm_ensemble_boots_real_vms_and_destroy_gives_every_hugepage_back() {
     let v = k.c.wait_settled(&id);
     assert_eq!(v["state"], "destroyed", "{v:#}");
     k.assert_host_restored();
-    assert!(k.c.pilot_pids(None).is_empty());
+    k.c.assert_pilots_exited();
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn kvm_walltime_expiry_leaves_no_qemu_and_the_pool_at_its_original_count() {
     let v = k.c.wait_settled(&id);
     assert_eq!(v["state"], "preempted", "{v:#}");
     k.assert_host_restored();
-    assert!(k.c.pilot_pids(None).is_empty());
+    k.c.assert_pilots_exited();
 }
 
 #[test]
@@ -350,5 +350,5 @@ fn kvm_reservation_beyond_the_host_is_a_clean_reserve_failure_with_nothing_reser
         "the reason names the hugepages: {v:#}"
     );
     k.assert_host_restored();
-    assert!(k.c.pilot_pids(None).is_empty());
+    k.c.assert_pilots_exited();
 }
