@@ -1013,8 +1013,27 @@ impl Engine {
     /// Returns how many leases moved.
     fn move_queued(&self, c: &Connection, now: u64) -> Result<usize, EngineError> {
         let cfg = &self.cfg.pool;
+        // Cheap first (this runs on every tick): no idle slot, nothing to
+        // do; none beyond the minimum, only urgent leases may move.
+        let holder = holder_id();
+        let busy = store::warm_preparing_slots(c)?;
+        let idle = store::live_pool_slots(c)?
+            .iter()
+            .filter(|(p, s)| {
+                PoolSlotState::of(p, s) == PoolSlotState::Idle
+                    && s.workspace_id == holder
+                    && !busy.contains(&s.id)
+            })
+            .count();
+        if idle == 0 {
+            return Ok(0);
+        }
+        let ordinary = idle > cfg.min_idle_nodes as usize;
         let mut queued = Vec::new();
         for ws in store::active_workspaces(c)? {
+            if ws.state != WorkspaceState::Pending || (ws.spec.urgency == 0 && !ordinary) {
+                continue;
+            }
             if let Some(slots) = waits_in_queue(c, &ws)? {
                 let nodes = slots.iter().map(|s| s.nodes).sum();
                 let rank = super::order::queue_rank(
