@@ -1030,10 +1030,7 @@ impl Engine {
         }
         let ordinary = idle > cfg.min_idle_nodes as usize;
         let mut queued = Vec::new();
-        for ws in store::active_workspaces(c)? {
-            if ws.state != WorkspaceState::Pending || (ws.spec.urgency == 0 && !ordinary) {
-                continue;
-            }
+        for ws in store::pending_leases(c, if ordinary { 0 } else { 1 })? {
             if let Some(slots) = waits_in_queue(c, &ws)? {
                 let nodes = slots.iter().map(|s| s.nodes).sum();
                 let rank = super::order::queue_rank(
