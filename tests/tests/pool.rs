@@ -4,6 +4,8 @@
 //! An urgent lease starts on an idle pool slot without a batch job of its
 //! own, the lease's end unbinds the slot (its batch job goes on), the admin
 //! view and `/metrics` show the pool, and a coordinator restart keeps it.
+//! A lease queued in the batch system moves onto a pool slot that becomes
+//! idle, and its batch job is cancelled.
 
 use serde_json::Value;
 use std::process::Command;
@@ -233,6 +235,127 @@ fn an_urgent_lease_starts_on_an_idle_pool_slot_and_gives_it_back_at_its_end() {
         !c.pilot_pids(Some(&slot)).is_empty(),
         "its pilot still runs"
     );
+}
+
+/// The local batch system's state of job `id` (`queued`, `running`,
+/// `cancelled`, ...), or `None` when it has no such job.
+fn job_state(c: &Cluster, id: &str) -> Option<String> {
+    c.local_jobs()["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .find(|j| j["id"] == id)
+        .map(|j| j["state"]["state"].as_str().unwrap_or("?").to_string())
+}
+
+#[test]
+fn a_lease_queued_behind_a_full_cluster_moves_onto_the_pool_slot_its_predecessor_leaves() {
+    // A pool of one slot, kept for urgent leases; 4 nodes in all.
+    let c = Cluster::start(Options {
+        extra: "max_urgency = 2\n[pool]\nmin_idle_nodes = 1\nmax_nodes = 1\nwalltime_s = 3600\nidle_timeout_s = 600\n".into(),
+        ..Options::default()
+    });
+    let p = wait_idle(&c, 1);
+    let idle = slots_in(&p, "idle").remove(0);
+    let slot = idle["slot_id"].as_str().expect("slot").to_string();
+    let node = idle["node"].as_str().expect("node").to_string();
+    let pool_job = idle["job_id"].as_str().expect("a pool job").to_string();
+    let create = |token: &str, name: &str, spec: &str, wait: bool| -> Value {
+        let path = c.root().join(name);
+        std::fs::write(&path, spec).expect("spec");
+        let mut args = vec!["create", "--file", path.to_str().expect("path"), "--json"];
+        if wait {
+            args.push("--wait");
+        }
+        let (code, out, err) = workspace(&c, token, &args);
+        assert_eq!(code, 0, "{err}\n{}", c.log());
+        json(&out)
+    };
+    // A holds the pool slot; a plain lease fills the other three nodes.
+    let a = create(ADMIN_TOKEN, "a.toml", URGENT, true);
+    assert_eq!(a["vms"][0]["slot_id"], slot.as_str(), "{a:#}");
+    // (All the cores of each node: the local batch system packs by cores.)
+    let fill = URGENT
+        .replace("urgency = 1\n", "")
+        .replace("count = 1", "count = 3\ncpus = 2");
+    let full = create(TOKEN, "fill.toml", &fill, true);
+    assert_eq!(full["state"], "running", "{full:#}");
+    // B waits in the batch queue behind them.
+    let b = create(ADMIN_TOKEN, "b.toml", URGENT, false);
+    let b_id = b["id"].as_str().expect("id").to_string();
+    let queued_job = b["vms"][0]["job_id"]
+        .as_str()
+        .expect("B's batch job")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, out, _) = workspace(&c, ADMIN_TOKEN, &["status", &b_id, "--json"]);
+    assert_eq!(json(&out)["state"], "pending", "{out}");
+    assert_eq!(job_state(&c, &queued_job).as_deref(), Some("queued"));
+
+    // A ends: its slot goes back to the pool, and B moves onto it.
+    let a_id = a["id"].as_str().expect("id");
+    let (code, _, err) = workspace(&c, ADMIN_TOKEN, &["destroy", a_id, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    let freed = Instant::now();
+    let v = loop {
+        let v = c.get_as(ADMIN_TOKEN, &b_id).body;
+        if v["state"] == "running" {
+            break v;
+        }
+        assert!(
+            freed.elapsed() < Duration::from_secs(30),
+            "B did not move onto the freed pool slot: {v:#}\n{:#?}\n{}",
+            timeline(&c, ADMIN_TOKEN, &b_id),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!(
+        "queued lease running on the freed pool slot {} ms after its predecessor was destroyed",
+        freed.elapsed().as_millis()
+    );
+    // `workspace status` shows it as for a lease placed at create.
+    let (code, out, err) = workspace(&c, ADMIN_TOKEN, &["status", &b_id, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let st = json(&out);
+    let vm = &st["vms"][0];
+    assert_eq!(vm["slot_id"], slot.as_str(), "{st:#}");
+    assert_eq!(vm["node"], node.as_str(), "{st:#}");
+    assert_eq!(vm["job_id"], pool_job.as_str(), "{st:#}");
+    assert!(
+        vm["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with(&format!("wsp-{slot}-"))),
+        "{st:#}"
+    );
+    let (_, text, _) = workspace(&c, ADMIN_TOKEN, &["status", &b_id]);
+    assert!(text.contains(&node) && text.contains(&pool_job), "{text}");
+    let names: Vec<String> = c.node(&node)["domains"]
+        .as_array()
+        .expect("domains")
+        .iter()
+        .filter_map(|d| d["name"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        names.contains(&vm["name"].as_str().expect("name").to_string()),
+        "{names:?}"
+    );
+    // Its batch job is gone: cancelled while queued, never started.
+    assert_eq!(job_state(&c, &queued_job).as_deref(), Some("cancelled"));
+    let text = timeline(&c, ADMIN_TOKEN, &b_id);
+    let moved = format!(
+        "moved from the batch queue to idle pool slot {slot} on node {node} (batch job {queued_job} cancelled)"
+    );
+    assert!(text.iter().any(|t| t.contains(&moved)), "{text:#?}");
+    assert_eq!(v["state"], "running");
+    let p = pool(&c);
+    let bound = slots_in(&p, "bound");
+    assert_eq!(bound.len(), 1, "{p:#}");
+    assert_eq!(bound[0]["bound_to"], b_id.as_str(), "{p:#}");
+    assert_eq!(bound[0]["leases"], 2, "{p:#}");
+    // The filling lease was never touched.
+    let f = c.get_as(TOKEN, full["id"].as_str().expect("id")).body;
+    assert_eq!(f["state"], "running", "{f:#}");
 }
 
 #[test]

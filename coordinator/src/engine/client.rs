@@ -253,7 +253,7 @@ impl Engine {
                         Some(pool_slots) => {
                             let mut ids = Vec::new();
                             for ps in pool_slots {
-                                super::pool::adopt(tx, ps, &ws.id, plan, now)?;
+                                super::pool::adopt(tx, ps, &ws.id, plan, None, now)?;
                                 ids.push(ps.slot_id.clone());
                             }
                             ids

@@ -9,8 +9,8 @@
 //! shared with the other entries (`rules`).
 
 use super::rules::{
-    end_slots, fail_workspace, maybe_settle, must_ws, needs_slot, slot_maybe_released, start_vms,
-    transition, Setting, ADMINS_TOLD,
+    current_slots_reserved, end_slots, fail_workspace, maybe_settle, must_ws, needs_slot,
+    slot_maybe_released, start_vms, transition, Setting, ADMINS_TOLD,
 };
 use super::{suspend, Engine, EngineError};
 use crate::lifecycle::pilot as pilot_life;
@@ -612,10 +612,21 @@ fn on_started(
     )?;
     let started = slot_life::Input::PilotStarted;
     store::advance_slot_from(ev.c, &ev.slot.id, ev.slot.state, started)?;
-    if !lifecycle::wants_slots(ev.ws.state) {
+    if !lifecycle::wants_slots(ev.ws.state) || left_behind(ev)? {
         ev.release()?;
     }
     Ok(())
+}
+
+/// True for a pilot of a slot its lease left while the lease goes on (no
+/// VM of the lease is in it): a queued lease that moved onto idle pool
+/// slots (`engine::pool`) left its batch slot with its job cancelled; a
+/// pilot of that job that starts anyway (the cancel landed too late) is
+/// told to release, and nothing it does changes the lease.
+fn left_behind(ev: &Ev) -> Result<bool, EngineError> {
+    Ok(lifecycle::wants_slots(ev.ws.state)
+        && !super::pool::is_holder(&ev.ws)
+        && !store::slot_has_vms(ev.c, &ev.slot.id)?)
 }
 
 /// The node's memory is the slot's: when every node of every slot holds
@@ -633,27 +644,21 @@ fn on_reserved(
     if !lifecycle::wants_slots(ev.ws.state) {
         return ev.release();
     }
+    if left_behind(ev)? {
+        ev.timeline(
+            Phase::SlotReleased,
+            None,
+            "this slot's batch job started before its cancel landed (the lease moved onto a pool slot): release sent",
+        )?;
+        return ev.release();
+    }
     if store::count_reserved_pilots(c, &slot.id)? >= u64::from(slot.nodes) {
         let all = slot_life::Input::AllReserved;
         store::advance_slot_from(c, &slot.id, slot.state, all)?;
     }
-    // Resuming: only the slots the VMs are in now count (the old ones are over).
-    let current: Option<std::collections::HashSet<SlotId>> =
-        if ev.ws.state == WorkspaceState::Resuming {
-            Some(
-                store::vms_of(c, &ev.ws.id)?
-                    .into_iter()
-                    .map(|v| v.slot_id)
-                    .collect(),
-            )
-        } else {
-            None
-        };
-    let all = store::slots_of(c, &ev.ws.id)?
-        .iter()
-        .filter(|s| current.as_ref().is_none_or(|cur| cur.contains(&s.id)))
-        .all(|s| s.state == SlotState::Reserved);
-    if all
+    // Only the slots the VMs are in now count (those a resumed or moved
+    // lease left are over).
+    if current_slots_reserved(c, &ev.ws.id)?
         && matches!(
             ev.ws.state,
             WorkspaceState::Pending | WorkspaceState::Resuming
@@ -671,6 +676,11 @@ fn on_reserve_failed(ev: &mut Ev, reason: &str) -> Result<(), EngineError> {
     let (c, now) = (ev.c, ev.now);
     ev.pilot(pilot_life::Input::ReserveFailed)?;
     ev.timeline(Phase::ReserveFailed, None, reason)?;
+    if left_behind(ev)? {
+        // A slot the lease left: its node failing is no failure of the lease.
+        slot_maybe_released(c, &ev.ws, &ev.slot.id, now)?;
+        return maybe_settle(c, &mut ev.ws, now);
+    }
     let why = format!(
         "node {} could not reserve {} MB: {reason}",
         ev.node, ev.slot.memory_mb

@@ -11,8 +11,10 @@
 //! the create's transaction, guarded by the holder as owner, and each gets
 //! `bind`; once every one is `bound` the VMs start as on any slot. The
 //! lease's end sends `unbind` ([`ends_by_unbind`]); `unbound` gives the slot
-//! back to the holder, idle. The housekeeping tick grows the pool through
-//! the batch system and gives back slots idle too long ([`Engine::pool_tick`]).
+//! back to the holder, idle. The housekeeping tick moves leases waiting in
+//! the batch queue onto idle slots by the same rules ([`Engine::move_queued`];
+//! their batch jobs are cancelled), grows the pool through the batch system
+//! and gives back slots idle too long ([`Engine::pool_tick`]).
 
 use super::rules::{maybe_settle, must_ws, start_vms, Setting};
 use super::{Engine, EngineError};
@@ -328,11 +330,14 @@ pub(super) fn place(
 /// Adopts `slot` for lease `ws` (group and memory per node of `plan`) and
 /// queues its `bind`. Fails the create when another create took it first
 /// (the transaction is rolled back; the client may ask again).
+/// `moved_from`: the batch job the lease waited in, when it moves from the
+/// batch queue ([`Engine::move_queued`]); `None` at create.
 pub(super) fn adopt(
     c: &Connection,
     slot: &PoolSlotRow,
     ws: &WorkspaceId,
     plan: &SlotPlan,
+    moved_from: Option<&str>,
     now: u64,
 ) -> Result<(), EngineError> {
     let node = slot.node.clone().unwrap_or_default();
@@ -368,10 +373,16 @@ pub(super) fn adopt(
         Some(&slot.slot_id),
         Some(&node),
         None,
-        &format!(
-            "group {:?}: from idle pool slot {} on node {node}, no batch queue; bind {} MB sent{left}",
-            plan.group, slot.slot_id, plan.memory_mb_per_node
-        ),
+        &match moved_from {
+            None => format!(
+                "group {:?}: from idle pool slot {} on node {node}, no batch queue; bind {} MB sent{left}",
+                plan.group, slot.slot_id, plan.memory_mb_per_node
+            ),
+            Some(job) => format!(
+                "group {:?}: moved from the batch queue to idle pool slot {} on node {node} (batch job {job} cancelled); bind {} MB sent{left}",
+                plan.group, slot.slot_id, plan.memory_mb_per_node
+            ),
+        },
     )?;
     store::push_timeline(
         c,
@@ -448,6 +459,55 @@ pub(super) fn none_binding(c: &Connection, ws: &WorkspaceId) -> Result<bool, Eng
     Ok(true)
 }
 
+/// The batch slots of a lease still waiting for the batch system, which
+/// may move onto idle pool slots ([`Engine::move_queued`]); `None` for any
+/// other lease. It waits when it is a best-effort lease, pending, with all
+/// its VMs pending in slots whose batch jobs were submitted and have not
+/// started a pilot yet (no pilot of the lease has reported: a lease some
+/// of whose pilots already hold nodes stays where it is). Never moved: an
+/// advance reservation (the batch system's reservation guarantees it), a
+/// lease resuming after a suspend (its new slots are the resume's), an
+/// urgent lease sharing nodes or giving that up, a lease already on a pool
+/// slot, and one a pool slot refused (`reserve_failed` on its timeline:
+/// moving it again would only meet the same refusal).
+fn waits_in_queue(c: &Connection, ws: &WorkspaceRow) -> Result<Option<Vec<SlotRow>>, EngineError> {
+    if is_holder(ws) || ws.state != WorkspaceState::Pending || ws.spec.start.is_some() {
+        return Ok(None);
+    }
+    if store::reservation_of(c, &ws.id)?.is_some()
+        || store::has_phase(c, &ws.id, Phase::ReserveFailed)?
+        || store::shares_of(c, &ws.id)?
+            .iter()
+            .any(|s| s.state.is_active() || s.state == store::ShareState::Fallback)
+    {
+        return Ok(None);
+    }
+    let vms = store::vms_of(c, &ws.id)?;
+    if vms.is_empty()
+        || vms
+            .iter()
+            .any(|v| v.state != protocol::view::VmState::Pending)
+    {
+        return Ok(None);
+    }
+    let current: std::collections::HashSet<&SlotId> = vms.iter().map(|v| &v.slot_id).collect();
+    let mut slots = Vec::new();
+    for s in store::slots_of(c, &ws.id)? {
+        if !current.contains(&s.id) {
+            continue;
+        }
+        let waiting = s.state == SlotState::Submitted
+            && matches!(s.job, crate::lifecycle::slot::Job::Live(_))
+            && store::pilots_of(c, &s.id)?.is_empty()
+            && store::get_pool_slot(c, &s.id)?.is_none();
+        if !waiting {
+            return Ok(None);
+        }
+        slots.push(s);
+    }
+    Ok(Some(slots))
+}
+
 /// A pool pilot reserved its idle memory: the slot is idle from now.
 pub(super) fn on_reserved(
     c: &Connection,
@@ -497,9 +557,7 @@ pub(super) fn on_bound(
             r.dom0_before_mb, r.dom0_after_mb, r.reserved_mb, r.balloon_ms
         ),
     )?;
-    let all = store::slots_of(c, &ws.id)?
-        .iter()
-        .all(|s| s.state == SlotState::Reserved);
+    let all = super::rules::current_slots_reserved(c, &ws.id)?;
     if all && ws.state == WorkspaceState::Pending && none_binding(c, &ws.id)? {
         start_vms(c, ws, now, setting)?;
     }
@@ -807,7 +865,9 @@ pub(super) fn on_warm_started(
 }
 
 impl Engine {
-    /// The pool's turn of the housekeeping tick: the holder exists; idle
+    /// The pool's turn of the housekeeping tick: the holder exists; leases
+    /// waiting in the batch queue move onto idle slots that fit them
+    /// ([`Engine::move_queued`]) and their batch jobs are cancelled; idle
     /// slots past `idle_timeout_s` are given back while more than
     /// `min_idle_nodes` are idle; pool jobs are submitted while idle and
     /// growing slots are fewer than `min_idle_nodes`, within `max_nodes`
@@ -822,14 +882,16 @@ impl Engine {
         self.submit_fallbacks().await;
         let now = self.clock.now_ms();
         let closing = self.pool.closing.load(Ordering::SeqCst);
-        let new_slots = self.with_store(|s| {
+        let (new_slots, moved) = self.with_store(|s| {
             s.tx(|tx| {
                 let holder_id = ensure_holder(tx, cfg, now)?;
                 let holder = must_ws(tx, &holder_id)?;
                 if closing {
                     super::rules::end_slots(tx, &holder, now)?;
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), 0));
                 }
+                // Idle slots serve the batch queue before any is given back.
+                let moved = self.move_queued(tx, now)?;
                 let live = store::live_pool_slots(tx)?;
                 let mut counts = PoolCounts::of(&live);
                 // Shrink: the longest idle first.
@@ -872,7 +934,7 @@ impl Engine {
                 self.prepare_warm(tx, now)?;
                 // Grow.
                 if now < self.pool.backoff_until.load(Ordering::SeqCst) {
-                    return Ok(Vec::new());
+                    return Ok((Vec::new(), moved));
                 }
                 let share = (f64::from(self.capacity.nodes) * cfg.max_share).floor() as u32;
                 let cap = cfg.max_nodes().min(share).min(self.capacity.nodes);
@@ -892,9 +954,15 @@ impl Engine {
                     store::insert_pool_slot(tx, &slot.id, cfg.idle_memory_mb, now)?;
                     out.push(slot);
                 }
-                Ok::<_, EngineError>(out)
+                Ok::<_, EngineError>((out, moved))
             })
         })?;
+        if moved > 0 {
+            // The moved leases' batch jobs, through the cancel path (a
+            // refused cancel stays owed and is tried again every second).
+            self.bump();
+            self.retry_cancels().await;
+        }
         for slot in &new_slots {
             if let Err(source) = self.submit_slot(slot).await {
                 warn!(slot_id = %slot.id, error = %source, "pool job submission failed; retried in {} s", SUBMIT_BACKOFF_MS / 1000);
@@ -927,6 +995,113 @@ impl Engine {
             self.bump();
         }
         Ok(())
+    }
+
+    /// Leases waiting in the batch queue move onto idle pool slots: the
+    /// pool's turn of the tick, in its transaction, before the pool shrinks
+    /// or grows. In the queue's order ([`super::order::queue_rank`]:
+    /// urgency 2, 1, then 0; then as `best_effort_order` orders the batch
+    /// queue), each lease that [`waits_in_queue`] and whose VMs ALL fit
+    /// idle slots under the rules of a create ([`place`]: deadline, cores
+    /// and memory, urgency 0 only beyond `min_idle_nodes`, none making a
+    /// warm snapshot) adopts them as a create does ([`adopt`]: guarded by
+    /// the holder, so no slot twice, also across a restart), its VMs move
+    /// onto them, and its batch slots end ([`super::rules::end_slot`]):
+    /// their jobs are owed a cancel, which the caller sends through the
+    /// cancel path (retried until the batch system takes it). A lease that
+    /// does not fit stays queued; one behind it that fits may go.
+    /// Returns how many leases moved.
+    fn move_queued(&self, c: &Connection, now: u64) -> Result<usize, EngineError> {
+        let cfg = &self.cfg.pool;
+        // Cheap first (this runs on every tick): no idle slot, nothing to
+        // do; none beyond the minimum, only urgent leases may move.
+        let holder = holder_id();
+        let busy = store::warm_preparing_slots(c)?;
+        let idle = store::live_pool_slots(c)?
+            .iter()
+            .filter(|(p, s)| {
+                PoolSlotState::of(p, s) == PoolSlotState::Idle
+                    && s.workspace_id == holder
+                    && !busy.contains(&s.id)
+            })
+            .count();
+        if idle == 0 {
+            return Ok(0);
+        }
+        let ordinary = idle > cfg.min_idle_nodes as usize;
+        let mut queued = Vec::new();
+        for ws in store::pending_leases(c, if ordinary { 0 } else { 1 })? {
+            if let Some(slots) = waits_in_queue(c, &ws)? {
+                let nodes = slots.iter().map(|s| s.nodes).sum();
+                let rank = super::order::queue_rank(
+                    self.cfg.reservations.best_effort_order,
+                    ws.spec.urgency,
+                    ws.created_ms,
+                    nodes,
+                    ws.spec.walltime(),
+                );
+                queued.push((rank, ws, slots));
+            }
+        }
+        if queued.is_empty() {
+            return Ok(0);
+        }
+        queued.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| a.1.id.as_str().cmp(b.1.id.as_str()))
+        });
+        let node_mb = self
+            .capacity
+            .memory_mb_per_node
+            .saturating_sub(self.cfg.pilot.min_dom0_mb);
+        let slack_ms = self.cfg.pilot.startup_slack_s * 1000;
+        let mut moved = 0;
+        for (_, ws, old) in queued {
+            let plans = match self.slot_plans(&ws.spec) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(workspace_id = %ws.id, error = %e, "queued lease not planned again; it stays in the batch queue");
+                    continue;
+                }
+            };
+            let Some(placed) = place(c, cfg, node_mb, &ws.spec, &plans, slack_ms, now)? else {
+                continue;
+            };
+            // Each VM of a group onto one of the group's slots, as at create.
+            let vms = store::vms_of(c, &ws.id)?;
+            let mut moves = Vec::new();
+            for (plan, pool_slots) in plans.iter().zip(&placed) {
+                let mut mine: Vec<&store::VmRow> =
+                    vms.iter().filter(|v| v.group == plan.group).collect();
+                mine.sort_by_key(|v| v.idx);
+                if mine.len() != pool_slots.len() {
+                    moves.clear();
+                    break;
+                }
+                moves.extend(mine.into_iter().zip(pool_slots).map(|(v, p)| (plan, v, p)));
+            }
+            if moves.len() != vms.len() {
+                warn!(workspace_id = %ws.id, "queued lease's VMs do not match its plan; it stays in the batch queue");
+                continue;
+            }
+            for (plan, vm, ps) in moves {
+                let job = old
+                    .iter()
+                    .find(|s| s.id == vm.slot_id)
+                    .and_then(|s| s.job.id())
+                    .unwrap_or("?");
+                adopt(c, ps, &ws.id, plan, Some(job), now)?;
+                let name = protocol::VmName::new(ps.slot_id.clone(), vm.id.clone()).to_string();
+                store::move_vm_to_slot(c, &vm.id, &ps.slot_id, &name)?;
+            }
+            for slot in &old {
+                super::rules::end_slot(c, slot, now)?;
+            }
+            let jobs: Vec<&str> = old.iter().filter_map(|s| s.job.id()).collect();
+            info!(workspace_id = %ws.id, urgency = ws.spec.urgency, jobs = ?jobs, "queued lease moved onto idle pool slots");
+            moved += 1;
+        }
+        Ok(moved)
     }
 
     /// Warm images (`[pool] warm_images`) without a usable snapshot get one

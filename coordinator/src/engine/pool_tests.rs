@@ -789,3 +789,332 @@ async fn a_lease_suspended_on_a_pool_slot_keeps_its_checkpoint_and_the_slot_goes
     );
     assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
 }
+
+// ---- leases queued in the batch system move onto idle pool slots --------
+
+/// A pool of one slot at most (kept for urgent leases: `min_idle_nodes = 1`).
+fn one_slot_pool(cfg: &mut Config) {
+    pool_config(cfg);
+    cfg.pool.max_nodes = Some(1);
+}
+
+/// The single pool slot, grown, idle, then bound to a running urgent lease
+/// A: every lease made now waits in the batch queue.
+async fn pool_full(rig: &Rig) -> (SlotId, String, WorkspaceView) {
+    let idle = grow(rig).await;
+    assert_eq!(idle.len(), 1);
+    let (slot, node) = idle[0].clone();
+    let a = urgent_lease(rig, 1, 1, 3600).await;
+    assert_eq!(a.slots[0].id, slot);
+    bind_and_start(rig, &a, &slot, &node);
+    (slot, node, a)
+}
+
+/// Lease `ws` ends and its pool slot is unbound: the slot is idle again.
+fn end_on_pool(rig: &Rig, ws: &WorkspaceId, slot: &SlotId, node: &str) {
+    rig.engine.destroy(&admin(), ws).expect("destroy");
+    rig.commands(slot, node);
+    rig.send(
+        slot,
+        node,
+        EventKind::Unbound {
+            workspace_id: ws.clone(),
+            vms_destroyed: Vec::new(),
+            // The pool pilot holds its node for most of a day yet.
+            reservation: change(0, rig.clock.now_ms() + 20 * 3_600_000),
+        },
+    )
+    .expect("unbound");
+    assert!(rig.view(ws).settled);
+}
+
+/// The lease's slot now (the one its VMs are in).
+fn slot_of(rig: &Rig, ws: &WorkspaceId) -> SlotId {
+    rig.view(ws).vms[0].slot_id.clone()
+}
+
+#[tokio::test]
+async fn a_queued_lease_moves_onto_a_pool_slot_that_becomes_idle_and_its_batch_job_is_cancelled() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let b = urgent_lease(&rig, 1, 1, 3600).await;
+    assert_ne!(b.slots[0].id, slot, "the pool is busy: the batch queue");
+    let job = rig.job_of(&b);
+    let queued_slot = b.slots[0].id.clone();
+    // While the slot serves A, B waits.
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Queued));
+    assert_eq!(slot_of(&rig, &b.id), queued_slot);
+
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &b.id), slot, "B's VM is on the pool slot");
+    assert_eq!(
+        rig.lrm.state(&job),
+        Some(JobState::Cancelled),
+        "its batch job is cancelled"
+    );
+    let v = pool_view(&rig);
+    assert_eq!(v.slots.len(), 1, "{v:?}");
+    assert_eq!(v.slots[0].bound_to.as_ref(), Some(&b.id));
+    // Bound, then started as a lease placed at create: named for the pool slot.
+    let cmds = bind_and_start(&rig, &b, &slot, &node);
+    let start = cmds
+        .iter()
+        .find_map(|c| match c {
+            CommandKind::StartVm(l) => Some(l.clone()),
+            _ => None,
+        })
+        .expect("start_vm after bound");
+    assert!(
+        start.name.starts_with(&format!("wsp-{slot}-")),
+        "{}",
+        start.name
+    );
+    let v = rig.view(&b.id);
+    assert_eq!(v.state, WorkspaceState::Running, "{v:?}");
+    assert_eq!(v.vms[0].node.as_deref(), Some(node.as_str()));
+    let old = v.slots.iter().find(|s| s.id == queued_slot).expect("kept");
+    assert_eq!(old.state, SlotState::Released, "{v:?}");
+    let d = details(&rig, &b).await;
+    let moved = format!(
+        "moved from the batch queue to idle pool slot {slot} on node {node} (batch job {job} cancelled)"
+    );
+    assert!(d.iter().any(|(_, t)| t.contains(&moved)), "{d:?}");
+    assert!(
+        d.iter().any(|(_, t)| t.contains(&format!(
+            "job {job} cancelled before its pilots held anything"
+        ))),
+        "{d:?}"
+    );
+    // Its end gives the slot back to the pool, as for any lease on it.
+    end_on_pool(&rig, &b.id, &slot, &node);
+    assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
+}
+
+#[tokio::test]
+async fn queued_leases_move_by_urgency_then_oldest_first_and_urgency_0_never_into_min_idle() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let plain = rig.lease(1, 3600).await;
+    let one_old = urgent_lease(&rig, 1, 1, 3600).await;
+    rig.clock.advance(1_000);
+    let one_young = urgent_lease(&rig, 1, 1, 3600).await;
+    let two = urgent_lease(&rig, 2, 1, 3600).await;
+    for ws in [&plain, &one_old, &one_young, &two] {
+        assert_ne!(slot_of(&rig, &ws.id), slot);
+    }
+    // Urgency 2 first, though it came last.
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &two.id), slot);
+    bind_and_start(&rig, &two, &slot, &node);
+    // Then urgency 1, the older first.
+    end_on_pool(&rig, &two.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &one_old.id), slot);
+    assert_ne!(slot_of(&rig, &one_young.id), slot);
+    bind_and_start(&rig, &one_old, &slot, &node);
+    end_on_pool(&rig, &one_old.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &one_young.id), slot);
+    bind_and_start(&rig, &one_young, &slot, &node);
+    end_on_pool(&rig, &one_young.id, &slot, &node);
+    // Urgency 0, alone in the queue now: the only idle slot is the one
+    // min_idle_nodes keeps for urgent leases. It stays queued.
+    rig.engine.housekeeping(false).await;
+    assert_ne!(slot_of(&rig, &plain.id), slot);
+    assert_eq!(rig.lrm.state(&rig.job_of(&plain)), Some(JobState::Queued));
+    assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
+}
+
+#[tokio::test]
+async fn an_ordinary_queued_lease_takes_an_idle_slot_beyond_min_idle() {
+    let rig = Rig::with(|c| {
+        pool_config(c);
+        c.pool.max_nodes = Some(2);
+    });
+    let (slot, node, a) = pool_full(&rig).await;
+    // The pool grows back to one idle slot: the minimum, not for urgency 0.
+    let idle = grow(&rig).await;
+    assert_eq!(idle.len(), 1);
+    let plain = rig.lease(1, 3600).await;
+    let job = rig.job_of(&plain);
+    assert_ne!(slot_of(&rig, &plain.id), slot);
+    assert_ne!(slot_of(&rig, &plain.id), idle[0].0);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(
+        rig.lrm.state(&job),
+        Some(JobState::Queued),
+        "one idle: kept"
+    );
+    // A's end makes two idle: one beyond the minimum.
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    let now_on = slot_of(&rig, &plain.id);
+    assert!(now_on == slot || now_on == idle[0].0, "on a pool slot");
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    let v = pool_view(&rig);
+    assert_eq!(
+        count(&v, PoolSlotState::Idle),
+        1,
+        "the minimum stays idle: {v:?}"
+    );
+    assert_eq!(count(&v, PoolSlotState::Bound), 1, "{v:?}");
+}
+
+#[tokio::test]
+async fn a_queued_lease_that_does_not_fit_the_idle_slots_stays_in_the_batch_queue() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    // Two VMs for one idle slot; a lease longer than the slot's walltime.
+    let two_vms = urgent_lease(&rig, 2, 2, 3600).await;
+    let long = urgent_lease(&rig, 2, 1, WALLTIME_S).await;
+    // One that fits, behind them (younger, and of a lower urgency).
+    let fits = urgent_lease(&rig, 1, 1, 3600).await;
+    let jobs_before: Vec<String> = [&two_vms, &long].iter().map(|w| rig.job_of(w)).collect();
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    for (ws, job) in [&two_vms, &long].iter().zip(&jobs_before) {
+        assert_ne!(slot_of(&rig, &ws.id), slot);
+        assert_eq!(rig.lrm.state(job), Some(JobState::Queued));
+        let d = details(&rig, ws).await;
+        assert!(!d.iter().any(|(_, t)| t.contains("moved from")), "{d:?}");
+    }
+    // The leases ahead that do not fit do not hold it up.
+    assert_eq!(slot_of(&rig, &fits.id), slot);
+}
+
+#[tokio::test]
+async fn a_lease_some_of_whose_pilots_reported_is_not_moved() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let b = urgent_lease(&rig, 1, 1, 3600).await;
+    let job = rig.job_of(&b);
+    rig.send(&b.slots[0].id, "node1", started())
+        .expect("started");
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &b.id), b.slots[0].id, "stays: its pilot runs");
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Queued));
+    assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
+}
+
+#[tokio::test]
+async fn a_cancelled_job_that_starts_anyway_is_released_and_the_lease_goes_on() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let b = urgent_lease(&rig, 1, 1, 3600).await;
+    let (old, job) = (b.slots[0].id.clone(), rig.job_of(&b));
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &b.id), slot);
+    // The batch system had started the job before the cancel landed.
+    rig.send(&old, "node3", started()).expect("started");
+    let cmds = rig.commands(&old, "node3");
+    assert!(cmds.contains(&CommandKind::Release), "{cmds:?}");
+    rig.send(&old, "node3", reserved()).expect("reserved");
+    assert!(
+        !rig.commands(&old, "node3")
+            .iter()
+            .any(|c| matches!(c, CommandKind::StartVm(_))),
+        "nothing starts there"
+    );
+    // The lease comes up on the pool slot all the same.
+    bind_and_start(&rig, &b, &slot, &node);
+    assert_eq!(rig.view(&b.id).state, WorkspaceState::Running);
+    // Our cancel's signal reaches the pilot, which releases its node.
+    rig.send(&old, "node3", preempting(rig.clock.now_ms()))
+        .expect("preempting");
+    rig.send(&old, "node3", released(ReleaseReason::Commanded))
+        .expect("released");
+    let v = rig.view(&b.id);
+    assert_eq!(v.state, WorkspaceState::Running, "{v:?}");
+    let s = v.slots.iter().find(|s| s.id == old).expect("kept");
+    assert_eq!(s.state, SlotState::Released, "{v:?}");
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    let d = details(&rig, &b).await;
+    assert!(
+        d.iter()
+            .any(|(_, t)| t.contains("started before its cancel landed")),
+        "{d:?}"
+    );
+    // Its end leaves nothing: the pool slot idle, the old slot released.
+    end_on_pool(&rig, &b.id, &slot, &node);
+    let v = rig.view(&b.id);
+    assert_eq!(v.state, WorkspaceState::Destroyed, "{v:?}");
+    assert!(v
+        .slots
+        .iter()
+        .all(|s| s.state == SlotState::Released || s.id == slot));
+}
+
+#[tokio::test]
+async fn a_refused_cancel_is_retried_until_the_batch_system_takes_it() {
+    let rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let b = urgent_lease(&rig, 1, 1, 3600).await;
+    let job = rig.job_of(&b);
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.lrm.failing_cancels.store(2, Ordering::SeqCst);
+    let tried = rig.lrm.cancels_tried.load(Ordering::SeqCst);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(slot_of(&rig, &b.id), slot, "moved all the same");
+    assert_eq!(rig.lrm.cancels_tried.load(Ordering::SeqCst), tried + 1);
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Queued), "refused");
+    bind_and_start(&rig, &b, &slot, &node);
+    for _ in 0..2 {
+        rig.clock.advance(1_000);
+        rig.engine.housekeeping(false).await;
+    }
+    assert_eq!(rig.lrm.cancels_tried.load(Ordering::SeqCst), tried + 3);
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    assert_eq!(rig.view(&b.id).state, WorkspaceState::Running);
+}
+
+#[tokio::test]
+async fn a_restart_between_the_move_and_the_cancel_holds_nothing_twice_and_still_cancels() {
+    let mut rig = Rig::with(one_slot_pool);
+    let (slot, node, a) = pool_full(&rig).await;
+    let b = urgent_lease(&rig, 1, 1, 3600).await;
+    let job = rig.job_of(&b);
+    end_on_pool(&rig, &a.id, &slot, &node);
+    // The move is committed; the cancel does not get through before the stop.
+    rig.lrm.failing_cancels.store(1, Ordering::SeqCst);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Queued));
+    let jobs_before = jobs(&rig);
+    rig.restart();
+    let v = pool_view(&rig);
+    assert_eq!(v.slots.len(), 1, "{v:?}");
+    assert_eq!(v.slots[0].bound_to.as_ref(), Some(&b.id), "{v:?}");
+    // The restarted coordinator cancels the old job and offers the slot to
+    // nobody else.
+    rig.clock.advance(1_000);
+    rig.engine.housekeeping(false).await;
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Cancelled));
+    let c = urgent_lease(&rig, 2, 1, 3600).await;
+    assert_ne!(c.slots[0].id, slot);
+    assert_eq!(jobs(&rig), jobs_before + 1, "C through the batch system");
+    bind_and_start(&rig, &b, &slot, &node);
+    assert_eq!(rig.view(&b.id).state, WorkspaceState::Running);
+    assert_eq!(slot_of(&rig, &b.id), slot);
+}
+
+#[tokio::test]
+async fn an_advance_reservation_is_never_moved_onto_the_pool() {
+    let rig = Rig::with(one_slot_pool);
+    rig.lrm.reserves.store(true, Ordering::SeqCst);
+    let (slot, node, a) = pool_full(&rig).await;
+    let spec = WorkspaceSpec::parse(
+        "name = \"r\"\nduration = 600\nurgency = 1\nstart = \"+10m\"\n[[group]]\nname = \"g\"\ncount = 1\nmemory_mb = 512\nimage = \"i\"\n",
+    )
+    .expect("spec");
+    let r = rig.engine.create(&admin(), spec).await.expect("reserved");
+    let job = rig.job_of(&r);
+    end_on_pool(&rig, &a.id, &slot, &node);
+    rig.engine.housekeeping(false).await;
+    assert_ne!(slot_of(&rig, &r.id), slot, "the reservation holds it");
+    assert_eq!(rig.lrm.state(&job), Some(JobState::Queued));
+    assert_eq!(count(&pool_view(&rig), PoolSlotState::Idle), 1);
+}

@@ -239,7 +239,12 @@ impl Engine {
                         "pilot on node {} went silent (nothing for {quiet_s} s); its VMs there may still run until the node is cleaned, which the cluster's admins are told",
                         p.node
                     );
-                    fail_workspace(tx, &mut ws, &reason, now)?;
+                    // A slot the lease already left (it moved onto pool
+                    // slots) holds none of its VMs: the lease goes on.
+                    let left = !store::slot_has_vms(tx, &slot.id)?;
+                    if !left {
+                        fail_workspace(tx, &mut ws, &reason, now)?;
+                    }
                     slot_maybe_released(tx, &ws, &slot.id, now)?;
                     maybe_settle(tx, &mut ws, now)?;
                 }

@@ -30,6 +30,8 @@ struct ScriptedLrm {
     cancels_tried: AtomicU32,
     /// Submits refused from now on (the batch system refusing a job).
     failing_submits: AtomicU32,
+    /// It grants every advance reservation asked (off: it has none).
+    reserves: std::sync::atomic::AtomicBool,
 }
 
 impl ScriptedLrm {
@@ -105,6 +107,41 @@ impl Lrm for ScriptedLrm {
         }
         self.set(&id.0, JobState::Cancelled);
         Ok(())
+    }
+    fn reservations(&self) -> Option<&dyn lrm_adapters::reserve::Reservations> {
+        if self.reserves.load(Ordering::SeqCst) {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+/// Reservations as the test wants them: every one granted, its jobs queued.
+#[async_trait]
+impl lrm_adapters::reserve::Reservations for ScriptedLrm {
+    async fn create(
+        &self,
+        req: &lrm_adapters::reserve::ReservationRequest,
+    ) -> Result<lrm_adapters::reserve::Reservation, lrm_adapters::reserve::ReserveError> {
+        Ok(lrm_adapters::reserve::Reservation {
+            id: req.name.clone(),
+            start_ms: req.start_ms,
+            end_ms: req.start_ms + req.duration.as_millis() as u64,
+            nodes: Vec::new(),
+        })
+    }
+    async fn query(
+        &self,
+        _id: &str,
+    ) -> Result<Option<lrm_adapters::reserve::Reservation>, LrmError> {
+        Ok(None)
+    }
+    async fn delete(&self, _id: &str) -> Result<(), LrmError> {
+        Ok(())
+    }
+    async fn submit_into(&self, job: &SlotJob, _id: &str) -> Result<JobId, LrmError> {
+        self.submit(job).await
     }
 }
 

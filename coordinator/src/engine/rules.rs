@@ -121,26 +121,51 @@ pub(super) fn end_slots(c: &Connection, ws: &WorkspaceRow, now: u64) -> Result<(
         if slot.state.is_terminal() || super::pool::ends_by_unbind(c, ws, &slot, now)? {
             continue;
         }
-        let pilots = store::pilots_of(c, &slot.id)?;
-        for p in pilots.iter().filter(|p| !p.state.is_terminal()) {
-            if !store::has_release(c, &slot.id, &p.node)? {
-                store::push_command(c, &slot.id, &p.node, &CommandKind::Release, now)?;
-            }
-        }
-        if slot.job.id().is_none() {
-            // Never submitted (or its submit never answered): nothing anywhere.
-            abandon_unsubmitted(c, &slot.id)?;
-            continue;
-        }
-        if (pilots.len() as u32) < slot.nodes {
-            // Some nodes have no pilot yet (job queued or starting): cancel the job.
-            store::advance_job(c, &slot.id, &JobInput::CancelNeeded)?;
-        }
-        if pilots.is_empty() || pilots.iter().any(|p| !p.state.is_terminal()) {
-            store::advance_slot(c, &slot.id, slot_life::Input::ReleaseAsked)?;
-        }
+        end_slot(c, &slot, now)?;
     }
     Ok(())
+}
+
+/// Asks one slot to end: `release` to each of its pilots that has not
+/// released, a batch cancel when some node has no pilot yet (the job is
+/// queued or starting), the slot `releasing`. Also for the batch slots a
+/// queued lease leaves when it moves onto idle pool slots (`engine::pool`).
+pub(super) fn end_slot(c: &Connection, slot: &SlotRow, now: u64) -> Result<(), EngineError> {
+    let pilots = store::pilots_of(c, &slot.id)?;
+    for p in pilots.iter().filter(|p| !p.state.is_terminal()) {
+        if !store::has_release(c, &slot.id, &p.node)? {
+            store::push_command(c, &slot.id, &p.node, &CommandKind::Release, now)?;
+        }
+    }
+    if slot.job.id().is_none() {
+        // Never submitted (or its submit never answered): nothing anywhere.
+        return abandon_unsubmitted(c, &slot.id);
+    }
+    if (pilots.len() as u32) < slot.nodes {
+        // Some nodes have no pilot yet (job queued or starting): cancel the job.
+        store::advance_job(c, &slot.id, &JobInput::CancelNeeded)?;
+    }
+    if pilots.is_empty() || pilots.iter().any(|p| !p.state.is_terminal()) {
+        store::advance_slot(c, &slot.id, slot_life::Input::ReleaseAsked)?;
+    }
+    Ok(())
+}
+
+/// True when every slot that holds a VM of the lease is reserved (a slot
+/// the lease left, when it was suspended or moved from the batch queue onto
+/// pool slots, does not count).
+pub(super) fn current_slots_reserved(
+    c: &Connection,
+    ws: &WorkspaceId,
+) -> Result<bool, EngineError> {
+    let current: HashSet<SlotId> = store::vms_of(c, ws)?
+        .into_iter()
+        .map(|v| v.slot_id)
+        .collect();
+    Ok(store::slots_of(c, ws)?
+        .iter()
+        .filter(|s| current.contains(&s.id))
+        .all(|s| s.state == SlotState::Reserved))
 }
 
 /// True while the workspace needs this slot: it wants slots and its VMs are

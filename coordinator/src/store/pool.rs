@@ -281,6 +281,22 @@ pub fn give_back(
     Ok(true)
 }
 
+/// Pending workspaces (not the pool's holder) of urgency `min_urgency` or
+/// more, oldest first: the leases that may be waiting in the batch queue
+/// for the pool's tick to move them. Filtered here, not after parsing every
+/// spec: the tick asks on every round.
+pub fn pending_leases(c: &Connection, min_urgency: u8) -> Result<Vec<super::WorkspaceRow>> {
+    let mut st = c.prepare_cached(&format!(
+        "SELECT {} FROM workspaces
+         WHERE state = 'pending' AND owner <> '@pool'
+           AND COALESCE(json_extract(spec, '$.urgency'), 0) >= ?1
+         ORDER BY created_ms, id",
+        super::WS_COLS
+    ))?;
+    let rows = st.query_map([i64::from(min_urgency)], super::ws_from_row)?;
+    rows.map(|r| super::ws_build(r?)).collect()
+}
+
 /// A lease's new slot, to be submitted by the pool's tick (its pool slot
 /// refused the bind; events cannot submit, the tick can).
 pub fn push_pool_fallback(c: &Connection, slot: &SlotId) -> Result<()> {
