@@ -171,6 +171,7 @@ pub(super) fn save_committed(
     let driver = hv.save(name, &mut w, deadline)?;
     let save_ms = s0.elapsed().as_millis() as u64;
     match w.commit(ManifestInfo {
+        warm: false,
         save_ms,
         driver,
         ..info
@@ -189,6 +190,19 @@ pub(super) fn save_committed(
 impl Pilot {
     pub(super) fn store(&self) -> Result<Store, CkError> {
         Store::open(&self.cfg.checkpoints)
+    }
+
+    /// Unfinished checkpoints this node was writing when its pilot was
+    /// killed (no manifest, writer gone) are removed in the background:
+    /// never restorable, and a warm template's id is never taken over.
+    pub(super) fn remove_abandoned_checkpoints(&self) {
+        let Ok(store) = self.store() else { return };
+        let node = self.cfg.node.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.remove_abandoned(&node) {
+                tracing::warn!(error = %e, "unfinished checkpoints of this node not looked for");
+            }
+        });
     }
 
     /// The hypervisor's name as checkpoints record it.
@@ -414,6 +428,7 @@ impl Pilot {
         };
         let name = rec.name.clone();
         let info = ManifestInfo {
+            warm: false,
             vm_name: name.clone(),
             hypervisor: self.hv_kind(),
             memory_mb: rec.memory_mb,
