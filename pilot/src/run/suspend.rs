@@ -171,7 +171,6 @@ pub(super) fn save_committed(
     let driver = hv.save(name, &mut w, deadline)?;
     let save_ms = s0.elapsed().as_millis() as u64;
     match w.commit(ManifestInfo {
-        warm: false,
         save_ms,
         driver,
         ..info

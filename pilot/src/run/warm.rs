@@ -131,9 +131,12 @@ impl Pilot {
             Ok((committed, boot_ms, save_ms)) => {
                 let total_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(checkpoint = %to, bytes = committed.bytes, boot_ms, save_ms, total_ms, "warm snapshot made");
-                let sha = committed.sha256.clone();
+                // Pruned before the answer: a coordinator that hears of
+                // this snapshot finds the store as it will stay.
+                self.prune_superseded(to.clone(), launch.image.clone(), committed.sha256.clone())
+                    .await;
                 self.push(EventKind::WarmPrepared {
-                    checkpoint: to.clone(),
+                    checkpoint: to,
                     sha256: committed.sha256,
                     bytes: committed.bytes,
                     memory_mb: launch.memory_mb,
@@ -141,7 +144,6 @@ impl Pilot {
                     save_ms,
                     total_ms,
                 });
-                self.prune_superseded(to, launch.image, sha).await;
                 Ok(())
             }
             Err(Interrupted::Failed(reason)) => {
