@@ -521,8 +521,8 @@ impl Store {
 
     /// After warm snapshot `current` of `image` was committed: deletes the
     /// complete warm snapshots of the same image in the same workspace
-    /// directory made before it (superseded: the coordinator keeps one per
-    /// image), and the unfinished ones there whose writer is gone (a pilot
+    /// directory of a lower generation and made before it (superseded: the
+    /// coordinator keeps one per image), and the unfinished ones there whose writer is gone (a pilot
     /// killed mid-save; nobody takes a template's id over). A snapshot a
     /// restore is reading (a shared lock on its manifest, held by every
     /// [`CheckpointReader`], on any node of a shared store) is kept for the
@@ -546,7 +546,12 @@ impl Store {
                     let Some(m) = self.read_manifest(&l.id) else {
                         continue;
                     };
-                    if !m.warm || m.image != image || m.created_ms >= made_ms {
+                    // Older by both counts: a lower generation (the
+                    // coordinator's), made earlier (the manifests'). A
+                    // newer generation made first (its elder's pilot was
+                    // slow to answer) is not this one's to delete.
+                    let older = l.id.generation < current.generation && m.created_ms < made_ms;
+                    if !m.warm || m.image != image || !older {
                         continue;
                     }
                     match self.delete_unread(&l.id) {
@@ -1303,6 +1308,9 @@ mod tests {
         let other_image = warm_id("vm-00000004", 1);
         let half = warm_id("vm-00000005", 4);
         let writing = warm_id("vm-00000006", 5);
+        // Generation 4 was made first: g3's slow pilot does not delete it.
+        let newer = warm_id("vm-00000007", 4);
+        snapshot(&store, &newer, "debian-12", true, 2_500);
         snapshot(&store, &g1, "debian-12", true, 1_000);
         snapshot(&store, &g2, "debian-12", true, 2_000);
         snapshot(&store, &g3, "debian-12", true, 3_000);
@@ -1330,6 +1338,7 @@ mod tests {
             {
                 let mut v = vec![
                     g3.to_string(),
+                    newer.to_string(),
                     other_image.to_string(),
                     id(1).to_string(),
                     writing.to_string(),
@@ -1337,7 +1346,7 @@ mod tests {
                 v.sort();
                 v
             },
-            "the new one, another image's, a user's and one being written stay"
+            "the new one, a newer generation, another image's, a user's and one being written stay"
         );
         assert!(
             !store.path(&g1).parent().unwrap().exists(),

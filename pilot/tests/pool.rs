@@ -526,11 +526,11 @@ fn store_config(store: &Path) -> String {
     format!("[checkpoints]\ndir = \"{}\"\n", store.display())
 }
 
-/// Prepares a warm snapshot of a 256 MB template on `n`; returns its id
-/// and manifest digest.
+/// Prepares the `nth` warm snapshot (generation `nth`) of a 256 MB
+/// template on `n`; returns its id and manifest digest.
 async fn prepare(n: &Node, nth: usize) -> (CheckpointId, String) {
     let t = VmId::generate();
-    let to = snapshot_id(&t, 1);
+    let to = snapshot_id(&t, nth as u32);
     n.coord.command(CommandKind::PrepareWarm {
         launch: n.launch(&t, 256, None),
         to: to.clone(),
