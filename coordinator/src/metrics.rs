@@ -85,6 +85,8 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     /// The slot pool's slots by state (`engine::pool`).
     pub pool_slots: Family<StateLabel, Gauge>,
+    /// Host VMs whose CPU cap (for an urgent lease) could not be lifted yet.
+    pub cpu_caps_stuck: Gauge,
 }
 
 fn lease_histogram() -> Histogram {
@@ -196,7 +198,14 @@ impl Metrics {
             "The slot pool's slots by state: idle, bound (to a lease), growing (pilot job queued or starting), draining (being given back)",
             pool_slots.clone(),
         );
+        let cpu_caps_stuck = Gauge::default();
+        registry.register(
+            "cpu_caps_stuck",
+            "VMs whose CPU cap, put on them for an urgent lease, their node refused (or did not answer) to lift; retried while they run",
+            cpu_caps_stuck.clone(),
+        );
         Self {
+            cpu_caps_stuck,
             request_to_running,
             teardown,
             slots,

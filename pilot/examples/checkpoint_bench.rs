@@ -363,6 +363,7 @@ fn bench_size(
             let save_ms = t.elapsed().as_secs_f64() * 1000.0;
             let c = w
                 .commit(ManifestInfo {
+                    warm: false,
                     vm_name: vm.name.clone(),
                     hypervisor: kvm.name().to_string(),
                     memory_mb: mb,

@@ -12,6 +12,7 @@
 //! suspend, whether a save fits the grace period).
 
 use crate::files::{lock_exclusive, FileLock, LockError};
+use nix::fcntl::{Flock, FlockArg};
 use protocol::pilot::CheckpointId;
 use protocol::{SlotId, VmId, WorkspaceId};
 use serde::{Deserialize, Serialize};
@@ -20,6 +21,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The manifest's file name; its presence is what makes a checkpoint complete.
@@ -172,6 +174,10 @@ pub struct Manifest {
     /// Driver-specific facts a restore needs (compressor, accelerator, disk).
     #[serde(default)]
     pub driver: serde_json::Value,
+    /// A warm image's clean snapshot (`prepare_warm`): a newer one of the
+    /// same image supersedes it ([`Store::prune_warm`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warm: bool,
 }
 
 /// What the pilot knows of a VM when it commits its checkpoint.
@@ -187,6 +193,8 @@ pub struct ManifestInfo {
     pub slot: SlotId,
     pub save_ms: u64,
     pub driver: serde_json::Value,
+    /// A warm image's clean snapshot.
+    pub warm: bool,
 }
 
 /// Who is writing a checkpoint (`writer.json`, removed at commit).
@@ -206,6 +214,19 @@ impl std::fmt::Display for WriterInfo {
             self.pid, self.slot, self.node
         )
     }
+}
+
+/// What [`Store::prune_warm`] did.
+#[derive(Debug, Default)]
+pub struct Pruned {
+    /// Superseded snapshots deleted, with the bytes freed.
+    pub deleted: Vec<(CheckpointId, u64)>,
+    /// Superseded snapshots kept because a restore reads them now.
+    pub in_use: Vec<CheckpointId>,
+    /// Unfinished snapshots whose writer is gone, deleted.
+    pub abandoned: Vec<(CheckpointId, u64)>,
+    /// Could not be deleted (left for the next prune), with why.
+    pub failed: Vec<(CheckpointId, String)>,
 }
 
 /// A checkpoint as [`Store::list`] finds it.
@@ -388,8 +409,23 @@ impl Store {
             });
         }
         let mpath = dir.join(MANIFEST);
-        let text = match std::fs::read(&mpath) {
-            Ok(t) => t,
+        // A shared lock on the manifest while this reader lives: a
+        // superseded warm snapshot is not deleted under a restore.
+        let opened = File::open(&mpath).and_then(|f| {
+            Flock::lock(f, FlockArg::LockSharedNonblock).map_err(|(_, e)| std::io::Error::from(e))
+        });
+        let text = match opened {
+            Ok(mut f) => {
+                let mut t = Vec::new();
+                f.read_to_end(&mut t).map_err(|e| io(&mpath, e))?;
+                (t, Arc::new(f))
+            }
+            Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EWOULDBLOCK as i32) => {
+                return Err(CkError::Incomplete {
+                    id: id.to_string(),
+                    why: "it is being deleted (a newer snapshot of its image superseded it)".into(),
+                });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let why = match (lock_held(&dir), read_writer(&dir)) {
                     (true, Some(w)) => format!("no manifest: {w} is still writing it"),
@@ -403,6 +439,7 @@ impl Store {
             }
             Err(e) => return Err(io(&mpath, e)),
         };
+        let (text, in_use) = text;
         let digest = hex(Sha256::digest(&text));
         if let Some(expected) = expected_sha256 {
             if !expected.eq_ignore_ascii_case(&digest) {
@@ -456,6 +493,7 @@ impl Store {
             dir,
             manifest,
             sha256: digest,
+            _in_use: in_use,
         })
     }
 
@@ -479,6 +517,113 @@ impl Store {
         std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
         prune_parents(&self.root, &dir);
         Ok(bytes)
+    }
+
+    /// After warm snapshot `current` of `image` was committed: deletes the
+    /// complete warm snapshots of the same image in the same workspace
+    /// directory of a lower generation and made before it (superseded: the
+    /// coordinator keeps one per image), and the unfinished ones there whose writer is gone (a pilot
+    /// killed mid-save; nobody takes a template's id over). A snapshot a
+    /// restore is reading (a shared lock on its manifest, held by every
+    /// [`CheckpointReader`], on any node of a shared store) is kept for the
+    /// next prune; a restore that comes after the deletion finds nothing
+    /// and the VM is booted cold, as for any missing snapshot.
+    pub fn prune_warm(&self, current: &CheckpointId, image: &str) -> Result<Pruned, CkError> {
+        let made_ms = self
+            .read_manifest(current)
+            .map(|m| m.created_ms)
+            .ok_or_else(|| CkError::Incomplete {
+                id: current.to_string(),
+                why: "no readable manifest: nothing is superseded by it".into(),
+            })?;
+        let mut out = Pruned::default();
+        for l in self.list()? {
+            if l.id.workspace_id != current.workspace_id || l.id == *current {
+                continue;
+            }
+            match l.state {
+                ListedState::Complete { .. } => {
+                    let Some(m) = self.read_manifest(&l.id) else {
+                        continue;
+                    };
+                    // Older by both counts: a lower generation (the
+                    // coordinator's), made earlier (the manifests'). A
+                    // newer generation made first (its elder's pilot was
+                    // slow to answer) is not this one's to delete.
+                    let older = l.id.generation < current.generation && m.created_ms < made_ms;
+                    if !m.warm || m.image != image || !older {
+                        continue;
+                    }
+                    match self.delete_unread(&l.id) {
+                        Ok(Some(bytes)) => out.deleted.push((l.id, bytes)),
+                        Ok(None) => out.in_use.push(l.id),
+                        Err(e) => out.failed.push((l.id, e.to_string())),
+                    }
+                }
+                ListedState::Incomplete { writer, writing } => {
+                    if writing || writer.is_none() {
+                        continue;
+                    }
+                    match self.delete(&l.id) {
+                        Ok(bytes) => out.abandoned.push((l.id, bytes)),
+                        Err(e) => out.failed.push((l.id, e.to_string())),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Unfinished checkpoints that `node` was writing and whose writer is
+    /// gone (a pilot killed mid-save there): removed, as a pilot starting
+    /// on that node does. Returns what was removed, with the bytes.
+    pub fn remove_abandoned(&self, node: &str) -> Result<Vec<(CheckpointId, u64)>, CkError> {
+        let mut out = Vec::new();
+        for l in self.list()? {
+            let ListedState::Incomplete { writer, writing } = &l.state else {
+                continue;
+            };
+            if *writing || writer.as_ref().is_none_or(|w| w.node != node) {
+                continue;
+            }
+            match self.delete(&l.id) {
+                Ok(bytes) => {
+                    tracing::info!(checkpoint = %l.id, bytes, "removed an unfinished checkpoint whose writer on this node is gone");
+                    out.push((l.id, bytes));
+                }
+                Err(e) => {
+                    tracing::warn!(checkpoint = %l.id, error = %e, "unfinished checkpoint not removed")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_manifest(&self, id: &CheckpointId) -> Option<Manifest> {
+        let text = std::fs::read(self.path(id).join(MANIFEST)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Deletes complete checkpoint `id` unless a reader holds it: `None`
+    /// then. The exclusive lock on its manifest is held while it goes
+    /// (opened for writing: NFS emulates `flock` with POSIX locks).
+    fn delete_unread(&self, id: &CheckpointId) -> Result<Option<u64>, CkError> {
+        let dir = self.path(id);
+        let mpath = dir.join(MANIFEST);
+        let file = match OpenOptions::new().read(true).write(true).open(&mpath) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(0)),
+            Err(e) => return Err(io(&mpath, e)),
+        };
+        let _held = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => return Err(io(&mpath, std::io::Error::from(e))),
+        };
+        let bytes = dir_bytes(&dir);
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        prune_parents(&self.root, &dir);
+        Ok(Some(bytes))
     }
 
     /// Every checkpoint in the store, sorted by id.
@@ -717,6 +862,7 @@ impl CheckpointWriter {
             save_ms: info.save_ms,
             files: self.files.clone(),
             driver: info.driver,
+            warm: info.warm,
         };
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| io(&self.dir, std::io::Error::other(e)))?;
@@ -901,6 +1047,8 @@ pub struct CheckpointReader {
     dir: PathBuf,
     manifest: Manifest,
     sha256: String,
+    /// The shared lock on the manifest (see [`Store::prune_warm`]).
+    _in_use: Arc<Flock<File>>,
 }
 
 impl CheckpointReader {
@@ -1088,6 +1236,7 @@ mod tests {
 
     fn info() -> ManifestInfo {
         ManifestInfo {
+            warm: false,
             vm_name: "wsp-sl-00000001-vm-0000beef".into(),
             hypervisor: "sim".into(),
             memory_mb: 64,
@@ -1108,6 +1257,160 @@ mod tests {
         let e = f.finish().unwrap();
         w.add(e);
         w.commit(info()).unwrap()
+    }
+
+    fn warm_id(vm: &str, generation: u32) -> CheckpointId {
+        CheckpointId {
+            workspace_id: WorkspaceId::parse("ws-00000000").unwrap(),
+            vm_id: VmId::parse(vm).unwrap(),
+            generation,
+        }
+    }
+
+    /// A committed snapshot of `image` (warm or not), made at `created_ms`.
+    fn snapshot(store: &Store, id: &CheckpointId, image: &str, warm: bool, created_ms: u64) {
+        let mut w = store.begin(id, who()).unwrap();
+        let mut f = w.create("memory").unwrap();
+        f.write_all(&[7u8; 1000]).unwrap();
+        let e = f.finish().unwrap();
+        w.add(e);
+        let mut i = info();
+        i.image = image.into();
+        i.warm = warm;
+        w.commit(i).unwrap();
+        // Made then (commit stamps now).
+        let mp = store.path(id).join(MANIFEST);
+        let mut m: Manifest = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+        m.created_ms = created_ms;
+        std::fs::write(&mp, serde_json::to_vec(&m).unwrap()).unwrap();
+    }
+
+    /// What a pilot killed mid-save leaves: a file, writer.json, no
+    /// manifest, and (the process gone) no lock.
+    fn abandoned(store: &Store, id: &CheckpointId, node: &str) {
+        let mut who = who();
+        who.node = node.into();
+        let w = store.begin(id, who).unwrap();
+        let mut f = w.create("memory").unwrap();
+        f.write_all(b"half").unwrap();
+        drop(f.finish().unwrap());
+        std::mem::forget(w);
+        std::fs::remove_file(store.path(id).join(WRITING)).unwrap();
+    }
+
+    #[test]
+    fn a_new_warm_snapshot_deletes_the_older_ones_of_its_image_and_nothing_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::at(tmp.path()).unwrap();
+        let g1 = warm_id("vm-00000001", 1);
+        let g2 = warm_id("vm-00000002", 2);
+        let g3 = warm_id("vm-00000003", 3);
+        let other_image = warm_id("vm-00000004", 1);
+        let half = warm_id("vm-00000005", 4);
+        let writing = warm_id("vm-00000006", 5);
+        // Generation 4 was made first: g3's slow pilot does not delete it.
+        let newer = warm_id("vm-00000007", 4);
+        snapshot(&store, &newer, "debian-12", true, 2_500);
+        snapshot(&store, &g1, "debian-12", true, 1_000);
+        snapshot(&store, &g2, "debian-12", true, 2_000);
+        snapshot(&store, &g3, "debian-12", true, 3_000);
+        snapshot(&store, &other_image, "alpine", true, 500);
+        // A user's suspended VM of the same image elsewhere is never touched.
+        snapshot(&store, &id(1), "debian-12", false, 100);
+        abandoned(&store, &half, "n7");
+        let _live = store.begin(&writing, who()).unwrap();
+        let p = store.prune_warm(&g3, "debian-12").unwrap();
+        let mut deleted: Vec<String> = p.deleted.iter().map(|(i, _)| i.to_string()).collect();
+        deleted.sort();
+        assert_eq!(deleted, vec![g1.to_string(), g2.to_string()]);
+        assert!(p.deleted.iter().all(|(_, b)| *b >= 1000), "{p:?}");
+        assert_eq!(p.abandoned.len(), 1, "{p:?}");
+        assert_eq!(p.abandoned[0].0, half);
+        assert!(p.in_use.is_empty() && p.failed.is_empty(), "{p:?}");
+        let left: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|l| l.id.to_string())
+            .collect();
+        assert_eq!(
+            left,
+            {
+                let mut v = vec![
+                    g3.to_string(),
+                    newer.to_string(),
+                    other_image.to_string(),
+                    id(1).to_string(),
+                    writing.to_string(),
+                ];
+                v.sort();
+                v
+            },
+            "the new one, a newer generation, another image's, a user's and one being written stay"
+        );
+        assert!(
+            !store.path(&g1).parent().unwrap().exists(),
+            "parents pruned"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_a_restore_reads_is_kept_until_the_next_prune() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::at(tmp.path()).unwrap();
+        let g1 = warm_id("vm-00000001", 1);
+        let g2 = warm_id("vm-00000002", 2);
+        let g3 = warm_id("vm-00000003", 3);
+        snapshot(&store, &g1, "debian-12", true, 1_000);
+        snapshot(&store, &g2, "debian-12", true, 2_000);
+        // A restore of g1 is in flight (on this node or another one
+        // sharing the store): its reader holds the manifest.
+        let reading = store.open_verified(&g1, None).unwrap();
+        let p = store.prune_warm(&g2, "debian-12").unwrap();
+        assert!(p.deleted.is_empty(), "{p:?}");
+        assert_eq!(p.in_use, vec![g1.clone()]);
+        let mut s = Vec::new();
+        reading.open("memory").unwrap().read_to_end(&mut s).unwrap();
+        assert_eq!(s.len(), 1000, "the restore reads it whole");
+        // Its clone (handed to the driver) holds it too.
+        let clone = reading.clone();
+        drop(reading);
+        assert_eq!(
+            store.prune_warm(&g2, "debian-12").unwrap().in_use,
+            vec![g1.clone()]
+        );
+        drop(clone);
+        snapshot(&store, &g3, "debian-12", true, 3_000);
+        let p = store.prune_warm(&g3, "debian-12").unwrap();
+        assert_eq!(p.deleted.len(), 2, "{p:?}");
+        // A restore that comes after finds nothing (the VM boots cold).
+        let e = store.open_verified(&g1, None).unwrap_err();
+        assert!(matches!(e, CkError::NotFound { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_starting_pilot_removes_only_its_nodes_abandoned_checkpoints() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::at(tmp.path()).unwrap();
+        abandoned(&store, &warm_id("vm-00000001", 1), "n1");
+        abandoned(&store, &id(2), "n1");
+        abandoned(&store, &warm_id("vm-00000002", 1), "n2");
+        let _live = store.begin(&warm_id("vm-00000003", 1), who()).unwrap();
+        snapshot(&store, &id(1), "debian-12", false, 100);
+        let gone = store.remove_abandoned("n1").unwrap();
+        assert_eq!(gone.len(), 2, "{gone:?}");
+        let left: Vec<String> = store
+            .list()
+            .unwrap()
+            .iter()
+            .map(|l| l.id.to_string())
+            .collect();
+        assert_eq!(
+            left.len(),
+            3,
+            "n2's, the live writer's and the complete one: {left:?}"
+        );
+        assert!(!left.contains(&id(2).to_string()));
     }
 
     #[test]

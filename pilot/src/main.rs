@@ -178,6 +178,16 @@ enum SimCmd {
         #[arg(long)]
         file: String,
     },
+    /// Make every CPU share change fail with REASON, as a node whose cgroup
+    /// refuses writes would (a fault for tests); `--off` heals it.
+    RefuseSetCpu {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, required_unless_present = "off")]
+        reason: Option<String>,
+        #[arg(long, conflicts_with = "reason")]
+        off: bool,
+    },
 }
 
 fn main() {
@@ -401,6 +411,9 @@ fn sim(cmd: SimCmd) -> anyhow::Result<()> {
         }
         SimCmd::GuestWrite { dir, name, file } => {
             Sim::open(&dir)?.write_guest_file(&name, &file)?;
+        }
+        SimCmd::RefuseSetCpu { dir, reason, off } => {
+            Sim::open(&dir)?.refuse_set_cpu(reason.filter(|_| !off))?;
         }
     }
     Ok(())

@@ -421,6 +421,7 @@ impl Pilot {
                 self.measured.reserve = Duration::from_millis(r.balloon_ms);
                 let cached_images = self.cached_images();
                 let checkpoints = self.checkpoint_capability();
+                self.remove_abandoned_checkpoints();
                 let cpu_control = Some(self.hv.cpu_control());
                 self.push(EventKind::Reserved {
                     dom0_before_mb: r.before_mb,

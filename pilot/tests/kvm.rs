@@ -285,6 +285,7 @@ fn kvm_vm_boots_to_its_marker_pauses_resumes_suspends_to_file_and_comes_back() {
     let last = max_tick(kvm, &vm.name);
     let c = w
         .commit(pilot::checkpoint::ManifestInfo {
+            warm: false,
             vm_name: vm.name.clone(),
             hypervisor: kvm.name().to_string(),
             memory_mb: 128,

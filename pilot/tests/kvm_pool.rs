@@ -722,6 +722,37 @@ async fn kvm_warm_vms_get_a_fresh_overlay_and_their_own_identity_and_never_the_p
     let text = site.wait_serial(&lc.name, "WSP-VM-READY").await;
     assert!(!text.contains("WSP-USERS"), "a fresh boot:\n{text}");
 
+    // The coordinator makes a new snapshot (as after a cold_booted answer):
+    // the old one leaves the store, the new one is whole.
+    site.coord.command(CommandKind::Reserve { memory_mb: 384 });
+    site.nth("reservation_changed", 2).await;
+    let t2 = VmId::generate();
+    let to2 = CheckpointId {
+        workspace_id: to.workspace_id.clone(),
+        vm_id: t2.clone(),
+        generation: 2,
+    };
+    site.coord.command(CommandKind::PrepareWarm {
+        launch: site.launch(&t2, 128),
+        to: to2.clone(),
+        ready_timeout_s: 60,
+    });
+    let sha2 = match site.nth("warm_prepared", 2).await {
+        EventKind::WarmPrepared { sha256, .. } => sha256,
+        other => panic!("{other:?}"),
+    };
+    let listed: Vec<CheckpointId> = store.list().unwrap().into_iter().map(|l| l.id).collect();
+    assert_eq!(
+        listed,
+        vec![to2.clone()],
+        "the superseded snapshot {to} is deleted"
+    );
+    store
+        .open_verified(&to2, Some(&sha2))
+        .unwrap()
+        .verify_all()
+        .unwrap();
+
     site.coord.command(CommandKind::Release);
     assert_eq!(exit_code(&mut child, WAIT).await, 0);
     assert!(site.qemus().is_empty());

@@ -526,11 +526,11 @@ fn store_config(store: &Path) -> String {
     format!("[checkpoints]\ndir = \"{}\"\n", store.display())
 }
 
-/// Prepares a warm snapshot of a 256 MB template on `n`; returns its id
-/// and manifest digest.
+/// Prepares the `nth` warm snapshot (generation `nth`) of a 256 MB
+/// template on `n`; returns its id and manifest digest.
 async fn prepare(n: &Node, nth: usize) -> (CheckpointId, String) {
     let t = VmId::generate();
-    let to = snapshot_id(&t, 1);
+    let to = snapshot_id(&t, nth as u32);
     n.coord.command(CommandKind::PrepareWarm {
         launch: n.launch(&t, 256, None),
         to: to.clone(),
@@ -837,4 +837,117 @@ fn walk_bytes(p: &Path) -> u64 {
         return std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     };
     rd.flatten().map(|e| walk_bytes(&e.path())).sum()
+}
+
+/// Whether some reader (a restore) holds the snapshot's manifest now.
+fn being_read(store: &Store, id: &CheckpointId) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(store.path(id).join("manifest.json"))
+        .unwrap();
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).is_err()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_warm_snapshot_deletes_the_older_ones_but_not_one_another_node_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = Store::at(&store_dir).unwrap();
+    let mut sim = SimNode::new(4096, 2, None);
+    sim.latency.boot_ms = 200;
+    // Node b restores slowly: 256 MB at 16 s per GB, 4 s.
+    let mut slow = sim.clone();
+    slow.latency.restore_ms_per_gb = 16_000;
+    std::fs::create_dir_all(tmp.path().join("a")).unwrap();
+    std::fs::create_dir_all(tmp.path().join("b")).unwrap();
+    let a = Node::new(&tmp.path().join("a"), sim, &store_config(&store_dir)).await;
+    let b = Node::new(&tmp.path().join("b"), slow, &store_config(&store_dir)).await;
+    let mut pa = a.pilot(1024, &[]);
+    let mut pb = b.pilot(1024, &[]);
+    a.nth("reserved", 1).await;
+    b.nth("reserved", 1).await;
+
+    let (s1, sha1) = prepare(&a, 1).await;
+    // Node b (sharing the store) starts a warm VM from s1 ...
+    let l = warm_launch(&b, &VmId::generate(), &WorkspaceId::generate(), &s1, &sha1);
+    b.coord.command(CommandKind::StartVm(l.clone()));
+    let t0 = std::time::Instant::now();
+    while !being_read(&store, &s1) {
+        assert!(t0.elapsed() < WAIT, "node b never opened {s1}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ... while node a makes s2: s1 is superseded but kept, being read.
+    let (s2, _) = prepare(&a, 2).await;
+    assert!(
+        store.path(&s1).join("manifest.json").exists(),
+        "s1 deleted under a restore"
+    );
+    match warm_outcome(&b.nth("vm_started", 1).await) {
+        WarmOutcome::Restored { checkpoint, .. } => assert_eq!(checkpoint, s1),
+        other => panic!("the restore of s1 did not survive: {other:?}"),
+    }
+    assert_eq!(b.domain(&l.name).state, "running");
+
+    // The next snapshot deletes both older ones: one snapshot in the store.
+    let (s3, sha3) = prepare(&a, 3).await;
+    let left: Vec<CheckpointId> = store.list().unwrap().into_iter().map(|l| l.id).collect();
+    assert_eq!(left, vec![s3.clone()], "s1 {s1} and s2 {s2} gone");
+    store
+        .open_verified(&s3, Some(&sha3))
+        .unwrap()
+        .verify_all()
+        .unwrap();
+    for (n, p) in [(&a, &mut pa), (&b, &mut pb)] {
+        n.coord.command(CommandKind::Release);
+        assert_eq!(exit_code(p, WAIT).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_starting_pilot_removes_what_a_pilot_killed_mid_save_on_its_node_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store_dir = tmp.path().join("store");
+    let store = Store::at(&store_dir).unwrap();
+    // Two unfinished snapshots whose writers died: one on this node (n1),
+    // one on another node sharing the store.
+    let half = |node: &str| {
+        let id = snapshot_id(&VmId::generate(), 1);
+        let who = pilot::checkpoint::WriterInfo {
+            node: node.into(),
+            slot: "sl-00000001".into(),
+            pid: 1,
+            started_ms: 1,
+        };
+        let w = store.begin(&id, who).unwrap();
+        let mut f = w.create("sim-state").unwrap();
+        std::io::Write::write_all(&mut f, &[1u8; 4096]).unwrap();
+        drop(f.finish().unwrap());
+        // The process dies: no Drop, and the kernel drops its lock.
+        std::mem::forget(w);
+        std::fs::remove_file(store.path(&id).join(".writing")).unwrap();
+        id
+    };
+    let ours = half("n1");
+    let theirs = half("n9");
+    let n = Node::new(
+        tmp.path(),
+        SimNode::new(4096, 2, None),
+        &store_config(&store_dir),
+    )
+    .await;
+    let mut child = n.pilot(512, &[]);
+    n.nth("reserved", 1).await;
+    let t0 = std::time::Instant::now();
+    while store.path(&ours).exists() {
+        assert!(t0.elapsed() < WAIT, "{ours} left by the new pilot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        store.path(&theirs).exists(),
+        "another node's is its own to clean"
+    );
+    n.coord.command(CommandKind::Release);
+    assert_eq!(exit_code(&mut child, WAIT).await, 0);
 }

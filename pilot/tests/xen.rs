@@ -194,6 +194,7 @@ fn guest_is_created_from_a_generated_config_paused_saved_restored_and_destroyed(
     let (boot, count) = standin_guest(&s, &vm.name);
     let c = w
         .commit(ManifestInfo {
+            warm: false,
             vm_name: vm.name.clone(),
             hypervisor: "xen".into(),
             memory_mb: 512,

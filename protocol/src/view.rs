@@ -210,6 +210,24 @@ pub struct VmView {
     /// started or resumed on.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<Placement>,
+    /// A CPU cap (put on it for an urgent lease, issue 17) that its node
+    /// refused to lift; the coordinator keeps trying while the VM runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap_lift_pending: Option<CapLiftPending>,
+}
+
+/// A cap the coordinator could not lift yet (docs/POOL.md "Urgent leases").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CapLiftPending {
+    /// The first refused (or unanswered) lift, epoch ms.
+    pub since_ms: u64,
+    /// Lifts refused or unanswered since then.
+    pub failures: u32,
+    /// The last one's reason.
+    pub reason: String,
+    /// The next try, epoch ms (none while one is out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_ms: Option<u64>,
 }
 
 /// One stay of a VM on a node.

@@ -486,6 +486,82 @@ fn a_lease_of_a_warm_image_starts_from_the_clean_snapshot_on_a_pool_slot() {
     );
 }
 
+/// The checkpoints in the store (`ws-…/vm-…/gN`), complete or not.
+fn stored(ckdir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .map(|r| {
+                r.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ws in names(ckdir) {
+        for vm in names(&ckdir.join(&ws)) {
+            for g in names(&ckdir.join(&ws).join(&vm)) {
+                out.push(format!("{ws}/{vm}/{g}"));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_remade_warm_snapshot_leaves_only_itself_in_the_store() {
+    let (c, store) = warm_cluster();
+    let ckdir = store.path().join("checkpoints");
+    let p = wait_warm(&c, "debian-12");
+    let first = p["warm"][0]["checkpoint"]
+        .as_str()
+        .expect("checkpoint")
+        .to_string();
+    assert_eq!(stored(&ckdir), vec![first.clone()]);
+    // The snapshot goes bad: the next lease is cold-booted and the
+    // coordinator makes a new one.
+    let file = ckdir.join(&first).join("sim-state");
+    let mut bytes = std::fs::read(&file).expect("sim-state");
+    bytes[100] ^= 0xff;
+    std::fs::write(&file, bytes).expect("corrupt");
+    let spec = c.root().join("urgent.toml");
+    std::fs::write(&spec, URGENT).expect("spec");
+    let (code, out, err) = workspace(
+        &c,
+        ADMIN_TOKEN,
+        &[
+            "create",
+            "--file",
+            spec.to_str().expect("path"),
+            "--wait",
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let second = loop {
+        let p = pool(&c);
+        let w = &p["warm"][0];
+        if w["state"] == "ready" && w["checkpoint"] != first.as_str() {
+            break w["checkpoint"].as_str().expect("checkpoint").to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new snapshot: {p:#}\n{:#?}",
+            timeline(&c, ADMIN_TOKEN, &id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        stored(&ckdir),
+        vec![second],
+        "the superseded snapshot {first} is deleted"
+    );
+}
+
 /// Median of `v` (sorted in place).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -185,6 +185,96 @@ fn an_urgency_2_lease_runs_beside_a_capped_best_effort_one_and_the_caps_are_lift
     c.assert_nodes_restored();
 }
 
+fn metrics(c: &Cluster) -> String {
+    reqwest::blocking::Client::new()
+        .get(format!("{}/metrics", c.url))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .and_then(|r| r.text())
+        .expect("GET /metrics")
+}
+
+fn caps_stuck(c: &Cluster) -> Option<f64> {
+    metrics(c)
+        .lines()
+        .find_map(|l| l.strip_prefix("wsp_cpu_caps_stuck ")?.trim().parse().ok())
+}
+
+/// Waits until the lease's timeline says `text`.
+fn wait_says(c: &Cluster, id: &str, text: &str, seconds: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    while !says(c, id, text) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id}'s timeline has no {text:?} after {seconds} s: {:#?}\n{}",
+            c.timeline_as(ADMIN_TOKEN, id),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The sim node's fault knob: every CPU share change fails (or no more).
+fn refuse_set_cpu(c: &Cluster, node: &str, reason: Option<&str>) {
+    let dir = c.sim_dir(node);
+    let mut cmd = Command::new(bin("workspace-pilot"));
+    cmd.args(["sim", "refuse-set-cpu", "--dir", dir.to_str().expect("dir")]);
+    match reason {
+        Some(r) => cmd.args(["--reason", r]),
+        None => cmd.arg("--off"),
+    };
+    let out = cmd.output().expect("run workspace-pilot sim");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn a_cap_the_node_would_not_lift_stays_visible_and_is_lifted_by_a_later_try() {
+    let c = Cluster::start(options());
+    let be = create_running(&c, TOKEN, BEST_EFFORT);
+    let be_id = id_of(&be);
+    let urgent = create_running(&c, ADMIN_TOKEN, &urgent_spec(2));
+    let u_id = id_of(&urgent);
+    let be_vm = c.get(&be_id)["vms"][0].clone();
+    let node = be_vm["node"].as_str().expect("node").to_string();
+    assert_eq!(share_of(&c, &be_vm)["cap_pct"], 10);
+
+    // The node's cgroup refuses writes from now on: the lift fails.
+    refuse_set_cpu(&c, &node, Some("cpu.max: permission denied (test fault)"));
+    let (code, out, err) = workspace(&c, ADMIN_TOKEN, &["destroy", &u_id, "--wait"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    wait_says(&c, &be_id, "the CPU cap could NOT be lifted", 30);
+    assert_eq!(share_of(&c, &be_vm)["cap_pct"], 10, "still capped");
+    let (code, out, err) = workspace(&c, TOKEN, &["status", &be_id]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("capped: lift pending since"), "{out}");
+    assert!(out.contains("permission denied (test fault)"), "{out}");
+    assert_eq!(caps_stuck(&c), Some(1.0), "{}", metrics(&c));
+
+    // The node heals: a later try lifts the cap (5 s, then 10 s, ...).
+    refuse_set_cpu(&c, &node, None);
+    wait_says(&c, &be_id, "CPU cap lifted", 60);
+    assert!(share_of(&c, &be_vm).is_null(), "the cap is lifted");
+    assert!(says(&c, &be_id, "failed tr"), "after failed tries");
+    let refusals = c
+        .timeline_as(ADMIN_TOKEN, &be_id)
+        .iter()
+        .filter(|e| {
+            e["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("could NOT be lifted")
+        })
+        .count();
+    assert_eq!(refusals, 1, "once per failure streak");
+    let (_, out, _) = workspace(&c, TOKEN, &["status", &be_id]);
+    assert!(!out.contains("lift pending"), "{out}");
+    assert_eq!(caps_stuck(&c), Some(0.0));
+    let (code, _, err) = workspace(&c, TOKEN, &["destroy", &be_id, "--wait"]);
+    assert_eq!(code, 0, "{err}");
+    c.wait_settled(&be_id);
+    c.assert_nodes_restored();
+}
+
 #[test]
 fn the_best_effort_lease_ending_first_takes_the_urgent_vm_with_it_and_says_so() {
     let c = Cluster::start(options());

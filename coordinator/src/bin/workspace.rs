@@ -427,6 +427,23 @@ fn print_view(v: &WorkspaceView) {
         header.push("AT START");
     }
     out(&table(&header, rows));
+    for vm in &v.vms {
+        if let Some(p) = &vm.cap_lift_pending {
+            let next = p.next_ms.map_or("a try is out".into(), |n| {
+                format!("next try {}", from_now(n))
+            });
+            out(&format!(
+                "  VM {} ({}): capped: lift pending since {} ({}); {} failed tr{}, last: {}; {next}",
+                vm.id,
+                host(vm),
+                utc(p.since_ms),
+                from_now(p.since_ms),
+                p.failures,
+                if p.failures == 1 { "y" } else { "ies" },
+                p.reason
+            ));
+        }
+    }
 }
 
 /// A VM's running time against its lease's start: `12.3 s early`, `850 ms late`.

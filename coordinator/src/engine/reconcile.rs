@@ -70,6 +70,9 @@ impl Engine {
         if let Err(e) = self.urgent_fallbacks().await {
             warn!(error = %e, "submitting urgent leases that gave up sharing failed; will retry");
         }
+        if let Err(e) = self.retry_cap_lifts() {
+            warn!(error = %e, "retrying CPU caps that could not be lifted failed; will retry");
+        }
         if let Err(e) = self.delete_ended_checkpoints().await {
             warn!(error = %e, "deleting checkpoints of ended leases failed; will retry");
         }

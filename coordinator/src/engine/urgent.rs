@@ -317,6 +317,8 @@ pub(super) fn on_reservation_changed(
             cap_pct: Some(cap_pct),
         };
         for v in &host_vms {
+            // Capped again: an earlier lift still being retried would undo it.
+            store::delete_lift(c, v)?;
             let cmd = CommandKind::SetCpu {
                 vm_id: v.clone(),
                 cpu: cap,
@@ -361,14 +363,24 @@ pub(super) fn on_cpu_set(
 ) -> Result<(), EngineError> {
     let (c, slot, node, host_ws, now) = (at.c, at.slot, at.node, at.host_ws, at.now);
     if cpu.is_default() {
-        return line(
-            c,
-            host_ws,
-            now,
-            None,
-            Some(vm),
-            &format!("VM {vm} on {node}: CPU cap lifted ({mechanism})"),
-        );
+        let Some(l) = store::get_lift(c, vm)? else {
+            // A second answer to a lift that was sent again.
+            return Ok(());
+        };
+        store::delete_lift(c, vm)?;
+        let detail = match l.stuck_since_ms {
+            Some(since) => {
+                info!(workspace_id = %host_ws, vm_id = %vm, node, failures = l.failures, "CPU cap lifted after failed tries");
+                format!(
+                    "VM {vm} on {node}: CPU cap lifted ({mechanism}), after {} failed tr{} over {} s",
+                    l.failures,
+                    if l.failures == 1 { "y" } else { "ies" },
+                    now.saturating_sub(since) / 1000
+                )
+            }
+            None => format!("VM {vm} on {node}: CPU cap lifted ({mechanism})"),
+        };
+        return line(c, host_ws, now, None, Some(vm), &detail);
     }
     let shares = store::shares_on(c, slot, node)?;
     let Some(mut s) = shares
@@ -419,15 +431,10 @@ pub(super) fn on_cpu_set_failed(
 ) -> Result<(), EngineError> {
     let (c, slot, node, host_ws, now) = (at.c, at.slot, at.node, at.host_ws, at.now);
     if cpu.is_default() {
-        warn!(workspace_id = %host_ws, vm_id = %vm, node, reason, "CPU cap not lifted");
-        return line(
-            c,
-            host_ws,
-            now,
-            None,
-            Some(vm),
-            &format!("VM {vm} on {node}: the CPU cap could NOT be lifted: {reason}"),
-        );
+        if store::get_lift(c, vm)?.is_none() {
+            store::lift_sent(c, vm, slot, node, host_ws, now)?;
+        }
+        return lift_failed(c, vm, reason, now);
     }
     let shares = store::shares_on(c, slot, node)?;
     let Some(s) = shares
@@ -485,6 +492,7 @@ fn lift(c: &Connection, s: &ShareRow, why: &str, now: u64) -> Result<(), EngineE
             cpu: CpuShare::default(),
         };
         store::push_command(c, &s.slot_id, &s.node, &cmd, now)?;
+        store::lift_sent(c, v, &s.slot_id, &s.node, &s.host_ws, now)?;
         lifted += 1;
     }
     let pilot_up = store::pilots_of(c, &s.slot_id)?
@@ -507,6 +515,114 @@ fn lift(c: &Connection, s: &ShareRow, why: &str, now: u64) -> Result<(), EngineE
             s.node, s.extra_mb
         ),
     )
+}
+
+/// A lift (`set_cpu {}`) unanswered this long counts as failed.
+pub(super) const LIFT_ANSWER_MS: u64 = 30_000;
+
+/// The wait after the `failures`-th failed lift in a row before the next:
+/// 5 s, 10 s, 30 s, then every minute while the VM runs.
+pub(super) fn lift_backoff_ms(failures: u32) -> u64 {
+    match failures {
+        0 | 1 => 5_000,
+        2 => 10_000,
+        3 => 30_000,
+        _ => 60_000,
+    }
+}
+
+/// A lift of `vm`'s cap failed (refused, or unanswered): the next try is
+/// scheduled; the first failure of a streak goes on the host's timeline.
+fn lift_failed(c: &Connection, vm: &VmId, reason: &str, now: u64) -> Result<(), EngineError> {
+    let Some(mut l) = store::get_lift(c, vm)? else {
+        return Ok(());
+    };
+    l.failures += 1;
+    l.sent_ms = None;
+    l.next_ms = Some(now + lift_backoff_ms(l.failures));
+    l.reason = Some(reason.to_string());
+    let first = l.stuck_since_ms.is_none();
+    if first {
+        l.stuck_since_ms = Some(now);
+    }
+    store::update_lift(c, &l)?;
+    if !first {
+        info!(workspace_id = %l.host_ws, vm_id = %vm, node = l.node, failures = l.failures, reason, "CPU cap still not lifted; will retry");
+        return Ok(());
+    }
+    warn!(workspace_id = %l.host_ws, vm_id = %vm, node = l.node, reason, "CPU cap not lifted; will retry");
+    line(
+        c,
+        &l.host_ws,
+        now,
+        None,
+        Some(vm),
+        &format!(
+            "VM {vm} on {}: the CPU cap could NOT be lifted: {reason}; trying again in 5 s, 10 s, 30 s, then every minute while the VM runs",
+            l.node
+        ),
+    )
+}
+
+/// One round of lifting caps that could not be lifted (the housekeeping
+/// tick): a lift unanswered for [`LIFT_ANSWER_MS`] counts as failed; one
+/// whose wait is over is sent again; one whose VM is gone, or whose host
+/// lease ended, is dropped. True when a command was sent.
+fn retry_lifts(c: &Connection, now: u64) -> Result<bool, EngineError> {
+    let mut sent = false;
+    for mut l in store::lifts(c)? {
+        let state = store::live_vms_on(c, &l.slot_id, &l.node)?
+            .into_iter()
+            .find(|(v, _)| *v == l.vm_id)
+            .map(|(_, st)| st);
+        let host_ended = store::get_workspace(c, &l.host_ws)?.is_none_or(|w| w.state.is_terminal());
+        if state.is_none() || host_ended {
+            store::delete_lift(c, &l.vm_id)?;
+            if l.stuck_since_ms.is_some() {
+                let why = if state.is_none() {
+                    "the VM is gone"
+                } else {
+                    "its lease ended"
+                };
+                line(
+                    c,
+                    &l.host_ws,
+                    now,
+                    None,
+                    Some(&l.vm_id),
+                    &format!(
+                        "VM {} on {}: no longer lifting its CPU cap: {why}",
+                        l.vm_id, l.node
+                    ),
+                )?;
+            }
+            continue;
+        }
+        if let Some(at) = l.sent_ms {
+            if now.saturating_sub(at) >= LIFT_ANSWER_MS {
+                let why = format!(
+                    "no answer to set_cpu from the pilot within {} s",
+                    LIFT_ANSWER_MS / 1000
+                );
+                lift_failed(c, &l.vm_id, &why, now)?;
+            }
+            continue;
+        }
+        let due = l.next_ms.is_none_or(|n| now >= n);
+        if !due || state != Some(VmState::Running) {
+            continue;
+        }
+        let cmd = CommandKind::SetCpu {
+            vm_id: l.vm_id.clone(),
+            cpu: CpuShare::default(),
+        };
+        store::push_command(c, &l.slot_id, &l.node, &cmd, now)?;
+        l.sent_ms = Some(now);
+        l.next_ms = None;
+        store::update_lift(c, &l)?;
+        sent = true;
+    }
+    Ok(sent)
 }
 
 /// Every share of the urgent lease is undone; the tick then sends its VMs
@@ -886,6 +1002,20 @@ impl Engine {
                     })?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Caps that could not be lifted are tried again (a step of
+    /// housekeeping; the schedule in [`lift_backoff_ms`]).
+    pub fn retry_cap_lifts(&self) -> Result<(), EngineError> {
+        // Most ticks have none: no write transaction for them.
+        if self.with_store(|s| Ok(store::lifts(s.conn())?.is_empty()))? {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        if self.with_store(|s| s.tx(|tx| retry_lifts(tx, now)))? {
+            self.bump();
         }
         Ok(())
     }

@@ -531,3 +531,166 @@ async fn a_host_pilot_going_silent_fails_the_urgent_lease_with_its_vm_unknown() 
     );
     assert!(u.settled, "nothing more will report: {u:?}");
 }
+
+/// The urgent lease on node1 ends; its VM goes; the host's pilot is sent
+/// the lift (and the memory back). Returns the host's VM.
+async fn ended_share(rig: &Rig) -> (WorkspaceView, VmId) {
+    let host = rig.running_host(1, true, false).await;
+    let urgent = rig.urgent(2, 1).await;
+    let (host_vm, launch) = share_node1(rig, &host, &urgent).await;
+    rig.engine.destroy(&admin(), &urgent.id).expect("destroy");
+    let slot = &host.slots[0].id;
+    rig.commands(slot, "node1");
+    let gone = EventKind::VmDestroyed {
+        vm_id: launch.vm_id.clone(),
+        destroy_ms: 3,
+    };
+    rig.send(slot, "node1", gone).expect("destroyed");
+    assert_eq!(rig.lifts(slot), 1, "the lift is sent");
+    (host, host_vm)
+}
+
+fn lift_refused(vm: &VmId) -> EventKind {
+    EventKind::VmCpuSetFailed {
+        vm_id: vm.clone(),
+        cpu: CpuShare::default(),
+        reason: "cpu.max: device or resource busy".into(),
+    }
+}
+
+fn lifted(vm: &VmId) -> EventKind {
+    EventKind::VmCpuSet {
+        vm_id: vm.clone(),
+        cpu: CpuShare::default(),
+        mechanism: "sim".into(),
+    }
+}
+
+impl Rig {
+    /// How many lifts (`set_cpu {}`) node1's pilot of `slot` got since last asked.
+    fn lifts(&self, slot: &SlotId) -> usize {
+        self.commands(slot, "node1")
+            .iter()
+            .filter(|c| matches!(c, CommandKind::SetCpu { cpu, .. } if cpu.is_default()))
+            .count()
+    }
+
+    /// `seconds` of housekeeping ticks, one a second; lifts sent meanwhile.
+    async fn tick_for(&self, slot: &SlotId, seconds: u64) -> usize {
+        let mut n = 0;
+        for _ in 0..seconds {
+            self.clock.advance(1_000);
+            self.engine.housekeeping(false).await;
+            n += self.lifts(slot);
+        }
+        n
+    }
+
+    fn stuck_metric(&self) -> i64 {
+        self.engine.update_gauges().expect("gauges");
+        self.engine.metrics.cpu_caps_stuck.get()
+    }
+}
+
+#[tokio::test]
+async fn a_refused_lift_is_retried_with_backoff_and_succeeds_later() {
+    let rig = urgent_rig();
+    let (host, vm) = ended_share(&rig).await;
+    let slot = &host.slots[0].id;
+    rig.send(slot, "node1", lift_refused(&vm)).expect("refused");
+    let pending = rig.view(&host.id).vms[0].cap_lift_pending.clone();
+    let pending = pending.expect("the host's VM shows its cap stuck");
+    assert_eq!(pending.failures, 1);
+    assert!(pending.reason.contains("device or resource busy"));
+    assert_eq!(rig.stuck_metric(), 1);
+    // 5 s, then 10 s, then 30 s after each refusal; never more than one out.
+    assert_eq!(rig.tick_for(slot, 4).await, 0, "not before 5 s");
+    assert_eq!(rig.tick_for(slot, 1).await, 1, "at 5 s");
+    assert_eq!(rig.tick_for(slot, 5).await, 0, "one out, unanswered");
+    rig.send(slot, "node1", lift_refused(&vm)).expect("refused");
+    assert_eq!(rig.tick_for(slot, 9).await, 0);
+    assert_eq!(rig.tick_for(slot, 1).await, 1, "10 s after the second");
+    rig.send(slot, "node1", lift_refused(&vm)).expect("refused");
+    assert_eq!(rig.tick_for(slot, 29).await, 0);
+    assert_eq!(rig.tick_for(slot, 1).await, 1, "30 s after the third");
+    let refusals = rig
+        .timeline(&host.id)
+        .await
+        .iter()
+        .filter(|(_, d)| d.contains("could NOT be lifted"))
+        .count();
+    assert_eq!(refusals, 1, "once per failure streak, not per retry");
+    rig.send(slot, "node1", lifted(&vm)).expect("lifted");
+    assert!(
+        rig.says(&host.id, "CPU cap lifted (sim), after 3 failed tries")
+            .await,
+        "{:?}",
+        rig.timeline(&host.id).await
+    );
+    assert!(rig.view(&host.id).vms[0].cap_lift_pending.is_none());
+    assert_eq!(rig.stuck_metric(), 0);
+    assert_eq!(rig.tick_for(slot, 120).await, 0, "lifted: no more tries");
+}
+
+#[tokio::test]
+async fn an_unanswered_lift_counts_as_failed_and_retries_are_bounded() {
+    let rig = urgent_rig();
+    let (host, _) = ended_share(&rig).await;
+    let slot = &host.slots[0].id;
+    // The pilot never answers: every 30 s a lift counts as failed, then
+    // the wait grows to a minute. Ten minutes: 30 s + 5 s, + 30 + 10, + 30
+    // + 30, then one every 90 s: 3 + 5 = 8 tries, no storm.
+    let sent = rig.tick_for(slot, 600).await;
+    assert_eq!(sent, 8, "lifts in 10 minutes");
+    let p = rig.view(&host.id).vms[0].cap_lift_pending.clone();
+    let p = p.expect("stuck");
+    assert!(p.reason.contains("no answer to set_cpu"), "{p:?}");
+    assert_eq!(p.since_ms, T0 + 30_000, "since the first lift timed out");
+    let refusals = rig
+        .timeline(&host.id)
+        .await
+        .iter()
+        .filter(|(_, d)| d.contains("could NOT be lifted"))
+        .count();
+    assert_eq!(refusals, 1);
+}
+
+#[tokio::test]
+async fn a_coordinator_restart_keeps_retrying_a_refused_lift() {
+    let mut rig = urgent_rig();
+    let (host, vm) = ended_share(&rig).await;
+    let slot = host.slots[0].id.clone();
+    rig.send(&slot, "node1", lift_refused(&vm))
+        .expect("refused");
+    rig.restart();
+    assert!(rig.view(&host.id).vms[0].cap_lift_pending.is_some());
+    assert_eq!(rig.stuck_metric(), 1);
+    assert_eq!(rig.tick_for(&slot, 5).await, 1, "retried after the restart");
+    rig.send(&slot, "node1", lifted(&vm)).expect("lifted");
+    assert_eq!(rig.stuck_metric(), 0);
+    assert_eq!(rig.tick_for(&slot, 120).await, 0);
+}
+
+#[tokio::test]
+async fn the_host_vm_destroyed_meanwhile_stops_the_retries() {
+    let rig = urgent_rig();
+    let (host, vm) = ended_share(&rig).await;
+    let slot = &host.slots[0].id;
+    rig.send(slot, "node1", lift_refused(&vm)).expect("refused");
+    rig.engine
+        .destroy(&admin(), &host.id)
+        .expect("destroy host");
+    rig.commands(slot, "node1");
+    let gone = EventKind::VmDestroyed {
+        vm_id: vm.clone(),
+        destroy_ms: 3,
+    };
+    rig.send(slot, "node1", gone).expect("destroyed");
+    assert_eq!(rig.tick_for(slot, 300).await, 0, "no lift for a gone VM");
+    assert_eq!(rig.stuck_metric(), 0);
+    assert!(
+        rig.says(&host.id, "no longer lifting its CPU cap").await,
+        "{:?}",
+        rig.timeline(&host.id).await
+    );
+}

@@ -62,6 +62,8 @@ impl Engine {
         self.metrics.set_pool_slots(
             &super::pool::PoolSlotState::ALL.map(|s| (s.as_str(), i64::from(pool.get(s)))),
         );
+        let stuck = self.with_store(|s| Ok(store::stuck_lift_count(s.conn())?))?;
+        self.metrics.cpu_caps_stuck.set(stuck);
         let admin = super::Caller {
             user: "metrics".into(),
             admin: true,
@@ -209,7 +211,16 @@ pub(super) fn build_view(c: &Connection, ws: WorkspaceRow) -> Result<WorkspaceVi
             .filter(|k| k.state == "kept" || k.state == "saving")
             .map(|k| k.id().to_string());
         let placements = store::placements_of(c, &v.id)?;
+        let cap_lift_pending = store::get_lift(c, &v.id)?.and_then(|l| {
+            Some(protocol::view::CapLiftPending {
+                since_ms: l.stuck_since_ms?,
+                failures: l.failures,
+                reason: l.reason.unwrap_or_default(),
+                next_ms: l.next_ms,
+            })
+        });
         vms.push(VmView {
+            cap_lift_pending,
             start_offset_ms: held.as_ref().and_then(|r| {
                 let at = *started.get(&v.id)?;
                 Some(at as i64 - r.start_ms as i64)

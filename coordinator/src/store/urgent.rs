@@ -25,6 +25,13 @@ CREATE TABLE IF NOT EXISTS urgent_shares (
   created_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS urgent_shares_ws ON urgent_shares(urgent_ws);
 CREATE INDEX IF NOT EXISTS urgent_shares_node ON urgent_shares(slot_id, node);
+-- A cap being lifted from a host's VM (`set_cpu {}`), until the pilot says
+-- it is lifted: sent_ms while a lift is unanswered, else next_ms for the
+-- next try; stuck_since_ms from the first failure of the current streak.
+CREATE TABLE IF NOT EXISTS cpu_lifts (
+  vm_id TEXT PRIMARY KEY, slot_id TEXT NOT NULL, node TEXT NOT NULL,
+  host_ws TEXT NOT NULL, sent_ms INTEGER, next_ms INTEGER,
+  failures INTEGER NOT NULL DEFAULT 0, stuck_since_ms INTEGER, reason TEXT);
 "#;
 
 /// What a pilot's node can lend an urgent VM.
@@ -334,4 +341,144 @@ pub fn delete_unsubmitted_slot(c: &Connection, slot: &SlotId) -> Result<bool> {
         .prepare_cached("DELETE FROM slots WHERE id = ?1 AND job_state = 'unsubmitted'")?
         .execute([slot.as_str()])?;
     Ok(n > 0)
+}
+
+/// A cap being lifted from a host's VM (`engine::urgent`, "lifting caps").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiftRow {
+    pub vm_id: VmId,
+    pub slot_id: SlotId,
+    pub node: String,
+    pub host_ws: WorkspaceId,
+    /// A `set_cpu {}` is out, unanswered, since then.
+    pub sent_ms: Option<u64>,
+    /// When to send the next one (after a failure).
+    pub next_ms: Option<u64>,
+    /// Failed tries in the current streak.
+    pub failures: u32,
+    /// The streak's first failure: the cap is stuck since then.
+    pub stuck_since_ms: Option<u64>,
+    /// The last failure's reason.
+    pub reason: Option<String>,
+}
+
+const LIFT_COLS: &str =
+    "vm_id, slot_id, node, host_ws, sent_ms, next_ms, failures, stuck_since_ms, reason";
+
+type LiftRaw = (
+    String,
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
+fn lift_from_row(r: &rusqlite::Row) -> rusqlite::Result<LiftRaw> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+    ))
+}
+
+fn lift_build(t: LiftRaw) -> Result<LiftRow> {
+    let bad = |what: &str, v: &str| StoreError::Corrupt {
+        what: "cpu_lifts",
+        detail: format!("{what} {v:?}"),
+    };
+    Ok(LiftRow {
+        vm_id: t.0.parse().map_err(|_| bad("vm id", &t.0))?,
+        slot_id: t.1.parse().map_err(|_| bad("slot id", &t.1))?,
+        node: t.2,
+        host_ws: t.3.parse().map_err(|_| bad("workspace id", &t.3))?,
+        sent_ms: t.4.map(|v| v as u64),
+        next_ms: t.5.map(|v| v as u64),
+        failures: t.6 as u32,
+        stuck_since_ms: t.7.map(|v| v as u64),
+        reason: t.8,
+    })
+}
+
+/// A lift was sent to `vm` (kept with its streak when one is under way).
+pub fn lift_sent(
+    c: &Connection,
+    vm: &VmId,
+    slot: &SlotId,
+    node: &str,
+    host_ws: &WorkspaceId,
+    now: u64,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO cpu_lifts (vm_id, slot_id, node, host_ws, sent_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (vm_id) DO UPDATE SET slot_id = excluded.slot_id, node = excluded.node,
+           host_ws = excluded.host_ws, sent_ms = excluded.sent_ms, next_ms = NULL",
+    )?
+    .execute(params![
+        vm.as_str(),
+        slot.as_str(),
+        node,
+        host_ws.as_str(),
+        now as i64
+    ])?;
+    Ok(())
+}
+
+/// Writes a lift's try, streak and reason.
+pub fn update_lift(c: &Connection, l: &LiftRow) -> Result<()> {
+    c.prepare_cached(
+        "UPDATE cpu_lifts SET sent_ms = ?2, next_ms = ?3, failures = ?4, stuck_since_ms = ?5,
+           reason = ?6 WHERE vm_id = ?1",
+    )?
+    .execute(params![
+        l.vm_id.as_str(),
+        l.sent_ms.map(|v| v as i64),
+        l.next_ms.map(|v| v as i64),
+        l.failures as i64,
+        l.stuck_since_ms.map(|v| v as i64),
+        l.reason
+    ])?;
+    Ok(())
+}
+
+/// The lift of `vm`'s cap under way, if any.
+pub fn get_lift(c: &Connection, vm: &VmId) -> Result<Option<LiftRow>> {
+    let row = c
+        .prepare_cached(&format!(
+            "SELECT {LIFT_COLS} FROM cpu_lifts WHERE vm_id = ?1"
+        ))?
+        .query_row([vm.as_str()], lift_from_row)
+        .optional()?;
+    row.map(lift_build).transpose()
+}
+
+/// Every lift under way, oldest VM id first.
+pub fn lifts(c: &Connection) -> Result<Vec<LiftRow>> {
+    let mut st = c.prepare_cached(&format!("SELECT {LIFT_COLS} FROM cpu_lifts ORDER BY vm_id"))?;
+    let rows = st.query_map([], lift_from_row)?;
+    rows.map(|r| lift_build(r?)).collect()
+}
+
+/// The lift of `vm` is over (lifted, the VM gone, capped again).
+pub fn delete_lift(c: &Connection, vm: &VmId) -> Result<()> {
+    c.prepare_cached("DELETE FROM cpu_lifts WHERE vm_id = ?1")?
+        .execute([vm.as_str()])?;
+    Ok(())
+}
+
+/// Caps that could not be lifted (a failure streak under way).
+pub fn stuck_lift_count(c: &Connection) -> Result<i64> {
+    Ok(
+        c.prepare_cached("SELECT COUNT(*) FROM cpu_lifts WHERE stuck_since_ms IS NOT NULL")?
+            .query_row([], |r| r.get(0))?,
+    )
 }

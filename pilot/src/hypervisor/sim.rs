@@ -40,6 +40,10 @@ pub struct SimNode {
     /// The balloon never shrinks dom0 below this (models a stuck balloon).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon_floor_mb: Option<u64>,
+    /// A fault: every CPU share change fails with this reason (`sim
+    /// refuse-set-cpu`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse_set_cpu: Option<String>,
     #[serde(default)]
     pub domains: Vec<SimDomain>,
 }
@@ -157,6 +161,7 @@ impl SimNode {
             },
             latency: SimLatency::default(),
             balloon_floor_mb: None,
+            refuse_set_cpu: None,
             domains: Vec::new(),
         }
     }
@@ -323,6 +328,14 @@ impl Sim {
     }
 
     /// Adds a guest that is not the pilot's (for tests and demos).
+    /// Sets (or clears) the fault that makes every CPU share change fail.
+    pub fn refuse_set_cpu(&self, reason: Option<String>) -> Result<(), HvError> {
+        self.update(|node, _| {
+            node.refuse_set_cpu = reason;
+            Ok(())
+        })
+    }
+
     pub fn add_foreign_domain(&self, name: &str, memory_mb: u64, cpus: u32) -> Result<(), HvError> {
         self.update(|node, now| {
             node.add_domain(
@@ -632,6 +645,9 @@ impl Hypervisor for Sim {
     /// Records the share on the guest.
     fn set_cpu(&self, name: &str, cpu: &CpuShare, urgency: u8) -> Result<String, HvError> {
         self.update(|node, _| {
+            if let Some(why) = &node.refuse_set_cpu {
+                return Err(HvError::Config(format!("sim: {why}")));
+            }
             let d = node
                 .domains
                 .iter_mut()

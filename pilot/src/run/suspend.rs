@@ -191,6 +191,19 @@ impl Pilot {
         Store::open(&self.cfg.checkpoints)
     }
 
+    /// Unfinished checkpoints this node was writing when its pilot was
+    /// killed (no manifest, writer gone) are removed in the background:
+    /// never restorable, and a warm template's id is never taken over.
+    pub(super) fn remove_abandoned_checkpoints(&self) {
+        let Ok(store) = self.store() else { return };
+        let node = self.cfg.node.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.remove_abandoned(&node) {
+                tracing::warn!(error = %e, "unfinished checkpoints of this node not looked for");
+            }
+        });
+    }
+
     /// The hypervisor's name as checkpoints record it.
     pub(super) fn hv_kind(&self) -> String {
         self.hv.name().to_string()
@@ -414,6 +427,7 @@ impl Pilot {
         };
         let name = rec.name.clone();
         let info = ManifestInfo {
+            warm: false,
             vm_name: name.clone(),
             hypervisor: self.hv_kind(),
             memory_mb: rec.memory_mb,

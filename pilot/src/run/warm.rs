@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 /// How often a booting template is asked whether it is ready.
 const READY_POLL: Duration = Duration::from_millis(50);
+/// Bound on deleting superseded warm snapshots after a new one.
+const PRUNE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Pilot {
     /// Why `launch` cannot be a template here, if it cannot.
@@ -129,6 +131,10 @@ impl Pilot {
             Ok((committed, boot_ms, save_ms)) => {
                 let total_ms = t0.elapsed().as_millis() as u64;
                 tracing::info!(checkpoint = %to, bytes = committed.bytes, boot_ms, save_ms, total_ms, "warm snapshot made");
+                // Pruned before the answer: a coordinator that hears of
+                // this snapshot finds the store as it will stay.
+                self.prune_superseded(to.clone(), launch.image.clone(), committed.sha256.clone())
+                    .await;
                 self.push(EventKind::WarmPrepared {
                     checkpoint: to,
                     sha256: committed.sha256,
@@ -148,6 +154,51 @@ impl Pilot {
                 fail(self, format!("{sig} while the template booted: abandoned"));
                 Err(End::Preempt(sig))
             }
+        }
+    }
+
+    /// Once snapshot `to` of `image` is committed and its manifest checks
+    /// out, the older snapshots of that image in the store are deleted
+    /// (except one a restore reads now), and unfinished ones whose writer
+    /// died ([`crate::checkpoint::Store::prune_warm`]). Bounded by
+    /// [`PRUNE_TIMEOUT`]; what is left is pruned after the next snapshot.
+    async fn prune_superseded(&self, to: CheckpointId, image: String, sha: String) {
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "older warm snapshots not pruned");
+                return;
+            }
+        };
+        let id = to.clone();
+        let job = tokio::task::spawn_blocking(move || {
+            // The new one must be readable before the old ones go.
+            drop(store.open_verified(&id, Some(&sha))?);
+            store.prune_warm(&id, &image)
+        });
+        match tokio::time::timeout(PRUNE_TIMEOUT, job).await {
+            Ok(Ok(Ok(p))) => {
+                for (id, bytes) in &p.deleted {
+                    tracing::info!(checkpoint = %id, bytes, superseded_by = %to, "older warm snapshot deleted");
+                }
+                for (id, bytes) in &p.abandoned {
+                    tracing::info!(checkpoint = %id, bytes, "unfinished warm snapshot (its writer is gone) deleted");
+                }
+                for id in &p.in_use {
+                    tracing::info!(checkpoint = %id, superseded_by = %to, "older warm snapshot kept: a restore reads it now; the next snapshot prunes it");
+                }
+                for (id, e) in &p.failed {
+                    tracing::warn!(checkpoint = %id, error = %e, "older warm snapshot not deleted");
+                }
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(checkpoint = %to, error = %e, "older warm snapshots not pruned")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "older warm snapshots not pruned"),
+            Err(_) => tracing::warn!(
+                timeout_s = PRUNE_TIMEOUT.as_secs(),
+                "pruning older warm snapshots is taking too long; left to finish in the background"
+            ),
         }
     }
 
@@ -211,6 +262,7 @@ impl Pilot {
             started_ms: protocol::now_ms(),
         };
         let info = ManifestInfo {
+            warm: true,
             vm_name: launch.name.clone(),
             hypervisor: self.hv_kind(),
             memory_mb: launch.memory_mb,
