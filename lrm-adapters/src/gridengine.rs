@@ -6,8 +6,10 @@
 //! after the queue's `notify` time (plain `qdel` without it: SIGKILL at once).
 
 use crate::batch_common::{self, Runner};
+use crate::priority;
 use crate::{
-    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+    shell_join, shell_quote, BatchPriority, JobId, JobReport, JobState, JobStatus, Lrm, LrmError,
+    SlotJob, Standing, Submitted, Warning,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -407,6 +409,28 @@ impl Lrm for GridEngine {
 
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
         self.submit_with(job, &[]).await
+    }
+
+    /// `qsub -p`: `own`, our best-effort jobs at -512 and urgent ones at 0
+    /// (a plain user may only lower); `operator`, urgent ones at 1024
+    /// (operators and managers only; refused: submitted without).
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        let p = priority::qsub_p(standing, mode, 1024);
+        priority::submit_with_p(
+            "qsub",
+            p,
+            |x| async move { self.submit_with(job, &x).await },
+        )
+        .await
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
     }
 
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {

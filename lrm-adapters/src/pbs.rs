@@ -32,7 +32,8 @@ pub mod reserve;
 use crate::batch_common::{self, cancel_with_retry, check_directive_word, Runner};
 use crate::command::{self, CommandOutput};
 use crate::{
-    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+    shell_join, shell_quote, BatchPriority, JobId, JobReport, JobState, JobStatus, Lrm, LrmError,
+    SlotJob, Standing, Submitted, Warning,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -371,6 +372,30 @@ impl Lrm for Pbs {
     /// Writes the script to `<workdir>/<name>.pbs`, `qsub`s it, reads the id.
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
         self.submit_with(job, &[]).await
+    }
+
+    /// `qsub -p` (the job's `Priority`, -1024..1023, which any user may
+    /// set): `own`, our best-effort jobs at -512 and urgent ones at 0;
+    /// `operator`, urgent ones at 1023. The scheduler orders by it only
+    /// where it sorts by job priority (PBS Pro: `job_sort_key:
+    /// "job_priority HIGH"` in sched_config, not in OpenPBS's default).
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        let p = crate::priority::qsub_p(standing, mode, 1023);
+        crate::priority::submit_with_p(
+            "qsub",
+            p,
+            |x| async move { self.submit_with(job, &x).await },
+        )
+        .await
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
     }
 
     /// One `qstat` for all ids. Listed jobs by their state; ids qstat says
