@@ -375,7 +375,7 @@ impl Lrm for Pbs {
     }
 
     /// `qsub -p` (the job's `Priority`, -1024..1023, which any user may
-    /// set): `own`, our best-effort jobs at -512 and urgent ones at 0;
+    /// set): `own`, our best-effort jobs at -1023 and urgent ones at 0;
     /// `operator`, urgent ones at 1023. The scheduler orders by it only
     /// where it sorts by job priority (PBS Pro: `job_sort_key:
     /// "job_priority HIGH"` in sched_config, not in OpenPBS's default).

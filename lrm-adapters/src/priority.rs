@@ -111,7 +111,7 @@ where
 
 /// Where Grid Engine's and PBS's `qsub -p` (a job priority, higher first,
 /// 0 by default) puts a pilot job: `own`, our best-effort jobs at
-/// [`OWN_BEST_EFFORT`] (a plain user may lower its jobs, not raise them) and
+/// [`OWN_BEST_EFFORT`] (-1023; a plain user may lower its jobs, not raise them) and
 /// urgent ones at 0; `operator`, urgent ones at `top` (1024 on Grid Engine,
 /// 1023 on PBS: above every job a user may submit), best-effort ones as
 /// they are. `None`: no `-p`.
@@ -125,11 +125,12 @@ pub(crate) fn qsub_p(standing: Standing, mode: BatchPriority, top: i32) -> Optio
     }
 }
 
-/// Our best-effort pilot jobs' `-p` with `batch_priority = "own"`: far
-/// enough below 0 that Grid Engine's other terms (its urgency, weighted 0.1
-/// against the priority's 1.0 by default) cannot lift a large best-effort
-/// job above an urgent one: a quarter of the priority range.
-pub const OWN_BEST_EFFORT: i32 = -512;
+/// Our best-effort pilot jobs' `-p` with `batch_priority = "own"`: the
+/// lowest both Grid Engine (-1023) and PBS (-1024) take, so that Grid
+/// Engine's other terms (its urgency, weighted 0.1 against the priority's
+/// 1.0 in its install templates) do not lift a large best-effort job above
+/// an urgent one. Other users' jobs at the default 0 go ahead of these too.
+pub const OWN_BEST_EFFORT: i32 = -1023;
 
 /// `qsub -p N` through `submit` (which takes the extra arguments); a refused
 /// `-p` (Grid Engine refuses a positive one from a plain user) is submitted
@@ -213,7 +214,7 @@ mod tests {
         let u = Standing::Urgent { urgency: 2 };
         assert_eq!(qsub_p(be, BatchPriority::Off, 1024), None);
         assert_eq!(qsub_p(u, BatchPriority::Off, 1024), None);
-        assert_eq!(qsub_p(be, BatchPriority::Own, 1024), Some(-512));
+        assert_eq!(qsub_p(be, BatchPriority::Own, 1024), Some(-1023));
         assert_eq!(qsub_p(u, BatchPriority::Own, 1024), Some(0));
         assert_eq!(qsub_p(be, BatchPriority::Operator, 1023), None);
         assert_eq!(qsub_p(u, BatchPriority::Operator, 1023), Some(1023));

@@ -128,6 +128,29 @@ impl Slurm {
         Ok(id)
     }
 
+    /// Why job `id` did not get `--priority=TOP` (its priority as squeue
+    /// shows it), or `None` when it did or squeue cannot say.
+    async fn priority_not_top(&self, id: &JobId) -> Option<String> {
+        let args = vec![
+            "--noheader".to_string(),
+            "--format=%Q".into(),
+            format!("--jobs={id}"),
+        ];
+        let out = match self.runner.run(&self.config.squeue, &args).await {
+            Ok(out) if out.success() => out,
+            other => {
+                tracing::warn!(lrm = LRM, job = %id, outcome = ?other, "could not read the job's priority");
+                return None;
+            }
+        };
+        let got: u64 = out.stdout.trim().parse().ok()?;
+        (got < PRIORITY_TOP).then(|| {
+            format!(
+                "Slurm ignored --priority=TOP: job {id} has priority {got}, not {PRIORITY_TOP} (only Slurm operators and administrators may set a priority)"
+            )
+        })
+    }
+
     /// The cluster's `KillWait` (`scontrol show config`).
     pub async fn site_kill_wait(&self) -> Result<Duration, LrmError> {
         let out = self
@@ -189,6 +212,9 @@ impl Slurm {
         self.runner.run(&self.config.squeue, &args).await
     }
 }
+
+/// The priority `--priority=TOP` gives (Slurm's `NO_VAL - 1`, seen on 22.05).
+const PRIORITY_TOP: u64 = 0xffff_fffd;
 
 /// What the Slurm adapter asks for a pilot job's place in the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,10 +455,18 @@ impl Lrm for Slurm {
             Ask::Nothing => Ok(Submitted::plain(self.submit_with(job, &[]).await?)),
             Ask::SbatchPriorityTop => {
                 let extra = vec!["--priority=TOP".to_string()];
-                priority::submit_or_plain("sbatch --priority=TOP".into(), extra, |x| async move {
-                    self.submit_with(job, &x).await
-                })
-                .await
+                let mut s = priority::submit_or_plain(
+                    "sbatch --priority=TOP".into(),
+                    extra,
+                    |x| async move { self.submit_with(job, &x).await },
+                )
+                .await?;
+                // Slurm 22.05 ignores --priority from a non-operator
+                // without a word (exit 0, the usual priority): look.
+                if s.refused.is_none() {
+                    s.refused = self.priority_not_top(&s.id).await;
+                }
+                Ok(s)
             }
             Ask::ScontrolTop => {
                 let id = self.submit_with(job, &[]).await?;
