@@ -42,8 +42,12 @@ bounded "qmaster answering" qstat
 qconf -sconf | sed -e '/^#global:/d' -e 's/^min_uid .*/min_uid 0/' -e 's/^min_gid .*/min_gid 0/' \
     -e 's/^load_report_time .*/load_report_time 00:00:05/' -e 's/^max_advance_reservations .*/max_advance_reservations 64/' > "$W/cfg/global"
 (cd "$W/cfg" && qconf -Mconf global) >/dev/null   # file name must be the config name
+# weight_priority 1: job priorities (qsub -p) order the queue, as in Grid
+# Engine's own install templates (Debian's package leaves it 0); the urgent
+# leases' batch_priority tests need it (docs/POOL.md).
 qconf -ssconf | sed -e 's/^schedule_interval .*/schedule_interval 0:0:1/' \
-    -e 's/^flush_submit_sec .*/flush_submit_sec 1/' -e 's/^flush_finish_sec .*/flush_finish_sec 1/' > "$W/sched.conf"
+    -e 's/^flush_submit_sec .*/flush_submit_sec 1/' -e 's/^flush_finish_sec .*/flush_finish_sec 1/' \
+    -e 's/^weight_priority .*/weight_priority 1.000000/' > "$W/sched.conf"
 qconf -Msconf "$W/sched.conf" >/dev/null
 qconf -as localhost >/dev/null 2>&1 || true   # submit host
 /usr/sbin/sge_execd

@@ -305,6 +305,13 @@ pub struct UrgencyConfig {
     /// every node, `on_preempt` not `end`) when the batch system has no
     /// free node for them.
     pub suspend_best_effort: bool,
+    /// What the coordinator asks of the batch system for urgent leases'
+    /// pilot jobs (docs/POOL.md "Urgent leases: the batch queue"): `off`
+    /// (the default: every pilot job alike), `own` (ahead of our own
+    /// best-effort ones, by means a plain user has), `operator` (ahead of
+    /// every queued job; needs operator rights on Slurm and Grid Engine).
+    /// A batch system that cannot do the mode is refused at start.
+    pub batch_priority: lrm_adapters::BatchPriority,
 }
 
 impl Default for UrgencyConfig {
@@ -314,6 +321,7 @@ impl Default for UrgencyConfig {
             weight: 900,
             cap_pct: 10,
             suspend_best_effort: true,
+            batch_priority: lrm_adapters::BatchPriority::Off,
         }
     }
 }
@@ -874,6 +882,25 @@ mod tests {
             Ok(_) => panic!("accepted: {toml}"),
             Err(e) => e.to_string(),
         }
+    }
+
+    #[test]
+    fn batch_priority_is_off_by_default_and_an_unknown_word_is_refused_naming_the_choices() {
+        let c = Config::parse("").expect("defaults");
+        assert_eq!(c.urgency.batch_priority, lrm_adapters::BatchPriority::Off);
+        let c = Config::parse("[urgency]\nbatch_priority = \"operator\"\n").expect("operator");
+        assert_eq!(
+            c.urgency.batch_priority,
+            lrm_adapters::BatchPriority::Operator
+        );
+        let e = refused("[urgency]\nbatch_priority = \"top\"\n");
+        assert!(
+            e.contains("batch_priority")
+                && e.contains("off")
+                && e.contains("own")
+                && e.contains("operator"),
+            "{e}"
+        );
     }
 
     #[test]

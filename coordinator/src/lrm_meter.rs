@@ -102,6 +102,18 @@ impl Lrm for MeteredLrm {
     fn queues_by_size(&self) -> bool {
         self.inner.queues_by_size()
     }
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: lrm_adapters::Standing,
+        mode: lrm_adapters::BatchPriority,
+    ) -> Result<lrm_adapters::Submitted, LrmError> {
+        self.timed("submit", self.inner.submit_at(job, standing, mode))
+            .await
+    }
+    fn check_batch_priority(&self, mode: lrm_adapters::BatchPriority) -> Result<(), String> {
+        self.inner.check_batch_priority(mode)
+    }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         self.timed("status", self.inner.status(ids)).await
     }

@@ -6,8 +6,10 @@
 //! after the queue's `notify` time (plain `qdel` without it: SIGKILL at once).
 
 use crate::batch_common::{self, Runner};
+use crate::priority;
 use crate::{
-    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+    shell_join, shell_quote, BatchPriority, JobId, JobReport, JobState, JobStatus, Lrm, LrmError,
+    SlotJob, Standing, Submitted, Warning,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -147,6 +149,30 @@ impl GridEngine {
         let id = parse_qsub_id(&out.command, &out.stdout)?;
         tracing::info!(lrm = LRM, job = %id, name = %job.name, nodes = job.nodes, "submitted");
         Ok(id)
+    }
+
+    /// Why `-p` does not order the queue here: the scheduler's
+    /// `weight_priority` (`qconf -ssconf`, any user may read it) is 0, as in
+    /// Debian's packaged configuration (Grid Engine's install templates set
+    /// 1.0). `None` when it counts, or when it cannot be read.
+    async fn priority_ignored(&self) -> Option<String> {
+        let out = match self
+            .runner
+            .run(&self.config.qconf, &["-ssconf".into()])
+            .await
+        {
+            Ok(out) if out.success() => out,
+            other => {
+                tracing::warn!(lrm = LRM, outcome = ?other, "could not read the scheduler configuration");
+                return None;
+            }
+        };
+        match parse_weight_priority(&out.stdout) {
+            Some(w) if w <= 0.0 => Some(format!(
+                "Grid Engine's scheduler gives the job priority no weight here (weight_priority {w} in `qconf -ssconf`): -p does not reorder the queue until an admin raises it (`qconf -msconf`)"
+            )),
+            _ => None,
+        }
     }
 
     /// The queue's `notify` time (`qconf -sq <queue>`, `all.q` if none is set).
@@ -307,6 +333,16 @@ pub(crate) fn parse_qstat_xml_names(xml: &str) -> Result<Vec<(JobId, String)>, S
         .collect())
 }
 
+/// `weight_priority                   0.000000` of `qconf -ssconf`.
+pub(crate) fn parse_weight_priority(text: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("weight_priority"))
+            .then(|| w.next()?.parse().ok())
+            .flatten()
+    })
+}
+
 /// `notify                00:00:05` of `qconf -sq`.
 pub(crate) fn parse_notify(text: &str) -> Option<Duration> {
     let line = text
@@ -409,6 +445,35 @@ impl Lrm for GridEngine {
         self.submit_with(job, &[]).await
     }
 
+    /// `qsub -p`: `own`, our best-effort jobs at -1023 and urgent ones at 0
+    /// (a plain user may only lower); `operator`, urgent ones at 1024
+    /// (operators and managers only; refused: submitted without). Either
+    /// counts only where the scheduler's `weight_priority` is above 0: a
+    /// submission where it is 0 says so in [`Submitted::refused`].
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        let p = priority::qsub_p(standing, mode, 1024);
+        let mut s =
+            priority::submit_with_p(
+                "qsub",
+                p,
+                |x| async move { self.submit_with(job, &x).await },
+            )
+            .await?;
+        if p.is_some() && s.refused.is_none() {
+            s.refused = self.priority_ignored().await;
+        }
+        Ok(s)
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
+    }
+
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
     }
@@ -468,6 +533,14 @@ impl Lrm for GridEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weight_priority_is_read_from_the_scheduler_configuration() {
+        let text = "schedule_interval                 0:0:1\nweight_urgency                    0.500000\nweight_priority                   0.000000\nmax_reservation                   0\n";
+        assert_eq!(parse_weight_priority(text), Some(0.0));
+        assert_eq!(parse_weight_priority("weight_priority 1.0\n"), Some(1.0));
+        assert_eq!(parse_weight_priority("weight_urgency 0.1\n"), None);
+    }
 
     const QSTAT_XML: &str = include_str!("../tests/fixtures/gridengine/qstat-xml-mixed.xml");
 

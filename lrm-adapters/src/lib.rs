@@ -12,6 +12,7 @@ pub mod gridengine;
 pub mod local;
 pub mod memory;
 pub mod pbs;
+pub mod priority;
 pub mod reserve;
 pub mod slurm;
 
@@ -23,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use command::{CommandError, CommandOutput};
+pub use priority::{BatchPriority, Standing, Submitted};
 
 /// A batch job id as the LRM prints it (`1234`, `1234.server`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -203,6 +205,40 @@ pub trait Lrm: Send + Sync {
     /// Whether [`Lrm::submit_sized`] orders the queue.
     fn queues_by_size(&self) -> bool {
         false
+    }
+    /// Submits `job` asking for its place in the queue as `mode` says for
+    /// its `standing` ([`priority`], docs/POOL.md "Urgent leases: the batch
+    /// queue"): with [`BatchPriority::Off`] or a best-effort job that the
+    /// batch system's means leave alone, a plain ([`Lrm::submit`] or
+    /// [`Lrm::submit_sized`]) submission. A refused ask is not an error: the
+    /// job is queued without it and [`Submitted::refused`] says why.
+    /// Adapters that can order their queue override this and
+    /// [`Lrm::check_batch_priority`].
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        let _ = mode;
+        Ok(Submitted::plain(match standing {
+            Standing::BestEffort { size: Some(size) } => self.submit_sized(job, size).await?,
+            _ => self.submit(job).await?,
+        }))
+    }
+    /// Whether this adapter can do `mode` ([`Lrm::submit_at`]): checked when
+    /// the coordinator starts, so that a mode it cannot do is refused there,
+    /// with the reason, not found out at an urgent lease. Rights are not
+    /// known until a submission: a refusal then is [`Submitted::refused`].
+    fn check_batch_priority(&self, mode: BatchPriority) -> Result<(), String> {
+        match mode {
+            BatchPriority::Off => Ok(()),
+            m => Err(format!(
+                "the {} batch system adapter cannot order its queue for urgent leases (batch_priority = \"{}\")",
+                self.kind(),
+                m.as_str()
+            )),
+        }
     }
     /// State of many jobs in one LRM query. Every id asked for is in the answer.
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError>;

@@ -14,7 +14,8 @@
 //! coordinator never runs `drop` either); without a state file, drop kills them.
 
 use crate::{
-    shell_join, Capacity, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+    shell_join, BatchPriority, Capacity, JobId, JobReport, JobState, JobStatus, Lrm, LrmError,
+    SlotJob, Standing, Submitted, Warning,
 };
 use async_trait::async_trait;
 use nix::errno::Errno;
@@ -1104,6 +1105,37 @@ impl Lrm for LocalLrm {
         true
     }
 
+    /// The whole queue is ours: an urgent job (`own` or `operator` alike)
+    /// goes ahead of every queued best-effort job (behind urgent ones
+    /// queued before it), queued as the largest size there is.
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        match (standing, mode) {
+            (Standing::Urgent { .. }, BatchPriority::Own | BatchPriority::Operator) => {
+                Ok(Submitted {
+                    id: self.submit_with(job, None, Some(u64::MAX)).await?,
+                    asked: Some("ahead of every queued best-effort pilot job".into()),
+                    refused: None,
+                })
+            }
+            (_, _) => Ok(Submitted::plain(match standing {
+                Standing::BestEffort { size: Some(s) } => {
+                    self.submit_with(job, None, Some(s.min(u64::MAX - 1)))
+                        .await?
+                }
+                _ => self.submit_with(job, None, None).await?,
+            })),
+        }
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
+    }
+
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
     }
@@ -1447,6 +1479,45 @@ mod tests {
         for (_, pid) in pids {
             assert!(!is_alive(pid));
         }
+    }
+
+    #[tokio::test]
+    async fn urgent_jobs_go_ahead_of_every_queued_best_effort_job_unless_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let lrm = LocalLrm::new(config(1, 1, 1)).unwrap();
+        let p = |n: &str| dir.path().join(n);
+        let a = lrm
+            .submit(&job(dir.path(), "a", 1, &wait_for_file(&p("stop-a"))))
+            .await
+            .unwrap();
+        wait_state(&lrm, &a, |s| *s == JobState::Running, LONG).await;
+        let be = Standing::BestEffort { size: None };
+        let urgent = Standing::Urgent { urgency: 1 };
+        let sub = |n: &'static str, st: Standing, m: BatchPriority| {
+            let j = job(dir.path(), n, 1, "true");
+            let lrm = &lrm;
+            async move { lrm.submit_at(&j, st, m).await.unwrap() }
+        };
+        let b1 = sub("b1", be, BatchPriority::Own).await;
+        let b2 = sub(
+            "b2",
+            Standing::BestEffort { size: Some(5) },
+            BatchPriority::Own,
+        )
+        .await;
+        let u_off = sub("u0", urgent, BatchPriority::Off).await;
+        assert_eq!(u_off.asked, None, "off asks nothing");
+        let u1 = sub("u1", urgent, BatchPriority::Own).await;
+        let u2 = sub("u2", urgent, BatchPriority::Operator).await;
+        assert!(u1.asked.as_deref().is_some_and(|a| a.contains("ahead")));
+        assert_eq!(u1.refused, None);
+        assert_eq!(b1.asked, None);
+        assert_eq!(
+            Vec::from(lrm.shared.lock().queue.clone()),
+            vec![u1.id, u2.id, b2.id, b1.id, u_off.id],
+            "urgent ones first, in their order; then sized, then plain ones"
+        );
+        lrm.cancel(&a).await.unwrap();
     }
 
     #[tokio::test]

@@ -32,7 +32,8 @@ pub mod reserve;
 use crate::batch_common::{self, cancel_with_retry, check_directive_word, Runner};
 use crate::command::{self, CommandOutput};
 use crate::{
-    shell_join, shell_quote, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning,
+    shell_join, shell_quote, BatchPriority, JobId, JobReport, JobState, JobStatus, Lrm, LrmError,
+    SlotJob, Standing, Submitted, Warning,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -371,6 +372,30 @@ impl Lrm for Pbs {
     /// Writes the script to `<workdir>/<name>.pbs`, `qsub`s it, reads the id.
     async fn submit(&self, job: &SlotJob) -> Result<JobId, LrmError> {
         self.submit_with(job, &[]).await
+    }
+
+    /// `qsub -p` (the job's `Priority`, -1024..1023, which any user may
+    /// set): `own`, our best-effort jobs at -1023 and urgent ones at 0;
+    /// `operator`, urgent ones at 1023. The scheduler orders by it only
+    /// where it sorts by job priority (PBS Pro: `job_sort_key:
+    /// "job_priority HIGH"` in sched_config, not in OpenPBS's default).
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        let p = crate::priority::qsub_p(standing, mode, 1023);
+        crate::priority::submit_with_p(
+            "qsub",
+            p,
+            |x| async move { self.submit_with(job, &x).await },
+        )
+        .await
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
     }
 
     /// One `qstat` for all ids. Listed jobs by their state; ids qstat says
@@ -823,6 +848,125 @@ mod tests {
     const PBSPRO_GONE: &str = include_str!("../tests/fixtures/pbspro/qstat-f-gone.stderr");
     const PBSPRO_BF: &str = include_str!("../tests/fixtures/pbspro/qstat-Bf.txt");
     const PBSPRO_QF: &str = include_str!("../tests/fixtures/pbspro/qstat-Qf.txt");
+
+    /// A `qsub` that logs its arguments, one line per call, and answers as
+    /// OpenPBS does (`N.server`), or refuses when asked (a site's wrapper).
+    fn fake_qsub(dir: &std::path::Path, refuse_p: bool) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let log = dir.join("qsub.log");
+        let refuse = if refuse_p {
+            "case \" $* \" in *' -p '*) echo 'qsub: priority not allowed at this site' >&2; exit 1;; esac\n"
+        } else {
+            ""
+        };
+        let path = dir.join("qsub");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{}'\n{refuse}n=$(wc -l < '{}')\necho \"$n.pbsserver\"\n",
+                log.display(),
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn qsub_gets_the_priority_each_mode_asks_on_both_flavours() {
+        for flavour in [Flavour::Torque, Flavour::PbsPro] {
+            let dir = tempfile::tempdir().unwrap();
+            let pbs = Pbs::new(
+                flavour,
+                PbsConfig {
+                    qsub: Some(fake_qsub(dir.path(), false)),
+                    ..PbsConfig::default()
+                },
+            )
+            .unwrap();
+            assert!(pbs.check_batch_priority(BatchPriority::Own).is_ok());
+            let job = SlotJob {
+                name: "wsp-t-sl-1".into(),
+                nodes: 1,
+                cores_per_node: 1,
+                memory_mb_per_node: 100,
+                walltime: Duration::from_secs(60),
+                pilot_argv: vec!["true".into()],
+                workdir: dir.path().join("jobs"),
+            };
+            let be = Standing::BestEffort { size: None };
+            let urgent = Standing::Urgent { urgency: 1 };
+            let cases = [
+                (be, BatchPriority::Off, None),
+                (urgent, BatchPriority::Off, None),
+                (be, BatchPriority::Own, Some("qsub -p -1023")),
+                (urgent, BatchPriority::Own, Some("qsub -p 0")),
+                (be, BatchPriority::Operator, None),
+                (urgent, BatchPriority::Operator, Some("qsub -p 1023")),
+            ];
+            for (n, (standing, mode, asked)) in cases.iter().enumerate() {
+                let s = pbs.submit_at(&job, *standing, *mode).await.unwrap();
+                assert_eq!(s.id, JobId(format!("{}.pbsserver", n + 1)));
+                assert_eq!(
+                    s.asked.as_deref(),
+                    *asked,
+                    "{flavour:?} {standing:?} {mode:?}"
+                );
+                assert_eq!(s.refused, None);
+            }
+            let log = std::fs::read_to_string(dir.path().join("qsub.log")).unwrap();
+            let args: Vec<&str> = log.lines().collect();
+            let script = dir.path().join("jobs/wsp-t-sl-1.pbs").display().to_string();
+            let want = [
+                script.clone(),
+                script.clone(),
+                format!("-p -1023 {script}"),
+                format!("-p 0 {script}"),
+                script.clone(),
+                format!("-p 1023 {script}"),
+            ];
+            assert_eq!(args, want, "{flavour:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_qsub_that_refuses_the_priority_queues_the_job_without_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pbs = Pbs::new(
+            Flavour::PbsPro,
+            PbsConfig {
+                qsub: Some(fake_qsub(dir.path(), true)),
+                ..PbsConfig::default()
+            },
+        )
+        .unwrap();
+        let job = SlotJob {
+            name: "wsp-t-sl-2".into(),
+            nodes: 1,
+            cores_per_node: 1,
+            memory_mb_per_node: 100,
+            walltime: Duration::from_secs(60),
+            pilot_argv: vec!["true".into()],
+            workdir: dir.path().join("jobs"),
+        };
+        let s = pbs
+            .submit_at(
+                &job,
+                Standing::Urgent { urgency: 2 },
+                BatchPriority::Operator,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            s.id,
+            JobId("2.pbsserver".into()),
+            "submitted again, without -p"
+        );
+        assert_eq!(s.asked.as_deref(), Some("qsub -p 1023"));
+        let why = s.refused.expect("the refusal is kept");
+        assert!(why.contains("priority not allowed at this site"), "{why}");
+    }
 
     fn states(flavour: Flavour, jobs: &[PbsRecord]) -> BTreeMap<String, JobState> {
         let pbs = Pbs::new(flavour, PbsConfig::default()).unwrap();

@@ -5,7 +5,11 @@
 //! after `KillWait` (`scontrol show config`).
 
 use crate::batch_common::{self, Runner};
-use crate::{shell_join, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob, Warning};
+use crate::priority;
+use crate::{
+    shell_join, BatchPriority, JobId, JobReport, JobState, JobStatus, Lrm, LrmError, SlotJob,
+    Standing, Submitted, Warning,
+};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -124,6 +128,29 @@ impl Slurm {
         Ok(id)
     }
 
+    /// Why job `id` did not get `--priority=TOP` (its priority as squeue
+    /// shows it), or `None` when it did or squeue cannot say.
+    async fn priority_not_top(&self, id: &JobId) -> Option<String> {
+        let args = vec![
+            "--noheader".to_string(),
+            "--format=%Q".into(),
+            format!("--jobs={id}"),
+        ];
+        let out = match self.runner.run(&self.config.squeue, &args).await {
+            Ok(out) if out.success() => out,
+            other => {
+                tracing::warn!(lrm = LRM, job = %id, outcome = ?other, "could not read the job's priority");
+                return None;
+            }
+        };
+        let got: u64 = out.stdout.trim().parse().ok()?;
+        (got < PRIORITY_TOP).then(|| {
+            format!(
+                "Slurm ignored --priority=TOP: job {id} has priority {got}, not {PRIORITY_TOP} (only Slurm operators and administrators may set a priority)"
+            )
+        })
+    }
+
     /// The cluster's `KillWait` (`scontrol show config`).
     pub async fn site_kill_wait(&self) -> Result<Duration, LrmError> {
         let out = self
@@ -183,6 +210,27 @@ impl Slurm {
             None => args.push("--me".into()),
         }
         self.runner.run(&self.config.squeue, &args).await
+    }
+}
+
+/// The priority `--priority=TOP` gives (Slurm's `NO_VAL - 1`, seen on 22.05).
+const PRIORITY_TOP: u64 = 0xffff_fffd;
+
+/// What the Slurm adapter asks for a pilot job's place in the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ask {
+    Nothing,
+    /// `scontrol top <id>` after the submission (`own`).
+    ScontrolTop,
+    /// `sbatch --priority=TOP` (`operator`).
+    SbatchPriorityTop,
+}
+
+fn ask(standing: Standing, mode: BatchPriority) -> Ask {
+    match (standing, mode) {
+        (Standing::Urgent { .. }, BatchPriority::Own) => Ask::ScontrolTop,
+        (Standing::Urgent { .. }, BatchPriority::Operator) => Ask::SbatchPriorityTop,
+        _ => Ask::Nothing,
     }
 }
 
@@ -392,6 +440,63 @@ impl Lrm for Slurm {
         self.submit_with(job, &[]).await
     }
 
+    /// Urgent jobs: `own`, `scontrol top <id>` after `sbatch` (ahead of our
+    /// own pending jobs: Slurm raises the nice of our others; a plain user
+    /// needs `SchedulerParameters=enable_user_top`); `operator`, `sbatch
+    /// --priority=TOP` (operators and admins only; refused: submitted
+    /// without). Best-effort jobs are left as they are.
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: Standing,
+        mode: BatchPriority,
+    ) -> Result<Submitted, LrmError> {
+        match ask(standing, mode) {
+            Ask::Nothing => Ok(Submitted::plain(self.submit_with(job, &[]).await?)),
+            Ask::SbatchPriorityTop => {
+                let extra = vec!["--priority=TOP".to_string()];
+                let mut s = priority::submit_or_plain(
+                    "sbatch --priority=TOP".into(),
+                    extra,
+                    |x| async move { self.submit_with(job, &x).await },
+                )
+                .await?;
+                // Slurm 22.05 ignores --priority from a non-operator
+                // without a word (exit 0, the usual priority): look.
+                if s.refused.is_none() {
+                    s.refused = self.priority_not_top(&s.id).await;
+                }
+                Ok(s)
+            }
+            Ask::ScontrolTop => {
+                let id = self.submit_with(job, &[]).await?;
+                let args = vec!["top".to_string(), id.0.clone()];
+                let asked = format!("scontrol top {id}");
+                let refused = match self.runner.run(&self.config.scontrol, &args).await {
+                    Ok(out) if out.success() => None,
+                    Ok(out) => Some(format!(
+                        "scontrol top {id} exited {}: {}",
+                        out.status.map_or("on a signal".into(), |s| s.to_string()),
+                        priority::first_words(&format!("{}{}", out.stderr, out.stdout))
+                    )),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = &refused {
+                    tracing::warn!(lrm = LRM, job = %id, error = %why, "could not move the urgent job to the top of ours");
+                }
+                Ok(Submitted {
+                    id,
+                    asked: Some(asked),
+                    refused,
+                })
+            }
+        }
+    }
+
+    fn check_batch_priority(&self, _mode: BatchPriority) -> Result<(), String> {
+        Ok(())
+    }
+
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         Ok(crate::without_reasons(self.status_with_reasons(ids).await?))
     }
@@ -555,6 +660,26 @@ mod tests {
         let text = "Configuration data as of 2024-01-01T00:00:00\nJobRequeue              = 1\nKillWait                = 30 sec\nKillOnBadExit           = 0\n";
         assert_eq!(parse_kill_wait(text), Some(Duration::from_secs(30)));
         assert_eq!(parse_kill_wait("nothing"), None);
+    }
+
+    #[test]
+    fn only_urgent_jobs_are_moved_and_each_mode_by_its_own_means() {
+        let be = Standing::BestEffort { size: None };
+        let urgent = Standing::Urgent { urgency: 1 };
+        assert_eq!(ask(urgent, BatchPriority::Off), Ask::Nothing);
+        assert_eq!(ask(urgent, BatchPriority::Own), Ask::ScontrolTop);
+        assert_eq!(ask(urgent, BatchPriority::Operator), Ask::SbatchPriorityTop);
+        for m in [
+            BatchPriority::Off,
+            BatchPriority::Own,
+            BatchPriority::Operator,
+        ] {
+            assert_eq!(
+                ask(be, m),
+                Ask::Nothing,
+                "{m:?}: best-effort jobs keep their place"
+            );
+        }
     }
 
     #[test]

@@ -408,14 +408,14 @@ impl Engine {
         let workdir = self.cfg.data_dir.join("jobs").join(slot.id.as_str());
         // A resumed lease needs the time it had left, not its whole
         // duration; in a reservation the pilot starts `lead` before the lease.
-        let (lease, held, pool) = self
+        let (lease, held, pool, urgency) = self
             .with_store(|s| {
                 let c = s.conn();
                 let ws = must_ws(c, &slot.workspace_id)?;
                 if super::pool::is_holder(&ws) {
                     // A pool job: the pool's walltime, no lease of its own.
                     let walltime = Duration::from_secs(self.cfg.pool.walltime_s);
-                    return Ok((walltime, None, true));
+                    return Ok((walltime, None, true, 0));
                 }
                 let left = match ws.state {
                     WorkspaceState::Resuming => store::get_suspension(c, &ws.id)?
@@ -428,6 +428,7 @@ impl Engine {
                     left.unwrap_or(ws.spec.duration.0) + room,
                     store::reservation_of(c, &ws.id)?,
                     false,
+                    ws.spec.urgency,
                 ))
             })
             .map_err(|e: EngineError| LrmError::Config {
@@ -462,8 +463,8 @@ impl Engine {
         // Real time spent submitting (a measurement, not a rule: the clock
         // of the rules may be virtual).
         let started = Instant::now();
-        let job_id = match (&held, self.lrm.reservations()) {
-            (Some(r), Some(resv)) => resv.submit_into(&job, &r.lrm_id).await?,
+        let (job_id, queued) = match (&held, self.lrm.reservations()) {
+            (Some(r), Some(resv)) => (resv.submit_into(&job, &r.lrm_id).await?, None),
             (Some(r), None) => {
                 return Err(LrmError::Config {
                     lrm: "coordinator",
@@ -476,8 +477,27 @@ impl Engine {
                     ),
                 })
             }
-            (None, _) => self.submit_best_effort(&job, lease).await?,
+            (None, _) => {
+                let (submitted, standing) = self.submit_queued(&job, lease, urgency).await?;
+                (submitted.id.clone(), Some((submitted, standing)))
+            }
         };
+        // What was asked for the job's place in the queue, and a refusal
+        // of it (the job waits all the same, only later).
+        let mut queue_lines = Vec::new();
+        if let Some((submitted, standing)) = &queued {
+            if let Some(note) = super::order::asked_note(self.lrm.kind(), submitted, *standing) {
+                queue_lines.push(note);
+            }
+            if let Some(why) = &submitted.refused {
+                warn!(slot_id = %slot.id, job_id = %job_id, urgency, error = %why, "the batch system refused the pilot job's priority");
+                queue_lines.push(format!(
+                    "the {} batch system refused that ({why}): pilot job {job_id} waits in the order it was submitted (urgency.batch_priority = \"{}\")",
+                    self.lrm.kind(),
+                    self.cfg.urgency.batch_priority.as_str()
+                ));
+            }
+        }
         let took = started.elapsed();
         info!(slot_id = %slot.id, job_id = %job_id, took_ms = took.as_millis() as u64, "pilot job submitted");
         let now = self.clock.now_ms();
@@ -505,6 +525,19 @@ impl Engine {
                         took.as_millis()
                     ),
                 )?;
+                for line in &queue_lines {
+                    store::push_timeline(
+                        tx,
+                        &slot.workspace_id,
+                        now,
+                        now,
+                        Phase::SlotSubmitted,
+                        Some(&slot.id),
+                        None,
+                        None,
+                        line,
+                    )?;
+                }
                 Ok::<_, EngineError>(())
             })
         })

@@ -280,6 +280,13 @@ impl Engine {
                 lrm.kind()
             )));
         }
+        lrm.check_batch_priority(cfg.urgency.batch_priority)
+            .map_err(|m| {
+                EngineError::BadRequest(format!(
+                    "urgency.batch_priority = \"{}\": {m}; leave it \"off\"",
+                    cfg.urgency.batch_priority.as_str()
+                ))
+            })?;
         let master = load_master(&cfg.data_dir)?;
         let capacity = lrm.capacity().or(cfg.cluster).ok_or_else(|| {
             EngineError::BadRequest("no cluster capacity known: set [cluster] in the config".into())

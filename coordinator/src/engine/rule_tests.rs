@@ -32,6 +32,10 @@ struct ScriptedLrm {
     failing_submits: AtomicU32,
     /// It grants every advance reservation asked (off: it has none).
     reserves: std::sync::atomic::AtomicBool,
+    /// Where each job asked to stand in the queue, in order ([`Lrm::submit_at`]).
+    standings: Mutex<Vec<(lrm_adapters::Standing, lrm_adapters::BatchPriority)>>,
+    /// Priority asks refused (a coordinator without the rights).
+    refuse_priority: std::sync::atomic::AtomicBool,
 }
 
 impl ScriptedLrm {
@@ -82,6 +86,32 @@ impl Lrm for ScriptedLrm {
         let id = JobId((jobs.len() + 1).to_string());
         jobs.insert(id.clone(), (job.name.clone(), JobState::Queued));
         Ok(id)
+    }
+    /// Urgent jobs ask `scripted top <id>` unless `off`; refused when told.
+    async fn submit_at(
+        &self,
+        job: &SlotJob,
+        standing: lrm_adapters::Standing,
+        mode: lrm_adapters::BatchPriority,
+    ) -> Result<lrm_adapters::Submitted, LrmError> {
+        self.standings.lock().expect("lock").push((standing, mode));
+        let id = self.submit(job).await?;
+        let urgent = matches!(standing, lrm_adapters::Standing::Urgent { .. });
+        if !urgent || mode == lrm_adapters::BatchPriority::Off {
+            return Ok(lrm_adapters::Submitted::plain(id));
+        }
+        let refused = self
+            .refuse_priority
+            .load(Ordering::SeqCst)
+            .then(|| "scripted top: Access/permission denied".to_string());
+        Ok(lrm_adapters::Submitted {
+            asked: Some(format!("scripted top {id}")),
+            id,
+            refused,
+        })
+    }
+    fn check_batch_priority(&self, _mode: lrm_adapters::BatchPriority) -> Result<(), String> {
+        Ok(())
     }
     async fn status(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobStatus>, LrmError> {
         let jobs = self.jobs.lock().expect("lock");
@@ -388,6 +418,8 @@ mod suspend_tests;
 
 #[path = "pool_tests.rs"]
 mod pool_tests;
+#[path = "queue_priority_tests.rs"]
+mod queue_priority_tests;
 #[path = "urgent_tests.rs"]
 mod urgent_tests;
 
