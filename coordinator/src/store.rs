@@ -450,18 +450,10 @@ type WsRaw = (
     Option<i64>,
 );
 
+/// Each `*_from_row` reads its row's columns, in the order selected, into
+/// its `*Raw` tuple (rusqlite's `TryFrom<&Row>` for tuples).
 fn ws_from_row(r: &rusqlite::Row) -> rusqlite::Result<WsRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-    ))
+    WsRaw::try_from(r)
 }
 
 fn ws_build(t: WsRaw) -> Result<WorkspaceRow> {
@@ -631,18 +623,7 @@ type SlotRaw = (
 );
 
 fn slot_from_row(r: &rusqlite::Row) -> rusqlite::Result<SlotRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
+    SlotRaw::try_from(r)
 }
 
 fn slot_build(t: SlotRaw) -> Result<SlotRow> {
@@ -828,14 +809,7 @@ const PILOT_COLS: &str = "p.slot_id, p.node, p.pilot_id, p.last_event, p.state, 
 type PilotRaw = (String, String, String, String, String, i64);
 
 fn pilot_from_row(r: &rusqlite::Row) -> rusqlite::Result<PilotRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-    ))
+    PilotRaw::try_from(r)
 }
 
 fn pilot_build(t: PilotRaw) -> Result<PilotRow> {
@@ -1015,19 +989,7 @@ type VmRaw = (
 );
 
 fn vm_from_row(r: &rusqlite::Row) -> rusqlite::Result<VmRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-        r.get(10)?,
-    ))
+    VmRaw::try_from(r)
 }
 
 fn vm_build(t: VmRaw) -> Result<VmRow> {
@@ -1848,15 +1810,7 @@ type CkRaw = (
 );
 
 fn checkpoint_from_row(r: &rusqlite::Row) -> rusqlite::Result<CkRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-    ))
+    CkRaw::try_from(r)
 }
 
 fn checkpoint_build(t: CkRaw) -> Result<CheckpointRow> {

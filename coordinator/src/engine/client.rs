@@ -504,28 +504,18 @@ impl Engine {
         self.with_store(|s| {
             s.tx(|tx| {
                 store::advance_job(tx, &slot.id, &JobInput::Submitted(job_id.0.clone()))?;
-                store::push_timeline(
-                    tx,
-                    &slot.workspace_id,
-                    now,
-                    now,
-                    Phase::SlotSubmitted,
-                    Some(&slot.id),
-                    None,
-                    None,
-                    &format!(
-                        "{} job {}{} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
-                        self.lrm.kind(),
-                        job_id,
-                        held.as_ref().map_or(String::new(), |r| format!(" in reservation {}", r.lrm_id)),
-                        slot.group,
-                        slot.nodes,
-                        slot.cores,
-                        slot.memory_mb,
-                        took.as_millis()
-                    ),
-                )?;
-                for line in &queue_lines {
+                let submitted = format!(
+                    "{} job {}{} for group {:?}: {} node(s) x {} core(s) x {} MB (submit took {} ms)",
+                    self.lrm.kind(),
+                    job_id,
+                    held.as_ref().map_or(String::new(), |r| format!(" in reservation {}", r.lrm_id)),
+                    slot.group,
+                    slot.nodes,
+                    slot.cores,
+                    slot.memory_mb,
+                    took.as_millis()
+                );
+                for line in std::iter::once(&submitted).chain(&queue_lines) {
                     store::push_timeline(
                         tx,
                         &slot.workspace_id,

@@ -363,18 +363,7 @@ type WarmRaw = (
 );
 
 fn warm_from_row(r: &rusqlite::Row) -> rusqlite::Result<WarmRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
+    WarmRaw::try_from(r)
 }
 
 fn warm_build(t: WarmRaw) -> Result<WarmRow> {

@@ -378,17 +378,7 @@ type LiftRaw = (
 );
 
 fn lift_from_row(r: &rusqlite::Row) -> rusqlite::Result<LiftRaw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-    ))
+    LiftRaw::try_from(r)
 }
 
 fn lift_build(t: LiftRaw) -> Result<LiftRow> {
