@@ -94,16 +94,7 @@ type Raw = (
 );
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Raw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
+    Raw::try_from(r)
 }
 
 fn build(t: Raw) -> Result<PoolSlotRow> {

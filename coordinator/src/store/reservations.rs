@@ -64,16 +64,7 @@ const COLS: &str = "workspace_id, lrm, lrm_id, start_ms, begins_ms, end_ms, stat
 type Raw = (String, String, String, i64, i64, i64, String, String);
 
 fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Raw> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-    ))
+    Raw::try_from(r)
 }
 
 fn build(t: Raw) -> Result<ReservationRow> {
