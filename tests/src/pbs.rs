@@ -162,14 +162,11 @@ env = {{ {env} }}
 
     /// Waits (30 s at most) until the server has finished `job`.
     pub fn wait_job_gone(&self, job: &str) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while self.unfinished_jobs().iter().any(|j| j == job) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "job {job} still in the batch system 30 s after the lease ended"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        self.wait_jobs(
+            30,
+            |left| !left.iter().any(|j| j == job),
+            |_| format!("job {job} still in the batch system 30 s after the lease ended"),
+        );
     }
 
     /// Waits (60 s at most) until the server has no unfinished job: a job
@@ -177,16 +174,28 @@ env = {{ {env} }}
     /// it is gone the scheduler counts its walltime against the hosts (a
     /// reservation asked for then is DENIED).
     pub fn wait_idle(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        self.wait_jobs(
+            60,
+            |left| left.is_empty(),
+            |left| format!("jobs still in the batch system after 60 s: {left:?}"),
+        );
+    }
+
+    /// Polls [`Self::unfinished_jobs`] until `done` holds, failing with
+    /// `why` after `limit_s`.
+    fn wait_jobs(
+        &self,
+        limit_s: u64,
+        done: impl Fn(&[String]) -> bool,
+        why: impl Fn(&[String]) -> String,
+    ) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(limit_s);
         loop {
             let left = self.unfinished_jobs();
-            if left.is_empty() {
+            if done(&left) {
                 return;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "jobs still in the batch system after 60 s: {left:?}"
-            );
+            assert!(std::time::Instant::now() < deadline, "{}", why(&left));
             std::thread::sleep(Duration::from_millis(200));
         }
     }
